@@ -1,0 +1,157 @@
+"""C-STORE receive throughput: our SCP (discarding) vs DCMTK storescp --ignore.
+
+Issue 2's benchmark. Prints, for ~500 KB CT-like instances and for ~2 KB ones,
+with DCMTK storescu as the sender (one stream, then two in parallel):
+
+    instances/s and MB/s into (a) our SCP with a discard handler and
+    (b) DCMTK ``storescp --ignore``, and the ratio a/b.
+
+Every DCMTK process runs with TCP_NODELAY=1 (DESIGN.md §4: with Nagle on, a
+message costs 40-90 ms). ``--nagle`` adds a run with the sender left at its
+default, as a real modality would be.
+
+    .venv/bin/python bench/bench_store_scp.py [--ct 400] [--tiny 3000] [--repeat 3]
+
+This is a benchmark, not a test: it asserts nothing and prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers.data import make_ct, make_tiny  # noqa: E402
+from tests.helpers.net import free_port, wait_for_port  # noqa: E402
+
+
+def _dcmtk(name: str) -> str:
+    for d in ("/usr/bin", "/usr/local/bin"):
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    sys.exit(f"{name} not found: install DCMTK (scripts/setup --system)")
+
+
+def make_data(root: Path, kind: str, count: int, streams: int) -> list[Path]:
+    """``count`` instances split over ``streams`` folders (one per sender)."""
+    dirs = [root / f"{kind}-{i}" for i in range(streams)]
+    for d in dirs:
+        d.mkdir(parents=True)
+    for i in range(count):
+        path = dirs[i % streams] / f"{i:06d}.dcm"
+        if kind == "ct":
+            make_ct(path, size_kb=500, seed=i)
+        else:
+            make_tiny(path, seed=i)
+    return dirs
+
+
+class Receiver:
+    def __init__(self, name: str, argv_for_port, ready_line: bool) -> None:
+        self.name = name
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            argv_for_port(self.port), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=dict(os.environ, TCP_NODELAY="1"), text=True)
+        if ready_line:
+            line = self.proc.stdout.readline() if self.proc.stdout else ""
+            if not line.startswith("READY"):
+                raise RuntimeError(f"{name} did not start: {line!r}")
+        else:
+            wait_for_port("127.0.0.1", self.port, timeout=10, proc=self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def send(port: int, dirs: Sequence[Path], nagle: bool) -> float:
+    """Run one storescu per folder in parallel; seconds until all are done."""
+    env = dict(os.environ)
+    if not nagle:
+        env["TCP_NODELAY"] = "1"
+    else:
+        env.pop("TCP_NODELAY", None)
+    storescu = _dcmtk("storescu")
+    start = time.perf_counter()
+    procs = [subprocess.Popen([storescu, "-aec", "BENCH", "+sd", "-nh", "127.0.0.1",
+                               str(port), str(d)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for d in dirs]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed ({p.returncode}): {err[-500:]}")
+    return time.perf_counter() - start
+
+
+def measure(receiver: Receiver, dirs: Sequence[Path], repeat: int, nagle: bool) -> float:
+    """Best of ``repeat`` runs, in seconds (the least disturbed by the machine)."""
+    send(receiver.port, dirs, nagle)  # warm-up: page cache, imports, first accept
+    return min(send(receiver.port, dirs, nagle) for _ in range(repeat))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ct", type=int, default=400, help="number of ~500 KB instances")
+    parser.add_argument("--tiny", type=int, default=3000, help="number of ~2 KB instances")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (best kept)")
+    parser.add_argument("--nagle", action="store_true",
+                        help="also measure with the sender's Nagle left on")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    receivers: list[Receiver] = []
+    try:
+        ours = Receiver("router SCP", lambda port: [sys.executable, str(ROOT / "bench" /
+                                                    "scp_discard.py"), "--port", str(port)],
+                        ready_line=True)
+        receivers.append(ours)
+        dcmtk = Receiver("storescp --ignore",
+                         lambda port: [_dcmtk("storescp"), "--ignore", str(port)],
+                         ready_line=False)
+        receivers.append(dcmtk)
+        print(f"{'data':<14}{'streams':>8}{'sender':>8}  {'router SCP':>22}  "
+              f"{'storescp --ignore':>22}  {'ratio':>6}")
+        modes = [False, True] if args.nagle else [False]
+        for kind, count in (("ct", args.ct), ("tiny", args.tiny)):
+            if count <= 0:
+                continue
+            for streams in (1, 2):
+                dirs = make_data(tmp / f"s{streams}", kind, count, streams)
+                size = sum(f.stat().st_size for d in dirs for f in d.iterdir())
+                for nagle in modes:
+                    t_ours = measure(ours, dirs, args.repeat, nagle)
+                    t_dcmtk = measure(dcmtk, dirs, args.repeat, nagle)
+                    label = f"{kind} {size / count / 1024:.0f} KB"
+
+                    def fig(t: float, count: int = count, size: int = size) -> str:
+                        return f"{count / t:8.0f} inst/s {size / t / 1e6:7.1f} MB/s"
+
+                    print(f"{label:<14}{streams:>8}{'nagle' if nagle else 'nodelay':>8}  "
+                          f"{fig(t_ours):>22}  {fig(t_dcmtk):>22}  {t_dcmtk / t_ours:6.2f}",
+                          flush=True)
+                shutil.rmtree(tmp / f"s{streams}")
+    finally:
+        for r in receivers:
+            r.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

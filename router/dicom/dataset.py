@@ -1,0 +1,701 @@
+"""Datasets on the wire and in Part 10 files, PS3.5 and PS3.10, through pydicom.
+
+Theory of operation
+-------------------
+A DIMSE message's dataset travels in the presentation context's transfer
+syntax (PS3.5 §10, Annex A) without the file meta information; a Part 10 file
+is a 128-byte preamble, ``DICM``, the group 0002 file meta information in
+explicit VR little endian (PS3.10 §7.1), then the same dataset bytes. So a
+received dataset becomes a file by writing :func:`part10_meta_bytes` in front
+of it, and a file is sent by reading :func:`read_part10_header` and sending
+the bytes from ``dataset_offset`` on -- neither decodes the dataset (D5:
+forward bytes, not objects).
+
+When a dataset must be looked at or changed, :func:`decode_dataset` and
+:func:`encode_dataset` go through pydicom. Encapsulated pixel data is passed
+through as it is, never decompressed or recompressed. Deflated transfer
+syntaxes (PS3.5 §A.5) are inflated before decoding and deflated after
+encoding (raw deflate, no zlib header).
+
+pydicom reads leniently: a truncated dataset gives a warning and a partial
+dataset. A router must not acknowledge half an instance, so
+:func:`decode_dataset` first walks the element framing (tags and lengths,
+sequences, items and delimiters; values are skipped) and refuses data whose
+lengths overrun or whose undefined-length sequences or items are not closed.
+Everything malformed raises :class:`~router.dicom.errors.DIMSEError`.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import correct_ambiguous_vr_element, write_dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+
+from router.dicom.errors import DIMSEError, LocalProtocolError
+from router.dicom.uids import (
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    is_deflated,
+    is_encapsulated,
+    is_implicit_vr,
+    is_little_endian,
+    is_valid_uid,
+)
+
+__all__ = [
+    "Part10",
+    "PathOrBytes",
+    "decode_dataset",
+    "encode_dataset",
+    "part10_meta_bytes",
+    "read_part10_header",
+]
+
+# DIMSE statuses used here (PS3.7 Annex C, PS3.4 B.2.3); kept local so this
+# module does not depend on the command set codec.
+_CANNOT_UNDERSTAND: Final = 0xC000
+_DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
+_PROCESSING_FAILURE: Final = 0x0110
+
+_PREAMBLE_LENGTH: Final = 128
+_MAGIC: Final = b"DICM"
+# Explicit VRs with a 2-byte reserved field and a 4-byte length, PS3.5 §7.1.2.
+_LONG_VRS: Final = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+# Every VR pydicom knows, to tell explicit from implicit VR (PS3.5 Table 6.2-1).
+_KNOWN_VRS: Final = frozenset(
+    (
+        *(b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO"),
+        *(b"LT", b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ"),
+        *(b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"),
+    )
+)
+# Bytes per word of the "other" VRs whose values are byte-swapped between
+# little and big endian (PS3.5 §7.3); pydicom leaves them alone.
+_WORD_SIZES: Final = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+_ARRAY_CODES: Final = {2: "H", 4: "I", 8: "Q"}
+_PIXEL_TAGS: Final = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+_ITEM: Final = 0xFFFEE000
+_ITEM_DELIMITER: Final = 0xFFFEE00D
+_SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
+_UNDEFINED: Final = 0xFFFFFFFF
+_MAX_DEPTH: Final = 64  # nesting of sequences we accept; real data stays far below
+
+PathOrBytes: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview
+
+
+# --- Encoding ---------------------------------------------------------------
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
+    """Encode ``ds`` in ``transfer_syntax`` for a P-DATA message, PS3.5 §10, Annex A.
+
+    Implicit VR LE, explicit VR LE and BE, and deflated explicit VR LE; any
+    encapsulated transfer syntax is written as explicit VR LE with the pixel
+    data fragments as they are. File meta (group 0002) elements found in the
+    dataset are left out: they never go over the network (PS3.10 §7.1).
+    Values of OW/OL/OF/OD/OV are byte-swapped when the endianness changes.
+
+    pydicom may convert ``ds``'s raw elements in place while writing.
+    Raises :class:`~router.dicom.errors.DIMSEError` (0110H, processing failure)
+    when pydicom cannot encode the dataset.
+    """
+    implicit = is_implicit_vr(transfer_syntax)
+    little = is_little_endian(transfer_syntax)
+    to_write = _prepared(
+        ds, implicit=implicit, little=little, encapsulated=is_encapsulated(transfer_syntax)
+    )
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = little
+    try:
+        write_dataset(fp, to_write)
+    except Exception as exc:  # pydicom's writer raises many types; all mean "cannot encode"
+        raise DIMSEError(
+            f"cannot encode dataset in {transfer_syntax}: {exc}", status=_PROCESSING_FAILURE
+        ) from exc
+    encoded = fp.getvalue()
+    if is_deflated(transfer_syntax):
+        deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        encoded = deflater.compress(encoded) + deflater.flush()
+    return encoded
+
+
+def _prepared(ds: Dataset, *, implicit: bool, little: bool, encapsulated: bool) -> Dataset:
+    """``ds``, or a shallow copy fixed up for writing.
+
+    ``ds``'s content is left as it is (though pydicom converts raw elements in
+    place when they are looked at).
+
+    Drops group 0002; byte-swaps words when the endianness changes; gives raw
+    implicit VR elements their VR when writing explicit VR (pydicom only does
+    so when it knows the dataset was read as implicit VR, and ``dcmread``
+    labels a dataset with its file's transfer syntax even when the writer
+    used implicit VR regardless -- as pydicom's SC_rgb_jpeg.dcm does).
+    """
+    source_little = ds.original_encoding[1]
+    if source_little is None:
+        source_little = True  # built in memory: values are taken as little endian
+    swap = source_little != little
+    changed = False
+    fixed: dict[BaseTag, DataElement | RawDataElement] = {}
+    for elem in list(ds.elements()):
+        if elem.tag >> 16 == 0x0002:
+            changed = True
+            continue
+        new = _swapped(elem, ds, source_little) if swap else elem
+        if not implicit and (new.VR is None or " or " in new.VR):
+            new = _with_vr(ds, elem.tag, little)
+        if encapsulated and elem.tag == 0x7FE00010:
+            new = _encapsulated_pixel_data(new)
+        changed = changed or new is not elem
+        fixed[elem.tag] = new
+    if not changed:
+        return ds
+    return _dataset_like(ds, fixed)
+
+
+def _with_vr(ds: Dataset, tag: BaseTag, little: bool) -> DataElement | RawDataElement:
+    """``ds[tag]`` converted, its VR from the data dictionary (UN when unknown) and
+    an ambiguous one ("OB or OW", "US or SS") resolved as pydicom resolves it."""
+    elem: DataElement | RawDataElement = ds[tag]
+    if elem.VR and " or " in elem.VR:
+        elem = correct_ambiguous_vr_element(elem, ds, little)
+    return elem
+
+
+def _dataset_like(
+    original: Dataset, elements: dict[BaseTag, DataElement | RawDataElement]
+) -> Dataset:
+    copy = Dataset(elements)
+    implicit, little = original.original_encoding
+    copy.set_original_encoding(implicit, little, original.original_character_set)
+    return copy
+
+
+def _swapped(
+    elem: DataElement | RawDataElement, parent: Dataset, source_little: bool
+) -> DataElement | RawDataElement:
+    """``elem`` with OW/OL/OF/OD/OV values byte-swapped, recursing into sequences.
+
+    Raw elements are converted first (implicit VR ones have no VR yet), and
+    ambiguous VRs such as "OB or OW" resolved as pydicom does on writing.
+    """
+    converted: DataElement | RawDataElement = parent[elem.tag]
+    if " or " in (converted.VR or ""):
+        converted = correct_ambiguous_vr_element(converted, parent, source_little)
+    if not isinstance(converted, DataElement):
+        return elem
+    vr = converted.VR
+    if vr == "SQ" and isinstance(converted.value, Sequence):
+        items = []
+        for item in converted.value:
+            swapped = {e.tag: _swapped(e, item, source_little) for e in item.elements()}
+            item_copy = _dataset_like(item, swapped)
+            item_copy.is_undefined_length_sequence_item = item.is_undefined_length_sequence_item
+            items.append(item_copy)
+        new = DataElement(converted.tag, "SQ", Sequence(items))
+        new.is_undefined_length = converted.is_undefined_length
+        return new
+    size = _WORD_SIZES.get(vr)
+    if vr == "OW" and converted.tag == 0x7FE00010 and parent.get("BitsAllocated") in (32, 64):
+        # Pixel values wider than a word are swapped whole, as pydicom and
+        # DCMTK write them (pydicom's rtdose_expb.dcm is such a file).
+        size = parent.BitsAllocated // 8
+    value = converted.value
+    if size is None or not isinstance(value, bytes) or converted.is_undefined_length:
+        return elem
+    return DataElement(converted.tag, vr, _byteswap(value, size))
+
+
+def _byteswap(value: bytes, size: int) -> bytes:
+    if len(value) % size:
+        return value  # not whole words: leave it to pydicom to complain or not
+    words = array.array(_ARRAY_CODES[size])
+    words.frombytes(value)
+    words.byteswap()
+    return words.tobytes()
+
+
+def _encapsulated_pixel_data(
+    elem: DataElement | RawDataElement,
+) -> DataElement | RawDataElement:
+    """Pixel data built in memory as encapsulated fragments but not flagged so."""
+    if isinstance(elem, RawDataElement) or elem.is_undefined_length:
+        return elem
+    value = elem.value
+    if isinstance(value, bytes) and value.startswith(b"\xfe\xff\x00\xe0"):
+        new = DataElement(elem.tag, "OB", value)
+        new.is_undefined_length = True
+        return new
+    return elem
+
+
+# --- Decoding ---------------------------------------------------------------
+
+
+def decode_dataset(
+    data: bytes | bytearray | memoryview,
+    transfer_syntax: str,
+    *,
+    stop_before_pixels: bool = False,
+    max_inflated_size: int | None = None,
+) -> Dataset:
+    """Decode a dataset received in ``transfer_syntax``, PS3.5 §10, Annex A.
+
+    Deflated data is inflated first (refused beyond ``max_inflated_size``
+    bytes, if given). With ``stop_before_pixels`` decoding stops at the pixel
+    data (D5: rules need the header only). Malformed data raises
+    :class:`~router.dicom.errors.DIMSEError` with status C000H (cannot
+    understand).
+    """
+    buf: bytes | bytearray | memoryview = data
+    if is_deflated(transfer_syntax):
+        buf = _inflate(data, max_inflated_size)
+    implicit = is_implicit_vr(transfer_syntax)
+    little = is_little_endian(transfer_syntax)
+    if not len(buf):
+        ds = Dataset()
+        ds.set_original_encoding(implicit, little, "iso8859")
+        return ds
+    try:
+        end = _check_framing(
+            buf,
+            implicit=implicit,
+            little=little,
+            stop_at=_PIXEL_TAGS.__contains__ if stop_before_pixels else None,
+        )
+    except (struct.error, IndexError, RecursionError) as exc:
+        raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+    # Only the bytes before the pixel data are copied for pydicom when it is
+    # to stop there: a header costs the same whatever the image size.
+    body = bytes(memoryview(buf)[:end])
+    stop_when = _at_pixel_data if stop_before_pixels else None
+    try:
+        return read_dataset(io.BytesIO(body), implicit, little, stop_when=stop_when)
+    except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
+        raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def _inflate(data: bytes | bytearray | memoryview, max_size: int | None) -> bytes:
+    """Raw inflate, PS3.5 §A.5 (RFC 1951, no zlib header)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        if max_size is None:
+            out = inflater.decompress(data) + inflater.flush()
+        else:
+            out = inflater.decompress(data, max_size + 1)
+            if len(out) > max_size or inflater.unconsumed_tail:
+                raise DIMSEError(
+                    f"deflated dataset inflates to more than {max_size} bytes",
+                    status=_CANNOT_UNDERSTAND,
+                )
+            out += inflater.flush()
+    except zlib.error as exc:
+        raise DIMSEError(
+            f"cannot inflate deflated dataset: {exc}", status=_CANNOT_UNDERSTAND
+        ) from exc
+    if not inflater.eof:
+        raise DIMSEError("deflated dataset is truncated", status=_CANNOT_UNDERSTAND)
+    return out
+
+
+def _check_framing(
+    buf: bytes | bytearray | memoryview,
+    *,
+    implicit: bool,
+    little: bool,
+    stop_at: Callable[[int], bool] | None = None,
+) -> int:
+    """Walk the element structure of a dataset; raise DIMSEError if it is broken.
+
+    PS3.5 §7.1 (element headers), §7.5 (sequences, items, delimiters). Values
+    are skipped, not read. As pydicom does, an element whose VR bytes are not
+    letters is taken as implicit VR (some writers switch inside sequences),
+    and the items of an undefined-length UN element as implicit VR LE
+    (PS3.5 §6.2.2). The walk ends at the first top-level tag for which
+    ``stop_at`` is true (as pydicom's ``stop_when``); the offset where it
+    ended is returned.
+    """
+    view = memoryview(buf).cast("B")
+    tag_length = struct.Struct("<HHI" if little else ">HHI")
+    short_length = struct.Struct("<H" if little else ">H")
+    long_length = struct.Struct("<I" if little else ">I")
+
+    def fail(message: str, offset: int) -> DIMSEError:
+        return DIMSEError(
+            f"malformed dataset at offset {offset}: {message}", status=_CANNOT_UNDERSTAND
+        )
+
+    def header(pos: int, limit: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        # -> (tag, VR or None, value length, header length)
+        if limit - pos < 8:
+            raise fail(f"{limit - pos} bytes left, too few for an element header", pos)
+        group, element, length = tag_length.unpack_from(view, pos)
+        tag = group << 16 | element
+        if implicit or group == 0xFFFE:
+            return tag, None, length, 8
+        vr = bytes(view[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if limit - pos < 12:
+                raise fail("truncated element header", pos)
+            return tag, vr, long_length.unpack_from(view, pos + 8)[0], 12
+        if b"AA" <= vr <= b"ZZ":
+            return tag, vr, short_length.unpack_from(view, pos + 6)[0], 8
+        return tag, None, length, 8  # implicit VR inside explicit VR data
+
+    def elements(pos: int, limit: int, depth: int, implicit: bool, *, in_item: bool) -> int:
+        # Elements from pos to limit; in an undefined-length item, up to and
+        # including its item delimiter. Returns the offset after them.
+        while pos < limit:
+            tag, vr, length, size = header(pos, limit, implicit)
+            if tag == _ITEM_DELIMITER:
+                if in_item:
+                    return pos + 8
+                raise fail("item delimitation item outside an item", pos)
+            if tag in (_ITEM, _SEQUENCE_DELIMITER):
+                raise fail(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) where an element belongs", pos)
+            if depth == 0 and stop_at is not None and stop_at(tag):
+                return pos
+            start = pos + size
+            if length == _UNDEFINED:
+                inner_implicit = implicit or vr == b"UN"
+                pos = items(start, limit, depth + 1, inner_implicit, undefined=True)
+                continue
+            if length > limit - start:
+                raise fail(
+                    f"({tag >> 16:04X},{tag & 0xFFFF:04X}) value length {length} "
+                    f"overruns the {limit - start} bytes left",
+                    pos,
+                )
+            if vr == b"SQ":
+                items(start, start + length, depth + 1, implicit, undefined=False)
+            pos = start + length
+        if in_item:
+            raise fail("undefined-length item without an item delimitation item", limit)
+        return pos
+
+    def items(pos: int, limit: int, depth: int, implicit: bool, *, undefined: bool) -> int:
+        # Items of a sequence, or fragments of encapsulated pixel data.
+        if depth > _MAX_DEPTH:
+            raise fail(f"sequences nested deeper than {_MAX_DEPTH}", pos)
+        while pos < limit:
+            tag, _, length, _ = header(pos, limit, True)
+            if tag == _SEQUENCE_DELIMITER:
+                return pos + 8
+            if tag != _ITEM:
+                raise fail(f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})", pos)
+            if length == _UNDEFINED:
+                pos = elements(pos + 8, limit, depth, implicit, in_item=True)
+                continue
+            if length > limit - pos - 8:
+                raise fail(f"item length {length} overruns the {limit - pos - 8} bytes left", pos)
+            pos += 8 + length
+        if undefined:
+            raise fail("undefined-length sequence without a sequence delimitation item", limit)
+        return pos
+
+    return elements(0, len(view), 0, implicit, in_item=False)
+
+
+# --- Part 10 files ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Part10:
+    """Where a Part 10 file's dataset starts and what it holds (PS3.10 §7).
+
+    ``dataset_offset`` is the offset of the first dataset byte (after the
+    preamble, ``DICM`` and the group 0002 elements; 0 when the file has no
+    file meta). For deflated transfer syntaxes the bytes from there on are the
+    deflated stream, as they are sent. ``meta`` is ``None`` without file meta.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+    meta: Dataset | None
+
+
+_HEAD_CHUNK: Final = 64 * 1024
+# How far into a dataset we look for its SOP UIDs; they come within the first
+# few hundred bytes of any real instance, so this only bounds hostile input.
+_MAX_HEADER: Final = 64 * 1024 * 1024
+
+
+def read_part10_header(path_or_bytes: PathOrBytes) -> Part10:
+    """Find a Part 10 file's dataset and its identity without decoding it all.
+
+    The file meta (PS3.10 §7.1) gives the transfer syntax; without one, it is
+    guessed from the first element as PS3.5 §7.1 allows (implicit or explicit
+    VR, little or big endian). The SOP class and instance UIDs come from the
+    dataset's (0008,0016) and (0008,0018) -- only the elements up to them are
+    read -- or from the file meta when the dataset lacks them.
+
+    Raises :class:`~router.dicom.errors.DIMSEError` if the file is malformed
+    (C000H) or has no SOP class or instance UID (A900H); ``OSError`` if a path
+    cannot be read.
+    """
+    if isinstance(path_or_bytes, bytes | bytearray | memoryview):
+        data = bytes(path_or_bytes)
+        return _part10_header(data, lambda _: data)
+    with open(path_or_bytes, "rb") as fh:
+        cache: dict[str, bytes] = {"head": fh.read(_HEAD_CHUNK)}
+
+        def at_least(size: int) -> bytes:
+            # The first ``size`` bytes (or all of a shorter file).
+            head = cache["head"]
+            if len(head) < size:
+                head += fh.read(size - len(head))
+                cache["head"] = head
+            return head
+
+        return _part10_header(cache["head"], at_least)
+
+
+def _part10_header(head: bytes, at_least: Callable[[int], bytes]) -> Part10:
+    start = 0
+    if head[_PREAMBLE_LENGTH : _PREAMBLE_LENGTH + 4] == _MAGIC:
+        start = _PREAMBLE_LENGTH + 4
+    try:
+        meta_end = _skip_file_meta(start, at_least)
+    except struct.error as exc:
+        raise DIMSEError(f"malformed file meta: {exc}", status=_CANNOT_UNDERSTAND) from exc
+    meta: Dataset | None = None
+    transfer_syntax: str | None = None
+    if meta_end > start:
+        meta = _read_meta(at_least(meta_end)[start:meta_end])
+        transfer_syntax = _uid_value(meta, "TransferSyntaxUID")
+    if not transfer_syntax:
+        transfer_syntax = _guess_transfer_syntax(at_least(meta_end + 6)[meta_end:])
+    sop_class, sop_instance = _dataset_sop_uids(meta_end, transfer_syntax, at_least)
+    sop_class = sop_class or _uid_value(meta, "MediaStorageSOPClassUID")
+    sop_instance = sop_instance or _uid_value(meta, "MediaStorageSOPInstanceUID")
+    if not sop_class or not sop_instance:
+        raise DIMSEError(
+            "file has no SOP Class UID or SOP Instance UID",
+            status=_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        )
+    return Part10(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        transfer_syntax=transfer_syntax,
+        dataset_offset=meta_end,
+        meta=meta,
+    )
+
+
+def _skip_file_meta(pos: int, at_least: Callable[[int], bytes]) -> int:
+    """Offset after the group 0002 elements starting at ``pos`` (PS3.10 §7.1).
+
+    Walks the elements rather than trusting (0002,0000), as pydicom does; the
+    meta is explicit VR LE, but implicit VR is tolerated element by element.
+    """
+    while True:
+        data = at_least(pos + 12)
+        if len(data) < pos + 8 or struct.unpack_from("<H", data, pos)[0] != 0x0002:
+            return pos
+        vr = data[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if len(data) < pos + 12:
+                raise DIMSEError("truncated file meta element", status=_CANNOT_UNDERSTAND)
+            length, size = struct.unpack_from("<I", data, pos + 8)[0], 12
+        elif vr in _KNOWN_VRS:
+            length, size = struct.unpack_from("<H", data, pos + 6)[0], 8
+        else:
+            length, size = struct.unpack_from("<I", data, pos + 4)[0], 8
+        if length == _UNDEFINED:
+            raise DIMSEError("undefined length in the file meta", status=_CANNOT_UNDERSTAND)
+        pos += size + length
+        if len(at_least(pos)) < pos:
+            raise DIMSEError("file meta runs past the end of the file", status=_CANNOT_UNDERSTAND)
+
+
+def _read_meta(raw: bytes) -> FileMetaDataset:
+    try:
+        meta = FileMetaDataset(read_dataset(io.BytesIO(raw), False, True))
+        for elem in meta:  # force conversion now, so errors surface here
+            _ = elem.value
+    except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
+        raise DIMSEError(f"malformed file meta: {exc}", status=_CANNOT_UNDERSTAND) from exc
+    return meta
+
+
+def _uid_value(ds: Dataset | None, keyword: str) -> str | None:
+    if ds is None:
+        return None
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip(" \x00")
+    return text if is_valid_uid(text) else None
+
+
+def _guess_transfer_syntax(first: bytes) -> str:
+    """Transfer syntax of a dataset without file meta, from its first element.
+
+    A known VR in bytes 4-5 means explicit VR; a group number that only makes
+    sense byte-swapped (the first group is normally 0008) means big endian.
+    """
+    if len(first) < 6:
+        return IMPLICIT_VR_LITTLE_ENDIAN
+    group = first[0] | first[1] << 8
+    if first[4:6] in _KNOWN_VRS:
+        return EXPLICIT_VR_BIG_ENDIAN if group >= 0x0400 else EXPLICIT_VR_LITTLE_ENDIAN
+    return IMPLICIT_VR_LITTLE_ENDIAN
+
+
+def _dataset_sop_uids(
+    offset: int, transfer_syntax: str, at_least: Callable[[int], bytes]
+) -> tuple[str | None, str | None]:
+    """(0008,0016) and (0008,0018) from the dataset, reading as little as we can."""
+    implicit = is_implicit_vr(transfer_syntax)
+    little = is_little_endian(transfer_syntax)
+    size = _HEAD_CHUNK
+    while True:
+        data = at_least(offset + size)
+        complete = len(data) < offset + size
+        body = data[offset:]
+        if is_deflated(transfer_syntax):
+            body, complete = _inflate_prefix(body, size, complete)
+        stopped = False
+
+        def past_uids(tag: BaseTag, vr: str | None, length: int) -> bool:
+            nonlocal stopped
+            stopped = tag > 0x00080018
+            return stopped
+
+        try:
+            ds = read_dataset(
+                io.BytesIO(body),
+                implicit,
+                little,
+                stop_when=past_uids,
+                specific_tags=[BaseTag(0x00080016), BaseTag(0x00080018)],
+            )
+            if stopped or complete:
+                # pydicom reads a value cut short without a word: check the framing
+                # of what it read.
+                _check_framing(body, implicit=implicit, little=little, stop_at=_past_uids)
+                return _uid_value(ds, "SOPClassUID"), _uid_value(ds, "SOPInstanceUID")
+        except DIMSEError:
+            raise
+        except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
+            if complete:
+                raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+        if size >= _MAX_HEADER:
+            raise DIMSEError(
+                f"no end of (0008,0018) SOP Instance UID in the first {_MAX_HEADER} bytes",
+                status=_CANNOT_UNDERSTAND,
+            )
+        size *= 4  # the UIDs lie beyond what we read: read more
+
+
+def _past_uids(tag: int) -> bool:
+    return tag > 0x00080018
+
+
+def _inflate_prefix(deflated: bytes, size: int, complete: bool) -> tuple[bytes, bool]:
+    """Inflate up to ``size`` bytes of a deflated dataset -> (bytes, is that all?)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(deflated, size)
+    except zlib.error as exc:
+        raise DIMSEError(
+            f"cannot inflate deflated dataset: {exc}", status=_CANNOT_UNDERSTAND
+        ) from exc
+    return out, inflater.eof or (complete and len(out) < size)
+
+
+def part10_meta_bytes(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    source_ae_title: str | None = None,
+    implementation_class_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version_name: str | None = IMPLEMENTATION_VERSION_NAME,
+) -> bytes:
+    """Preamble, ``DICM`` and the file meta information group, PS3.10 §7.1.
+
+    Followed by a dataset's bytes exactly as received in ``transfer_syntax``,
+    this makes a Part 10 file. Group 0002 is explicit VR little endian with a
+    correct (0002,0000) group length; UIDs are NUL-padded, other strings
+    space-padded to even length (PS3.5 §6.2). Invalid values raise
+    :class:`~router.dicom.errors.LocalProtocolError`.
+    """
+    for name, uid in (
+        ("sop_class_uid", sop_class_uid),
+        ("sop_instance_uid", sop_instance_uid),
+        ("transfer_syntax", transfer_syntax),
+        ("implementation_class_uid", implementation_class_uid),
+    ):
+        if not isinstance(uid, str) or not is_valid_uid(uid):
+            raise LocalProtocolError(f"part10_meta_bytes: {name} is not a valid UID: {uid!r}")
+    for name, text in (
+        ("source_ae_title", source_ae_title),
+        ("implementation_version_name", implementation_version_name),
+    ):
+        if text is not None and not _short_text(text):
+            raise LocalProtocolError(
+                f"part10_meta_bytes: {name} must be 1-16 printable ASCII characters: {text!r}"
+            )
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),  # FileMetaInformationVersion
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _padded(implementation_class_uid, b"\x00")),
+    ]
+    if implementation_version_name is not None:
+        elements.append(_meta_element(0x0013, b"SH", _padded(implementation_version_name, b" ")))
+    if source_ae_title is not None:
+        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae_title, b" ")))
+    body = b"".join(elements)
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * _PREAMBLE_LENGTH + _MAGIC + group_length + body
+
+
+def _short_text(text: object) -> bool:
+    return (
+        isinstance(text, str)
+        and 1 <= len(text.strip(" ")) <= 16
+        and len(text) <= 16
+        and text.isascii()
+        and text.isprintable()
+        and "\\" not in text
+    )
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) & 1 else raw
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    # Explicit VR little endian element of group 0002, PS3.5 §7.1.2.
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
