@@ -106,6 +106,16 @@ _PDU_EVENTS: dict[type, Evt] = {
     AAbort: Evt.EVT16,
 }
 
+# The two cells of Table 9-10 that carry data, thousands of times a second:
+# P-DATA-TF received in Sta6 is DT-2 and P-DATA request in Sta6 is DT-1, both
+# staying in Sta6 with no output other than the indication or the PDU. The
+# engine performs them inline; this check keeps the table the authority.
+assert fsm.TRANSITIONS[(State.STA6, Evt.EVT10)] is fsm.Action.DT_2
+assert fsm.TRANSITIONS[(State.STA6, Evt.EVT9)] is fsm.Action.DT_1
+assert fsm.ACTIONS[fsm.Action.DT_2](fsm.ActionInput(is_requestor=False))[0] is State.STA6
+assert fsm.ACTIONS[fsm.Action.DT_1](
+    fsm.ActionInput(is_requestor=False, pdu=AReleaseRQ()))[0] is State.STA6
+
 _ASSOCIATED_STATES = frozenset(
     {State.STA6, State.STA7, State.STA8, State.STA9, State.STA10, State.STA11, State.STA12}
 )
@@ -234,6 +244,9 @@ class Association:
                     self._step(Evt.EVT17, fsm.ActionInput(is_requestor=self.is_requestor))
                     continue
                 return NEED_DATA
+            if self.state is State.STA6 and type(pdu) is PDataTF:
+                self._pdata_received(pdu)  # DT-2, inline (see the check at the top)
+                continue
             self._pdu_received(pdu)
         return self._events.popleft()
 
@@ -311,17 +324,16 @@ class Association:
                         last: bool) -> None:
         size = self.max_send_fragment
         total = len(data)
-        if total == 0:
-            pdvs = (PDV(context_id=context_id, is_command=is_command, is_last=last, data=data),)
-            self._step(Evt.EVT9, fsm.ActionInput(is_requestor=self.is_requestor,
-                                                 pdu=PDataTF(pdvs=pdvs)))
-            return
-        for start in range(0, total, size):
+        starts = range(0, total, size) if total else range(1)
+        for start in starts:
             chunk = data[start:start + size]
             final = last and start + size >= total
-            pdv = PDV(context_id=context_id, is_command=is_command, is_last=final, data=chunk)
-            self._step(Evt.EVT9, fsm.ActionInput(is_requestor=self.is_requestor,
-                                                 pdu=PDataTF(pdvs=(pdv,))))
+            pdu = PDataTF(pdvs=(PDV(context_id=context_id, is_command=is_command,
+                                    is_last=final, data=chunk),))
+            if self.state is State.STA6:
+                self._emit_pdu(pdu)  # DT-1, inline (see the check at the top)
+            else:
+                self._step(Evt.EVT9, fsm.ActionInput(is_requestor=self.is_requestor, pdu=pdu))
 
     def _step(self, event: Evt, inp: fsm.ActionInput) -> None:
         previous = self.state

@@ -207,6 +207,9 @@ ELEMENTS_DISCARDED: Final = 0xB006  # C-STORE warning
 DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING: Final = 0xB007  # C-STORE warning
 
 
+_PRIORITY_BY_VALUE: Final[dict[int, Priority]] = {int(p): p for p in Priority}
+
+
 class StatusCategory(enum.Enum):
     """The category of a DIMSE status, PS3.7 Annex C."""
 
@@ -346,27 +349,26 @@ class DimseCommand:
     __slots__ = ()
     command_field: ClassVar[CommandField]
     _layout: ClassVar[tuple[_Slot, ...]]
+    _checks: ClassVar[tuple[tuple[str, bool, Callable[[object, str, object], str | None]], ...]]
+    _decoders: ClassVar[tuple[tuple[int, str, Callable[[_Slot, bytes], object], _Slot], ...]]
     if TYPE_CHECKING:
         has_dataset: bool
 
     def __post_init__(self) -> None:
         # Validate every field against its VR (PS3.5 Table 6.2-1) and PS3.7's
         # value ranges; coerce ints to Priority and sequences to tuples.
-        for slot in self._layout:
-            if slot.kind == _DS:
-                if not isinstance(self.has_dataset, bool):
-                    raise LocalProtocolError(f"{self._name()}.has_dataset must be a bool")
-                continue
-            if not slot.name:
-                continue
-            value = getattr(self, slot.name)
+        # (_checks is the precomputed (name, mandatory, validator) per field.)
+        if type(self.has_dataset) is not bool:
+            raise LocalProtocolError(f"{self._name()}.has_dataset must be a bool")
+        for name, mandatory, validator in self._checks:
+            value = getattr(self, name)
             if value is None:
-                if slot.mandatory:
-                    raise LocalProtocolError(f"{self._name()}.{slot.name} is mandatory")
+                if mandatory:
+                    raise LocalProtocolError(f"{self._name()}.{name} is mandatory")
                 continue
-            problem = _VALIDATORS[slot.kind](self, slot.name, value)
+            problem = validator(self, name, value)
             if problem:
-                raise LocalProtocolError(f"{self._name()}.{slot.name} {problem}: {value!r}")
+                raise LocalProtocolError(f"{self._name()}.{name} {problem}: {value!r}")
 
     @classmethod
     def _name(cls) -> str:
@@ -764,6 +766,11 @@ MESSAGE_TYPES: Final[dict[CommandField, type[DimseMessage]]] = {
     )
 }
 
+# Keyed by the plain int so decoding needs no enum construction per message.
+_MESSAGE_BY_VALUE: Final[dict[int, type[DimseMessage]]] = {
+    int(field): cls for field, cls in MESSAGE_TYPES.items()
+}
+
 
 def is_request(msg: DimseMessage) -> bool:
     """True for requests (bit 15 of the Command Field clear), PS3.7 Table E.1-1."""
@@ -784,8 +791,9 @@ def _check_us(_msg: object, _name: str, value: object) -> str | None:
 def _check_priority(msg: object, name: str, value: object) -> str | None:
     if isinstance(value, Priority):
         return None
-    if type(value) is int and value in Priority._value2member_map_:
-        object.__setattr__(msg, name, Priority(value))
+    member = _PRIORITY_BY_VALUE.get(value) if type(value) is int else None
+    if member is not None:
+        object.__setattr__(msg, name, member)
         return None
     return "must be a Priority (0, 1 or 2)"
 
@@ -865,6 +873,11 @@ def _build_layout(cls: type[DimseCommand]) -> tuple[_Slot, ...]:
 
 for _cls in MESSAGE_TYPES.values():
     _cls._layout = _build_layout(_cls)
+    _cls._checks = tuple(
+        (slot.name, slot.mandatory, _VALIDATORS[slot.kind])
+        for slot in _cls._layout
+        if slot.name and slot.kind != _DS
+    )
 
 
 # --- Encoding ---------------------------------------------------------------
@@ -929,30 +942,58 @@ def _lenient_text(raw: bytes) -> str:
     return text[:64].strip(" ")
 
 
+def _convert_us(slot: _Slot, raw: bytes) -> object:
+    if len(raw) != 2:
+        raise DIMSEError(
+            f"(0000,{slot.tag:04X}) {slot.keyword}: US value of {len(raw)} bytes, expected 2",
+            status=MISTYPED_ARGUMENT,
+        )
+    return raw[0] | raw[1] << 8
+
+
+def _convert_ds(slot: _Slot, raw: bytes) -> object:
+    return _convert_us(slot, raw) != NO_DATASET
+
+
+def _convert_at(slot: _Slot, raw: bytes) -> object:
+    if len(raw) % 4:
+        raise DIMSEError(
+            f"(0000,{slot.tag:04X}) {slot.keyword}: AT value of {len(raw)} bytes, "
+            "not a multiple of 4",
+            status=MISTYPED_ARGUMENT,
+        )
+    return tuple(g << 16 | e for g, e in _TAG.iter_unpack(raw))
+
+
+def _convert_lo(slot: _Slot, raw: bytes) -> object:
+    return _lenient_text(raw) or None
+
+
+def _convert_text(slot: _Slot, raw: bytes) -> object:  # UI, AE
+    return _text(raw) or None
+
+
+# How each kind of element's value bytes become the dataclass field's value.
+_CONVERTERS: Final[dict[int, Callable[[_Slot, bytes], object]]] = {
+    _US: _convert_us,
+    _PR: _convert_us,
+    _DS: _convert_ds,
+    _AT: _convert_at,
+    _LO: _convert_lo,
+    _UI: _convert_text,
+    _AE: _convert_text,
+}
+
+
 def _convert(slot: _Slot, raw: bytes) -> object:
     """Turn one element's value bytes into the dataclass field's value."""
-    kind = slot.kind
-    if kind in (_US, _PR, _DS):
-        if len(raw) != 2:
-            raise DIMSEError(
-                f"(0000,{slot.tag:04X}) {slot.keyword}: US value of {len(raw)} bytes, expected 2",
-                status=MISTYPED_ARGUMENT,
-            )
-        value: int = raw[0] | raw[1] << 8
-        if kind == _DS:
-            return value != NO_DATASET
-        return value
-    if kind == _AT:
-        if len(raw) % 4:
-            raise DIMSEError(
-                f"(0000,{slot.tag:04X}) {slot.keyword}: AT value of {len(raw)} bytes, "
-                "not a multiple of 4",
-                status=MISTYPED_ARGUMENT,
-            )
-        return tuple(g << 16 | e for g, e in _TAG.iter_unpack(raw))
-    if kind == _LO:
-        return _lenient_text(raw) or None
-    return _text(raw) or None  # UI, AE
+    return _CONVERTERS[slot.kind](slot, raw)
+
+
+for _cls in MESSAGE_TYPES.values():
+    _cls._decoders = tuple(
+        (slot.tag, slot.name, _CONVERTERS[slot.kind], slot) for slot in _cls._layout if slot.name
+    )
 
 
 def decode_command(data: bytes | bytearray | memoryview) -> DimseMessage:
@@ -1012,19 +1053,16 @@ def _decode(buf: bytes) -> DimseMessage:
             status=MISTYPED_ARGUMENT,
         )
     field_value = raw_field[0] | raw_field[1] << 8
-    try:
-        cls = MESSAGE_TYPES[CommandField(field_value)]
-    except ValueError:
+    cls = _MESSAGE_BY_VALUE.get(field_value)
+    if cls is None:
         raise DIMSEError(
             f"unknown (0000,0100) CommandField {field_value:#06x}", status=UNRECOGNIZED_OPERATION
-        ) from None
+        )
 
     kwargs: dict[str, object] = {}
-    for slot in cls._layout:
-        if not slot.name:
-            continue
-        raw = values.get(slot.tag)
-        value = None if raw is None or not raw else _convert(slot, raw)
+    for tag, name, convert, slot in cls._decoders:
+        raw = values.get(tag)
+        value = convert(slot, raw) if raw else None
         if value is None:
             if slot.mandatory:
                 raise DIMSEError(
@@ -1032,5 +1070,5 @@ def _decode(buf: bytes) -> DimseMessage:
                     status=CANNOT_UNDERSTAND,
                 )
             continue
-        kwargs[slot.name] = value
+        kwargs[name] = value
     return cls(**kwargs)  # type: ignore[arg-type]

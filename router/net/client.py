@@ -54,6 +54,7 @@ __all__ = [
     "NetworkError",
     "StoreHandler",
     "connect",
+    "file_chunks",
 ]
 
 log = logging.getLogger("router.net.client")
@@ -65,6 +66,20 @@ DEFAULT_TRANSFER_SYNTAXES = (
 
 # A C-GET sub-operation handler: (request, data set bytes, transfer syntax) -> status.
 StoreHandler = Callable[[dimse.CStoreRQ, bytes, str], int]
+
+
+def file_chunks(path: Path, offset: int, size: int) -> Iterator[tuple[bytes, bool]]:
+    """The bytes of ``path`` from ``offset`` in pieces of ``size``, each with a
+    last flag (one empty, last piece for an empty tail): bounded memory."""
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read(size)
+        while True:
+            following = fh.read(size)
+            yield chunk, not following
+            if not following:
+                return
+            chunk = following
 
 
 class NetworkError(ProtocolError):
@@ -357,18 +372,9 @@ class ClientAssociation:
     def _send_file(self, ctx: NegotiatedContext, rq: Any, path: Path, offset: int) -> None:
         """Stream the data set from disk in PDU-sized pieces: memory stays bounded."""
         self._send(ctx, rq)
-        size = max(self._assoc.max_send_fragment, 1 << 16)
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            chunk = fh.read(size)
-            if not chunk:
-                self._assoc.send_data(ctx.context_id, b"", True)
-            while chunk:
-                following = fh.read(size)
-                self._assoc.send_data(ctx.context_id, chunk, not following)
-                self._conn.flush()
-                chunk = following
-        self._conn.flush()
+        for chunk, last in file_chunks(path, offset, max(self._assoc.max_send_fragment, 1 << 16)):
+            self._assoc.send_data(ctx.context_id, chunk, last)
+            self._conn.flush()
 
     def find(
         self, query: Dataset, *, model: str = uids.STUDY_ROOT_QR_FIND,

@@ -57,15 +57,21 @@ class Connection:
         assoc: Association,
         *,
         artim_timeout: float = 30.0,
+        send_timeout: float | None = 60.0,
         recv_buffer: int = RECV_BUFFER,
     ) -> None:
         configure_socket(sock)
         self.sock = sock
         self.assoc = assoc
         self.artim_timeout = artim_timeout
+        # A peer that stops reading must not hold a thread forever (PS3.8 has
+        # no timer for it; this is the transport's own guard).
+        self.send_timeout = send_timeout
         self._buf = bytearray(recv_buffer)
         self._view = memoryview(self._buf)
         self._artim_armed: int | None = None
+        # settimeout() costs a syscall (FIONBIO) even when unchanged: track it.
+        self._timeout: float | None = sock.gettimeout()
         self._artim_deadline: float | None = None
         self.closed = False
         try:
@@ -103,9 +109,14 @@ class Connection:
         if self.assoc.wants_close:
             self.close()
 
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
+
     def _send_all(self, chunks: list[bytes | bytearray | memoryview]) -> None:
-        self.sock.settimeout(None)
-        pending = [memoryview(c).cast("B") if not isinstance(c, bytes) else c for c in chunks]
+        self._set_timeout(self.send_timeout)
+        pending = list(chunks)
         i = 0
         try:
             while i < len(pending):
@@ -120,6 +131,10 @@ class Connection:
                         continue
                     pending[i] = memoryview(buf)[sent:]
                     break
+        except TimeoutError:
+            log.warning("peer %s:%s stopped reading for %.0f s: closing the connection",
+                        *self.peer, self.send_timeout)
+            self._transport_lost()
         except OSError as exc:
             log.debug("send to %s failed: %s", self.peer, exc)
             self._transport_lost()
@@ -166,7 +181,7 @@ class Connection:
                 remaining = max(limit - now, 0.0)
                 wait = remaining if wait is None else min(wait, remaining)
         try:
-            self.sock.settimeout(wait)
+            self._set_timeout(wait)
             n = self.sock.recv_into(self._buf)
         except TimeoutError:
             now = time.monotonic()

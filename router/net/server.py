@@ -57,7 +57,7 @@ from router.dicom.events import (
 )
 from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
 from router.dicom.pdu import AAssociateRJ, AAssociateRQ
-from router.net.client import ClientAssociation, NetworkError, connect
+from router.net.client import ClientAssociation, NetworkError, connect, file_chunks
 from router.net.connection import Connection, configure_socket
 
 __all__ = [
@@ -555,7 +555,12 @@ class AssociationHandler:
         self.stats["messages"] += 1
         rq = dimse.CStoreRQ(message_id=mid, affected_sop_class_uid=item.sop_class,
                             affected_sop_instance_uid=item.sop_instance)
-        self._respond(ctx, rq, item.data())
+        self.assoc.send_message(ctx.context_id, rq)
+        # Stream the data set in PDU-sized pieces: memory stays bounded.
+        size = max(self.assoc.max_send_fragment, 1 << 16)
+        for chunk, last in item.chunks(size):
+            self.assoc.send_data(ctx.context_id, chunk, last)
+            self.conn.flush()
         while True:
             event = self._next()
             if isinstance(event, CommandReceived):
@@ -638,13 +643,13 @@ class _Item:
     offset: int = 0
     dataset: Dataset | None = field(default=None)
 
-    def data(self) -> bytes:
-        if self.path is not None:
-            with self.path.open("rb") as fh:
-                fh.seek(self.offset)
-                return fh.read()
-        assert self.dataset is not None
-        return encode_dataset(self.dataset, self.transfer_syntax)
+    def chunks(self, size: int) -> Iterator[tuple[bytes, bool]]:
+        """The data set bytes in pieces of ``size``, each with a last flag."""
+        if self.path is None:
+            assert self.dataset is not None
+            yield encode_dataset(self.dataset, self.transfer_syntax), True
+            return
+        yield from file_chunks(self.path, self.offset, size)
 
 
 def _load(instance: Instance) -> _Item:
