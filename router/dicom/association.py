@@ -161,6 +161,7 @@ class Association:
         self.wants_close = False
         self.bytes_received = 0
         self.bytes_sent = 0
+        # Why the engine aborted or refused the association, in one line.
         self.abort_detail = ""
         self._action: fsm.Action | None = None
         # After a framing error nothing more from the peer can be parsed.
@@ -187,6 +188,11 @@ class Association:
         """Largest PDV payload we may put in one P-DATA-TF (PDU length - 6)."""
         limit = self.peer_max_pdu or UNLIMITED_FRAGMENT
         return max(limit - 6, 1)
+
+    @property
+    def pdu_in_progress(self) -> bool:
+        """True while part of a PDU has arrived and the rest has not."""
+        return self._reader.buffered > 0 and not self._discard_input
 
     @property
     def bytes_to_send(self) -> int:
@@ -430,16 +436,18 @@ class Association:
         if action in (fsm.Action.AA_1, fsm.Action.AA_7, fsm.Action.AA_8):
             # A well-formed PDU that is not expected in this state.
             self.abort_detail = f"unexpected {type(pdu).__name__} PDU in {self.state.name}"
-            source = (AbortSource.SERVICE_USER if action is fsm.Action.AA_1
-                      else AbortSource.SERVICE_PROVIDER)
-            reason = (AbortReason.NOT_SPECIFIED if action is fsm.Action.AA_1
-                      else AbortReason.UNEXPECTED_PDU)
             inp = fsm.ActionInput(is_requestor=self.is_requestor, pdu=pdu,
-                                  abort=AAbort(source=int(source), reason=int(reason)))
+                                  abort=self._abort_pdu(event, AbortReason.UNEXPECTED_PDU))
         elif event is Evt.EVT6:
             assert isinstance(pdu, AAssociateRQ)
-            inp = fsm.ActionInput(is_requestor=False, pdu=pdu,
-                                  provider_reject=provider_check(pdu))
+            reject = provider_check(pdu)
+            if reject is not None:
+                # AE-6 issues no indication: keep the reason for the caller's log.
+                self.abort_detail = (
+                    f"rejected by the service provider (result {int(reject.result)} source "
+                    f"{int(reject.source)} reason {reject.reason}): protocol version "
+                    f"{pdu.protocol_version:#06x} does not include version 1")
+            inp = fsm.ActionInput(is_requestor=False, pdu=pdu, provider_reject=reject)
         else:
             inp = fsm.ActionInput(is_requestor=self.is_requestor, pdu=pdu)
         self._step(event, inp)
@@ -449,8 +457,16 @@ class Association:
         if self.state is State.STA1:
             return
         self.abort_detail = detail
-        abort = AAbort(source=int(AbortSource.SERVICE_PROVIDER), reason=int(reason))
-        self._step(Evt.EVT19, fsm.ActionInput(is_requestor=self.is_requestor, abort=abort))
+        self._step(Evt.EVT19, fsm.ActionInput(is_requestor=self.is_requestor,
+                                              abort=self._abort_pdu(Evt.EVT19, reason)))
+
+    def _abort_pdu(self, event: Evt, reason: AbortReason) -> AAbort:
+        """The A-ABORT the table's action sends: AA-1 says service-user source
+        (Table 9-9; its reason is then not significant and sent as 0), AA-7 and
+        AA-8 service-provider source with the reason."""
+        if fsm.TRANSITIONS.get((self.state, event)) is fsm.Action.AA_1:
+            return AAbort(source=int(AbortSource.SERVICE_USER), reason=0)
+        return AAbort(source=int(AbortSource.SERVICE_PROVIDER), reason=int(reason))
 
     def _pdata_received(self, pdu: PDataTF) -> None:
         try:

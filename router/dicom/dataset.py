@@ -135,6 +135,10 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
     if is_deflated(transfer_syntax):
         deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
         encoded = deflater.compress(encoded) + deflater.flush()
+        if len(encoded) & 1:
+            # PS3.5 A.5: the deflated stream is padded to even length with one
+            # NUL (inflate stops at the end of the stream and ignores it).
+            encoded += b"\x00"
     return encoded
 
 

@@ -70,12 +70,21 @@ StoreHandler = Callable[[dimse.CStoreRQ, bytes, str], int]
 
 def file_chunks(path: Path, offset: int, size: int) -> Iterator[tuple[bytes, bool]]:
     """The bytes of ``path`` from ``offset`` in pieces of ``size``, each with a
-    last flag (one empty, last piece for an empty tail): bounded memory."""
+    last flag (one empty, last piece for an empty tail): bounded memory.
+
+    An odd total gets one trailing NUL byte: only a deflated data set can be
+    odd (PS3.5 A.5 streams are padded so in files, not all writers do), and
+    DCMTK aborts the association on an odd P-DATA fragment ("DIMSE: Odd
+    Fragment Length"); inflate ignores what follows the end of the stream."""
+    total = 0
     with path.open("rb") as fh:
         fh.seek(offset)
         chunk = fh.read(size)
         while True:
             following = fh.read(size)
+            total += len(chunk)
+            if not following and total % 2:
+                chunk += b"\x00"
             yield chunk, not following
             if not following:
                 return
@@ -454,10 +463,12 @@ class ClientAssociation:
 
     def n_get(self, sop_class: str, sop_instance: str,
               attributes: Sequence[int] = ()) -> tuple[Any, Dataset | None]:
-        """N-GET (PS3.7 §10.1.2)."""
+        """N-GET (PS3.7 §10.1.2); no ``attributes`` asks for all of them.
+
+        Tags may be any ints (pydicom's ``Tag`` included)."""
         msg = dimse.NGetRQ(message_id=self._next_id(), requested_sop_class_uid=sop_class,
                            requested_sop_instance_uid=sop_instance,
-                           attribute_identifier_list=tuple(attributes))
+                           attribute_identifier_list=tuple(int(a) for a in attributes) or None)
         return self._n_request(sop_class, msg, None)
 
     def n_set(self, sop_class: str, sop_instance: str,

@@ -25,6 +25,7 @@ This is the library's SCP for scripts and tests; the router's worker processes
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -58,7 +59,7 @@ from router.dicom.events import (
 from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
 from router.dicom.pdu import AAssociateRJ, AAssociateRQ
 from router.net.client import ClientAssociation, NetworkError, connect, file_chunks
-from router.net.connection import Connection, configure_socket
+from router.net.connection import Connection, PeerTimeout, configure_socket
 
 __all__ = [
     "AssociationInfo",
@@ -186,12 +187,17 @@ _N_HANDLERS: dict[type, tuple[str, type]] = {
 }
 
 
-class _Discard:
+class _Refuse:
+    """Reads a data set nobody will keep and answers with a failure status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
     def write(self, data: memoryview) -> None:
         pass
 
     def close(self) -> int:
-        return dimse.SUCCESS
+        return self.status
 
     def abort(self) -> None:
         pass
@@ -210,6 +216,9 @@ class AssociationHandler:
         self.started = time.monotonic()
         self.stats: dict[str, Any] = {"instances": 0, "messages": 0, "outcome": "closed"}
         self._pending: deque[Event] = deque()
+        # Message IDs of C-CANCELs that arrived while a C-GET sub-operation
+        # waited for its C-STORE-RSP; the next _cancelled() consumes them.
+        self._cancel_ids: set[int] = set()
 
     # ------------------------------------------------------------ main loop
 
@@ -237,7 +246,18 @@ class AssociationHandler:
     def _next(self) -> Event:
         if self._pending:
             return self._pending.popleft()
-        return self.conn.next_event()
+        try:
+            return self.conn.next_event(self.server.idle_timeout)
+        except PeerTimeout:
+            # PS3.8 has no timer for an established association; a peer that
+            # went silent must not hold this thread forever.
+            detail = f"no PDU from the peer for {self.server.idle_timeout:.0f} s"
+            self.stats["outcome"] = f"aborted: {detail}"
+            log.warning("association %s: %s, aborting", self.info or self.conn.peer, detail)
+            self.assoc.abort(detail)
+            self.conn.flush()
+            self.conn.close()
+            return self.conn.next_event()
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, AssociationRequested):
@@ -261,6 +281,13 @@ class AssociationHandler:
 
     def _log_close(self) -> None:
         took = time.monotonic() - self.started
+        detail = self.assoc.abort_detail
+        if self.stats["outcome"] == "closed" and detail:
+            # Aborted (Sta2, AA-1) or refused by the provider (AE-6) before any
+            # association existed: the engine issues no indication then, so this
+            # line is the only place to say why.
+            self.stats["outcome"] = detail if detail.startswith("rejected") else (
+                f"aborted: {detail}")
         who = str(self.info) if self.info else f"{self.conn.peer[0]}:{self.conn.peer[1]}"
         log.info("association %s closed: %s, %.3f s, %d messages, %d instances, "
                  "%d bytes in, %d bytes out", who, self.stats["outcome"], took,
@@ -349,12 +376,20 @@ class AssociationHandler:
         assert self.info is not None
         request = Request(assoc=self.info, context=ctx, message=msg)
         sink: StoreSink
-        if self.handlers.on_c_store_stream is not None:
+        if msg.affected_sop_class_uid != ctx.abstract_syntax:
+            # The context was negotiated for another SOP class (PS3.8 §7.1.1.13):
+            # the data set is read and dropped, and the sender told so.
+            log.warning("association %s C-STORE of %s on context %d, which was accepted "
+                        "for %s: refused 0x0122", self.info, msg.affected_sop_class_uid,
+                        ctx.context_id, ctx.abstract_syntax)
+            sink = _Refuse(dimse.SOP_CLASS_NOT_SUPPORTED)
+        elif self.handlers.on_c_store_stream is not None:
             sink = self.handlers.on_c_store_stream(request)
         elif self.handlers.on_c_store is not None:
             sink = _Collect(self.handlers.on_c_store, request)
         else:
-            sink = _Discard()
+            # Nobody stores it: never acknowledge what is not kept.
+            sink = _Refuse(dimse.SOP_CLASS_NOT_SUPPORTED)
         size = 0
         while True:
             event = self._next()
@@ -371,7 +406,9 @@ class AssociationHandler:
         except Exception:
             log.exception("C-STORE handler failed for %s", msg.affected_sop_instance_uid)
             status = dimse.PROCESSING_FAILURE
-        self.stats["instances"] += 1
+        if dimse.status_category(status) in (dimse.StatusCategory.SUCCESS,
+                                             dimse.StatusCategory.WARNING):
+            self.stats["instances"] += 1
         log.info("association %s C-STORE %s %s %d bytes status 0x%04X", self.info,
                  msg.affected_sop_class_uid, msg.affected_sop_instance_uid, size, status)
         self._respond(ctx, dimse.CStoreRSP(
@@ -384,11 +421,22 @@ class AssociationHandler:
     def _cancelled(self, message_id: int, token: CancelToken) -> bool:
         """Non-blocking check for a C-CANCEL of ``message_id`` (no polling loop:
         one zero-timeout look at the socket between two results)."""
+        if message_id in self._cancel_ids:
+            self._cancel_ids.discard(message_id)
+            token.cancelled = True
         while True:
             event = self.assoc.next_event()
             if event is NEED_DATA:
                 if self.conn.closed:
                     break
+                if self.assoc.pdu_in_progress:
+                    # A PDU has begun (DCMTK writes header and body separately):
+                    # finish reading it, within a bound, before deciding.
+                    try:
+                        self.conn._read(time.monotonic() + _PDU_COMPLETION_TIMEOUT)
+                    except PeerTimeout:
+                        break
+                    continue
                 readable, _, _ = select.select([self.conn.sock], [], [], 0)
                 if not readable:
                     break
@@ -540,13 +588,24 @@ class AssociationHandler:
                    number_of_warning_sub_operations=warning, has_dataset=has_dataset)
 
     def _store_here(self, item: _Item) -> int:
-        """C-GET sub-operation: C-STORE back on this association (PS3.4 C.4.3)."""
-        ctx = None
+        """C-GET sub-operation: C-STORE back on this association (PS3.4 C.4.3).
+
+        Sent in the item's own transfer syntax if the requestor accepted it
+        there; an uncompressed item otherwise goes in another accepted
+        uncompressed syntax, converted (getscu proposes explicit LE, explicit BE
+        and implicit LE in one context per class, so only one is accepted).
+        """
+        ctx = fallback = None
         for c in self.assoc.contexts.values():
-            if c.abstract_syntax == item.sop_class and c.requestor_scp and \
-                    c.transfer_syntax == item.transfer_syntax:
+            if c.abstract_syntax != item.sop_class or not c.requestor_scp:
+                continue
+            if c.transfer_syntax == item.transfer_syntax:
                 ctx = c
                 break
+            if fallback is None and uids.is_uncompressed(c.transfer_syntax) and \
+                    uids.is_uncompressed(item.transfer_syntax):
+                fallback = c
+        ctx = ctx or fallback
         if ctx is None:
             log.warning("C-GET: no context where the requestor is SCP for %s in %s",
                         item.sop_class, item.transfer_syntax)
@@ -555,12 +614,20 @@ class AssociationHandler:
         self.stats["messages"] += 1
         rq = dimse.CStoreRQ(message_id=mid, affected_sop_class_uid=item.sop_class,
                             affected_sop_instance_uid=item.sop_instance)
-        self.assoc.send_message(ctx.context_id, rq)
-        # Stream the data set in PDU-sized pieces: memory stays bounded.
-        size = max(self.assoc.max_send_fragment, 1 << 16)
-        for chunk, last in item.chunks(size):
-            self.assoc.send_data(ctx.context_id, chunk, last)
+        if ctx.transfer_syntax != item.transfer_syntax:
+            ds = item.dataset
+            if ds is None:
+                ds = decode_dataset(b"".join(c for c, _ in item.chunks(1 << 20)),
+                                    item.transfer_syntax)
+            self.assoc.send_message(ctx.context_id, rq, encode_dataset(ds, ctx.transfer_syntax))
             self.conn.flush()
+        else:
+            self.assoc.send_message(ctx.context_id, rq)
+            # Stream the data set in PDU-sized pieces: memory stays bounded.
+            size = max(self.assoc.max_send_fragment, 1 << 16)
+            for chunk, last in item.chunks(size):
+                self.assoc.send_data(ctx.context_id, chunk, last)
+                self.conn.flush()
         while True:
             event = self._next()
             if isinstance(event, CommandReceived):
@@ -568,7 +635,9 @@ class AssociationHandler:
                 if isinstance(m, dimse.CStoreRSP) and m.message_id_being_responded_to == mid:
                     return int(m.status)
                 if isinstance(m, dimse.CCancelRQ):
-                    self._pending.append(event)  # seen by the next _cancelled()
+                    # Not into _pending: _next() reads that first, so the same
+                    # C-CANCEL came straight back here, forever (busy loop).
+                    self._cancel_ids.add(m.message_id_being_responded_to)
                     continue
                 log.warning("C-GET: unexpected %s while waiting for C-STORE-RSP",
                             type(m).__name__)
@@ -590,21 +659,31 @@ class AssociationHandler:
             except Exception:
                 log.exception("%s handler failed", name)
                 status = dimse.PROCESSING_FAILURE
-        payload = encode_dataset(reply, request.context.transfer_syntax) if reply else None
-        kwargs: dict[str, Any] = {"message_id_being_responded_to": msg.message_id,
-                                  "status": status, "has_dataset": payload is not None}
         sop_class = getattr(msg, "affected_sop_class_uid", None) or getattr(
             msg, "requested_sop_class_uid", None)
         sop_instance = getattr(msg, "affected_sop_instance_uid", None) or getattr(
             msg, "requested_sop_instance_uid", None)
         if reply is not None and sop_instance is None and "AffectedSOPInstanceUID" in reply:
             sop_instance = str(reply.AffectedSOPInstanceUID)
+        if reply is not None:
+            # A handler passes an assigned instance UID as (0000,1000) in the reply,
+            # as pynetdicom's do; command elements never go in a data set (PS3.7 §6.3).
+            reply = Dataset({tag: elem for tag, elem in reply.items() if tag >> 16})
+        payload = encode_dataset(reply, request.context.transfer_syntax) if reply else None
+        kwargs: dict[str, Any] = {"message_id_being_responded_to": msg.message_id,
+                                  "status": status, "has_dataset": payload is not None}
         kwargs["affected_sop_class_uid"] = sop_class
         kwargs["affected_sop_instance_uid"] = sop_instance
         for attr in ("event_type_id", "action_type_id"):
             if getattr(msg, attr, None) is not None:
                 kwargs[attr] = getattr(msg, attr)
         self._respond(request.context, rsp_cls(**kwargs), payload)
+
+
+# How long a started PDU may take to arrive whole while we look for a C-CANCEL.
+_PDU_COMPLETION_TIMEOUT = 1.0
+
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Ended(Exception):
@@ -698,16 +777,19 @@ class Server:
         port: int = 11112,
         policy: AcceptorPolicy | None = None,
         artim_timeout: float = 30.0,
+        idle_timeout: float | None = 600.0,
     ) -> None:
         self.handlers = handlers or Handlers()
         self.ae_title = ae_title
         self.policy = policy or AcceptorPolicy()
         self.artim_timeout = artim_timeout
+        self.idle_timeout = idle_timeout
         self._sock = socket.create_server((host, port), reuse_port=False, backlog=128)
         self.host, self.port = self._sock.getsockname()[:2]
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = False
+        self._stopped = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self._handlers_live: set[AssociationHandler] = set()
 
@@ -717,14 +799,29 @@ class Server:
         while not self._stopping:
             try:
                 sock, _ = self._sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping:
                     return
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    # Out of descriptors or memory: the pending connection waits
+                    # in the backlog. Back off briefly instead of spinning, and
+                    # keep serving: the associations that end free resources.
+                    log.error("accept failed (%s); retrying in 0.5 s", exc.strerror)
+                    self._stopped.wait(0.5)
+                    continue
                 raise
-            configure_socket(sock)
+            try:
+                configure_socket(sock)
+                peer_port = sock.getpeername()[1]
+            except OSError as exc:
+                # Reset by the peer before we got to it (a port scan, an L4
+                # health check): nothing to serve, and no reason to stop accepting.
+                log.info("connection dropped before it was served: %s", exc)
+                sock.close()
+                continue
             handler = AssociationHandler(self, sock)
             thread = threading.Thread(target=self._run, args=(handler,), daemon=True,
-                                      name=f"assoc-{sock.getpeername()[1]}")
+                                      name=f"assoc-{peer_port}")
             with self._lock:
                 self._threads.add(thread)
                 self._handlers_live.add(handler)
@@ -748,6 +845,7 @@ class Server:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop accepting, abort what is still open, wait for the threads."""
         self._stopping = True
+        self._stopped.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
         self._sock.close()
