@@ -120,10 +120,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-store-"))
     receivers: list[Receiver] = []
     try:
-        ours = Receiver("router SCP", lambda port: [sys.executable, str(ROOT / "bench" /
-                                                    "scp_discard.py"), "--port", str(port)],
-                        ready_line=True)
+        def scp(processes: int) -> Receiver:
+            return Receiver(f"router SCP x{processes}", lambda port: [
+                sys.executable, str(ROOT / "bench" / "scp_discard.py"), "--port", str(port),
+                "--processes", str(processes)], ready_line=True)
+
+        ours = scp(1)
         receivers.append(ours)
+        # One Python process runs on one core: parallel streams get one process
+        # each, as the router's workers will (DESIGN.md D8); the single-process
+        # figure is printed too.
+        ours_pre = scp(2)
+        receivers.append(ours_pre)
         dcmtk = Receiver("storescp --ignore",
                          lambda port: [_dcmtk("storescp"), "--ignore", str(port)],
                          ready_line=False)
@@ -134,25 +142,27 @@ def main() -> int:
                               lambda port: [_dcmtk("storescp"), "--ignore", "--fork", str(port)],
                               ready_line=False)
         receivers.append(dcmtk_fork)
-        print(f"{'data':<14}{'streams':>8}{'sender':>8}  {'router SCP':>22}  "
+        print(f"{'data':<14}{'streams':>8}{'sender':>8}{'procs':>6}  {'router SCP':>22}  "
               f"{'storescp --ignore':>22}  {'ratio':>6}")
-        runs = [("ct", args.ct, 1, False), ("ct", args.ct, 2, False),
-                ("tiny", args.tiny, 1, False), ("tiny", args.tiny, 2, False),
-                ("tiny", args.nagle, 1, True)]
-        for kind, count, streams, nagle in runs:
+        runs = [("ct", args.ct, 1, False, 1), ("ct", args.ct, 2, False, 1),
+                ("ct", args.ct, 2, False, 2),
+                ("tiny", args.tiny, 1, False, 1), ("tiny", args.tiny, 2, False, 1),
+                ("tiny", args.tiny, 2, False, 2),
+                ("tiny", args.nagle, 1, True, 1)]
+        for kind, count, streams, nagle, processes in runs:
             if count <= 0:
                 continue
             dirs = make_data(tmp / "data", kind, count, streams)
             size = sum(f.stat().st_size for d in dirs for f in d.iterdir())
             repeat = 1 if nagle else args.repeat
-            t_ours = measure(ours, dirs, repeat, nagle)
+            t_ours = measure(ours if processes == 1 else ours_pre, dirs, repeat, nagle)
             t_dcmtk = measure(dcmtk if streams == 1 else dcmtk_fork, dirs, repeat, nagle)
             label = f"{kind} {size / count / 1024:.0f} KB"
 
             def fig(t: float, count: int = count, size: int = size) -> str:
                 return f"{count / t:8.0f} inst/s {size / t / 1e6:7.1f} MB/s"
 
-            print(f"{label:<14}{streams:>8}{'nagle' if nagle else 'nodelay':>8}  "
+            print(f"{label:<14}{streams:>8}{'nagle' if nagle else 'nodelay':>8}{processes:>6}  "
                   f"{fig(t_ours):>22}  {fig(t_dcmtk):>22}  {t_dcmtk / t_ours:6.2f}",
                   flush=True)
             shutil.rmtree(tmp / "data")
