@@ -82,6 +82,7 @@ from router.dicom.pdu import (
     PDUReader,
     encode_pdata_chunks,
     encode_pdu,
+    single_pdv_header,
 )
 
 __all__ = ["Association", "Role"]
@@ -188,6 +189,14 @@ class Association:
         """Largest PDV payload we may put in one P-DATA-TF (PDU length - 6)."""
         limit = self.peer_max_pdu or UNLIMITED_FRAGMENT
         return max(limit - 6, 1)
+
+    @property
+    def mid_message(self) -> bool:
+        """True while the peer has started a DIMSE message (or a PDU) and not
+        finished it: what we have is waiting for the rest."""
+        inc = self._incoming
+        return (inc.command_context is not None or inc.data_context is not None
+                or self.pdu_in_progress)
 
     @property
     def pdu_in_progress(self) -> bool:
@@ -334,12 +343,17 @@ class Association:
         for start in starts:
             chunk = data[start:start + size]
             final = last and start + size >= total
+            if self.state is State.STA6:
+                # DT-1, inline (see the check at the top): header and payload
+                # go out as two buffers, the payload uncopied.
+                header = single_pdv_header(context_id, is_command, final, len(chunk))
+                self._outbox.append(header)
+                self._outbox.append(chunk)
+                self.bytes_sent += len(header) + len(chunk)
+                continue
             pdu = PDataTF(pdvs=(PDV(context_id=context_id, is_command=is_command,
                                     is_last=final, data=chunk),))
-            if self.state is State.STA6:
-                self._emit_pdu(pdu)  # DT-1, inline (see the check at the top)
-            else:
-                self._step(Evt.EVT9, fsm.ActionInput(is_requestor=self.is_requestor, pdu=pdu))
+            self._step(Evt.EVT9, fsm.ActionInput(is_requestor=self.is_requestor, pdu=pdu))
 
     def _step(self, event: Evt, inp: fsm.ActionInput) -> None:
         previous = self.state
@@ -494,16 +508,20 @@ class Association:
                     f"command fragment on context {ctx} interleaved with one on "
                     f"context {inc.command_context}",
                     reason=AbortReason.UNEXPECTED_PDU_PARAMETER)
-            inc.command_context = ctx
             inc.command_size += len(data)
             if inc.command_size > MAX_COMMAND_SET:
                 raise RemoteProtocolError(
                     f"command set larger than {MAX_COMMAND_SET} bytes",
                     reason=AbortReason.INVALID_PDU_PARAMETER_VALUE)
-            inc.command_chunks.append(bytes(data))
             if not pdv.is_last:
+                inc.command_context = ctx
+                inc.command_chunks.append(bytes(data))
                 return
-            raw = b"".join(inc.command_chunks)
+            if inc.command_chunks:
+                inc.command_chunks.append(bytes(data))
+                raw: Buffer = b"".join(inc.command_chunks)
+            else:
+                raw = data  # the usual case: the whole command set in one PDV
             inc.command_chunks, inc.command_context, inc.command_size = [], None, 0
             try:
                 message = decode_command(raw)

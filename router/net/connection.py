@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -39,6 +40,12 @@ RECV_BUFFER = 1 << 20
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_BATCH = 512
+
+
+def _set_timeval(sock: socket.socket, option: int, seconds: float) -> None:
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, micro))
 
 
 class PeerTimeout(TimeoutError):
@@ -74,8 +81,12 @@ class Connection:
         self._buf = bytearray(recv_buffer)
         self._view = memoryview(self._buf)
         self._artim_armed: int | None = None
-        # settimeout() costs a syscall (FIONBIO) even when unchanged: track it.
-        self._timeout: float | None = sock.gettimeout()
+        # The socket stays in blocking mode and the kernel keeps the timeouts
+        # (SO_SNDTIMEO / SO_RCVTIMEO): Python's timeout mode costs a poll()
+        # per call and an ioctl per mode switch, 4 syscalls per message.
+        sock.settimeout(None)
+        self._rcvtimeo = 0.0  # 0 = none
+        _set_timeval(sock, socket.SO_SNDTIMEO, send_timeout or 0.0)
         self._artim_deadline: float | None = None
         self.closed = False
         try:
@@ -113,13 +124,7 @@ class Connection:
         if self.assoc.wants_close:
             self.close()
 
-    def _set_timeout(self, timeout: float | None) -> None:
-        if timeout != self._timeout:
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
-
     def _send_all(self, chunks: list[bytes | bytearray | memoryview]) -> None:
-        self._set_timeout(self.send_timeout)
         pending = list(chunks)
         i = 0
         try:
@@ -135,9 +140,9 @@ class Connection:
                         continue
                     pending[i] = memoryview(buf)[sent:]
                     break
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # SO_SNDTIMEO ran out
             log.warning("peer %s:%s stopped reading for %.0f s: closing the connection",
-                        *self.peer, self.send_timeout)
+                        *self.peer, self.send_timeout or 0)
             self._transport_lost()
         except OSError as exc:
             log.debug("send to %s failed: %s", self.peer, exc)
@@ -184,12 +189,17 @@ class Connection:
             if limit is not None:
                 remaining = max(limit - now, 0.0)
                 wait = remaining if wait is None else min(wait, remaining)
+        if self.quickack and self.assoc.mid_message:
+            self._ack_now()
         try:
-            self._set_timeout(wait)
+            self._set_rcvtimeo(wait)
             n = self.sock.recv_into(self._buf)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO ran out
             now = time.monotonic()
-            if self._artim_deadline is not None and now >= self._artim_deadline:
+            artim_due = self._artim_deadline is not None and now >= self._artim_deadline
+            if not artim_due and (deadline is None or now < deadline):
+                return  # woke a little early (the timeout is kept coarse): look again
+            if artim_due:
                 log.info("ARTIM timer expired for %s:%s in %s", *self.peer,
                          self.assoc.state.name)
                 self._artim_deadline = None
@@ -203,18 +213,32 @@ class Connection:
         if n == 0:
             self._transport_lost()
             return
-        if self.quickack:
-            self._ack_now()
         self.assoc.receive_data(self._view[:n])
 
     # ------------------------------------------------------------------ misc
 
+    def _set_rcvtimeo(self, wait: float | None) -> None:
+        """Kernel receive timeout for the next read (None: block).
+
+        Only changed when it differs by more than 10% (and 1 ms): a deadline a
+        few percent late is harmless for ARTIM and idle timers, and a steady
+        timeout then costs no syscall per read."""
+        want = 0.0 if wait is None else max(wait, 0.001)
+        current = self._rcvtimeo
+        if want == current or (want and current and abs(want - current) <= max(
+                0.1 * want, 0.001)):
+            return
+        _set_timeval(self.sock, socket.SO_RCVTIMEO, want)
+        self._rcvtimeo = want
+
     def _ack_now(self) -> None:
         # A sender that leaves Nagle on (DCMTK's default, and many modalities)
-        # holds back the data set PDU until its command PDU is acknowledged,
+        # holds back the rest of a message until what it sent is acknowledged,
         # and Linux delays that ACK by up to 40 ms: 40 ms per instance.
-        # TCP_QUICKACK acknowledges at once; the kernel clears it again after
-        # a while, so it is set after every read (DESIGN.md §4).
+        # Setting TCP_QUICKACK sends the pending ACK at once (DESIGN.md §4).
+        # Only done when we wait in the middle of a message: between messages
+        # our response carries the ACK, and a bare ACK would be one more
+        # packet for both sides to handle.
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
         except OSError:

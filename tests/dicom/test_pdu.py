@@ -1966,3 +1966,16 @@ def test_nul_padded_ae_title_is_tolerated() -> None:
     pdu = decode_pdu(patch(RQ, 33, b"\x00" * 9))
     assert isinstance(pdu, AAssociateRQ)
     assert pdu.calling_ae_title == decode_pdu(RQ).calling_ae_title  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("context_id", "is_command", "is_last", "size"),
+                         [(1, True, True, 0), (3, False, False, 16378), (255, False, True, 7)])
+def test_single_pdv_header_matches_the_general_encoder(
+    context_id: int, is_command: bool, is_last: bool, size: int
+) -> None:
+    """The sender's fast path writes the same 12 bytes as encode_pdata_chunks."""
+    from router.dicom.pdu import single_pdv_header
+
+    pdv = PDV(context_id=context_id, is_command=is_command, is_last=is_last, data=bytes(size))
+    chunks = encode_pdata_chunks([pdv])
+    assert single_pdv_header(context_id, is_command, is_last, size) == chunks[0] + chunks[1]
