@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 
 from router.dicom import fsm
-from router.dicom.dimse import DimseMessage, decode_command, encode_command
+from router.dicom.dimse import DimseMessage, decode_command, encode_command, peek_command
 from router.dicom.errors import (
     AbortReason,
     AbortSource,
@@ -59,6 +59,7 @@ from router.dicom.events import (
     AssociationRejected,
     AssociationRequested,
     CommandReceived,
+    CommandRejected,
     ConnectionClosed,
     DataReceived,
     Event,
@@ -151,7 +152,10 @@ class Association:
         self.contexts: Mapping[int, NegotiatedContext] = {}
         # Largest PDU we may send (peer's maximum length, 0 = no limit).
         self.peer_max_pdu = 0
-        self._reader = PDUReader(max_associate_pdu_length=max_associate_pdu_length)
+        # Until a maximum length is negotiated, a P-DATA-TF may be no larger than
+        # an A-ASSOCIATE PDU: an unassociated peer cannot make us buffer more.
+        self._reader = PDUReader(max_pdu_length=max_associate_pdu_length,
+                                 max_associate_pdu_length=max_associate_pdu_length)
         self._outbox: list[Buffer] = []
         self._events: deque[Event] = deque()
         self._incoming = _Incoming()
@@ -526,9 +530,20 @@ class Association:
             try:
                 message = decode_command(raw)
             except DIMSEError as exc:
-                raise RemoteProtocolError(
-                    f"undecodable DIMSE command set: {exc}",
-                    reason=AbortReason.INVALID_PDU_PARAMETER_VALUE) from None
+                peeked = peek_command(raw)
+                if peeked is None:  # not even a command: nothing to answer
+                    raise RemoteProtocolError(
+                        f"undecodable DIMSE command set: {exc}",
+                        reason=AbortReason.INVALID_PDU_PARAMETER_VALUE) from None
+                # Framed, but unusable: the service user answers it with a
+                # failure status (PS3.7 Annex C); the association goes on.
+                field, message_id, has_dataset = peeked
+                if has_dataset:
+                    inc.data_context = ctx
+                self._events.append(CommandRejected(
+                    context_id=ctx, command_field=field, message_id=message_id,
+                    has_dataset=has_dataset, status=exc.status, detail=str(exc)))
+                return
             if message.has_dataset:
                 inc.data_context = ctx
             self._events.append(CommandReceived(context_id=ctx, message=message))

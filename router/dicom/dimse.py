@@ -996,6 +996,32 @@ for _cls in MESSAGE_TYPES.values():
     )
 
 
+def peek_command(data: bytes | bytearray | memoryview) -> tuple[int, int, bool] | None:
+    """Command Field, Message ID (or Message ID Being Responded To) and whether a
+    data set follows, read leniently from a command set ``decode_command``
+    refused; ``None`` when even these cannot be found.
+
+    With them an invalid request can still be answered with a failure status
+    (PS3.7 Annex C: 0211H, 0212H, C000H) instead of aborting the association.
+    """
+    buf = bytes(data)
+    found: dict[int, int] = {}
+    offset, end = 0, len(buf)
+    while end - offset >= 8:
+        group, element, length = _HEADER.unpack_from(buf, offset)
+        offset += 8
+        if group != 0x0000 or length > end - offset:
+            return None
+        if element in (0x0100, 0x0110, 0x0120, 0x0800) and length == 2:
+            found[element] = buf[offset] | buf[offset + 1] << 8
+        offset += length
+    field = found.get(0x0100)
+    message_id = found.get(0x0120 if field is not None and field & 0x8000 else 0x0110)
+    if field is None or message_id is None:
+        return None
+    return field, message_id, found.get(0x0800, NO_DATASET) != NO_DATASET
+
+
 def decode_command(data: bytes | bytearray | memoryview) -> DimseMessage:
     """Decode a command set (implicit VR little endian, PS3.7 §6.3.1, Annex E).
 

@@ -92,6 +92,26 @@ class CommandReceived:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRejected:
+    """A command set arrived whole but cannot be used (PS3.7 Annex C).
+
+    Its framing was sound, so the association goes on: the engine read the
+    Command Field and Message ID and reports why the rest failed (``status``:
+    0211H unrecognized operation, 0212H mistyped argument, C000H cannot
+    understand). If ``has_dataset`` the data set follows as ``DataReceived``
+    fragments to be drained. A request deserves a response of
+    ``command_field | 0x8000`` with ``status``; a bad response is dropped.
+    """
+
+    context_id: int
+    command_field: int
+    message_id: int
+    has_dataset: bool
+    status: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DataReceived:
     """One fragment of a data set (PS3.8 Annex E), in arrival order; ``last``
     marks the final fragment. ``data`` is a memoryview into the received PDU."""
@@ -110,5 +130,6 @@ Event = (
     | AssociationAborted
     | ConnectionClosed
     | CommandReceived
+    | CommandRejected
     | DataReceived
 )

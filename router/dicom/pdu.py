@@ -527,6 +527,11 @@ _RQ_ITEM_TYPES = frozenset((0x10, 0x20, 0x50))
 _AC_ITEM_TYPES = frozenset((0x10, 0x21, 0x50))
 
 
+# Informational sub-items (PS3.7 D.3.3.2) that are kept raw, as UnknownItem,
+# when a peer sends a malformed value.
+_RAW_WHEN_MALFORMED = frozenset({0x52, 0x55})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserInformation:
     """User information item, PS3.8 §9.3.2.3 / §9.3.3.3: an ordered list of sub-items.
@@ -541,7 +546,8 @@ class UserInformation:
     def __post_init__(self) -> None:
         _as_tuple(self, "items", _SUB_ITEM_CLASSES, "UserInformation.items")
         for item in self.items:
-            if isinstance(item, UnknownItem) and item.item_type in _KNOWN_SUB_ITEM_TYPES:
+            if isinstance(item, UnknownItem) and item.item_type in _KNOWN_SUB_ITEM_TYPES \
+                    and item.item_type not in _RAW_WHEN_MALFORMED:
                 _fail_value(
                     f"UserInformation.items: UnknownItem may not use known type "
                     f"0x{item.item_type:02X}"
@@ -1311,7 +1317,12 @@ def _decode_sub_item(
         (value,) = _U32.unpack_from(mv, start)
         return MaximumLength(maximum_length=value)
     if item_type == 0x52:
-        return ImplementationClassUID(uid=_decode_uid(mv, start, end, fld))
+        # Informational only (PS3.7 D.3.3.2): a malformed one is kept raw, never
+        # a reason to abort (real devices send letters and over-long values).
+        raw = bytes(mv[start:end]).rstrip(b"\x00 ")
+        if _UID_BYTES_RE.fullmatch(raw) is None:
+            return UnknownItem(item_type=item_type, data=bytes(mv[start:end]))
+        return ImplementationClassUID(uid=raw.decode("ascii"))
     if item_type == 0x53:
         if size != 4:
             _fail(f"item length {size}, expected 4", fld, offset)
@@ -1330,9 +1341,9 @@ def _decode_sub_item(
     if item_type == 0x55:
         raw = bytes(mv[start:end]).rstrip(b"\x00")
         if _VERSION_NAME_BYTES_RE.fullmatch(raw) is None:
-            if not raw.isascii():
-                _fail(f"not ASCII: {raw[:80]!r}", fld, start)
-            _fail(f"must be 1-16 printable characters: {raw[:80]!r}", fld, start)
+            # Empty, over 16 characters or not ASCII: seen in the wild, and
+            # informational only (PS3.7 D.3.3.2): kept raw, not fatal.
+            return UnknownItem(item_type=item_type, data=bytes(mv[start:end]))
         return ImplementationVersionName(name=raw.decode("ascii"))
     if item_type == 0x56:
         uid, pos = _uid_field(mv, start, end, f"{fld}.sop_class_uid")

@@ -257,3 +257,53 @@ def test_oversized_pdata_is_rejected_before_buffering() -> None:
     events = list(iter_events(p.acc))
     assert isinstance(events[0], AssociationAborted) and events[0].local
     assert p.acc.next_event() is NEED_DATA
+
+
+def test_framed_but_invalid_command_is_rejected_not_aborted() -> None:
+    """A command set whose framing is sound but whose values are not (here a UID
+    with letters, PS3.5 §9.1) becomes CommandRejected with a DIMSE status
+    (PS3.7 Annex C); its data set still streams, to be drained, and the
+    association stays up."""
+    from router.dicom.events import CommandRejected
+
+    p = Pair()
+    p.associate()
+    ct = next(c.context_id for c in p.req.contexts.values() if c.abstract_syntax == CT)
+    good = dimse.encode_command(dimse.CStoreRQ(
+        message_id=5, affected_sop_class_uid=CT, affected_sop_instance_uid="1.2.3"))
+    bad = good.replace(b"1.2.3\x00", b"1.A.3\x00")
+    assert bad != good
+    p.acc.receive_data(b"".join(bytes(c) for c in encode_pdata_chunks(
+        [PDV(context_id=ct, is_command=True, is_last=True, data=bad)])))
+    p.acc.receive_data(b"".join(bytes(c) for c in encode_pdata_chunks(
+        [PDV(context_id=ct, is_command=False, is_last=True, data=b"\0" * 10)])))
+    events = list(iter_events(p.acc))
+    assert isinstance(events[0], CommandRejected)
+    rej = events[0]
+    assert (rej.command_field, rej.message_id, rej.has_dataset) == (0x0001, 5, True)
+    assert rej.status in (0x0212, 0xC000) and "UID" in rej.detail
+    assert isinstance(events[1], DataReceived) and events[1].last
+    assert p.acc.state is State.STA6
+
+
+def test_unframeable_command_still_aborts() -> None:
+    """Bytes that are not a command set at all (no Command Field to answer)."""
+    p = Pair()
+    p.associate()
+    ct = next(iter(p.acc.contexts))
+    p.acc.receive_data(b"".join(bytes(c) for c in encode_pdata_chunks(
+        [PDV(context_id=ct, is_command=True, is_last=True, data=b"\x08\x00" * 8)])))
+    events = list(iter_events(p.acc))
+    assert isinstance(events[0], AssociationAborted) and events[0].local
+
+
+def test_pdata_before_association_is_capped() -> None:
+    """Before a maximum length is negotiated a P-DATA-TF may not exceed the
+    A-ASSOCIATE limit: an unassociated peer cannot make us buffer gigabytes."""
+    acc = Association(Role.ACCEPTOR, max_associate_pdu_length=1 << 16)
+    acc.connection_made()
+    acc.receive_data(b"\x04\x00" + (1 << 30).to_bytes(4, "big"))
+    events = list(iter_events(acc))
+    assert events == [] and acc.state is State.STA13  # AA-1: aborted at once
+    assert b"".join(bytes(c) for c in acc.data_to_send()) == encode_pdu(
+        AAbort(source=0, reason=0))

@@ -1009,24 +1009,6 @@ ERROR_CASES: list[tuple[str, bytes, str, int]] = [
         153,
     ),
     (
-        "implementation class UID empty",
-        rq_with(sub_items=(b"\x52\x00\x00\x00",)),
-        "A-ASSOCIATE-RQ.user_information.implementation_class_uid",
-        157,
-    ),
-    (
-        "implementation version name of 17 characters",
-        rq_with(sub_items=(b"\x55\x00\x00\x11ABCDEFGHIJKLMNOPQ",)),
-        "A-ASSOCIATE-RQ.user_information.implementation_version_name",
-        157,
-    ),
-    (
-        "implementation version name empty",
-        rq_with(sub_items=(b"\x55\x00\x00\x00",)),
-        "A-ASSOCIATE-RQ.user_information.implementation_version_name",
-        157,
-    ),
-    (
         "async ops window of length 2",
         rq_with(sub_items=(b"\x53\x00\x00\x02\x00\x01",)),
         "A-ASSOCIATE-RQ.user_information.asynchronous_operations_window",
@@ -1979,3 +1961,19 @@ def test_single_pdv_header_matches_the_general_encoder(
     pdv = PDV(context_id=context_id, is_command=is_command, is_last=is_last, data=bytes(size))
     chunks = encode_pdata_chunks([pdv])
     assert single_pdv_header(context_id, is_command, is_last, size) == chunks[0] + chunks[1]
+
+
+@pytest.mark.parametrize(("item", "item_type"), [
+    (b"\x52\x00\x00\x00", 0x52),                         # empty class UID
+    (b"\x52\x00\x00\x061.2.AB", 0x52),                   # letters in the UID
+    (b"\x55\x00\x00\x11ABCDEFGHIJKLMNOPQ", 0x55),         # 17-character version name
+    (b"\x55\x00\x00\x00", 0x55),                         # empty version name
+])
+def test_unusable_implementation_items_are_kept_raw(item: bytes, item_type: int) -> None:
+    """Implementation class UID and version name are informational (PS3.7
+    D.3.3.2); devices in the field send malformed ones. They are kept as
+    UnknownItem instead of aborting the association."""
+    pdu = decode_pdu(rq_with(sub_items=(item,)))
+    assert isinstance(pdu, AAssociateRQ)
+    kept = [i for i in pdu.user_information.items if isinstance(i, UnknownItem)]
+    assert [(k.item_type, k.data) for k in kept] == [(item_type, item[4:])]

@@ -1,0 +1,1008 @@
+"""Router configuration: one TOML file read into one frozen :class:`Config`.
+
+Theory of operation
+-------------------
+``dicom-router run [--config FILE] [--port N] [--host H] [--workers N] [--spool DIR]``
+calls :func:`load_config`; ``dicom-router status`` calls it with the same
+arguments to find the admin socket, and SIGHUP calls it again to reload. With no
+file the router runs on :data:`EMBEDDED_DEFAULT`, which is ordinary TOML going
+through the same parser, so ``config show`` can print it and it can never drift
+from what the code does.
+
+Parsing is strict, because a typo that silently falls back to a default is the
+worst kind of configuration error: TOML is typed and nothing is converted (a
+string is not a number, ``true`` is not ``1``), unknown tables and keys are
+refused with a "did you mean", and the first problem stops the load with a
+:class:`ConfigError` whose ``str()`` is one line naming the file, the line (found
+by a simple scan, as tomllib gives no positions), the key and what is expected::
+
+    router.toml:4: [router] workers: expected an integer from 1 to 256 or "auto", got "two"
+
+The CLI prints that line and exits with code 2; a reload logs it and keeps the
+configuration it has. The result is immutable and passed down explicitly
+(STYLE.md §8): nothing here is a module-level setting.
+
+Schema
+------
+Every table and key is optional; an empty file is the embedded default::
+
+    [router]
+    ae_title = "DICOM-ROUTER"   # our AE title (1-16 characters, case-sensitive)
+    workers = "auto"            # worker processes: 1-256, or "auto" = one per CPU core
+
+    [[router.listen]]           # repeat the table for more addresses
+    host = "0.0.0.0"            # default 0.0.0.0 (every IPv4 interface)
+    port = 11112                # 1-65535, default 11112
+
+    [acceptance]
+    called_ae = ["DICOM-ROUTER", "ARCHIVE"]  # called AE titles answered; default
+                                # [router] ae_title; "any" answers to every title
+    calling_ae = ["CT1", "MR1"] # allow list of calling AE titles; default "any"
+    sop_classes = ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.4"]
+                                # UIDs or pydicom keywords; default "storage" =
+                                # every storage SOP class pydicom knows
+    transfer_syntaxes = ["ExplicitVRLittleEndian", "JPEG2000Lossless"]
+                                # UIDs or keywords; default "any" (what the sender proposes)
+    max_pdu = 1048576           # largest PDU we receive: 0 (no limit) or 4096-4294967295
+
+    [spool]
+    path = "/var/spool/dicom-router"
+    fsync = true                # false loses acknowledged instances on power loss
+
+    [timeouts]                  # seconds; integers or decimals
+    artim = 30                  # association request/release timer (PS3.8 §9.1.5)
+    idle = 600                  # close an association quiet this long; 0 = never
+    drain_grace = 30            # on SIGTERM, wait this long before aborting associations
+    heartbeat_interval = 1      # worker heartbeat period
+    heartbeat_timeout = 10      # a silent worker is restarted after this long
+
+    [admin]
+    socket = "/run/dicom-router/admin.sock"  # default <spool path>/run/admin.sock
+
+    [logging]
+    level = "INFO"              # DEBUG, INFO, WARNING, ERROR or CRITICAL
+
+Decisions worth knowing:
+
+- Verification (C-ECHO) is always accepted, whatever ``sop_classes`` lists, in
+  the transfer syntaxes listed plus implicit and explicit VR little endian: it
+  is how an engineer tests a connection, and it stores nothing.
+- ``"any"``/``"storage"`` is a string and a list is a list: ``calling_ae =
+  "CT1"`` is refused rather than read as a one-element list, so a single title
+  cannot be confused with the keyword.
+- Relative paths (``[spool] path``, ``[admin] socket``) are relative to the
+  folder of the configuration file, not to the working directory, so a service
+  finds its spool wherever it is started from; ``~`` is expanded. ``--spool``
+  on the command line is relative to the working directory, as a shell user
+  expects.
+- The admin socket defaults to ``<spool>/run/admin.sock``: ``status`` derives
+  the same path from the same file and flags, with no other shared state. Set
+  ``[admin] socket`` when the spool is on a network volume, where Unix sockets
+  may not work, or when the path would exceed the 107 bytes a socket path allows.
+- ``--host``/``--port`` replace the listeners with a single one (the first
+  listener's host or port where a flag is missing).
+- ``tls = true`` in a listener is refused for now: TLS needs certificate
+  settings this schema does not have yet. The field exists so they slot in.
+- Later issues add ``[[destination]]`` tables and rule files; until then an
+  unknown top-level table is refused with the list of known ones. Adding a
+  table means adding it to ``_SCHEMA`` and reading it in ``_Parser.config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, TypeGuard
+
+from router.dicom import uids
+from router.dicom.negotiation import AcceptorPolicy
+
+__all__ = [
+    "COMMAND_LINE",
+    "DEFAULT_AE_TITLE",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "EMBEDDED_DEFAULT",
+    "EMBEDDED_SOURCE",
+    "LOG_LEVELS",
+    "MAX_WORKERS",
+    "Config",
+    "ConfigError",
+    "Listen",
+    "default_spool_dir",
+    "default_workers",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_AE_TITLE: Final = "DICOM-ROUTER"
+DEFAULT_HOST: Final = "0.0.0.0"
+DEFAULT_PORT: Final = 11112
+MAX_WORKERS: Final = 256
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: ``Config.source`` when no file was given.
+EMBEDDED_SOURCE: Final = "<embedded default>"
+#: ``ConfigError.file`` for a bad command-line override.
+COMMAND_LINE: Final = "command line"
+
+# Where the admin socket goes when [admin] socket is not set, relative to the spool.
+_ADMIN_SOCKET_IN_SPOOL: Final = Path("run", "admin.sock")
+# sockaddr_un.sun_path is 108 bytes on Linux, NUL included (104 on the BSDs).
+_MAX_SOCKET_PATH: Final = 107
+_MAX_PDU: Final = 0xFFFF_FFFF
+_MIN_PDU: Final = 4096
+_UID_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+EMBEDDED_DEFAULT: Final = """\
+# dicom-router: the embedded default configuration, used when `dicom-router run`
+# is given no --config file. A copy of it is a good start for your own.
+
+[router]
+ae_title = "DICOM-ROUTER"     # our AE title; also the called AE title we answer to
+workers = "auto"              # one worker process per CPU core
+
+[[router.listen]]
+host = "0.0.0.0"              # every IPv4 interface
+port = 11112
+
+[acceptance]
+# called_ae = ["DICOM-ROUTER"]  # default: [router] ae_title; "any" answers to every title
+calling_ae = "any"            # or an allow list, e.g. ["CT1", "MR1"]
+sop_classes = "storage"       # every storage SOP class, or a list of UIDs or keywords
+transfer_syntaxes = "any"     # or a list of UIDs or keywords
+max_pdu = 1048576             # bytes; 0 = no limit
+
+[spool]
+# path = "/var/spool/dicom-router"  # default: this as root, else
+#                                   # $XDG_DATA_HOME/dicom-router/spool
+fsync = true                  # acknowledge an instance only once it is on disk
+
+[timeouts]                    # seconds
+artim = 30
+idle = 600                    # 0 = never close an idle association
+drain_grace = 30
+heartbeat_interval = 1
+heartbeat_timeout = 10
+
+[admin]
+# socket = "/run/dicom-router/admin.sock"  # default: <spool path>/run/admin.sock
+
+[logging]
+level = "INFO"
+"""
+
+
+# ---------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A configuration the router refuses; ``str()`` is one line for the operator.
+
+    ``file`` is the path as given (or ``"command line"`` for a bad flag),
+    ``key`` where in the file (``"[router] workers"``, ``"[[router.listen]] #2
+    port"``, empty for whole-file problems such as TOML syntax), ``line`` the
+    1-based line when it could be found.
+    """
+
+    def __init__(self, file: str, key: str, message: str, line: int | None = None) -> None:
+        self.file = file
+        self.key = key
+        self.message = message
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        text = ": ".join(part for part in (where, self.key, self.message) if part)
+        return " ".join(text.splitlines())  # one line, whatever a message contains
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str, int | None]]:
+        return (ConfigError, (self.file, self.key, self.message, self.line))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    """One address the listener accepts associations on.
+
+    Port 0 (an ephemeral port) is allowed here for tests that build a
+    :class:`Config` in code; a file or ``--port`` must name a real port.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    tls: bool = False
+
+    def __post_init__(self) -> None:
+        if (problem := _host_problem(self.host)) is not None:
+            raise ValueError(f"Listen.host: {problem}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not (
+            0 <= self.port <= 65535
+        ):
+            raise ValueError(f"Listen.port: expected 0-65535, got {self.port!r}")
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on, 1 to :data:`MAX_WORKERS`.
+
+    The affinity mask rather than ``os.cpu_count()``: a container pinned to
+    two cores of a 64-core host should start two workers, not 64.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, MAX_WORKERS))
+
+
+def default_spool_dir(
+    *, environ: Mapping[str, str] | None = None, euid: int | None = None
+) -> Path:
+    """Where the spool goes when neither the file nor ``--spool`` says.
+
+    As root: ``/var/spool/dicom-router`` -- a system service, where an IT
+    engineer looks for a spool (FHS §5.14). Anyone else: the per-user data
+    directory of the XDG base directory spec, ``$XDG_DATA_HOME/dicom-router/spool``,
+    or ``~/.local/share/dicom-router/spool`` when that is unset or relative
+    (the spec says to ignore relative values). A service under its own
+    unprivileged user should set ``[spool] path``. ``environ`` and ``euid``
+    default to this process's; tests pass their own.
+    """
+    env = os.environ if environ is None else environ
+    if euid is None:
+        euid = os.geteuid() if hasattr(os, "geteuid") else -1
+    if euid == 0:
+        return Path("/var/spool/dicom-router")
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        base = Path(xdg)
+    else:
+        home = env.get("HOME")
+        base = (Path(home) if home else Path.home()) / ".local" / "share"
+    return base / "dicom-router" / "spool"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything the router runs on; built by :func:`load_config`.
+
+    - ``ae_title``: our own AE title (logs; the calling AE title of outbound
+      associations once destinations exist).
+    - ``ae_titles``: called AE titles we answer to; ``None`` = any.
+    - ``calling_ae_allow``: calling AE titles let in; ``None`` = any.
+    - ``listen``: the addresses to accept on, at least one, no duplicates.
+    - ``workers``: worker processes, 1 to :data:`MAX_WORKERS`.
+    - ``spool``, ``admin_socket``: absolute paths.
+    - ``sop_classes``: SOP class UIDs accepted; ``None`` = every storage SOP
+      class (:func:`router.dicom.uids.storage_sop_classes`). Verification is
+      accepted either way (see :meth:`to_acceptor_policy`).
+    - ``transfer_syntaxes``: transfer syntax UIDs accepted; ``None`` = whatever
+      the requestor proposes. Of several acceptable ones, the requestor's first
+      choice wins (``AcceptorPolicy.prefer_requestor_order``): we forward bytes
+      and do not transcode, so the sender's preference is the one that matters.
+    - ``max_pdu``: our maximum PDU receive length (PS3.8 Annex D.1), 0 = none.
+    - ``artim_timeout`` (PS3.8 §9.1.5), ``idle_timeout`` (``None`` = never),
+      ``drain_grace`` (SIGTERM grace before open associations are aborted),
+      ``heartbeat_interval``, ``heartbeat_timeout``: seconds.
+    - ``fsync``: fsync spooled instances before acknowledging them (DESIGN D4).
+    - ``source``: the file it came from, or :data:`EMBEDDED_SOURCE`.
+    """
+
+    ae_title: str = DEFAULT_AE_TITLE
+    ae_titles: frozenset[str] | None = frozenset({DEFAULT_AE_TITLE})
+    calling_ae_allow: frozenset[str] | None = None
+    # A factory: Listen validates with helpers defined further down this module.
+    listen: tuple[Listen, ...] = field(default_factory=lambda: (Listen(),))
+    workers: int = field(default_factory=default_workers)
+    spool: Path
+    admin_socket: Path
+    sop_classes: frozenset[str] | None = None
+    transfer_syntaxes: tuple[str, ...] | None = None
+    max_pdu: int = 1_048_576
+    artim_timeout: float = 30.0
+    idle_timeout: float | None = 600.0
+    drain_grace: float = 30.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+    fsync: bool = True
+    log_level: str = "INFO"
+    source: str = "<code>"
+
+    def __post_init__(self) -> None:
+        # The parser gives the operator a precise message first; these checks
+        # keep a Config built in code (tests, reload plumbing) just as sound.
+        problems = [
+            ("ae_title", _ae_title_problem(self.ae_title)),
+            *(("ae_titles", _ae_title_problem(t)) for t in self.ae_titles or ()),
+            *(("calling_ae_allow", _ae_title_problem(t)) for t in self.calling_ae_allow or ()),
+            ("workers", _workers_problem(self.workers)),
+            ("max_pdu", _max_pdu_problem(self.max_pdu)),
+            ("artim_timeout", _seconds_problem(self.artim_timeout, zero_ok=False)),
+            ("idle_timeout", None if self.idle_timeout is None
+             else _seconds_problem(self.idle_timeout, zero_ok=False)),
+            ("drain_grace", _seconds_problem(self.drain_grace, zero_ok=True)),
+            ("heartbeat_interval", _seconds_problem(self.heartbeat_interval, zero_ok=False)),
+            ("heartbeat_timeout", _seconds_problem(self.heartbeat_timeout, zero_ok=False)),
+            ("log_level", None if self.log_level in LOG_LEVELS
+             else f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"),
+            *(("sop_classes", _uid_problem(u)) for u in self.sop_classes or ()),
+            *(("transfer_syntaxes", _uid_problem(u)) for u in self.transfer_syntaxes or ()),
+        ]
+        if not self.listen:
+            problems.append(("listen", "expected at least one address"))
+        if len(set(self.listen)) != len(self.listen):
+            problems.append(("listen", "duplicate addresses"))
+        for name in ("ae_titles", "calling_ae_allow", "sop_classes", "transfer_syntaxes"):
+            if getattr(self, name) is not None and not getattr(self, name):
+                problems.append((name, "empty: nothing would be accepted; use None for any"))
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            problems.append(("heartbeat_timeout", "must exceed heartbeat_interval"))
+        for name in ("spool", "admin_socket"):
+            if not getattr(self, name).is_absolute():
+                problems.append((name, "expected an absolute path"))
+        for name, problem in problems:
+            if problem is not None:
+                raise ValueError(f"Config.{name}: {problem}")
+
+    @property
+    def is_embedded_default(self) -> bool:
+        """True when no configuration file was given (the first log line says so)."""
+        return self.source == EMBEDDED_SOURCE
+
+    def describe(self) -> str:
+        """One line for the start-up log: where the config came from and the essentials."""
+        origin = "embedded default config" if self.is_embedded_default else f"config {self.source}"
+        listen = ", ".join(str(item) for item in self.listen)
+        plural = "" if self.workers == 1 else "s"
+        return (
+            f"{origin}: AE title {self.ae_title} on {listen}, "
+            f"{self.workers} worker{plural}, spool {self.spool}"
+        )
+
+    def to_acceptor_policy(self) -> AcceptorPolicy:
+        """The :class:`AcceptorPolicy` that ``negotiate`` answers associations with.
+
+        Called AE titles not in ``ae_titles`` are rejected with
+        called-AE-title-not-recognized, calling ones not in
+        ``calling_ae_allow`` with calling-AE-title-not-recognized, and an
+        association with no acceptable presentation context with no-reason
+        (PS3.8 §9.3.4 Table 9-21; see :func:`router.dicom.negotiation.negotiate`).
+        Each SOP class accepts ``transfer_syntaxes`` (or any); Verification
+        always, in those plus the two little endian native syntaxes, since
+        PS3.5 §10.1 obliges every peer to offer implicit VR little endian and
+        an echo carries no dataset that could care.
+        """
+        classes = uids.storage_sop_classes() if self.sop_classes is None else self.sop_classes
+        abstract: dict[str, tuple[str, ...] | None] = dict.fromkeys(classes)
+        if self.transfer_syntaxes is None:
+            abstract[uids.VERIFICATION_SOP_CLASS] = None
+        else:
+            native = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
+            abstract[uids.VERIFICATION_SOP_CLASS] = tuple(
+                dict.fromkeys((*self.transfer_syntaxes, *native))
+            )
+        return AcceptorPolicy(
+            ae_titles=self.ae_titles,
+            calling_ae_titles=self.calling_ae_allow,
+            abstract_syntaxes=abstract,
+            transfer_syntaxes=self.transfer_syntaxes,
+            maximum_length=self.max_pdu,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = None) -> Config:
+    """Read ``path`` (``None``: :data:`EMBEDDED_DEFAULT`) and apply command-line overrides.
+
+    ``overrides`` are the ``run``/``status`` flags by name: ``port``, ``host``
+    (int, str: replace the listeners with one), ``workers`` (int or
+    ``"auto"``), ``spool`` (str or Path, relative to the working directory).
+    ``None`` values are ignored, so argparse defaults can be passed straight
+    through. Raises :class:`ConfigError`.
+    """
+    if path is None:
+        return parse_config(EMBEDDED_DEFAULT, EMBEDDED_SOURCE, overrides=overrides)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        # utf-8-sig: editors on Windows write a BOM, which tomllib would call a syntax error.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(source, "", "not UTF-8 text (TOML files are UTF-8)", line) from exc
+    return parse_config(text, source, base_dir=path.absolute().parent, overrides=overrides)
+
+
+def parse_config(
+    text: str,
+    source: str,
+    *,
+    base_dir: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Parse TOML ``text``; ``source`` names it in errors and in ``Config.source``.
+
+    Relative paths in the text resolve against ``base_dir`` (the file's
+    folder when called from :func:`load_config`; default the working
+    directory). Raises :class:`ConfigError`.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends "(at line L, column C)"; keep it whole.
+        found = re.search(r"at line (\d+)", str(exc))
+        line = int(found[1]) if found else None
+        raise ConfigError(source, "", f"invalid TOML: {exc}", line) from exc
+    return _Parser(source, text, base_dir, overrides or {}).config(data)
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by the parser and Config.__post_init__: a message or None
+# ---------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """A value as the operator wrote it in TOML, escaped to stay on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"  # the only TOML type left
+
+
+def _ae_title_problem(title: object) -> str | None:
+    # PS3.5 §6.2 (AE): 16 characters of the default repertoire, no backslash
+    # or control characters; leading/trailing spaces are not significant.
+    if not isinstance(title, str):
+        return f"expected an AE title (a string), got {_show(title)}"
+    if not 1 <= len(title) <= 16 or not title.strip(" "):
+        return f"expected an AE title of 1 to 16 characters, got {_show(title)}"
+    if title != title.strip(" "):
+        return f"AE title {_show(title)} has leading or trailing spaces, which DICOM ignores"
+    if not title.isascii() or not title.isprintable() or "\\" in title:
+        return (
+            f"AE title {_show(title)} may not contain a backslash, control or non-ASCII "
+            "characters"
+        )
+    return None
+
+
+def _host_problem(host: object) -> str | None:
+    if not isinstance(host, str):
+        return f"expected a host name or IP address (a string), got {_show(host)}"
+    if not host or any(c.isspace() for c in host) or not host.isprintable():
+        return f"expected a host name or IP address, got {_show(host)}"
+    return None
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML's true is no 1
+
+
+def _port_problem(port: object) -> str | None:
+    if _is_int(port) and 1 <= port <= 65535:
+        return None
+    return f"expected an integer from 1 to 65535, got {_show(port)}"
+
+
+def _workers_problem(workers: object) -> str | None:
+    if _is_int(workers) and 1 <= workers <= MAX_WORKERS:
+        return None
+    return f'expected an integer from 1 to {MAX_WORKERS} or "auto", got {_show(workers)}'
+
+
+def _max_pdu_problem(size: object) -> str | None:
+    if _is_int(size) and (size == 0 or _MIN_PDU <= size <= _MAX_PDU):
+        return None
+    return (
+        f"expected 0 (no limit) or an integer from {_MIN_PDU} to {_MAX_PDU}, got {_show(size)}"
+    )
+
+
+def _seconds_problem(seconds: object, *, zero_ok: bool) -> str | None:
+    # An integer is a fine number of seconds; a bool or a string is not.
+    if (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)
+        and math.isfinite(seconds)
+        and (seconds >= 0 if zero_ok else seconds > 0)
+    ):
+        return None
+    bound = ">= 0" if zero_ok else "> 0"
+    return f"expected a number of seconds {bound}, got {_show(seconds)}"
+
+
+def _uid_problem(uid: str) -> str | None:
+    # PS3.5 §9.1: digits and dots, at most 64 characters. Leading zeros in a
+    # component are tolerated, as from peers: vendor UIDs sometimes have them.
+    if len(uid) <= 64 and _UID_RE.fullmatch(uid):
+        return None
+    return f"{_show(uid)} is not a UID (digits and dots, at most 64 characters)"
+
+
+@functools.cache
+def _uid_keywords() -> dict[str, tuple[str, str]]:
+    """pydicom keyword -> (UID, UID type), e.g. "CTImageStorage" -> (..., "SOP Class")."""
+    from pydicom._uid_dict import UID_dictionary
+
+    return {entry[4]: (uid, entry[1]) for uid, entry in UID_dictionary.items() if entry[4]}
+
+
+def _uid_type(uid: str) -> str | None:
+    from pydicom._uid_dict import UID_dictionary
+
+    entry = UID_dictionary.get(uid)
+    return None if entry is None else str(entry[1])
+
+
+# pydicom's UID types in the words our messages use for the two we ask for.
+_KIND_NAMES: Final = {
+    "SOP Class": "SOP class",
+    "Meta SOP Class": "meta SOP class",
+    "Transfer Syntax": "transfer syntax",
+}
+
+
+def _squash(name: str) -> str:
+    # "CT Image Storage", "ct_image_storage" and "CTImageStorage" all meet here.
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def _suggest(name: str, candidates: Sequence[str]) -> str | None:
+    """The closest candidate, for "did you mean"; case and punctuation ignored."""
+    by_squashed = {_squash(c): c for c in candidates}
+    if _squash(name) in by_squashed:
+        return by_squashed[_squash(name)]
+    close = difflib.get_close_matches(_squash(name), list(by_squashed), n=1, cutoff=0.75)
+    return by_squashed[close[0]] if close else None
+
+
+# ---------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------
+
+# Every table and its keys, in documentation order; the single list of what a
+# file may contain. A new table (e.g. [[destination]]) starts with a line here.
+_SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
+    ("router",): ("ae_title", "workers", "listen"),
+    ("router", "listen"): ("host", "port", "tls"),
+    ("acceptance",): ("called_ae", "calling_ae", "sop_classes", "transfer_syntaxes", "max_pdu"),
+    ("spool",): ("path", "fsync"),
+    ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout"),
+    ("admin",): ("socket",),
+    ("logging",): ("level",),
+}
+_TOP_LEVEL: Final = tuple(table[0] for table in _SCHEMA if len(table) == 1)
+_ARRAYS_OF_TABLES: Final = frozenset({("router", "listen")})
+_OVERRIDES: Final = ("port", "host", "workers", "spool")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _At:
+    """Where a value sits: its label in messages and what to scan for its line."""
+
+    table: tuple[str, ...] = ()
+    index: int | None = None  # position in an array of tables, 0-based
+    key: str | None = None
+    item: str | None = None  # an offending array item, to find its own line
+
+    def label(self) -> str:
+        if not self.table:
+            return self.key or ""
+        name = ".".join(self.table)
+        head = f"[{name}]" if self.index is None else f"[[{name}]] #{self.index + 1}"
+        return head if self.key is None else f"{head} {self.key}"
+
+    def __call__(self, key: str) -> _At:
+        return dataclasses.replace(self, key=key)
+
+    @property
+    def name(self) -> str:
+        """The key, for the places that always have one."""
+        assert self.key is not None
+        return self.key
+
+
+def _table_label(table: tuple[str, ...]) -> str:
+    name = ".".join(table)
+    return f"[[{name}]]" if table in _ARRAYS_OF_TABLES else f"[{name}]"
+
+
+_HEADER_RE: Final = re.compile(r"\s*(\[\[?)([^\[\]]+)\]\]?\s*(?:#.*)?$")
+
+
+def _find_line(text: str, at: _At) -> int | None:
+    """The 1-based line of ``at`` in ``text``, found by a plain scan, or None.
+
+    tomllib reports no positions, so this follows table headers and looks for
+    ``key =`` (or ``key.``) in the right one, then for the offending item
+    quoted after it. Inline tables and odd quoting are not followed: the
+    message is still complete without a line number.
+    """
+    lines = text.splitlines()
+    seen: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    index: int | None = None
+    key_re = None
+    if at.key is not None:
+        key = re.escape(at.key)
+        key_re = re.compile(rf"""\s*(?:{key}|"{key}"|'{key}')\s*[.=]""")
+    for number, line in enumerate(lines, 1):
+        header = _HEADER_RE.match(line)
+        if header:
+            table = tuple(part.strip().strip("\"'") for part in header[2].split("."))
+            index = None
+            if header[1] == "[[":
+                index = seen[table] = seen.get(table, -1) + 1
+            if at.key is None and table == at.table and (at.index is None or index == at.index):
+                return number
+            # A sub-table [a.key] stands for the key itself when the key is a table.
+            if at.key is not None and table == (*at.table, at.key):
+                return number
+            continue
+        if key_re is None or table != at.table or index != at.index or not key_re.match(line):
+            continue
+        if at.item is None:
+            return number
+        for offset, later in enumerate(lines[number - 1 :]):
+            if offset and _HEADER_RE.match(later):
+                break
+            if json.dumps(at.item) in later or f"'{at.item}'" in later:
+                return number + offset
+        return number
+    return None
+
+
+class _Parser:
+    """Walks the parsed TOML once, validating as it builds a :class:`Config`."""
+
+    def __init__(
+        self, source: str, text: str, base_dir: Path | None, overrides: Mapping[str, object]
+    ) -> None:
+        self.source = source
+        self.text = text
+        self.base_dir = base_dir
+        self.overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(self.overrides) - set(_OVERRIDES)
+        if unknown:  # a bug in the caller, not an operator mistake
+            raise ValueError(f"unknown overrides {sorted(unknown)}; known: {_OVERRIDES}")
+
+    def fail(self, at: _At, message: str) -> ConfigError:
+        return ConfigError(self.source, at.label(), message, _find_line(self.text, at))
+
+    def fail_flag(self, name: str, message: str) -> ConfigError:
+        return ConfigError(COMMAND_LINE, f"--{name}", message)
+
+    # -- structure ---------------------------------------------------------
+
+    def config(self, data: dict[str, object]) -> Config:
+        self.check_keys(data, _At(), _TOP_LEVEL)
+        router = self.section(data, "router")
+        acceptance = self.section(data, "acceptance")
+        spool = self.section(data, "spool")
+        timeouts = self.section(data, "timeouts")
+        admin = self.section(data, "admin")
+        logging = self.section(data, "logging")
+
+        at = _At(table=("router",))
+        ae_title = self.ae_title(router, at("ae_title"), DEFAULT_AE_TITLE)
+        workers = self.workers(router, at("workers"))
+        listen = self.listen(router, at("listen"))
+
+        at = _At(table=("acceptance",))
+        called = self.ae_titles(acceptance, at("called_ae"), frozenset({ae_title}))
+        calling = self.ae_titles(acceptance, at("calling_ae"), None)
+        sop_classes = self.uids(acceptance, at("sop_classes"), "storage", "SOP class")
+        syntaxes = self.uids(acceptance, at("transfer_syntaxes"), "any", "transfer syntax")
+        max_pdu = self.integer(acceptance, at("max_pdu"), 1_048_576, _max_pdu_problem)
+
+        at = _At(table=("spool",))
+        spool_path = self.spool_path(spool, at("path"))
+        fsync = self.boolean(spool, at("fsync"), True)
+
+        at = _At(table=("timeouts",))
+        artim = self.seconds(timeouts, at("artim"), 30.0, zero_ok=False)
+        idle = self.seconds(timeouts, at("idle"), 600.0, zero_ok=True)
+        drain_grace = self.seconds(timeouts, at("drain_grace"), 30.0, zero_ok=True)
+        beat = self.seconds(timeouts, at("heartbeat_interval"), 1.0, zero_ok=False)
+        beat_timeout = self.seconds(timeouts, at("heartbeat_timeout"), 10.0, zero_ok=False)
+        if beat_timeout <= beat:
+            raise self.fail(
+                at("heartbeat_timeout"),
+                f"expected more than heartbeat_interval ({_show(beat)}), got {_show(beat_timeout)}",
+            )
+
+        admin_socket = self.admin_socket(admin, _At(table=("admin",), key="socket"), spool_path)
+        level = self.log_level(logging, _At(table=("logging",), key="level"))
+
+        return Config(
+            ae_title=ae_title,
+            ae_titles=called,
+            calling_ae_allow=calling,
+            listen=listen,
+            workers=workers,
+            spool=spool_path,
+            admin_socket=admin_socket,
+            sop_classes=None if sop_classes is None else frozenset(sop_classes),
+            transfer_syntaxes=syntaxes,
+            max_pdu=max_pdu,
+            artim_timeout=artim,
+            idle_timeout=idle or None,  # 0 in the file means "never"
+            drain_grace=drain_grace,
+            heartbeat_interval=beat,
+            heartbeat_timeout=beat_timeout,
+            fsync=fsync,
+            log_level=level,
+            source=self.source,
+        )
+
+    def check_keys(self, table: Mapping[str, object], at: _At, known: Sequence[str]) -> None:
+        for key, value in table.items():
+            if key in known:
+                continue
+            top = not at.table
+            is_table = isinstance(value, dict)
+            if top and is_table:
+                where = _At(table=(key,))
+                guess = _suggest(key, _TOP_LEVEL)
+                hint = f"; did you mean [{guess}]?" if guess else ""
+                known_list = ", ".join(f"[{name}]" for name in known)
+                raise self.fail(where, f"unknown table{hint} (known tables: {known_list})")
+            guess = _suggest(key, known)
+            if guess is not None:
+                hint = f'; did you mean "{guess}"?'
+            else:
+                # The right key in the wrong table is a common slip: say where it lives.
+                home = next((t for t, keys in _SCHEMA.items() if key in keys), None)
+                hint = f"; it belongs in {_table_label(home)}" if home else ""
+            if top:
+                tables = ", ".join(f"[{name}]" for name in known)
+                message = f"unknown top-level key{hint} (known tables: {tables})"
+            else:
+                message = f"unknown key{hint} (known keys: {', '.join(known)})"
+            raise self.fail(at(key), message)
+
+    def section(self, data: Mapping[str, object], name: str) -> dict[str, object]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(_At(key=name), f"expected a table [{name}], got {_show(value)}")
+        self.check_keys(value, _At(table=(name,)), _SCHEMA[(name,)])
+        return value
+
+    # -- scalars -----------------------------------------------------------
+
+    def string(self, table: Mapping[str, object], at: _At, default: str) -> str:
+        value = table.get(at.name, default)
+        if not isinstance(value, str):
+            raise self.fail(at, f"expected a string, got {_show(value)}")
+        return value
+
+    def boolean(self, table: Mapping[str, object], at: _At, default: bool) -> bool:
+        value = table.get(at.name, default)
+        if not isinstance(value, bool):
+            raise self.fail(at, f"expected true or false, got {_show(value)}")
+        return value
+
+    def integer(
+        self,
+        table: Mapping[str, object],
+        at: _At,
+        default: int,
+        problem: Callable[[object], str | None],
+    ) -> int:
+        value = table.get(at.name, default)
+        if (message := problem(value)) is not None:
+            raise self.fail(at, message)
+        assert isinstance(value, int)  # problem() checked it
+        return value
+
+    def seconds(
+        self, table: Mapping[str, object], at: _At, default: float, *, zero_ok: bool
+    ) -> float:
+        value = table.get(at.name, default)
+        if (message := _seconds_problem(value, zero_ok=zero_ok)) is not None:
+            raise self.fail(at, message)
+        assert isinstance(value, int | float)  # _seconds_problem checked it
+        return float(value)
+
+    def ae_title(self, table: Mapping[str, object], at: _At, default: str) -> str:
+        value = table.get(at.name, default)
+        if (problem := _ae_title_problem(value)) is not None:
+            raise self.fail(at, problem)
+        assert isinstance(value, str)  # _ae_title_problem checked it
+        return value
+
+    def workers(self, router: Mapping[str, object], at: _At) -> int:
+        # The file's value is checked even when --workers wins, so that a
+        # latent error does not surface only once the flag is dropped.
+        value = router.get("workers", "auto")
+        if value != "auto" and (message := _workers_problem(value)) is not None:
+            raise self.fail(at, message)
+        flag = self.overrides.get("workers")
+        if flag is not None:
+            if flag != "auto" and (message := _workers_problem(flag)) is not None:
+                raise self.fail_flag("workers", message)
+            value = flag
+        if value == "auto":
+            return default_workers()
+        assert isinstance(value, int)  # _workers_problem checked it
+        return value
+
+    def log_level(self, table: Mapping[str, object], at: _At) -> str:
+        value = self.string(table, at, "INFO")
+        # Level names are not case-sensitive to Python's logging; spare the operator.
+        if value.upper() in LOG_LEVELS:
+            return value.upper()
+        raise self.fail(at, f"expected one of {', '.join(LOG_LEVELS)}, got {_show(value)}")
+
+    # -- lists -------------------------------------------------------------
+
+    def ae_titles(
+        self, table: Mapping[str, object], at: _At, default: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        if at.name not in table:
+            return default
+        value = table[at.name]
+        if value == "any":
+            return None
+        if not isinstance(value, list):
+            raise self.fail(at, f'expected "any" or an array of AE titles, got {_show(value)}')
+        if not value:
+            raise self.fail(at, 'expected "any" or an array of AE titles, got an empty array')
+        for title in value:
+            if (problem := _ae_title_problem(title)) is not None:
+                item = title if isinstance(title, str) else None
+                raise self.fail(dataclasses.replace(at, item=item), problem)
+        return frozenset(value)
+
+    def uids(
+        self, table: Mapping[str, object], at: _At, any_word: str, kind: str
+    ) -> tuple[str, ...] | None:
+        """A list of UIDs or pydicom keywords of ``kind``, in order, without repeats."""
+        if at.name not in table:
+            return None
+        value = table[at.name]
+        if value == any_word:
+            return None
+        expected = f'expected "{any_word}" or an array of {kind} UIDs or keywords'
+        if not isinstance(value, list):
+            raise self.fail(at, f"{expected}, got {_show(value)}")
+        if not value:
+            raise self.fail(at, f"{expected}, got an empty array")
+        found: dict[str, None] = {}
+        for entry in value:
+            if not isinstance(entry, str):
+                raise self.fail(at, f"{expected}, got an item {_show(entry)}")
+            found[self.uid(entry, dataclasses.replace(at, item=entry), kind)] = None
+        return tuple(found)
+
+    def uid(self, entry: str, at: _At, kind: str) -> str:
+        types = ("SOP Class", "Meta SOP Class") if kind == "SOP class" else ("Transfer Syntax",)
+        if entry[:1].isdigit():
+            if (problem := _uid_problem(entry)) is not None:
+                raise self.fail(at, problem)
+            # Unknown UIDs are fine (private SOP classes); a known one of another kind is not.
+            known_type = _uid_type(entry)
+            if known_type is not None and known_type not in types:
+                what = _KIND_NAMES.get(known_type, known_type)
+                raise self.fail(at, f"{entry} is a {what} UID, not a {kind}")
+            return entry
+        keywords = _uid_keywords()
+        if entry in keywords:
+            uid, uid_type = keywords[entry]
+            if uid_type not in types:
+                what = _KIND_NAMES.get(uid_type, uid_type)
+                raise self.fail(at, f"{_show(entry)} is a {what}, not a {kind}")
+            return uid
+        guess = _suggest(entry, [k for k, (_, t) in keywords.items() if t in types])
+        hint = f'; did you mean "{guess}"?' if guess else ""
+        raise self.fail(at, f"unknown {kind} {_show(entry)}{hint}")
+
+    def listen(self, router: Mapping[str, object], at: _At) -> tuple[Listen, ...]:
+        value = router.get("listen", [{}])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(at, f"expected [[router.listen]] tables, got {_show(value)}")
+        if not value:
+            raise self.fail(at, "expected at least one [[router.listen]] table, got none")
+        out: list[Listen] = []
+        for index, entry in enumerate(value):
+            where = _At(table=("router", "listen"), index=index)
+            self.check_keys(entry, where, _SCHEMA[("router", "listen")])
+            host = self.string(entry, where("host"), DEFAULT_HOST)
+            if (problem := _host_problem(host)) is not None:
+                raise self.fail(where("host"), problem)
+            port = self.integer(entry, where("port"), DEFAULT_PORT, _port_problem)
+            if self.boolean(entry, where("tls"), False):
+                raise self.fail(
+                    where("tls"),
+                    "TLS listeners are not supported yet (no certificate settings); "
+                    "remove tls or set it to false",
+                )
+            listen = Listen(host=host, port=port)
+            if listen in out:
+                first = out.index(listen) + 1
+                raise self.fail(where, f"{listen} is already listed as #{first}")
+            out.append(listen)
+        return self.listen_flags(tuple(out))
+
+    def listen_flags(self, listen: tuple[Listen, ...]) -> tuple[Listen, ...]:
+        host, port = self.overrides.get("host"), self.overrides.get("port")
+        if host is None and port is None:
+            return listen
+        if host is not None and (message := _host_problem(host)) is not None:
+            raise self.fail_flag("host", message)
+        if port is not None and (message := _port_problem(port)) is not None:
+            raise self.fail_flag("port", message)
+        first = listen[0]
+        return (
+            Listen(
+                host=host if isinstance(host, str) else first.host,
+                port=port if isinstance(port, int) else first.port,
+                tls=first.tls,
+            ),
+        )
+
+    # -- paths -------------------------------------------------------------
+
+    def path(self, table: Mapping[str, object], at: _At) -> Path | None:
+        if at.name not in table:
+            return None
+        value = table[at.name]
+        if not isinstance(value, str):
+            raise self.fail(at, f"expected a path (a string), got {_show(value)}")
+        if not value or "\0" in value:
+            raise self.fail(at, f"expected a path, got {_show(value)}")
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return path
+        # Relative to the configuration file, wherever the router was started from.
+        return (self.base_dir or Path.cwd()) / path
+
+    def spool_path(self, spool: Mapping[str, object], at: _At) -> Path:
+        from_file = self.path(spool, at)  # checked even when --spool wins, as for workers
+        flag = self.overrides.get("spool")
+        if flag is None:
+            return from_file or default_spool_dir()
+        if not isinstance(flag, str | os.PathLike) or not os.fspath(flag):
+            raise self.fail_flag("spool", f"expected a directory, got {flag!r}")
+        return Path(flag).expanduser().absolute()  # relative to the shell's directory
+
+    def admin_socket(self, admin: Mapping[str, object], at: _At, spool: Path) -> Path:
+        explicit = self.path(admin, at)
+        socket = explicit or spool / _ADMIN_SOCKET_IN_SPOOL
+        size = len(os.fsencode(socket))
+        if size > _MAX_SOCKET_PATH:
+            what = f"{_show(str(socket))} is" if explicit else f"the default {socket} is"
+            raise self.fail(
+                at,
+                f"{what} {size} bytes long, more than the {_MAX_SOCKET_PATH} a Unix socket "
+                "path allows; set [admin] socket to a shorter path",
+            )
+        return socket

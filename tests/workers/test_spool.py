@@ -1,0 +1,629 @@
+"""Tests for workers.spool: streamed, fsync'd, atomically renamed Part 10 files (D4).
+
+What must hold: every file in incoming/ is a complete Part 10 file that pydicom and
+DCMTK read, holding the data set bytes exactly as written; names never come from the
+data set or the peer; nothing acknowledged is lost and nothing partial survives (abort,
+recover, a SIGKILLed writer, a full disk); group commit never resolves a future before
+its file's fsync, its rename and a directory fsync after that rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from router.dicom.dataset import read_part10_header
+from router.dicom.errors import DIMSEError, LocalProtocolError
+from tests.helpers import make_ct, missing, pydicom_test_files, run_tool, to_bytes
+from tests.helpers.dcmtk import which_binary
+from workers.spool import GroupCommitter, Spool, SpoolWriter, status_for_error
+
+ROOT = Path(__file__).resolve().parents[2]
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+NAME = re.compile(r"\d{20}-\d+-\d+\.dcm")
+TMP_NAME = re.compile(r"\d{20}-\d+-\d+\.part")
+WAIT = 5.0  # seconds; a bound on waits for other threads, never a sleep
+
+
+@functools.cache
+def ct_instance(transfer_syntax: str, seed: int = 0) -> tuple[str, str, bytes]:
+    """(SOP class, SOP instance, data set bytes as they come over the network)."""
+    part10 = to_bytes(make_ct(size_kb=64, transfer_syntax=transfer_syntax, seed=seed))
+    header = read_part10_header(part10)
+    return header.sop_class_uid, header.sop_instance_uid, part10[header.dataset_offset:]
+
+
+@functools.cache
+def jpeg_instance() -> tuple[str, str, str, bytes]:
+    """A real JPEG baseline file from pydicom's test data: (class, instance, TS, bytes)."""
+    path = next(p for p in pydicom_test_files() if p.name == "SC_rgb_dcmtk_+eb+cr.dcm")
+    data = path.read_bytes()
+    header = read_part10_header(data)
+    return (header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax,
+            data[header.dataset_offset:])
+
+
+def begin(spool: Spool, transfer_syntax: str = ExplicitVRLittleEndian, *,
+          sop_instance_uid: str = "1.2.3.4.5", calling_ae: str = "MODALITY",
+          called_ae: str = "ROUTER") -> SpoolWriter:
+    return spool.begin(sop_class_uid=CT_STORAGE, sop_instance_uid=sop_instance_uid,
+                       transfer_syntax=transfer_syntax, calling_ae=calling_ae,
+                       called_ae=called_ae, association_id="A1")
+
+
+def feed(writer: SpoolWriter, data: bytes, chunk: int = 16 * 1024) -> None:
+    """Write ``data`` as P-DATA fragments would come: memoryviews into a bytearray."""
+    buf = memoryview(bytearray(data))
+    for start in range(0, len(buf), chunk):
+        writer.write(buf[start:start + chunk])
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    with Spool(tmp_path / "spool") as s:
+        yield s
+
+
+@pytest.fixture
+def committer(spool: Spool) -> Iterator[GroupCommitter]:
+    with GroupCommitter(spool) as c:
+        yield c
+
+
+# --- Part 10 output -------------------------------------------------------------
+
+SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+            DeflatedExplicitVRLittleEndian]
+
+
+def spooled(spool: Spool, transfer_syntax: str) -> tuple[Path, SpoolWriter, bytes]:
+    if transfer_syntax == "jpeg":
+        sop_class, sop_instance, transfer_syntax, data = jpeg_instance()
+    else:
+        sop_class, sop_instance, data = ct_instance(transfer_syntax)
+    writer = spool.begin(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                         transfer_syntax=transfer_syntax, calling_ae="CT_SCANNER_7",
+                         called_ae="ROUTER", association_id="A1")
+    # Uneven fragments, one of them a view of 2-byte items (bytes are counted, not items).
+    view = memoryview(bytearray(data))
+    cut1, cut2 = 1001, 1001 + 2048
+    writer.write(view[:cut1])
+    writer.write(view[cut1:cut2].cast("H"))
+    feed(writer, data[cut2:], chunk=7919)
+    return writer.finish(), writer, data
+
+
+@pytest.mark.parametrize("transfer_syntax", [*SYNTAXES, "jpeg"])
+def test_spooled_file_is_part10_with_the_bytes_as_written(
+    spool: Spool, transfer_syntax: str
+) -> None:
+    path, writer, data = spooled(spool, transfer_syntax)
+    assert path.parent == spool.incoming and NAME.fullmatch(path.name)
+    assert writer.path == path and files(spool.tmp) == []
+    assert writer.bytes_written == len(data)
+
+    raw = path.read_bytes()
+    header = read_part10_header(path)
+    assert header.dataset_offset == writer.dataset_offset
+    assert raw[writer.dataset_offset:] == data  # byte for byte
+    assert len(raw) == writer.dataset_offset + writer.bytes_written
+
+    ds = pydicom.dcmread(path)
+    meta = ds.file_meta
+    assert meta.TransferSyntaxUID == writer.transfer_syntax
+    assert meta.MediaStorageSOPInstanceUID == writer.sop_instance_uid == ds.SOPInstanceUID
+    assert meta.MediaStorageSOPClassUID == ds.SOPClassUID
+    assert meta.SourceApplicationEntityTitle == "CT_SCANNER_7"
+    assert meta.SendingApplicationEntityTitle == "CT_SCANNER_7"
+    assert meta.ReceivingApplicationEntityTitle == "ROUTER"
+    assert ds.PixelData  # read to the end
+
+
+@pytest.mark.parametrize("transfer_syntax", [*SYNTAXES, "jpeg"])
+def test_dcmdump_reads_spooled_file(spool: Spool, transfer_syntax: str) -> None:
+    dcmdump = which_binary("dcmdump")
+    if dcmdump is None:
+        missing("DCMTK (dcmdump)")
+    path, writer, _ = spooled(spool, transfer_syntax)
+    done = run_tool([dcmdump, "-Un", path])  # -Un: UIDs as numbers, not names
+    report = f"{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, report
+    assert "E:" not in done.stderr and "W:" not in done.stderr, report
+    assert f"[{writer.transfer_syntax}]" in done.stdout, report
+    assert f"[{writer.sop_instance_uid}]" in done.stdout, report
+    assert re.search(r"\(0002,0016\) AE \[CT_SCANNER_7\]", done.stdout), report
+    assert re.search(r"\(0002,0018\) AE \[ROUTER\]", done.stdout), report
+    assert "(7fe0,0010)" in done.stdout, report
+
+
+def test_close_is_the_store_sink_shape(spool: Spool) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer = begin(spool)
+    feed(writer, data)
+    assert writer.close() == 0x0000
+    assert files(spool.incoming) == [writer.name] and files(spool.tmp) == []
+    with pytest.raises(ValueError):
+        writer.write(memoryview(b"more"))
+
+
+# --- Names ----------------------------------------------------------------------
+
+
+def test_file_names_never_come_from_the_data_or_the_peer(spool: Spool) -> None:
+    # Garbage that is not a UID never reaches a file name or the disk: refused up front.
+    for uid in ("../../etc/passwd", "1.2.3/../../x", "1.2.3\x00", ""):
+        with pytest.raises(LocalProtocolError):
+            begin(spool, sop_instance_uid=uid)
+    with pytest.raises(LocalProtocolError):
+        begin(spool, called_ae="BAD\\AE")
+    assert all_files(spool.root) == []
+
+    # AE titles with every odd character the PDU decoder lets through; a data set whose
+    # content has paths in it; the same SOP instance twice.
+    odd_calling, odd_called = "../*?:<>|%$~'\"", "C:/x y.z;&"
+    _, uid, data = ct_instance(ExplicitVRLittleEndian)
+    content = make_ct(size_kb=4, sop_instance_uid=uid,
+                      attrs={"PatientID": "../../etc/passwd", "StudyDescription": "a/b\\c"})
+    hostile = to_bytes(content)[read_part10_header(to_bytes(content)).dataset_offset:]
+    writers = []
+    for payload in (data, hostile, hostile):
+        writer = begin(spool, sop_instance_uid=uid, calling_ae=odd_calling,
+                       called_ae=odd_called)
+        (in_progress,) = files(spool.tmp)
+        assert TMP_NAME.fullmatch(in_progress)
+        feed(writer, payload)
+        writers.append(writer.finish())
+
+    names = [p.name for p in writers]
+    assert len(set(names)) == 3
+    assert all(NAME.fullmatch(n) for n in names)
+    assert sorted(names) == names  # they sort by arrival
+    assert all_files(spool.root) == sorted(writers)
+    meta = pydicom.dcmread(writers[0]).file_meta
+    assert meta.SourceApplicationEntityTitle == odd_calling
+    assert meta.ReceivingApplicationEntityTitle == odd_called
+
+
+# --- Abort, recovery, crash -------------------------------------------------------
+
+
+def test_abort_leaves_nothing(spool: Spool) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer = begin(spool)
+    feed(writer, data[: len(data) // 2])
+    assert len(files(spool.tmp)) == 1
+    writer.abort()
+    writer.abort()  # idempotent
+    assert all_files(spool.root) == []
+    with pytest.raises(ValueError):
+        writer.write(memoryview(b"late"))
+    with pytest.raises(ValueError):
+        writer.finish()
+
+
+def test_recover_removes_temporary_files_and_keeps_finished_ones(spool: Spool) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    done = begin(spool)
+    feed(done, data)
+    kept = done.finish()
+    # Left by a dead writer: no lock held.
+    (spool.tmp / "00000000000000000001-1-1.part").write_bytes(b"half an instance")
+    (spool.tmp / "stray").write_bytes(b"")
+    # A live writer of this very process: its lock protects it.
+    live = begin(spool)
+    feed(live, data[:1000])
+
+    report = spool.recover()
+    assert (report.removed_temporary, report.completed) == (2, 1)
+    assert files(spool.tmp) == [live.name.replace(".dcm", ".part")]
+    assert kept.read_bytes()[done.dataset_offset:] == data
+
+    feed(live, data[1000:])
+    second = live.finish()
+    assert second.read_bytes()[live.dataset_offset:] == data
+    report = Spool(spool.root).recover()
+    assert (report.removed_temporary, report.completed) == (0, 2)
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from workers.spool import Spool
+
+spool = Spool(Path(sys.argv[1]))
+data = memoryview(Path(sys.argv[2]).read_bytes())
+def begin(uid):
+    return spool.begin(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=uid,
+                       transfer_syntax="1.2.840.10008.1.2.1", calling_ae="CHILD",
+                       called_ae="ROUTER", association_id="A1")
+finished = begin("1.2.3.1")
+finished.write(data)
+finished.finish()
+half = begin("1.2.3.2")
+half.write(data[: len(data) // 2])
+print(half.name, flush=True)
+sys.stdin.read()  # wait to be killed
+"""
+
+
+def test_sigkilled_writer_leaves_no_partial_instance(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    (tmp_path / "dataset").write_bytes(data)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(tmp_path / "dataset")],
+                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().decode().strip()
+        assert line, child.communicate(timeout=WAIT)[1].decode()
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=WAIT) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+
+    with Spool(root) as spool:
+        assert len(files(spool.tmp)) == 1 and len(files(spool.incoming)) == 1
+        report = spool.recover()
+        assert (report.removed_temporary, report.completed) == (1, 1)
+        assert files(spool.tmp) == [] and line not in files(spool.incoming)
+        (survivor,) = spool.incoming.iterdir()
+        assert pydicom.dcmread(survivor).file_meta.MediaStorageSOPInstanceUID == "1.2.3.1"
+        assert survivor.read_bytes()[read_part10_header(survivor).dataset_offset:] == data
+
+
+# --- Group commit -------------------------------------------------------------------
+
+
+def test_group_commit_from_many_threads(spool: Spool, committer: GroupCommitter) -> None:
+    per_thread, threads = 6, 4
+    results: dict[str, tuple[Future[Path], bytes]] = {}
+    lock = threading.Lock()
+
+    def sender(t: int) -> None:
+        for i in range(per_thread):
+            _, _, data = ct_instance(ExplicitVRLittleEndian, seed=(t * per_thread + i) % 3)
+            uid = f"1.2.3.{t}.{i}"
+            writer = begin(spool, sop_instance_uid=uid)
+            feed(writer, data, chunk=4096 + 1000 * t)
+            future = committer.submit(writer)
+            with lock:
+                results[uid] = (future, data)
+
+    workers = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(WAIT)
+    assert len(results) == per_thread * threads
+    for uid, (future, data) in results.items():
+        path = future.result(timeout=WAIT)
+        header = read_part10_header(path)
+        assert header.meta is not None and header.meta.MediaStorageSOPInstanceUID == uid
+        assert path.read_bytes()[header.dataset_offset:] == data
+    assert files(spool.tmp) == []
+    assert len(files(spool.incoming)) == per_thread * threads
+    assert 1 <= committer.batches <= per_thread * threads
+
+
+class Recorder:
+    """Stands in for os.fsync and os.rename; logs every call, can hold the first fsync."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, hold_first: bool = False) -> None:
+        self.events: list[tuple[str, int]] = []  # (what, inode)
+        self.lock = threading.Lock()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail: Callable[[str], OSError | None] = lambda kind: None
+        self._fsync = os.fsync
+        self._rename = os.rename
+        monkeypatch.setattr(os, "fsync", self.fsync)
+        monkeypatch.setattr(os, "rename", self.rename)
+
+    def log(self, what: str, inode: int) -> None:
+        with self.lock:
+            self.events.append((what, inode))
+
+    def fsync(self, fd: Any) -> None:
+        st = os.fstat(fd)
+        kind = "dir-fsync" if stat.S_ISDIR(st.st_mode) else "fsync"
+        self.entered.set()
+        assert self.release.wait(WAIT)
+        error = self.fail(kind)
+        if error is not None:
+            raise error
+        self._fsync(fd)
+        self.log(kind, st.st_ino)
+
+    def rename(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        inode = os.stat(src, dir_fd=kwargs.get("src_dir_fd")).st_ino
+        self._rename(src, dst, **kwargs)
+        self.log("rename", inode)
+
+    def resolved(self, future: Future[Path]) -> None:
+        if future.exception() is None:
+            self.log("resolved", future.result().stat().st_ino)
+
+
+def test_group_commit_fsyncs_the_directory_once_per_batch_after_each_file(
+    spool: Spool, committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 9
+    rec = Recorder(monkeypatch, hold_first=True)
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    futures: list[Future[Path]] = []
+    flock = threading.Lock()
+
+    def submit(count: int) -> None:
+        for _ in range(count):
+            writer = begin(spool)
+            feed(writer, data)
+            future = committer.submit(writer)
+            future.add_done_callback(rec.resolved)
+            with flock:
+                futures.append(future)
+
+    submit(1)
+    assert rec.entered.wait(WAIT)  # the committer is inside the first file's fsync
+    senders = [threading.Thread(target=submit, args=(k,)) for k in (3, 3, 2)]
+    for s in senders:
+        s.start()
+    for s in senders:
+        s.join(WAIT)
+    assert not any(f.done() for f in futures)
+    rec.release.set()
+    paths = [f.result(timeout=WAIT) for f in futures]
+    assert len(set(paths)) == n
+    committer.close()  # done callbacks run after result() returns: let them finish
+
+    # Exactly two batches, the held one and the rest: [1 file], [8 files].
+    kinds = [what for what, _ in rec.events]
+    assert kinds.count("dir-fsync") == committer.batches == 2
+    first_dir = kinds.index("dir-fsync")
+    second_dir = kinds.index("dir-fsync", first_dir + 1)
+    assert kinds[:first_dir] == ["fsync", "rename"]
+    assert kinds[first_dir + 1] == "resolved"
+    assert kinds[first_dir + 2:second_dir] == ["fsync", "rename"] * (n - 1)
+    assert kinds[second_dir + 1:] == ["resolved"] * (n - 1)
+    # Each file: its fsync, then its rename, then a directory fsync, then its future.
+    for path in paths:
+        inode = path.stat().st_ino
+        own = [i for i, (_, ino) in enumerate(rec.events) if ino == inode]
+        synced, renamed, resolved = own
+        assert rec.events[synced][0] == "fsync" and rec.events[renamed][0] == "rename"
+        assert rec.events[resolved][0] == "resolved"
+        assert any(kinds[i] == "dir-fsync" for i in range(renamed, resolved))
+
+
+def test_cancelled_future_discards_its_writer(
+    spool: Spool, committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Recorder(monkeypatch, hold_first=True)
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    first, second = begin(spool), begin(spool)
+    feed(first, data)
+    feed(second, data)
+    kept = committer.submit(first)
+    assert rec.entered.wait(WAIT)
+    dropped = committer.submit(second)
+    assert dropped.cancel()
+    rec.release.set()
+    assert kept.result(timeout=WAIT).name == first.name
+    committer.close()
+    assert files(spool.incoming) == [first.name] and files(spool.tmp) == []
+
+
+def test_close_drains_then_refuses(spool: Spool) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    committer = GroupCommitter(spool)
+    futures = []
+    for _ in range(5):
+        writer = begin(spool)
+        feed(writer, data)
+        futures.append(committer.submit(writer))
+    committer.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    late = begin(spool)
+    with pytest.raises(RuntimeError):
+        committer.submit(late)
+    assert files(spool.tmp) == [] and len(files(spool.incoming)) == 5
+    committer.close()  # idempotent
+
+
+def test_submit_to_the_wrong_spool_is_refused(tmp_path: Path, committer: GroupCommitter) -> None:
+    with Spool(tmp_path / "other") as other:
+        writer = begin(other)
+        with pytest.raises(ValueError):
+            committer.submit(writer)
+        writer.abort()
+
+
+# --- Failures: full disk, I/O errors -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 0xA700),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), 0xA700),
+        (OSError(errno.EMFILE, "Too many open files"), 0xA700),
+        (OSError(errno.EIO, "Input/output error"), 0x0110),
+        (OSError(errno.EROFS, "Read-only file system"), 0x0110),
+        (DIMSEError("bad", status=0xC000), 0xC000),
+        (ValueError("bug"), 0x0110),
+    ],
+)
+def test_status_for_error(exc: BaseException, status: int) -> None:
+    assert status_for_error(exc) == status
+
+
+def disk_full_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> list[int]:
+    """Make os.write fail with ENOSPC from its ``calls + 1``-th call on."""
+    real = os.write
+    count = [0]
+
+    def write(fd: int, data: Any) -> int:
+        count[0] += 1
+        if count[0] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return count
+
+
+def test_disk_full_while_writing(spool: Spool, committer: GroupCommitter,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer = begin(spool)
+    disk_full_after(monkeypatch, 3)
+    with pytest.raises(OSError) as info:
+        feed(writer, data)
+    assert status_for_error(info.value) == 0xA700
+    assert writer.status == 0xA700
+    assert all_files(spool.root) == []  # nothing partial, at once
+    # The caller reads the rest of the message and answers: fragments are dropped.
+    writer.write(memoryview(b"rest of the data set"))
+    assert writer.close() == 0xA700
+    failed = committer.submit(writer).exception(timeout=WAIT)
+    assert isinstance(failed, OSError) and status_for_error(failed) == 0xA700
+
+    # Disk full at the very start: no writer, no file.
+    with pytest.raises(OSError) as info:
+        begin(spool)
+    assert info.value.errno == errno.ENOSPC and all_files(spool.root) == []
+
+    # Room again: the spool works.
+    monkeypatch.undo()
+    writer = begin(spool)
+    feed(writer, data)
+    path = committer.submit(writer).result(timeout=WAIT)
+    assert path.read_bytes()[writer.dataset_offset:] == data
+    assert files(spool.tmp) == []
+
+
+def test_short_writes_are_completed(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, memoryview(data)[:999]))
+    _, _, data = ct_instance(ImplicitVRLittleEndian)
+    writer = begin(spool, ImplicitVRLittleEndian)
+    feed(writer, data, chunk=65536)
+    path = writer.finish()
+    assert path.read_bytes()[writer.dataset_offset:] == data
+    assert pydicom.dcmread(path).PixelData
+
+
+@pytest.mark.parametrize("failing", ["fsync", "dir-fsync"])
+@pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
+def test_commit_errors_fail_the_futures_and_leave_nothing(
+    spool: Spool, committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch,
+    failing: str, error: int,
+) -> None:
+    rec = Recorder(monkeypatch, hold_first=True)
+    calls = {"fsync": 0, "dir-fsync": 0}
+
+    def fail(kind: str) -> OSError | None:
+        # The first batch is the blocker's; the failure hits the second one.
+        calls[kind] += 1
+        return OSError(error, os.strerror(error)) if (kind, calls[kind]) == (failing, 2) else None
+
+    rec.fail = fail
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    blocker = begin(spool)
+    feed(blocker, data)
+    held = committer.submit(blocker)
+    assert rec.entered.wait(WAIT)
+    writers = [begin(spool) for _ in range(3)]
+    for w in writers:
+        feed(w, data)
+    futures = [committer.submit(w) for w in writers]
+    rec.release.set()
+    assert held.result(timeout=WAIT).name == blocker.name
+    excs = [f.exception(timeout=WAIT) for f in futures]
+    expected = 0xA700 if error == errno.ENOSPC else 0x0110
+    if failing == "fsync":
+        # Only the first writer's fsync failed; the others are committed.
+        assert isinstance(excs[0], OSError) and status_for_error(excs[0]) == expected
+        assert excs[1:] == [None, None]
+        assert files(spool.incoming) == sorted(w.name for w in [blocker, *writers[1:]])
+    else:
+        # The batch's directory fsync failed: none of them may be acknowledged.
+        assert all(isinstance(e, OSError) and status_for_error(e) == expected for e in excs)
+        assert files(spool.incoming) == [blocker.name]
+    assert files(spool.tmp) == []
+
+    # The spool and the committer go on.
+    writer = begin(spool)
+    feed(writer, data)
+    assert committer.submit(writer).result(timeout=WAIT).exists()
+
+
+def test_finish_reports_errors_and_leaves_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Recorder(monkeypatch)
+    rec.fail = lambda kind: OSError(errno.EIO, "Input/output error") if kind == "fsync" else None
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer = begin(spool)
+    feed(writer, data)
+    assert writer.close() == 0x0110
+    assert all_files(spool.root) == []
+
+
+# --- Directories ------------------------------------------------------------------
+
+
+def test_spool_directories_are_made_durable(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        assert stat.S_ISDIR(st.st_mode)
+        synced.append(st.st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "a" / "spool"
+    with Spool(root) as spool:
+        assert spool.tmp.is_dir() and spool.incoming.is_dir()
+    # The parent of each directory made: tmp_path (for a), a (for spool), spool (twice).
+    inode = lambda p: p.stat().st_ino  # noqa: E731
+    assert sorted(synced) == sorted(
+        [inode(tmp_path), inode(tmp_path / "a"), inode(root), inode(root)])
+    synced.clear()
+    Spool(root).close()  # nothing new to make
+    assert synced == []

@@ -1,0 +1,600 @@
+"""The durable spool: inbound C-STORE data sets streamed to disk, acknowledged after durable.
+
+Theory of operation
+-------------------
+DESIGN.md D4. An inbound instance becomes a Part 10 file (PS3.10 §7) in three steps:
+
+1. :meth:`Spool.begin` creates ``tmp/<stem>.part`` and writes the preamble, ``DICM``
+   and the file meta (group 0002, explicit VR little endian, naming the transfer syntax);
+2. :meth:`SpoolWriter.write` appends each P-DATA fragment of the data set as it arrives,
+   unchanged, with ``os.write`` on the descriptor: no buffer, no copy, memory bounded
+   whatever the size;
+3. the commit: ``fsync(file)``, ``rename(tmp/<stem>.part -> incoming/<stem>.dcm)``,
+   ``fsync(incoming/)``. Only after the directory fsync may the C-STORE be answered
+   with Success.
+
+On disk (one spool per volume; any number of processes and threads may share it)::
+
+    <root>/tmp/<stem>.part        in progress, flock()ed by the writing process
+    <root>/incoming/<stem>.dcm    complete and durable, ready to be queued
+
+    <stem> = <time_ns, 20 digits>-<pid>-<counter>, e.g. 01734950012345678901-4242-17
+
+The stem is minted by the spool and never comes from the data set or the peer (the
+AE titles travel inside the file meta instead): the counter is unique within a
+process, the pid among live processes, and the clock between a process and an earlier
+one that had the same pid. Names sort by arrival. ``tmp/`` and ``incoming/`` are on one
+filesystem, so the rename is atomic and a later hard link from ``incoming/`` into each
+destination's queue (another directory beside them) is possible.
+
+A crash leaves at most ``.part`` files in ``tmp/``; :meth:`Spool.recover` deletes them.
+Every writer holds an exclusive ``flock`` on its temporary file from creation until
+after the rename; the kernel drops it when the process dies. ``recover`` deletes only
+the files whose lock it can take, so a worker restarted by the supervisor can recover
+while the other workers keep writing into the same ``tmp/``.
+
+Group commit: :class:`GroupCommitter` runs the commit for many writers on one thread.
+It takes every writer queued so far, fsyncs and renames each, fsyncs ``incoming/`` once
+for the batch, and only then resolves the batch's futures: every instance still has its
+own fsync, its rename and a directory fsync before it is acknowledged; only the
+directory fsync is shared.
+
+Errors are ``OSError``; :func:`status_for_error` maps them to the DIMSE status the
+C-STORE is answered with (A700H out of resources for a full disk, 0110H otherwise).
+A writer that fails removes its temporary file at once; the spool stays usable.
+Nothing here uses asyncio: the calls block, and the caller picks the thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import enum
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from router.dicom.dataset import part10_meta_bytes
+from router.dicom.dimse import PROCESSING_FAILURE, REFUSED_OUT_OF_RESOURCES, SUCCESS
+from router.dicom.errors import DIMSEError, LocalProtocolError
+
+__all__ = [
+    "GroupCommitter",
+    "RecoveryReport",
+    "Spool",
+    "SpoolWriter",
+    "status_for_error",
+]
+
+log = logging.getLogger("workers.spool")
+
+TMP_DIR: Final = "tmp"
+INCOMING_DIR: Final = "incoming"
+TMP_SUFFIX: Final = ".part"
+SUFFIX: Final = ".dcm"
+
+# errnos that mean "no room now, try later" rather than "broken": PS3.4 B.2.3 A700H.
+_OUT_OF_RESOURCES: Final = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE))
+
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+# One counter per process (next() on itertools.count is atomic under the GIL); the pid
+# in the stem keeps forked children apart although they inherit its position.
+_counter = itertools.count()
+
+# Offset of the (0002,0000) group length value in part10_meta_bytes' output:
+# preamble, "DICM", then tag (4), VR (2) and length (2).
+_GROUP_LENGTH_OFFSET: Final = 128 + 4 + 8
+_META_START: Final = _GROUP_LENGTH_OFFSET + 4
+
+
+def status_for_error(exc: BaseException) -> int:
+    """The C-STORE status (PS3.4 B.2.3, PS3.7 Annex C) for a failure to spool an instance.
+
+    A700H (refused: out of resources) when the disk or quota is full or descriptors ran
+    out: the sender may retry later. A :class:`~router.dicom.errors.DIMSEError` keeps its
+    own status. Anything else, EIO included, is 0110H (processing failure).
+    """
+    if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+        return REFUSED_OUT_OF_RESOURCES
+    if isinstance(exc, DIMSEError):
+        return exc.status
+    return PROCESSING_FAILURE
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryReport:
+    """What :meth:`Spool.recover` found: temporary files removed, instances kept."""
+
+    removed_temporary: int
+    completed: int
+
+
+class Spool:
+    """A spool directory: ``root/tmp/`` for instances in progress, ``root/incoming/`` for
+    durable ones (see the module docstring for the layout).
+
+    ``fsync=False`` skips every fsync (benchmarks and tests only: nothing is durable).
+    Holds two directory descriptors; :meth:`close` releases them.
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / TMP_DIR
+        self.incoming = self.root / INCOMING_DIR
+        self.fsync = fsync
+        for path in (self.tmp, self.incoming):
+            _make_dirs(path, fsync=fsync)
+        self._tmp_fd = os.open(self.tmp, _DIR_FLAGS)
+        try:
+            self._incoming_fd = os.open(self.incoming, _DIR_FLAGS)
+        except BaseException:
+            os.close(self._tmp_fd)
+            raise
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the directory descriptors; writers still open must be done first."""
+        for name in ("_tmp_fd", "_incoming_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def recover(self) -> RecoveryReport:
+        """Delete the temporary files no live writer holds; count the complete instances.
+
+        D4: on start, temporary files are discarded -- they were never acknowledged.
+        Files locked by a writer in any live process (this one included) are left alone,
+        so any process sharing the spool may call this at any time.
+        """
+        removed = 0
+        with os.scandir(self._tmp_fd) as entries:
+            names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._tmp_fd)
+            except FileNotFoundError:
+                continue  # its writer finished (renamed it) meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a live writer's
+            try:
+                os.unlink(name, dir_fd=self._tmp_fd)
+                removed += 1
+            except FileNotFoundError:
+                pass  # renamed by its writer between our open and its unlock
+            finally:
+                os.close(fd)  # after the unlink: see _create_locked
+        with os.scandir(self._incoming_fd) as entries:
+            completed = sum(
+                1 for e in entries if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)
+            )
+        log.info("spool %s: removed %d temporary file(s), %d instance(s) in %s/",
+                 self.root, removed, completed, INCOMING_DIR)
+        return RecoveryReport(removed_temporary=removed, completed=completed)
+
+    def begin(
+        self,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        called_ae: str,
+        association_id: str,
+    ) -> SpoolWriter:
+        """Start spooling one instance: a new temporary file holding its Part 10 file meta.
+
+        The meta (PS3.10 §7.1) records the SOP class and instance (from the C-STORE-RQ),
+        the transfer syntax the data set arrives in, and the association's AE titles:
+        the calling AE as Source (0002,0016) and Sending (0002,0017) AE Title, the
+        called AE as Receiving AE Title (0002,0018). Values unfit for the meta raise
+        :class:`~router.dicom.errors.LocalProtocolError` before any file exists;
+        ``OSError`` if the file cannot be created or written.
+        """
+        meta = _meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+        )
+        stem, fd = self._create_locked()
+        writer = SpoolWriter(
+            self,
+            stem=stem,
+            fd=fd,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            association_id=association_id,
+        )
+        writer._write_all(memoryview(meta))
+        writer.dataset_offset = len(meta)
+        return writer
+
+    def _create_locked(self) -> tuple[str, int]:
+        """A new temporary file, flock()ed: (stem, descriptor).
+
+        ``recover`` unlinks a file while holding its lock and unlocks after; so a file
+        we lock and find still linked is ours for good. Losing that race (recover ran
+        between our open and our flock) only costs a fresh name.
+        """
+        for _ in range(8):
+            stem = f"{time.time_ns():020d}-{os.getpid()}-{next(_counter)}"
+            fd = os.open(stem + TMP_SUFFIX, _CREATE_FLAGS, 0o644, dir_fd=self._tmp_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # recover() holds it and will unlink it
+                continue
+            except BaseException:
+                _discard(fd, stem + TMP_SUFFIX, self._tmp_fd)
+                raise
+            if os.fstat(fd).st_nlink:
+                return stem, fd
+            os.close(fd)
+        raise OSError(errno.EAGAIN, f"cannot create a temporary file in {self.tmp}")
+
+    def _sync_incoming(self) -> None:
+        if self.fsync:
+            os.fsync(self._incoming_fd)
+
+
+class _State(enum.Enum):
+    OPEN = "open"  # taking fragments
+    FAILED = "failed"  # a write failed; the file is gone, further fragments are dropped
+    COMMITTING = "committing"  # finish() or a GroupCommitter owns it now
+    DONE = "done"  # in incoming/, durable
+    ABORTED = "aborted"  # discarded by abort() or a failed commit
+
+
+class SpoolWriter:
+    """One instance being spooled; the :class:`~router.net.server.StoreSink` shape.
+
+    Made by :meth:`Spool.begin`. Feed it the data set's fragments in order with
+    :meth:`write`, then either :meth:`close` (StoreSink: commit now, return the status)
+    or :meth:`finish` (commit now, return the path or raise), or hand it to
+    :meth:`GroupCommitter.submit`. :meth:`abort` discards it. One thread at a time.
+
+    ``dataset_offset`` is where the data set starts in the file (the meta's length),
+    ``bytes_written`` how many data set bytes were written, ``path`` the final path
+    once committed.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        stem: str,
+        fd: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        called_ae: str,
+        association_id: str,
+    ) -> None:
+        self.spool = spool
+        self.name = stem + SUFFIX
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self.called_ae = called_ae
+        self.association_id = association_id
+        self.dataset_offset = 0
+        self.bytes_written = 0
+        self.path: Path | None = None
+        self._fd = fd
+        self._tmp_name = stem + TMP_SUFFIX
+        self._state = _State.OPEN
+        self._error: OSError | None = None
+
+    def __repr__(self) -> str:
+        return (f"<SpoolWriter {self.name} {self._state.value} {self.calling_ae}->"
+                f"{self.called_ae} {self.sop_instance_uid} {self.bytes_written} bytes>")
+
+    @property
+    def status(self) -> int | None:
+        """The failure status to answer with if a write failed, else None."""
+        return None if self._error is None else status_for_error(self._error)
+
+    def write(self, data: memoryview) -> None:
+        """Append one fragment of the data set (PS3.8 Annex E), as received.
+
+        An ``OSError`` (ENOSPC...) removes the temporary file and propagates; the writer
+        then drops further fragments, so the caller can read the rest of the message
+        and answer with :attr:`status` (or :meth:`close`'s).
+        """
+        if self._state is _State.OPEN:
+            self._write_all(data)
+            self.bytes_written += data.nbytes
+        elif self._state is not _State.FAILED:
+            raise ValueError(f"write to a {self._state.value} spool writer")
+
+    def close(self) -> int:
+        """StoreSink: commit now (fsync, rename, directory fsync) and return the status.
+
+        0000H once durable; after a failure the status from :func:`status_for_error`,
+        the reason logged here (this returns a status rather than raising).
+        """
+        if self._error is not None:
+            return status_for_error(self._error)
+        try:
+            self.finish()
+        except OSError as exc:
+            log.warning("spool %s: cannot commit %s (%s): %s", self.spool.root,
+                        self.sop_instance_uid, self.association_id, exc)
+            return status_for_error(exc)
+        return SUCCESS
+
+    def finish(self) -> Path:
+        """Commit now: fsync the file, rename it into ``incoming/``, fsync ``incoming/``.
+
+        Returns the final path. On ``OSError`` nothing is left behind.
+        """
+        self._start_commit()
+        path = self._sync_and_rename()
+        try:
+            self.spool._sync_incoming()
+        except BaseException:
+            self._unpublish()
+            raise
+        self._state = _State.DONE
+        return path
+
+    def abort(self) -> None:
+        """Discard: close and delete the temporary file (the association ended early).
+
+        Idempotent; does nothing once a commit has started.
+        """
+        if self._state is _State.OPEN:
+            self._state = _State.ABORTED
+            _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+
+    # --- the pieces of a commit, shared with GroupCommitter -------------------
+
+    def _start_commit(self) -> None:
+        if self._error is not None:
+            raise OSError(self._error.errno, f"spooling failed earlier: {self._error.strerror}")
+        if self._state is not _State.OPEN:
+            raise ValueError(f"commit of a {self._state.value} spool writer")
+        self._state = _State.COMMITTING
+
+    def _sync_and_rename(self) -> Path:
+        """fsync, rename into incoming/, close; on any error, delete and re-raise."""
+        spool = self.spool
+        try:
+            if spool.fsync:
+                os.fsync(self._fd)
+            os.rename(self._tmp_name, self.name,
+                      src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._incoming_fd)
+        except BaseException:
+            self._state = _State.ABORTED
+            _discard(self._fd, self._tmp_name, spool._tmp_fd)
+            raise
+        # Unlocked only now, after the rename: recover() must never see it unlocked in tmp/.
+        # (close cannot lose data already fsync'd; without fsync nothing is promised.)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self.path = spool.incoming / self.name
+        return self.path
+
+    def _unpublish(self) -> None:
+        """The directory fsync failed: the rename may not be durable, so take it back."""
+        self._state = _State.ABORTED
+        self.path = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.name, dir_fd=self.spool._incoming_fd)
+
+    def _cancel(self) -> None:
+        """Its future was cancelled before the commit: discard."""
+        self._state = _State.ABORTED
+        _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+
+    def _done(self) -> None:
+        self._state = _State.DONE
+
+    def _write_all(self, data: memoryview) -> None:
+        # os.write may write less than asked (a signal, a nearly full disk): loop on
+        # slices of the same view, which copy nothing.
+        view = data if data.ndim == 1 and data.itemsize == 1 else data.cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except BaseException as exc:
+            self._state = _State.FAILED
+            if isinstance(exc, OSError):
+                self._error = exc
+            _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+            raise
+
+
+class GroupCommitter:
+    """Commits writers of one spool on a background thread, a batch at a time.
+
+    :meth:`submit` queues a writer whose data set is complete and returns a future. The
+    thread sleeps on a condition until writers are queued, takes all of them, fsyncs
+    and renames each, fsyncs ``incoming/`` once, then resolves every future of the batch
+    with the final path -- so no future resolves before its file's fsync, its rename
+    and a directory fsync after that rename. A writer whose commit fails gets the
+    ``OSError`` (see :func:`status_for_error`) and leaves no file; a failed directory
+    fsync fails the whole batch and removes its files. For asyncio, wrap the future with
+    ``asyncio.wrap_future``. :meth:`close` commits what is queued and stops the thread.
+    """
+
+    def __init__(self, spool: Spool, *, name: str = "spool-commit") -> None:
+        self.spool = spool
+        self.batches = 0  # directory fsyncs done; for metrics and tests
+        self._queue: list[tuple[SpoolWriter, concurrent.futures.Future[Path]]] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> GroupCommitter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(self, writer: SpoolWriter) -> concurrent.futures.Future[Path]:
+        """Queue ``writer`` (all fragments written) for commit; the future gives its path.
+
+        A writer whose write failed gets a future that has already failed.
+        """
+        if writer.spool is not self.spool:
+            raise ValueError(f"{writer!r} belongs to another spool than {self.spool.root}")
+        future: concurrent.futures.Future[Path] = concurrent.futures.Future()
+        try:
+            writer._start_commit()
+        except OSError as exc:
+            future.set_exception(exc)
+            return future
+        with self._cond:
+            if self._closing:
+                writer._cancel()
+                raise RuntimeError("GroupCommitter is closed")
+            self._queue.append((writer, future))
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Commit every writer already submitted, then stop the thread. Idempotent."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            if not batch:
+                return  # closing, and nothing left
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[SpoolWriter, concurrent.futures.Future[Path]]]) -> None:
+        renamed: list[tuple[SpoolWriter, concurrent.futures.Future[Path], Path]] = []
+        for writer, future in batch:
+            if not future.set_running_or_notify_cancel():
+                writer._cancel()
+                continue
+            try:
+                path = writer._sync_and_rename()
+            except Exception as exc:  # the future carries it; the thread must go on
+                future.set_exception(exc)
+                continue
+            renamed.append((writer, future, path))
+        if not renamed:
+            return
+        try:
+            self.spool._sync_incoming()
+        except Exception as exc:
+            for writer, future, _ in renamed:
+                writer._unpublish()
+                future.set_exception(exc)
+            return
+        self.batches += 1
+        for writer, future, path in renamed:
+            writer._done()
+            future.set_result(path)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _discard(fd: int, name: str, dir_fd: int) -> None:
+    """Close and delete a temporary file, best effort: recover() gets what is left."""
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)  # before close: the lock keeps recover() off it
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _make_dirs(path: Path, *, fsync: bool) -> None:
+    """mkdir -p, fsyncing the parent of each directory made so that the entry is durable."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue  # another process sharing the spool made it
+        if fsync:
+            fd = os.open(directory.parent, _DIR_FLAGS)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _meta(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    calling_ae: str,
+    called_ae: str,
+) -> bytes:
+    """part10_meta_bytes plus Sending and Receiving AE Title (PS3.10 Table 7.1-1).
+
+    They follow (0002,0016), the last element part10_meta_bytes writes, so they are
+    appended and the group length patched.
+    """
+    meta = part10_meta_bytes(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
+        source_ae_title=calling_ae,  # validates it as an AE title, too
+    )
+    if not _is_ae_title(called_ae):
+        raise LocalProtocolError(
+            f"spool: called AE title must be 1-16 printable ASCII characters: {called_ae!r}")
+    extra = _ae_element(0x0017, calling_ae) + _ae_element(0x0018, called_ae)
+    (length,) = struct.unpack_from("<I", meta, _GROUP_LENGTH_OFFSET)
+    if length != len(meta) - _META_START:
+        raise AssertionError("part10_meta_bytes layout changed")  # a bug, not bad input
+    return b"".join((
+        meta[:_GROUP_LENGTH_OFFSET],
+        struct.pack("<I", length + len(extra)),
+        meta[_META_START:],
+        extra,
+    ))
+
+
+def _is_ae_title(text: str) -> bool:
+    # PS3.5 Table 6.2-1 AE, as part10_meta_bytes checks the Source AE Title.
+    return (len(text.strip(" ")) > 0 and len(text) <= 16 and text.isascii()
+            and text.isprintable() and "\\" not in text)
+
+
+def _ae_element(element: int, ae: str) -> bytes:
+    value = ae.encode("ascii")
+    if len(value) & 1:
+        value += b" "  # PS3.5 §6.2: AE is space-padded to even length
+    return struct.pack("<HH2sH", 0x0002, element, b"AE", len(value)) + value
