@@ -1,0 +1,454 @@
+"""AssociationActor: one inbound association in a worker's event loop (DESIGN.md D3).
+
+Theory of operation
+-------------------
+The actor is an ``asyncio.BufferedProtocol`` that owns one sans-I/O
+:class:`router.dicom.association.Association` and nothing else. The event loop
+reads straight into the actor's buffer (``get_buffer``/``buffer_updated``: no
+per-read ``bytes`` object), the engine turns the bytes into events, and the
+actor answers them:
+
+- A-ASSOCIATE-RQ: negotiated against the worker's acceptance policy (pure
+  function), accepted or rejected with the right A-ASSOCIATE-RJ.
+- C-ECHO: answered at once.
+- C-STORE: the data set streams into a :class:`workers.spool.SpoolWriter` as
+  its fragments arrive (memory stays bounded whatever the size); on the last
+  fragment the writer goes to the group committer, and the C-STORE-RSP is sent
+  only when that future says the file is fsync'd and renamed (D4). Anything
+  else fails with a DIMSE status and nothing is acknowledged that is not kept.
+- Release, abort, peer loss, ARTIM: per the PS3.8 table in the engine; an
+  instance still being received when the association dies is discarded.
+
+Messages are handled one at a time in arrival order: while a C-STORE waits for
+its commit, later events wait in the actor's mailbox (the peer may not send
+another request before our response unless asynchronous operations were
+negotiated, and we never negotiate them). If the mailbox grows past a bound,
+reading pauses (TCP flow control is the back-pressure, D3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.dicom import dimse
+from router.dicom.association import Association, Role
+from router.dicom.errors import ProtocolError
+from router.dicom.events import (
+    NEED_DATA,
+    AssociationAborted,
+    AssociationRequested,
+    CommandReceived,
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    ReleaseRequested,
+    _Sentinel,
+)
+from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
+from router.dicom.pdu import AAssociateRJ
+from workers.spool import GroupCommitter, Spool, SpoolWriter, status_for_error
+
+__all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
+
+log = logging.getLogger("workers.actor")
+
+RECV_BUFFER = 1 << 20
+# Events waiting behind a pending commit before we stop reading the socket.
+MAILBOX_HIGH_WATER = 256
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActorSettings:
+    """What every actor of a worker shares (immutable; a reload makes a new one)."""
+
+    policy: AcceptorPolicy
+    artim_timeout: float = 30.0
+    idle_timeout: float | None = 600.0
+    worker_id: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class AssociationStats:
+    """Counters for the close log line and the supervisor's events."""
+
+    association_id: str
+    peer: tuple[str, int]
+    calling_ae: str = ""
+    called_ae: str = ""
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    failed: int = 0
+    bytes_stored: int = 0
+    outcome: str = "open"
+
+
+class AssociationActor(asyncio.BufferedProtocol):
+    """Runs one inbound association to completion inside the event loop."""
+
+    def __init__(
+        self,
+        settings: ActorSettings,
+        spool: Spool,
+        committer: GroupCommitter,
+        *,
+        on_closed: Callable[[AssociationActor], None] | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.committer = committer
+        self.on_closed = on_closed
+        self.on_event = on_event
+        self.engine = Association(Role.ACCEPTOR)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._mailbox: deque[Event] = deque()
+        self._busy = False  # a C-STORE is waiting for its commit
+        self._paused = False
+        self._writer: SpoolWriter | None = None
+        self._store: tuple[NegotiatedContext, dimse.CStoreRQ] | None = None
+        self._artim: asyncio.TimerHandle | None = None
+        self._artim_generation: int | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._store_error = 0  # DIMSE status if the spool failed mid instance
+        self.stats = AssociationStats(association_id=f"w{settings.worker_id}-a{next(_ids)}",
+                                      peer=("?", 0))
+
+    # ------------------------------------------------------------- transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.stats.peer = (str(peer[0]), int(peer[1]))
+        self.engine.connection_made()
+        self._after_engine()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.engine.receive_data(self._view[:nbytes])
+        self._pump()
+        if self.engine.mid_message:
+            self._ack_now()
+
+    def eof_received(self) -> bool:
+        self.engine.receive_data(b"")
+        self._pump()
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self.engine.receive_data(b"")
+            self._pump()
+        self._finish()
+
+    # --------------------------------------------------------------- events
+
+    def _pump(self) -> None:
+        """Take every event the engine has and handle them in order."""
+        while True:
+            event = self.engine.next_event()
+            if event is NEED_DATA:
+                break
+            assert not isinstance(event, _Sentinel)
+            self._mailbox.append(event)
+        self._run_mailbox()
+        self._after_engine()
+
+    def _run_mailbox(self) -> None:
+        while self._mailbox and not self._busy:
+            self._handle(self._mailbox.popleft())
+        if self.transport is not None and not self._closed:
+            if len(self._mailbox) > MAILBOX_HIGH_WATER and not self._paused:
+                self.transport.pause_reading()
+                self._paused = True
+            elif self._paused and len(self._mailbox) < MAILBOX_HIGH_WATER // 2:
+                self.transport.resume_reading()
+                self._paused = False
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            self._store_data(event)
+        elif isinstance(event, CommandReceived):
+            self._command(event)
+        elif isinstance(event, AssociationRequested):
+            self._requested(event)
+        elif isinstance(event, ReleaseRequested):
+            self.stats.outcome = "released"
+            self.engine.release_response()
+        elif isinstance(event, AssociationAborted):
+            self.stats.outcome = f"aborted: {event.detail}"
+            self._discard_store()
+        elif isinstance(event, ConnectionClosed):
+            self._discard_store()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _requested(self, event: AssociationRequested) -> None:
+        rq = event.request
+        self.stats.calling_ae, self.stats.called_ae = rq.calling_ae_title, rq.called_ae_title
+        answer = negotiate(rq, self.settings.policy)
+        if isinstance(answer, AAssociateRJ):
+            self.stats.outcome = (f"rejected (result {int(answer.result)} source "
+                                  f"{int(answer.source)} reason {answer.reason})")
+            log.info("association %s rejected: %s", self._who(), self.stats.outcome)
+            self.engine.reject(answer)
+            return
+        contexts = self.engine.accept(answer)
+        log.info("association %s accepted: %d of %d contexts", self._who(), len(contexts),
+                 len(rq.presentation_contexts))
+        self._emit("association.opened", calling_ae=rq.calling_ae_title,
+                   called_ae=rq.called_ae_title)
+
+    def _command(self, event: CommandReceived) -> None:
+        msg = event.message
+        ctx = self.engine.contexts[event.context_id]
+        if isinstance(msg, dimse.CStoreRQ):
+            self._store_begin(ctx, msg)
+        elif isinstance(msg, dimse.CEchoRQ):
+            self.engine.send_message(ctx.context_id, dimse.CEchoRSP(
+                message_id_being_responded_to=msg.message_id,
+                affected_sop_class_uid=msg.affected_sop_class_uid, status=dimse.SUCCESS))
+        elif isinstance(msg, dimse.CCancelRQ):
+            pass  # nothing long-running here to cancel (PS3.7 §9.3.2.3)
+        elif dimse.is_request(msg):
+            self._unsupported(ctx, msg)
+
+    def _unsupported(self, ctx: NegotiatedContext, msg: Any) -> None:
+        """A request this worker does not serve yet: answer 0x0211, drop its data."""
+        log.warning("association %s: %s not supported here", self._who(), type(msg).__name__)
+        # Its data set, if any, arrives with no _store and is dropped.
+        self._store = None
+        self._writer = None
+        rsp_cls = dimse.MESSAGE_TYPES[dimse.CommandField(msg.command_field | 0x8000)]
+        fields: dict[str, Any] = {"message_id_being_responded_to": msg.message_id,
+                                  "status": dimse.UNRECOGNIZED_OPERATION}
+        sop_class = getattr(msg, "affected_sop_class_uid", None)
+        if sop_class is not None and "affected_sop_class_uid" in rsp_cls.__dataclass_fields__:
+            fields["affected_sop_class_uid"] = sop_class
+        self.engine.send_message(ctx.context_id, rsp_cls(**fields))
+
+    # -------------------------------------------------------------- C-STORE
+
+    def _store_begin(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ) -> None:
+        self._store = (ctx, msg)
+        self._store_error = 0
+        if msg.affected_sop_class_uid != ctx.abstract_syntax:
+            # Negotiated for another SOP class (PS3.8 §7.1.1.13): read and refuse.
+            log.warning("association %s C-STORE of %s on a context for %s: refused",
+                        self._who(), msg.affected_sop_class_uid, ctx.abstract_syntax)
+            self._writer = None
+            return
+        try:
+            self._writer = self.spool.begin(
+                sop_class_uid=msg.affected_sop_class_uid,
+                sop_instance_uid=msg.affected_sop_instance_uid,
+                transfer_syntax=ctx.transfer_syntax,
+                calling_ae=self.stats.calling_ae, called_ae=self.stats.called_ae,
+                association_id=self.stats.association_id)
+        except (OSError, ProtocolError) as exc:
+            # OSError: the disk; ProtocolError: values a file meta cannot hold.
+            log.error("association %s: cannot open a spool file: %s", self._who(), exc)
+            self._writer = None
+            self._store_error = status_for_error(exc)
+
+    def _store_data(self, event: DataReceived) -> None:
+        writer = self._writer
+        if writer is not None and not self._store_error:
+            try:
+                writer.write(event.data)
+            except OSError as exc:
+                log.error("association %s: spool write failed: %s", self._who(), exc)
+                self._store_error = status_for_error(exc)
+                writer.abort()
+                self._writer = None
+        if not event.last:
+            return
+        if self._store is None:  # data of an unsupported request
+            return
+        ctx, msg = self._store
+        self._store = None
+        writer, self._writer = self._writer, None
+        if writer is None:
+            status = self._store_error or dimse.SOP_CLASS_NOT_SUPPORTED
+            self._store_respond(ctx, msg, status, None, 0)
+            return
+        size = writer.bytes_written
+        self._busy = True
+        future = self.committer.submit(writer)
+        future.add_done_callback(
+            lambda f: self.loop.call_soon_threadsafe(self._committed, ctx, msg, f, size))
+
+    def _committed(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ,
+                   future: Future[Path], size: int) -> None:
+        self._busy = False
+        exc = future.exception()
+        if exc is not None:
+            log.error("association %s: commit of %s failed: %s", self._who(),
+                      msg.affected_sop_instance_uid, exc)
+            status = status_for_error(exc) if isinstance(exc, OSError) else \
+                dimse.PROCESSING_FAILURE
+            self._store_respond(ctx, msg, status, None, size)
+        else:
+            self._store_respond(ctx, msg, dimse.SUCCESS, future.result(), size)
+        self._run_mailbox()
+        self._after_engine()
+
+    def _store_respond(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ, status: int,
+                       path: Path | None, size: int) -> None:
+        if status == dimse.SUCCESS:
+            self.stats.instances += 1
+            self.stats.bytes_stored += size
+        else:
+            self.stats.failed += 1
+        log.info("association %s C-STORE %s %s %d bytes status 0x%04X%s", self._who(),
+                 msg.affected_sop_class_uid, msg.affected_sop_instance_uid, size, status,
+                 f" -> {path.name}" if path else "")
+        self._emit("instance.stored" if path else "instance.failed",
+                   sop_class_uid=msg.affected_sop_class_uid,
+                   sop_instance_uid=msg.affected_sop_instance_uid, bytes=size, status=status)
+        if not self.engine.is_associated:
+            return  # aborted meanwhile: the file is kept, nobody to tell
+        self.engine.send_message(ctx.context_id, dimse.CStoreRSP(
+            message_id_being_responded_to=msg.message_id,
+            affected_sop_class_uid=msg.affected_sop_class_uid,
+            affected_sop_instance_uid=msg.affected_sop_instance_uid, status=status))
+
+    def _discard_store(self) -> None:
+        """The association ended mid data set: nothing was acknowledged, drop it."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._store = None
+
+    # ----------------------------------------------------------------- output
+
+    def _after_engine(self) -> None:
+        """Write what the engine queued, keep its timers, close when it says."""
+        transport = self.transport
+        if transport is None:
+            return
+        chunks = self.engine.data_to_send()
+        if chunks and not transport.is_closing():
+            transport.writelines(chunks)
+        self._sync_artim()
+        self._sync_idle()
+        if self.engine.wants_close and not transport.is_closing():
+            transport.close()
+
+    def _sync_artim(self) -> None:
+        generation = self.engine.artim
+        if generation == self._artim_generation:
+            return
+        self._artim_generation = generation
+        if self._artim is not None:
+            self._artim.cancel()
+            self._artim = None
+        if generation is not None:
+            self._artim = self.loop.call_later(self.settings.artim_timeout, self._artim_fired,
+                                               generation)
+
+    def _artim_fired(self, generation: int) -> None:
+        if self.engine.artim != generation:
+            return
+        log.info("association %s: ARTIM timer expired in %s", self._who(),
+                 self.engine.state.name)
+        self.engine.timer_expired()
+        self._pump()
+
+    def _sync_idle(self) -> None:
+        # Re-armed on every activity; only matters while associated (PS3.8 has
+        # no timer there; a silent peer must not hold the actor forever).
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        timeout = self.settings.idle_timeout
+        if timeout and self.engine.is_associated and not self._busy:
+            self._idle = self.loop.call_later(timeout, self._idle_fired)
+
+    def _idle_fired(self) -> None:
+        detail = f"no PDU from the peer for {self.settings.idle_timeout:.0f} s"
+        log.warning("association %s: %s, aborting", self._who(), detail)
+        self.stats.outcome = f"aborted: {detail}"
+        self.engine.abort(detail)
+        self._after_engine()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _ack_now(self) -> None:
+        # See router.net.connection: a Nagle-on sender waits for our ACK in the
+        # middle of a message; Linux would delay it by up to 40 ms.
+        if _QUICKACK is None or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+    def abort(self, detail: str) -> None:
+        """Abort from outside (drain grace over, worker stopping)."""
+        if self._closed:
+            return
+        self.stats.outcome = f"aborted: {detail}"
+        self.engine.abort(detail)
+        self._discard_store()
+        self._after_engine()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ----------------------------------------------------------------- end
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._discard_store()
+        for handle in (self._artim, self._idle):
+            if handle is not None:
+                handle.cancel()
+        if self.stats.outcome == "open":
+            # No release or abort indication: say what the engine knows (an
+            # AA-1 abort or AE-6 provider rejection before association).
+            detail = self.engine.abort_detail
+            self.stats.outcome = ("connection closed" if not detail else detail
+                                  if detail.startswith("rejected") else f"aborted: {detail}")
+        took = time.monotonic() - self.stats.started
+        log.info("association %s closed: %s, %.3f s, %d instances (%d failed), %d bytes stored",
+                 self._who(), self.stats.outcome, took, self.stats.instances, self.stats.failed,
+                 self.stats.bytes_stored)
+        self._emit("association.closed", outcome=self.stats.outcome, seconds=took,
+                   instances=self.stats.instances, failed=self.stats.failed,
+                   bytes=self.stats.bytes_stored)
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, {"association_id": self.stats.association_id, **fields})
+
+    def _who(self) -> str:
+        s = self.stats
+        aes = f" {s.calling_ae}->{s.called_ae}" if s.calling_ae else ""
+        return f"{s.association_id}{aes} {s.peer[0]}:{s.peer[1]}"
