@@ -219,8 +219,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         contexts = self.engine.accept(answer)
         log.info("association %s accepted: %d of %d contexts", self._who(), len(contexts),
                  len(rq.presentation_contexts))
-        self._emit("association.opened", calling_ae=rq.calling_ae_title,
-                   called_ae=rq.called_ae_title)
+        self._emit("association.opened")
 
     def _command(self, event: CommandReceived) -> None:
         msg = event.message
@@ -445,8 +444,13 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.on_closed(self)
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, {"association_id": self.stats.association_id, **fields})
+        if self.on_event is None:
+            return
+        base: dict[str, Any] = {"association_id": self.stats.association_id}
+        if kind.startswith("association."):
+            base.update(peer=self.stats.peer, calling_ae=self.stats.calling_ae,
+                        called_ae=self.stats.called_ae)
+        self.on_event(kind, {**base, **fields})
 
     def _who(self) -> str:
         s = self.stats

@@ -1,0 +1,426 @@
+"""The main process: listener and supervisor (DESIGN.md D2; gunicorn's arbiter shape).
+
+Theory of operation
+-------------------
+One thread, one ``zmq.Poller`` over: the listening sockets, the workers'
+control ROUTER, the broadcast XPUB, the admin ROUTER, and a wake-up socket
+that signal handlers write to (``signal.set_wakeup_fd``). The poll timeout is
+the nearest timer (heartbeat check, respawn back-off, drain deadline): nothing
+sleeps and nothing polls on a clock.
+
+- Listener: a readable listening socket is accepted until EAGAIN; each
+  connection goes to the ready worker with the fewest open associations (its
+  last heartbeat plus the hand-offs since), over that worker's AF_UNIX channel
+  (router.fdpass). A busy or dead channel means the next worker; with none,
+  the connection is closed and the log says why. DICOM bytes are never read here.
+- Workers are clean interpreters (``python -m workers.main``) holding one
+  channel end. A worker that exits is respawned, with exponential back-off
+  when it keeps dying young; one whose heartbeats stop is killed (SIGKILL) and
+  respawned; one that exits with BOOT_ERROR stops the router (its config can
+  never work, so respawning would only spin).
+- Signals only enqueue (gunicorn): SIGTERM/SIGINT drain (stop accepting,
+  broadcast Drain, wait for the workers up to the grace period, then SIGKILL
+  what is left, exit 0); SIGHUP reloads (a config that fails validation is
+  refused with one log line and the running one stays); SIGCHLD reaps.
+- Admin: ``status`` answers a table of workers over the admin socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from router import control
+from router.config import Config, ConfigError, load_config
+from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
+from workers.spool import Spool
+
+log = logging.getLogger("router.supervisor")
+
+BOOT_ERROR = 3  # workers.main.BOOT_ERROR
+_RESPAWN_MIN, _RESPAWN_MAX = 0.1, 30.0
+_STABLE_AFTER = 10.0  # a worker that lived this long resets the back-off
+
+
+@dataclass(slots=True)
+class WorkerSlot:
+    """What the supervisor knows of worker N (the slot outlives each process)."""
+
+    worker_id: int
+    proc: subprocess.Popen[bytes] | None = None
+    channel: socket.socket | None = None
+    started: float = 0.0
+    ready: bool = False
+    last_heartbeat: float = 0.0
+    open_associations: int = 0
+    handed_off: int = 0  # since the last heartbeat
+    rss: int = 0
+    cpu_percent: float = 0.0
+    served_total: int = 0
+    restarts: int = 0
+    backoff: float = _RESPAWN_MIN
+    respawn_at: float | None = None
+    totals: dict[str, int] = field(default_factory=lambda: {"associations": 0, "instances": 0})
+
+    @property
+    def load(self) -> int:
+        return self.open_associations + self.handed_off
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, config_path: Path | None,
+                 overrides: dict[str, object]) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.generation = 1
+        self.run_dir = config.spool / "run"
+        self.slots = [WorkerSlot(worker_id=i) for i in range(1, config.workers + 1)]
+        self.listeners: list[socket.socket] = []
+        self.signals: deque[int] = deque()
+        self.draining_until: float | None = None
+        self.exit_code = 0
+        self.connection_ids = 0
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> int:
+        log.info("dicom-router: %s", self.config.describe())
+        report = Spool(self.config.spool, fsync=self.config.fsync).recover()
+        log.info("spool %s: %d instances waiting, %d temporary files discarded",
+                 self.config.spool, report.completed, report.removed_temporary)
+        self.ctx = zmq.Context()
+        self.sockets = control.bind_supervisor(self.ctx, self.run_dir,
+                                               admin_path=self.config.admin_socket)
+        self._install_signals()
+        try:
+            self._listen()
+        except OSError as exc:
+            log.error("cannot listen: %s", exc)
+            self._close()
+            return 2
+        for slot in self.slots:
+            self._spawn(slot)
+        try:
+            self._loop()
+        finally:
+            self._close()
+        return self.exit_code
+
+    def _listen(self) -> None:
+        for spec in self.config.listen:
+            sock = socket.create_server((spec.host, spec.port), backlog=1024,
+                                        reuse_port=False)
+            sock.setblocking(False)
+            self.listeners.append(sock)
+            host, port = sock.getsockname()[:2]
+            log.info("listening on %s:%d", host, port)
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals.append(signum)  # only enqueue; the loop handles it
+
+    def _loop(self) -> None:
+        self.poller = poller = zmq.Poller()
+        for sock in self.listeners:
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self.sockets.control, zmq.POLLIN)
+        poller.register(self.sockets.broadcast, zmq.POLLIN)
+        poller.register(self.sockets.admin, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            timeout = self._next_timer()
+            try:
+                ready = dict(poller.poll(None if timeout is None else max(timeout, 0) * 1000))
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            # zmq.Poller reports plain sockets by file number.
+            if self._wake_r.fileno() in ready:
+                with contextlib.suppress(BlockingIOError):
+                    while self._wake_r.recv(512):
+                        pass
+            self._handle_signals()
+            self._reap()
+            for sock in list(self.listeners):
+                if sock.fileno() in ready:
+                    self._accept(sock)
+            if self.sockets.control in ready:
+                self._worker_messages()
+            if self.sockets.broadcast in ready:
+                with contextlib.suppress(zmq.Again):
+                    while True:
+                        self.sockets.broadcast.recv(zmq.NOBLOCK)
+            if self.sockets.admin in ready:
+                with contextlib.suppress(zmq.Again):
+                    while True:
+                        control.answer_admin(self.sockets.admin, self._admin)
+            if self._timers():
+                return
+
+    # -------------------------------------------------------------- timers
+
+    def _next_timer(self) -> float | None:
+        now = time.monotonic()
+        deadlines = [s.respawn_at for s in self.slots if s.respawn_at is not None]
+        deadlines += [s.last_heartbeat + self.config.heartbeat_timeout for s in self.slots
+                      if s.proc is not None]
+        if self.draining_until is not None:
+            deadlines.append(self.draining_until)
+        return min(deadlines) - now if deadlines else None
+
+    def _timers(self) -> bool:
+        """Run what is due; True when the supervisor should exit."""
+        now = time.monotonic()
+        if self.draining_until is not None:
+            alive = [s for s in self.slots if s.proc is not None]
+            if not alive:
+                log.info("all workers stopped; exiting")
+                return True
+            if now >= self.draining_until:
+                for slot in alive:
+                    log.warning("worker %d (pid %s) still running after the grace period: "
+                                "SIGKILL", slot.worker_id, slot.pid)
+                    self._kill(slot)
+                self.draining_until = now + 5.0
+            return False
+        for slot in self.slots:
+            if slot.respawn_at is not None and now >= slot.respawn_at:
+                slot.respawn_at = None
+                self._spawn(slot)
+            elif slot.proc is not None and now > slot.last_heartbeat + \
+                    self.config.heartbeat_timeout:
+                log.error("worker %d (pid %s) sent no heartbeat for %.0f s: killing it",
+                          slot.worker_id, slot.pid, now - slot.last_heartbeat)
+                self._kill(slot)
+                slot.last_heartbeat = now  # the reaper takes it from here
+        return False
+
+    # ------------------------------------------------------------- workers
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        sup_end, worker_end = channel_pair()
+        fd = worker_end.fileno()
+        argv = [sys.executable, "-m", "workers.main", "--worker-id", str(slot.worker_id),
+                "--channel-fd", str(fd), "--run-dir", str(self.run_dir),
+                "--spool", str(self.config.spool)]
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+        slot.proc = subprocess.Popen(argv, pass_fds=[fd], env=env)
+        worker_end.close()
+        slot.channel = sup_end
+        slot.started = slot.last_heartbeat = time.monotonic()
+        slot.ready = False
+        slot.open_associations = slot.handed_off = 0
+        log.info("worker %d started (pid %d)", slot.worker_id, slot.proc.pid)
+
+    def _kill(self, slot: WorkerSlot) -> None:
+        if slot.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                slot.proc.send_signal(signal.SIGKILL)
+
+    def _reap(self) -> None:
+        for slot in self.slots:
+            proc = slot.proc
+            if proc is None or proc.poll() is None:
+                continue
+            code = proc.returncode
+            lived = time.monotonic() - slot.started
+            slot.proc = None
+            slot.ready = False
+            if slot.channel is not None:
+                slot.channel.close()
+                slot.channel = None
+            if self.draining_until is not None:
+                log.info("worker %d (pid %d) exited with %s", slot.worker_id, proc.pid, code)
+                continue
+            if code == BOOT_ERROR:
+                log.error("worker %d cannot start with this configuration; stopping the "
+                          "router", slot.worker_id)
+                self.exit_code = 2
+                self._drain(0.0)
+                continue
+            slot.restarts += 1
+            slot.backoff = _RESPAWN_MIN if lived > _STABLE_AFTER else min(
+                slot.backoff * 2, _RESPAWN_MAX)
+            slot.respawn_at = time.monotonic() + slot.backoff
+            log.error("worker %d (pid %d) died (%s) after %.1f s; restarting in %.1f s",
+                      slot.worker_id, proc.pid, _describe_exit(code), lived, slot.backoff)
+
+    def _worker_messages(self) -> None:
+        while True:
+            try:
+                identity, message = control.recv_routed(self.sockets.control, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except control.ControlError as exc:
+                log.warning("bad message from a worker: %s", exc)
+                continue
+            slot = self._slot_for(identity)
+            if slot is None:
+                continue
+            if isinstance(message, control.Hello):
+                slot.ready = True
+                slot.last_heartbeat = time.monotonic()
+                control.send_message(self.sockets.control, control.Reply.success(
+                    {"generation": self.generation}), identity=identity)
+            elif isinstance(message, control.Heartbeat):
+                slot.last_heartbeat = time.monotonic()
+                slot.open_associations = message.open_associations
+                slot.handed_off = 0
+                slot.rss, slot.cpu_percent = message.rss, message.cpu_percent
+                slot.served_total = message.served_total
+            elif isinstance(message, control.AssociationClosed):
+                slot.totals["associations"] += 1
+            elif isinstance(message, control.InstanceStored):
+                slot.totals["instances"] += 1
+
+    def _slot_for(self, identity: bytes) -> WorkerSlot | None:
+        for slot in self.slots:
+            if control.worker_identity(slot.worker_id) == identity:
+                return slot
+        return None
+
+    # ------------------------------------------------------------- accept
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, peer = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            self._hand_off(conn, peer, listener.getsockname()[1])
+
+    def _hand_off(self, conn: socket.socket, peer: tuple[Any, ...], local_port: int) -> None:
+        self.connection_ids += 1
+        header = {"connection_id": self.connection_ids, "peer": [str(peer[0]), int(peer[1])],
+                  "local_port": local_port, "tls": False}
+        candidates = sorted((s for s in self.slots if s.ready and s.channel is not None),
+                            key=lambda s: s.load)
+        for slot in candidates:
+            assert slot.channel is not None
+            try:
+                send_connection(slot.channel, conn, header)
+            except (ChannelBusy, ChannelClosed) as exc:
+                log.warning("worker %d cannot take a connection (%s); trying another",
+                            slot.worker_id, exc)
+                continue
+            except HandoffError as exc:
+                log.error("hand-off to worker %d failed: %s", slot.worker_id, exc)
+                continue
+            slot.handed_off += 1
+            return
+        log.error("no worker ready for the connection from %s:%s; closing it", *peer[:2])
+        conn.close()
+
+    # ------------------------------------------------------------ signals
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._drain(self.config.drain_grace)
+            elif signum == signal.SIGHUP:
+                self._reload()
+            # SIGCHLD: _reap runs after every wake-up.
+
+    def _drain(self, grace: float) -> None:
+        if self.draining_until is not None:
+            return
+        log.info("draining: no new associations; open ones get %.0f s", grace)
+        for sock in self.listeners:
+            self.poller.unregister(sock)
+            sock.close()
+        self.listeners = []
+        for slot in self.slots:
+            slot.respawn_at = None
+        control.send_message(self.sockets.broadcast, control.Drain(grace=grace))
+        self.draining_until = time.monotonic() + grace + 5.0
+
+    def _reload(self) -> None:
+        try:
+            config = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        if config.listen != self.config.listen or config.workers != self.config.workers:
+            log.warning("reload: listen addresses and worker count change on restart only")
+        self.config = config
+        self.generation += 1
+        control.send_message(self.sockets.broadcast, control.Reload(
+            generation=self.generation, config_path=str(self.config_path or "")))
+        log.info("configuration generation %d loaded from %s", self.generation,
+                 config.source)
+
+    # -------------------------------------------------------------- admin
+
+    def _admin(self, command: control.Command) -> control.Reply:
+        if command.name == "status":
+            now = time.monotonic()
+            workers = [{
+                "worker_id": s.worker_id, "pid": s.pid or 0, "ready": s.ready,
+                "uptime": round(now - s.started, 1) if s.proc else 0.0,
+                "open_associations": s.open_associations, "rss": s.rss,
+                "cpu_percent": s.cpu_percent, "served_total": s.served_total,
+                "restarts": s.restarts,
+            } for s in self.slots]
+            return control.Reply.success({
+                "pid": os.getpid(), "uptime": round(now - self.started, 1),
+                "generation": self.generation, "config": self.config.source,
+                "draining": self.draining_until is not None, "workers": workers})
+        if command.name == "reload":
+            self._reload()
+            return control.Reply.success({"generation": self.generation})
+        return control.Reply.failure(f"unknown command {command.name!r}")
+
+    # -------------------------------------------------------------- close
+
+    def _close(self) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                self._kill(slot)
+                slot.proc.wait()
+            if slot.channel is not None:
+                slot.channel.close()
+        for sock in self.listeners:
+            sock.close()
+        self.sockets.close()
+        self.ctx.term()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"

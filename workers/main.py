@@ -1,0 +1,265 @@
+"""A worker process: one event loop serving the associations handed to it (D2, D3).
+
+    python -m workers.main --worker-id N --channel-fd FD --run-dir DIR [--config FILE] [--spool DIR]
+
+Theory of operation
+-------------------
+The supervisor spawns this as a clean interpreter with one end of an AF_UNIX
+SEQPACKET channel (``--channel-fd``). Each datagram on it carries one accepted
+TCP connection (router.fdpass); the worker wraps it with
+``loop.connect_accepted_socket`` and an :class:`~workers.actor.AssociationActor`
+runs it. Everything else (hello, heartbeats with load, association and
+instance events; reload, drain and stop from the supervisor) travels over
+ZeroMQ (router.control), in a context this process creates itself.
+
+End of file on the channel means the supervisor is gone: the worker stops
+taking connections, lets the open associations finish (drain grace), and
+exits. A configuration it cannot load exits with :data:`BOOT_ERROR`, which
+tells the supervisor to stop respawning (gunicorn's WORKER_BOOT_ERROR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+import zmq.asyncio
+
+from router import control
+from router.config import Config, ConfigError, load_config
+from router.fdpass import BadHandoff, adopt_channel, recv_connection
+from workers.actor import ActorSettings, AssociationActor
+from workers.spool import GroupCommitter, Spool
+
+log = logging.getLogger("workers.main")
+
+BOOT_ERROR = 3
+
+
+def _aio(sock: Any) -> zmq.asyncio.Socket:
+    """The sockets of a zmq.asyncio context are awaitable (router.control types
+    them as plain sockets, being shared with synchronous callers)."""
+    assert isinstance(sock, zmq.asyncio.Socket)
+    return sock
+
+
+def settings_for(config: Config, worker_id: int) -> ActorSettings:
+    return ActorSettings(policy=config.to_acceptor_policy(), artim_timeout=config.artim_timeout,
+                         idle_timeout=config.idle_timeout, worker_id=worker_id)
+
+
+class Worker:
+    """The worker's state: its actors, its spool, its line to the supervisor."""
+
+    def __init__(self, config: Config, *, worker_id: int, channel_fd: int, run_dir: Path,
+                 config_path: Path | None, overrides: dict[str, object]) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.config_path = config_path
+        self.overrides = overrides
+        self.channel = adopt_channel(channel_fd)
+        self.channel.setblocking(False)
+        self.run_dir = run_dir
+        self.settings = settings_for(config, worker_id)
+        self.spool = Spool(config.spool, fsync=config.fsync)
+        self.committer = GroupCommitter(self.spool)
+        self.actors: set[AssociationActor] = set()
+        self.served = 0
+        self.generation = 0
+        self.stopping = False
+        self.process = psutil.Process()
+        self.process.cpu_percent()  # prime: the next call measures since now
+        self.started = time.monotonic()
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.done = asyncio.Event()
+        self.ctx = zmq.asyncio.Context()
+        endpoints = control.Endpoints.for_run_dir(str(self.run_dir),
+                                                  admin_path=self.config.admin_socket)
+        self.sockets = control.connect_worker(self.ctx, endpoints, self.worker_id)
+        await self._send(control.Hello(worker_id=self.worker_id, pid=os.getpid(),
+                                       generation=self.generation))
+        self.loop.add_reader(self.channel.fileno(), self._on_handoff)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._begin_drain, self.config.drain_grace)
+        tasks = [asyncio.create_task(self._heartbeats()),
+                 asyncio.create_task(self._broadcasts()),
+                 asyncio.create_task(self._direct())]
+        await self.done.wait()
+        for task in tasks:
+            task.cancel()
+        self.committer.close()
+        self.sockets.close()
+        self.ctx.term()
+        return 0
+
+    # ------------------------------------------------------------ hand-offs
+
+    def _on_handoff(self) -> None:
+        while True:
+            try:
+                got = recv_connection(self.channel)
+            except BlockingIOError:
+                return
+            except BadHandoff as exc:
+                log.warning("worker %d: bad hand-off: %s", self.worker_id, exc)
+                continue
+            if got is None:
+                log.warning("worker %d: the supervisor is gone; draining", self.worker_id)
+                self._begin_drain(self.config.drain_grace)
+                return
+            sock, _header = got
+            self.served += 1
+            self.loop.create_task(self._adopt(sock))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        def factory() -> AssociationActor:
+            actor = AssociationActor(self.settings, self.spool, self.committer,
+                                     on_closed=self._actor_closed, on_event=self._actor_event)
+            self.actors.add(actor)
+            return actor
+        try:
+            await self.loop.connect_accepted_socket(factory, sock=sock)
+        except OSError as exc:
+            log.info("worker %d: connection lost before it was served: %s", self.worker_id, exc)
+            sock.close()
+
+    def _actor_closed(self, actor: AssociationActor) -> None:
+        self.actors.discard(actor)
+        if self.stopping and not self.actors:
+            self.done.set()
+
+    def _actor_event(self, kind: str, fields: dict[str, Any]) -> None:
+        # Reporting is best effort: it must never disturb an association.
+        try:
+            message = self._event_message(kind, fields)
+        except (TypeError, ValueError, control.ControlError) as exc:
+            log.error("worker %d: cannot report %s: %s", self.worker_id, kind, exc)
+            return
+        self.loop.create_task(self._send(message))
+
+    def _event_message(self, kind: str, fields: dict[str, Any]) -> control.Message:
+        message: control.Message
+        if kind == "association.opened":
+            message = control.AssociationOpened(worker_id=self.worker_id, **fields)
+        elif kind == "association.closed":
+            message = control.AssociationClosed(worker_id=self.worker_id, **fields)
+        elif kind == "instance.stored":
+            message = control.InstanceStored(worker_id=self.worker_id, **fields)
+        else:
+            message = control.InstanceFailed(worker_id=self.worker_id, **fields)
+        return message
+
+    # ----------------------------------------------------------- supervisor
+
+    async def _send(self, message: control.Message) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            await _aio(self.sockets.control).send_multipart(message.to_wire())
+
+    async def _heartbeats(self) -> None:
+        while True:
+            mem = self.process.memory_info().rss
+            await self._send(control.Heartbeat(
+                worker_id=self.worker_id, open_associations=len(self.actors),
+                spool_bytes=0, rss=mem, cpu_percent=self.process.cpu_percent(),
+                served_total=self.served))
+            await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
+
+    async def _direct(self) -> None:
+        """Messages from the supervisor to this worker alone (the welcome reply)."""
+        while True:
+            frames = await _aio(self.sockets.control).recv_multipart()
+            try:
+                message = control.from_wire(frames)
+            except control.ControlError as exc:
+                log.warning("worker %d: bad message from the supervisor: %s", self.worker_id, exc)
+                continue
+            if isinstance(message, control.Reply) and message.ok:
+                generation = message.result.get("generation")
+                if isinstance(generation, int):
+                    self.generation = generation
+
+    async def _broadcasts(self) -> None:
+        while True:
+            frames = await _aio(self.sockets.broadcast).recv_multipart()
+            try:
+                message = control.from_wire(frames)
+            except control.ControlError as exc:
+                log.warning("worker %d: bad broadcast: %s", self.worker_id, exc)
+                continue
+            if isinstance(message, control.Drain):
+                self._begin_drain(message.grace)
+            elif isinstance(message, control.Stop):
+                self._begin_drain(0.0)
+            elif isinstance(message, control.Reload):
+                self._reload(message.generation)
+
+    def _reload(self, generation: int) -> None:
+        try:
+            config = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            log.error("worker %d: reload refused, keeping the running config: %s",
+                      self.worker_id, exc)
+            return
+        # Open associations keep the settings they started with; new ones get these.
+        self.config, self.settings = config, settings_for(config, self.worker_id)
+        self.generation = generation
+        log.info("worker %d: configuration generation %d loaded", self.worker_id, generation)
+
+    def _begin_drain(self, grace: float) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.channel.fileno())
+        log.info("worker %d: draining %d open associations (grace %.0f s)", self.worker_id,
+                 len(self.actors), grace)
+        if not self.actors:
+            self.done.set()
+            return
+        self.loop.call_later(grace, self._abort_all)
+
+    def _abort_all(self) -> None:
+        for actor in list(self.actors):
+            actor.abort("router stopping: drain grace period over")
+        if not self.actors:
+            self.done.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workers.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--spool", type=Path, default=None)
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {"spool": args.spool}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"worker {args.worker_id}: {exc}", file=sys.stderr)
+        return BOOT_ERROR
+    logging.basicConfig(level=config.log_level,
+                        format=f"%(asctime)s %(levelname)s worker-{args.worker_id} "
+                               "%(name)s: %(message)s")
+    worker = Worker(config, worker_id=args.worker_id, channel_fd=args.channel_fd,
+                    run_dir=args.run_dir, config_path=args.config, overrides=overrides)
+    return asyncio.run(worker.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
