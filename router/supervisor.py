@@ -156,7 +156,8 @@ class Supervisor:
         while True:
             timeout = self._next_timer()
             try:
-                ready = dict(poller.poll(None if timeout is None else max(timeout, 0) * 1000))
+                wait_ms = None if timeout is None else int(max(timeout, 0) * 1000) + 1
+                ready = dict(poller.poll(wait_ms))
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EINTR:
                     continue
