@@ -53,6 +53,7 @@ log = logging.getLogger("router.supervisor")
 BOOT_ERROR = 3  # workers.main.BOOT_ERROR
 _RESPAWN_MIN, _RESPAWN_MAX = 0.1, 30.0
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the back-off
+_MAX_WAITING = 1024  # connections held while no worker is ready
 
 
 @dataclass(slots=True)
@@ -99,6 +100,10 @@ class Supervisor:
         self.exit_code = 0
         self.connection_ids = 0
         self.started = time.monotonic()
+        # Connections accepted while no worker is ready (start-up, all workers
+        # restarting): handed off as soon as one says hello, closed past a bound.
+        self.waiting: deque[tuple[socket.socket, tuple[Any, ...], int, float]] = deque()
+        self.announced_ready = False
 
     # ------------------------------------------------------------------ run
 
@@ -194,11 +199,18 @@ class Supervisor:
                       if s.proc is not None]
         if self.draining_until is not None:
             deadlines.append(self.draining_until)
+        if self.waiting:
+            deadlines.append(self.waiting[0][3] + self.config.artim_timeout)
         return min(deadlines) - now if deadlines else None
 
     def _timers(self) -> bool:
         """Run what is due; True when the supervisor should exit."""
         now = time.monotonic()
+        while self.waiting and now >= self.waiting[0][3] + self.config.artim_timeout:
+            conn, peer, _, _ = self.waiting.popleft()
+            log.error("no worker became ready for the connection from %s:%s in %.0f s; "
+                      "closing it", *peer[:2], self.config.artim_timeout)
+            conn.close()
         if self.draining_until is not None:
             alive = [s for s in self.slots if s.proc is not None]
             if not alive:
@@ -293,6 +305,13 @@ class Supervisor:
                 slot.last_heartbeat = time.monotonic()
                 control.send_message(self.sockets.control, control.Reply.success(
                     {"generation": self.generation}), identity=identity)
+                log.info("worker %d ready (pid %d)", slot.worker_id, message.pid)
+                if not self.announced_ready and all(s.ready for s in self.slots):
+                    self.announced_ready = True
+                    log.info("ready: %d workers serving", len(self.slots))
+                while self.waiting:
+                    conn, peer, local_port, _ = self.waiting.popleft()
+                    self._hand_off(conn, peer, local_port)
             elif isinstance(message, control.Heartbeat):
                 slot.last_heartbeat = time.monotonic()
                 slot.open_associations = message.open_associations
@@ -341,6 +360,11 @@ class Supervisor:
                 log.error("hand-off to worker %d failed: %s", slot.worker_id, exc)
                 continue
             slot.handed_off += 1
+            return
+        if any(s.proc is not None for s in self.slots) and len(self.waiting) < _MAX_WAITING:
+            # Workers are starting: the connection waits in our hands (the peer
+            # sees a slow association set-up, not a refusal).
+            self.waiting.append((conn, peer, local_port, time.monotonic()))
             return
         log.error("no worker ready for the connection from %s:%s; closing it", *peer[:2])
         conn.close()
@@ -416,6 +440,8 @@ class Supervisor:
                 slot.channel.close()
         for sock in self.listeners:
             sock.close()
+        for conn, *_ in self.waiting:
+            conn.close()
         self.sockets.close()
         self.ctx.term()
 
