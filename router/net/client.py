@@ -10,22 +10,32 @@
 
 Every method sends one DIMSE request (PS3.7 §9-10) and returns the final
 response; C-FIND/C-MOVE/C-GET return iterators of responses so pending results
-arrive as they come. A C-GET's C-STORE sub-operations (PS3.4 C.4.3) arrive on
-this association and go to ``on_store``. Files are sent as they are on disk
-(D5: the data set bytes after the file meta, streamed in PDU-sized pieces),
-never decoded unless the negotiated transfer syntax forces a conversion.
+arrive as they come (closing one early sends a C-CANCEL and reads the rest of
+the answers). A C-GET's C-STORE sub-operations (PS3.4 C.4.3) arrive on this
+association and go to ``on_store``; any other request the peer sends meanwhile
+(an N-EVENT-REPORT from a Storage Commitment SCP...) goes to ``on_request``, or
+is refused with 0211H. Files are sent as they are on disk (D5: the data set
+bytes after the file meta, streamed in PDU-sized pieces), never decoded unless
+the negotiated transfer syntax forces a conversion.
+
+Data sets other than C-STORE's (C-FIND identifiers, N-service attribute lists)
+are held whole, so they are capped (``max_dataset_size``), and a deflated one is
+never inflated past ``max_inflated_size``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from pydicom.dataset import Dataset
 
@@ -38,6 +48,7 @@ from router.dicom.events import (
     AssociationEstablished,
     AssociationRejected,
     CommandReceived,
+    CommandRejected,
     ConnectionClosed,
     DataReceived,
     Event,
@@ -48,13 +59,20 @@ from router.dicom.pdu import AAssociateRJ, UserIdentityRQ
 from router.net.connection import Connection, PeerTimeout
 
 __all__ = [
+    "DEFAULT_MAX_DATASET_SIZE",
+    "DEFAULT_MAX_INFLATED_SIZE",
     "AssociationAbortedError",
     "AssociationRejectedError",
     "ClientAssociation",
+    "DatasetTooLargeError",
     "NetworkError",
+    "RequestHandler",
+    "ResponseRejectedError",
     "StoreHandler",
     "connect",
     "file_chunks",
+    "response_for",
+    "response_to",
 ]
 
 log = logging.getLogger("router.net.client")
@@ -64,8 +82,16 @@ DEFAULT_TRANSFER_SYNTAXES = (
     uids.IMPLICIT_VR_LITTLE_ENDIAN,
 )
 
+#: Largest data set held whole (C-FIND identifiers, N-service attribute lists...).
+DEFAULT_MAX_DATASET_SIZE = 64 << 20
+#: Largest size a deflated data set may inflate to (PS3.5 A.5: a zip bomb guard).
+DEFAULT_MAX_INFLATED_SIZE = 256 << 20
+
 # A C-GET sub-operation handler: (request, data set bytes, transfer syntax) -> status.
 StoreHandler = Callable[[dimse.CStoreRQ, bytes, str], int]
+# Any other request the peer sends on our association:
+# (context ID, request, data set bytes or None) -> (status, reply data set or None).
+RequestHandler = Callable[[int, Any, bytes | None], tuple[int, Dataset | None]]
 
 
 def file_chunks(path: Path, offset: int, size: int) -> Iterator[tuple[bytes, bool]]:
@@ -111,6 +137,60 @@ class AssociationAbortedError(NetworkError):
         self.event = event
 
 
+class DatasetTooLargeError(NetworkError):
+    """A data set the peer sent exceeded ``max_dataset_size``: we aborted."""
+
+
+class ResponseRejectedError(NetworkError):
+    """The response we waited for arrived, but its command set is invalid
+    (PS3.7 Annex C); ``detail`` says why. The association is left as it is."""
+
+    def __init__(self, message_id: int, detail: str) -> None:
+        super().__init__(f"invalid response to message {message_id}: {detail}")
+        self.detail = detail
+
+
+def response_to(command_field: int, message_id: int, status: int,
+                **fields: Any) -> dimse.DimseMessage | None:
+    """The response (Command Field | 8000H, PS3.7 Table E.1-1) to request
+    ``command_field``, or None if there is no such message type.
+
+    Only the ``fields`` the response class has are set (None values dropped):
+    every response's fields but Message ID Being Responded To and Status are
+    optional, so any request can be answered knowing just its ID."""
+    cls = _RESPONSE_TYPES.get(command_field | 0x8000)
+    if cls is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in fields.items() if k in names and v is not None}
+    return cls(message_id_being_responded_to=message_id, status=status, **kwargs)
+
+
+_RESPONSE_TYPES: dict[int, Any] = {
+    int(field): cls for field, cls in dimse.MESSAGE_TYPES.items()
+    if issubclass(cls, dimse.DimseResponse)
+}
+
+
+def response_for(rq: Any, status: int, **fields: Any) -> dimse.DimseMessage:
+    """The response to request ``rq`` with ``status``, echoing the SOP class and
+    instance (Affected or Requested, PS3.7 §9.3 / §10.3 U(=) fields) and the
+    event or action type; ``fields`` add to or override these."""
+    echoed: dict[str, Any] = {
+        "affected_sop_class_uid": getattr(rq, "affected_sop_class_uid", None)
+        or getattr(rq, "requested_sop_class_uid", None),
+        "affected_sop_instance_uid": getattr(rq, "affected_sop_instance_uid", None)
+        or getattr(rq, "requested_sop_instance_uid", None),
+        "event_type_id": getattr(rq, "event_type_id", None),
+        "action_type_id": getattr(rq, "action_type_id", None),
+    }
+    echoed.update(fields)
+    rsp = response_to(int(rq.command_field), rq.message_id, status, **echoed)
+    if rsp is None:  # pragma: no cover - every request type has its response type
+        raise LocalProtocolError(f"no response type for {type(rq).__name__}")
+    return rsp
+
+
 @dataclass(frozen=True, slots=True)
 class _Response:
     message: Any
@@ -130,13 +210,19 @@ def connect(
     acse_timeout: float = 30.0,
     dimse_timeout: float | None = None,
     on_store: StoreHandler | None = None,
+    on_request: RequestHandler | None = None,
+    max_dataset_size: int | None = DEFAULT_MAX_DATASET_SIZE,
+    max_inflated_size: int | None = DEFAULT_MAX_INFLATED_SIZE,
 ) -> ClientAssociation:
     """Open an association; raises :class:`AssociationRejectedError` if refused.
 
     ``contexts``: (abstract syntax, transfer syntaxes) pairs to propose;
     verification alone if not given. ``roles``: SOP class -> (scu, scp) role
     selection proposals (PS3.7 D.3.3.4), e.g. the storage classes with
-    ``(False, True)`` for C-GET.
+    ``(False, True)`` for C-GET. ``on_request`` answers requests other than
+    C-STORE that the peer sends while we wait (none: 0211H). Data sets other
+    than C-STORE's larger than ``max_dataset_size`` abort the association
+    (:class:`DatasetTooLargeError`); None means no limit.
     """
     proposed = list(contexts or [(uids.VERIFICATION_SOP_CLASS, DEFAULT_TRANSFER_SYNTAXES)])
     rq = build_request(
@@ -153,7 +239,9 @@ def connect(
                            artim_timeout=acse_timeout)
     event = conn.next_event(acse_timeout)
     if isinstance(event, AssociationEstablished):
-        return ClientAssociation(conn, dimse_timeout=dimse_timeout, on_store=on_store)
+        return ClientAssociation(conn, dimse_timeout=dimse_timeout, on_store=on_store,
+                                 on_request=on_request, max_dataset_size=max_dataset_size,
+                                 max_inflated_size=max_inflated_size)
     conn.close()
     if isinstance(event, AssociationRejected):
         raise AssociationRejectedError(event.reject)
@@ -170,12 +258,21 @@ class ClientAssociation:
         *,
         dimse_timeout: float | None = None,
         on_store: StoreHandler | None = None,
+        on_request: RequestHandler | None = None,
+        max_dataset_size: int | None = DEFAULT_MAX_DATASET_SIZE,
+        max_inflated_size: int | None = DEFAULT_MAX_INFLATED_SIZE,
     ) -> None:
         self._conn = conn
         self._assoc = conn.assoc
         self.dimse_timeout = dimse_timeout
         self.on_store = on_store
+        self.on_request = on_request
+        self.max_dataset_size = max_dataset_size
+        self.max_inflated_size = max_inflated_size
         self._ids = itertools.cycle(range(1, 65536))
+        # Presentation context of each operation still in progress: its
+        # C-CANCEL goes on the same one (PS3.7 §9.3.2.3).
+        self._operation_contexts: dict[int, int] = {}
         self.current_message_id: int | None = None
         self.messages_sent = 0
         self.messages_received = 0
@@ -245,42 +342,125 @@ class ClientAssociation:
         self.messages_sent += 1
         if dimse.is_request(msg) and not isinstance(msg, dimse.CCancelRQ):
             self.current_message_id = msg.message_id
+            self._operation_contexts[msg.message_id] = ctx.context_id
 
     def _require_associated(self) -> None:
         if not self.is_associated:
             raise NetworkError("the association is not established")
 
-    def _receive(self, message_id: int) -> _Response:
-        """Wait for the response to ``message_id`` (with its data set, if any)."""
+    def _receive(self, message_id: int, timeout: float | None = None) -> _Response:
+        """Wait for the response to ``message_id`` (with its data set, if any),
+        answering the peer's requests meanwhile (C-GET sub-operations...)."""
+        if timeout is None:
+            timeout = self.dimse_timeout
         while True:
-            event = self._conn.next_event(self.dimse_timeout)
-            if isinstance(event, CommandReceived):
-                msg = event.message
-                dataset = self._read_dataset(event.context_id) if msg.has_dataset else None
-                self.messages_received += 1
-                if isinstance(msg, dimse.CStoreRQ):
-                    self._store_sub_operation(event.context_id, msg, dataset or b"")
-                    continue
-                responded = getattr(msg, "message_id_being_responded_to", None)
-                if responded != message_id:
-                    log.warning("ignoring %s for message %s (waiting for %s)",
-                                type(msg).__name__, responded, message_id)
-                    continue
-                return _Response(msg, dataset)
-            self._unexpected(event)
-
-    def _read_dataset(self, context_id: int) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            event = self._conn.next_event(self.dimse_timeout)
-            if isinstance(event, DataReceived):
-                parts.append(bytes(event.data))
-                if event.last:
-                    return b"".join(parts)
+            event = self._conn.next_event(timeout)
+            if isinstance(event, CommandRejected):
+                self._rejected(event, message_id)
                 continue
-            self._unexpected(event)
+            if not isinstance(event, CommandReceived):
+                self._unexpected(event)
+            msg = event.message
+            self.messages_received += 1
+            if isinstance(msg, dimse.CStoreRQ):
+                if not msg.has_dataset:
+                    log.warning("C-STORE-RQ from %s:%s without a data set: answered 0xC000",
+                                *self.peer)
+                    self._assoc.send_message(event.context_id,
+                                             response_for(msg, dimse.CANNOT_UNDERSTAND))
+                    self._conn.flush()
+                    continue
+                # Handed over whole (the on_store API): no cap but the peer's.
+                data = self._read_dataset(None, timeout)
+                self._store_sub_operation(event.context_id, msg, data)
+                continue
+            dataset = (self._read_dataset(self.max_dataset_size, timeout)
+                       if msg.has_dataset else None)
+            if isinstance(msg, dimse.CCancelRQ):
+                log.warning("ignoring C-CANCEL-RQ from %s:%s: we perform no operation",
+                            *self.peer)
+                continue
+            if not isinstance(msg, dimse.DimseResponse):
+                self._answer_request(event.context_id, msg, dataset)
+                continue
+            responded = getattr(msg, "message_id_being_responded_to", None)
+            if responded != message_id:
+                log.warning("ignoring %s for message %s (waiting for %s)",
+                            type(msg).__name__, responded, message_id)
+                continue
+            if dimse.status_category(msg.status) is not dimse.StatusCategory.PENDING:
+                self._operation_contexts.pop(message_id, None)
+            return _Response(msg, dataset)
 
-    def _unexpected(self, event: Event) -> None:
+    def _read_dataset(self, limit: int | None, timeout: float | None) -> bytes:
+        """The data set that follows a command, each byte copied once (BytesIO.getvalue()
+        hands its buffer over as bytes)."""
+        buf = io.BytesIO()
+        size = 0
+        while True:
+            event = self._conn.next_event(timeout)
+            if not isinstance(event, DataReceived):
+                self._unexpected(event)
+            size += len(event.data)
+            if limit is not None and size > limit:
+                self.abort()
+                raise DatasetTooLargeError(
+                    f"{self.peer[0]}:{self.peer[1]} sent a data set larger than {limit} "
+                    "bytes (max_dataset_size): association aborted")
+            buf.write(event.data)
+            if event.last:
+                return buf.getvalue()
+
+    def _drain(self, timeout: float | None) -> None:
+        """Read and drop a data set nobody will use."""
+        while True:
+            event = self._conn.next_event(timeout)
+            if not isinstance(event, DataReceived):
+                self._unexpected(event)
+            if event.last:
+                return
+
+    def _rejected(self, event: CommandRejected, awaited: int) -> None:
+        """A framed but invalid command set (PS3.7 Annex C): drain its data set;
+        raise if it is the response we wait for, answer it if it is a request."""
+        if event.has_dataset:
+            self._drain(self.dimse_timeout)
+        field = event.command_field
+        if field & 0x8000 and event.message_id == awaited:
+            self._operation_contexts.pop(awaited, None)
+            raise ResponseRejectedError(awaited, event.detail)
+        if not field & 0x8000 and field != dimse.CommandField.C_CANCEL_RQ:
+            rsp = response_to(field, event.message_id, event.status)
+            if rsp is not None:
+                log.warning("invalid request (command field 0x%04X, message %d) from %s:%s: "
+                            "%s; answered 0x%04X", field, event.message_id, *self.peer,
+                            event.detail, event.status)
+                self._assoc.send_message(event.context_id, rsp)
+                self._conn.flush()
+                return
+        log.warning("dropping an invalid command set (command field 0x%04X, message %d) "
+                    "from %s:%s: %s", field, event.message_id, *self.peer, event.detail)
+
+    def _answer_request(self, context_id: int, rq: Any, dataset: bytes | None) -> None:
+        """A request from the peer other than C-STORE: ``on_request`` answers it
+        (none: 0211H unrecognized operation, PS3.7 Annex C)."""
+        status, reply = dimse.UNRECOGNIZED_OPERATION, None
+        if self.on_request is None:
+            log.warning("%s from %s:%s refused with 0x0211: no on_request handler",
+                        type(rq).__name__, *self.peer)
+        else:
+            try:
+                status, reply = self.on_request(context_id, rq, dataset)
+            except Exception:
+                log.exception("on_request handler failed for %s", type(rq).__name__)
+                status, reply = dimse.PROCESSING_FAILURE, None
+        ctx = self._assoc.contexts[context_id]
+        payload = encode_dataset(reply, ctx.transfer_syntax) if reply is not None else None
+        rsp = response_for(rq, status, has_dataset=payload is not None)
+        self._assoc.send_message(context_id, rsp, payload)
+        self._conn.flush()
+
+    def _unexpected(self, event: Event) -> NoReturn:
         if isinstance(event, ReleaseRequested):
             # The peer wants to release while we wait for an answer (PS3.8
             # allows it): answer, and report that the operation did not finish.
@@ -395,14 +575,13 @@ class ClientAssociation:
         self._send(ctx, dimse.CFindRQ(message_id=mid, affected_sop_class_uid=model,
                                       priority=priority),
                    encode_dataset(query, ctx.transfer_syntax))
-        while True:
-            rsp = self._receive(mid)
-            status = int(rsp.message.status)
-            identifier = (decode_dataset(rsp.dataset, ctx.transfer_syntax)
-                          if rsp.dataset else None)
-            yield status, identifier
-            if dimse.status_category(status) is not dimse.StatusCategory.PENDING:
-                return
+        with contextlib.closing(self._responses(mid)) as responses:
+            for rsp in responses:
+                status = int(rsp.message.status)
+                identifier = (decode_dataset(rsp.dataset, ctx.transfer_syntax,
+                                             max_inflated_size=self.max_inflated_size)
+                              if rsp.dataset else None)
+                yield status, identifier
 
     def move(self, query: Dataset, destination: str, *, model: str = uids.STUDY_ROOT_QR_MOVE,
              priority: dimse.Priority = dimse.Priority.MEDIUM) -> Iterator[dimse.CMoveRSP]:
@@ -412,11 +591,9 @@ class ClientAssociation:
         self._send(ctx, dimse.CMoveRQ(message_id=mid, affected_sop_class_uid=model,
                                       priority=priority, move_destination=destination),
                    encode_dataset(query, ctx.transfer_syntax))
-        while True:
-            rsp = self._receive(mid).message
-            yield rsp
-            if dimse.status_category(rsp.status) is not dimse.StatusCategory.PENDING:
-                return
+        with contextlib.closing(self._responses(mid)) as responses:
+            for rsp in responses:
+                yield rsp.message
 
     def get(
         self, query: Dataset, *, model: str = uids.STUDY_ROOT_QR_GET,
@@ -430,16 +607,67 @@ class ClientAssociation:
         self._send(ctx, dimse.CGetRQ(message_id=mid, affected_sop_class_uid=model,
                                      priority=priority),
                    encode_dataset(query, ctx.transfer_syntax))
-        while True:
-            rsp = self._receive(mid).message
-            yield rsp
-            if dimse.status_category(rsp.status) is not dimse.StatusCategory.PENDING:
-                return
+        with contextlib.closing(self._responses(mid)) as responses:
+            for rsp in responses:
+                yield rsp.message
+
+    def _responses(self, message_id: int) -> Generator[_Response, None, None]:
+        """The responses to a C-FIND/C-MOVE/C-GET, the final one last.
+
+        If the caller stops early (the generator is closed: ``break``, ``close()``;
+        the C-FIND/C-MOVE/C-GET generators close this one with them), the
+        operation is cancelled (PS3.7 §9.3.2.3) and its remaining responses
+        read, so the association is ready for the next request."""
+        done = False
+        try:
+            while True:
+                rsp = self._receive(message_id)
+                done = dimse.status_category(rsp.message.status) \
+                    is not dimse.StatusCategory.PENDING
+                yield rsp
+                if done:
+                    return
+        except GeneratorExit:
+            if not done:
+                self._cancel_and_drain(message_id)
+            raise
+        finally:
+            if done:
+                self._operation_contexts.pop(message_id, None)
+
+    def _cancel_and_drain(self, message_id: int) -> None:
+        # Runs inside generator.close(): nothing may be raised from here, so a
+        # failure is logged, and a peer that does not answer is aborted.
+        if not self.is_associated:
+            return
+        timeout = self.dimse_timeout if self.dimse_timeout is not None else \
+            self._conn.artim_timeout
+        try:
+            self.cancel(message_id)
+            while dimse.status_category(self._receive(message_id, timeout).message.status) \
+                    is dimse.StatusCategory.PENDING:
+                pass
+        except PeerTimeout:
+            log.warning("no final response from %s:%s to message %d within %.0f s of our "
+                        "C-CANCEL: aborting", *self.peer, message_id, timeout)
+            self.abort()
+        except (ProtocolError, OSError) as exc:
+            log.warning("cancelling message %d on %s:%s failed: %s", message_id, *self.peer,
+                        exc)
+        finally:
+            self._operation_contexts.pop(message_id, None)
 
     def cancel(self, message_id: int, model: str | None = None) -> None:
-        """C-CANCEL (PS3.7 §9.3.2.3) for the operation ``message_id``."""
-        ctx = (self.context_for(model) if model else
-               next(iter(self._assoc.contexts.values())))
+        """C-CANCEL (PS3.7 §9.3.2.3) for the operation ``message_id``, on the
+        presentation context that operation uses (``model`` and then any context
+        serve only for an operation this association does not know of)."""
+        context_id = self._operation_contexts.get(message_id)
+        if context_id is not None:
+            ctx = self._assoc.contexts[context_id]
+        elif model:
+            ctx = self.context_for(model)
+        else:
+            ctx = next(iter(self._assoc.contexts.values()))
         self._send(ctx, dimse.CCancelRQ(message_id_being_responded_to=message_id))
 
     # ------------------------------------------------------------ DIMSE-N
@@ -450,7 +678,9 @@ class ClientAssociation:
         payload = encode_dataset(dataset, ctx.transfer_syntax) if dataset is not None else None
         self._send(ctx, msg, payload)
         rsp = self._receive(msg.message_id)
-        reply = decode_dataset(rsp.dataset, ctx.transfer_syntax) if rsp.dataset else None
+        reply = (decode_dataset(rsp.dataset, ctx.transfer_syntax,
+                                max_inflated_size=self.max_inflated_size)
+                 if rsp.dataset else None)
         return rsp.message, reply
 
     def n_event_report(self, sop_class: str, sop_instance: str, event_type_id: int,

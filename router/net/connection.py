@@ -182,6 +182,29 @@ class Connection:
             if isinstance(event, ConnectionClosed):
                 return
 
+    def read_available(self) -> bool:
+        """Read what the socket holds right now, without blocking.
+
+        True if anything happened (bytes fed to the engine, or the peer closed:
+        the engine then reports it); False if there was nothing to read. A
+        non-blocking ``recv`` (MSG_DONTWAIT) rather than ``select``: no limit on
+        the descriptor number, and one syscall instead of two."""
+        if self.closed:
+            return False
+        try:
+            n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            log.debug("receive from %s failed: %s", self.peer, exc)
+            self._transport_lost()
+            return True
+        if n == 0:
+            self._transport_lost()
+            return True
+        self.assoc.receive_data(self._view[:n])
+        return True
+
     def _read(self, deadline: float | None) -> None:
         now = time.monotonic()
         wait: float | None = None

@@ -717,7 +717,8 @@ def test_movescu_unknown_destination(dcmtk: Dcmtk, start_scp: Callable[..., Serv
 
 def test_movescu_destination_refuses(dcmtk: Dcmtk, start_scp: Callable[..., Server],
                                      tmp_path: Path, procs: Procs) -> None:
-    """Every sub-operation fails at the destination: counts say so, final B000."""
+    """Every sub-operation fails at the destination: counts say so, and the final
+    status is a failure, A702 (PS3.4 C.4.2.1.4: B000 is for *some* failures)."""
     files = make_study(tmp_path / "study", 1, 3, size_kb=4)
     store = storescp_server(tmp_path, procs, aet="STORESCP", dcmtk=dcmtk)
     store.outdir.rmdir()  # storescp answers A700 when it cannot write
@@ -729,7 +730,7 @@ def test_movescu_destination_refuses(dcmtk: Dcmtk, start_scp: Callable[..., Serv
                      LOCALHOST, str(server.port)])
     output = done.stdout + done.stderr
     counts = _suboperation_counts(output)
-    assert counts[-1] == ("none", "0", "3", "0", "0xb000"), output[-4000:]
+    assert counts[-1] == ("none", "0", "3", "0", "0xa702"), output[-4000:]
     assert counts[:-1] == [("2", "0", "1", "0", "0xff00"), ("1", "0", "2", "0", "0xff00")]
 
 
@@ -938,11 +939,14 @@ def cli(*args: str | int | Path, timeout: float = 60.0) -> Any:
     return run_tool([sys.executable, "-m", "router.cli", *map(str, args)], timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["echo", "send", "find", "move", "get", "run"])
+@pytest.mark.parametrize("command", ["echo", "send", "find", "move", "get", "run", "status",
+                                     "reload", "scp"])
 def test_cli_help(command: str) -> None:
     output = check(cli(command, "--help"))
     assert f"dicom-router {command}" in output
-    if command != "run":
+    if command in ("run", "status", "reload"):
+        assert "--config" in output and "--spool" in output
+    elif command != "scp":
         assert "-aet" in output and "-aec" in output
 
 

@@ -1711,7 +1711,11 @@ def test_b_n_create(serve: Callable[..., Server], scu_ae: Callable[..., AE], sta
     assert request.dataset_bytes == pynetdicom_encoding(attributes, ImplicitVRLittleEndian)
     assert rsp.Status == status
     assert got == (attributes if with_reply else None)
-    assert log.commands[0].AffectedSOPInstanceUID == inst
+    if dimse.status_category(status) is dimse.StatusCategory.FAILURE:
+        # PS3.7 §10.1.5.1.4: the UID "may only be included in the success response".
+        assert "AffectedSOPInstanceUID" not in log.commands[0]
+    else:
+        assert log.commands[0].AffectedSOPInstanceUID == inst
 
 
 def test_b_n_create_instance_assigned_by_scp(serve: Callable[..., Server],
