@@ -8,22 +8,28 @@ error; 3 could not associate (connection refused, rejected, aborted).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from router.config import Config, ConfigError, load_config
 from router.dicom import dimse, uids
-from router.dicom.dataset import read_part10_header
+from router.dicom.dataset import part10_meta_bytes, read_part10_header
 from router.dicom.errors import ProtocolError
-from router.dicom.negotiation import AcceptorPolicy
+from router.dicom.negotiation import MAX_PRESENTATION_CONTEXTS, AcceptorPolicy
 from router.net.client import (
     AssociationAbortedError,
     AssociationRejectedError,
@@ -31,7 +37,7 @@ from router.net.client import (
     NetworkError,
     connect,
 )
-from router.net.server import Handlers, Request, Server, iter_instances
+from router.net.server import Handlers, Request, Server, StoreSink, iter_instances
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
 
@@ -50,6 +56,14 @@ _MODELS = {
 
 class UsageError(Exception):
     """A bad argument: printed as one line, exit code 2."""
+
+
+class ConfigUsageError(UsageError):
+    """A configuration error, already one line naming the file and the key."""
+
+
+class RouterNotRunning(Exception):
+    """The admin socket did not answer: exit code 3."""
 
 
 # ---------------------------------------------------------------- arguments
@@ -83,6 +97,14 @@ def _add_query_args(p: argparse.ArgumentParser, default_level: str) -> None:
     p.set_defaults(model="study")
 
 
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=None, metavar="FILE",
+                   help="TOML configuration file (default: the embedded default)")
+    p.add_argument("--spool", type=Path, default=None, metavar="DIR",
+                   help="spool folder (default: from the file, else a per-user data folder "
+                        "or /var/spool/dicom-router as root)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-router",
@@ -92,16 +114,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="more logging (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the receiver (C-ECHO/C-STORE SCP)",
-                         description="Run a C-ECHO/C-STORE SCP that prints one line per "
-                                     "association and per instance received. The "
-                                     "multiprocess router with rules replaces it later.")
-    run.add_argument("--host", default="0.0.0.0",
+    run = sub.add_parser(
+        "run", help="run the router (listener, supervisor and worker processes)",
+        description="Run the router: accept associations, answer C-ECHO, store every "
+                    "C-STORE durably in the spool before answering Success. Without "
+                    "--config it runs on the embedded default (AE title DICOM-ROUTER, "
+                    "port 11112, one worker per core) and says so in its first log line. "
+                    "Flags override the file. SIGTERM drains, SIGHUP reloads the file.")
+    _add_runtime_args(run)
+    run.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
+    run.add_argument("--port", type=int, default=None, help="TCP port (default 11112)")
+    run.add_argument("--workers", default=None, metavar="N",
+                     help="worker processes (default: one per core)")
+
+    status = sub.add_parser(
+        "status", help="workers of the running router (pid, uptime, associations, RSS, CPU)",
+        description="Ask the running router (found from the same --config/--spool as "
+                    "'run') for its workers and totals.")
+    _add_runtime_args(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+
+    reload = sub.add_parser("reload", help="reload the running router's configuration file",
+                            description="Same as SIGHUP: an invalid file is refused and the "
+                                        "running configuration stays.")
+    _add_runtime_args(reload)
+    reload.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+
+    scp = sub.add_parser("scp", help="a simple C-ECHO/C-STORE SCP for tests (one process)",
+                         description="A stand-alone C-ECHO/C-STORE SCP that prints one line "
+                                     "per association and per instance, and with --output "
+                                     "writes each instance durably as a Part 10 file. A test "
+                                     "peer for operators; the router is 'run'.")
+    scp.add_argument("--host", default="0.0.0.0",
                      help="address to listen on (default: %(default)s)")
-    run.add_argument("--port", type=int, default=11112, help="TCP port (default: %(default)s)")
-    run.add_argument("--ae-title", default="DICOM-ROUTER",
+    scp.add_argument("--port", type=int, default=11112, help="TCP port (default: %(default)s)")
+    scp.add_argument("--ae-title", default="DICOM-ROUTER",
                      help="our AE title (default: %(default)s)")
-    run.add_argument("--output", type=Path, default=None, metavar="DIR",
+    scp.add_argument("--output", type=Path, default=None, metavar="DIR",
                      help="also write each received instance as a Part 10 file into DIR")
 
     echo = sub.add_parser("echo", help="C-ECHO a peer (verification)")
@@ -283,18 +333,113 @@ def cmd_move(args: argparse.Namespace) -> int:
     return EXIT_OK if last is not None and last.status == dimse.SUCCESS else EXIT_FAILED
 
 
-def cmd_get(args: argparse.Namespace) -> int:
-    from router.dicom.dataset import part10_meta_bytes
+# Storage SOP classes `get` offers to receive (PS3.4 B.5), most common first:
+# an association has room for 128 presentation contexts, and there are ~190
+# storage classes, so a C-GET proposes what archives actually hold.
+# (image class?, UID) -- image classes also get contexts for compressed syntaxes.
+GET_STORAGE_CLASSES: tuple[tuple[bool, str], ...] = (
+    (True, "1.2.840.10008.5.1.4.1.1.2"),  # CT Image
+    (True, "1.2.840.10008.5.1.4.1.1.4"),  # MR Image
+    (True, "1.2.840.10008.5.1.4.1.1.1"),  # Computed Radiography Image
+    (True, "1.2.840.10008.5.1.4.1.1.1.1"),  # Digital X-Ray - For Presentation
+    (True, "1.2.840.10008.5.1.4.1.1.1.2"),  # Digital Mammography - For Presentation
+    (True, "1.2.840.10008.5.1.4.1.1.6.1"),  # Ultrasound Image
+    (True, "1.2.840.10008.5.1.4.1.1.3.1"),  # Ultrasound Multi-frame Image
+    (True, "1.2.840.10008.5.1.4.1.1.12.1"),  # X-Ray Angiographic Image
+    (True, "1.2.840.10008.5.1.4.1.1.12.2"),  # X-Ray Radiofluoroscopic Image
+    (True, "1.2.840.10008.5.1.4.1.1.20"),  # Nuclear Medicine Image
+    (True, "1.2.840.10008.5.1.4.1.1.128"),  # Positron Emission Tomography Image
+    (True, "1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image
+    (True, "1.2.840.10008.5.1.4.1.1.2.1"),  # Enhanced CT Image
+    (True, "1.2.840.10008.5.1.4.1.1.4.1"),  # Enhanced MR Image
+    (True, "1.2.840.10008.5.1.4.1.1.13.1.3"),  # Breast Tomosynthesis Image
+    (True, "1.2.840.10008.5.1.4.1.1.1.1.1"),  # Digital X-Ray - For Processing
+    (True, "1.2.840.10008.5.1.4.1.1.1.2.1"),  # Digital Mammography - For Processing
+    (True, "1.2.840.10008.5.1.4.1.1.7.1"),  # Multi-frame Single Bit SC
+    (True, "1.2.840.10008.5.1.4.1.1.7.2"),  # Multi-frame Grayscale Byte SC
+    (True, "1.2.840.10008.5.1.4.1.1.7.3"),  # Multi-frame Grayscale Word SC
+    (True, "1.2.840.10008.5.1.4.1.1.7.4"),  # Multi-frame True Color SC
+    (True, "1.2.840.10008.5.1.4.1.1.481.1"),  # RT Image
+    (True, "1.2.840.10008.5.1.4.1.1.12.1.1"),  # Enhanced XA Image
+    (True, "1.2.840.10008.5.1.4.1.1.12.2.1"),  # Enhanced XRF Image
+    (True, "1.2.840.10008.5.1.4.1.1.13.1.1"),  # X-Ray 3D Angiographic Image
+    (True, "1.2.840.10008.5.1.4.1.1.130"),  # Enhanced PET Image
+    (True, "1.2.840.10008.5.1.4.1.1.6.2"),  # Enhanced US Volume
+    (True, "1.2.840.10008.5.1.4.1.1.13.1.4"),  # Breast Projection X-Ray - For Presentation
+    (True, "1.2.840.10008.5.1.4.1.1.13.1.5"),  # Breast Projection X-Ray - For Processing
+    (True, "1.2.840.10008.5.1.4.1.1.1.3"),  # Digital Intra-Oral X-Ray - For Presentation
+    (True, "1.2.840.10008.5.1.4.1.1.77.1.1"),  # VL Endoscopic Image
+    (True, "1.2.840.10008.5.1.4.1.1.77.1.4"),  # VL Photographic Image
+    (True, "1.2.840.10008.5.1.4.1.1.77.1.5.1"),  # Ophthalmic Photography 8 Bit Image
+    (True, "1.2.840.10008.5.1.4.1.1.77.1.5.4"),  # Ophthalmic Tomography Image
+    (True, "1.2.840.10008.5.1.4.1.1.77.1.6"),  # VL Whole Slide Microscopy Image
+    (True, "1.2.840.10008.5.1.4.1.1.4.3"),  # Enhanced MR Color Image
+    (False, "1.2.840.10008.5.1.4.1.1.88.59"),  # Key Object Selection Document
+    (False, "1.2.840.10008.5.1.4.1.1.104.1"),  # Encapsulated PDF
+    (False, "1.2.840.10008.5.1.4.1.1.104.2"),  # Encapsulated CDA
+    (False, "1.2.840.10008.5.1.4.1.1.11.1"),  # Grayscale Softcopy Presentation State
+    (False, "1.2.840.10008.5.1.4.1.1.11.2"),  # Color Softcopy Presentation State
+    (False, "1.2.840.10008.5.1.4.1.1.88.11"),  # Basic Text SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.22"),  # Enhanced SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.33"),  # Comprehensive SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.34"),  # Comprehensive 3D SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.35"),  # Extensible SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.50"),  # Mammography CAD SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.65"),  # Chest CAD SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.67"),  # X-Ray Radiation Dose SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.68"),  # Radiopharmaceutical Radiation Dose SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.71"),  # Acquisition Context SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.73"),  # Patient Radiation Dose SR
+    (False, "1.2.840.10008.5.1.4.1.1.88.40"),  # Procedure Log
+    (False, "1.2.840.10008.5.1.4.1.1.66.4"),  # Segmentation
+    (False, "1.2.840.10008.5.1.4.1.1.30"),  # Parametric Map
+    (False, "1.2.840.10008.5.1.4.1.1.66"),  # Raw Data
+    (False, "1.2.840.10008.5.1.4.1.1.66.1"),  # Spatial Registration
+    (False, "1.2.840.10008.5.1.4.1.1.66.3"),  # Deformable Spatial Registration
+    (False, "1.2.840.10008.5.1.4.1.1.481.2"),  # RT Dose
+    (False, "1.2.840.10008.5.1.4.1.1.481.3"),  # RT Structure Set
+    (False, "1.2.840.10008.5.1.4.1.1.481.5"),  # RT Plan
+    (False, "1.2.840.10008.5.1.4.1.1.481.4"),  # RT Beams Treatment Record
+    (False, "1.2.840.10008.5.1.4.1.1.481.6"),  # RT Brachy Treatment Record
+    (False, "1.2.840.10008.5.1.4.1.1.481.7"),  # RT Treatment Summary Record
+    (False, "1.2.840.10008.5.1.4.1.1.481.8"),  # RT Ion Plan
+    (False, "1.2.840.10008.5.1.4.1.1.481.9"),  # RT Ion Beams Treatment Record
+    (False, "1.2.840.10008.5.1.4.1.1.9.1.1"),  # 12-lead ECG Waveform
+    (False, "1.2.840.10008.5.1.4.1.1.9.1.2"),  # General ECG Waveform
+)
 
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"  # PS3.5 A.4.1, Process 14 SV1
+JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"  # PS3.5 A.4.4
+JPEG_2000 = "1.2.840.10008.1.2.4.91"
+
+
+def get_contexts(
+    model: str,
+) -> tuple[list[tuple[str, Sequence[str]]], dict[str, tuple[bool, bool]]]:
+    """Presentation contexts and SCP role proposals for a C-GET (PS3.4 C.4.3).
+
+    The query model, then one context per storage class in explicit or implicit
+    VR LE; then, while room is left (128 contexts, PS3.8 §9.3.2.2), separate
+    contexts for image classes in JPEG Lossless, then in JPEG 2000, so an
+    archive can deliver what it holds compressed (one context per syntax
+    family: an acceptor picks one transfer syntax per context)."""
+    uncompressed = [uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN]
+    contexts: list[tuple[str, Sequence[str]]] = [(model, uncompressed)]
+    contexts += [(sop, uncompressed) for _, sop in GET_STORAGE_CLASSES]
+    images = [sop for image, sop in GET_STORAGE_CLASSES if image]
+    for syntaxes in ([JPEG_LOSSLESS_SV1], [JPEG_2000_LOSSLESS, JPEG_2000]):
+        for sop in images:
+            if len(contexts) == MAX_PRESENTATION_CONTEXTS:
+                break
+            contexts.append((sop, syntaxes))
+    roles = {sop: (False, True) for _, sop in GET_STORAGE_CLASSES}
+    return contexts, roles
+
+
+def cmd_get(args: argparse.Namespace) -> int:
     model = _MODELS[(args.model, "get")]
-    ts = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
-    storage_ts = [uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN]
     # Storage classes for the sub-operations, with us as SCP (PS3.4 C.4.3).
-    # 127 contexts at most besides the query model: common classes first.
-    storage = list(uids.storage_sop_classes())[:127]
-    contexts: list[tuple[str, Sequence[str]]] = [(model, ts)]
-    contexts += [(sop, storage_ts) for sop in storage]
-    roles = {sop: (False, True) for sop in storage}
+    contexts, roles = get_contexts(model)
     args.out.mkdir(parents=True, exist_ok=True)
     received = 0
 
@@ -319,35 +464,212 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK if last is not None and last.status == dimse.SUCCESS else EXIT_FAILED
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from router.dicom.dataset import part10_meta_bytes
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP})
 
-    out: Path | None = args.output
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
 
-    def on_store(req: Request) -> int:
-        msg = req.message
-        data = req.dataset_bytes or b""
-        print(f"{req.assoc} C-STORE {msg.affected_sop_class_uid} "
-              f"{msg.affected_sop_instance_uid} {len(data)} bytes", flush=True)
-        if out is not None:
-            path = out / f"{req.assoc.id}-{msg.message_id}.dcm"  # never from dataset content
-            path.write_bytes(part10_meta_bytes(
+class ReceivedFile:
+    """One instance received by ``run``: counted, and with ``--output`` written
+    as a Part 10 file the way DESIGN.md D4 requires before Success is answered.
+
+    The data set streams into a temporary file opened with O_EXCL; at the end
+    it is fsynced and linked to ``<uuid4>.dcm`` (a name never derived from the
+    data set, and link(2) never replaces an existing file), and the folder is
+    fsynced: the file and its name are on disk when the peer hears Success. If
+    anything fails the temporary file is removed and the answer is A700H (out
+    of resources: disk full) or 0110H (processing failure), PS3.4 B.2.3.
+    """
+
+    def __init__(self, request: Request, folder: Path | None) -> None:
+        self.request = request
+        self.folder = folder
+        self.size = 0
+        self.tmp: Path | None = None
+        self.path: Path | None = None
+        self._linked = False
+        self._fh: IO[bytes] | None = None
+        if folder is None:
+            return
+        name = uuid.uuid4().hex
+        self.tmp = folder / f".{name}.part"
+        self.path = folder / f"{name}.dcm"
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fh = os.fdopen(fd, "wb")
+        msg = request.message
+        try:
+            self._fh.write(part10_meta_bytes(
                 sop_class_uid=msg.affected_sop_class_uid,
                 sop_instance_uid=msg.affected_sop_instance_uid,
-                transfer_syntax=req.context.transfer_syntax,
-                source_ae_title=req.assoc.calling_ae) + data)
+                transfer_syntax=request.context.transfer_syntax,
+                source_ae_title=request.assoc.calling_ae))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: memoryview) -> None:
+        if self._fh is not None:
+            self._fh.write(data)
+        self.size += len(data)
+
+    def close(self) -> int:
+        msg = self.request.message
+        if self._fh is not None:
+            assert self.tmp is not None and self.path is not None and self.folder is not None
+            try:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                self._fh = None
+                self._publish(self.tmp, self.path)
+                self.tmp = None
+                _fsync_folder(self.folder)
+            except OSError as exc:
+                status = (dimse.REFUSED_OUT_OF_RESOURCES if exc.errno in _DISK_FULL
+                          else dimse.PROCESSING_FAILURE)
+                log.warning("%s C-STORE %s: cannot write it to %s (%s): answering 0x%04X",
+                            self.request.assoc, msg.affected_sop_instance_uid, self.folder,
+                            exc, status)
+                self.abort()
+                return status
+        print(f"{self.request.assoc} C-STORE {msg.affected_sop_class_uid} "
+              f"{msg.affected_sop_instance_uid} {self.size} bytes"
+              + (f" -> {self.path}" if self.path is not None else ""), flush=True)
         return dimse.SUCCESS
+
+    def _publish(self, tmp: Path, path: Path) -> None:
+        # link + unlink, not rename: link(2) fails rather than replace a file.
+        try:
+            os.link(tmp, path)
+            self._linked = True
+            tmp.unlink()
+        except OSError as exc:
+            if self._linked or exc.errno not in _NO_HARD_LINKS:
+                raise
+            os.rename(tmp, path)  # a file system without hard links; the name is new
+            self._linked = True
+
+    def abort(self) -> None:
+        """Discard: close and remove what was written (nothing was acknowledged)."""
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
+        for leftover in (self.tmp, self.path if self._linked else None):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        self.tmp = None
+        self.path = None
+        self._linked = False
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is durable only once the directory entry is (fsync(2)).
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_handlers(out: Path | None) -> Handlers:
+    """The handlers of ``dicom-router run``: C-ECHO, and C-STORE streamed into
+    :class:`ReceivedFile` (into ``out`` if given)."""
+
+    def on_store(req: Request) -> StoreSink:
+        return ReceivedFile(req, out)
 
     def on_echo(req: Request) -> int:
         print(f"{req.assoc} C-ECHO", flush=True)
         return dimse.SUCCESS
 
+    return Handlers(on_c_echo=on_echo, on_c_store_stream=on_store)
+
+
+def _runtime_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]]:
+    overrides: dict[str, object] = {"spool": args.spool}
+    for key in ("host", "port", "workers"):
+        value = getattr(args, key, None)
+        if key == "workers" and value is not None and value != "auto":
+            try:
+                value = int(value)
+            except ValueError:
+                raise UsageError(f"--workers: expected an integer or 'auto', got {value!r}")\
+                    from None
+        overrides[key] = value
+    try:
+        return load_config(args.config, overrides=overrides), overrides
+    except ConfigError as exc:
+        raise ConfigUsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from router.supervisor import Supervisor
+
+    config, overrides = _runtime_config(args)
+    logging.getLogger().setLevel(config.log_level)
+    return Supervisor(config, config_path=args.config, overrides=overrides).run()
+
+
+def _admin(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    import zmq
+
+    from router import control
+
+    config, _ = _runtime_config(args)
+    endpoints = control.Endpoints.for_run_dir(str(config.spool / "run"),
+                                              admin_path=config.admin_socket)
+    ctx = zmq.Context()
+    try:
+        reply = control.admin_request(ctx, endpoints.admin, control.Command(name=name),
+                                      args.timeout)
+    except control.ControlError as exc:
+        raise RouterNotRunning(f"no router answering at {config.admin_socket}: {exc}") from None
+    finally:
+        ctx.term()
+    if not reply.ok:
+        raise UsageError(f"{name}: {reply.error}")
+    return dict(reply.result)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    result = _admin(args, "status")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    workers = result.get("workers", [])
+    print(f"router pid {result.get('pid')}, up {result.get('uptime')} s, configuration "
+          f"generation {result.get('generation')} from {result.get('config')}"
+          + (", draining" if result.get("draining") else ""))
+    print(f"{'worker':>6} {'pid':>8} {'uptime s':>9} {'open':>5} {'served':>7} "
+          f"{'RSS MB':>7} {'CPU %':>6} {'restarts':>8}")
+    totals = {"open": 0, "served": 0, "rss": 0}
+    for w in workers:
+        print(f"{w['worker_id']:>6} {w['pid']:>8} {w['uptime']:>9.1f} "
+              f"{w['open_associations']:>5} {w['served_total']:>7} {w['rss'] / 1e6:>7.1f} "
+              f"{w['cpu_percent']:>6.1f} {w['restarts']:>8}")
+        totals["open"] += w["open_associations"]
+        totals["served"] += w["served_total"]
+        totals["rss"] += w["rss"]
+    print(f"{'total':>6} {'':>8} {'':>9} {totals['open']:>5} {totals['served']:>7} "
+          f"{totals['rss'] / 1e6:>7.1f}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = _admin(args, "reload")
+    print(f"reload requested: configuration generation {result.get('generation')}")
+    return EXIT_OK
+
+
+def cmd_scp(args: argparse.Namespace) -> int:
+    out: Path | None = args.output
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     policy = AcceptorPolicy(
         abstract_syntaxes={uids.VERIFICATION_SOP_CLASS: None,
                            **dict.fromkeys(uids.storage_sop_classes())})
-    handlers = Handlers(on_c_echo=on_echo, on_c_store=on_store)
+    handlers = run_handlers(out)
     try:
         server = Server(handlers, ae_title=args.ae_title, host=args.host, port=args.port,
                         policy=policy)
@@ -364,15 +686,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "echo": cmd_echo, "send": cmd_send, "find": cmd_find,
-            "move": cmd_move, "get": cmd_get}
+COMMANDS = {"run": cmd_run, "status": cmd_status, "reload": cmd_reload, "scp": cmd_scp,
+            "echo": cmd_echo, "send": cmd_send, "find": cmd_find, "move": cmd_move,
+            "get": cmd_get}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    if args.command == "run":
+    if args.command in ("run", "scp"):
         level = min(level, logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command is None:
@@ -380,6 +703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
+    except ConfigUsageError as exc:
+        print(exc, file=sys.stderr)  # already one line naming the file and the key
+        return EXIT_USAGE
+    except RouterNotRunning as exc:
+        print(f"dicom-router {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NETWORK
     except UsageError as exc:
         print(f"dicom-router {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -387,7 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dicom-router {args.command}: {exc}", file=sys.stderr)
         return EXIT_NETWORK
     except (AssociationAbortedError, NetworkError, OSError) as exc:
-        print(f"dicom-router {args.command}: {args.host}:{args.port}: {exc}", file=sys.stderr)
+        where = f"{getattr(args, 'host', None)}:{getattr(args, 'port', None)}: " \
+            if getattr(args, "port", None) else ""
+        print(f"dicom-router {args.command}: {where}{exc}", file=sys.stderr)
         return EXIT_NETWORK
     except ProtocolError as exc:
         print(f"dicom-router {args.command}: {exc}", file=sys.stderr)

@@ -390,8 +390,22 @@ class Supervisor:
         self.listeners = []
         for slot in self.slots:
             slot.respawn_at = None
-        control.send_message(self.sockets.broadcast, control.Drain(grace=grace))
+        self._tell_workers(control.Drain(grace=grace))
         self.draining_until = time.monotonic() + grace + 5.0
+
+    def _tell_workers(self, message: control.Message) -> None:
+        """Send to every live worker over its own control connection.
+
+        Not the broadcast socket: a worker that just said hello may not have its
+        subscription in place yet (PUB/SUB's slow joiner) and would miss it; the
+        DEALER it said hello on is connected, so this always arrives.
+        """
+        for slot in self.slots:
+            if slot.proc is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    control.send_message(self.sockets.control, message,
+                                         identity=control.worker_identity(slot.worker_id),
+                                         flags=zmq.NOBLOCK)
 
     def _reload(self) -> None:
         try:
@@ -403,7 +417,7 @@ class Supervisor:
             log.warning("reload: listen addresses and worker count change on restart only")
         self.config = config
         self.generation += 1
-        control.send_message(self.sockets.broadcast, control.Reload(
+        self._tell_workers(control.Reload(
             generation=self.generation, config_path=str(self.config_path or "")))
         log.info("configuration generation %d loaded from %s", self.generation,
                  config.source)

@@ -190,6 +190,8 @@ class Worker:
                 generation = message.result.get("generation")
                 if isinstance(generation, int):
                     self.generation = generation
+            else:
+                self._from_supervisor(message)
 
     async def _broadcasts(self) -> None:
         while True:
@@ -199,14 +201,19 @@ class Worker:
             except control.ControlError as exc:
                 log.warning("worker %d: bad broadcast: %s", self.worker_id, exc)
                 continue
-            if isinstance(message, control.Drain):
-                self._begin_drain(message.grace)
-            elif isinstance(message, control.Stop):
-                self._begin_drain(0.0)
-            elif isinstance(message, control.Reload):
-                self._reload(message.generation)
+            self._from_supervisor(message)
+
+    def _from_supervisor(self, message: control.Message) -> None:
+        if isinstance(message, control.Drain):
+            self._begin_drain(message.grace)
+        elif isinstance(message, control.Stop):
+            self._begin_drain(0.0)
+        elif isinstance(message, control.Reload):
+            self._reload(message.generation)
 
     def _reload(self, generation: int) -> None:
+        if generation <= self.generation:
+            return  # already have it (it may come by more than one path)
         try:
             config = load_config(self.config_path, overrides=self.overrides)
         except ConfigError as exc:

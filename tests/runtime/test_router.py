@@ -1,0 +1,251 @@
+"""The real router (supervisor + worker processes) driven by DCMTK.
+
+Each test starts ``dicom-router run`` as a subprocess on a free loopback port
+with its own spool, waits for its "ready" log line (an event, not a sleep),
+and checks the outcome in the spool, the exit code and the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from router.dicom.dataset import read_part10_header
+from tests.helpers.data import make_ct, make_study
+from tests.helpers.dcmtk import Dcmtk, dcmtk_env
+from tests.helpers.net import free_port
+
+pytestmark = pytest.mark.interop
+
+READY_TIMEOUT = 30.0
+
+
+class Router:
+    """``dicom-router run`` in a subprocess, its log collected line by line."""
+
+    def __init__(self, tmp: Path, *, workers: int = 2, extra: str = "",
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.spool = tmp / "spool"
+        self.config = tmp / "router.toml"
+        self.write_config(workers=workers, extra=extra)
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "run", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def write_config(self, *, workers: int = 2, extra: str = "") -> None:
+        self.config.write_text(
+            f'[router]\nae_title = "ROUTER"\nworkers = {workers}\n'
+            f'[[router.listen]]\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'[spool]\npath = "{self.spool}"\n'
+            f'[timeouts]\nartim = 2\ndrain_grace = 5\nheartbeat_interval = 0.2\n'
+            f'heartbeat_timeout = 3\n{extra}')
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = READY_TIMEOUT, start: int = 0) -> int:
+        """Index of the first log line from ``start`` containing ``text``."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for i in range(start, len(self.lines)):
+                    if text in self.lines[i]:
+                        return i
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self.reader.is_alive()):
+                    raise AssertionError(f"{text!r} not logged; log:\n" + "\n".join(self.lines))
+                self.changed.wait(remaining)
+
+    def log(self) -> str:
+        with self.changed:
+            return "\n".join(self.lines)
+
+    def status(self) -> dict[str, object]:
+        done = subprocess.run([sys.executable, "-m", "router.cli", "status", "--json",
+                               "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[Router]:
+    r = Router(tmp_path)
+    try:
+        r.wait_for("ready: 2 workers serving")
+        yield r
+    finally:
+        r.stop()
+        # No worker may outlive the router.
+        for line in r.lines:
+            if "started (pid " in line:
+                pid = int(line.rsplit("pid ", 1)[1].rstrip(")"))
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+
+
+def _dataset(path: Path) -> bytes:
+    return path.read_bytes()[read_part10_header(path).dataset_offset:]
+
+
+def _spooled(router: Router) -> list[Path]:
+    return sorted((router.spool / "incoming").glob("*.dcm"))
+
+
+def test_64_concurrent_storescu_into_2_workers(router: Router, dcmtk: Dcmtk,
+                                               tmp_path: Path) -> None:
+    studies = [make_study(tmp_path / f"s{i}", n_series=1, n_instances=2, size_kb=16,
+                          patient_id=f"P{i}") for i in range(64)]
+
+    def send(files: list[Path]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dcmtk.storescu, "-aet", "MODALITY", "-aec", "ROUTER",
+                               "127.0.0.1", str(router.port), *map(str, files)],
+                              capture_output=True, text=True, timeout=120, env=dcmtk_env())
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(send, studies))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    sent = {_dataset(f) for files in studies for f in files}
+    spooled = _spooled(router)
+    assert len(spooled) == len(sent) == 128
+    assert {_dataset(p) for p in spooled} == sent
+    for path in spooled[:3]:
+        assert pydicom.dcmread(path).file_meta.SourceApplicationEntityTitle == "MODALITY"
+    status = router.status()
+    workers = status["workers"]
+    assert isinstance(workers, list) and len(workers) == 2
+    assert all(w["pid"] > 0 and w["served_total"] > 0 for w in workers), workers
+
+
+def test_kill_9_worker_mid_transfer(router: Router, dcmtk: Dcmtk, tmp_path: Path) -> None:
+    """The supervisor replaces a killed worker within 2 s; the other worker's
+    associations complete; nothing acknowledged is lost; no partial file is
+    visible as complete."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(6):
+        make_ct(big / f"{i}.dcm", size_kb=20_000, seed=i)
+    small = make_study(tmp_path / "small", n_series=1, n_instances=20, size_kb=32)
+    status = router.status()
+    pids = [w["pid"] for w in status["workers"]]  # type: ignore[index, union-attr]
+    slow = subprocess.Popen([dcmtk.storescu, "-aec", "ROUTER", "--max-pdu", "16384",
+                             "127.0.0.1", str(router.port), *sorted(map(str, big.iterdir()))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dcmtk_env())
+    first = router.wait_for("C-STORE")  # one big instance committed: mid-transfer now
+    line = router.lines[first]
+    victim = 1 if "worker-1" in line else 2
+    victim_pid = pids[victim - 1]
+    other = subprocess.run([dcmtk.storescu, "-aec", "ROUTER", "127.0.0.1", str(router.port),
+                            *map(str, small)], capture_output=True, text=True, timeout=60,
+                           env=dcmtk_env())
+    killed_at = time.monotonic()
+    os.kill(victim_pid, signal.SIGKILL)
+    slow.communicate(timeout=60)
+    router.wait_for(f"worker {victim} ready", start=first + 1)
+    assert time.monotonic() - killed_at < 2.0 + 1.0  # respawn + interpreter start
+    assert other.returncode == 0, other.stdout + other.stderr
+    spooled = {_dataset(p) for p in _spooled(router)}
+    for f in small:
+        assert _dataset(f) in spooled
+    # Every acknowledged big instance is intact; the one cut off is not there.
+    acknowledged = router.log().count("status 0x0000")
+    big_ok = [f for f in big.iterdir() if _dataset(f) in spooled]
+    assert len(big_ok) >= 1 and len(spooled) == len(small) + len(big_ok)
+    assert acknowledged >= len(small) + len(big_ok)
+    assert not list((router.spool / "incoming").glob("*.part"))
+
+
+def test_sigterm_drains_and_exits_0(router: Router, dcmtk: Dcmtk) -> None:
+    done = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
+    assert done.returncode == 0
+    assert router.stop() == 0
+    assert "all workers stopped" in router.log()
+
+
+def test_client_that_sends_nothing_is_dropped_after_artim(router: Router) -> None:
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        started = time.monotonic()
+        assert sock.recv(64) == b""
+        assert 1.0 < time.monotonic() - started < 8.0  # artim = 2 s in the test config
+    router.wait_for("ARTIM timer expired")
+
+
+def test_garbage_gets_an_abort_and_the_router_keeps_serving(router: Router,
+                                                           dcmtk: Dcmtk) -> None:
+    with socket.create_connection(("127.0.0.1", router.port), timeout=10) as sock:
+        sock.sendall(b"\x09\x00\x00\x00\x00\x02\x00\x00")
+        reply = sock.recv(64)
+        assert reply[:1] == b"\x07"  # A-ABORT
+    router.wait_for("unrecognized PDU type 0x09")
+    assert dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1",
+                     str(router.port)).returncode == 0
+
+
+def test_sighup_reload_valid_and_invalid(router: Router, dcmtk: Dcmtk) -> None:
+    # Valid: the router answers to a second called AE title after the reload.
+    router.write_config(extra='[acceptance]\ncalled_ae = ["ROUTER", "ROUTER2"]\n')
+    router.proc.send_signal(signal.SIGHUP)
+    router.wait_for("configuration generation 2 loaded")
+    at = len(router.lines)
+    for w in (1, 2):
+        router.wait_for(f"worker {w}: configuration generation 2 loaded", start=0)
+    assert dcmtk.run("echoscu", "-aec", "ROUTER2", "127.0.0.1",
+                     str(router.port)).returncode == 0
+    # Invalid: refused with one line, the running config stays.
+    router.config.write_text(router.config.read_text() + "\nbogus = 1\n")
+    router.proc.send_signal(signal.SIGHUP)
+    router.wait_for("reload refused", start=at)
+    assert dcmtk.run("echoscu", "-aec", "ROUTER2", "127.0.0.1",
+                     str(router.port)).returncode == 0
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[router]\nworkers = \"two\"\n", "workers"),
+    ("[router]\nbogus = 1\n", "bogus"),
+    ("[router\n", "router.toml"),
+])
+def test_bad_config_stops_start_up_with_one_line(tmp_path: Path, text: str,
+                                                 expected: str) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "router.cli", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "router.toml" in lines[0], done.stderr
