@@ -7,6 +7,7 @@ and checks the outcome in the spool, the exit code and the log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -249,3 +250,74 @@ def test_bad_config_stops_start_up_with_one_line(tmp_path: Path, text: str,
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0] and "router.toml" in lines[0], done.stderr
+
+
+def test_kill_9_of_the_main_process_loses_nothing_acknowledged(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """kill -9 of the supervisor mid transfer: its workers see the hand-off
+    channel close, finish what they have and exit; on restart every
+    acknowledged instance is there and temporary files are gone."""
+    r = Router(tmp_path)
+    r.wait_for("ready: 2 workers serving")
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(4):
+        make_ct(big / f"{i}.dcm", size_kb=10_000, seed=i)
+    worker_pids = [int(line.rsplit("pid ", 1)[1].rstrip(")"))
+                   for line in r.lines if "started (pid " in line]
+    sender = subprocess.Popen([dcmtk.storescu, "-aec", "ROUTER", "--max-pdu", "16384",
+                               "127.0.0.1", str(r.port), *sorted(map(str, big.iterdir()))],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dcmtk_env())
+    r.wait_for("C-STORE")  # at least one instance acknowledged
+    r.proc.kill()
+    r.proc.wait(10)
+    sender.communicate(timeout=60)
+    for pid in worker_pids:  # orphaned workers drain and exit by themselves
+        _wait_gone(pid, 30)
+    r.reader.join(10)
+    acknowledged = sum(1 for line in r.lines if "status 0x0000" in line)
+    assert acknowledged >= 1
+    r2 = Router(tmp_path, port=r.port)
+    try:
+        r2.wait_for("ready: 2 workers serving")
+        spooled = {_dataset(p) for p in _spooled(r2)}
+        assert len(spooled) >= acknowledged
+        for line in r.lines:
+            if "status 0x0000" in line:
+                uid = line.split(" C-STORE ", 1)[1].split()[1]
+                assert any(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == uid
+                           for p in _spooled(r2)), uid
+        assert not list((r2.spool / "tmp").iterdir())
+    finally:
+        r2.stop()
+
+
+def test_worker_that_stops_heartbeating_is_replaced(router: Router) -> None:
+    """SIGSTOP a worker: no heartbeats; after heartbeat_timeout (3 s here) the
+    supervisor kills it and starts another."""
+    pids = [w["pid"] for w in router.status()["workers"]]  # type: ignore[index, union-attr]
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        at = router.wait_for("sent no heartbeat", timeout=15)
+        router.wait_for("worker 1 ready", start=at)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[0], signal.SIGCONT)
+    new = [w["pid"] for w in router.status()["workers"]]  # type: ignore[index, union-attr]
+    assert new[0] != pids[0] and new[1] == pids[1]
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait for a process that is not our child to exit (pidfd: no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        import select
+
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"process {pid} still running after {timeout} s"
+    finally:
+        os.close(fd)
