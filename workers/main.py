@@ -76,6 +76,10 @@ class Worker:
         self.committer = GroupCommitter(self.spool)
         self.actors: set[AssociationActor] = set()
         self.served = 0
+        self.spooled_bytes = 0
+        # Relays in flight: our temporary actor id -> who asked (see _worker_actor).
+        self.relays: dict[str, control.ActorAddress] = {}
+        self.relay_ids = 0
         self.generation = 0
         self.stopping = False
         self.process = psutil.Process()
@@ -96,7 +100,8 @@ class Worker:
             self.loop.add_signal_handler(sig, self._begin_drain, self.config.drain_grace)
         tasks = [asyncio.create_task(self._heartbeats()),
                  asyncio.create_task(self._broadcasts()),
-                 asyncio.create_task(self._direct())]
+                 asyncio.create_task(self._direct()),
+                 asyncio.create_task(self._inbox())]
         await self.done.wait()
         for task in tasks:
             task.cancel()
@@ -142,6 +147,8 @@ class Worker:
             self.done.set()
 
     def _actor_event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "instance.stored":
+            self.spooled_bytes += int(fields.get("bytes", 0))
         # Reporting is best effort: it must never disturb an association.
         try:
             message = self._event_message(kind, fields)
@@ -173,7 +180,7 @@ class Worker:
             mem = self.process.memory_info().rss
             await self._send(control.Heartbeat(
                 worker_id=self.worker_id, open_associations=len(self.actors),
-                spool_bytes=0, rss=mem, cpu_percent=self.process.cpu_percent(),
+                spool_bytes=self.spooled_bytes, rss=mem, cpu_percent=self.process.cpu_percent(),
                 served_total=self.served))
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
 
@@ -192,6 +199,64 @@ class Worker:
                     self.generation = generation
             else:
                 self._from_supervisor(message)
+
+    # --------------------------------------------------------------- actors
+
+    async def _inbox(self) -> None:
+        """Messages for actors of this worker from other processes (D2, D3)."""
+        while True:
+            frames = await _aio(self.sockets.inbox).recv_multipart()
+            try:
+                message = control.from_wire(frames)
+            except control.ControlError as exc:
+                log.warning("worker %d: bad actor message: %s", self.worker_id, exc)
+                continue
+            if not isinstance(message, control.ActorMessage):
+                continue
+            self._deliver(message)
+
+    def _deliver(self, message: control.ActorMessage) -> None:
+        """Local delivery: a call into the actor (remote ones went over ZeroMQ)."""
+        if message.to_actor == "worker":
+            self._worker_actor(message)
+        elif message.to_actor in self.relays:
+            asker = self.relays.pop(message.to_actor)
+            self._send_actor(control.ActorMessage.between(
+                control.ActorAddress(worker_id=self.worker_id, actor_id="worker"), asker, "relayed",
+                {"via": message.from_worker, "kind": message.kind, "body": message.body}))
+        else:
+            # A PUSH socket reconnects to a restarted worker: stale mail lands here.
+            self._send_actor(message.reply("error", {"reason": "no such actor",
+                                                     "actor": message.to_actor}))
+
+    def _worker_actor(self, message: control.ActorMessage) -> None:
+        """The worker's own actor: 'ping' -> 'pong'; 'relay' pings another worker
+        and forwards its answer, a worker-to-worker round trip on demand."""
+        if message.kind == "ping":
+            self._send_actor(message.reply("pong", {"worker_id": self.worker_id,
+                                                    "pid": os.getpid()}))
+        elif message.kind == "relay":
+            target = message.body.get("to_worker")
+            if not isinstance(target, int):
+                self._send_actor(message.reply("error", {"reason": "relay needs to_worker"}))
+                return
+            self.relay_ids += 1
+            temp = f"relay-{self.relay_ids}"
+            self.relays[temp] = message.sender
+            self._send_actor(control.ActorMessage.between(
+                control.ActorAddress(worker_id=self.worker_id, actor_id=temp),
+                control.ActorAddress(worker_id=target, actor_id="worker"), "ping"))
+        else:
+            self._send_actor(message.reply("error", {"reason": f"unknown kind {message.kind}"}))
+
+    def _send_actor(self, message: control.ActorMessage) -> None:
+        if control.route(message, self.worker_id) == "local":
+            self._deliver(message)
+            return
+        try:
+            self.sockets.send_actor(message)
+        except control.ActorUnreachable as exc:
+            log.warning("worker %d: %s", self.worker_id, exc)
 
     async def _broadcasts(self) -> None:
         while True:
