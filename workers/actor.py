@@ -68,6 +68,11 @@ RECV_BUFFER = 1 << 20
 MAILBOX_HIGH_WATER = 256
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def new_receive_buffer() -> memoryview:
+    """A receive buffer for actors (RECV_BUFFER bytes; large reads are cheap)."""
+    return memoryview(bytearray(RECV_BUFFER))
 _ids = itertools.count(1)
 
 
@@ -107,6 +112,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         *,
         on_closed: Callable[[AssociationActor], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        receive_buffer: memoryview | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -116,8 +122,11 @@ class AssociationActor(asyncio.BufferedProtocol):
         self.engine = Association(Role.ACCEPTOR)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
+        # One receive buffer can serve every actor of a worker: the event loop
+        # reads into it and calls buffer_updated before it serves any other
+        # transport, and the engine copies what it keeps. The worker passes
+        # its own; alone, an actor makes one.
+        self._view = receive_buffer if receive_buffer is not None else new_receive_buffer()
         self._mailbox: deque[Event] = deque()
         self._busy = False  # a C-STORE is waiting for its commit
         self._paused = False

@@ -39,7 +39,7 @@ import zmq.asyncio
 from router import control
 from router.config import Config, ConfigError, load_config
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
-from workers.actor import ActorSettings, AssociationActor
+from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
 from workers.spool import GroupCommitter, Spool
 
 log = logging.getLogger("workers.main")
@@ -75,6 +75,7 @@ class Worker:
         self.spool = Spool(config.spool, fsync=config.fsync)
         self.committer = GroupCommitter(self.spool)
         self.actors: set[AssociationActor] = set()
+        self.receive_buffer = new_receive_buffer()  # shared by this worker's actors
         self.served = 0
         self.spooled_bytes = 0
         # Relays in flight: our temporary actor id -> who asked (see _worker_actor).
@@ -132,7 +133,8 @@ class Worker:
     async def _adopt(self, sock: socket.socket) -> None:
         def factory() -> AssociationActor:
             actor = AssociationActor(self.settings, self.spool, self.committer,
-                                     on_closed=self._actor_closed, on_event=self._actor_event)
+                                     on_closed=self._actor_closed, on_event=self._actor_event,
+                                     receive_buffer=self.receive_buffer)
             self.actors.add(actor)
             return actor
         try:
