@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,13 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._begin_drain, self.config.drain_grace)
         tasks = [asyncio.create_task(self._heartbeats()),
-                 asyncio.create_task(self._broadcasts()),
-                 asyncio.create_task(self._direct()),
-                 asyncio.create_task(self._inbox())]
+                 asyncio.create_task(self._receive(self.sockets.broadcast, "broadcast",
+                                                   self._from_supervisor)),
+                 asyncio.create_task(self._receive(self.sockets.control,
+                                                   "message from the supervisor",
+                                                   self._on_direct)),
+                 asyncio.create_task(self._receive(self.sockets.inbox, "actor message",
+                                                   self._on_inbox))]
         await self.done.wait()
         for task in tasks:
             task.cancel()
@@ -186,35 +191,32 @@ class Worker:
                 served_total=self.served))
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
 
-    async def _direct(self) -> None:
-        """Messages from the supervisor to this worker alone (the welcome reply)."""
+    async def _receive(self, sock: Any, what: str,
+                       handle: Callable[[control.Message], None]) -> None:
+        """Receive, decode and hand on messages from one socket, forever."""
         while True:
-            frames = await _aio(self.sockets.control).recv_multipart()
+            frames = await _aio(sock).recv_multipart()
             try:
                 message = control.from_wire(frames)
             except control.ControlError as exc:
-                log.warning("worker %d: bad message from the supervisor: %s", self.worker_id, exc)
+                log.warning("worker %d: bad %s: %s", self.worker_id, what, exc)
                 continue
-            if isinstance(message, control.Reply) and message.ok:
-                generation = message.result.get("generation")
-                if isinstance(generation, int):
-                    self.generation = generation
-            else:
-                self._from_supervisor(message)
+            handle(message)
+
+    def _on_direct(self, message: control.Message) -> None:
+        """From the supervisor to this worker alone (the welcome reply, reload, drain)."""
+        if isinstance(message, control.Reply) and message.ok:
+            generation = message.result.get("generation")
+            if isinstance(generation, int):
+                self.generation = generation
+        else:
+            self._from_supervisor(message)
 
     # --------------------------------------------------------------- actors
 
-    async def _inbox(self) -> None:
+    def _on_inbox(self, message: control.Message) -> None:
         """Messages for actors of this worker from other processes (D2, D3)."""
-        while True:
-            frames = await _aio(self.sockets.inbox).recv_multipart()
-            try:
-                message = control.from_wire(frames)
-            except control.ControlError as exc:
-                log.warning("worker %d: bad actor message: %s", self.worker_id, exc)
-                continue
-            if not isinstance(message, control.ActorMessage):
-                continue
+        if isinstance(message, control.ActorMessage):
             self._deliver(message)
 
     def _deliver(self, message: control.ActorMessage) -> None:
@@ -259,16 +261,6 @@ class Worker:
             self.sockets.send_actor(message)
         except control.ActorUnreachable as exc:
             log.warning("worker %d: %s", self.worker_id, exc)
-
-    async def _broadcasts(self) -> None:
-        while True:
-            frames = await _aio(self.sockets.broadcast).recv_multipart()
-            try:
-                message = control.from_wire(frames)
-            except control.ControlError as exc:
-                log.warning("worker %d: bad broadcast: %s", self.worker_id, exc)
-                continue
-            self._from_supervisor(message)
 
     def _from_supervisor(self, message: control.Message) -> None:
         if isinstance(message, control.Drain):
