@@ -308,6 +308,24 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
 
 def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy) -> PresentationContextAC:
     """One presentation context result, PS3.8 §9.3.3.2 Table 9-18 / PS3.7 D.3.2."""
+    if ctx.malformed:
+        # Sub-items that are not UIDs (kept by the decoder): an abstract syntax
+        # we cannot know is "not supported"; bad transfer syntaxes never match.
+        if "abstract syntax" in ctx.malformed:
+            return PresentationContextAC(
+                context_id=ctx.context_id,
+                result=PresentationContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED,
+                transfer_syntax=None,
+            )
+        valid = tuple(ts for ts in ctx.transfer_syntaxes if _is_uid(ts))
+        if not valid:
+            return PresentationContextAC(
+                context_id=ctx.context_id,
+                result=PresentationContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED,
+                transfer_syntax=None,
+            )
+        ctx = PresentationContextRQ(context_id=ctx.context_id,
+                                    abstract_syntax=ctx.abstract_syntax, transfer_syntaxes=valid)
     if policy.abstract_syntaxes is None:
         ours = policy.transfer_syntaxes
     elif ctx.abstract_syntax in policy.abstract_syntaxes:
@@ -331,6 +349,10 @@ def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy) -> Pr
         result=PresentationContextResult.ACCEPTANCE,
         transfer_syntax=chosen,
     )
+
+
+def _is_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and all(c.isdigit() or c == "." for c in value)
 
 
 def _choose_transfer_syntax(

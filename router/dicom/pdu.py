@@ -325,18 +325,27 @@ class UnknownItem:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PresentationContextRQ:
-    """Presentation context item in an A-ASSOCIATE-RQ, PS3.8 §9.3.2.2."""
+    """Presentation context item in an A-ASSOCIATE-RQ, PS3.8 §9.3.2.2.
+
+    ``malformed`` is empty for a well-formed item. The decoder sets it (to the
+    reason) when a sub-item's value is not a UID: the context is kept, with
+    the text as received, so that negotiation refuses that context alone
+    (Table 9-18) instead of the whole association being aborted for it.
+    """
 
     context_id: int  # odd, 1..255
     abstract_syntax: str
     transfer_syntaxes: tuple[str, ...]
+    malformed: str = ""
 
     def __post_init__(self) -> None:
         _check_context_id(self.context_id, "PresentationContextRQ.context_id")
-        _check_uid(self.abstract_syntax, "PresentationContextRQ.abstract_syntax")
         _as_tuple(self, "transfer_syntaxes", str, "PresentationContextRQ.transfer_syntaxes")
         if not self.transfer_syntaxes:
             _fail_value("PresentationContextRQ.transfer_syntaxes: one or more required (§9.3.2.2)")
+        if self.malformed:
+            return  # kept as received, for negotiation to refuse
+        _check_uid(self.abstract_syntax, "PresentationContextRQ.abstract_syntax")
         for uid in self.transfer_syntaxes:
             _check_uid(uid, "PresentationContextRQ.transfer_syntaxes")
 
@@ -1102,6 +1111,18 @@ def _decode_uid(mv: memoryview, start: int, end: int, fld: str) -> str:
     return raw.decode("ascii")
 
 
+def _lenient_uid(mv: memoryview, start: int, end: int) -> tuple[str, str]:
+    """A UID sub-item value inside a presentation context: (text, problem).
+
+    A bad one only costs its context (see PresentationContextRQ.malformed);
+    the text is kept printable and at most 64 characters for the logs."""
+    raw = bytes(mv[start:end]).rstrip(b"\x00 ")
+    if _UID_BYTES_RE.fullmatch(raw) is not None:
+        return raw.decode("ascii"), ""
+    text = "".join(chr(c) if 0x20 <= c <= 0x7E else "?" for c in raw[:64]) or "?"
+    return text, f"{text!r} is not a UID"
+
+
 def _decode_ae_rq(mv: memoryview, start: int, fld: str) -> str:
     """An AE title field, §9.3.2 Table 9-11: 16 bytes, padding not significant.
 
@@ -1205,6 +1226,7 @@ def _decode_context_rq(
         )
     abstract_syntax: str | None = None
     transfer_syntaxes: list[str] = []
+    malformed: list[str] = []
     for sub_type, sub_offset, sub_start, sub_end in _Items(
         mv, start + 4, end, _names(fld, _CONTEXT_SUB_ITEM_NAMES)
     ):
@@ -1216,9 +1238,14 @@ def _decode_context_rq(
                     sub_offset,
                     _UNEXPECTED,
                 )
-            abstract_syntax = _decode_uid(mv, sub_start, sub_end, f"{fld}.abstract_syntax")
+            abstract_syntax, problem = _lenient_uid(mv, sub_start, sub_end)
+            if problem:
+                malformed.append(f"abstract syntax {problem}")
         elif sub_type == 0x40:
-            transfer_syntaxes.append(_decode_uid(mv, sub_start, sub_end, f"{fld}.transfer_syntax"))
+            uid, problem = _lenient_uid(mv, sub_start, sub_end)
+            transfer_syntaxes.append(uid)
+            if problem:
+                malformed.append(f"transfer syntax {problem}")
         # Sub-items of other types are ignored and skipped (§9.3).
     if abstract_syntax is None:
         _fail("no abstract syntax sub-item", f"{fld}.abstract_syntax", offset)
@@ -1229,6 +1256,7 @@ def _decode_context_rq(
             context_id=context_id,
             abstract_syntax=abstract_syntax,
             transfer_syntaxes=tuple(transfer_syntaxes),
+            malformed="; ".join(malformed),
         )
 
 

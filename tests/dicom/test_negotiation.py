@@ -10,6 +10,7 @@ PDU codec.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -774,3 +775,34 @@ def test_rejection_round_trips_through_the_codec() -> None:
     provider_rj = provider_check(make_rq(protocol_version=2))
     assert provider_rj is not None
     assert decode_pdu(encode_pdu(provider_rj)) == provider_rj
+
+
+def test_malformed_context_is_refused_alone() -> None:
+    """A context the decoder kept as malformed (a sub-item that is not a UID) is
+    refused by itself, PS3.8 Table 9-18: abstract syntax not supported when the
+    abstract syntax is bad, transfer syntaxes not supported when none is usable;
+    a bad transfer syntax beside good ones is ignored. The others are accepted."""
+    from router.dicom.pdu import PresentationContextRQ
+
+    good = build_request(calling_ae_title="SCU", called_ae_title="SCP",
+                         contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])])
+    contexts = (
+        *good.presentation_contexts,
+        PresentationContextRQ(context_id=3, abstract_syntax="1.2.X", malformed=(
+            "abstract syntax '1.2.X' is not a UID"), transfer_syntaxes=("1.2.840.10008.1.2",)),
+        PresentationContextRQ(context_id=5, abstract_syntax="1.2.840.10008.1.1", malformed=(
+            "transfer syntax 'JUNK' is not a UID"), transfer_syntaxes=("JUNK",)),
+        PresentationContextRQ(context_id=7, abstract_syntax="1.2.840.10008.1.1", malformed=(
+            "transfer syntax 'JUNK' is not a UID"),
+            transfer_syntaxes=("JUNK", "1.2.840.10008.1.2")),
+    )
+    rq = dataclasses.replace(good, presentation_contexts=contexts)
+    ac = negotiate(rq, AcceptorPolicy())
+    assert isinstance(ac, AAssociateAC)
+    results = {c.context_id: (c.result, c.transfer_syntax) for c in ac.presentation_contexts}
+    assert results == {
+        1: (PresentationContextResult.ACCEPTANCE, "1.2.840.10008.1.2"),
+        3: (PresentationContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED, None),
+        5: (PresentationContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED, None),
+        7: (PresentationContextResult.ACCEPTANCE, "1.2.840.10008.1.2"),
+    }

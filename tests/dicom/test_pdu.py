@@ -942,12 +942,6 @@ ERROR_CASES: list[tuple[str, bytes, str, int]] = [
         103,
     ),
     (
-        "abstract syntax non-ASCII",
-        patch(RQ, 115, b"\xe2"),
-        "A-ASSOCIATE-RQ.presentation_context[0].abstract_syntax",
-        111,
-    ),
-    (
         "no abstract syntax",
         patch(RQ, 107, b"\x31"),
         "A-ASSOCIATE-RQ.presentation_context[0].abstract_syntax",
@@ -958,24 +952,6 @@ ERROR_CASES: list[tuple[str, bytes, str, int]] = [
         patch(RQ, 130, b"\x00\x12"),
         "A-ASSOCIATE-RQ.presentation_context[0].transfer_syntax",
         128,
-    ),
-    (
-        "transfer syntax empty",
-        insert(patch(RQ, 101, b"\x00\x32"), 149, b"\x40\x00\x00\x00"),
-        "A-ASSOCIATE-RQ.presentation_context[0].transfer_syntax",
-        153,
-    ),
-    (
-        "transfer syntax longer than 64",
-        rq_with(
-            contexts=b"\x20\x00\x00\x5e\x01\x00\x00\x00"
-            b"\x30\x00\x00\x11"
-            b"1.2.840.10008.1.1"
-            b"\x40\x00\x00\x41" + b"1" * 65,
-            sub_items=(),
-        ),
-        "A-ASSOCIATE-RQ.presentation_context[0].transfer_syntax",
-        132,
     ),
     (
         "no transfer syntax",
@@ -1977,3 +1953,21 @@ def test_unusable_implementation_items_are_kept_raw(item: bytes, item_type: int)
     assert isinstance(pdu, AAssociateRQ)
     kept = [i for i in pdu.user_information.items if isinstance(i, UnknownItem)]
     assert [(k.item_type, k.data) for k in kept] == [(item_type, item[4:])]
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    (patch(RQ, 115, b"\xe2"), "abstract syntax"),
+    (insert(patch(RQ, 101, b"\x00\x32"), 149, b"\x40\x00\x00\x00"), "transfer syntax"),
+    (rq_with(contexts=b"\x20\x00\x00\x5e\x01\x00\x00\x00"
+                      b"\x30\x00\x00\x11" b"1.2.840.10008.1.1"
+                      b"\x40\x00\x00\x41" + b"1" * 65, sub_items=()),
+     "transfer syntax"),
+], ids=["abstract syntax non-ASCII", "transfer syntax empty", "transfer syntax longer than 64"])
+def test_a_context_with_a_non_uid_is_kept_as_malformed(data: bytes, problem: str) -> None:
+    """A presentation context whose abstract or transfer syntax is not a UID costs
+    that context only (negotiation refuses it, PS3.8 Table 9-18), not the whole
+    association: the decoder keeps it, marked malformed with the reason."""
+    pdu = decode_pdu(data)
+    assert isinstance(pdu, AAssociateRQ)
+    ctx = pdu.presentation_contexts[0]
+    assert problem in ctx.malformed and "is not a UID" in ctx.malformed
