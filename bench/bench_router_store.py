@@ -60,7 +60,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers.data import make_ct  # noqa: E402
+from bench.common import dcmtk_binary, make_data  # noqa: E402
 from tests.helpers.net import free_port, wait_for_port  # noqa: E402
 
 STREAMS = 8
@@ -83,24 +83,6 @@ fsync = {fsync}
 [logging]
 level = "INFO"
 """
-
-
-def _dcmtk(name: str) -> str:
-    for d in ("/usr/bin", "/usr/local/bin"):
-        p = Path(d) / name
-        if p.exists():
-            return str(p)
-    sys.exit(f"{name} not found: install DCMTK (scripts/setup --system)")
-
-
-def make_data(root: Path, count: int, streams: int) -> list[Path]:
-    """``count`` CT instances split over ``streams`` folders (one per sender)."""
-    dirs = [root / f"ct-{i}" for i in range(streams)]
-    for d in dirs:
-        d.mkdir(parents=True)
-    for i in range(count):
-        make_ct(dirs[i % streams] / f"{i:06d}.dcm", size_kb=SIZE_KB, seed=i)
-    return dirs
 
 
 class Receiver:
@@ -244,7 +226,7 @@ class StoreSCP(Receiver):
         self.landing.mkdir()
         # --fork: a process per association, DCMTK's way to serve parallel streams
         # (without it the 8 storescu would be served one after another).
-        self.argv = [_dcmtk("storescp"), "--fork", "-od", str(self.landing), str(self.port)]
+        self.argv = [dcmtk_binary("storescp"), "--fork", "-od", str(self.landing), str(self.port)]
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=dict(os.environ, TCP_NODELAY="1"), text=True)
@@ -311,7 +293,7 @@ class Sampler(threading.Thread):
 def send(port: int, dirs: Sequence[Path]) -> float:
     """Run one storescu per folder in parallel; seconds until all are done."""
     env = dict(os.environ, TCP_NODELAY="1")
-    storescu = _dcmtk("storescu")
+    storescu = dcmtk_binary("storescu")
     start = time.perf_counter()
     procs = [subprocess.Popen([storescu, "-aec", ROUTER_AE, "+sd", "-nh", "127.0.0.1",
                                str(port), str(d)], env=env, stdin=subprocess.DEVNULL,
@@ -435,7 +417,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-router-", dir=args.dir))
     try:
-        dirs = make_data(tmp / "data", args.count, STREAMS)
+        dirs = make_data(tmp / "data", "ct", args.count, STREAMS, size_kb=SIZE_KB)
         size = sum(f.stat().st_size for d in dirs for f in d.iterdir())
         cores = os.cpu_count() or 1
         factories = [lambda: Router(tmp, 1, fsync=True), lambda: Router(tmp, 2, fsync=True),

@@ -33,30 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers.data import make_ct, make_tiny  # noqa: E402
+from bench.common import dcmtk_binary, make_data  # noqa: E402
 from tests.helpers.net import free_port, wait_for_port  # noqa: E402
-
-
-def _dcmtk(name: str) -> str:
-    for d in ("/usr/bin", "/usr/local/bin"):
-        p = Path(d) / name
-        if p.exists():
-            return str(p)
-    sys.exit(f"{name} not found: install DCMTK (scripts/setup --system)")
-
-
-def make_data(root: Path, kind: str, count: int, streams: int) -> list[Path]:
-    """``count`` instances split over ``streams`` folders (one per sender)."""
-    dirs = [root / f"{kind}-{i}" for i in range(streams)]
-    for d in dirs:
-        d.mkdir(parents=True)
-    for i in range(count):
-        path = dirs[i % streams] / f"{i:06d}.dcm"
-        if kind == "ct":
-            make_ct(path, size_kb=500, seed=i)
-        else:
-            make_tiny(path, seed=i)
-    return dirs
 
 
 class Receiver:
@@ -89,7 +67,7 @@ def send(port: int, dirs: Sequence[Path], nagle: bool) -> float:
         env["TCP_NODELAY"] = "1"
     else:
         env.pop("TCP_NODELAY", None)
-    storescu = _dcmtk("storescu")
+    storescu = dcmtk_binary("storescu")
     start = time.perf_counter()
     procs = [subprocess.Popen([storescu, "-aec", "BENCH", "+sd", "-nh", "127.0.0.1",
                                str(port), str(d)], env=env, stdout=subprocess.DEVNULL,
@@ -133,13 +111,14 @@ def main() -> int:
         ours_pre = scp(2)
         receivers.append(ours_pre)
         dcmtk = Receiver("storescp --ignore",
-                         lambda port: [_dcmtk("storescp"), "--ignore", str(port)],
+                         lambda port: [dcmtk_binary("storescp"), "--ignore", str(port)],
                          ready_line=False)
         receivers.append(dcmtk)
         # storescp serves one association at a time; for parallel streams DCMTK's
         # own answer is --fork (a process per association), so that is the anchor.
         dcmtk_fork = Receiver("storescp --ignore --fork",
-                              lambda port: [_dcmtk("storescp"), "--ignore", "--fork", str(port)],
+                              lambda port: [dcmtk_binary("storescp"), "--ignore", "--fork",
+                                            str(port)],
                               ready_line=False)
         receivers.append(dcmtk_fork)
         print(f"{'data':<14}{'streams':>8}{'sender':>8}{'procs':>6}  {'router SCP':>22}  "

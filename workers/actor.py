@@ -29,7 +29,6 @@ reading pauses (TCP flow control is the back-pressure, D3).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
@@ -57,6 +56,7 @@ from router.dicom.events import (
 )
 from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
 from router.dicom.pdu import AAssociateRJ
+from router.net.connection import ack_now
 from workers.spool import GroupCommitter, Spool, SpoolWriter, status_for_error
 
 __all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
@@ -67,7 +67,6 @@ RECV_BUFFER = 1 << 20
 # Events waiting behind a pending commit before we stop reading the socket.
 MAILBOX_HIGH_WATER = 256
 
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 def new_receive_buffer() -> memoryview:
@@ -406,14 +405,9 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.transport.close()
 
     def _ack_now(self) -> None:
-        # See router.net.connection: a Nagle-on sender waits for our ACK in the
-        # middle of a message; Linux would delay it by up to 40 ms.
-        if _QUICKACK is None or self.transport is None:
-            return
-        sock = self.transport.get_extra_info("socket")
+        sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            ack_now(sock)  # a Nagle-on sender is waiting for it (see ack_now)
 
     def abort(self, detail: str) -> None:
         """Abort from outside (drain grace over, worker stopping)."""

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from router.dicom.association import Association, Role
 from router.dicom.events import NEED_DATA, ConnectionClosed, Event, _Sentinel
 
-__all__ = ["Connection", "PeerTimeout", "configure_socket"]
+__all__ = ["Connection", "PeerTimeout", "ack_now", "configure_socket"]
 
 log = logging.getLogger("router.net")
 
@@ -46,6 +46,24 @@ def _set_timeval(sock: socket.socket, option: int, seconds: float) -> None:
     whole = int(seconds)
     micro = int((seconds - whole) * 1_000_000)
     sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("@ll", whole, micro))
+
+
+def ack_now(sock: socket.socket) -> bool:
+    """Acknowledge what has arrived at once (TCP_QUICKACK); False if not possible.
+
+    A sender that leaves Nagle on (DCMTK's default, and many modalities) holds
+    back the rest of a message until what it sent is acknowledged, and Linux
+    delays that ACK by up to 40 ms: 40 ms per instance (DESIGN.md §4). Callers
+    do this only when they wait in the middle of a message: between messages
+    our response carries the ACK, and a bare one is an extra packet.
+    """
+    if _QUICKACK is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except OSError:
+        return False
+    return True
 
 
 class PeerTimeout(TimeoutError):
@@ -255,16 +273,7 @@ class Connection:
         self._rcvtimeo = want
 
     def _ack_now(self) -> None:
-        # A sender that leaves Nagle on (DCMTK's default, and many modalities)
-        # holds back the rest of a message until what it sent is acknowledged,
-        # and Linux delays that ACK by up to 40 ms: 40 ms per instance.
-        # Setting TCP_QUICKACK sends the pending ACK at once (DESIGN.md §4).
-        # Only done when we wait in the middle of a message: between messages
-        # our response carries the ACK, and a bare ACK would be one more
-        # packet for both sides to handle.
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
-        except OSError:
+        if not ack_now(self.sock):
             self.quickack = False
 
     def _sync_timer(self) -> None:
