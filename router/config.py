@@ -62,6 +62,27 @@ Every table and key is optional; an empty file is the embedded default::
     [logging]
     level = "INFO"              # DEBUG, INFO, WARNING, ERROR or CRITICAL
 
+    [routing]
+    rules = "rules.d"           # a rule file or a folder of *.toml rule files (rules/);
+                                # default: no rules, every instance is unmatched
+    unmatched = "keep"          # an instance no rule routes: "keep" (in <spool>/unrouted/)
+                                # or "reject" (C-STORE answered 0124H, not authorized)
+
+    [[destination]]             # repeat for each destination rules forward to
+    name = "pacs"               # used in rules, logs and the spool (letters, digits, - _ .)
+    host = "10.1.2.3"
+    port = 104
+    ae_title = "PACS"           # the destination's (called) AE title
+    calling_ae = "DICOM-ROUTER" # ours on this association; default [router] ae_title
+    tls = false                 # DICOM over TLS (PS3.15 B.1); tls_ca = CA bundle file
+    concurrency = 2             # outbound associations, in total over all workers
+    max_pdu = 1048576           # largest PDU we accept from it
+    timeout = 30                # seconds for connect, negotiation and each response
+    idle = 5                    # seconds an idle outbound association stays open
+    retry = { initial = 2, max = 300, attempts = 20 }
+                                # back-off (seconds, doubling with jitter) and how many
+                                # failed deliveries before the dead-letter folder
+
 Decisions worth knowing:
 
 - Verification (C-ECHO) is always accepted, whatever ``sop_classes`` lists, in
@@ -83,8 +104,16 @@ Decisions worth knowing:
   listener's host or port where a flag is missing).
 - ``tls = true`` in a listener is refused for now: TLS needs certificate
   settings this schema does not have yet. The field exists so they slot in.
-- Later issues add ``[[destination]]`` tables and rule files; until then an
-  unknown top-level table is refused with the list of known ones. Adding a
+- A destination that cannot be reached is retried for ever at its back-off
+  ceiling: an unreachable PACS over a weekend must not empty its queue into the
+  dead-letter folder. ``retry.attempts`` counts only deliveries the destination
+  answered with a failure status; a permanent failure (PS3.4 B.2.3: A9xx, Cxxx,
+  0122H, 0124H; or no presentation context for the instance) goes to the
+  dead-letter folder at once.
+- The rule files are checked against the destination names when the router
+  starts and on each reload (``rules/``), not here: ``load_config`` only
+  resolves their path.
+- Unknown top-level tables are refused with the list of known ones. Adding a
   table means adding it to ``_SCHEMA`` and reading it in ``_Parser.config``.
 """
 
@@ -117,7 +146,9 @@ __all__ = [
     "MAX_WORKERS",
     "Config",
     "ConfigError",
+    "Destination",
     "Listen",
+    "RetryPolicy",
     "default_spool_dir",
     "default_workers",
     "load_config",
@@ -178,6 +209,16 @@ heartbeat_timeout = 10
 
 [logging]
 level = "INFO"
+
+[routing]
+# rules = "rules.d"           # a rule file or a folder of them (see rules/)
+unmatched = "keep"            # no rule matched: "keep" in <spool>/unrouted/, or "reject"
+
+# [[destination]]             # one table per node the rules forward to
+# name = "pacs"
+# host = "10.1.2.3"
+# port = 104
+# ae_title = "PACS"
 """
 
 
@@ -234,6 +275,83 @@ class Listen:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}" + (" (TLS)" if self.tls else "")
+
+
+_DESTINATION_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When a failed delivery is tried again (DESIGN.md D4).
+
+    The n-th retry waits ``min(max, initial * 2**(n-1))`` seconds, less a
+    random jitter of up to a quarter, so that many queued instances (or many
+    routers) do not retry in lock step. ``attempts`` failed deliveries that the
+    destination answered move the instance to the dead-letter folder.
+    """
+
+    initial: float = 2.0
+    max: float = 300.0
+    attempts: int = 20
+
+    def __post_init__(self) -> None:
+        if _seconds_problem(self.initial, zero_ok=False) or _seconds_problem(
+                self.max, zero_ok=False) or self.max < self.initial:
+            raise ValueError(f"RetryPolicy: expected 0 < initial <= max, got {self!r}")
+        if not _is_int(self.attempts) or self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts: expected >= 1, got {self.attempts!r}")
+
+    def delay(self, failures: int, random: float) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (>= 1);
+        ``random`` in [0, 1) gives the jitter."""
+        base = min(self.max, self.initial * 2.0 ** min(max(failures - 1, 0), 60))
+        return base * (1.0 - 0.25 * random)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Destination:
+    """A DICOM node rules forward to (``[[destination]]``)."""
+
+    name: str
+    host: str
+    port: int
+    ae_title: str
+    calling_ae: str = DEFAULT_AE_TITLE
+    tls: bool = False
+    tls_ca: Path | None = None
+    concurrency: int = 2
+    max_pdu: int = 1_048_576
+    timeout: float = 30.0
+    idle: float = 5.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        problems = [
+            ("name", _destination_name_problem(self.name)),
+            ("host", _host_problem(self.host)),
+            ("port", _port_problem(self.port) if self.port else None),
+            ("ae_title", _ae_title_problem(self.ae_title)),
+            ("calling_ae", _ae_title_problem(self.calling_ae)),
+            ("concurrency", None if _is_int(self.concurrency) and 1 <= self.concurrency <= 64
+             else "expected 1 to 64"),
+            ("max_pdu", _max_pdu_problem(self.max_pdu)),
+            ("timeout", _seconds_problem(self.timeout, zero_ok=False)),
+            ("idle", _seconds_problem(self.idle, zero_ok=True)),
+        ]
+        for name, problem in problems:
+            if problem is not None:
+                raise ValueError(f"Destination.{name}: {problem}")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{', TLS' if self.tls else ''})"
+
+
+def _destination_name_problem(name: object) -> str | None:
+    # The name is a directory of the spool: no separators, no dot files, short.
+    if isinstance(name, str) and _DESTINATION_NAME_RE.fullmatch(name):
+        return None
+    return ("expected a name of 1 to 64 letters, digits, '-', '_' or '.', not starting "
+            f"with '.' or '-', got {_show(name)}")
 
 
 def default_workers() -> int:
@@ -299,6 +417,10 @@ class Config:
       ``drain_grace`` (SIGTERM grace before open associations are aborted),
       ``heartbeat_interval``, ``heartbeat_timeout``: seconds.
     - ``fsync``: fsync spooled instances before acknowledging them (DESIGN D4).
+    - ``destinations``: where rules may forward, by name.
+    - ``rules``: the rule file or folder (absolute), ``None`` for none.
+    - ``unmatched``: what happens to an instance no rule routes: ``"keep"`` it
+      in the spool's ``unrouted/`` folder, or ``"reject"`` it.
     - ``source``: the file it came from, or :data:`EMBEDDED_SOURCE`.
     """
 
@@ -320,6 +442,9 @@ class Config:
     heartbeat_timeout: float = 10.0
     fsync: bool = True
     log_level: str = "INFO"
+    destinations: tuple[Destination, ...] = ()
+    rules: Path | None = None
+    unmatched: str = "keep"
     source: str = "<code>"
 
     def __post_init__(self) -> None:
@@ -344,6 +469,11 @@ class Config:
         ]
         if not self.listen:
             problems.append(("listen", "expected at least one address"))
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            problems.append(("destinations", "duplicate names"))
+        if self.unmatched not in ("keep", "reject"):
+            problems.append(("unmatched", f'expected "keep" or "reject", got {self.unmatched!r}'))
         if len(set(self.listen)) != len(self.listen):
             problems.append(("listen", "duplicate addresses"))
         for name in ("ae_titles", "calling_ae_allow", "sop_classes", "transfer_syntaxes"):
@@ -372,6 +502,13 @@ class Config:
             f"{origin}: AE title {self.ae_title} on {listen}, "
             f"{self.workers} worker{plural}, spool {self.spool}"
         )
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``; KeyError if there is none."""
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(name)
 
     def to_acceptor_policy(self) -> AcceptorPolicy:
         """The :class:`AcceptorPolicy` that ``negotiate`` answers associations with.
@@ -526,6 +663,18 @@ def _max_pdu_problem(size: object) -> str | None:
     )
 
 
+def _attempts_problem(value: object) -> str | None:
+    if _is_int(value) and 1 <= value <= 1_000_000:
+        return None
+    return f"expected an integer from 1 to 1000000, got {_show(value)}"
+
+
+def _concurrency_problem(value: object) -> str | None:
+    if _is_int(value) and 1 <= value <= 64:
+        return None
+    return f"expected an integer from 1 to 64, got {_show(value)}"
+
+
 def _seconds_problem(seconds: object, *, zero_ok: bool) -> str | None:
     # An integer is a fine number of seconds; a bool or a string is not.
     if (
@@ -598,9 +747,13 @@ _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout"),
     ("admin",): ("socket",),
     ("logging",): ("level",),
+    ("routing",): ("rules", "unmatched"),
+    ("destination",): ("name", "host", "port", "ae_title", "calling_ae", "tls", "tls_ca",
+                       "concurrency", "max_pdu", "timeout", "idle", "retry"),
+    ("destination", "retry"): ("initial", "max", "attempts"),
 }
 _TOP_LEVEL: Final = tuple(table[0] for table in _SCHEMA if len(table) == 1)
-_ARRAYS_OF_TABLES: Final = frozenset({("router", "listen")})
+_ARRAYS_OF_TABLES: Final = frozenset({("router", "listen"), ("destination",)})
 _OVERRIDES: Final = ("port", "host", "workers", "spool")
 
 
@@ -710,6 +863,7 @@ class _Parser:
         timeouts = self.section(data, "timeouts")
         admin = self.section(data, "admin")
         logging = self.section(data, "logging")
+        routing = self.section(data, "routing")
 
         at = _At(table=("router",))
         ae_title = self.ae_title(router, at("ae_title"), DEFAULT_AE_TITLE)
@@ -742,6 +896,13 @@ class _Parser:
         admin_socket = self.admin_socket(admin, _At(table=("admin",), key="socket"), spool_path)
         level = self.log_level(logging, _At(table=("logging",), key="level"))
 
+        at = _At(table=("routing",))
+        rules = self.path(routing, at("rules"))
+        unmatched = self.string(routing, at("unmatched"), "keep")
+        if unmatched not in ("keep", "reject"):
+            raise self.fail(at("unmatched"), f'expected "keep" or "reject", got {_show(unmatched)}')
+        destinations = self.destinations(data, ae_title)
+
         return Config(
             ae_title=ae_title,
             ae_titles=called,
@@ -760,8 +921,84 @@ class _Parser:
             heartbeat_timeout=beat_timeout,
             fsync=fsync,
             log_level=level,
+            destinations=destinations,
+            rules=rules,
+            unmatched=unmatched,
             source=self.source,
         )
+
+    def destinations(self, data: Mapping[str, object], ae_title: str) -> tuple[Destination, ...]:
+        value = data.get("destination", [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(_At(key="destination"),
+                            f"expected [[destination]] tables, got {_show(value)}")
+        out: list[Destination] = []
+        for index, entry in enumerate(value):
+            at = _At(table=("destination",), index=index)
+            self.check_keys(entry, at, _SCHEMA[("destination",)])
+            for required in ("name", "host", "port", "ae_title"):
+                if required not in entry:
+                    raise self.fail(at, f'"{required}" is missing (name, host, port and '
+                                        "ae_title are required)")
+            name = entry["name"]
+            if (problem := _destination_name_problem(name)) is not None:
+                raise self.fail(at("name"), problem)
+            assert isinstance(name, str)
+            if any(d.name == name for d in out):
+                raise self.fail(at("name"), f"a destination named {_show(name)} is already "
+                                            "defined")
+            host = self.string(entry, at("host"), "")
+            if (problem := _host_problem(host)) is not None:
+                raise self.fail(at("host"), problem)
+            tls = self.boolean(entry, at("tls"), False)
+            tls_ca = self.path(entry, at("tls_ca"))
+            if tls_ca is not None and not tls:
+                raise self.fail(at("tls_ca"), "tls_ca is set but tls is false")
+            retry = self.retry(entry, at("retry"))
+            out.append(Destination(
+                name=name,
+                host=host,
+                port=self.integer(entry, at("port"), 104, _port_problem),
+                ae_title=self.ae_title(entry, at("ae_title"), ""),
+                calling_ae=self.ae_title(entry, at("calling_ae"), ae_title),
+                tls=tls,
+                tls_ca=tls_ca,
+                concurrency=self.integer(entry, at("concurrency"), 2, _concurrency_problem),
+                max_pdu=self.integer(entry, at("max_pdu"), 1_048_576, _max_pdu_problem),
+                timeout=self.seconds(entry, at("timeout"), 30.0, zero_ok=False),
+                idle=self.seconds(entry, at("idle"), 5.0, zero_ok=True),
+                retry=retry,
+            ))
+        return tuple(out)
+
+    def retry(self, entry: Mapping[str, object], at: _At) -> RetryPolicy:
+        """``retry = { initial, max, attempts }``; errors name "retry" and its key."""
+        value = entry.get("retry", {})
+        if not isinstance(value, dict):
+            raise self.fail(at, f"expected a table {{ initial, max, attempts }}, got "
+                                f"{_show(value)}")
+        known = _SCHEMA[("destination", "retry")]
+        for key in value:
+            if key not in known:
+                guess = _suggest(key, known)
+                hint = f'; did you mean "{guess}"?' if guess else ""
+                raise self.fail(at, f"unknown key {key!r}{hint} (known keys: {', '.join(known)})")
+        problems = {
+            "initial": _seconds_problem(value.get("initial", 2.0), zero_ok=False),
+            "max": _seconds_problem(value.get("max", 300.0), zero_ok=False),
+            "attempts": _attempts_problem(value.get("attempts", 20)),
+        }
+        for key, problem in problems.items():
+            if problem is not None:
+                raise self.fail(at, f"{key}: {problem}")
+        initial = float(value.get("initial", 2.0))
+        ceiling = float(value.get("max", 300.0))
+        if ceiling < initial:
+            raise self.fail(at, f"max: expected at least initial ({_show(initial)}), got "
+                                f"{_show(ceiling)}")
+        attempts = value.get("attempts", 20)
+        assert isinstance(attempts, int)
+        return RetryPolicy(initial=initial, max=ceiling, attempts=attempts)
 
     def check_keys(self, table: Mapping[str, object], at: _At, known: Sequence[str]) -> None:
         for key, value in table.items():

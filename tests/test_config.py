@@ -226,7 +226,8 @@ def test_keywords_for_any() -> None:
 # Refusals: one line each, naming file, line, key and what is expected
 # ---------------------------------------------------------------------------
 
-ROUTER_TABLES = "(known tables: [router], [acceptance], [spool], [timeouts], [admin], [logging])"
+ROUTER_TABLES = ("(known tables: [router], [acceptance], [spool], [timeouts], [admin], "
+                 "[logging], [routing], [destination])")
 
 ERRORS = [
     # -- unknown tables and keys, with suggestions
@@ -237,8 +238,57 @@ ERRORS = [
     ),
     pytest.param(
         "[destinations]\n",
-        f"router.toml:1: [destinations]: unknown table {ROUTER_TABLES}",
+        f"router.toml:1: [destinations]: unknown table; did you mean [destination]? "
+        f"{ROUTER_TABLES}",
+        id="unknown-table-plural",
+    ),
+    pytest.param(
+        "[queues]\n",
+        f"router.toml:1: [queues]: unknown table {ROUTER_TABLES}",
         id="unknown-table",
+    ),
+    # -- destinations and routing
+    pytest.param(
+        '[[destination]]\nname = "pacs"\nport = 104\nae_title = "PACS"\n',
+        'router.toml:1: [[destination]] #1: "host" is missing (name, host, port and ae_title '
+        "are required)",
+        id="destination-missing-host",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "../x"\nhost = "h"\nport = 104\nae_title = "PACS"\n',
+        "router.toml:2: [[destination]] #1 name: expected a name of 1 to 64 letters, digits, "
+        "'-', '_' or '.', not starting with '.' or '-', got \"../x\"",
+        id="destination-name-path",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 105\nae_title = "PACS"\n',
+        'router.toml:7: [[destination]] #2 name: a destination named "a" is already defined',
+        id="destination-duplicate",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        "concurrency = 0\n",
+        "router.toml:6: [[destination]] #1 concurrency: expected an integer from 1 to 64, got 0",
+        id="destination-concurrency",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'tls_ca = "ca.pem"\n',
+        "router.toml:6: [[destination]] #1 tls_ca: tls_ca is set but tls is false",
+        id="destination-tls-ca-without-tls",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        "retry = { initial = 10, max = 5 }\n",
+        "router.toml:6: [[destination]] #1 retry: max: expected at least initial (10.0), "
+        "got 5.0",
+        id="destination-retry-max-below-initial",
+    ),
+    pytest.param(
+        '[routing]\nunmatched = "drop"\n',
+        'router.toml:2: [routing] unmatched: expected "keep" or "reject", got "drop"',
+        id="routing-unmatched",
     ),
     pytest.param(
         "workers = 2\n[router]\n",
