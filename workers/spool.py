@@ -34,10 +34,25 @@ the files whose lock it can take, so a worker restarted by the supervisor can re
 while the other workers keep writing into the same ``tmp/``.
 
 Group commit: :class:`GroupCommitter` runs the commit for many writers on one thread.
-It takes every writer queued so far, fsyncs and renames each, fsyncs ``incoming/`` once
-for the batch, and only then resolves the batch's futures: every instance still has its
-own fsync, its rename and a directory fsync before it is acknowledged; only the
-directory fsync is shared.
+It takes every writer queued so far and, for each, asks its router (the rules) for a
+:class:`Placement`: the folders the file is hard-linked into as received
+(``queue/<destination>/``, ``unrouted/``; ``incoming/`` when there is no router),
+modified copies for destinations whose rules change the data set, nothing at all
+(dropped or rejected), or *held* in ``tmp/`` for a transparent send. It fsyncs the file,
+links it into each folder, unlinks the temporary name, then fsyncs each folder touched
+by the batch once, and only then resolves the batch's futures: every instance has its
+own fsync and its links before a directory fsync and before it is acknowledged; only
+the directory fsyncs are shared. A crash between two links leaves extra links of an
+instance that was never acknowledged: the sender sends it again, a destination may get
+it twice, nothing is lost.
+
+The full layout::
+
+    <root>/tmp/<stem>.part              in progress (or held for a transparent send)
+    <root>/incoming/<stem>.dcm          committed with no router (library use)
+    <root>/queue/<destination>/<stem>.dcm   waiting for delivery (workers/forward.py)
+    <root>/dead/<destination>/<stem>.dcm    delivery gave up; <stem>.json says why
+    <root>/unrouted/<stem>.dcm          no rule routed it ([routing] unmatched = "keep")
 
 Errors are ``OSError``; :func:`status_for_error` maps them to the DIMSE status the
 C-STORE is answered with (A700H out of resources for a full disk, 0110H otherwise).
@@ -58,16 +73,23 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from router.dicom.dataset import part10_meta_bytes
 from router.dicom.dimse import PROCESSING_FAILURE, REFUSED_OUT_OF_RESOURCES, SUCCESS
 from router.dicom.errors import DIMSEError, LocalProtocolError
 
 __all__ = [
+    "DEAD_DIR",
+    "INCOMING_DIR",
+    "QUEUE_DIR",
+    "UNROUTED_DIR",
     "GroupCommitter",
+    "Placed",
+    "Placement",
     "RecoveryReport",
     "Spool",
     "SpoolWriter",
@@ -78,6 +100,9 @@ log = logging.getLogger("workers.spool")
 
 TMP_DIR: Final = "tmp"
 INCOMING_DIR: Final = "incoming"
+QUEUE_DIR: Final = "queue"
+DEAD_DIR: Final = "dead"
+UNROUTED_DIR: Final = "unrouted"
 TMP_SUFFIX: Final = ".part"
 SUFFIX: Final = ".dcm"
 
@@ -118,6 +143,65 @@ class RecoveryReport:
     completed: int
 
 
+# Writes a whole Part 10 file (a rule's modified copy) to the open file given.
+CopyWriter = Callable[[BinaryIO], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    """Where a complete instance goes at commit (DESIGN.md D4), decided by the router.
+
+    - ``links``: spool folders (relative to the root: ``"queue/pacs"``, ``"unrouted"``)
+      that get the file exactly as received, as hard links: one copy on disk however
+      many destinations share it.
+    - ``copies``: (folder, writer) for the destinations whose rules changed the data
+      set: each writer writes a whole new Part 10 file, which is fsync'd and renamed
+      into its folder like the original.
+    - ``hold``: keep the file in ``tmp/`` (locked, not fsync'd) for an immediate
+      transparent send; the caller ends it with :meth:`SpoolWriter.release`.
+    - ``note``: anything the caller wants back in :class:`Placed` (the routing decision).
+
+    No links, copies or hold: the instance is dropped (or rejected) and leaves nothing.
+    """
+
+    links: tuple[str, ...] = ()
+    copies: tuple[tuple[str, CopyWriter], ...] = ()
+    hold: bool = False
+    note: object = None
+
+    def __post_init__(self) -> None:
+        for folder in (*self.links, *(folder for folder, _ in self.copies)):
+            parts = Path(folder).parts
+            if not parts or Path(folder).is_absolute() or ".." in parts or parts[0] == TMP_DIR:
+                raise ValueError(f"Placement: {folder!r} is not a spool folder")
+        if self.hold and (self.links or self.copies):
+            raise ValueError("Placement: a held instance is not also placed")
+
+    @property
+    def keeps_nothing(self) -> bool:
+        return not (self.links or self.copies or self.hold)
+
+
+INCOMING: Final = Placement(links=(INCOMING_DIR,))
+
+# (writer, its temporary file) -> Placement; runs on the commit thread.
+Router = Callable[["SpoolWriter", Path], Placement]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placed:
+    """A committed instance: the placement and the durable files it made."""
+
+    placement: Placement
+    paths: tuple[Path, ...] = ()
+    held: Path | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The first durable file (the one in the first link folder), if any."""
+        return self.paths[0] if self.paths else None
+
+
 class Spool:
     """A spool directory: ``root/tmp/`` for instances in progress, ``root/incoming/`` for
     durable ones (see the module docstring for the layout).
@@ -139,6 +223,9 @@ class Spool:
         except BaseException:
             os.close(self._tmp_fd)
             raise
+        # Other folders (queue/<dest>, unrouted...), opened on first use.
+        self._dir_fds: dict[str, int] = {INCOMING_DIR: self._incoming_fd}
+        self._dir_lock = threading.Lock()
 
     def __enter__(self) -> Spool:
         return self
@@ -148,11 +235,32 @@ class Spool:
 
     def close(self) -> None:
         """Release the directory descriptors; writers still open must be done first."""
+        with self._dir_lock:
+            for folder, fd in self._dir_fds.items():
+                if folder != INCOMING_DIR:
+                    os.close(fd)
+            self._dir_fds = {}
         for name in ("_tmp_fd", "_incoming_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+
+    def dir_fd(self, folder: str) -> int:
+        """A descriptor of spool folder ``folder`` (made, durably, if missing)."""
+        fd = self._dir_fds.get(folder)
+        if fd is not None:
+            return fd
+        with self._dir_lock:
+            fd = self._dir_fds.get(folder)
+            if fd is None:
+                _make_dirs(self.root / folder, fsync=self.fsync)
+                fd = self._dir_fds[folder] = os.open(self.root / folder, _DIR_FLAGS)
+            return fd
+
+    def sync_dir(self, folder: str) -> None:
+        if self.fsync:
+            os.fsync(self.dir_fd(folder))
 
     def recover(self) -> RecoveryReport:
         """Delete the temporary files no live writer holds; count the complete instances.
@@ -265,6 +373,7 @@ class _State(enum.Enum):
     FAILED = "failed"  # a write failed; the file is gone, further fragments are dropped
     COMMITTING = "committing"  # finish() or a GroupCommitter owns it now
     DONE = "done"  # in incoming/, durable
+    HELD = "held"  # kept in tmp/ for a transparent send; release() ends it
     ABORTED = "aborted"  # discarded by abort() or a failed commit
 
 
@@ -400,6 +509,72 @@ class SpoolWriter:
         self.path = spool.incoming / self.name
         return self.path
 
+    @property
+    def tmp_path(self) -> Path:
+        """The temporary file (valid while the writer is open, committing or held)."""
+        return self.spool.tmp / self._tmp_name
+
+    def _place(self, placement: Placement) -> tuple[tuple[Path, ...], set[str]]:
+        """Commit by ``placement``: fsync once, link/copy into each folder, drop tmp/.
+
+        Returns the files made and the folders to fsync; on error removes what it made
+        (nothing was acknowledged) and re-raises.
+        """
+        spool = self.spool
+        if placement.hold:
+            self._state = _State.HELD
+            return (), set()
+        if placement.keeps_nothing:
+            self._state = _State.ABORTED
+            _discard(self._fd, self._tmp_name, spool._tmp_fd)
+            return (), set()
+        made: list[tuple[str, Path]] = []
+        try:
+            if spool.fsync and placement.links:
+                os.fsync(self._fd)
+            for folder in placement.links:
+                os.link(self._tmp_name, self.name, src_dir_fd=spool._tmp_fd,
+                        dst_dir_fd=spool.dir_fd(folder), follow_symlinks=False)
+                made.append((folder, spool.root / folder / self.name))
+            for number, (folder, write) in enumerate(placement.copies):
+                made.append((folder, self._copy(number, folder, write)))
+        except BaseException:
+            for folder, path in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(path.name, dir_fd=spool.dir_fd(folder))
+            self._state = _State.ABORTED
+            _discard(self._fd, self._tmp_name, spool._tmp_fd)
+            raise
+        self._state = _State.DONE
+        # The temporary name goes while the lock is held (see _create_locked).
+        _discard(self._fd, self._tmp_name, spool._tmp_fd)
+        self.path = made[0][1]
+        return tuple(path for _, path in made), {folder for folder, _ in made}
+
+    def _copy(self, number: int, folder: str, write: CopyWriter) -> Path:
+        spool = self.spool
+        tmp_name = f"{self._tmp_name[: -len(TMP_SUFFIX)]}.{number}{TMP_SUFFIX}"
+        fd = os.open(tmp_name, _CREATE_FLAGS, 0o644, dir_fd=spool._tmp_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with os.fdopen(os.dup(fd), "wb") as fh:
+                write(fh)
+            if spool.fsync:
+                os.fsync(fd)
+            os.rename(tmp_name, self.name, src_dir_fd=spool._tmp_fd,
+                      dst_dir_fd=spool.dir_fd(folder))
+        except BaseException:
+            _discard(fd, tmp_name, spool._tmp_fd)
+            raise
+        os.close(fd)
+        return spool.root / folder / self.name
+
+    def release(self) -> None:
+        """End a held instance (transparent send done or failed): delete it."""
+        if self._state is _State.HELD:
+            self._state = _State.ABORTED
+            _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+
     def _unpublish(self) -> None:
         """The directory fsync failed: the rename may not be durable, so take it back."""
         self._state = _State.ABORTED
@@ -411,9 +586,6 @@ class SpoolWriter:
         """Its future was cancelled before the commit: discard."""
         self._state = _State.ABORTED
         _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
-
-    def _done(self) -> None:
-        self._state = _State.DONE
 
     def _write_all(self, data: memoryview) -> None:
         # os.write may write less than asked (a signal, a nearly full disk): loop on
@@ -446,7 +618,7 @@ class GroupCommitter:
     def __init__(self, spool: Spool, *, name: str = "spool-commit") -> None:
         self.spool = spool
         self.batches = 0  # directory fsyncs done; for metrics and tests
-        self._queue: list[tuple[SpoolWriter, concurrent.futures.Future[Path]]] = []
+        self._queue: list[_Job] = []
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -458,14 +630,19 @@ class GroupCommitter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def submit(self, writer: SpoolWriter) -> concurrent.futures.Future[Path]:
-        """Queue ``writer`` (all fragments written) for commit; the future gives its path.
+    def submit(self, writer: SpoolWriter,
+               route: Router | None = None) -> concurrent.futures.Future[Placed]:
+        """Queue ``writer`` (all fragments written) for commit; the future gives a
+        :class:`Placed`.
 
-        A writer whose write failed gets a future that has already failed.
+        ``route`` decides the :class:`Placement` on the commit thread, once the data set
+        is complete (the router's rules read it there); without one the instance goes
+        to ``incoming/``. A writer whose write failed gets a future that has already
+        failed; so does one whose ``route`` raised (the exception is the future's).
         """
         if writer.spool is not self.spool:
             raise ValueError(f"{writer!r} belongs to another spool than {self.spool.root}")
-        future: concurrent.futures.Future[Path] = concurrent.futures.Future()
+        future: concurrent.futures.Future[Placed] = concurrent.futures.Future()
         try:
             writer._start_commit()
         except OSError as exc:
@@ -475,7 +652,7 @@ class GroupCommitter:
             if self._closing:
                 writer._cancel()
                 raise RuntimeError("GroupCommitter is closed")
-            self._queue.append((writer, future))
+            self._queue.append((writer, future, route))
             self._cond.notify()
         return future
 
@@ -496,31 +673,46 @@ class GroupCommitter:
                 return  # closing, and nothing left
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[SpoolWriter, concurrent.futures.Future[Path]]]) -> None:
-        renamed: list[tuple[SpoolWriter, concurrent.futures.Future[Path], Path]] = []
-        for writer, future in batch:
+    def _commit(self, batch: list[_Job]) -> None:
+        placed: list[tuple[SpoolWriter, concurrent.futures.Future[Placed], Placed]] = []
+        folders: set[str] = set()
+        for writer, future, route in batch:
             if not future.set_running_or_notify_cancel():
                 writer._cancel()
                 continue
             try:
-                path = writer._sync_and_rename()
+                placement = INCOMING if route is None else route(writer, writer.tmp_path)
+                paths, touched = writer._place(placement)
             except Exception as exc:  # the future carries it; the thread must go on
+                if writer._state is _State.COMMITTING:
+                    writer._cancel()
                 future.set_exception(exc)
                 continue
-            renamed.append((writer, future, path))
-        if not renamed:
+            folders |= touched
+            result = Placed(placement=placement, paths=paths,
+                            held=writer.tmp_path if placement.hold else None)
+            if not touched:  # dropped, rejected or held: no directory to make durable
+                future.set_result(result)
+                continue
+            placed.append((writer, future, result))
+        if not placed:
             return
         try:
-            self.spool._sync_incoming()
+            for folder in sorted(folders):
+                self.spool.sync_dir(folder)
         except Exception as exc:
-            for writer, future, _ in renamed:
-                writer._unpublish()
+            for _, future, result in placed:
+                for path in result.paths:  # may not be durable: take them back
+                    with contextlib.suppress(OSError):
+                        path.unlink()
                 future.set_exception(exc)
             return
         self.batches += 1
-        for writer, future, path in renamed:
-            writer._done()
-            future.set_result(path)
+        for _, future, result in placed:
+            future.set_result(result)
+
+
+_Job = tuple[SpoolWriter, "concurrent.futures.Future[Placed]", "Router | None"]
 
 
 # --- helpers ------------------------------------------------------------------

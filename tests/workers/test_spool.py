@@ -36,7 +36,7 @@ from router.dicom.dataset import read_part10_header
 from router.dicom.errors import DIMSEError, LocalProtocolError
 from tests.helpers import make_ct, missing, pydicom_test_files, run_tool, to_bytes
 from tests.helpers.dcmtk import which_binary
-from workers.spool import GroupCommitter, Spool, SpoolWriter, status_for_error
+from workers.spool import GroupCommitter, Placement, Spool, SpoolWriter, status_for_error
 
 ROOT = Path(__file__).resolve().parents[2]
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -327,7 +327,8 @@ def test_group_commit_from_many_threads(spool: Spool, committer: GroupCommitter)
         w.join(WAIT)
     assert len(results) == per_thread * threads
     for uid, (future, data) in results.items():
-        path = future.result(timeout=WAIT)
+        path = future.result(timeout=WAIT).path
+        assert path is not None
         header = read_part10_header(path)
         assert header.meta is not None and header.meta.MediaStorageSOPInstanceUID == uid
         assert path.read_bytes()[header.dataset_offset:] == data
@@ -348,9 +349,9 @@ class Recorder:
             self.release.set()
         self.fail: Callable[[str], OSError | None] = lambda kind: None
         self._fsync = os.fsync
-        self._rename = os.rename
+        self._link = os.link
         monkeypatch.setattr(os, "fsync", self.fsync)
-        monkeypatch.setattr(os, "rename", self.rename)
+        monkeypatch.setattr(os, "link", self.link)
 
     def log(self, what: str, inode: int) -> None:
         with self.lock:
@@ -367,14 +368,15 @@ class Recorder:
         self._fsync(fd)
         self.log(kind, st.st_ino)
 
-    def rename(self, src: Any, dst: Any, **kwargs: Any) -> None:
+    def link(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        # The group commit links the file into its folder(s), then drops tmp/'s name.
         inode = os.stat(src, dir_fd=kwargs.get("src_dir_fd")).st_ino
-        self._rename(src, dst, **kwargs)
+        self._link(src, dst, **kwargs)
         self.log("rename", inode)
 
     def resolved(self, future: Future[Path]) -> None:
         if future.exception() is None:
-            self.log("resolved", future.result().stat().st_ino)
+            self.log("resolved", future.result().path.stat().st_ino)
 
 
 def test_group_commit_fsyncs_the_directory_once_per_batch_after_each_file(
@@ -404,7 +406,7 @@ def test_group_commit_fsyncs_the_directory_once_per_batch_after_each_file(
         s.join(WAIT)
     assert not any(f.done() for f in futures)
     rec.release.set()
-    paths = [f.result(timeout=WAIT) for f in futures]
+    paths = [f.result(timeout=WAIT).path for f in futures]
     assert len(set(paths)) == n
     committer.close()  # done callbacks run after result() returns: let them finish
 
@@ -440,7 +442,7 @@ def test_cancelled_future_discards_its_writer(
     dropped = committer.submit(second)
     assert dropped.cancel()
     rec.release.set()
-    assert kept.result(timeout=WAIT).name == first.name
+    assert kept.result(timeout=WAIT).path.name == first.name
     committer.close()
     assert files(spool.incoming) == [first.name] and files(spool.tmp) == []
 
@@ -529,7 +531,8 @@ def test_disk_full_while_writing(spool: Spool, committer: GroupCommitter,
     monkeypatch.undo()
     writer = begin(spool)
     feed(writer, data)
-    path = committer.submit(writer).result(timeout=WAIT)
+    path = committer.submit(writer).result(timeout=WAIT).path
+    assert path is not None
     assert path.read_bytes()[writer.dataset_offset:] == data
     assert files(spool.tmp) == []
 
@@ -570,7 +573,7 @@ def test_commit_errors_fail_the_futures_and_leave_nothing(
         feed(w, data)
     futures = [committer.submit(w) for w in writers]
     rec.release.set()
-    assert held.result(timeout=WAIT).name == blocker.name
+    assert held.result(timeout=WAIT).path.name == blocker.name
     excs = [f.exception(timeout=WAIT) for f in futures]
     expected = 0xA700 if error == errno.ENOSPC else 0x0110
     if failing == "fsync":
@@ -587,7 +590,7 @@ def test_commit_errors_fail_the_futures_and_leave_nothing(
     # The spool and the committer go on.
     writer = begin(spool)
     feed(writer, data)
-    assert committer.submit(writer).result(timeout=WAIT).exists()
+    assert committer.submit(writer).result(timeout=WAIT).path.exists()
 
 
 def test_finish_reports_errors_and_leaves_nothing(
@@ -627,3 +630,61 @@ def test_spool_directories_are_made_durable(tmp_path: Path,
     synced.clear()
     Spool(root).close()  # nothing new to make
     assert synced == []
+
+
+# --- placements: where the router's rules put an instance -----------------------------
+
+
+def test_placement_links_share_one_inode_and_copies_are_their_own(
+        spool: Spool, committer: GroupCommitter) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer = begin(spool)
+    feed(writer, data)
+
+    def changed(out: Any) -> None:
+        out.write(b"a changed copy")
+
+    placement = Placement(links=("queue/a", "queue/b"), copies=(("queue/c", changed),))
+    placed = committer.submit(writer, lambda w, path: placement).result(timeout=WAIT)
+    a, b, c = (spool.root / "queue" / d / writer.name for d in "abc")
+    assert placed.paths == (a, b, c) and placed.placement is placement
+    assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 2
+    assert a.read_bytes()[writer.dataset_offset:] == data
+    assert c.read_bytes() == b"a changed copy" and c.stat().st_ino != a.stat().st_ino
+    assert files(spool.tmp) == []
+
+
+def test_placement_of_nothing_keeps_nothing_and_route_errors_fail_the_future(
+        spool: Spool, committer: GroupCommitter) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    dropped, broken = begin(spool), begin(spool)
+    feed(dropped, data)
+    feed(broken, data)
+    placed = committer.submit(dropped, lambda w, p: Placement(note="drop")).result(timeout=WAIT)
+    assert placed.paths == () and placed.placement.note == "drop"
+
+    def route(writer: SpoolWriter, path: Path) -> Placement:
+        raise ValueError("no header")
+
+    assert isinstance(committer.submit(broken, route).exception(timeout=WAIT), ValueError)
+    assert files(spool.tmp) == [] and files(spool.incoming) == []
+
+
+def test_held_instance_stays_in_tmp_until_released(spool: Spool,
+                                                   committer: GroupCommitter) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer = begin(spool)
+    feed(writer, data)
+    placed = committer.submit(writer, lambda w, p: Placement(hold=True)).result(timeout=WAIT)
+    assert placed.held == writer.tmp_path and placed.held.exists()
+    assert spool.recover().removed_temporary == 0  # still locked: never recovered away
+    writer.release()
+    assert files(spool.tmp) == []
+
+
+def test_placement_refuses_folders_outside_the_spool() -> None:
+    for folder in ("/etc", "../x", "tmp", ""):
+        with pytest.raises(ValueError):
+            Placement(links=(folder,))
+    with pytest.raises(ValueError):
+        Placement(links=("queue/a",), hold=True)
