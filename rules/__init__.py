@@ -1,0 +1,145 @@
+"""Declarative routing rules (DESIGN.md D6): TOML files, validated on load,
+compiled once, evaluated per received instance. A pure library: no sockets,
+threads or clocks (the caller passes the time).
+
+Theory of operation
+-------------------
+``RuleSet.load(paths, destinations=...)`` reads every rule file (a folder
+means every ``*.toml`` in it, in sorted name order), checks it, and compiles
+each ``[[rule]]`` into a :class:`Rule`: a tree of condition objects
+(:mod:`rules.conditions`) with every regex, wildcard, network and range
+prepared, and per destination a :class:`Changes`. Any problem anywhere raises
+one :class:`RuleError` whose ``problems`` give file, line and a sentence; a
+router that is reloading keeps its old rule set. ``RuleSet.evaluate`` then
+tests the rules in file order against an :class:`AssociationInfo`, the data
+set and the local time, and returns a :class:`Decision`; ``explain`` does the
+same with a :class:`RuleTrace` per rule for ``dicom-router rules test``.
+
+Evaluation: the first rule whose conditions hold decides. A rule with
+``continue = true`` adds its forwards and evaluation goes on; the forwards of
+all acting rules are merged, one :class:`Forward` per destination in the order
+first named, its changes those of every acting rule that forwards there, in
+rule order. A rule that rejects or drops ends evaluation and keeps nothing,
+even forwards collected from earlier ``continue`` rules. When no rule acts the
+outcome is ``unmatched``.
+
+File format
+-----------
+::
+
+    [[rule]]
+    name = "chest CT to PACS and AI"   # required, unique over all files
+    description = "free text"          # optional
+    [rule.when]                        # every key must hold; no table: always
+    calling_ae = "CT*"                 # str or list; DICOM wildcards * and ?
+    called_ae = ["ROUTER", "ARCHIVE"]
+    peer = ["10.0.0.0/8", "192.168.1.7", "fd00::/8"]   # addresses or networks
+    time = { days = ["mon", "tue", "wed", "thu", "fri"], from = "07:00", to = "19:00" }
+    Modality = "CT"                    # attribute by keyword ...
+    "(0009,1001)" = { present = true } # ... or by tag: (gggg,eeee), gggg,eeee, ggggeeee
+    StudyDescription = { regex = "(?i)^chest" }
+    StudyDate = { min = 2020-01-01, max = "20251231" }
+    any = [ { Modality = "MR" }, { not = { BodyPartExamined = "HEAD" } } ]
+    [rule.then]
+    forward = ["pacs", "ai"]           # destination names, str or list
+    transparent = false                # no spool, relay the status; one destination
+    continue = false                   # true: go on to the next rules after this one
+    [[rule.then.change]]               # applied in order, to the forwarded copies
+    destination = "ai"                 # optional: only for this destination
+    set = { PatientName = "ANON", "(0009,1001)" = { vr = "LO", value = "x" } }
+    remove = ["PatientBirthDate", "(0010,1000)"]
+    copy = { OtherPatientIDs = "PatientID" }                 # target = source
+    replace = { AccessionNumber = { pattern = '^A(\\d+)', with = 'B\\1' } }
+
+Instead of ``forward`` a rule may ``reject = 0xA700`` (answer the C-STORE
+with that failure status: 01xx, 02xx, Axxx, Cxxx of PS3.7 Annex C, except the
+warnings 0107H and 0116H) or ``drop = true`` (answer Success, keep nothing).
+
+Conditions. A condition table's keys all must hold. ``calling_ae``,
+``called_ae``: AE titles compared without their padding spaces. ``peer``: an
+IPv4 or IPv6 address or CIDR network (IPv4-mapped IPv6 peers count as IPv4).
+``time``: ``days`` (mon ... sun, or full names) and/or ``from``/``to``
+(``"HH:MM[:SS]"`` or a TOML time; ``to`` may be ``"24:00"``), local time,
+``from`` inclusive, ``to`` exclusive; ``from > to`` spans midnight, and the
+window then belongs to the day it starts on (fri 22:00-06:00 holds until
+Saturday 06:00). ``all = [tables]``, ``any = [tables]``, ``not = table`` nest
+freely and may hold any condition, association ones included.
+
+Attribute tests. A bare string is equality, or a DICOM wildcard if it holds
+``*`` or ``?`` (PS3.4 C.2.2.2.4: ``*`` any sequence including none, ``?`` one
+character, case-sensitive); an integer or float is numeric equality; a TOML
+date/time is equality with its DA/TM/DT text; a list is any of those. An
+inline table holds exactly one operator (``min`` with ``max`` counts as one):
+``equals`` (a string is literal here, no wildcards), ``wildcard``, ``regex``
+(:func:`re.search`), ``in = [...]``, ``min``/``max`` (inclusive; numbers for
+numeric VRs; dates, times, date-times as TOML values or DICOM strings for DA,
+TM, DT, compared in DICOM order with missing parts as the earliest instant
+and UTC offsets ignored; otherwise by the bounds' type, strings comparing as
+text), ``present = true|false``.
+
+Values. Text is ``str(value)`` less trailing spaces and NULs (so a PN is
+``Family^Given``); numbers are compared as floats (IS, DS, US, SS, UL, SL,
+FL, FD, ...; a text value that reads as a number counts too). A multi-valued
+attribute matches if its whole value (values joined with ``\\``) or any
+single value does; ranges look at single values only. A missing attribute
+fails every test but ``present = false``; an empty one is present, with the
+value ``""``. A sequence (SQ) can only be tested with ``present``. Binary
+values (OB, UN, ...) are read as Latin-1 text. Private tags are matched by
+their literal tag: the element number depends on the block the Private
+Creator reserved.
+
+Changes. ``set`` creates or replaces, with the dictionary's VR (the first
+where it allows several); a private or unknown tag takes the VR of the
+element already there if the value fits, else LO, or the one given as
+``{ vr = "..", value = .. }``. Values are checked against the VR on load
+(text VRs want strings, integer VRs integers in range, DA/TM/DT valid text or
+TOML dates and times; a list sets several values, ``[]`` an empty value).
+``remove`` deletes if present. ``copy`` copies the source value, converted to
+the target's VR, and does nothing if the source is missing. ``replace``
+applies :func:`re.sub` to each value and does nothing if the attribute is
+missing. Several operations in one change table apply in the order written.
+
+Loading checks, each a :class:`Problem` (``file:line: rule "name": ...``):
+TOML syntax; unknown keys at every level (with a did-you-mean); missing or
+duplicate names; keywords and tags; operators and their values; regexes
+(and replacement templates); addresses and networks; days and times;
+destinations (unless ``destinations`` is None); contradictory actions
+(forward with reject or drop, reject with drop, transparent without exactly
+one destination, with continue, with change or after any rule with continue,
+continue with reject or drop, change without forward or for a destination
+the rule does not forward to, no action); reject statuses; ``set`` values
+against the VR (type, range, and pydicom's checks of length and characters).
+So a decision with a transparent forward has that one forward only, from
+one rule, unchanged.
+"""
+
+from rules.changes import Changes, CopyOp, Operation, RemoveOp, ReplaceOp, SetOp
+from rules.evaluate import RuleSet
+from rules.model import (
+    AssociationInfo,
+    Decision,
+    Forward,
+    Outcome,
+    Problem,
+    Rule,
+    RuleError,
+    RuleTrace,
+)
+
+__all__ = [
+    "AssociationInfo",
+    "Changes",
+    "CopyOp",
+    "Decision",
+    "Forward",
+    "Operation",
+    "Outcome",
+    "Problem",
+    "RemoveOp",
+    "ReplaceOp",
+    "Rule",
+    "RuleError",
+    "RuleSet",
+    "RuleTrace",
+    "SetOp",
+]

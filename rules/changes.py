@@ -1,0 +1,215 @@
+"""Attribute changes (``[[rule.then.change]]``), applied to the copy of an
+instance bound for one destination.
+
+Each operation is validated when the rules load; applying one never raises
+for a data set it does not fit (a ``copy`` from a missing source, a
+``replace`` on a missing or binary attribute, a value that cannot take the
+target's VR): it leaves the data set as it was.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import DSfloat
+
+from rules.tags import BINARY_VRS, INTEGER_VRS, REAL_VRS, TEXT_VRS
+
+Scalar: TypeAlias = str | int | float
+#: A value as given in the rule file: one value, several (a tuple), or empty (None).
+SetValue: TypeAlias = Scalar | tuple[Scalar, ...] | None
+
+_FAIL: Final = object()
+_STRIP: Final = " \x00"
+#: VR for a private (or unknown) attribute set without one, when it is not there yet.
+DEFAULT_VR: Final = "LO"
+
+
+def _items(value: object) -> tuple[list[object], bool]:
+    if isinstance(value, list | tuple | MultiValue):
+        return list(value), True
+    return [value], False
+
+
+def coerce(value: object, vr: str) -> object:
+    """``value`` (from another element, or text) as a value for ``vr``, or
+    :data:`_FAIL` when it cannot be one."""
+    if value is None:
+        return None
+    if vr == "SQ":
+        return _copy.deepcopy(value) if isinstance(value, DicomSequence) else _FAIL
+    if vr in BINARY_VRS:
+        return bytes(value) if isinstance(value, bytes | bytearray) else _FAIL
+    if isinstance(value, DicomSequence | bytes | bytearray):
+        return _FAIL
+    items, multi = _items(value)
+    out: list[object] = []
+    for item in items:
+        converted = _coerce_one(item, vr)
+        if converted is _FAIL:
+            return _FAIL
+        out.append(converted)
+    return out if multi else out[0]
+
+
+def _coerce_one(item: object, vr: str) -> object:
+    if vr in TEXT_VRS or vr not in INTEGER_VRS | REAL_VRS:
+        return item.rstrip(_STRIP) if isinstance(item, str) else str(item)
+    try:
+        if vr in INTEGER_VRS:
+            number = float(str(item).strip()) if isinstance(item, str) else float(item)  # type: ignore[arg-type]
+            return int(number) if number.is_integer() else _FAIL
+        if isinstance(item, str):
+            float(item)  # a decimal string stays as written
+            return item.strip()
+        number = float(item)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return _FAIL
+    return DSfloat(number, auto_format=True) if vr == "DS" else number
+
+
+def _show(value: SetValue) -> str:
+    if value is None:
+        return "<empty>"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    return repr(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetOp:
+    """``set``: create the attribute or replace its value. ``vr`` None: a
+    private or unknown tag: the VR of the element already there if the value
+    fits it, else :data:`DEFAULT_VR`."""
+
+    tag: int
+    label: str
+    vr: str | None
+    value: SetValue
+
+    def apply(self, ds: Dataset) -> None:
+        vr = self.vr
+        value: object = list(self.value) if isinstance(self.value, tuple) else self.value
+        if vr is None:
+            existing = ds.get(self.tag)
+            vr = DEFAULT_VR
+            if existing is not None and existing.VR not in BINARY_VRS | {"SQ"}:
+                converted = coerce(value, existing.VR)
+                if converted is not _FAIL:
+                    ds.add_new(self.tag, existing.VR, converted)
+                    return
+        converted = coerce(value, vr)
+        if converted is not _FAIL:
+            ds.add_new(self.tag, vr, converted)
+
+    def describe(self) -> str:
+        vr = f" ({self.vr})" if self.vr and self.label.startswith("(") else ""
+        return f"set {self.label}{vr} = {_show(self.value)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoveOp:
+    """``remove``: delete the attribute if present."""
+
+    tag: int
+    label: str
+
+    def apply(self, ds: Dataset) -> None:
+        if self.tag in ds:
+            del ds[self.tag]
+
+    def describe(self) -> str:
+        return f"remove {self.label}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CopyOp:
+    """``copy``: the source's value into the target, with the target's VR
+    (``target_vr`` None: the target element's if there is one, else the
+    source's). Nothing happens when the source is missing."""
+
+    target: int
+    target_label: str
+    target_vr: str | None
+    source: int
+    source_label: str
+
+    def apply(self, ds: Dataset) -> None:
+        source = ds.get(self.source)
+        if source is None:
+            return
+        vr = self.target_vr
+        if vr is None:
+            existing = ds.get(self.target)
+            vr = existing.VR if existing is not None else source.VR
+        value = coerce(source.value, vr)
+        if value is not _FAIL:
+            ds.add_new(self.target, vr, value)
+
+    def describe(self) -> str:
+        return f"copy {self.source_label} to {self.target_label}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplaceOp:
+    """``replace``: :func:`re.sub` on each value of the attribute (``with``
+    may use ``\\1``, ``\\g<name>``). Nothing happens when it is missing,
+    a sequence or binary."""
+
+    tag: int
+    label: str
+    pattern: re.Pattern[str]
+    template: str
+
+    def apply(self, ds: Dataset) -> None:
+        elem = ds.get(self.tag)
+        if elem is None or elem.VR == "SQ" or elem.VR in BINARY_VRS:
+            return
+        items, multi = _items(elem.value)
+        texts = ["" if v is None else str(v).rstrip(_STRIP) for v in items]
+        changed = [self.pattern.sub(self.template, t) for t in texts]
+        if changed == texts:
+            return
+        value = coerce(changed if multi else changed[0], elem.VR)
+        if value is not _FAIL:
+            elem.value = value
+
+    def describe(self) -> str:
+        return f"replace in {self.label} '{self.pattern.pattern}' with '{self.template}'"
+
+
+Operation: TypeAlias = SetOp | RemoveOp | CopyOp | ReplaceOp
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Changes:
+    """The attribute operations for one destination, applied in order."""
+
+    operations: tuple[Operation, ...] = ()
+
+    def apply(self, ds: Dataset) -> None:
+        """Apply every operation to ``ds`` (mutated in place)."""
+        for op in self.operations:
+            op.apply(ds)
+
+    def describe(self) -> list[str]:
+        """One human line per operation, e.g. ``set PatientName = 'ANON'``."""
+        return [op.describe() for op in self.operations]
+
+    def __bool__(self) -> bool:
+        return bool(self.operations)
+
+    @classmethod
+    def join(cls, parts: Sequence[Changes]) -> Changes:
+        """The operations of ``parts`` one after the other."""
+        return cls(operations=tuple(op for p in parts for op in p.operations))
+
+
+NO_CHANGES: Final = Changes()

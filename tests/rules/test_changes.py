@@ -1,0 +1,194 @@
+"""Attribute changes: each operation, VRs, per-destination selection."""
+
+from __future__ import annotations
+
+import copy
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from rules import Changes, Decision, RemoveOp, SetOp
+from tests.rules.support import ASSOC, CT_SMALL, NOW, dataset, ruleset
+
+
+def _changes(change: str, *, forward: str = '"pacs"') -> Changes:
+    """The changes for the first destination of a rule with this change table."""
+    text = (f'[[rule]]\nname = "r"\n[rule.then]\nforward = {forward}\n'
+            f"[[rule.then.change]]\n{change}\n")
+    decision = ruleset(text).evaluate(ASSOC, Dataset(), NOW)
+    return decision.forwards[0].changes
+
+
+def _applied(change: str, ds: Dataset) -> Dataset:
+    out = copy.deepcopy(ds)
+    _changes(change).apply(out)
+    return out
+
+
+BASE = dataset(PatientName="Doe^John", PatientID="123", PatientBirthDate="19700101",
+               AccessionNumber="A42", Modality="CT", SeriesNumber=3,
+               ImageType=["ORIGINAL", "PRIMARY"], OtherPatientIDs="old")
+
+
+@pytest.mark.parametrize(("change", "keyword", "value", "vr"), [
+    ('set = { PatientName = "ANON" }', "PatientName", "ANON", "PN"),
+    ('set = { PatientID = "" }', "PatientID", "", "LO"),
+    ('set = { StudyDescription = "new" }', "StudyDescription", "new", "LO"),   # created
+    ('set = { SeriesNumber = 7 }', "SeriesNumber", 7, "IS"),
+    ('set = { SeriesNumber = "8" }', "SeriesNumber", 8, "IS"),
+    ('set = { SliceThickness = 2.5 }', "SliceThickness", 2.5, "DS"),
+    ('set = { Rows = 256 }', "Rows", 256, "US"),
+    ('set = { ImageType = ["DERIVED", "SECONDARY"] }', "ImageType", ["DERIVED", "SECONDARY"],
+     "CS"),
+    ('set = { StudyDate = 2024-01-31 }', "StudyDate", "20240131", "DA"),
+    ('set = { StudyTime = "073000" }', "StudyTime", "073000", "TM"),
+    ('set = { "(0010,0020)" = "by-tag" }', "PatientID", "by-tag", "LO"),
+])
+def test_set(change: str, keyword: str, value: object, vr: str) -> None:
+    ds = _applied(change, BASE)
+    element = ds[keyword]
+    assert (element.VR, element.value) == (vr, value)
+
+
+def test_set_private_tags() -> None:
+    ds = Dataset()
+    block = ds.private_block(0x0009, "ACME 1.0", create=True)
+    block.add_new(0x02, "US", 7)
+    changes = _changes('set = { "(0009,1001)" = "x", "(0009,1002)" = 9, '
+                       '"(0009,1003)" = { vr = "SH", value = "short" }, "(0009,1004)" = 5 }')
+    changes.apply(ds)
+    assert (ds[0x00091001].VR, ds[0x00091001].value) == ("LO", "x")      # new: LO
+    assert (ds[0x00091002].VR, ds[0x00091002].value) == ("US", 9)        # existing VR kept
+    assert (ds[0x00091003].VR, ds[0x00091003].value) == ("SH", "short")  # VR given
+    assert (ds[0x00091004].VR, ds[0x00091004].value) == ("LO", "5")      # number as text
+
+
+def test_set_private_keeps_existing_vr_only_if_the_value_fits() -> None:
+    ds = Dataset()
+    ds.add_new(0x00091002, "US", 7)
+    _changes('set = { "(0009,1002)" = "not a number" }').apply(ds)
+    assert (ds[0x00091002].VR, ds[0x00091002].value) == ("LO", "not a number")
+
+
+def test_remove() -> None:
+    ds = _applied('remove = ["PatientBirthDate", "(0010,1000)", "StudyDescription"]', BASE)
+    assert "PatientBirthDate" not in ds
+    assert "OtherPatientIDs" not in ds          # (0010,1000)
+    assert "PatientName" in ds                  # untouched; absent StudyDescription is fine
+    assert "PatientBirthDate" in BASE           # only the copy changed
+
+
+def test_remove_single_string() -> None:
+    assert "PatientID" not in _applied('remove = "PatientID"', BASE)
+
+
+def test_copy() -> None:
+    ds = _applied('copy = { OtherPatientIDs = "PatientID", StudyID = "SeriesNumber" }', BASE)
+    assert (ds.OtherPatientIDs, ds["OtherPatientIDs"].VR) == ("123", "LO")
+    assert (ds.StudyID, ds["StudyID"].VR) == ("3", "SH")  # number into a text VR
+
+
+def test_copy_from_missing_source_does_nothing() -> None:
+    ds = _applied('copy = { OtherPatientIDs = "IssuerOfPatientID" }', BASE)
+    assert ds.OtherPatientIDs == "old"
+
+
+def test_copy_text_into_number_when_it_reads_as_one() -> None:
+    ds = dataset(PatientID="42", PatientName="x")
+    _changes('copy = { SeriesNumber = "PatientID" }').apply(ds)
+    assert ds.SeriesNumber == 42
+    _changes('copy = { InstanceNumber = "PatientName" }').apply(ds)
+    assert "InstanceNumber" not in ds  # "x" is not a number: nothing happens
+
+
+def test_copy_multi_valued() -> None:
+    ds = _applied('copy = { OtherPatientIDs = "ImageType" }', BASE)
+    assert list(ds.OtherPatientIDs) == ["ORIGINAL", "PRIMARY"]
+
+
+def test_replace() -> None:
+    ds = _applied('replace = { AccessionNumber = { pattern = "^A(\\\\d+)", with = "B\\\\1" } }',
+                  BASE)
+    assert ds.AccessionNumber == "B42"
+
+
+def test_replace_each_value_and_named_groups() -> None:
+    ds = _applied("replace = { ImageType = { pattern = '^(?P<first>.)', with = 'X\\g<first>' } }",
+                  BASE)
+    assert list(ds.ImageType) == ["XORIGINAL", "XPRIMARY"]
+
+
+def test_replace_skips_missing_and_keeps_numbers_numbers() -> None:
+    ds = _applied('replace = { StudyDescription = { pattern = ".*", with = "x" }, '
+                  'SeriesNumber = { pattern = "3", with = "30" } }', BASE)
+    assert "StudyDescription" not in ds
+    assert ds.SeriesNumber == 30
+
+
+def test_operations_apply_in_order() -> None:
+    change = ('set = { PatientID = "new" }\ncopy = { OtherPatientIDs = "PatientID" }\n'
+              'remove = "PatientID"')
+    ds = _applied(change, BASE)
+    assert ds.OtherPatientIDs == "new"
+    assert "PatientID" not in ds
+
+
+def test_describe_and_bool() -> None:
+    changes = _changes('set = { PatientName = "ANON", '
+                       '"(0009,1001)" = { vr = "LO", value = "x" } }\n'
+                       'remove = ["PatientBirthDate"]\ncopy = { OtherPatientIDs = "PatientID" }\n'
+                       "replace = { AccessionNumber = { pattern = '^A', with = 'B' } }")
+    assert changes
+    assert not Changes()
+    assert changes.describe() == [
+        "set PatientName = 'ANON'",
+        "set (0009,1001) (LO) = 'x'",
+        "remove PatientBirthDate",
+        "copy PatientID to OtherPatientIDs",
+        "replace in AccessionNumber '^A' with 'B'",
+    ]
+    assert isinstance(changes.operations[0], SetOp)
+    assert isinstance(changes.operations[2], RemoveOp)
+
+
+def _decision(text: str) -> Decision:
+    return ruleset(text).evaluate(ASSOC, Dataset(), NOW)
+
+
+def test_changes_per_destination() -> None:
+    text = """
+[[rule]]
+name = "r"
+then.forward = ["pacs", "ai"]
+[[rule.then.change]]
+set = { PatientName = "ALL" }
+[[rule.then.change]]
+destination = "ai"
+remove = "PatientBirthDate"
+[[rule.then.change]]
+destination = "pacs"
+set = { PatientID = "P" }
+[[rule.then.change]]
+set = { StudyID = "LAST" }
+"""
+    decision = _decision(text)
+    by = {f.destination: f.changes.describe() for f in decision.forwards}
+    assert by == {
+        "pacs": ["set PatientName = 'ALL'", "set PatientID = 'P'", "set StudyID = 'LAST'"],
+        "ai": ["set PatientName = 'ALL'", "remove PatientBirthDate", "set StudyID = 'LAST'"],
+    }
+
+
+def test_no_changes_is_an_empty_changes() -> None:
+    decision = _decision('[[rule]]\nname = "r"\nthen.forward = ["a", "b"]\n')
+    assert [bool(f.changes) for f in decision.forwards] == [False, False]
+
+
+def test_changes_on_a_real_file() -> None:
+    ds = pydicom.dcmread(CT_SMALL)
+    _changes('set = { PatientName = "ANON" }\nremove = ["PatientID"]\n'
+             'replace = { "(0009,0010)" = { pattern = "GEMS", with = "ACME" } }').apply(ds)
+    assert ds.PatientName == "ANON"
+    assert "PatientID" not in ds
+    assert ds[0x00090010].value == "ACME_IDEN_01"
