@@ -1,0 +1,227 @@
+"""DestinationActor against real peers: DCMTK storescp and pynetdicom SCPs with chosen statuses.
+
+What must hold (DESIGN.md D4, D5): a queued instance reaches the destination byte for
+byte and leaves the queue only on success or warning; a destination that is down keeps
+the queue intact and gets everything when it comes back; permanent failures and
+exhausted retries end in dead/ with the reason; two workers sharing a queue deliver
+each instance once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.config import Destination, RetryPolicy
+from router.dicom.dataset import read_part10_header
+from tests.helpers import Dcmtk, Procs, make_ct, received_files, storescp_server
+from tests.helpers.net import free_port
+from workers.forward import DestinationActor, is_permanent_failure
+from workers.spool import Spool
+
+pytestmark = pytest.mark.interop
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _dataset(path: Path) -> bytes:
+    return path.read_bytes()[read_part10_header(path).dataset_offset:]
+
+
+def _queue(spool: Spool, dest: str, tmp: Path, count: int, **kw: Any) -> list[Path]:
+    """Write ``count`` Part 10 CTs into queue/<dest>/ as the commit would."""
+    folder = spool.root / "queue" / dest
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        src = tmp / f"src{i}.dcm"
+        make_ct(src, size_kb=kw.get("size_kb", 8), instance_number=i + 1, seed=i)
+        target = folder / f"{i:020d}-1-{i}.dcm"
+        shutil.copyfile(src, target)
+        out.append(target)
+    return out
+
+
+def _destination(port: int, **kw: Any) -> Destination:
+    fields: dict[str, Any] = dict(name="pacs", host="127.0.0.1", port=port,
+                                  ae_title="STORESCP", calling_ae="ROUTER", timeout=5.0,
+                                  idle=0.5, retry=RetryPolicy(initial=0.1, max=0.5, attempts=3))
+    fields.update(kw)
+    return Destination(**fields)
+
+
+async def _run_until(actor: DestinationActor | list[DestinationActor], done: Callable[[], bool],
+                     timeout: float = 30.0) -> None:
+    """Run the actors until ``done()`` holds, checked on each of their events."""
+    actors = actor if isinstance(actor, list) else [actor]
+    changed = asyncio.Event()
+    for one in actors:
+        previous = one.on_event
+
+        def on_event(kind: str, fields: dict[str, Any],
+                     previous: Any = previous) -> None:
+            if previous is not None:
+                previous(kind, fields)
+            changed.set()
+
+        one.on_event = on_event
+        one.start()
+        one.scan()
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                changed.clear()
+                await changed.wait()
+    finally:
+        for one in actors:
+            await one.stop()
+
+
+def test_queue_delivered_byte_for_byte_to_storescp(tmp_path: Path, procs: Procs,
+                                                   dcmtk: Dcmtk) -> None:
+    scp = storescp_server(tmp_path, procs, args=["+B"], dcmtk=dcmtk)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    queued = _queue(spool, "pacs", tmp_path, 6)
+    expected = {read_part10_header(p).sop_instance_uid: _dataset(p) for p in queued}
+    actor = DestinationActor(_destination(scp.port), spool, share=2)
+
+    asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 6))
+
+    got = {read_part10_header(p).sop_instance_uid: _dataset(p)
+           for p in received_files(scp.outdir)}
+    assert got == expected
+    assert not list((spool.root / "queue" / "pacs").glob("*.dcm"))  # delivered = deleted
+    assert actor.stats.dead == 0
+
+
+def test_destination_down_then_up_receives_everything(tmp_path: Path, procs: Procs,
+                                                      dcmtk: Dcmtk) -> None:
+    port = free_port()
+    spool = Spool(tmp_path / "spool", fsync=False)
+    _queue(spool, "pacs", tmp_path, 4)
+    actor = DestinationActor(_destination(port), spool, share=1)
+    holder: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        attempts = asyncio.Event()
+        original = actor._unreachable
+
+        def unreachable(exc: Any) -> None:
+            original(exc)
+            attempts.set()
+
+        actor._unreachable = unreachable  # type: ignore[method-assign]
+        actor.start()
+        actor.scan()
+        await asyncio.wait_for(attempts.wait(), 10)
+        # Down: nothing moved, nothing counted as a failure of the instances.
+        assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 4
+        assert actor.stats.dead == 0
+        holder["scp"] = storescp_server(tmp_path, procs, port=port, dcmtk=dcmtk)
+        await _run_until(actor, lambda: actor.stats.delivered == 4)
+
+    asyncio.run(scenario())
+    assert len(received_files(holder["scp"].outdir)) == 4
+    assert actor.stats.dead == 0
+
+
+def _status_scp(status: int, port: int) -> Any:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="STORESCP")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    seen: list[str] = []
+
+    def on_store(event: Any) -> int:
+        seen.append(event.request.AffectedSOPInstanceUID)
+        return status
+
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server.seen = seen  # type: ignore[attr-defined]
+    return server
+
+
+@pytest.mark.parametrize(("status", "permanent"), [(0xA900, True), (0xC123, True),
+                                                   (0x0122, True), (0xA700, False),
+                                                   (0x0110, False)])
+def test_failures_end_in_dead_letters_with_the_reason(tmp_path: Path, status: int,
+                                                      permanent: bool) -> None:
+    assert is_permanent_failure(status) is permanent
+    port = free_port()
+    server = _status_scp(status, port)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 2)
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead == 2))
+    finally:
+        server.shutdown()
+    dead = spool.root / "dead" / "pacs"
+    letters = sorted(dead.glob("*.dcm"))
+    assert len(letters) == 2
+    for letter in letters:
+        reason = json.loads(letter.with_suffix(".json").read_text())
+        assert reason["status"] == status
+        assert f"0x{status:04X}" in reason["reason"]
+        assert reason["attempts"] == (1 if permanent else 3)
+    # Each instance was tried once if permanent, `attempts` times if not.
+    assert len(server.seen) == (2 if permanent else 6)
+    assert not list((spool.root / "queue" / "pacs").glob("*.dcm"))
+
+
+def test_warning_counts_as_delivered(tmp_path: Path) -> None:
+    port = free_port()
+    server = _status_scp(0xB000, port)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 2)
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 2))
+    finally:
+        server.shutdown()
+    assert not list((spool.root / "queue" / "pacs").glob("*.dcm"))
+    assert not (spool.root / "dead").exists()
+
+
+def test_unaccepted_transfer_syntax_is_a_permanent_dead_letter(tmp_path: Path) -> None:
+    port = free_port()
+    server = _status_scp(0x0000, port)  # accepts CT in little endian only
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        folder = spool.root / "queue" / "pacs"
+        folder.mkdir(parents=True)
+        make_ct(folder / "00000000000000000001-1-1.dcm", size_kb=4,
+                transfer_syntax="1.2.840.10008.1.2.2")  # big endian: not accepted
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead == 1))
+    finally:
+        server.shutdown()
+    (reason_file,) = (spool.root / "dead" / "pacs").glob("*.json")
+    reason = json.loads(reason_file.read_text())["reason"]
+    assert "accepts no presentation context" in reason and "Big Endian" in reason
+
+
+def test_two_workers_sharing_a_queue_deliver_each_instance_once(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    port = free_port()
+    server = _status_scp(0x0000, port)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 40, size_kb=2)
+        one = DestinationActor(_destination(port), spool, share=2, worker_id=1)
+        two = DestinationActor(_destination(port), spool, share=2, worker_id=2)
+
+        queue = spool.root / "queue" / "pacs"
+        asyncio.run(_run_until([one, two], lambda: not list(queue.glob("*.dcm"))))
+    finally:
+        server.shutdown()
+    assert one.stats.delivered + two.stats.delivered == 40
+    assert len(server.seen) == 40 and len(set(server.seen)) == 40

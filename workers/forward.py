@@ -1,0 +1,506 @@
+"""DestinationActor: delivers one destination's queue from one worker (DESIGN.md D3-D5).
+
+Theory of operation
+-------------------
+Each worker runs one actor per configured destination. The actor owns an
+in-memory schedule of the instances waiting in ``queue/<destination>/`` (names
+only: the files are the truth, see ``workers/queue.py``) and up to ``share``
+sender tasks, each with at most one outbound association
+(:class:`workers.outbound.OutboundAssociation`). ``share`` is the destination's
+``concurrency`` divided among the workers, rounded up.
+
+- Work arrives by :meth:`DestinationActor.enqueue` (this worker's actors, right
+  after the commit that made the file), by :meth:`scan` (start-up, restart of
+  another worker, ``dicom-router queue retry``) and by :meth:`send_now`
+  (transparent forwarding: no queue, the inbound C-STORE waits for the answer).
+- A sender takes the oldest due instance and *claims* it with an exclusive,
+  non-blocking ``flock`` on its claim file ``queue/<dest>/.claims/<name>`` (not
+  on the instance itself, a hard link shared with other destinations' queues):
+  another worker that holds it is delivering it, so this one forgets it; an
+  instance already gone was delivered meanwhile. The claim lives until the file
+  is deleted (delivered), moved to ``dead/`` or released for a later retry, and
+  the kernel drops it if the process dies -- so a crash re-delivers at most what
+  was in flight (D4: duplicates only there).
+- The association proposes one presentation context per (SOP class, transfer
+  syntax) this actor has sent lately, the needed one included, and the data set
+  goes out byte for byte as stored (D5). An instance whose pair was not proposed
+  makes the sender release and open a new association.
+- The destination's status (PS3.4 B.2.3): success and warning delete the file.
+  A permanent failure (refused: SOP class not supported or not authorized;
+  data set does not match SOP class; cannot understand; no accepted context)
+  moves it to ``dead/`` at once with the reason. Any other failure, or an
+  association lost in the middle of it, retries it after an exponential
+  back-off with jitter (:class:`router.config.RetryPolicy`); after ``attempts``
+  such failures it goes to ``dead/``.
+- A destination that cannot be reached (refused, timed out, association
+  rejected) backs off as a whole: every sender waits, and the instances keep
+  their place and count no failure, however long that lasts.
+- Senders wait on an ``asyncio.Event`` whose timeout is the next timer (the
+  earliest retry, the end of the back-off, the idle timeout of an open
+  association): nothing polls. An association idle for ``idle`` seconds is
+  released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import heapq
+import itertools
+import logging
+import math
+import os
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from router.config import Destination
+from router.dicom import dimse
+from router.dicom.dataset import Part10, read_part10_header
+from router.dicom.errors import DIMSEError
+from router.dicom.negotiation import build_request
+from workers.outbound import OutboundAssociation, OutboundError
+from workers.queue import move_to_dead, queued
+from workers.spool import QUEUE_DIR, Spool
+
+__all__ = ["DestinationActor", "is_permanent_failure", "transparent_failure_status"]
+
+log = logging.getLogger("workers.forward")
+
+# Presentation contexts one association may carry (PS3.8 §9.3.2.2: odd IDs 1-255).
+_MAX_CONTEXTS: Final = 128
+_CLAIMS: Final = ".claims"
+_CLAIM_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def is_permanent_failure(status: int) -> bool:
+    """True for a C-STORE failure that retrying cannot cure (PS3.4 B.2.3, PS3.7 C).
+
+    A9xx (data set does not match SOP class), Cxxx (cannot understand), 0122H
+    (SOP class not supported), 0124H (not authorized), 0117H (invalid object
+    instance), 0111H (duplicate SOP instance). Out of resources (A7xx),
+    processing failure (0110H) and the rest may pass on a later try.
+    """
+    return (0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+            or status in (dimse.SOP_CLASS_NOT_SUPPORTED, dimse.NOT_AUTHORIZED,
+                          dimse.INVALID_OBJECT_INSTANCE, dimse.DUPLICATE_SOP_INSTANCE))
+
+
+def transparent_failure_status() -> int:
+    """What a transparently forwarded C-STORE is answered when the destination
+    gives no status at all (unreachable, aborted): A700H, refused out of
+    resources, which tells the sender to try again later."""
+    return dimse.REFUSED_OUT_OF_RESOURCES
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    failures: int = 0
+
+
+@dataclass(slots=True)
+class _Urgent:
+    """A transparent send: the inbound C-STORE waits for ``future``."""
+
+    path: Path
+    future: asyncio.Future[tuple[int, str | None]]
+
+
+@dataclass(slots=True, kw_only=True)
+class ForwardStats:
+    delivered: int = 0
+    delivered_bytes: int = 0
+    retried: int = 0
+    dead: int = 0
+    associations: int = 0
+    last_error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DestinationActor:
+    """One destination's deliveries in one worker; see the module docstring."""
+
+    def __init__(self, destination: Destination, spool: Spool, *, share: int,
+                 worker_id: int = 0, fsync: bool = True,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 rng: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.destination = destination
+        self.spool = spool
+        self.share = max(1, share)
+        self.worker_id = worker_id
+        self.fsync = fsync
+        self.on_event = on_event
+        self.rng = rng
+        self.clock = clock
+        self.stats = ForwardStats()
+        self._ready: deque[_Entry] = deque()
+        self._delayed: list[tuple[float, int, _Entry]] = []
+        self._seq = itertools.count()
+        self._known: set[str] = set()
+        self._urgent: deque[_Urgent] = deque()
+        self._wake = asyncio.Event()
+        self._senders: list[asyncio.Task[None]] = []
+        self._open: set[OutboundAssociation] = set()
+        self._down_failures = 0
+        self._down_until = 0.0
+        self._closing = False
+        # (SOP class, transfer syntax) pairs sent lately, most recent last.
+        self._pairs: dict[tuple[str, str], None] = {}
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+    @property
+    def folder(self) -> Path:
+        return self.spool.root / QUEUE_DIR / self.destination.name
+
+    @property
+    def depth(self) -> int:
+        """Instances this actor knows are waiting (its own view of the queue)."""
+        return len(self._known)
+
+    def start(self) -> None:
+        for index in range(len(self._senders), self.share):
+            self._senders.append(asyncio.get_running_loop().create_task(
+                self._sender(index), name=f"forward-{self.name}-{index}"))
+
+    def enqueue(self, name: str) -> None:
+        """An instance was just committed to this destination's queue."""
+        if name in self._known or self._closing:
+            return
+        self._known.add(name)
+        self._ready.append(_Entry(name))
+        self._wake.set()
+
+    def scan(self) -> int:
+        """Take up every file in the queue folder not known yet; how many."""
+        before = len(self._known)
+        for name in queued(self.spool.root, self.name):
+            self.enqueue(name)
+        found = len(self._known) - before
+        if found:
+            log.info("destination %s: %d queued instance(s) found on disk", self.name, found)
+        return found
+
+    def update(self, destination: Destination, share: int) -> None:
+        """A reload changed its settings: new associations use them."""
+        self.destination = destination
+        self.share = max(1, share)
+        if self._senders:
+            self.start()
+
+    async def send_now(self, path: Path) -> tuple[int, str | None]:
+        """Send ``path`` at once, ahead of the queue; the destination's status
+        (or A700H and why, if it gave none). For transparent forwarding."""
+        future: asyncio.Future[tuple[int, str | None]] = \
+            asyncio.get_running_loop().create_future()
+        self._urgent.append(_Urgent(path, future))
+        self._wake.set()
+        if not self._senders:
+            self.start()
+        return await future
+
+    async def stop(self) -> None:
+        """Stop the senders; in-flight associations are aborted (their instances stay
+        queued and are delivered by whoever scans next)."""
+        self._closing = True
+        self._wake.set()
+        for assoc in list(self._open):
+            assoc.abort("the router is stopping")
+        for task in self._senders:
+            task.cancel()
+        for task in self._senders:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for urgent in self._urgent:
+            if not urgent.future.done():
+                urgent.future.set_result((transparent_failure_status(), "the router is stopping"))
+
+    # --------------------------------------------------------------- senders
+
+    async def _sender(self, index: int) -> None:
+        assoc: OutboundAssociation | None = None
+        label = f"{self.name}#{self.worker_id}.{index}"
+        try:
+            while not self._closing:
+                job = await self._next_job(assoc)
+                if job is None:  # idle: let the association go
+                    if assoc is not None:
+                        await assoc.release()
+                        self._open.discard(assoc)
+                        assoc = None
+                    continue
+                assoc = await self._deliver(job, assoc, label)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("destination %s: sender %d failed; restarting it", self.name, index)
+            if not self._closing:
+                self._senders[index] = asyncio.get_running_loop().create_task(
+                    self._sender(index), name=f"forward-{self.name}-{index}")
+        finally:
+            if assoc is not None:
+                assoc.abort("sender stopped")
+                self._open.discard(assoc)
+
+    async def _next_job(self, assoc: OutboundAssociation | None) -> _Entry | _Urgent | None:
+        idle_deadline = (self.clock() + self.destination.idle
+                         if assoc is not None and assoc.is_associated else math.inf)
+        while not self._closing:
+            self._wake.clear()
+            if self._urgent:
+                return self._urgent.popleft()
+            now = self.clock()
+            deadlines = [idle_deadline]
+            if now < self._down_until:
+                deadlines.append(self._down_until)
+            else:
+                while self._delayed and self._delayed[0][0] <= now:
+                    self._ready.append(heapq.heappop(self._delayed)[2])
+                if self._ready:
+                    return self._ready.popleft()
+                if self._delayed:
+                    deadlines.append(self._delayed[0][0])
+            deadline = min(deadlines)
+            if deadline <= now:
+                if deadline == idle_deadline:
+                    return None
+                continue
+            timeout = None if deadline == math.inf else deadline - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if assoc is not None and not assoc.is_associated:
+                return None
+        return None
+
+    async def _deliver(self, job: _Entry | _Urgent, assoc: OutboundAssociation | None,
+                       label: str) -> OutboundAssociation | None:
+        """Send one instance; the association to go on with (None if it is gone)."""
+        urgent = job if isinstance(job, _Urgent) else None
+        entry = job if isinstance(job, _Entry) else None
+        fd = -1  # our claim on a queued file; each outcome below takes it over
+        if entry is not None:
+            path = self.folder / entry.name
+            fd = self._claim(path)
+            if fd < 0:
+                self._known.discard(entry.name)
+                return assoc
+        else:
+            assert urgent is not None
+            path = urgent.path
+        try:
+            try:
+                part10 = read_part10_header(path)
+            except (DIMSEError, OSError) as exc:
+                fd, claim = -1, fd
+                self._failed(entry, urgent, claim, f"cannot read the queued file: {exc}",
+                             None, permanent=True)
+                return assoc
+            pair = (part10.sop_class_uid, part10.transfer_syntax)
+            if assoc is None or not assoc.is_associated or pair not in assoc.proposed:
+                if assoc is not None:
+                    await assoc.release()
+                    self._open.discard(assoc)
+                    assoc = None
+                try:
+                    assoc = await self._associate(pair, label)
+                except OutboundError as exc:
+                    self._unreachable(exc)
+                    fd, claim = -1, fd
+                    self._put_back(entry, urgent, claim, str(exc))
+                    return None
+            ctx = assoc.context_for(*pair)
+            if ctx is None:
+                reason = (f"{self.destination} accepts no presentation context for "
+                          f"{_uid_name(pair[0])} in {_uid_name(pair[1])}")
+                fd, claim = -1, fd
+                self._failed(entry, urgent, claim, reason, None, permanent=True)
+                return assoc
+            started = self.clock()
+            try:
+                rsp = await assoc.store(path, part10, ctx)
+            except (OutboundError, OSError) as exc:
+                self._open.discard(assoc)
+                assoc.abort("delivery failed")
+                fd, claim = -1, fd
+                # A file we cannot read will not get better; a lost association may.
+                self._failed(entry, urgent, claim, str(exc), None,
+                             permanent=not isinstance(exc, OutboundError))
+                return None
+            fd, claim = -1, fd
+            self._answered(entry, urgent, claim, path, part10, rsp, self.clock() - started)
+            return assoc
+        finally:
+            self._unclaim(path, fd)
+
+    async def _associate(self, pair: tuple[str, str], label: str) -> OutboundAssociation:
+        self._pairs.pop(pair, None)
+        self._pairs[pair] = None
+        while len(self._pairs) > _MAX_CONTEXTS:
+            del self._pairs[next(iter(self._pairs))]
+        d = self.destination
+        request = build_request(
+            calling_ae_title=d.calling_ae, called_ae_title=d.ae_title,
+            contexts=[(sop, [ts]) for sop, ts in self._pairs], maximum_length=d.max_pdu)
+        context = None
+        if d.tls:
+            context = ssl.create_default_context(
+                cafile=str(d.tls_ca) if d.tls_ca is not None else None)
+        assoc = await OutboundAssociation.open(d.host, d.port, request, timeout=d.timeout,
+                                               ssl_context=context, label=label)
+        self._open.add(assoc)
+        self.stats.associations += 1
+        if self._down_failures:
+            log.info("destination %s is reachable again", d)
+        self._down_failures = 0
+        self._down_until = 0.0
+        return assoc
+
+    # ------------------------------------------------------------- outcomes
+
+    def _claim(self, path: Path) -> int:
+        """Claim a queued file for this sender: a locked descriptor, or -1.
+
+        The lock is taken on a claim file, ``queue/<dest>/.claims/<name>``, not on the
+        instance: the instance is a hard link shared with other destinations' queues,
+        and a lock on it would lock them all. The claim file is unlinked (while still
+        locked) when the claim ends, so a descriptor whose claim file is gone after the
+        lock lost a race and must not be used; a claim file left by a dead process is
+        simply locked again.
+        """
+        claims = path.parent / _CLAIMS
+        try:
+            fd = os.open(claims / path.name, _CLAIM_FLAGS, 0o644)
+        except FileNotFoundError:
+            claims.mkdir(exist_ok=True)
+            fd = os.open(claims / path.name, _CLAIM_FLAGS, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return -1  # another worker is delivering it
+        if os.fstat(fd).st_nlink == 0 or not path.exists():
+            # Lost a race with a claim that ended, or delivered meanwhile.
+            self._unclaim(path, fd)
+            return -1
+        return fd
+
+    def _unclaim(self, path: Path, fd: int) -> None:
+        """End a claim: unlink the claim file while holding its lock, then unlock."""
+        if fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_nlink:
+                os.unlink(path.parent / _CLAIMS / path.name)
+        os.close(fd)
+
+    def _answered(self, entry: _Entry | None, urgent: _Urgent | None, fd: int, path: Path,
+                  part10: Part10, rsp: dimse.CStoreRSP, took: float) -> None:
+        status = int(rsp.status)
+        category = dimse.status_category(status)
+        ok = category in (dimse.StatusCategory.SUCCESS, dimse.StatusCategory.WARNING)
+        log.info("forward %s: %s %s status 0x%04X in %.0f ms%s", self.name,
+                 part10.sop_instance_uid, path.name, status, took * 1000,
+                 f" ({rsp.error_comment})" if rsp.error_comment else "")
+        if urgent is not None:
+            if not urgent.future.done():
+                urgent.future.set_result((status, rsp.error_comment))
+            if ok:
+                self._count_delivered(path, part10, status)
+            return
+        assert entry is not None
+        if ok:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # still holding the claim: see _claim
+            self._unclaim(path, fd)
+            self._known.discard(entry.name)
+            self._count_delivered(path, part10, status)
+            return
+        permanent = is_permanent_failure(status)
+        comment = f" ({rsp.error_comment})" if rsp.error_comment else ""
+        self._failed(entry, None, fd, f"{self.destination} answered status 0x{status:04X}"
+                     f"{comment}", status, permanent=permanent)
+
+    def _count_delivered(self, path: Path, part10: Part10, status: int) -> None:
+        self.stats.delivered += 1
+        self._emit("instance.forwarded", destination=self.name,
+                   sop_instance_uid=part10.sop_instance_uid, status=status)
+
+    def _failed(self, entry: _Entry | None, urgent: _Urgent | None, fd: int, reason: str,
+                status: int | None, *, permanent: bool) -> None:
+        self.stats.last_error = reason
+        if urgent is not None:
+            if not urgent.future.done():
+                urgent.future.set_result((status if status is not None
+                                          else transparent_failure_status(), reason))
+            return
+        assert entry is not None
+        entry.failures += 1
+        attempts = self.destination.retry.attempts
+        if permanent or entry.failures >= attempts:
+            why = reason if permanent else f"{reason}; gave up after {entry.failures} attempts"
+            try:
+                move_to_dead(self.spool.root, self.name, entry.name, reason=why, status=status,
+                             attempts=entry.failures, fsync=self.fsync)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("destination %s: cannot move %s to dead/: %s", self.name, entry.name,
+                          exc)
+            else:
+                self.stats.dead += 1
+                log.warning("forward %s: %s moved to dead/%s: %s", self.name, entry.name,
+                            self.name, why)
+                self._emit("instance.dead", destination=self.name, name=entry.name,
+                           reason=why)
+            self._unclaim(self.folder / entry.name, fd)
+            self._known.discard(entry.name)
+            return
+        delay = self.destination.retry.delay(entry.failures, self.rng())
+        self.stats.retried += 1
+        log.warning("forward %s: %s failed (%s); retry %d of %d in %.1f s", self.name,
+                    entry.name, reason, entry.failures, attempts - 1, delay)
+        self._unclaim(self.folder / entry.name, fd)
+        heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
+
+    def _put_back(self, entry: _Entry | None, urgent: _Urgent | None, fd: int,
+                  reason: str) -> None:
+        """Not attempted (the destination is unreachable): same place, no failure."""
+        if urgent is not None:
+            if not urgent.future.done():
+                urgent.future.set_result((transparent_failure_status(), reason))
+            return
+        assert entry is not None
+        self._unclaim(self.folder / entry.name, fd)
+        self._ready.appendleft(entry)
+
+    def _unreachable(self, exc: OutboundError) -> None:
+        self._down_failures += 1
+        delay = self.destination.retry.delay(self._down_failures, self.rng())
+        self._down_until = self.clock() + delay
+        self.stats.last_error = str(exc)
+        log.warning("destination %s: %s; %d waiting, next try in %.1f s", self.destination,
+                    exc, len(self._known), delay)
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, fields)
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+

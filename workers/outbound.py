@@ -1,0 +1,365 @@
+"""OutboundAssociation: a requestor association in the worker's event loop.
+
+Theory of operation
+-------------------
+The destination side of DESIGN.md D3/D5. Like the inbound
+:class:`workers.actor.AssociationActor`, this is an ``asyncio.BufferedProtocol``
+that owns one sans-I/O :class:`router.dicom.association.Association`, here in the
+requestor role; unlike it, its user is a coroutine (the destination actor's
+sender task), so the API awaits:
+
+    assoc = await OutboundAssociation.open(host, port, request, timeout=30)
+    rsp = await assoc.store(path, part10)       # the file's data set, as stored
+    await assoc.release()
+
+Events from the engine queue up and the coroutine waiting for one is woken;
+nothing polls. ``store`` streams the data set from disk in pieces and respects
+the transport's flow control (``pause_writing``/``resume_writing``), so a slow
+destination holds at most the transport's high-water mark of one instance in
+memory, whatever the instance size. Each wait has a timeout; when it expires the
+association is aborted (PS3.8 A-ABORT) and :class:`OutboundError` raised.
+
+Errors are one class with a ``transient`` flag: a refused or dropped connection,
+a timeout, an abort or a transient association rejection (PS3.8 Table 9-21 result
+2) may succeed later; a permanent rejection (result 1: our AE title or theirs is
+wrong) will not until someone changes a configuration, but is still retried at
+the back-off ceiling by the caller, since that someone may be on the phone now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import ssl
+from collections import deque
+from pathlib import Path
+from typing import Final
+
+from router.dicom import dimse
+from router.dicom.association import Association, Role
+from router.dicom.dataset import Part10
+from router.dicom.errors import ProtocolError
+from router.dicom.events import (
+    NEED_DATA,
+    AssociationAborted,
+    AssociationEstablished,
+    AssociationRejected,
+    CommandReceived,
+    CommandRejected,
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    ReleaseRequested,
+    _Sentinel,
+)
+from router.dicom.fsm import State
+from router.dicom.negotiation import NegotiatedContext
+from router.dicom.pdu import AAssociateRQ
+
+__all__ = ["OutboundAssociation", "OutboundError"]
+
+log = logging.getLogger("workers.outbound")
+
+# Bytes of a data set read from disk per step; the engine cuts them into PDUs.
+READ_SIZE: Final = 1 << 20
+# Transport write buffer bounds: pause the sender above, resume below.
+WRITE_HIGH_WATER: Final = 4 << 20
+WRITE_LOW_WATER: Final = 1 << 20
+RECV_BUFFER: Final = 1 << 16  # responses are small
+
+
+class OutboundError(Exception):
+    """The destination could not be reached or the association failed.
+
+    ``transient`` is False only for a permanent association rejection.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class OutboundAssociation(asyncio.BufferedProtocol):
+    """One association we requested; see the module docstring."""
+
+    def __init__(self, request: AAssociateRQ, *, timeout: float, label: str) -> None:
+        self.engine = Association(Role.REQUESTOR)
+        self.request = request
+        #: (abstract syntax, transfer syntax) pairs proposed: what context_for can find.
+        self.proposed = frozenset((pc.abstract_syntax, ts)
+                                  for pc in request.presentation_contexts
+                                  for ts in pc.transfer_syntaxes)
+        self.timeout = timeout
+        self.label = label
+        self.transport: asyncio.Transport | None = None
+        self._buffer = memoryview(bytearray(RECV_BUFFER))
+        self._events: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost = False
+        self._ids = itertools.cycle(range(1, 65536))
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(cls, host: str, port: int, request: AAssociateRQ, *, timeout: float,
+                   ssl_context: ssl.SSLContext | None = None,
+                   label: str = "") -> OutboundAssociation:
+        """Connect and negotiate; raises :class:`OutboundError` if that fails."""
+        loop = asyncio.get_running_loop()
+        label = label or f"{request.called_ae_title}@{host}:{port}"
+        protocol = cls(request, timeout=timeout, label=label)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: protocol, host, port, ssl=ssl_context,
+                                       server_hostname=host if ssl_context else None),
+                timeout)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (
+                exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
+            raise OutboundError(f"cannot connect to {host}:{port}: {reason}") from exc
+        event = await protocol._next_event()
+        if isinstance(event, AssociationEstablished):
+            return protocol
+        protocol._close()
+        if isinstance(event, AssociationRejected):
+            rj = event.reject
+            permanent = int(rj.result) == 1
+            raise OutboundError(
+                f"{label} rejected the association ({'permanent' if permanent else 'transient'}"
+                f", source {int(rj.source)}, reason {int(rj.reason)})", transient=not permanent)
+        raise OutboundError(f"{label}: association failed during negotiation: "
+                            f"{_describe(event)}")
+
+    # ---------------------------------------------------------------- protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.engine.request(self.request)
+        self.engine.connection_made()
+        self._flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.engine.receive_data(self._buffer[:nbytes])
+        self._collect()
+
+    def eof_received(self) -> bool:
+        self.engine.receive_data(b"")
+        self._collect()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self.engine.state is not State.STA1:
+            with contextlib.suppress(ProtocolError):
+                self.engine.receive_data(b"")
+        self._collect()
+        self._writable.set()  # a sender waiting to write finds out at once
+        if not self._events or not isinstance(self._events[-1], ConnectionClosed):
+            self._events.append(ConnectionClosed())
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ------------------------------------------------------------------- API
+
+    @property
+    def contexts(self) -> dict[int, NegotiatedContext]:
+        return dict(self.engine.contexts)
+
+    @property
+    def is_associated(self) -> bool:
+        return self.engine.is_established and not self._lost
+
+    def context_for(self, sop_class: str, transfer_syntax: str) -> NegotiatedContext | None:
+        """The accepted context to send this SOP class in this transfer syntax, if any."""
+        for ctx in self.engine.contexts.values():
+            if (ctx.abstract_syntax == sop_class and ctx.transfer_syntax == transfer_syntax
+                    and ctx.requestor_scu):
+                return ctx
+        return None
+
+    async def store(self, path: Path, part10: Part10, ctx: NegotiatedContext, *,
+                    move_originator: tuple[str, int] | None = None) -> dimse.CStoreRSP:
+        """C-STORE the data set of ``path`` as it is on disk (D5); the response.
+
+        Raises :class:`OutboundError` if the association fails meanwhile and
+        ``OSError`` if the file cannot be read (the association is then aborted:
+        half a data set cannot be taken back).
+        """
+        mid = next(self._ids)
+        originator_ae, originator_id = move_originator or (None, None)
+        rq = dimse.CStoreRQ(
+            message_id=mid,
+            affected_sop_class_uid=part10.sop_class_uid,
+            affected_sop_instance_uid=part10.sop_instance_uid,
+            move_originator_application_entity_title=originator_ae,
+            move_originator_message_id=originator_id)
+        self._require_associated()
+        self.engine.send_message(ctx.context_id, rq)
+        self._flush()
+        try:
+            await self._send_file(ctx, path, part10.dataset_offset)
+        except OSError:
+            self.abort("cannot read the instance being sent")
+            raise
+        while True:
+            event = await self._next_event()
+            if isinstance(event, CommandReceived):
+                msg = event.message
+                if isinstance(msg, dimse.CStoreRSP) and msg.message_id_being_responded_to == mid:
+                    return msg
+                log.warning("%s: ignoring %s while waiting for C-STORE-RSP %d", self.label,
+                            type(msg).__name__, mid)
+                if msg.has_dataset:
+                    await self._drain()
+                continue
+            if isinstance(event, CommandRejected):
+                if event.has_dataset:
+                    await self._drain()
+                continue
+            raise OutboundError(f"{self.label}: {_describe(event)} while waiting for the "
+                                "C-STORE response")
+
+    async def release(self) -> None:
+        """A-RELEASE (PS3.8 §7.2); aborts if the peer does not answer in time."""
+        if not self.is_associated:
+            self._close()
+            return
+        self.engine.release()
+        self._flush()
+        try:
+            while True:
+                event = await self._next_event()
+                if isinstance(event, ConnectionClosed):
+                    break
+        except OutboundError:
+            pass  # _next_event aborted it already
+        self._close()
+
+    def abort(self, detail: str) -> None:
+        """A-ABORT and close (from the sender, or from outside on shutdown)."""
+        if not self._lost and self.engine.state is not State.STA1:
+            self.engine.abort(detail)
+            self._flush()
+        self._close()
+
+    # -------------------------------------------------------------- internals
+
+    def _require_associated(self) -> None:
+        if not self.is_associated:
+            raise OutboundError(f"{self.label}: the association is no longer established")
+
+    async def _send_file(self, ctx: NegotiatedContext, path: Path, offset: int) -> None:
+        total = 0
+        with path.open("rb", buffering=0) as fh:
+            fh.seek(offset)
+            chunk = fh.read(READ_SIZE)
+            while True:
+                following = fh.read(READ_SIZE) if len(chunk) == READ_SIZE else b""
+                total += len(chunk)
+                last = not following
+                if last and total % 2:
+                    # An odd data set (only deflated ones can be; PS3.5 A.5 pads them in
+                    # files, not every writer does): DCMTK refuses odd fragments.
+                    chunk += b"\x00"
+                self._require_associated()
+                self.engine.send_data(ctx.context_id, chunk, last)
+                self._flush()
+                if not self._writable.is_set():
+                    await self._wait_writable()
+                if last:
+                    return
+                chunk = following
+
+    async def _wait_writable(self) -> None:
+        try:
+            await asyncio.wait_for(self._writable.wait(), self.timeout)
+        except TimeoutError:
+            detail = f"destination took no data for {self.timeout:.0f} s"
+            self.abort(detail)
+            raise OutboundError(f"{self.label}: {detail}") from None
+
+    async def _drain(self) -> None:
+        while True:
+            event = await self._next_event()
+            if not isinstance(event, DataReceived):
+                raise OutboundError(f"{self.label}: {_describe(event)}")
+            if event.last:
+                return
+
+    async def _next_event(self) -> Event:
+        while not self._events:
+            if self._lost:
+                return ConnectionClosed()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, self.timeout)
+            except TimeoutError:
+                detail = f"no answer from the destination in {self.timeout:.0f} s"
+                self.abort(detail)
+                raise OutboundError(f"{self.label}: {detail}") from None
+            finally:
+                self._waiter = None
+        event = self._events.popleft()
+        if isinstance(event, ReleaseRequested):
+            # A peer may not release an association it did not request (PS3.8
+            # §7.2): the engine answers it per the table; we just go on.
+            self.engine.release_response()
+            self._flush()
+        return event
+
+    def _collect(self) -> None:
+        while True:
+            event = self.engine.next_event()
+            if event is NEED_DATA:
+                break
+            assert not isinstance(event, _Sentinel)
+            self._events.append(event)
+        self._flush()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._events and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        chunks = self.engine.data_to_send()
+        if chunks and not transport.is_closing():
+            transport.writelines(chunks)
+        if self.engine.wants_close and not transport.is_closing():
+            transport.close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _describe(event: Event) -> str:
+    if isinstance(event, AssociationAborted):
+        who = "we aborted" if event.local else ("the provider aborted" if event.provider
+                                                else "the destination aborted")
+        detail = f": {event.detail}" if event.detail else ""
+        return f"{who} (source {event.source}, reason {event.reason}){detail}"
+    if isinstance(event, ConnectionClosed):
+        return "the connection closed"
+    return type(event).__name__
