@@ -141,6 +141,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(reload)
     reload.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
 
+    queue = sub.add_parser(
+        "queue", help="what waits for each destination and what failed, with reasons",
+        description="Read and change the delivery queues in the spool (found from the same "
+                    "--config/--spool as 'run'). Works whether the router runs or not.")
+    qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    ls = qsub.add_parser("ls", help="per destination: queued instances, bytes, oldest, dead "
+                                    "letters with their reasons")
+    _add_runtime_args(ls)
+    ls.add_argument("destination", nargs="?", default=None,
+                    help="list this destination's dead letters only")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = qsub.add_parser("retry", help="move dead letters back into their queue",
+                            description="With no argument every dead letter, else those of "
+                                        "destination DEST, or the one instance named ID "
+                                        "(its file name in `queue ls`).")
+    _add_runtime_args(retry)
+    retry.add_argument("target", nargs="?", default=None, metavar="DEST|ID")
+    retry.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the running router")
+    purge = qsub.add_parser("purge", help="delete a destination's dead letters",
+                            description="Delete the dead letters of DEST (--dead is required: "
+                                        "queued instances are never purged by this command).")
+    _add_runtime_args(purge)
+    purge.add_argument("destination", metavar="DEST")
+    purge.add_argument("--dead", action="store_true", help="confirm: the dead letters")
+
+    from rules.cli import add_rules_parser
+    add_rules_parser(sub)
+
     scp = sub.add_parser("scp", help="a simple C-ECHO/C-STORE SCP for tests (one process)",
                          description="A stand-alone C-ECHO/C-STORE SCP that prints one line "
                                      "per association and per instance, and with --output "
@@ -604,19 +633,26 @@ def _runtime_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from router.supervisor import Supervisor
+    from router.supervisor import Supervisor, check_rules
+    from rules import RuleError
 
     config, overrides = _runtime_config(args)
+    try:
+        check_rules(config)
+    except RuleError as exc:
+        raise ConfigUsageError(str(exc)) from None
     logging.getLogger().setLevel(config.log_level)
     return Supervisor(config, config_path=args.config, overrides=overrides).run()
 
 
-def _admin(args: argparse.Namespace, name: str) -> dict[str, Any]:
+def _admin(args: argparse.Namespace, name: str,
+           config: Config | None = None) -> dict[str, Any]:
     import zmq
 
     from router import control
 
-    config, _ = _runtime_config(args)
+    if config is None:
+        config, _ = _runtime_config(args)
     endpoints = control.Endpoints.for_run_dir(str(config.spool / "run"),
                                               admin_path=config.admin_socket)
     ctx = zmq.Context()
@@ -686,9 +722,80 @@ def cmd_scp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "reload": cmd_reload, "scp": cmd_scp,
-            "echo": cmd_echo, "send": cmd_send, "find": cmd_find, "move": cmd_move,
-            "get": cmd_get}
+def cmd_queue(args: argparse.Namespace) -> int:
+    """``queue ls|retry|purge``: read and change the spool's queues on disk.
+
+    Works whether the router runs or not (the files are the state, see
+    workers/queue.py); after a retry, a running router is asked to look at its
+    queues again, and told nothing if it is not running.
+    """
+    import datetime
+
+    from workers import queue as q
+
+    config, _ = _runtime_config(args)
+    root = config.spool
+    names = [d.name for d in config.destinations]
+    if args.queue_command == "ls":
+        summaries = q.summarize(root, names)
+        if args.json:
+            print(json.dumps({
+                "spool": str(root),
+                "unrouted": q.unrouted_count(root),
+                "destinations": [{
+                    "destination": s.destination, "queued": s.queued,
+                    "queued_bytes": s.queued_bytes, "oldest": s.oldest, "dead": s.dead,
+                    "dead_letters": [{"name": d.name, "reason": d.reason, "status": d.status,
+                                      "attempts": d.attempts, "time": d.time}
+                                     for d in q.dead_letters(root, s.destination)],
+                } for s in summaries]}, indent=2))
+            return EXIT_OK
+        print(f"spool {root}: {q.unrouted_count(root)} unrouted instance(s)")
+        print(f"{'destination':<20} {'queued':>7} {'MB':>9} {'oldest':>20} {'dead':>6}")
+        for s in summaries:
+            oldest = "-" if s.oldest is None else datetime.datetime.fromtimestamp(
+                s.oldest).strftime("%Y-%m-%d %H:%M:%S")
+            configured = "" if s.destination in names else "  (not configured)"
+            print(f"{s.destination:<20} {s.queued:>7} {s.queued_bytes / 1e6:>9.1f} "
+                  f"{oldest:>20} {s.dead:>6}{configured}")
+        for letter in q.dead_letters(root, args.destination):
+            status = "" if letter.status is None else f" status 0x{letter.status:04X}"
+            print(f"dead {letter.destination}/{letter.name}:{status} after {letter.attempts} "
+                  f"attempt(s): {letter.reason}")
+        return EXIT_OK
+    if args.queue_command == "retry":
+        target = args.target
+        destination = target if target in names or (root / "dead" / str(target)).is_dir() \
+            else None
+        name = None if target is None or destination is not None else target
+        moved = q.retry_dead(root, destination, name)
+        if target is not None and moved == 0:
+            raise UsageError(f"no dead letter matches {target!r} (a destination or an "
+                             "instance file name, see `queue ls`)")
+        print(f"{moved} instance(s) moved back to their queue")
+        try:
+            _admin(args, "rescan", config)
+        except RouterNotRunning:
+            print("the router is not running: they go out when it starts")
+        return EXIT_OK
+    # purge
+    if not args.dead:
+        raise UsageError("purge deletes dead letters only: say --dead (queued instances "
+                         "are not purged by this command)")
+    purged = q.purge_dead(root, args.destination)
+    print(f"{purged} dead letter(s) of {args.destination} deleted")
+    return EXIT_OK
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    """``rules check|test``: see rules/cli.py."""
+    handler = args.handler
+    return int(handler(args))
+
+
+COMMANDS = {"run": cmd_run, "queue": cmd_queue, "rules": cmd_rules, "status": cmd_status,
+            "reload": cmd_reload, "scp": cmd_scp, "echo": cmd_echo, "send": cmd_send,
+            "find": cmd_find, "move": cmd_move, "get": cmd_get}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

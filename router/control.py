@@ -89,6 +89,7 @@ __all__ = [
     "Message",
     "Reload",
     "Reply",
+    "Rescan",
     "Stop",
     "SupervisorSockets",
     "SupervisorUnavailable",
@@ -410,6 +411,13 @@ class Reload(Message):
 
     generation: int
     config_path: str
+
+
+@_message("rescan")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rescan(Message):
+    """Supervisor -> workers: look for queued instances on disk (after a worker
+    died holding some, or ``dicom-router queue retry`` moved dead letters back)."""
 
 
 @_message("drain")

@@ -46,6 +46,7 @@ import zmq
 from router import control
 from router.config import Config, ConfigError, load_config
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
+from rules import RuleError, RuleSet
 from workers.spool import Spool
 
 log = logging.getLogger("router.supervisor")
@@ -410,8 +411,10 @@ class Supervisor:
     def _reload(self) -> None:
         try:
             config = load_config(self.config_path, overrides=self.overrides)
-        except ConfigError as exc:
-            log.error("reload refused, the running configuration stays: %s", exc)
+            check_rules(config)
+        except (ConfigError, RuleError) as exc:
+            log.error("reload refused, the running configuration stays: %s",
+                      " / ".join(str(exc).splitlines()))
             return
         if config.listen != self.config.listen or config.workers != self.config.workers:
             log.warning("reload: listen addresses and worker count change on restart only")
@@ -441,6 +444,9 @@ class Supervisor:
         if command.name == "reload":
             self._reload()
             return control.Reply.success({"generation": self.generation})
+        if command.name == "rescan":
+            self._tell_workers(control.Rescan())
+            return control.Reply.success({})
         return control.Reply.failure(f"unknown command {command.name!r}")
 
     # -------------------------------------------------------------- close
@@ -458,6 +464,14 @@ class Supervisor:
             conn.close()
         self.sockets.close()
         self.ctx.term()
+
+
+def check_rules(config: Config) -> RuleSet:
+    """Load the rules ``config`` names, checked against its destinations (raises
+    ``RuleError``): the router refuses to start, or to reload, on bad rules."""
+    if config.rules is None:
+        return RuleSet.empty()
+    return RuleSet.load([config.rules], destinations={d.name for d in config.destinations})
 
 
 def _describe_exit(code: int) -> str:

@@ -5,6 +5,8 @@
   attached to the report of a failed test.
 - ``dcmtk``: the DCMTK tool paths (``Dcmtk``); skips if not installed, fails under CI=true.
 - ``orthanc``: path of the Orthanc binary; same skip/fail rule.
+- ``orthanc_server``: a running Orthanc (``tests.helpers.Orthanc``) on free ports, with its
+  own config and storage in ``tmp_path/orthanc``; killed at teardown.
 
 Every test gets its own ports and tmp_path, so the suite can run in parallel.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Dcmtk, Procs, require_dcmtk, require_orthanc
+from tests.helpers import Dcmtk, Orthanc, Procs, require_dcmtk, require_orthanc, start_orthanc
 from tests.helpers import free_port as _free_port
 
 _PROCS = pytest.StashKey[Procs]()
@@ -49,6 +51,21 @@ def dcmtk() -> Dcmtk:
 def orthanc() -> str:
     """Path of the Orthanc server binary."""
     return require_orthanc()
+
+
+@pytest.fixture
+def orthanc_server(orthanc: str, procs: Procs, tmp_path: Path) -> Iterator[Orthanc]:
+    """Orthanc as AE ``ORTHANC`` on 127.0.0.1 (see ``tests.helpers.start_orthanc``).
+
+    Killed at teardown rather than stopped: its graceful stop takes 3.5 s, and its
+    storage goes with ``tmp_path``. For other AE titles, modalities or settings, call
+    ``start_orthanc(procs, tmp_path / "...", ...)`` in the test.
+    """
+    server = start_orthanc(procs, tmp_path / "orthanc", binary=orthanc)
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -13,9 +13,13 @@ actor answers them:
 - C-ECHO: answered at once.
 - C-STORE: the data set streams into a :class:`workers.spool.SpoolWriter` as
   its fragments arrive (memory stays bounded whatever the size); on the last
-  fragment the writer goes to the group committer, and the C-STORE-RSP is sent
-  only when that future says the file is fsync'd and renamed (D4). Anything
-  else fails with a DIMSE status and nothing is acknowledged that is not kept.
+  fragment the writer goes to the group committer with the worker's rules
+  (:class:`workers.routing.Dispatcher`), which place it in the destinations'
+  queues, and the C-STORE-RSP is sent only when that future says the file is
+  fsync'd and linked (D4). The queues' actors are then told of the new files.
+  A rule's reject status, a drop, or -- for a transparent rule -- the
+  destination's own status is answered instead. Anything else fails with a
+  DIMSE status and nothing is acknowledged that is not kept.
 - Release, abort, peer loss, ARTIM: per the PS3.8 table in the engine; an
   instance still being received when the association dies is discarded.
 
@@ -29,6 +33,7 @@ reading pauses (TCP flow control is the back-pressure, D3).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import socket
@@ -37,7 +42,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from router.dicom import dimse
@@ -57,7 +61,9 @@ from router.dicom.events import (
 from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
 from router.dicom.pdu import AAssociateRJ
 from router.net.connection import ack_now
-from workers.spool import GroupCommitter, Spool, SpoolWriter, status_for_error
+from rules import AssociationInfo
+from workers.routing import Dispatcher, Routed
+from workers.spool import GroupCommitter, Placed, Spool, SpoolWriter, status_for_error
 
 __all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
 
@@ -112,8 +118,12 @@ class AssociationActor(asyncio.BufferedProtocol):
         on_closed: Callable[[AssociationActor], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         receive_buffer: memoryview | None = None,
+        dispatcher: Callable[[], Dispatcher | None] | None = None,
     ) -> None:
         self.settings = settings
+        # Read at each commit: a reload swaps the worker's dispatcher, and an
+        # instance is routed by the rules current when its data set completed.
+        self.dispatcher = dispatcher
         self.spool = spool
         self.committer = committer
         self.on_closed = on_closed
@@ -304,36 +314,75 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         size = writer.bytes_written
         self._busy = True
-        future = self.committer.submit(writer)
-        future.add_done_callback(
-            lambda f: self.loop.call_soon_threadsafe(self._committed, ctx, msg, f, size))
+        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        route = None
+        if dispatcher is not None:
+            info = AssociationInfo(calling_ae=self.stats.calling_ae,
+                                   called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+            route = functools.partial(dispatcher.router.route, association=info)
+        future = self.committer.submit(writer, route)
+        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(
+            self._committed, ctx, msg, f, size, writer, dispatcher))
 
     def _committed(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ,
-                   future: Future[Path], size: int) -> None:
-        self._busy = False
+                   future: Future[Placed], size: int, writer: SpoolWriter,
+                   dispatcher: Dispatcher | None) -> None:
         exc = future.exception()
         if exc is not None:
+            self._busy = False
             log.error("association %s: commit of %s failed: %s", self._who(),
                       msg.affected_sop_instance_uid, exc)
             status = status_for_error(exc) if isinstance(exc, OSError) else \
                 dimse.PROCESSING_FAILURE
             self._store_respond(ctx, msg, status, None, size)
         else:
-            self._store_respond(ctx, msg, dimse.SUCCESS, future.result(), size)
+            placed = future.result()
+            routed = placed.placement.note
+            if not isinstance(routed, Routed) or dispatcher is None:
+                self._busy = False
+                self._store_respond(ctx, msg, dimse.SUCCESS, placed, size)
+            elif routed.transparent is not None and placed.held is not None:
+                # Stay busy: the answer is the destination's (D4 transparent mode).
+                self.loop.create_task(self._transparent(
+                    ctx, msg, placed, routed, size, writer, dispatcher))
+                return
+            else:
+                self._busy = False
+                dispatcher.enqueued(placed)
+                self._store_respond(ctx, msg, routed.status, placed, size,
+                                    comment=routed.comment, routed=routed)
+        self._run_mailbox()
+        self._after_engine()
+
+    async def _transparent(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ, placed: Placed,
+                           routed: Routed, size: int, writer: SpoolWriter,
+                           dispatcher: Dispatcher) -> None:
+        assert routed.transparent is not None and placed.held is not None
+        try:
+            status, comment = await dispatcher.send_now(routed.transparent, placed.held)
+        finally:
+            writer.release()
+        self._busy = False
+        self._store_respond(ctx, msg, status, None, size, comment=comment, routed=routed)
         self._run_mailbox()
         self._after_engine()
 
     def _store_respond(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ, status: int,
-                       path: Path | None, size: int) -> None:
-        if status == dimse.SUCCESS:
+                       placed: Placed | None, size: int, *, comment: str | None = None,
+                       routed: Routed | None = None) -> None:
+        ok = dimse.status_category(status) in (dimse.StatusCategory.SUCCESS,
+                                               dimse.StatusCategory.WARNING)
+        if ok:
             self.stats.instances += 1
             self.stats.bytes_stored += size
         else:
             self.stats.failed += 1
-        log.info("association %s C-STORE %s %s %d bytes status 0x%04X%s", self._who(),
+        where = f" -> {placed.path.name}" if placed is not None and placed.path else ""
+        why = f" [{routed.describe()}]" if routed is not None else ""
+        log.info("association %s C-STORE %s %s %d bytes status 0x%04X%s%s", self._who(),
                  msg.affected_sop_class_uid, msg.affected_sop_instance_uid, size, status,
-                 f" -> {path.name}" if path else "")
-        self._emit("instance.stored" if path else "instance.failed",
+                 where, why)
+        self._emit("instance.stored" if ok else "instance.failed",
                    sop_class_uid=msg.affected_sop_class_uid,
                    sop_instance_uid=msg.affected_sop_instance_uid, bytes=size, status=status)
         if not self.engine.is_associated:
@@ -341,7 +390,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         self.engine.send_message(ctx.context_id, dimse.CStoreRSP(
             message_id_being_responded_to=msg.message_id,
             affected_sop_class_uid=msg.affected_sop_class_uid,
-            affected_sop_instance_uid=msg.affected_sop_instance_uid, status=status))
+            affected_sop_instance_uid=msg.affected_sop_instance_uid, status=status,
+            error_comment=None if ok or not comment else _comment(comment)))
 
     def _discard_store(self) -> None:
         """The association ended mid data set: nothing was acknowledged, drop it."""
@@ -459,3 +509,9 @@ class AssociationActor(asyncio.BufferedProtocol):
         s = self.stats
         aes = f" {s.calling_ae}->{s.called_ae}" if s.calling_ae else ""
         return f"{s.association_id}{aes} {s.peer[0]}:{s.peer[1]}"
+
+
+def _comment(text: str) -> str:
+    """An Error Comment (0000,0902): LO, at most 64 characters (PS3.7 C.4)."""
+    clean = "".join(c if c.isprintable() and c != "\\" else " " for c in text)
+    return clean[:64]

@@ -40,7 +40,10 @@ import zmq.asyncio
 from router import control
 from router.config import Config, ConfigError, load_config
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
+from rules import RuleError, RuleSet
 from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
+from workers.forward import DestinationActor
+from workers.routing import Dispatcher, InstanceRouter, load_rules
 from workers.spool import GroupCommitter, Spool
 
 log = logging.getLogger("workers.main")
@@ -55,6 +58,11 @@ def _aio(sock: Any) -> zmq.asyncio.Socket:
     return sock
 
 
+def share_of(config: Config, concurrency: int) -> int:
+    """This worker's part of a destination's outbound associations (rounded up)."""
+    return max(1, -(-concurrency // config.workers))
+
+
 def settings_for(config: Config, worker_id: int) -> ActorSettings:
     return ActorSettings(policy=config.to_acceptor_policy(), artim_timeout=config.artim_timeout,
                          idle_timeout=config.idle_timeout, worker_id=worker_id)
@@ -64,8 +72,12 @@ class Worker:
     """The worker's state: its actors, its spool, its line to the supervisor."""
 
     def __init__(self, config: Config, *, worker_id: int, channel_fd: int, run_dir: Path,
-                 config_path: Path | None, overrides: dict[str, object]) -> None:
+                 config_path: Path | None, overrides: dict[str, object],
+                 rules: RuleSet | None = None) -> None:
         self.config = config
+        self.rules = rules if rules is not None else RuleSet.empty()
+        self.forwarders: dict[str, DestinationActor] = {}
+        self.dispatcher: Dispatcher | None = None
         self.worker_id = worker_id
         self.config_path = config_path
         self.overrides = overrides
@@ -97,6 +109,7 @@ class Worker:
         self.sockets = control.connect_worker(self.ctx, endpoints, self.worker_id)
         await self._send(control.Hello(worker_id=self.worker_id, pid=os.getpid(),
                                        generation=self.generation))
+        self._start_forwarders()
         self.loop.add_reader(self.channel.fileno(), self._on_handoff)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._begin_drain, self.config.drain_grace)
@@ -111,10 +124,43 @@ class Worker:
         await self.done.wait()
         for task in tasks:
             task.cancel()
+        for forwarder in self.forwarders.values():
+            await forwarder.stop()
         self.committer.close()
         self.sockets.close()
         self.ctx.term()
         return 0
+
+    # ----------------------------------------------------------- forwarding
+
+    def _start_forwarders(self) -> None:
+        """One DestinationActor per destination; each takes up its queue on disk."""
+        wanted = {d.name: d for d in self.config.destinations}
+        for name in list(self.forwarders):
+            if name not in wanted:
+                forwarder = self.forwarders.pop(name)
+                log.warning("worker %d: destination %s removed; %d queued instance(s) stay "
+                            "in its queue folder", self.worker_id, name, forwarder.depth)
+                self.loop.create_task(forwarder.stop())
+        for name, destination in wanted.items():
+            share = share_of(self.config, destination.concurrency)
+            if name in self.forwarders:
+                self.forwarders[name].update(destination, share)
+                continue
+            forwarder = DestinationActor(destination, self.spool, share=share,
+                                         worker_id=self.worker_id, fsync=self.config.fsync,
+                                         on_event=self._forward_event)
+            self.forwarders[name] = forwarder
+            forwarder.start()
+            forwarder.scan()
+        self.dispatcher = Dispatcher(InstanceRouter(self.config, self.rules), self.forwarders)
+
+    def _forward_event(self, kind: str, fields: dict[str, Any]) -> None:
+        pass  # counted in each DestinationActor's stats; logged there
+
+    def _rescan(self) -> None:
+        for forwarder in self.forwarders.values():
+            forwarder.scan()
 
     # ------------------------------------------------------------ hand-offs
 
@@ -139,7 +185,8 @@ class Worker:
         def factory() -> AssociationActor:
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
-                                     receive_buffer=self.receive_buffer)
+                                     receive_buffer=self.receive_buffer,
+                                     dispatcher=lambda: self.dispatcher)
             self.actors.add(actor)
             return actor
         try:
@@ -269,18 +316,24 @@ class Worker:
             self._begin_drain(0.0)
         elif isinstance(message, control.Reload):
             self._reload(message.generation)
+        elif isinstance(message, control.Rescan):
+            self._rescan()
 
     def _reload(self, generation: int) -> None:
         if generation <= self.generation:
             return  # already have it (it may come by more than one path)
         try:
             config = load_config(self.config_path, overrides=self.overrides)
-        except ConfigError as exc:
+            rules = load_rules(config)
+        except (ConfigError, RuleError) as exc:
             log.error("worker %d: reload refused, keeping the running config: %s",
-                      self.worker_id, exc)
+                      self.worker_id, " / ".join(str(exc).splitlines()))
             return
         # Open associations keep the settings they started with; new ones get these.
+        # Rules swap atomically: each commit reads the dispatcher once.
         self.config, self.settings = config, settings_for(config, self.worker_id)
+        self.rules = rules
+        self._start_forwarders()
         self.generation = generation
         log.info("worker %d: configuration generation %d loaded", self.worker_id, generation)
 
@@ -316,14 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, object] = {"spool": args.spool}
     try:
         config = load_config(args.config, overrides=overrides)
-    except ConfigError as exc:
+        rules = load_rules(config)
+    except (ConfigError, RuleError) as exc:
         print(f"worker {args.worker_id}: {exc}", file=sys.stderr)
         return BOOT_ERROR
     logging.basicConfig(level=config.log_level,
                         format=f"%(asctime)s %(levelname)s worker-{args.worker_id} "
                                "%(name)s: %(message)s")
     worker = Worker(config, worker_id=args.worker_id, channel_fd=args.channel_fd,
-                    run_dir=args.run_dir, config_path=args.config, overrides=overrides)
+                    run_dir=args.run_dir, config_path=args.config, overrides=overrides,
+                    rules=rules)
     return asyncio.run(worker.run())
 
 

@@ -1,7 +1,7 @@
 """Shared test helpers: ports, subprocesses, DCMTK/Orthanc peers, test data.
 
 Fixtures wrapping these live in ``tests/conftest.py`` (``free_port``, ``procs``, ``dcmtk``,
-``orthanc``). Import helpers from here::
+``orthanc``, ``orthanc_server``). Import helpers from here::
 
     from tests.helpers import make_ct, run_tool, storescp_server
 """
@@ -23,10 +23,13 @@ from .dcmtk import (
     storescp_server,
 )
 from .net import PortTimeout, free_port, wait_for_port
+from .orthanc import Orthanc, OrthancError, orthanc_config, start_orthanc
 from .procs import Proc, Procs
 
 __all__ = [
     "Dcmtk",
+    "Orthanc",
+    "OrthancError",
     "PortTimeout",
     "Proc",
     "Procs",
@@ -40,11 +43,13 @@ __all__ = [
     "make_study",
     "make_tiny",
     "missing",
+    "orthanc_config",
     "pydicom_test_files",
     "received_files",
     "require_dcmtk",
     "require_orthanc",
     "run_tool",
+    "start_orthanc",
     "start_server",
     "storescp_server",
     "to_bytes",

@@ -1,0 +1,322 @@
+"""Store-and-forward end to end: DCMTK storescu -> the real router -> real sinks.
+
+The router runs as a subprocess with rule files; the sinks are DCMTK storescp
+(bit-preserving, so what they write is what they received) and, where the
+test says so, Orthanc. Synchronised on the router's log lines, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from router.dicom.dataset import read_part10_header
+from tests.helpers import Dcmtk, Procs, make_ct, received_files, storescp_server
+from tests.helpers.dcmtk import dcmtk_env
+from tests.helpers.net import free_port
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.router import Router
+
+pytestmark = pytest.mark.interop
+
+RULES = """\
+[[rule]]
+name = "CT to A"
+[rule.when]
+Modality = "CT"
+[rule.then]
+forward = ["sink_a"]
+continue = true
+
+[[rule]]
+name = "MOD2 to B, tagged"
+[rule.when]
+calling_ae = "MOD2"
+[rule.then]
+forward = ["sink_b"]
+continue = true
+[[rule.then.change]]
+set = { InstitutionName = "ROUTED BY RULE" }
+remove = ["PatientBirthDate"]
+
+[[rule]]
+name = "chest to Orthanc"
+[rule.when]
+StudyDescription = { regex = "(?i)^chest" }
+[rule.then]
+forward = ["orthanc"]
+"""
+
+
+def _destination(name: str, port: int, aet: str) -> str:
+    return (f'[[destination]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'
+            f'ae_title = "{aet}"\nidle = 1\ntimeout = 10\n')
+
+
+def _dataset(path: Path) -> bytes:
+    return path.read_bytes()[read_part10_header(path).dataset_offset:]
+
+
+def _dataset_bytes(data: bytes) -> bytes:
+    return data[read_part10_header(data).dataset_offset:]
+
+
+def _uid(path: Path) -> str:
+    return read_part10_header(path).sop_instance_uid
+
+
+def _send(dcmtk: Dcmtk, router: Router, calling: str, files: list[Path]) -> None:
+    done = dcmtk.run("storescu", "-aet", calling, "-aec", "ROUTER", "127.0.0.1",
+                     str(router.port), *map(str, files))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _study(folder: Path, count: int, *, modality: str, description: str,
+           seed: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    study = pydicom.uid.generate_uid()
+    out = []
+    for i in range(count):
+        path = folder / f"{i}.dcm"
+        make_ct(path, size_kb=24, modality=modality, study_uid=study, instance_number=i + 1,
+                seed=seed * 100 + i,
+                attrs={"StudyDescription": description, "PatientBirthDate": "19700101",
+                       "InstitutionName": "GENERAL"})
+        out.append(path)
+    return out
+
+
+def test_rules_route_by_modality_calling_ae_and_regex(tmp_path: Path, procs: Procs,
+                                                      dcmtk: Dcmtk,
+                                                      orthanc_server: Orthanc) -> None:
+    sink_a = storescp_server(tmp_path, procs, aet="SINK_A", args=["+B"], dcmtk=dcmtk)
+    sink_b = storescp_server(tmp_path, procs, aet="SINK_B", args=["+B"], dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(RULES)
+    extra = ('[routing]\nrules = "rules.toml"\n'
+             + _destination("sink_a", sink_a.port, "SINK_A")
+             + _destination("sink_b", sink_b.port, "SINK_B")
+             + _destination("orthanc", orthanc_server.dicom_port, orthanc_server.aet))
+    router = Router(tmp_path, extra=extra)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        chest_ct = _study(tmp_path / "s1", 3, modality="CT", description="CHEST CT", seed=1)
+        brain_mr = _study(tmp_path / "s2", 2, modality="MR", description="Brain MR", seed=2)
+        chest_ct2 = _study(tmp_path / "s3", 2, modality="CT", description="chest low dose",
+                           seed=3)
+        knee_mr = _study(tmp_path / "s4", 2, modality="MR", description="Knee", seed=4)
+        _send(dcmtk, router, "MOD1", chest_ct)
+        _send(dcmtk, router, "MOD2", brain_mr)
+        _send(dcmtk, router, "MOD2", chest_ct2)
+        _send(dcmtk, router, "MOD1", knee_mr)
+        router.wait_count("forward sink_a:", 5)
+        router.wait_count("forward sink_b:", 4)
+        router.wait_count("forward orthanc:", 5)
+    finally:
+        assert router.stop() == 0
+
+    def received(outdir: Path) -> dict[str, Path]:
+        return {_uid(p): p for p in received_files(outdir)}
+
+    # A: every CT, byte for byte as sent.
+    got_a = received(sink_a.outdir)
+    assert sorted(got_a) == sorted(_uid(p) for p in chest_ct + chest_ct2)
+    for src in chest_ct + chest_ct2:
+        assert _dataset(got_a[_uid(src)]) == _dataset(src)
+    # Orthanc: the chest studies (regex, case-insensitive), unchanged. Orthanc rewrites
+    # the file meta as DCMTK does and re-encodes, which leaves these data sets as sent.
+    assert orthanc_server.sop_instance_uids() == {_uid(p) for p in chest_ct + chest_ct2}
+    for src in chest_ct + chest_ct2:
+        instance = orthanc_server.find_instance(_uid(src))
+        assert instance is not None
+        assert _dataset_bytes(orthanc_server.instance_file(instance)) == _dataset(src)
+    # B: what MOD2 sent, with the rule's changes and nothing else changed.
+    got_b = received(sink_b.outdir)
+    assert sorted(got_b) == sorted(_uid(p) for p in brain_mr + chest_ct2)
+    for src in brain_mr + chest_ct2:
+        sent, arrived = pydicom.dcmread(src), pydicom.dcmread(got_b[_uid(src)])
+        assert arrived.InstitutionName == "ROUTED BY RULE"
+        assert "PatientBirthDate" not in arrived
+        del sent.PatientBirthDate
+        sent.InstitutionName = "ROUTED BY RULE"
+        assert {e.tag: e.value for e in arrived} == {e.tag: e.value for e in sent}
+    # The knee MR matched nothing: kept in unrouted/ (the default), not forwarded.
+    unrouted = sorted((router.spool / "unrouted").glob("*.dcm"))
+    assert sorted(_uid(p) for p in unrouted) == sorted(_uid(p) for p in knee_mr)
+    # Delivered instances leave their queues.
+    for name in ("sink_a", "sink_b", "orthanc"):
+        assert not list((router.spool / "queue" / name).glob("*.dcm"))
+
+
+def test_destination_down_30_s_then_back_gets_everything(tmp_path: Path, procs: Procs,
+                                                         dcmtk: Dcmtk) -> None:
+    port = free_port()
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
+    extra = ('[routing]\nrules = "rules.toml"\n'
+             + _destination("pacs", port, "PACS")
+             + "retry = { initial = 1, max = 4, attempts = 3 }\n")
+    router = Router(tmp_path, extra=extra)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        files = _study(tmp_path / "s", 20, modality="CT", description="x", seed=5)
+        down_since = time.monotonic()
+        _send(dcmtk, router, "MOD1", files)  # acknowledged: spooled, destination down
+        router.wait_for("cannot connect to 127.0.0.1")
+        ls = router.command("queue", "ls", "--json")
+        assert ls.returncode == 0, ls.stderr
+        (pacs,) = json.loads(ls.stdout)["destinations"]
+        assert pacs["queued"] == 20 and pacs["dead"] == 0
+        # The issue's scenario is a destination down for 30 s: that wait is the test.
+        # Far more than 3 attempts' worth of back-off: nothing may go dead meanwhile.
+        time.sleep(max(0.0, 30 - (time.monotonic() - down_since)))
+        assert router.count("moved to dead/") == 0
+        scp = storescp_server(tmp_path, procs, port=port, aet="PACS", args=["+B"],
+                              dcmtk=dcmtk)
+        router.wait_count("forward pacs:", 20, timeout=60)
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): _dataset(p) for p in received_files(scp.outdir)}
+    assert got == {_uid(p): _dataset(p) for p in files}
+    assert not (router.spool / "dead").exists() or not list(
+        (router.spool / "dead").rglob("*.dcm"))
+
+
+def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    answers = [0xA900]  # first "data set does not match SOP class", then success
+    seen: list[str] = []
+
+    def on_store(event: Any) -> int:
+        seen.append(event.request.AffectedSOPInstanceUID)
+        return answers[0]
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", port, "PACS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        files = _study(tmp_path / "s", 3, modality="CT", description="x", seed=6)
+        _send(dcmtk, router, "MOD1", files)
+        router.wait_count("moved to dead/pacs", 3)
+        ls = router.command("queue", "ls")
+        assert ls.returncode == 0 and "status 0xA900" in ls.stdout, ls.stdout + ls.stderr
+        assert ls.stdout.count("dead pacs/") == 3
+        answers[0] = 0x0000
+        retry = router.command("queue", "retry", "pacs")
+        assert retry.returncode == 0 and "3 instance(s)" in retry.stdout, retry.stderr
+        router.wait_count("forward pacs:", 6)  # 3 refused, then 3 delivered
+        assert len(seen) == 6 and set(seen) == {_uid(p) for p in files}
+        ls = json.loads(router.command("queue", "ls", "--json").stdout)
+        assert ls["destinations"][0]["dead"] == 0 and ls["destinations"][0]["queued"] == 0
+    finally:
+        router.stop()
+        server.shutdown()
+
+
+def test_kill_9_of_the_whole_router_during_1000_instances_delivers_every_acknowledged(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    sink = storescp_server(tmp_path, procs, aet="PACS", args=["+B"], dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
+    extra = '[routing]\nrules = "rules.toml"\n' + _destination("pacs", sink.port, "PACS")
+    router = Router(tmp_path, extra=extra)
+    router.wait_for("ready: 2 workers serving")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    files = []
+    for i in range(1000):
+        path = folder / f"{i:04d}.dcm"
+        make_ct(path, size_kb=4, instance_number=i + 1, seed=i)
+        files.append(path)
+    worker_pids = [int(line.rsplit("pid ", 1)[1].rstrip(")"))
+                   for line in router.lines if "started (pid " in line]
+    sender = subprocess.Popen([dcmtk.storescu, "-aet", "MOD1", "-aec", "ROUTER", "127.0.0.1",
+                               str(router.port), "--scan-directories", str(folder)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dcmtk_env())
+    router.wait_count("bytes status 0x0000", 300, timeout=120)
+    # The whole router at once: supervisor and workers, no goodbye.
+    for pid in [router.proc.pid, *worker_pids]:
+        os.kill(pid, signal.SIGKILL)
+    router.proc.wait(10)
+    sender.communicate(timeout=60)
+    router.reader.join(10)
+    acknowledged = {line.split(" C-STORE ", 1)[1].split()[1]
+                    for line in router.lines if " C-STORE " in line and "status 0x0000" in line}
+    assert len(acknowledged) >= 300
+    # Everything is dead now: the queue on disk is what the restart must deliver.
+    pending = len(list((router.spool / "queue" / "pacs").glob("*.dcm")))
+    restarted = Router(tmp_path, port=router.port, extra=extra)
+    try:
+        restarted.wait_for("ready: 2 workers serving")
+        if pending:
+            restarted.wait_count("forward pacs:", pending, timeout=120)
+    finally:
+        restarted.stop()
+    delivered = {_uid(p) for p in received_files(sink.outdir)}
+    missing = acknowledged - delivered
+    assert not missing, f"{len(missing)} acknowledged instances never delivered"
+    by_uid = {_uid(p): p for p in files}
+    for path in received_files(sink.outdir):
+        assert _dataset(path) == _dataset(by_uid[_uid(path)])
+
+
+def test_rules_reloaded_during_traffic_lose_no_association(tmp_path: Path, procs: Procs,
+                                                           dcmtk: Dcmtk) -> None:
+    sink_a = storescp_server(tmp_path, procs, aet="SINK_A", dcmtk=dcmtk)
+    sink_b = storescp_server(tmp_path, procs, aet="SINK_B", dcmtk=dcmtk)
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "all to A"\n[rule.then]\nforward = ["sink_a"]\n')
+    extra = ('[routing]\nrules = "rules.toml"\n' + _destination("sink_a", sink_a.port, "SINK_A")
+             + _destination("sink_b", sink_b.port, "SINK_B"))
+    router = Router(tmp_path, extra=extra)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        folders = []
+        for stream in range(4):
+            folder = tmp_path / f"data{stream}"
+            folder.mkdir()
+            for i in range(150):
+                make_ct(folder / f"{i:03d}.dcm", size_kb=4, instance_number=i + 1,
+                        seed=stream * 1000 + i)
+            folders.append(folder)
+        senders = [subprocess.Popen(
+            [dcmtk.storescu, "-aet", f"MOD{n}", "-aec", "ROUTER", "127.0.0.1", str(router.port),
+             "--scan-directories", str(folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+            for n, folder in enumerate(folders)]
+        router.wait_count("bytes status 0x0000", 100, timeout=60)
+        rules.write_text('[[rule]]\nname = "all to B"\n[rule.then]\nforward = ["sink_b"]\n')
+        reload = router.command("reload")
+        assert reload.returncode == 0, reload.stderr
+        outputs = [sender.communicate(timeout=120)[0] for sender in senders]
+        assert [sender.returncode for sender in senders] == [0, 0, 0, 0], outputs
+        for w in (1, 2):
+            router.wait_for(f"worker {w}: configuration generation 2 loaded")
+        # Every association ran to its release; every instance was acknowledged...
+        assert router.count("closed: released") == 4
+        assert router.count("bytes status 0x0000") == 600
+        # ... and went to A before the swap and to B after it: all 600, none lost.
+        router.wait_count("forward sink_", 600, timeout=60)
+        assert router.count('by rule "all to B"') > 0
+    finally:
+        router.stop()
+    got = {_uid(p) for p in received_files(sink_a.outdir) + received_files(sink_b.outdir)}
+    assert got == {_uid(p) for folder in folders for p in folder.iterdir()}

@@ -1,0 +1,174 @@
+"""From a complete inbound instance to a spool placement: the rules at commit time.
+
+Theory of operation
+-------------------
+DESIGN.md D4 to D6. When the last fragment of a C-STORE data set is in the spool's
+temporary file, the actor hands the writer to the group committer together with
+:meth:`InstanceRouter.route`, bound to the association. On the commit thread,
+``route``:
+
+1. reads only the header attributes the rules need (``RuleSet.needed_tags``), never
+   the pixel data, and nothing at all when no rule looks at the data set;
+2. evaluates the rules (``rules.RuleSet.evaluate``) against the association and
+   those attributes;
+3. turns the decision into a :class:`workers.spool.Placement`: the file as received
+   is hard-linked into ``queue/<destination>/`` for each destination whose rules
+   change nothing (D5: the bytes go out as they came in); a destination whose rules
+   change attributes gets its own copy, decoded, changed and written in the same
+   transfer syntax; a transparent forward holds the file in ``tmp/`` for an
+   immediate send; reject and drop keep nothing; an unmatched instance goes to
+   ``unrouted/`` or is refused, as ``[routing] unmatched`` says.
+
+The decision rides back in ``Placement.note`` so the actor can answer the C-STORE
+(Success, the rule's reject status, or the destination's own status when
+transparent) and log which rules sent it where. Reload swaps the whole
+:class:`InstanceRouter` (rules and config together): an instance is routed by the
+rules that were current when its data set was complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+
+from router.config import Config
+from router.dicom import dimse
+from rules import AssociationInfo, Changes, Decision, RuleSet
+from workers.forward import DestinationActor
+from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
+
+__all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "load_rules",
+           "queue_folder"]
+
+log = logging.getLogger("workers.routing")
+
+#: C-STORE status for an instance no rule routes when ``unmatched = "reject"``:
+#: PS3.7 C.5.x "Refused: Not Authorized" -- this node is not set up to take it.
+UNMATCHED_STATUS: Final = dimse.NOT_AUTHORIZED
+
+
+def queue_folder(destination: str) -> str:
+    """The spool folder (relative) holding ``destination``'s queue."""
+    return f"{QUEUE_DIR}/{destination}"
+
+
+def load_rules(config: Config) -> RuleSet:
+    """The rule set ``config`` names, checked against its destinations; raises
+    ``rules.RuleError`` (one line per problem, with file and line)."""
+    if config.rules is None:
+        return RuleSet.empty()
+    return RuleSet.load([config.rules], destinations={d.name for d in config.destinations})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routed:
+    """What ``route`` decided, for the actor's answer and log line."""
+
+    decision: Decision
+    status: int  # the C-STORE status to answer with (transparent: replaced later)
+    comment: str | None = None  # Error Comment (0000,0902) for a refusal
+    transparent: str | None = None  # destination of a transparent forward
+
+    def describe(self) -> str:
+        return self.decision.describe()
+
+
+class InstanceRouter:
+    """Routes instances by one rule set and one configuration (immutable)."""
+
+    def __init__(self, config: Config, rules: RuleSet, *,
+                 clock: Callable[[], datetime.datetime] = datetime.datetime.now) -> None:
+        self.config = config
+        self.rules = rules
+        self.clock = clock
+        self._tags = sorted(rules.needed_tags)
+
+    def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo) -> Placement:
+        """The placement of the complete instance in ``path`` (commit thread)."""
+        header = self._header(path)
+        decision = self.rules.evaluate(association, header, self.clock())
+        if decision.outcome == "reject":
+            status = decision.status if decision.status is not None else dimse.NOT_AUTHORIZED
+            return Placement(note=Routed(decision=decision, status=status,
+                                         comment=f"refused by rule {_names(decision)}"))
+        if decision.outcome == "drop":
+            return Placement(note=Routed(decision=decision, status=dimse.SUCCESS))
+        if decision.outcome == "unmatched":
+            if self.config.unmatched == "reject":
+                return Placement(note=Routed(decision=decision, status=UNMATCHED_STATUS,
+                                             comment="no routing rule matched this instance"))
+            return Placement(links=(UNROUTED_DIR,),
+                             note=Routed(decision=decision, status=dimse.SUCCESS))
+        transparent = [f for f in decision.forwards if f.transparent]
+        if transparent:
+            # Validation allows a transparent forward only as the one destination.
+            return Placement(hold=True, note=Routed(decision=decision, status=dimse.SUCCESS,
+                                                    transparent=transparent[0].destination))
+        links: list[str] = []
+        copies: list[tuple[str, Callable[[BinaryIO], None]]] = []
+        for forward in decision.forwards:
+            folder = queue_folder(forward.destination)
+            if forward.changes:
+                copies.append((folder, _changed_copy(path, forward.changes)))
+            else:
+                links.append(folder)
+        return Placement(links=tuple(links), copies=tuple(copies),
+                         note=Routed(decision=decision, status=dimse.SUCCESS))
+
+    def _header(self, path: Path) -> Dataset:
+        if not self.rules.needs_dataset:
+            return Dataset()
+        # Only the attributes rules read; pixel data is never touched (D5).
+        return dcmread(path, stop_before_pixels=True, specific_tags=self._tags)
+
+
+def _names(decision: Decision) -> str:
+    return ", ".join(f'"{name}"' for name in decision.rules) or "(none)"
+
+
+def _changed_copy(path: Path, changes: Changes) -> Callable[[BinaryIO], None]:
+    """A writer of ``path`` with ``changes`` applied, in its own transfer syntax."""
+
+    def write(out: BinaryIO) -> None:
+        ds = dcmread(path)
+        changes.apply(ds)
+        # The file meta (transfer syntax, Source AE Title...) is kept as received.
+        dcmwrite(out, ds, enforce_file_format=True)
+
+    return write
+
+
+class Dispatcher:
+    """A worker's routing state: the router (rules) and its destination actors.
+
+    The worker makes a new one on reload; actors read the current one at each commit.
+    """
+
+    def __init__(self, router: InstanceRouter,
+                 destinations: Mapping[str, DestinationActor]) -> None:
+        self.router = router
+        self.destinations = dict(destinations)
+
+    def enqueued(self, placed: Placed) -> None:
+        """Tell each destination's actor about the queue files a commit made."""
+        for path in placed.paths:
+            if path.parent.parent.name != QUEUE_DIR:
+                continue
+            actor = self.destinations.get(path.parent.name)
+            if actor is not None:
+                actor.enqueue(path.name)
+
+    async def send_now(self, destination: str, path: Path) -> tuple[int, str | None]:
+        """Transparent forwarding: the destination's status for ``path``."""
+        actor = self.destinations.get(destination)
+        if actor is None:  # removed by a reload since the rule matched
+            return dimse.REFUSED_OUT_OF_RESOURCES, f"destination {destination} is gone"
+        return await actor.send_now(path)
