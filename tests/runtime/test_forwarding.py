@@ -311,7 +311,8 @@ def test_rules_reloaded_during_traffic_lose_no_association(tmp_path: Path, procs
         for w in (1, 2):
             router.wait_for(f"worker {w}: configuration generation 2 loaded")
         # Every association ran to its release; every instance was acknowledged...
-        assert router.count("closed: released") == 4
+        router.wait_count("closed: released", 4)  # logged just after storescu exits
+        assert router.count("closed: released") == 4 and router.count("aborted") == 0
         assert router.count("bytes status 0x0000") == 600
         # ... and went to A before the swap and to B after it: all 600, none lost.
         router.wait_count("forward sink_", 600, timeout=60)
