@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -321,3 +322,66 @@ def test_rules_reloaded_during_traffic_lose_no_association(tmp_path: Path, procs
         router.stop()
     got = {_uid(p) for p in received_files(sink_a.outdir) + received_files(sink_b.outdir)}
     assert got == {_uid(p) for folder in folders for p in folder.iterdir()}
+
+
+def test_transparent_rule_answers_with_the_destination_status(tmp_path: Path) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from router.net.client import connect
+
+    answers = [0xA900]
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: answers[0])])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "live"\n[rule.when]\ncalling_ae = "MOD1"\n[rule.then]\n'
+        'forward = ["pacs"]\ntransparent = true\n'
+        '[[rule]]\nname = "dead end"\n[rule.when]\ncalling_ae = "MOD2"\n[rule.then]\n'
+        'forward = ["nowhere"]\ntransparent = true\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", port, "PACS")
+                    + _destination("nowhere", free_port(), "NOWHERE"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        path = tmp_path / "ct.dcm"
+        make_ct(path, size_kb=8)
+        contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+        with connect("127.0.0.1", router.port, calling_ae="MOD1", called_ae="ROUTER",
+                     contexts=contexts) as assoc:
+            assert assoc.store(path).status == 0xA900  # the destination's own answer
+            answers[0] = 0x0000
+            assert assoc.store(path).status == 0x0000
+            assoc.release()
+        # A destination that cannot be reached: the sender is told to try later.
+        with connect("127.0.0.1", router.port, calling_ae="MOD2", called_ae="ROUTER",
+                     contexts=contexts) as assoc:
+            rsp = assoc.store(path)
+            assert rsp.status == 0xA700 and "cannot connect" in (rsp.error_comment or "")
+            assoc.release()
+    finally:
+        router.stop()
+        server.shutdown()
+    # Transparent means no spool: nothing kept anywhere, no temporary file left.
+    spool = router.spool
+    assert not list(spool.rglob("*.dcm")) and not list((spool / "tmp").iterdir())
+
+
+def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "x"\n[rule.when]\nModallity = "CT"\n[rule.then]\nforward = ["pacs"]\n')
+    config = tmp_path / "router.toml"
+    config.write_text('[[destination]]\nname = "pacs"\nhost = "h"\nport = 104\n'
+                      'ae_title = "PACS"\n')
+    done = subprocess.run([sys.executable, "-m", "router.cli", "rules", "check",
+                           str(tmp_path / "rules.toml"), "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "rules.toml:4:" in done.stdout + done.stderr and "Modality" in done.stdout + done.stderr
+    # And the router refuses to start on it, with the same one line per problem.
+    config.write_text(config.read_text() + '[routing]\nrules = "rules.toml"\n')
+    run = subprocess.run([sys.executable, "-m", "router.cli", "run", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "rules.toml:4:" in run.stderr, run.stderr
