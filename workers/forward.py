@@ -76,6 +76,8 @@ log = logging.getLogger("workers.forward")
 # Presentation contexts one association may carry (PS3.8 §9.3.2.2: odd IDs 1-255).
 _MAX_CONTEXTS: Final = 128
 _CLAIMS: Final = ".claims"
+#: Queued instances one actor keeps in memory; the rest wait on disk (bounded memory).
+MAX_IN_MEMORY: Final = 10_000
 _CLAIM_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -152,6 +154,7 @@ class DestinationActor:
         self._down_failures = 0
         self._down_until = 0.0
         self._closing = False
+        self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
         self._pairs: dict[tuple[str, str], None] = {}
 
@@ -179,19 +182,49 @@ class DestinationActor:
         """An instance was just committed to this destination's queue."""
         if name in self._known or self._closing:
             return
+        if len(self._known) >= MAX_IN_MEMORY:
+            # Memory stays bounded however long the destination is away: the rest
+            # waits on disk and is taken up by a scan once the schedule runs low.
+            self._overflow = True
+            return
         self._known.add(name)
         self._ready.append(_Entry(name))
         self._wake.set()
 
     def scan(self) -> int:
-        """Take up every file in the queue folder not known yet; how many."""
+        """Take up the files in the queue folder not known yet, oldest first, up to
+        :data:`MAX_IN_MEMORY` in all; how many."""
+        self._overflow = False
         before = len(self._known)
         for name in queued(self.spool.root, self.name):
             self.enqueue(name)
+            if self._overflow:
+                break
         found = len(self._known) - before
         if found:
-            log.info("destination %s: %d queued instance(s) found on disk", self.name, found)
+            log.info("destination %s: %d queued instance(s) taken up from disk%s", self.name,
+                     found, " (more wait on disk)" if self._overflow else "")
+        self._sweep_claims()
         return found
+
+    def _sweep_claims(self) -> None:
+        """Drop claim files a dead process left for instances no longer queued."""
+        claims = self.folder / _CLAIMS
+        try:
+            names = os.listdir(claims)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if (self.folder / name).exists():
+                continue
+            with contextlib.suppress(OSError):
+                fd = os.open(claims / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if os.fstat(fd).st_nlink:
+                        os.unlink(claims / name)
+                finally:
+                    os.close(fd)
 
     def update(self, destination: Destination, share: int) -> None:
         """A reload changed its settings: new associations use them."""
@@ -268,6 +301,8 @@ class DestinationActor:
             else:
                 while self._delayed and self._delayed[0][0] <= now:
                     self._ready.append(heapq.heappop(self._delayed)[2])
+                if not self._ready and self._overflow and len(self._known) < MAX_IN_MEMORY // 2:
+                    self.scan()
                 if self._ready:
                     return self._ready.popleft()
                 if self._delayed:

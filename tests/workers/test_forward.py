@@ -225,3 +225,23 @@ def test_two_workers_sharing_a_queue_deliver_each_instance_once(
         server.shutdown()
     assert one.stats.delivered + two.stats.delivered == 40
     assert len(server.seen) == 40 and len(set(server.seen)) == 40
+
+
+def test_a_queue_larger_than_memory_is_taken_up_from_disk_in_windows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.forward
+
+    monkeypatch.setattr(workers.forward, "MAX_IN_MEMORY", 8)
+    port = free_port()
+    server = _status_scp(0x0000, port)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 30, size_kb=2)
+        actor = DestinationActor(_destination(port), spool, share=2)
+        peak: list[int] = []
+        actor.on_event = lambda kind, fields: peak.append(actor.depth)
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 30))
+    finally:
+        server.shutdown()
+    assert max(peak) <= 8  # never more than the window in memory
+    assert len(server.seen) == 30 and len(set(server.seen)) == 30
