@@ -59,12 +59,15 @@ from router.dicom.uids import (
 )
 
 __all__ = [
+    "HeaderIncomplete",
     "Part10",
     "PathOrBytes",
     "decode_dataset",
     "encode_dataset",
+    "part10_from_meta",
     "part10_meta_bytes",
     "read_part10_header",
+    "read_top_level",
 ]
 
 # DIMSE statuses used here (PS3.7 Annex C, PS3.4 B.2.3); kept local so this
@@ -631,6 +634,152 @@ def _inflate_prefix(deflated: bytes, size: int, complete: bool) -> tuple[bytes, 
             f"cannot inflate deflated dataset: {exc}", status=_CANNOT_UNDERSTAND
         ) from exc
     return out, inflater.eof or (complete and len(out) < size)
+
+
+def part10_from_meta(head: bytes | bytearray | memoryview) -> Part10 | None:
+    """A Part 10 file's identity from its file meta alone, or None.
+
+    The fast path for files whose meta we wrote ourselves (the spool): the
+    preamble, ``DICM`` and the group 0002 elements (explicit VR little endian,
+    PS3.10 §7.1) are parsed with ``struct``, and the SOP class, instance and
+    transfer syntax are the meta's Media Storage SOP Class/Instance UID and
+    Transfer Syntax UID. ``head`` must hold the whole meta (a few hundred bytes;
+    1 KiB is plenty for ours). Returns None when the head has no meta, the meta
+    lacks one of the three, or it does not parse: the caller then falls back to
+    :func:`read_part10_header`, which reads the data set as well. ``meta`` of
+    the result is None.
+    """
+    view = memoryview(head).cast("B")
+    if len(view) < _PREAMBLE_LENGTH + 4 or bytes(view[128:132]) != _MAGIC:
+        return None
+    pos = _PREAMBLE_LENGTH + 4
+    values: dict[int, str] = {}
+    while pos + 8 <= len(view):
+        group, element = struct.unpack_from("<HH", view, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(view[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > len(view):
+                return None
+            (length,) = struct.unpack_from("<I", view, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", view, pos + 6)
+            start = pos + 8
+        if length == _UNDEFINED or start + length > len(view):
+            return None
+        if element in (0x0002, 0x0003, 0x0010):
+            values[element] = bytes(view[start : start + length]).rstrip(b"\0 ").decode(
+                "ascii", "replace")
+        pos = start + length
+    else:
+        return None  # the head ended inside the meta
+    if len(values) != 3 or not all(values.values()):
+        return None
+    return Part10(sop_class_uid=values[0x0002], sop_instance_uid=values[0x0003],
+                  transfer_syntax=values[0x0010], dataset_offset=pos, meta=None)
+
+
+class HeaderIncomplete(Exception):
+    """:func:`read_top_level` needs more of the data set than it was given."""
+
+
+def read_top_level(
+    buf: bytes | bytearray | memoryview,
+    *,
+    implicit: bool,
+    little: bool,
+    tags: frozenset[int],
+) -> dict[int, tuple[str | None, bytes]]:
+    """The raw values of the top-level elements in ``tags``: tag -> (VR or None, value).
+
+    Reads element headers only (PS3.5 §7.1) and stops after the largest tag
+    asked for, so a rule that looks at Modality never touches pixel data (D5).
+    Sequences are skipped by their lengths or, when undefined, by walking their
+    items to the delimiter (PS3.5 §7.5); a wanted tag that is a sequence is
+    returned with its raw bytes only when its length is defined. Raises
+    :class:`HeaderIncomplete` when ``buf`` ends first (read more and call again)
+    and :class:`~router.dicom.errors.DIMSEError` (C000H) when it does not parse.
+    Tags absent from the data set are absent from the result.
+    """
+    view = memoryview(buf).cast("B")
+    last = max(tags, default=-1)
+    found: dict[int, tuple[str | None, bytes]] = {}
+    _skip_elements(view, 0, implicit=implicit, little=little, depth=0,
+                   top=(tags, last, found))
+    return found
+
+
+def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int,
+                   top: tuple[frozenset[int], int, dict[int, tuple[str | None, bytes]]] | None,
+                   ) -> int:
+    """Walk elements from ``pos``; at top level collect wanted values and stop past the
+    last wanted tag; inside an undefined-length item stop after its delimiter."""
+    tag_length = struct.Struct("<HHI" if little else ">HHI")
+    short_length = struct.Struct("<H" if little else ">H")
+    long_length = struct.Struct("<I" if little else ">I")
+    limit = len(view)
+    while True:
+        if pos == limit and top is not None:
+            return pos  # the data set ended: what was not found is absent
+        if pos + 8 > limit:
+            raise HeaderIncomplete
+        group, element, length = tag_length.unpack_from(view, pos)
+        tag = group << 16 | element
+        if tag == _ITEM_DELIMITER and top is None:
+            return pos + 8
+        if top is not None and tag > top[1]:
+            return pos
+        vr: bytes | None = None
+        size = 8
+        if not implicit and group != 0xFFFE:
+            vr = bytes(view[pos + 4 : pos + 6])
+            if vr in _LONG_VRS:
+                if pos + 12 > limit:
+                    raise HeaderIncomplete
+                length = long_length.unpack_from(view, pos + 8)[0]
+                size = 12
+            elif b"AA" <= vr <= b"ZZ":
+                length = short_length.unpack_from(view, pos + 6)[0]
+            else:
+                vr = None  # implicit VR inside explicit VR data, as pydicom allows
+        start = pos + size
+        if length == _UNDEFINED:
+            if top is not None and tag in top[0]:
+                raise ValueError(f"({group:04X},{element:04X}) has an undefined length")
+            if depth >= _MAX_DEPTH:
+                raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
+                                 status=_CANNOT_UNDERSTAND)
+            pos = _skip_items(view, start, implicit=implicit or vr == b"UN", little=little,
+                              depth=depth + 1)
+            continue
+        if top is not None and tag in top[0]:
+            if start + length > limit:
+                raise HeaderIncomplete
+            top[2][tag] = (None if vr is None else vr.decode("ascii"),
+                           bytes(view[start : start + length]))
+        pos = start + length
+
+
+def _skip_items(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int) -> int:
+    """Skip an undefined-length sequence's items up to and past its delimiter."""
+    tag_length = struct.Struct("<HHI" if little else ">HHI")
+    while True:
+        if pos + 8 > len(view):
+            raise HeaderIncomplete
+        group, element, length = tag_length.unpack_from(view, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
+            return pos + 8
+        if tag != _ITEM:
+            raise DIMSEError(f"malformed dataset at offset {pos}: expected an item, found "
+                             f"({group:04X},{element:04X})", status=_CANNOT_UNDERSTAND)
+        if length == _UNDEFINED:
+            pos = _skip_elements(view, pos + 8, implicit=implicit, little=little, depth=depth,
+                                 top=None)
+        else:
+            pos += 8 + length
 
 
 def part10_meta_bytes(
