@@ -62,7 +62,7 @@ from typing import Any, Final
 
 from router.config import Destination
 from router.dicom import dimse
-from router.dicom.dataset import Part10, read_part10_header
+from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
 from router.dicom.negotiation import build_request
 from workers.outbound import OutboundAssociation, OutboundError
@@ -336,7 +336,7 @@ class DestinationActor:
             path = urgent.path
         try:
             try:
-                part10 = read_part10_header(path)
+                part10 = _identity(path)
             except (DIMSEError, OSError) as exc:
                 fd, claim = -1, fd
                 self._failed(entry, urgent, claim, f"cannot read the queued file: {exc}",
@@ -531,6 +531,14 @@ class DestinationActor:
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:
             self.on_event(kind, fields)
+
+
+def _identity(path: Path) -> Part10:
+    """SOP class, instance, transfer syntax and data set offset of a queued file: from
+    the file meta the spool wrote (a 2 KiB read), else by reading its data set."""
+    with open(path, "rb") as fh:
+        head = fh.read(2048)
+    return part10_from_meta(head) or read_part10_header(path)
 
 
 def _uid_name(uid: str) -> str:

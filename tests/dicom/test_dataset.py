@@ -25,6 +25,7 @@ from router.dicom.dataset import (
     Part10,
     decode_dataset,
     encode_dataset,
+    part10_from_meta,
     part10_meta_bytes,
     read_part10_header,
 )
@@ -39,6 +40,7 @@ from router.dicom.uids import (
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     is_encapsulated,
 )
+from tests.helpers import pydicom_test_files
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 ALL_FILES = sorted(TEST_FILES.glob("*.dcm"))
@@ -711,3 +713,27 @@ def test_storage_sop_classes() -> None:
     assert uids.VERIFICATION_SOP_CLASS not in classes
     every_file = {read_part10_header(p).sop_class_uid for p in NATIVE_FILES}
     assert every_file <= set(classes)
+
+
+@pytest.mark.parametrize("path", pydicom_test_files(), ids=lambda p: p.name)
+def test_part10_from_meta_agrees_with_the_full_reader(path: Path) -> None:
+    """The spool's fast path: the meta alone gives the offset and, when the meta and
+    the data set agree, the same identity as read_part10_header."""
+    head = path.read_bytes()[:4096]
+    fast = part10_from_meta(head)
+    try:
+        full = read_part10_header(path)
+    except DIMSEError:
+        return
+    if fast is None:
+        return  # no meta, or one without the three UIDs: the full reader is used
+    assert fast.dataset_offset == full.dataset_offset
+    assert fast.transfer_syntax == full.transfer_syntax
+    assert full.meta is not None
+    assert fast.sop_instance_uid == str(full.meta.MediaStorageSOPInstanceUID).rstrip("\0 ")
+
+
+def test_part10_from_meta_declines_what_it_cannot_read() -> None:
+    assert part10_from_meta(b"") is None
+    assert part10_from_meta(b"\0" * 128 + b"DICM") is None  # the head ends in the meta
+    assert part10_from_meta(b"\0" * 132) is None  # no DICM
