@@ -346,6 +346,12 @@ class Heartbeat(Message):
     rss: int  # bytes (psutil memory_info().rss)
     cpu_percent: float  # psutil cpu_percent(): may exceed 100 with several threads
     served_total: int  # associations served since the worker started
+    # Instances since the worker started: counted here rather than sent one event
+    # each, which cost the supervisor ~200 us of CPU per instance at full rate.
+    instances_stored: int = 0
+    instances_failed: int = 0
+    instances_forwarded: int = 0
+    queued: int = 0  # instances its destination actors hold for delivery
 
 
 @_message("association.opened")

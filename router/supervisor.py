@@ -75,7 +75,8 @@ class WorkerSlot:
     restarts: int = 0
     backoff: float = _RESPAWN_MIN
     respawn_at: float | None = None
-    totals: dict[str, int] = field(default_factory=lambda: {"associations": 0, "instances": 0})
+    totals: dict[str, int] = field(default_factory=lambda: {
+        "associations": 0, "instances": 0, "failed": 0, "forwarded": 0, "queued": 0})
 
     @property
     def load(self) -> int:
@@ -319,6 +320,10 @@ class Supervisor:
                 slot.handed_off = 0
                 slot.rss, slot.cpu_percent = message.rss, message.cpu_percent
                 slot.served_total = message.served_total
+                slot.totals["instances"] = message.instances_stored
+                slot.totals["failed"] = message.instances_failed
+                slot.totals["forwarded"] = message.instances_forwarded
+                slot.totals["queued"] = message.queued
             elif isinstance(message, control.AssociationClosed):
                 slot.totals["associations"] += 1
             elif isinstance(message, control.InstanceStored):
@@ -435,7 +440,9 @@ class Supervisor:
                 "uptime": round(now - s.started, 1) if s.proc else 0.0,
                 "open_associations": s.open_associations, "rss": s.rss,
                 "cpu_percent": s.cpu_percent, "served_total": s.served_total,
-                "restarts": s.restarts,
+                "restarts": s.restarts, "instances_stored": s.totals["instances"],
+                "instances_failed": s.totals["failed"],
+                "instances_forwarded": s.totals["forwarded"], "queued": s.totals["queued"],
             } for s in self.slots]
             return control.Reply.success({
                 "pid": os.getpid(), "uptime": round(now - self.started, 1),

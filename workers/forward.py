@@ -314,7 +314,8 @@ class DestinationActor:
                 continue
             timeout = None if deadline == math.inf else deadline - now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             if assoc is not None and not assoc.is_associated:
                 return None
         return None

@@ -91,6 +91,8 @@ class Worker:
         self.receive_buffer = new_receive_buffer()  # shared by this worker's actors
         self.served = 0
         self.spooled_bytes = 0
+        self.instances_stored = 0
+        self.instances_failed = 0
         # Relays in flight: our temporary actor id -> who asked (see _worker_actor).
         self.relays: dict[str, control.ActorAddress] = {}
         self.relay_ids = 0
@@ -203,6 +205,11 @@ class Worker:
     def _actor_event(self, kind: str, fields: dict[str, Any]) -> None:
         if kind == "instance.stored":
             self.spooled_bytes += int(fields.get("bytes", 0))
+            self.instances_stored += 1
+            return  # counted in the heartbeat, not sent one by one
+        if kind == "instance.failed":
+            self.instances_failed += 1
+            return
         # Reporting is best effort: it must never disturb an association.
         try:
             message = self._event_message(kind, fields)
@@ -212,16 +219,11 @@ class Worker:
         self.loop.create_task(self._send(message))
 
     def _event_message(self, kind: str, fields: dict[str, Any]) -> control.Message:
-        message: control.Message
         if kind == "association.opened":
-            message = control.AssociationOpened(worker_id=self.worker_id, **fields)
-        elif kind == "association.closed":
-            message = control.AssociationClosed(worker_id=self.worker_id, **fields)
-        elif kind == "instance.stored":
-            message = control.InstanceStored(worker_id=self.worker_id, **fields)
-        else:
-            message = control.InstanceFailed(worker_id=self.worker_id, **fields)
-        return message
+            return control.AssociationOpened(worker_id=self.worker_id, **fields)
+        if kind == "association.closed":
+            return control.AssociationClosed(worker_id=self.worker_id, **fields)
+        raise ValueError(f"no control message for event {kind!r}")
 
     # ----------------------------------------------------------- supervisor
 
@@ -235,7 +237,10 @@ class Worker:
             await self._send(control.Heartbeat(
                 worker_id=self.worker_id, open_associations=len(self.actors),
                 spool_bytes=self.spooled_bytes, rss=mem, cpu_percent=self.process.cpu_percent(),
-                served_total=self.served))
+                served_total=self.served, instances_stored=self.instances_stored,
+                instances_failed=self.instances_failed,
+                instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
+                queued=sum(f.depth for f in self.forwarders.values())))
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
 
     async def _receive(self, sock: Any, what: str,

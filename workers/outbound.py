@@ -290,7 +290,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
 
     async def _wait_writable(self) -> None:
         try:
-            await asyncio.wait_for(self._writable.wait(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._writable.wait()
         except TimeoutError:
             detail = f"destination took no data for {self.timeout:.0f} s"
             self.abort(detail)
@@ -310,7 +311,9 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 return ConnectionClosed()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, self.timeout)
+                # asyncio.timeout, not wait_for: no task per wait (one per response).
+                async with asyncio.timeout(self.timeout):
+                    await self._waiter
             except TimeoutError:
                 detail = f"no answer from the destination in {self.timeout:.0f} s"
                 self.abort(detail)

@@ -350,8 +350,10 @@ class Recorder:
         self.fail: Callable[[str], OSError | None] = lambda kind: None
         self._fsync = os.fsync
         self._link = os.link
+        self._rename = os.rename
         monkeypatch.setattr(os, "fsync", self.fsync)
         monkeypatch.setattr(os, "link", self.link)
+        monkeypatch.setattr(os, "rename", self.rename)
 
     def log(self, what: str, inode: int) -> None:
         with self.lock:
@@ -369,9 +371,15 @@ class Recorder:
         self.log(kind, st.st_ino)
 
     def link(self, src: Any, dst: Any, **kwargs: Any) -> None:
-        # The group commit links the file into its folder(s), then drops tmp/'s name.
+        # The group commit links the file into all its folders but the last...
         inode = os.stat(src, dir_fd=kwargs.get("src_dir_fd")).st_ino
         self._link(src, dst, **kwargs)
+        self.log("link", inode)
+
+    def rename(self, src: Any, dst: Any, **kwargs: Any) -> None:
+        # ... and renames it into the last.
+        inode = os.stat(src, dir_fd=kwargs.get("src_dir_fd")).st_ino
+        self._rename(src, dst, **kwargs)
         self.log("rename", inode)
 
     def resolved(self, future: Future[Path]) -> None:
