@@ -442,6 +442,31 @@ class SpoolWriter:
         elif self._state is not _State.FAILED:
             raise ValueError(f"write to a {self._state.value} spool writer")
 
+    def write_many(self, fragments: list[memoryview]) -> None:
+        """:meth:`write` for several fragments in order, with one ``writev``."""
+        if self._state is not _State.OPEN:
+            if self._state is not _State.FAILED:
+                raise ValueError(f"write to a {self._state.value} spool writer")
+            return
+        views = [f if f.ndim == 1 and f.itemsize == 1 else f.cast("B") for f in fragments]
+        total = sum(v.nbytes for v in views)
+        try:
+            written = os.writev(self._fd, views)
+        except BaseException as exc:
+            self._state = _State.FAILED
+            if isinstance(exc, OSError):
+                self._error = exc
+            _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+            raise
+        if written < total:  # a short write (signal, nearly full disk): finish one by one
+            for view in views:
+                if written >= view.nbytes:
+                    written -= view.nbytes
+                    continue
+                self._write_all(view[written:])
+                written = 0
+        self.bytes_written += total
+
     def close(self) -> int:
         """StoreSink: commit now (fsync, rename, directory fsync) and return the status.
 

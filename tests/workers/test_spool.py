@@ -696,3 +696,24 @@ def test_placement_refuses_folders_outside_the_spool() -> None:
             Placement(links=(folder,))
     with pytest.raises(ValueError):
         Placement(links=("queue/a",), hold=True)
+
+
+def test_write_many_equals_write_one_by_one_even_after_a_short_writev(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    buf = memoryview(bytearray(data))
+    pieces = [buf[i:i + 5000] for i in range(0, len(buf), 5000)]
+    real_writev = os.writev
+
+    def short_writev(fd: int, views: Any) -> int:
+        # Write only part of the first buffers, as a signal or a full disk may.
+        return real_writev(fd, [bytes(views[0])[:1234]])
+
+    writer = begin(spool)
+    monkeypatch.setattr(os, "writev", short_writev)
+    writer.write_many(pieces[:7])
+    monkeypatch.undo()
+    writer.write_many(pieces[7:])
+    path = writer.finish()
+    assert path.read_bytes()[writer.dataset_offset:] == data
+    assert writer.bytes_written == len(data)
