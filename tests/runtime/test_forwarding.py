@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,3 +386,44 @@ def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "router.cli", "run", "--config", str(config)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "rules.toml:4:" in run.stderr, run.stderr
+
+
+def test_destination_over_tls(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """tls = true: the router verifies the destination's certificate against tls_ca
+    (PS3.15 B.1, the BCP 195 profile DCMTK uses by default) and forwards over TLS."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("openssl missing under CI (scripts/setup --system installs it)")
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    sink = storescp_server(tmp_path, procs, aet="SECURE", args=["+B", "+tls", str(key),
+                                                                str(cert), "-ic"], dcmtk=dcmtk)
+    # Another CA: the same server must not be trusted through it.
+    other_key, other = tmp_path / "other-key.pem", tmp_path / "other.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(other_key), "-out", str(other), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["secure", "impostor"]\n')
+    extra = ('[routing]\nrules = "rules.toml"\n' + _destination("secure", sink.port, "SECURE")
+             + f'tls = true\ntls_ca = "{cert}"\n'
+             + _destination("impostor", sink.port, "SECURE")
+             + f'tls = true\ntls_ca = "{other}"\n')
+    router = Router(tmp_path, extra=extra)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        files = _study(tmp_path / "s", 3, modality="CT", description="x", seed=9)
+        _send(dcmtk, router, "MOD1", files)
+        router.wait_count("forward secure:", 3)
+        router.wait_for("certificate verify failed")
+    finally:
+        router.stop()
+    got = {_uid(p): _dataset(p) for p in received_files(sink.outdir)}
+    assert got == {_uid(p): _dataset(p) for p in files}  # once each: never via the impostor
+    assert len(list((router.spool / "queue" / "impostor").glob("*.dcm"))) == 3
