@@ -427,3 +427,35 @@ def test_destination_over_tls(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> Non
     got = {_uid(p): _dataset(p) for p in received_files(sink.outdir)}
     assert got == {_uid(p): _dataset(p) for p in files}  # once each: never via the impostor
     assert len(list((router.spool / "queue" / "impostor").glob("*.dcm"))) == 3
+
+
+def test_reject_drop_and_unmatched_reject_answer_the_sender(tmp_path: Path) -> None:
+    from router.net.client import connect
+
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "no MR"\n[rule.when]\nModality = "MR"\n[rule.then]\n'
+        'reject = 0xA900\n'
+        '[[rule]]\nname = "ignore scouts"\n[rule.when]\nImageType = { wildcard = "*LOCALIZER*" }\n'
+        '[rule.then]\ndrop = true\n'
+        '[[rule]]\nname = "CT"\n[rule.when]\nModality = "CT"\n[rule.then]\nforward = ["pacs"]\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\nunmatched = "reject"\n'
+                    + _destination("pacs", free_port(), "PACS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        mr, scout, us = tmp_path / "mr.dcm", tmp_path / "scout.dcm", tmp_path / "us.dcm"
+        make_ct(mr, size_kb=4, modality="MR")
+        make_ct(scout, size_kb=4, attrs={"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]})
+        make_ct(us, size_kb=4, modality="US")
+        contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+        with connect("127.0.0.1", router.port, calling_ae="MOD1", called_ae="ROUTER",
+                     contexts=contexts) as assoc:
+            rejected = assoc.store(mr)
+            assert rejected.status == 0xA900 and "no MR" in (rejected.error_comment or "")
+            assert assoc.store(scout).status == 0x0000  # dropped: acknowledged, not kept
+            unmatched = assoc.store(us)
+            assert unmatched.status == 0x0124 and "no routing rule" in unmatched.error_comment
+            assoc.release()
+        router.wait_for('drop by rule "ignore scouts"')
+    finally:
+        router.stop()
+    assert not list(router.spool.rglob("*.dcm"))  # none of the three is kept anywhere
