@@ -24,7 +24,8 @@ parallel (each its own folder, ``storescu +sd``, TCP_NODELAY=1):
 Each receiver is started once (the router: until it logs "ready: N workers
 serving"; storescp: until its port answers), gets one warm-up run, then
 ``--repeat`` timed runs; the best is kept. Before every run the spool's
-``incoming/`` (or storescp's output folder) is emptied and the disk synced, so
+``unrouted/`` (no rules here: the router keeps every instance there) or storescp's
+output folder is emptied and the disk synced, so
 every run starts from the same disk state; after it, the files that landed are
 counted and a wrong count is reported.
 
@@ -99,6 +100,7 @@ class Receiver:
 
     def clear(self) -> None:
         """Empty the landing folder and sync the disk: every run starts from the same state."""
+        self.landing.mkdir(parents=True, exist_ok=True)  # the spool makes it on first use
         for entry in os.scandir(self.landing):
             os.unlink(entry.path)
         os.sync()
@@ -144,7 +146,7 @@ class Router(Receiver):
         config = tmp / f"{tag}.toml"
         config.write_text(CONFIG.format(ae=ROUTER_AE, workers=workers, port=self.port,
                                         spool=spool, fsync="true" if fsync else "false"))
-        self.landing = spool / "incoming"
+        self.landing = spool / "unrouted"
         self.spool_tmp = spool / "tmp"
         self.log: deque[str] = deque(maxlen=30)
         self.problems: list[str] = []
