@@ -1,5 +1,6 @@
 """Declarative routing rules (DESIGN.md D6): TOML files, validated on load,
-compiled once, evaluated per received instance. A pure library: no sockets,
+compiled once, evaluated per received instance, and per query/retrieve
+request for the upstreams that answer it (D7). A pure library: no sockets,
 threads or clocks (the caller passes the time).
 
 Theory of operation
@@ -14,6 +15,8 @@ router that is reloading keeps its old rule set. ``RuleSet.evaluate`` then
 tests the rules in file order against an :class:`AssociationInfo`, the data
 set and the local time, and returns a :class:`Decision`; ``explain`` does the
 same with a :class:`RuleTrace` per rule for ``dicom-router rules test``.
+``RuleSet.evaluate_query`` and ``evaluate_retrieve`` choose the upstreams of
+a C-FIND, or of a C-MOVE/C-GET, and return a :class:`QueryDecision`.
 
 Evaluation: the first rule whose conditions hold decides. A rule with
 ``continue = true`` adds its forwards and evaluation goes on; the forwards of
@@ -21,7 +24,8 @@ all acting rules are merged, one :class:`Forward` per destination in the order
 first named, its changes those of every acting rule that forwards there, in
 rule order. A rule that rejects or drops ends evaluation and keeps nothing,
 even forwards collected from earlier ``continue`` rules. When no rule acts the
-outcome is ``unmatched``.
+outcome is ``unmatched``. Query/retrieve rules (below) take no part: they
+neither match an instance nor end its evaluation.
 
 File format
 -----------
@@ -54,6 +58,33 @@ File format
 Instead of ``forward`` a rule may ``reject = 0xA700`` (answer the C-STORE
 with that failure status: 01xx, 02xx, Axxx, Cxxx of PS3.7 Annex C, except the
 warnings 0107H and 0116H) or ``drop = true`` (answer Success, keep nothing).
+
+Query/retrieve rules. A rule whose ``then`` has ``query`` (the destinations
+that answer C-FIND requests it matches) and/or ``retrieve`` (those that serve
+C-MOVE and C-GET), each a destination name or a list of them, routes
+requests, not instances: it may have ``continue`` but none of forward,
+transparent, reject, drop and change. Its conditions are the same language:
+attribute tests read the request's identifier, association tests the
+requesting association. In an identifier an attribute given empty is a
+return key (universal matching): present, with the value ``""``.
+``RuleSet.evaluate_query`` tests the rules with ``query`` in order, and the
+first that matches decides unless it has ``continue = true``; the upstreams
+of every acting rule are merged in the order first named. No rule matching
+gives no upstreams. ``evaluate_retrieve`` does the same with ``retrieve``.
+For example::
+
+    [[rule]]
+    name = "CT studies from both PACS"
+    when.QueryRetrieveLevel = "STUDY"
+    when.ModalitiesInStudy = "*CT*"
+    then.query = ["pacs1", "pacs2"]
+    then.retrieve = "pacs1"
+
+    [[rule]]
+    name = "everything else from the main PACS"
+    when.calling_ae = "WS*"
+    then.query = "pacs1"
+    then.retrieve = "pacs1"
 
 Conditions. A condition table's keys all must hold. ``calling_ae``,
 ``called_ae``: AE titles compared without their padding spaces. ``peer``: an
@@ -103,11 +134,12 @@ Loading checks, each a :class:`Problem` (``file:line: rule "name": ...``):
 TOML syntax; unknown keys at every level (with a did-you-mean); missing or
 duplicate names; keywords and tags; operators and their values; regexes
 (and replacement templates); addresses and networks; days and times;
-destinations (unless ``destinations`` is None); contradictory actions
-(forward with reject or drop, reject with drop, transparent without exactly
-one destination, with continue, with change or after any rule with continue,
-continue with reject or drop, change without forward or for a destination
-the rule does not forward to, no action); reject statuses; ``set`` values
+destinations of forward, query and retrieve (unless ``destinations`` is
+None); contradictory actions (forward with reject or drop, reject with drop,
+transparent without exactly one destination, with continue, with change or
+after any store rule with continue, continue with reject or drop, change
+without forward or for a destination the rule does not forward to, query or
+retrieve with any store action, no action); reject statuses; ``set`` values
 against the VR (type, range, and pydicom's checks of length and characters).
 So a decision with a transparent forward has that one forward only, from
 one rule, unchanged.
@@ -121,6 +153,7 @@ from rules.model import (
     Forward,
     Outcome,
     Problem,
+    QueryDecision,
     Rule,
     RuleError,
     RuleTrace,
@@ -135,6 +168,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "Problem",
+    "QueryDecision",
     "RemoveOp",
     "ReplaceOp",
     "Rule",

@@ -1,7 +1,8 @@
 """``dicom-router rules check`` and ``dicom-router rules test``.
 
 ``check RULES... [--config CFG]``: load the rule files and folders and print
-``rules.toml: 5 rules OK`` per file, or every problem, one per line. Exit 0,
+``rules.toml: 5 rules OK`` per file (``5 rules OK (2 query/retrieve)`` when
+some route queries and retrievals), or every problem, one per line. Exit 0,
 or 2 for bad rules (or an unreadable ``--config``).
 
 ``test RULES INSTANCE... --calling-ae AE [--called-ae AE] [--peer IP]
@@ -11,11 +12,12 @@ or a folder searched recursively) is evaluated as if received on an
 association with those AE titles and peer at that local time, and the output
 shows each rule, whether it matched and why, then where the instance would
 go with which changes, or that it would be rejected, dropped or unmatched.
+Query/retrieve rules are not shown: they take no part in routing instances.
 Exit 0; 1 if an instance cannot be read; 2 for bad rules.
 
-With ``--config`` the destinations rules forward to are checked against the
-``[[destination]]`` names of that configuration file; without it they are
-not, and ``check`` says so.
+With ``--config`` the destinations rules forward to (and query or retrieve
+from) are checked against the ``[[destination]]`` names of that
+configuration file; without it they are not, and ``check`` says so.
 """
 
 from __future__ import annotations
@@ -148,7 +150,9 @@ def _check(paths: list[Path], destinations: frozenset[str] | None,
             print(f"{path}: no *.toml rule files in this folder")
     for source in ruleset.sources:
         n = sum(1 for r in ruleset.rules if r.file == source)
-        print(f"{source}: {n} rule{'' if n == 1 else 's'} OK")
+        qr = sum(1 for r in ruleset.rules if r.file == source and r.routes_queries)
+        print(f"{source}: {n} rule{'' if n == 1 else 's'} OK"
+              + (f" ({qr} query/retrieve)" if qr else ""))
     if destinations is None:
         print("destination names not checked: give --config to check them")
     else:
@@ -177,7 +181,10 @@ def _test(args: argparse.Namespace, destinations: frozenset[str] | None) -> int:
     association = AssociationInfo(calling_ae=args.calling_ae, called_ae=args.called_ae,
                                   peer=args.peer)
     now: dt.datetime = args.at if args.at is not None else dt.datetime.now()
-    print(f"{len(ruleset)} rule{'' if len(ruleset) == 1 else 's'} from "
+    qr = sum(1 for r in ruleset.rules if r.routes_queries)
+    print(f"{len(ruleset)} rule{'' if len(ruleset) == 1 else 's'}"
+          + (f" ({qr} query/retrieve, not applied to instances)" if qr else "")
+          + " from "
           f"{', '.join(str(s) for s in ruleset.sources) or 'no files'}; calling AE "
           f"{association.calling_ae}, called AE {association.called_ae}, peer "
           f"{association.peer}, at {_DAYS[now.weekday()]} {now:%Y-%m-%d %H:%M:%S}"

@@ -1,12 +1,16 @@
-"""The rule set: loaded once, evaluated per received instance.
+"""The rule set: loaded once, evaluated per received instance and per
+query/retrieve request.
 
-Theory of operation: :meth:`RuleSet.evaluate` walks the compiled rules in
-order with one :class:`~rules.conditions.Context`. A matching rule without
-``continue`` decides; ``continue`` rules are collected and the walk goes on.
-The decision for a single deciding rule is built at load time, and the
-decision for a combination of ``continue`` rules is built once and memoised,
-so the usual evaluation allocates nothing but the context. :meth:`explain` is
-the same walk with reasons, for the dry run.
+Theory of operation: :meth:`RuleSet.evaluate` walks the compiled store rules
+(those without ``query`` or ``retrieve``) in order with one
+:class:`~rules.conditions.Context`. A matching rule without ``continue``
+decides; ``continue`` rules are collected and the walk goes on. The decision
+for a single deciding rule is built at load time, and the decision for a
+combination of ``continue`` rules is built once and memoised, so the usual
+evaluation allocates nothing but the context. :meth:`explain` is the same
+walk with reasons, for the dry run. :meth:`evaluate_query` and
+:meth:`evaluate_retrieve` are the same walk over the rules with ``query``,
+and those with ``retrieve``, against the request's identifier.
 """
 
 from __future__ import annotations
@@ -21,30 +25,52 @@ from pydicom.dataset import Dataset
 from rules.changes import Changes, CopyOp, ReplaceOp
 from rules.conditions import Context
 from rules.load import compile_texts, load_rules
-from rules.model import UNMATCHED, AssociationInfo, Decision, Forward, Rule, RuleTrace
+from rules.model import (
+    NO_QUERY,
+    NO_RETRIEVE,
+    UNMATCHED,
+    AssociationInfo,
+    Decision,
+    Forward,
+    QueryDecision,
+    QueryKind,
+    Rule,
+    RuleTrace,
+)
 from rules.tags import private_creator
 
 _MEMO_LIMIT: Final = 4096
 
 
 class RuleSet:
-    """Validated, compiled routing rules (DESIGN.md D6), immutable.
+    """Validated, compiled routing rules (DESIGN.md D6, D7), immutable.
 
-    ``needed_tags``: every data set tag a condition, a ``copy`` source or a
-    ``replace`` target reads, with the Private Creator of each private one,
-    for ``dcmread(specific_tags=...)``. ``needs_dataset``: some condition
-    reads the data set (if not, the caller may skip parsing it).
+    ``rules``: every rule, in order, store and query/retrieve rules alike.
+    ``needed_tags``: every data set tag a store rule's condition, ``copy``
+    source or ``replace`` target reads, with the Private Creator of each
+    private one, for ``dcmread(specific_tags=...)``. ``needs_dataset``: some
+    store rule's condition reads the data set (if not, the caller may skip
+    parsing it). ``query_tags``: the same for the conditions of the
+    query/retrieve rules (informational: the caller has the identifier).
     """
 
-    __slots__ = ("_memo", "_single", "needed_tags", "needs_dataset", "rules", "sources")
+    __slots__ = ("_memo", "_query", "_query_memo", "_retrieve", "_retrieve_memo", "_single",
+                 "_store", "needed_tags", "needs_dataset", "query_tags", "rules", "sources")
 
     def __init__(self, rules: Sequence[Rule], sources: Sequence[Path] = ()) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.sources: tuple[Path, ...] = tuple(sources)
-        self.needs_dataset: bool = any(r.when.reads_dataset for r in self.rules)
-        self.needed_tags: frozenset[int] = _needed_tags(self.rules)
-        self._single = tuple(_decide((r,)) for r in self.rules)
+        self._store = tuple(r for r in self.rules if not r.routes_queries)
+        self._query = tuple(r for r in self.rules if r.query)
+        self._retrieve = tuple(r for r in self.rules if r.retrieve)
+        self.needs_dataset: bool = any(r.when.reads_dataset for r in self._store)
+        self.needed_tags: frozenset[int] = _needed_tags(self._store)
+        self.query_tags: frozenset[int] = _needed_tags(
+            tuple(r for r in self.rules if r.routes_queries))
+        self._single = tuple(_decide((r,)) for r in self._store)
         self._memo: dict[tuple[int, ...], Decision] = {}
+        self._query_memo: dict[tuple[int, ...], QueryDecision] = {}
+        self._retrieve_memo: dict[tuple[int, ...], QueryDecision] = {}
 
     @classmethod
     def load(cls, paths: Sequence[Path], *, destinations: Collection[str] | None) -> RuleSet:
@@ -69,15 +95,28 @@ class RuleSet:
         return len(self.rules)
 
     def __repr__(self) -> str:
-        return f"<RuleSet {len(self.rules)} rules from {len(self.sources)} files>"
+        qr = len(self.rules) - len(self._store)
+        return (f"<RuleSet {len(self.rules)} rules ({qr} query/retrieve) "
+                f"from {len(self.sources)} files>")
+
+    @property
+    def has_query_rules(self) -> bool:
+        """Some rule has ``query``: C-FIND requests can be routed upstream."""
+        return bool(self._query)
+
+    @property
+    def has_retrieve_rules(self) -> bool:
+        """Some rule has ``retrieve``: C-MOVE/C-GET can be routed upstream."""
+        return bool(self._retrieve)
 
     def evaluate(self, association: AssociationInfo, dataset: Dataset,
                  now: dt.datetime) -> Decision:
         """The decision for one instance. ``now``: naive local time (for
-        ``time`` windows; an aware datetime is read as its own wall clock)."""
+        ``time`` windows; an aware datetime is read as its own wall clock).
+        Query/retrieve rules take no part."""
         ctx = Context(association, dataset, now)
         acted: list[int] | None = None
-        for i, rule in enumerate(self.rules):
+        for i, rule in enumerate(self._store):
             if rule.when.test(ctx):
                 if acted is None:
                     if not rule.continues:
@@ -93,14 +132,15 @@ class RuleSet:
 
     def explain(self, association: AssociationInfo, dataset: Dataset,
                 now: dt.datetime) -> tuple[Decision, list[RuleTrace]]:
-        """The decision, as :meth:`evaluate` gives it, and for every rule
-        whether it matched and why (rules after the deciding one are
-        evaluated too, marked ``reached = False``)."""
+        """The decision, as :meth:`evaluate` gives it, and for every store
+        rule whether it matched and why (rules after the deciding one are
+        evaluated too, marked ``reached = False``). Query/retrieve rules are
+        left out, as :meth:`evaluate` leaves them out."""
         ctx = Context(association, dataset, now)
         acted: list[int] = []
         traces: list[RuleTrace] = []
         decided = False
-        for i, rule in enumerate(self.rules):
+        for i, rule in enumerate(self._store):
             reasons: list[str] = []
             matched = rule.when.explain(ctx, reasons, "")
             traces.append(RuleTrace(rule=rule.name, file=str(rule.file), line=rule.line,
@@ -113,12 +153,52 @@ class RuleSet:
             return UNMATCHED, traces
         return self._combined(tuple(acted)), traces
 
+    def evaluate_query(self, association: AssociationInfo, identifier: Dataset,
+                       now: dt.datetime) -> QueryDecision:
+        """The upstreams that answer one C-FIND: the rules with ``query`` in
+        order, the first that matches deciding unless it has ``continue``.
+        Conditions read the request's ``identifier`` (e.g. QueryRetrieveLevel,
+        ModalitiesInStudy) and the requesting ``association``."""
+        return self._route(self._query, "query", self._query_memo,
+                           Context(association, identifier, now))
+
+    def evaluate_retrieve(self, association: AssociationInfo, identifier: Dataset,
+                          now: dt.datetime) -> QueryDecision:
+        """The upstreams that serve one C-MOVE or C-GET: as
+        :meth:`evaluate_query`, over the rules with ``retrieve``."""
+        return self._route(self._retrieve, "retrieve", self._retrieve_memo,
+                           Context(association, identifier, now))
+
+    def _route(self, rules: tuple[Rule, ...], kind: QueryKind,
+               memo: dict[tuple[int, ...], QueryDecision], ctx: Context) -> QueryDecision:
+        acted: list[int] = []
+        for i, rule in enumerate(rules):
+            if rule.when.test(ctx):
+                acted.append(i)
+                if not rule.continues:
+                    break
+        if not acted:
+            return NO_QUERY if kind == "query" else NO_RETRIEVE
+        key = tuple(acted)
+        decision = memo.get(key)
+        if decision is None:
+            upstreams: dict[str, None] = {}
+            for i in key:
+                upstreams.update(dict.fromkeys(rules[i].query if kind == "query"
+                                               else rules[i].retrieve))
+            decision = QueryDecision(upstreams=tuple(upstreams),
+                                     rules=tuple(rules[i].name for i in key), kind=kind)
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            memo[key] = decision
+        return decision
+
     def _combined(self, acted: tuple[int, ...]) -> Decision:
         if len(acted) == 1:
             return self._single[acted[0]]
         decision = self._memo.get(acted)
         if decision is None:
-            decision = _decide(tuple(self.rules[i] for i in acted))
+            decision = _decide(tuple(self._store[i] for i in acted))
             if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
             self._memo[acted] = decision

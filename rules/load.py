@@ -78,7 +78,10 @@ from rules.tags import (
 )
 
 RULE_KEYS: Final = ("name", "description", "when", "then")
-THEN_KEYS: Final = ("forward", "transparent", "reject", "drop", "continue", "change")
+THEN_KEYS: Final = ("forward", "transparent", "reject", "drop", "continue", "change", "query",
+                     "retrieve")
+#: The actions of a store rule, which a query/retrieve rule cannot have.
+STORE_ACTIONS: Final = ("forward", "transparent", "reject", "drop", "change")
 CHANGE_KEYS: Final = ("destination", "set", "remove", "copy", "replace")
 CHANGE_OPS: Final = ("set", "remove", "copy", "replace")
 ASSOCIATION_KEYS: Final = ("calling_ae", "called_ae", "peer", "time")
@@ -101,6 +104,8 @@ class _Actions(NamedTuple):
     drop: bool
     continues: bool
     changes: tuple[Changes, ...]
+    query: tuple[str, ...] = ()
+    retrieve: tuple[str, ...] = ()
 
 
 BAD: Final = _Bad()
@@ -448,7 +453,8 @@ class _FileCompiler:
         return Rule(name=name, file=self.path, line=self.lines.rule_line(self.k), when=when,
                     description=description, forward=then.forward,
                     transparent=then.transparent, reject=then.reject, drop=then.drop,
-                    continues=then.continues, changes=then.changes)
+                    continues=then.continues, changes=then.changes, query=then.query,
+                    retrieve=then.retrieve)
 
     def order(self, then: _Actions) -> None:
         """Checks that depend on the rules before this one."""
@@ -458,7 +464,8 @@ class _FileCompiler:
                       f"continue = true ({self.shared.continues}): a transparent forward "
                       "relays its one destination's status, so it cannot be combined with "
                       "the forwards of earlier rules")
-        if then.continues and self.shared.continues is None:
+        if then.continues and self.shared.continues is None and not (then.query
+                                                                     or then.retrieve):
             self.shared.continues = here
 
     # -------------------------------------------------------- conditions
@@ -745,16 +752,19 @@ class _FileCompiler:
         where: Where = ("then",)
         if table is None:
             return self.fail((), "the rule has no action: add a [rule.then] table with "
-                                 "forward, reject or drop")
+                                 "forward, reject, drop, query or retrieve")
         if not isinstance(table, dict):
             return self.fail(where, f"then: expected a table of actions, got {show(table)}")
         before = len(self.problems)
         for key in table:
             if key not in THEN_KEYS:
                 self.fail((*where, key), f"unknown key {key!r} in then"
-                          f"{_suggest(key, THEN_KEYS)}: expected "
-                          "forward, transparent, reject, drop, continue or change")
-        forward = self.forward(table.get("forward"), (*where, "forward"))
+                          f"{_suggest(key, THEN_KEYS)}: expected forward, transparent, "
+                          "reject, drop, continue, change, query or retrieve")
+        forward = self.destination_names("forward", table.get("forward"), (*where, "forward"))
+        query = self.destination_names("query", table.get("query"), (*where, "query"))
+        retrieve = self.destination_names("retrieve", table.get("retrieve"),
+                                          (*where, "retrieve"))
         flags = {}
         for key in ("transparent", "drop", "continue"):
             value = table.get(key, False)
@@ -767,11 +777,14 @@ class _FileCompiler:
             problem = failure_status_problem(reject)
             if problem is not None:
                 self.fail((*where, "reject"), f"reject: {problem}")
-        if isinstance(forward, _Bad) or len(self.problems) > before:
+        if (isinstance(forward, _Bad) or isinstance(query, _Bad) or isinstance(retrieve, _Bad)
+                or len(self.problems) > before):
             return BAD
         assert reject is None or isinstance(reject, int)
         # What the actions mean together.
         transparent, drop, cont = flags["transparent"], flags["drop"], flags["continue"]
+        if query or retrieve:
+            return self.query_actions(table, query, retrieve, cont, before)
         if forward and reject is not None:
             self.fail((*where, "reject"), "forward and reject contradict each other: a "
                                           "rejected instance is sent nowhere")
@@ -797,7 +810,7 @@ class _FileCompiler:
                       "forward relays the instance exactly as received")
         if not forward and reject is None and not drop and len(self.problems) == before:
             self.fail(where if table else (), "the rule has no action: give it forward, "
-                                              "reject or drop = true")
+                                              "reject, drop = true, query or retrieve")
         changes: tuple[Changes, ...] = ()
         if "change" in table:
             if not forward:
@@ -812,22 +825,38 @@ class _FileCompiler:
         return _Actions(forward=forward, transparent=transparent, reject=reject, drop=drop,
                         continues=cont, changes=changes or tuple(Changes() for _ in forward))
 
-    def forward(self, value: object, where: Where) -> tuple[str, ...] | _Bad:
+    def query_actions(self, table: dict[str, object], query: tuple[str, ...],
+                      retrieve: tuple[str, ...], cont: bool, before: int) -> _Actions | _Bad:
+        """The actions of a query/retrieve rule: upstreams, perhaps continue,
+        and none of the store actions."""
+        routed, what = ("query", "queries") if query else ("retrieve", "retrievals")
+        for key in STORE_ACTIONS:
+            if key in table and table[key] is not False:
+                self.fail(("then", key), f"{routed} cannot be combined with {key}: a rule "
+                                         f"routes either stored instances or {what}")
+        if len(self.problems) > before:
+            return BAD
+        return _Actions(forward=(), transparent=False, reject=None, drop=False, continues=cont,
+                        changes=(), query=query, retrieve=retrieve)
+
+    def destination_names(self, key: str, value: object,
+                          where: Where) -> tuple[str, ...] | _Bad:
+        """The destination names of ``forward``, ``query`` or ``retrieve``."""
         if value is None:
             return ()
         names = _strings(value)
         if names is None:
-            return self.fail(where, "forward: expected a destination name or a non-empty list "
+            return self.fail(where, f"{key}: expected a destination name or a non-empty list "
                                     f"of them (strings), got {show(value)}")
         seen: list[str] = []
         for name in names:
             if not name.strip():
-                return self.fail(where, "forward: a destination name cannot be empty")
+                return self.fail(where, f"{key}: a destination name cannot be empty")
             if name in seen:
-                return self.fail(where, f"forward: destination {name!r} is listed twice")
+                return self.fail(where, f"{key}: destination {name!r} is listed twice")
             if self.destinations is not None and name not in self.destinations:
                 known = ", ".join(sorted(self.destinations)) or "none"
-                return self.fail(where, f"forward: unknown destination {name!r}"
+                return self.fail(where, f"{key}: unknown destination {name!r}"
                                  f"{_suggest(name, self.destinations)}; the configuration "
                                  f"has: {known}")
             seen.append(name)

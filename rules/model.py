@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from rules.conditions import Condition
 
 Outcome = Literal["forward", "reject", "drop", "unmatched"]
+#: What a rule does: one of a store rule's outcomes, or route queries/retrievals.
+Action = Literal["forward", "reject", "drop", "query/retrieve"]
+#: The request a query/retrieve rule routes: C-FIND, or C-MOVE and C-GET.
+QueryKind = Literal["query", "retrieve"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +124,44 @@ UNMATCHED = Decision(outcome="unmatched")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QueryDecision:
+    """Which upstreams answer one C-FIND (``kind = "query"``) or serve one
+    C-MOVE/C-GET (``kind = "retrieve"``).
+
+    ``upstreams``: destination names, merged over the ``continue`` rules that
+    matched in the order first named, without repeats; empty when no rule
+    matched (the caller decides what that means, e.g. no matches or refused).
+    ``rules`` names the rules that matched and acted, in order.
+    """
+
+    upstreams: tuple[str, ...]
+    rules: tuple[str, ...]
+    kind: QueryKind = "query"
+
+    def __post_init__(self) -> None:
+        if bool(self.upstreams) != bool(self.rules):
+            raise ValueError("QueryDecision: upstreams and rules are both empty or both not")
+        if len(set(self.upstreams)) != len(self.upstreams):
+            raise ValueError("QueryDecision: an upstream is listed twice")
+        if self.kind not in ("query", "retrieve"):
+            raise ValueError(f"QueryDecision: kind {self.kind!r} is not query or retrieve")
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``query pacs1, pacs2 by rule "x"``,
+        ``retrieve from pacs by rule "y"`` or ``no query rule matched``."""
+        if not self.rules:
+            return f"no {self.kind} rule matched"
+        by = (f" by rule{'s' if len(self.rules) > 1 else ''} "
+              + ", ".join(f'"{r}"' for r in self.rules))
+        verb = "query" if self.kind == "query" else "retrieve from"
+        return f"{verb} {', '.join(self.upstreams)}{by}"
+
+
+NO_QUERY = QueryDecision(upstreams=(), rules=(), kind="query")
+NO_RETRIEVE = QueryDecision(upstreams=(), rules=(), kind="retrieve")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RuleTrace:
     """How one rule fared in a dry run. ``matched``: its conditions held.
     ``reached``: evaluation got to it (false after the deciding rule; its
@@ -139,7 +181,10 @@ class Rule:
 
     ``changes[i]`` are the changes for ``forward[i]`` (rule-wide ones and
     those naming that destination, in file order). ``continues`` is the
-    file's ``continue``.
+    file's ``continue``. A rule with ``query`` and/or ``retrieve`` (the
+    upstreams for C-FIND, and for C-MOVE/C-GET) is a query/retrieve rule and
+    has none of the store actions (forward, transparent, reject, drop,
+    changes).
     """
 
     name: str
@@ -152,10 +197,19 @@ class Rule:
     drop: bool = False
     continues: bool = False
     changes: tuple[Changes, ...] = field(default=())
+    query: tuple[str, ...] = ()
+    retrieve: tuple[str, ...] = ()
     description: str = ""
 
     @property
-    def action(self) -> Outcome:
+    def routes_queries(self) -> bool:
+        """A query/retrieve rule: store evaluation ignores it."""
+        return bool(self.query or self.retrieve)
+
+    @property
+    def action(self) -> Action:
+        if self.routes_queries:
+            return "query/retrieve"
         if self.reject is not None:
             return "reject"
         return "drop" if self.drop else "forward"

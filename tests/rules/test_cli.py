@@ -202,7 +202,8 @@ def test_dry_run_bad_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     path.write_text('[[rule]]\nname = "x"\n')
     assert _run("test", str(path), str(CT_SMALL), "--calling-ae", "CT1") == 2
     assert capsys.readouterr().out == (f'{path}:1: rule "x": the rule has no action: add a '
-                                       "[rule.then] table with forward, reject or drop\n")
+                                       "[rule.then] table with forward, reject, drop, query "
+                                       "or retrieve\n")
 
 
 def test_dry_run_needs_calling_ae_and_a_valid_time(rules_file: Path) -> None:

@@ -50,7 +50,8 @@ CASES = [
                  "'when'?): a rule has name, description, when and then", id="unknown-rule-key"),
     pytest.param(R + '[rule.then]\nforwrd = "pacs"\n',
                  "rules.toml:4: rule \"r\": unknown key 'forwrd' in then (did you mean "
-                 "'forward'?): expected forward, transparent, reject, drop, continue or change",
+                 "'forward'?): expected forward, transparent, reject, drop, continue, change, "
+                 "query or retrieve",
                  id="unknown-then-key"),
     pytest.param(_change('sett = { PatientName = "x" }'),
                  "rules.toml:5: rule \"r\": unknown key 'sett' in change (did you mean 'set'?): "
@@ -224,10 +225,10 @@ CASES = [
                  "forwards to (pacs)", id="change-destination-not-forwarded"),
     pytest.param(R + '[rule.when]\nModality = "CT"\n',
                  'rules.toml:1: rule "r": the rule has no action: add a [rule.then] table with '
-                 "forward, reject or drop", id="no-then"),
+                 "forward, reject, drop, query or retrieve", id="no-then"),
     pytest.param(R + '[rule.then]\ndrop = false\n',
-                 'rules.toml:3: rule "r": the rule has no action: give it forward, reject or '
-                 "drop = true", id="no-action"),
+                 'rules.toml:3: rule "r": the rule has no action: give it forward, reject, '
+                 "drop = true, query or retrieve", id="no-action"),
     pytest.param(one_rule('', 'reject = 0x0000'),
                  'rules.toml:6: rule "r": reject: 0x0000 is the success status, not a failure '
                  "status; failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 (out of "
@@ -458,7 +459,7 @@ def test_problems_in_several_files(tmp_path: Path) -> None:
         f"{tmp_path / 'missing.toml'}: no such file or folder",
         f"{tmp_path / 'a.toml'}:1: not valid TOML: Invalid value (at end of document)",
         f'{tmp_path / "b.toml"}:1: rule "b": the rule has no action: add a [rule.then] table '
-        "with forward, reject or drop",
+        "with forward, reject, drop, query or retrieve",
     ]
 
 
