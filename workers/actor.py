@@ -33,6 +33,7 @@ reading pauses (TCP flow control is the back-pressure, D3).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import itertools
 import logging
@@ -46,6 +47,7 @@ from typing import Any
 
 from router.dicom import dimse
 from router.dicom.association import Association, Role
+from router.dicom.dataset import decode_dataset
 from router.dicom.errors import ProtocolError
 from router.dicom.events import (
     NEED_DATA,
@@ -62,6 +64,7 @@ from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiat
 from router.dicom.pdu import AAssociateRJ
 from router.net.connection import ack_now
 from rules import AssociationInfo
+from workers.qr import FIND_MODELS, FindProxy
 from workers.routing import Dispatcher, Routed
 from workers.spool import GroupCommitter, Placed, Spool, SpoolWriter, status_for_error
 
@@ -72,6 +75,10 @@ log = logging.getLogger("workers.actor")
 RECV_BUFFER = 1 << 20
 # Events waiting behind a pending commit before we stop reading the socket.
 MAILBOX_HIGH_WATER = 256
+# Largest C-FIND identifier taken (queries are a few hundred bytes).
+MAX_IDENTIFIER = 1 << 20
+# C-FIND failure "Unable to process" (PS3.4 C.4.1.1.4: Cxxx).
+UNABLE_TO_PROCESS = 0xC001
 
 
 
@@ -146,6 +153,10 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._idle: asyncio.TimerHandle | None = None
         self._closed = False
         self._store_error = 0  # DIMSE status if the spool failed mid instance
+        # A C-FIND whose identifier is arriving: (context, request, parts, size).
+        self._query: tuple[NegotiatedContext, dimse.CFindRQ, list[bytes], int] | None = None
+        # The C-FIND being answered by upstreams.
+        self._find: tuple[NegotiatedContext, dimse.CFindRQ, FindProxy] | None = None
         self.stats = AssociationStats(association_id=f"w{settings.worker_id}-a{next(_ids)}",
                                       peer=("?", 0))
 
@@ -200,7 +211,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         while mailbox and not self._busy:
             event = mailbox.popleft()
             if (isinstance(event, DataReceived) and not event.last and mailbox
-                    and isinstance(mailbox[0], DataReceived)):
+                    and isinstance(mailbox[0], DataReceived) and self._query is None):
                 # Fragments that arrived together go to disk in one writev: a sender
                 # with 16 KiB PDUs (DCMTK's default) makes 32 per 500 KB instance.
                 run = [event]
@@ -219,7 +230,10 @@ class AssociationActor(asyncio.BufferedProtocol):
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, DataReceived):
-            self._store_data(event)
+            if self._query is not None:
+                self._query_data(event)
+            else:
+                self._store_data(event)
         elif isinstance(event, CommandReceived):
             self._command(event)
         elif isinstance(event, AssociationRequested):
@@ -259,8 +273,15 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.engine.send_message(ctx.context_id, dimse.CEchoRSP(
                 message_id_being_responded_to=msg.message_id,
                 affected_sop_class_uid=msg.affected_sop_class_uid, status=dimse.SUCCESS))
+        elif isinstance(msg, dimse.CFindRQ) and msg.affected_sop_class_uid in FIND_MODELS:
+            self._query = (ctx, msg, [], 0)
         elif isinstance(msg, dimse.CCancelRQ):
-            pass  # nothing long-running here to cancel (PS3.7 §9.3.2.3)
+            # PS3.7 §9.3.2.3: only a running C-FIND has anything to cancel here.
+            find = self._find
+            if find is not None and find[1].message_id == msg.message_id_being_responded_to:
+                log.info("association %s: C-CANCEL of C-FIND %d", self._who(),
+                         msg.message_id_being_responded_to)
+                find[2].cancel()
         elif dimse.is_request(msg):
             self._unsupported(ctx, msg)
 
@@ -416,6 +437,77 @@ class AssociationActor(asyncio.BufferedProtocol):
             affected_sop_class_uid=msg.affected_sop_class_uid,
             affected_sop_instance_uid=msg.affected_sop_instance_uid, status=status,
             error_comment=None if ok or not comment else _comment(comment)))
+
+    # --------------------------------------------------------------- C-FIND
+
+    def _query_data(self, event: DataReceived) -> None:
+        assert self._query is not None
+        ctx, msg, parts, size = self._query
+        size += len(event.data)
+        if size <= MAX_IDENTIFIER:
+            parts.append(bytes(event.data))
+        self._query = (ctx, msg, parts, size)
+        if not event.last:
+            return
+        self._query = None
+        if size > MAX_IDENTIFIER:
+            self._find_respond(ctx, msg, dimse.CANNOT_UNDERSTAND, None,
+                               f"identifier larger than {MAX_IDENTIFIER} bytes")
+            return
+        self._start_find(ctx, msg, b"".join(parts))
+
+    def _start_find(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, raw: bytes) -> None:
+        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        try:
+            identifier = decode_dataset(raw, ctx.transfer_syntax)
+        except (ProtocolError, ValueError) as exc:
+            self._find_respond(ctx, msg, dimse.CANNOT_UNDERSTAND, None,
+                               f"identifier does not decode: {exc}")
+            return
+        decision = None
+        if dispatcher is not None:
+            info = AssociationInfo(calling_ae=self.stats.calling_ae,
+                                   called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+            decision = dispatcher.router.rules.evaluate_query(info, identifier,
+                                                              datetime.datetime.now())
+        if decision is None or not decision.upstreams:
+            log.info("association %s: C-FIND %d refused: no query rule matches",
+                     self._who(), msg.message_id)
+            self._find_respond(ctx, msg, UNABLE_TO_PROCESS, None,
+                               "no query rule matches this query")
+            return
+        assert dispatcher is not None
+        config = dispatcher.router.config
+        upstreams = [config.destination(name) for name in decision.upstreams]
+        label = f"{self._who()} #{msg.message_id}"
+        log.info("association %s: C-FIND %d (%s) -> %s", self._who(), msg.message_id,
+                 str(identifier.get("QueryRetrieveLevel", "")).strip() or "?",
+                 decision.describe())
+        proxy = FindProxy(
+            upstreams=upstreams, model=msg.affected_sop_class_uid, identifier=raw,
+            transfer_syntax=ctx.transfer_syntax, label=label, priority=msg.priority,
+            respond=lambda status, data, comment: self._find_respond(
+                ctx, msg, status, data, comment))
+        self._find = (ctx, msg, proxy)
+        self.loop.create_task(self._run_find(proxy))
+
+    async def _run_find(self, proxy: FindProxy) -> None:
+        try:
+            await proxy.run()
+        finally:
+            self._find = None
+            self._sync_idle()
+
+    def _find_respond(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, status: int,
+                      data: bytes | None, comment: str | None) -> None:
+        if not self.engine.is_associated:
+            return  # the requestor went away: nobody to tell
+        self.engine.send_message(ctx.context_id, dimse.CFindRSP(
+            message_id_being_responded_to=msg.message_id,
+            affected_sop_class_uid=msg.affected_sop_class_uid, status=status,
+            has_dataset=data is not None,
+            error_comment=_comment(comment) if comment else None), data)
+        self._after_engine()
 
     def _discard_store(self) -> None:
         """The association ended mid data set: nothing was acknowledged, drop it."""

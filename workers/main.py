@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -39,10 +40,12 @@ import zmq.asyncio
 
 from router import control
 from router.config import Config, ConfigError, load_config
+from router.dicom import uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
 from rules import RuleError, RuleSet
 from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
 from workers.forward import DestinationActor
+from workers.qr import FIND_MODELS
 from workers.routing import Dispatcher, InstanceRouter, load_rules
 from workers.spool import GroupCommitter, Spool
 
@@ -63,8 +66,15 @@ def share_of(config: Config, concurrency: int) -> int:
     return max(1, -(-concurrency // config.workers))
 
 
-def settings_for(config: Config, worker_id: int) -> ActorSettings:
-    return ActorSettings(policy=config.to_acceptor_policy(), artim_timeout=config.artim_timeout,
+def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -> ActorSettings:
+    policy = config.to_acceptor_policy()
+    if rules is not None and rules.has_query_rules and policy.abstract_syntaxes is not None:
+        # Query rules make this node a C-FIND SCP for the query models (D7); an
+        # identifier is small, so the two little endian syntaxes are all it needs.
+        native = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
+        policy = dataclasses.replace(policy, abstract_syntaxes={
+            **policy.abstract_syntaxes, **dict.fromkeys(FIND_MODELS, native)})
+    return ActorSettings(policy=policy, artim_timeout=config.artim_timeout,
                          idle_timeout=config.idle_timeout, worker_id=worker_id)
 
 
@@ -84,7 +94,7 @@ class Worker:
         self.channel = adopt_channel(channel_fd)
         self.channel.setblocking(False)
         self.run_dir = run_dir
-        self.settings = settings_for(config, worker_id)
+        self.settings = settings_for(config, worker_id, self.rules)
         self.spool = Spool(config.spool, fsync=config.fsync)
         self.committer = GroupCommitter(self.spool)
         self.actors: set[AssociationActor] = set()
@@ -336,7 +346,7 @@ class Worker:
             return
         # Open associations keep the settings they started with; new ones get these.
         # Rules swap atomically: each commit reads the dispatcher once.
-        self.config, self.settings = config, settings_for(config, self.worker_id)
+        self.config, self.settings = config, settings_for(config, self.worker_id, rules)
         self.rules = rules
         self._start_forwarders()
         self.generation = generation

@@ -35,6 +35,7 @@ import logging
 import socket
 import ssl
 from collections import deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -102,6 +103,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._writable.set()
         self._lost = False
         self._ids = itertools.cycle(range(1, 65536))
+        self.current_find: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -236,6 +238,74 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 continue
             raise OutboundError(f"{self.label}: {_describe(event)} while waiting for the "
                                 "C-STORE response")
+
+    def context_for_model(self, abstract_syntax: str) -> NegotiatedContext | None:
+        """An accepted context for ``abstract_syntax`` (any transfer syntax), if any."""
+        for ctx in self.engine.contexts.values():
+            if ctx.abstract_syntax == abstract_syntax and ctx.requestor_scu:
+                return ctx
+        return None
+
+    async def find(self, ctx: NegotiatedContext, identifier: bytes, *,
+                   priority: dimse.Priority = dimse.Priority.MEDIUM,
+                   max_identifier: int = 16 << 20,
+                   ) -> AsyncIterator[tuple[dimse.CFindRSP, bytes | None]]:
+        """C-FIND (PS3.7 §9.1.2): each response with its identifier (encoded in the
+        context's transfer syntax), as it arrives; the last one is the final status.
+
+        :attr:`current_find` holds the message ID while it runs, for :meth:`cancel`.
+        """
+        mid = next(self._ids)
+        self._require_associated()
+        self.engine.send_message(ctx.context_id, dimse.CFindRQ(
+            message_id=mid, affected_sop_class_uid=ctx.abstract_syntax, priority=priority),
+            identifier)
+        self._flush()
+        self.current_find = (ctx.context_id, mid)
+        try:
+            while True:
+                event = await self._next_event()
+                if isinstance(event, CommandRejected):
+                    if event.has_dataset:
+                        await self._drain()
+                    continue
+                if not isinstance(event, CommandReceived):
+                    raise OutboundError(f"{self.label}: {_describe(event)} during C-FIND")
+                msg = event.message
+                data = await self._read(max_identifier) if msg.has_dataset else None
+                if not (isinstance(msg, dimse.CFindRSP)
+                        and msg.message_id_being_responded_to == mid):
+                    log.warning("%s: ignoring %s during C-FIND %d", self.label,
+                                type(msg).__name__, mid)
+                    continue
+                yield msg, data
+                if dimse.status_category(msg.status) is not dimse.StatusCategory.PENDING:
+                    return
+        finally:
+            self.current_find = None
+
+    def cancel(self) -> None:
+        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND in progress, on its context."""
+        if self.current_find is None or not self.is_associated:
+            return
+        context_id, mid = self.current_find
+        self.engine.send_message(context_id, dimse.CCancelRQ(message_id_being_responded_to=mid))
+        self._flush()
+
+    async def _read(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event()
+            if not isinstance(event, DataReceived):
+                raise OutboundError(f"{self.label}: {_describe(event)} inside a data set")
+            size += len(event.data)
+            if size > limit:
+                self.abort(f"a data set larger than {limit} bytes")
+                raise OutboundError(f"{self.label}: sent a data set larger than {limit} bytes")
+            parts.append(bytes(event.data))
+            if event.last:
+                return b"".join(parts)
 
     async def release(self) -> None:
         """A-RELEASE (PS3.8 §7.2); aborts if the peer does not answer in time."""

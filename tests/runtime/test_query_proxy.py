@@ -1,0 +1,154 @@
+"""C-FIND through the router: DCMTK findscu -> router -> Orthanc, against findscu -> Orthanc.
+
+The router runs as a subprocess with a query rule naming Orthanc (started by the test
+on loopback, loaded with generated studies). At every level, what findscu gets through
+the router must be what it gets from Orthanc directly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.helpers import Dcmtk, Procs, make_study, start_orthanc
+from tests.helpers.dcmtk import dcmtk_env
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.router import Router
+
+pytestmark = pytest.mark.interop
+
+
+def _loaded(orthanc: Orthanc, tmp_path: Path) -> None:
+    for n, (patient, modality) in enumerate([("P1", "CT"), ("P1", "MR"), ("P2", "CT")]):
+        for path in make_study(tmp_path / f"study{n}", n_series=2, n_instances=2, size_kb=4,
+                               patient_id=patient, modality=modality, seed=n):
+            orthanc.upload(path)
+
+
+def _router(tmp_path: Path, orthanc: Orthanc, rules: str) -> Router:
+    (tmp_path / "rules.toml").write_text(rules)
+    return Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        f'ae_title = "{orthanc.aet}"\ntimeout = 10\n'))
+
+
+QUERY_ALL = '[[rule]]\nname = "all queries"\n[rule.then]\nquery = ["pacs"]\n'
+
+
+def _findscu(dcmtk: Dcmtk, port: int, aec: str, out: Path, *args: str) -> list[dict[str, str]]:
+    """Run findscu writing each response to ``out``; the matches as sorted tag dicts."""
+    out.mkdir()
+    done = subprocess.run([dcmtk.findscu, "-aet", "VIEWER", "-aec", aec, "-X", "-od", str(out),
+                           *args, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60, env=dcmtk_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    matches = []
+    for path in sorted(out.iterdir()):
+        ds = pydicom.dcmread(path, force=True)
+        matches.append({str(e.tag): str(e.value) for e in ds if e.tag.group != 0x0002})
+    return sorted(matches, key=lambda m: sorted(m.items()))
+
+
+LEVELS = [
+    pytest.param(["-P", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID",
+                  "-k", "PatientName"], id="patient"),
+    pytest.param(["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                  "-k", "PatientID", "-k", "ModalitiesInStudy", "-k", "StudyDate"], id="study"),
+    pytest.param(["-S", "-k", "QueryRetrieveLevel=SERIES", "-k", "StudyInstanceUID",
+                  "-k", "SeriesInstanceUID", "-k", "Modality", "-k", "SeriesNumber"],
+                 id="series"),
+    pytest.param(["-S", "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID",
+                  "-k", "InstanceNumber", "-k", "SeriesInstanceUID",
+                  "-k", "StudyInstanceUID"], id="image"),
+]
+
+
+def test_findscu_through_the_router_equals_orthanc_directly(
+        tmp_path: Path, dcmtk: Dcmtk, orthanc_server: Orthanc) -> None:
+    _loaded(orthanc_server, tmp_path)
+    router = _router(tmp_path, orthanc_server, QUERY_ALL)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        for n, level in enumerate(LEVELS):
+            args = level.values[0]
+            direct = _findscu(dcmtk, orthanc_server.dicom_port, orthanc_server.aet,
+                              tmp_path / f"direct{n}", *args)
+            proxied = _findscu(dcmtk, router.port, "ROUTER", tmp_path / f"proxied{n}", *args)
+            assert direct, f"{level.id}: Orthanc found nothing: the test data is wrong"
+            assert proxied == direct, level.id
+    finally:
+        router.stop()
+
+
+def test_query_without_a_matching_rule_is_refused(tmp_path: Path, dcmtk: Dcmtk,
+                                                  orthanc_server: Orthanc) -> None:
+    router = _router(tmp_path, orthanc_server,
+                     '[[rule]]\nname = "CT1 only"\n[rule.when]\ncalling_ae = "CT1"\n'
+                     '[rule.then]\nquery = ["pacs"]\n')
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S",
+                               "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                               "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        assert "Failed: UnableToProcess" in done.stdout + done.stderr, done.stdout + done.stderr
+        router.wait_for("no query rule matches")
+    finally:
+        router.stop()
+
+
+def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk,
+                                     orthanc_server: Orthanc) -> None:
+    # Enough matches that findscu's cancel, sent after the first, arrives mid-stream.
+    for path in make_study(tmp_path / "big", n_series=1, n_instances=300, size_kb=1):
+        orthanc_server.upload(path)
+    router = _router(tmp_path, orthanc_server, QUERY_ALL)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        # findscu --cancel 1: C-CANCEL after the first pending response.
+        done = subprocess.run([dcmtk.findscu, "-aet", "VIEWER", "-aec", "ROUTER", "-S",
+                               "--cancel", "1", "-k", "QueryRetrieveLevel=IMAGE",
+                               "-k", "SOPInstanceUID", "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        assert done.returncode == 0, done.stdout + done.stderr
+        router.wait_for("C-CANCEL of C-FIND")
+        line = router.lines[router.wait_for("status 0xFE00")]
+        relayed = int(line.split(": ")[-1].split(" match")[0])
+        assert relayed < 300, line
+    finally:
+        router.stop()
+
+
+def test_two_upstreams_are_merged_without_duplicates(
+        tmp_path: Path, dcmtk: Dcmtk, procs: Procs, orthanc_server: Orthanc) -> None:
+    second = start_orthanc(procs, tmp_path / "orthanc2", aet="ORTHANC2")
+    shared = make_study(tmp_path / "shared", n_series=1, n_instances=2, size_kb=4,
+                        patient_id="P1", seed=1)
+    only_second = make_study(tmp_path / "second", n_series=1, n_instances=2, size_kb=4,
+                             patient_id="P2", seed=2)
+    for path in shared:
+        orthanc_server.upload(path)
+        second.upload(path)
+    for path in only_second:
+        second.upload(path)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "both"\n[rule.then]\nquery = ["pacs", "pacs2"]\n')
+    router = Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\n'
+        f'port = {orthanc_server.dicom_port}\nae_title = "{orthanc_server.aet}"\n'
+        f'[[destination]]\nname = "pacs2"\nhost = "127.0.0.1"\nport = {second.dicom_port}\n'
+        f'ae_title = "{second.aet}"\n'))
+    args = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID"]
+    try:
+        router.wait_for("ready: 2 workers serving")
+        merged = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "merged", *args)
+    finally:
+        router.stop()
+    second_direct = _findscu(dcmtk, second.dicom_port, second.aet, tmp_path / "d2", *args)
+    # The second PACS has both studies; the first's copy of the shared one is dropped.
+    assert len(merged) == 2 and merged == second_direct

@@ -1,0 +1,184 @@
+"""The query proxy: an inbound C-FIND answered by upstream PACS (DESIGN.md D7).
+
+Theory of operation
+-------------------
+The association actor collects a C-FIND-RQ's identifier, asks the rules which
+upstreams answer it (``RuleSet.evaluate_query``) and hands it to a
+:class:`FindProxy`, which runs as a task in the worker's loop:
+
+- one outbound association per upstream (:class:`workers.outbound.OutboundAssociation`),
+  proposing the query model in the requestor's transfer syntax first, then the two
+  little endian ones, all upstreams queried at once;
+- every pending response is passed back the moment it arrives (PS3.4 C.4.1.3:
+  the SCU sees matches as they are found, never a collected list), its identifier
+  forwarded as it came when the transfer syntaxes agree, re-encoded otherwise;
+- with several upstreams, a match already passed on is dropped by its unique key
+  at the query level (PS3.4 C.6.1.1.2-C.6.1.1.5, C.6.2.1: Patient ID, Study /
+  Series / SOP Instance UID; for a worklist, the whole identifier);
+- a C-CANCEL from the requestor is sent on to every upstream still running, and
+  the final answer is then Cancel (FE00H, PS3.4 C.4.1.1.4);
+- the final status is Success when at least one upstream completed; when none
+  did, the failure of the first (A700H with the reason as Error Comment when an
+  upstream could not be reached or the association failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Final
+
+from pydicom.dataset import Dataset
+
+from router.config import Destination
+from router.dicom import dimse, uids
+from router.dicom.dataset import decode_dataset, encode_dataset
+from router.dicom.negotiation import build_request
+from workers.outbound import OutboundAssociation, OutboundError
+
+__all__ = ["FIND_MODELS", "FindProxy", "unique_key"]
+
+log = logging.getLogger("workers.qr")
+
+#: Query models the proxy serves (PS3.4 C.6, K.6 for the worklist).
+FIND_MODELS: Final = (
+    uids.PATIENT_ROOT_QR_FIND,
+    uids.STUDY_ROOT_QR_FIND,
+    uids.MODALITY_WORKLIST_INFORMATION_FIND,
+)
+
+_LEVEL_KEYS: Final = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
+# respond(status, identifier in the requestor's transfer syntax or None, error comment)
+Respond = Callable[[int, bytes | None, str | None], None]
+
+
+def unique_key(identifier: Dataset, raw: bytes) -> object:
+    """What makes a match the same match from two upstreams (PS3.4 C.6 unique keys)."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    keyword = _LEVEL_KEYS.get(level)
+    if keyword is not None:
+        value = identifier.get(keyword)
+        if value:
+            return (level, str(value).strip())
+    return raw  # a worklist item, or a match without its key: the whole identifier
+
+
+class FindProxy:
+    """One C-FIND relayed to its upstreams; see the module docstring."""
+
+    def __init__(self, *, upstreams: list[Destination], model: str, identifier: bytes,
+                 transfer_syntax: str, respond: Respond, label: str,
+                 priority: dimse.Priority = dimse.Priority.MEDIUM) -> None:
+        self.upstreams = upstreams
+        self.model = model
+        self.identifier = identifier
+        self.transfer_syntax = transfer_syntax
+        self.respond = respond
+        self.label = label
+        self.priority = priority
+        self.cancelled = False
+        self.matches = 0
+        self._seen: set[object] = set()
+        self._open: list[OutboundAssociation] = []
+
+    async def run(self) -> None:
+        outcomes = await asyncio.gather(*(self._query(d) for d in self.upstreams),
+                                        return_exceptions=True)
+        failures: list[tuple[int, str]] = []
+        completed = 0
+        for destination, outcome in zip(self.upstreams, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failures.append((dimse.REFUSED_OUT_OF_RESOURCES,
+                                 f"{destination.name}: {outcome}"))
+            elif outcome[0] in (dimse.SUCCESS, dimse.CANCEL):
+                completed += 1
+            else:
+                failures.append(outcome)
+        if self.cancelled:
+            status, comment = dimse.CANCEL, None
+        elif completed or not failures:
+            status, comment = dimse.SUCCESS, None
+        else:
+            status, comment = failures[0]
+        for code, reason in failures:
+            log.warning("C-FIND %s: upstream failed with 0x%04X: %s", self.label, code, reason)
+        log.info("C-FIND %s: %d match(es) from %s, status 0x%04X", self.label, self.matches,
+                 ", ".join(d.name for d in self.upstreams), status)
+        self.respond(status, None, comment)
+
+    def cancel(self) -> None:
+        """The requestor sent C-CANCEL: pass it on to every upstream still answering."""
+        self.cancelled = True
+        for assoc in self._open:
+            assoc.cancel()
+
+    async def _query(self, destination: Destination) -> tuple[int, str]:
+        syntaxes = list(dict.fromkeys((self.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                                       uids.IMPLICIT_VR_LITTLE_ENDIAN)))
+        request = build_request(calling_ae_title=destination.calling_ae,
+                                called_ae_title=destination.ae_title,
+                                contexts=[(self.model, syntaxes)],
+                                maximum_length=destination.max_pdu)
+        context = (ssl.create_default_context(
+            cafile=str(destination.tls_ca) if destination.tls_ca else None)
+            if destination.tls else None)
+        try:
+            assoc = await OutboundAssociation.open(
+                destination.host, destination.port, request, timeout=destination.timeout,
+                ssl_context=context, label=f"{destination.name} (C-FIND)")
+        except OutboundError as exc:
+            return dimse.REFUSED_OUT_OF_RESOURCES, str(exc)
+        self._open.append(assoc)
+        try:
+            ctx = assoc.context_for_model(self.model)
+            if ctx is None:
+                return (dimse.SOP_CLASS_NOT_SUPPORTED,
+                        f"{destination.name} does not support {self.model}")
+            identifier = self._convert(self.identifier, self.transfer_syntax,
+                                       ctx.transfer_syntax)
+            if self.cancelled:
+                return dimse.CANCEL, ""
+            final = (dimse.PROCESSING_FAILURE, f"{destination.name}: no final response")
+            async for rsp, data in assoc.find(ctx, identifier, priority=self.priority):
+                if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
+                    if data is not None:
+                        self._match(rsp.status, data, ctx.transfer_syntax)
+                    continue
+                final = (int(rsp.status), rsp.error_comment or
+                         f"{destination.name} answered 0x{int(rsp.status):04X}")
+            await assoc.release()
+            return final
+        except OutboundError as exc:
+            return dimse.REFUSED_OUT_OF_RESOURCES, str(exc)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._open.remove(assoc)
+            if assoc.is_associated:
+                assoc.abort("C-FIND proxy ended")
+
+    def _match(self, status: int, data: bytes, transfer_syntax: str) -> None:
+        if self.cancelled:
+            return  # after a cancel, late matches are not passed on
+        raw = self._convert(data, transfer_syntax, self.transfer_syntax)
+        if len(self.upstreams) > 1:
+            key = unique_key(decode_dataset(raw, self.transfer_syntax), raw)
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        self.matches += 1
+        self.respond(status, raw, None)
+
+    @staticmethod
+    def _convert(data: bytes, source: str, target: str) -> bytes:
+        if source == target:
+            return data  # as it came (D5)
+        return encode_dataset(decode_dataset(data, source), target)
