@@ -64,7 +64,7 @@ from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiat
 from router.dicom.pdu import AAssociateRJ
 from router.net.connection import ack_now
 from rules import AssociationInfo
-from workers.qr import FIND_MODELS, FindProxy
+from workers.qr import FIND_MODELS, MOVE_MODELS, FindProxy, MoveProxy
 from workers.routing import Dispatcher, Routed
 from workers.spool import GroupCommitter, Placed, Spool, SpoolWriter, status_for_error
 
@@ -153,10 +153,12 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._idle: asyncio.TimerHandle | None = None
         self._closed = False
         self._store_error = 0  # DIMSE status if the spool failed mid instance
-        # A C-FIND whose identifier is arriving: (context, request, parts, size).
-        self._query: tuple[NegotiatedContext, dimse.CFindRQ, list[bytes], int] | None = None
-        # The C-FIND being answered by upstreams.
-        self._find: tuple[NegotiatedContext, dimse.CFindRQ, FindProxy] | None = None
+        # A C-FIND/C-MOVE whose identifier is arriving: (context, request, parts, size).
+        self._query: tuple[NegotiatedContext, dimse.CFindRQ | dimse.CMoveRQ, list[bytes],
+                           int] | None = None
+        # The C-FIND or C-MOVE being answered by upstreams.
+        self._find: tuple[NegotiatedContext, dimse.CFindRQ | dimse.CMoveRQ,
+                          FindProxy | MoveProxy] | None = None
         self.stats = AssociationStats(association_id=f"w{settings.worker_id}-a{next(_ids)}",
                                       peer=("?", 0))
 
@@ -273,15 +275,18 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.engine.send_message(ctx.context_id, dimse.CEchoRSP(
                 message_id_being_responded_to=msg.message_id,
                 affected_sop_class_uid=msg.affected_sop_class_uid, status=dimse.SUCCESS))
-        elif isinstance(msg, dimse.CFindRQ) and msg.affected_sop_class_uid in FIND_MODELS:
+        elif ((isinstance(msg, dimse.CFindRQ) and msg.affected_sop_class_uid in FIND_MODELS)
+              or (isinstance(msg, dimse.CMoveRQ) and msg.affected_sop_class_uid in MOVE_MODELS)):
             self._query = (ctx, msg, [], 0)
         elif isinstance(msg, dimse.CCancelRQ):
-            # PS3.7 §9.3.2.3: only a running C-FIND has anything to cancel here.
-            find = self._find
-            if find is not None and find[1].message_id == msg.message_id_being_responded_to:
-                log.info("association %s: C-CANCEL of C-FIND %d", self._who(),
+            # PS3.7 §9.3.2.3: only a running C-FIND or C-MOVE has anything to cancel.
+            running = self._find
+            if running is not None and \
+                    running[1].message_id == msg.message_id_being_responded_to:
+                log.info("association %s: C-CANCEL of %s %d", self._who(),
+                         "C-FIND" if isinstance(running[1], dimse.CFindRQ) else "C-MOVE",
                          msg.message_id_being_responded_to)
-                find[2].cancel()
+                running[2].cancel()
         elif dimse.is_request(msg):
             self._unsupported(ctx, msg)
 
@@ -451,10 +456,77 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         self._query = None
         if size > MAX_IDENTIFIER:
-            self._find_respond(ctx, msg, dimse.CANNOT_UNDERSTAND, None,
-                               f"identifier larger than {MAX_IDENTIFIER} bytes")
+            self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND,
+                         f"identifier larger than {MAX_IDENTIFIER} bytes")
             return
-        self._start_find(ctx, msg, b"".join(parts))
+        if isinstance(msg, dimse.CMoveRQ):
+            self._start_move(ctx, msg, b"".join(parts))
+        else:
+            self._start_find(ctx, msg, b"".join(parts))
+
+    def _refuse(self, ctx: NegotiatedContext, msg: dimse.CFindRQ | dimse.CMoveRQ, status: int,
+                comment: str) -> None:
+        if isinstance(msg, dimse.CMoveRQ):
+            self._move_respond(ctx, msg, status, (None, None, None, None), None, comment)
+        else:
+            self._find_respond(ctx, msg, status, None, comment)
+
+    def _start_move(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ, raw: bytes) -> None:
+        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        try:
+            identifier = decode_dataset(raw, ctx.transfer_syntax)
+        except (ProtocolError, ValueError) as exc:
+            self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND, f"identifier does not decode: {exc}")
+            return
+        if dispatcher is None:
+            self._refuse(ctx, msg, UNABLE_TO_PROCESS, "no retrieve rule matches this request")
+            return
+        config = dispatcher.router.config
+        # PS3.4 C.4.2.1.5: the destination must be known here, not only upstream.
+        if not any(d.ae_title == msg.move_destination for d in config.destinations):
+            log.info("association %s: C-MOVE %d to unknown destination %r refused",
+                     self._who(), msg.message_id, msg.move_destination)
+            self._refuse(ctx, msg, dimse.MOVE_DESTINATION_UNKNOWN,
+                         f"move destination {msg.move_destination} is not configured here")
+            return
+        info = AssociationInfo(calling_ae=self.stats.calling_ae,
+                               called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+        decision = dispatcher.router.rules.evaluate_retrieve(info, identifier,
+                                                             datetime.datetime.now())
+        if not decision.upstreams:
+            log.info("association %s: C-MOVE %d refused: no retrieve rule matches",
+                     self._who(), msg.message_id)
+            self._refuse(ctx, msg, UNABLE_TO_PROCESS, "no retrieve rule matches this request")
+            return
+        upstream = config.destination(decision.upstreams[0])
+        log.info("association %s: C-MOVE %d (%s) to %s -> %s", self._who(), msg.message_id,
+                 str(identifier.get("QueryRetrieveLevel", "")).strip() or "?",
+                 msg.move_destination, decision.describe())
+        proxy = MoveProxy(
+            upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
+            transfer_syntax=ctx.transfer_syntax, move_destination=msg.move_destination,
+            label=f"{self._who()} #{msg.message_id}", priority=msg.priority,
+            respond=lambda status, counts, data, comment: self._move_respond(
+                ctx, msg, status, counts, data, comment))
+        self._find = (ctx, msg, proxy)
+        self.loop.create_task(self._run_find(proxy))
+
+    def _move_respond(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ, status: int,
+                      counts: tuple[int | None, int | None, int | None, int | None],
+                      data: bytes | None, comment: str | None) -> None:
+        if not self.engine.is_associated:
+            return
+        remaining, completed, failed, warning = counts
+        self.engine.send_message(ctx.context_id, dimse.CMoveRSP(
+            message_id_being_responded_to=msg.message_id,
+            affected_sop_class_uid=msg.affected_sop_class_uid, status=status,
+            number_of_remaining_sub_operations=remaining,
+            number_of_completed_sub_operations=completed,
+            number_of_failed_sub_operations=failed,
+            number_of_warning_sub_operations=warning,
+            has_dataset=data is not None,
+            error_comment=_comment(comment) if comment else None), data)
+        self._after_engine()
 
     def _start_find(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, raw: bytes) -> None:
         dispatcher = self.dispatcher() if self.dispatcher is not None else None
@@ -491,7 +563,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._find = (ctx, msg, proxy)
         self.loop.create_task(self._run_find(proxy))
 
-    async def _run_find(self, proxy: FindProxy) -> None:
+    async def _run_find(self, proxy: FindProxy | MoveProxy) -> None:
         try:
             await proxy.run()
         finally:

@@ -45,7 +45,7 @@ from router.fdpass import BadHandoff, adopt_channel, recv_connection
 from rules import RuleError, RuleSet
 from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
 from workers.forward import DestinationActor
-from workers.qr import FIND_MODELS
+from workers.qr import FIND_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter, load_rules
 from workers.spool import GroupCommitter, Spool
 
@@ -68,12 +68,16 @@ def share_of(config: Config, concurrency: int) -> int:
 
 def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -> ActorSettings:
     policy = config.to_acceptor_policy()
-    if rules is not None and rules.has_query_rules and policy.abstract_syntaxes is not None:
-        # Query rules make this node a C-FIND SCP for the query models (D7); an
-        # identifier is small, so the two little endian syntaxes are all it needs.
+    if rules is not None and policy.abstract_syntaxes is not None:
+        # Query and retrieve rules make this node a C-FIND / C-MOVE SCP for those
+        # models (D7); an identifier is small, so the two little endian syntaxes are
+        # all it needs.
         native = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
-        policy = dataclasses.replace(policy, abstract_syntaxes={
-            **policy.abstract_syntaxes, **dict.fromkeys(FIND_MODELS, native)})
+        models = ((FIND_MODELS if rules.has_query_rules else ())
+                  + (MOVE_MODELS if rules.has_retrieve_rules else ()))
+        if models:
+            policy = dataclasses.replace(policy, abstract_syntaxes={
+                **policy.abstract_syntaxes, **dict.fromkeys(models, native)})
     return ActorSettings(policy=policy, artim_timeout=config.artim_timeout,
                          idle_timeout=config.idle_timeout, worker_id=worker_id)
 

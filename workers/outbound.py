@@ -249,17 +249,36 @@ class OutboundAssociation(asyncio.BufferedProtocol):
     async def find(self, ctx: NegotiatedContext, identifier: bytes, *,
                    priority: dimse.Priority = dimse.Priority.MEDIUM,
                    max_identifier: int = 16 << 20,
-                   ) -> AsyncIterator[tuple[dimse.CFindRSP, bytes | None]]:
+                   ) -> AsyncIterator[tuple[dimse.DimseResponse, bytes | None]]:
         """C-FIND (PS3.7 §9.1.2): each response with its identifier (encoded in the
         context's transfer syntax), as it arrives; the last one is the final status.
 
-        :attr:`current_find` holds the message ID while it runs, for :meth:`cancel`.
+        :attr:`current_find` holds the operation while it runs, for :meth:`cancel`.
         """
-        mid = next(self._ids)
+        rq = dimse.CFindRQ(message_id=next(self._ids), affected_sop_class_uid=ctx.abstract_syntax,
+                           priority=priority)
+        async for item in self._operation(ctx, rq, identifier, dimse.CFindRSP, max_identifier):
+            yield item
+
+    async def move(self, ctx: NegotiatedContext, identifier: bytes, destination: str, *,
+                   priority: dimse.Priority = dimse.Priority.MEDIUM,
+                   message_id: int | None = None, max_identifier: int = 16 << 20,
+                   ) -> AsyncIterator[tuple[dimse.DimseResponse, bytes | None]]:
+        """C-MOVE (PS3.7 §9.1.4) to ``destination``: each response (pending ones with
+        sub-operation counts) with its identifier, as it arrives; the last is final."""
+        rq = dimse.CMoveRQ(message_id=message_id or next(self._ids),
+                           affected_sop_class_uid=ctx.abstract_syntax,
+                           move_destination=destination, priority=priority)
+        async for item in self._operation(ctx, rq, identifier, dimse.CMoveRSP, max_identifier):
+            yield item
+
+    async def _operation(self, ctx: NegotiatedContext, rq: dimse.CFindRQ | dimse.CMoveRQ,
+                         identifier: bytes, response: type[dimse.DimseResponse],
+                         max_identifier: int,
+                         ) -> AsyncIterator[tuple[dimse.DimseResponse, bytes | None]]:
+        mid = rq.message_id
         self._require_associated()
-        self.engine.send_message(ctx.context_id, dimse.CFindRQ(
-            message_id=mid, affected_sop_class_uid=ctx.abstract_syntax, priority=priority),
-            identifier)
+        self.engine.send_message(ctx.context_id, rq, identifier)
         self._flush()
         self.current_find = (ctx.context_id, mid)
         try:
@@ -270,12 +289,13 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                         await self._drain()
                     continue
                 if not isinstance(event, CommandReceived):
-                    raise OutboundError(f"{self.label}: {_describe(event)} during C-FIND")
+                    raise OutboundError(f"{self.label}: {_describe(event)} during "
+                                        f"{type(rq).__name__[:-2]}")
                 msg = event.message
                 data = await self._read(max_identifier) if msg.has_dataset else None
-                if not (isinstance(msg, dimse.CFindRSP)
-                        and msg.message_id_being_responded_to == mid):
-                    log.warning("%s: ignoring %s during C-FIND %d", self.label,
+                if not (isinstance(msg, response)
+                        and getattr(msg, "message_id_being_responded_to", None) == mid):
+                    log.warning("%s: ignoring %s during message %d", self.label,
                                 type(msg).__name__, mid)
                     continue
                 yield msg, data
@@ -285,7 +305,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             self.current_find = None
 
     def cancel(self) -> None:
-        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND in progress, on its context."""
+        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND or C-MOVE in progress, on its context."""
         if self.current_find is None or not self.is_associated:
             return
         context_id, mid = self.current_find

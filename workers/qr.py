@@ -39,7 +39,7 @@ from router.dicom.dataset import decode_dataset, encode_dataset
 from router.dicom.negotiation import build_request
 from workers.outbound import OutboundAssociation, OutboundError
 
-__all__ = ["FIND_MODELS", "FindProxy", "unique_key"]
+__all__ = ["FIND_MODELS", "MOVE_MODELS", "FindProxy", "MoveProxy", "unique_key"]
 
 log = logging.getLogger("workers.qr")
 
@@ -182,3 +182,108 @@ class FindProxy:
         if source == target:
             return data  # as it came (D5)
         return encode_dataset(decode_dataset(data, source), target)
+
+
+#: Retrieve models the move proxy serves (PS3.4 C.6.1, C.6.2).
+MOVE_MODELS: Final = (uids.PATIENT_ROOT_QR_MOVE, uids.STUDY_ROOT_QR_MOVE)
+
+# respond(status, (remaining, completed, failed, warning), identifier or None, comment)
+MoveRespond = Callable[[int, tuple[int | None, int | None, int | None, int | None],
+                        bytes | None, str | None], None]
+
+
+class MoveProxy:
+    """One C-MOVE passed through to its upstream unchanged (direct mode, D7).
+
+    The upstream is asked to move to the destination the requestor named, which it
+    must know by that AE title; every response -- pending ones with their
+    remaining/completed/failed/warning counts, the final one with the identifier
+    listing failed SOP Instance UIDs (PS3.4 C.4.2.1.6) -- is relayed as it arrives.
+    C-CANCEL is passed on. The router checks beforehand that the destination is one
+    of its own ``[[destination]]`` AE titles (else A801H, move destination unknown),
+    so a requestor cannot make it relay moves to arbitrary nodes.
+    """
+
+    def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
+                 transfer_syntax: str, move_destination: str, respond: MoveRespond,
+                 label: str, priority: dimse.Priority = dimse.Priority.MEDIUM) -> None:
+        self.upstream = upstream
+        self.model = model
+        self.identifier = identifier
+        self.transfer_syntax = transfer_syntax
+        self.move_destination = move_destination
+        self.respond = respond
+        self.label = label
+        self.priority = priority
+        self.cancelled = False
+        self._assoc: OutboundAssociation | None = None
+        self._answered = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._assoc is not None:
+            self._assoc.cancel()
+
+    async def run(self) -> None:
+        upstream = self.upstream
+        syntaxes = list(dict.fromkeys((self.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                                       uids.IMPLICIT_VR_LITTLE_ENDIAN)))
+        request = build_request(calling_ae_title=upstream.calling_ae,
+                                called_ae_title=upstream.ae_title,
+                                contexts=[(self.model, syntaxes)],
+                                maximum_length=upstream.max_pdu)
+        context = (ssl.create_default_context(
+            cafile=str(upstream.tls_ca) if upstream.tls_ca else None)
+            if upstream.tls else None)
+        none = (None, None, None, None)
+        try:
+            assoc = await OutboundAssociation.open(
+                upstream.host, upstream.port, request, timeout=upstream.timeout,
+                ssl_context=context, label=f"{upstream.name} (C-MOVE)")
+        except OutboundError as exc:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
+                        str(exc))
+            return
+        self._assoc = assoc
+        try:
+            ctx = assoc.context_for_model(self.model)
+            if ctx is None:
+                self._final(dimse.SOP_CLASS_NOT_SUPPORTED, none, None,
+                            f"{upstream.name} does not support {self.model}")
+                return
+            identifier = FindProxy._convert(self.identifier, self.transfer_syntax,
+                                            ctx.transfer_syntax)
+            if self.cancelled:
+                self._final(dimse.CANCEL, none, None, None)
+                return
+            async for rsp, data in assoc.move(ctx, identifier, self.move_destination,
+                                              priority=self.priority):
+                assert isinstance(rsp, dimse.CMoveRSP)
+                counts = (rsp.number_of_remaining_sub_operations,
+                          rsp.number_of_completed_sub_operations,
+                          rsp.number_of_failed_sub_operations,
+                          rsp.number_of_warning_sub_operations)
+                raw = None if data is None else FindProxy._convert(
+                    data, ctx.transfer_syntax, self.transfer_syntax)
+                if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
+                    self.respond(int(rsp.status), counts, raw, None)
+                else:
+                    self._final(int(rsp.status), counts, raw, rsp.error_comment)
+            await assoc.release()
+        except OutboundError as exc:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
+                        str(exc))
+        finally:
+            self._assoc = None
+            if assoc.is_associated:
+                assoc.abort("C-MOVE proxy ended")
+
+    def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
+               data: bytes | None, comment: str | None) -> None:
+        if self._answered:
+            return  # one final response only (a release that fails after it, say)
+        self._answered = True
+        log.info("C-MOVE %s to %s via %s: status 0x%04X, counts %s", self.label,
+                 self.move_destination, self.upstream.name, status,
+                 "/".join("-" if c is None else str(c) for c in counts))
+        self.respond(status, counts, data, comment)

@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 
-from tests.helpers import Dcmtk, Procs, make_study, start_orthanc
+from router.dicom.dataset import read_part10_header
+from tests.helpers import (
+    Dcmtk,
+    Procs,
+    make_study,
+    received_files,
+    start_orthanc,
+    storescp_server,
+)
 from tests.helpers.dcmtk import dcmtk_env
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.router import Router
 
 pytestmark = pytest.mark.interop
+
+
+def _uid(path: Path) -> str:
+    return read_part10_header(path).sop_instance_uid
 
 
 def _loaded(orthanc: Orthanc, tmp_path: Path) -> None:
@@ -156,3 +169,96 @@ def test_two_upstreams_are_merged_without_duplicates(
         return sorted((m["(0010,0020)"], m["(0020,000D)"]) for m in matches)
 
     assert len(merged) == 2 and studies(merged) == studies(second_direct)
+
+
+def _move_setup(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> tuple[Any, Orthanc, Router]:
+    sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
+    pacs = start_orthanc(procs, tmp_path / "pacs",
+                         modalities={"viewer": ("VIEWER_SCP", "127.0.0.1", sink.port)})
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n')
+    router = Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+        f'ae_title = "{pacs.aet}"\n'
+        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {sink.port}\n'
+        'ae_title = "VIEWER_SCP"\n'))
+    return sink, pacs, router
+
+
+def test_movescu_through_the_router_delivers_the_study_with_counts(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    from router.net.client import connect
+
+    sink, pacs, router = _move_setup(tmp_path, procs, dcmtk)
+    study = make_study(tmp_path / "study", n_series=2, n_instances=3, size_kb=8, seed=7)
+    for path in study:
+        pacs.upload(path)
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.movescu, "-v", "-S", "-aet", "VIEWER", "-aec", "ROUTER",
+                               "-aem", "VIEWER_SCP", "-k", "QueryRetrieveLevel=STUDY",
+                               "-k", f"StudyInstanceUID={uid}", "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Received Final Move Response (Success)" in done.stdout + done.stderr
+        got = sorted(_uid(p) for p in received_files(sink.outdir))
+        assert got == sorted(_uid(p) for p in study)
+        # The counts, through our own client: pending ones count down, the final adds up.
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = uid
+        contexts = [("1.2.840.10008.5.1.4.1.2.2.2", ["1.2.840.10008.1.2.1"])]
+        with connect("127.0.0.1", router.port, calling_ae="VIEWER", called_ae="ROUTER",
+                     contexts=contexts) as assoc:
+            responses = list(assoc.move(query, "VIEWER_SCP"))
+            assoc.release()
+        final = responses[-1]
+        assert final.status == 0x0000 and final.number_of_completed_sub_operations == 6
+        assert final.number_of_failed_sub_operations in (0, None)
+        pending = [r for r in responses[:-1] if r.status == 0xFF00]
+        assert pending and all(
+            r.number_of_remaining_sub_operations + r.number_of_completed_sub_operations == 6
+            for r in pending)
+    finally:
+        router.stop()
+
+
+def test_move_to_an_unknown_destination_is_refused_a801(tmp_path: Path, procs: Procs,
+                                                        dcmtk: Dcmtk) -> None:
+    _, _, router = _move_setup(tmp_path, procs, dcmtk)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.movescu, "-v", "-S", "-aet", "VIEWER", "-aec", "ROUTER",
+                               "-aem", "NOBODY", "-k", "QueryRetrieveLevel=STUDY",
+                               "-k", "StudyInstanceUID=1.2.3", "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        out = done.stdout + done.stderr
+        assert "Received Final Move Response (Refused: MoveDestinationUnknown)" in out, out
+        router.wait_for("unknown destination 'NOBODY' refused")
+    finally:
+        router.stop()
+
+
+def test_cancel_mid_move_stops_it(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    sink, pacs, router = _move_setup(tmp_path, procs, dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=150, size_kb=16, seed=8)
+    for path in study:
+        pacs.upload(path)
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.movescu, "-v", "-S", "--cancel", "1", "-aet", "VIEWER",
+                               "-aec", "ROUTER", "-aem", "VIEWER_SCP",
+                               "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}",
+                               "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=120, env=dcmtk_env())
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out
+        router.wait_for("C-CANCEL of C-MOVE")
+        assert "Received Final Move Response (Cancel: SubOperationsTerminated" in out, out
+    finally:
+        router.stop()
+    # Stopped before the end: not every instance was moved.
+    assert len(received_files(sink.outdir)) < 150
