@@ -64,7 +64,7 @@ from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiat
 from router.dicom.pdu import AAssociateRJ
 from router.net.connection import ack_now
 from rules import AssociationInfo
-from workers.qr import FIND_MODELS, MOVE_MODELS, FindProxy, MoveProxy
+from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS, FindProxy, GetProxy, MoveProxy
 from workers.routing import Dispatcher, Routed
 from workers.spool import GroupCommitter, Placed, Spool, SpoolWriter, status_for_error
 
@@ -154,11 +154,15 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._closed = False
         self._store_error = 0  # DIMSE status if the spool failed mid instance
         # A C-FIND/C-MOVE whose identifier is arriving: (context, request, parts, size).
-        self._query: tuple[NegotiatedContext, dimse.CFindRQ | dimse.CMoveRQ, list[bytes],
-                           int] | None = None
-        # The C-FIND or C-MOVE being answered by upstreams.
-        self._find: tuple[NegotiatedContext, dimse.CFindRQ | dimse.CMoveRQ,
-                          FindProxy | MoveProxy] | None = None
+        self._query: tuple[NegotiatedContext, _Retrieval, list[bytes], int] | None = None
+        # The C-FIND, C-MOVE or C-GET being answered by upstreams.
+        self._find: tuple[NegotiatedContext, _Retrieval,
+                          FindProxy | MoveProxy | GetProxy] | None = None
+        # C-GET sub-operations sent to the requestor, waiting for its C-STORE-RSP.
+        self._sub_operations: dict[int, asyncio.Future[dimse.CStoreRSP]] = {}
+        self._sub_ids = itertools.cycle(range(1, 65536))
+        self._writable = asyncio.Event()
+        self._writable.set()
         self.stats = AssociationStats(association_id=f"w{settings.worker_id}-a{next(_ids)}",
                                       peer=("?", 0))
 
@@ -276,16 +280,21 @@ class AssociationActor(asyncio.BufferedProtocol):
                 message_id_being_responded_to=msg.message_id,
                 affected_sop_class_uid=msg.affected_sop_class_uid, status=dimse.SUCCESS))
         elif ((isinstance(msg, dimse.CFindRQ) and msg.affected_sop_class_uid in FIND_MODELS)
-              or (isinstance(msg, dimse.CMoveRQ) and msg.affected_sop_class_uid in MOVE_MODELS)):
+              or (isinstance(msg, dimse.CMoveRQ) and msg.affected_sop_class_uid in MOVE_MODELS)
+              or (isinstance(msg, dimse.CGetRQ) and msg.affected_sop_class_uid in GET_MODELS)):
             self._query = (ctx, msg, [], 0)
+        elif isinstance(msg, dimse.CStoreRSP):
+            # The requestor's answer to a C-GET sub-operation we relayed to it.
+            waiting = self._sub_operations.pop(msg.message_id_being_responded_to, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(msg)
         elif isinstance(msg, dimse.CCancelRQ):
-            # PS3.7 §9.3.2.3: only a running C-FIND or C-MOVE has anything to cancel.
+            # PS3.7 §9.3.2.3: only a running C-FIND, C-MOVE or C-GET can be cancelled.
             running = self._find
             if running is not None and \
                     running[1].message_id == msg.message_id_being_responded_to:
                 log.info("association %s: C-CANCEL of %s %d", self._who(),
-                         "C-FIND" if isinstance(running[1], dimse.CFindRQ) else "C-MOVE",
-                         msg.message_id_being_responded_to)
+                         _operation_name(running[1]), msg.message_id_being_responded_to)
                 running[2].cancel()
         elif dimse.is_request(msg):
             self._unsupported(ctx, msg)
@@ -459,19 +468,21 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND,
                          f"identifier larger than {MAX_IDENTIFIER} bytes")
             return
-        if isinstance(msg, dimse.CMoveRQ):
-            self._start_move(ctx, msg, b"".join(parts))
-        else:
+        if isinstance(msg, dimse.CFindRQ):
             self._start_find(ctx, msg, b"".join(parts))
-
-    def _refuse(self, ctx: NegotiatedContext, msg: dimse.CFindRQ | dimse.CMoveRQ, status: int,
-                comment: str) -> None:
-        if isinstance(msg, dimse.CMoveRQ):
-            self._move_respond(ctx, msg, status, (None, None, None, None), None, comment)
         else:
-            self._find_respond(ctx, msg, status, None, comment)
+            self._start_move(ctx, msg, b"".join(parts))
 
-    def _start_move(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ, raw: bytes) -> None:
+    def _refuse(self, ctx: NegotiatedContext, msg: _Retrieval, status: int,
+                comment: str) -> None:
+        if isinstance(msg, dimse.CFindRQ):
+            self._find_respond(ctx, msg, status, None, comment)
+        else:
+            self._move_respond(ctx, msg, status, (None, None, None, None), None, comment)
+
+    def _start_move(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ | dimse.CGetRQ,
+                    raw: bytes) -> None:
+        """C-MOVE (direct) or C-GET through the upstream the retrieve rules name."""
         dispatcher = self.dispatcher() if self.dispatcher is not None else None
         try:
             identifier = decode_dataset(raw, ctx.transfer_syntax)
@@ -483,7 +494,8 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         config = dispatcher.router.config
         # PS3.4 C.4.2.1.5: the destination must be known here, not only upstream.
-        if not any(d.ae_title == msg.move_destination for d in config.destinations):
+        if isinstance(msg, dimse.CMoveRQ) and not any(
+                d.ae_title == msg.move_destination for d in config.destinations):
             log.info("association %s: C-MOVE %d to unknown destination %r refused",
                      self._who(), msg.message_id, msg.move_destination)
             self._refuse(ctx, msg, dimse.MOVE_DESTINATION_UNKNOWN,
@@ -494,30 +506,75 @@ class AssociationActor(asyncio.BufferedProtocol):
         decision = dispatcher.router.rules.evaluate_retrieve(info, identifier,
                                                              datetime.datetime.now())
         if not decision.upstreams:
-            log.info("association %s: C-MOVE %d refused: no retrieve rule matches",
-                     self._who(), msg.message_id)
+            log.info("association %s: %s %d refused: no retrieve rule matches",
+                     self._who(), _operation_name(msg), msg.message_id)
             self._refuse(ctx, msg, UNABLE_TO_PROCESS, "no retrieve rule matches this request")
             return
         upstream = config.destination(decision.upstreams[0])
-        log.info("association %s: C-MOVE %d (%s) to %s -> %s", self._who(), msg.message_id,
-                 str(identifier.get("QueryRetrieveLevel", "")).strip() or "?",
-                 msg.move_destination, decision.describe())
-        proxy = MoveProxy(
-            upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
-            transfer_syntax=ctx.transfer_syntax, move_destination=msg.move_destination,
-            label=f"{self._who()} #{msg.message_id}", priority=msg.priority,
-            respond=lambda status, counts, data, comment: self._move_respond(
-                ctx, msg, status, counts, data, comment))
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip() or "?"
+        label = f"{self._who()} #{msg.message_id}"
+        proxy: MoveProxy | GetProxy
+        if isinstance(msg, dimse.CMoveRQ):
+            log.info("association %s: C-MOVE %d (%s) to %s -> %s", self._who(), msg.message_id,
+                     level, msg.move_destination, decision.describe())
+            proxy = MoveProxy(
+                upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
+                transfer_syntax=ctx.transfer_syntax, move_destination=msg.move_destination,
+                label=label, priority=msg.priority,
+                respond=lambda status, counts, data, comment: self._move_respond(
+                    ctx, msg, status, counts, data, comment))
+        else:
+            log.info("association %s: C-GET %d (%s) -> %s", self._who(), msg.message_id,
+                     level, decision.describe())
+            proxy = GetProxy(
+                upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
+                transfer_syntax=ctx.transfer_syntax, relay=self, label=label,
+                priority=msg.priority,
+                respond=lambda status, counts, data, comment: self._move_respond(
+                    ctx, msg, status, counts, data, comment))
         self._find = (ctx, msg, proxy)
         self.loop.create_task(self._run_find(proxy))
 
-    def _move_respond(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ, status: int,
+    # StoreRelay (workers.qr): the C-GET sub-operations go out on this association.
+
+    def storage_contexts(self) -> list[NegotiatedContext]:
+        return [c for c in self.engine.contexts.values() if c.requestor_scp]
+
+    def begin_store(self, ctx: NegotiatedContext, rq: dimse.CStoreRQ) -> int:
+        mid = next(self._sub_ids)
+        self.engine.send_message(ctx.context_id, dimse.CStoreRQ(
+            message_id=mid, affected_sop_class_uid=rq.affected_sop_class_uid,
+            affected_sop_instance_uid=rq.affected_sop_instance_uid, priority=rq.priority))
+        self._sub_operations[mid] = self.loop.create_future()
+        self._after_engine()
+        return mid
+
+    def store_data(self, ctx: NegotiatedContext, data: bytes, last: bool) -> None:
+        if self.engine.is_associated:
+            self.engine.send_data(ctx.context_id, data, last)
+            self._after_engine()
+
+    async def writable(self) -> None:
+        await self._writable.wait()
+
+    def store_result(self, message_id: int) -> asyncio.Future[dimse.CStoreRSP]:
+        return self._sub_operations[message_id]
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _move_respond(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ | dimse.CGetRQ,
+                      status: int,
                       counts: tuple[int | None, int | None, int | None, int | None],
                       data: bytes | None, comment: str | None) -> None:
         if not self.engine.is_associated:
             return
         remaining, completed, failed, warning = counts
-        self.engine.send_message(ctx.context_id, dimse.CMoveRSP(
+        rsp_type = dimse.CMoveRSP if isinstance(msg, dimse.CMoveRQ) else dimse.CGetRSP
+        self.engine.send_message(ctx.context_id, rsp_type(
             message_id_being_responded_to=msg.message_id,
             affected_sop_class_uid=msg.affected_sop_class_uid, status=status,
             number_of_remaining_sub_operations=remaining,
@@ -563,7 +620,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._find = (ctx, msg, proxy)
         self.loop.create_task(self._run_find(proxy))
 
-    async def _run_find(self, proxy: FindProxy | MoveProxy) -> None:
+    async def _run_find(self, proxy: FindProxy | MoveProxy | GetProxy) -> None:
         try:
             await proxy.run()
         finally:
@@ -708,3 +765,10 @@ def _comment(text: str) -> str:
     """An Error Comment (0000,0902): LO, at most 64 characters (PS3.7 C.4)."""
     clean = "".join(c if c.isprintable() and c != "\\" else " " for c in text)
     return clean[:64]
+
+
+_Retrieval = dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ
+
+
+def _operation_name(msg: _Retrieval) -> str:
+    return {dimse.CFindRQ: "C-FIND", dimse.CMoveRQ: "C-MOVE", dimse.CGetRQ: "C-GET"}[type(msg)]

@@ -45,7 +45,7 @@ from router.fdpass import BadHandoff, adopt_channel, recv_connection
 from rules import RuleError, RuleSet
 from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
 from workers.forward import DestinationActor
-from workers.qr import FIND_MODELS, MOVE_MODELS
+from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter, load_rules
 from workers.spool import GroupCommitter, Spool
 
@@ -74,7 +74,7 @@ def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -
         # all it needs.
         native = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
         models = ((FIND_MODELS if rules.has_query_rules else ())
-                  + (MOVE_MODELS if rules.has_retrieve_rules else ()))
+                  + (MOVE_MODELS + GET_MODELS if rules.has_retrieve_rules else ()))
         if models:
             policy = dataclasses.replace(policy, abstract_syntaxes={
                 **policy.abstract_syntaxes, **dict.fromkeys(models, native)})

@@ -304,8 +304,74 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         finally:
             self.current_find = None
 
+    async def get(self, ctx: NegotiatedContext, identifier: bytes, *,
+                  priority: dimse.Priority = dimse.Priority.MEDIUM,
+                  max_identifier: int = 16 << 20,
+                  ) -> AsyncIterator[tuple[dimse.DimseMessage, int, bytes | None]]:
+        """C-GET (PS3.7 §9.1.3): yields, as they arrive, the C-STORE-RQ sub-operations the
+        peer sends on this association (PS3.4 C.4.3) as (request, context ID, None) and
+        the C-GET responses as (response, context ID, identifier).
+
+        After a C-STORE-RQ the caller must take its data set with :meth:`fragments`
+        and answer it with :meth:`reply_store` before asking for the next item.
+        """
+        mid = next(self._ids)
+        self._require_associated()
+        self.engine.send_message(ctx.context_id, dimse.CGetRQ(
+            message_id=mid, affected_sop_class_uid=ctx.abstract_syntax, priority=priority),
+            identifier)
+        self._flush()
+        self.current_find = (ctx.context_id, mid)
+        try:
+            while True:
+                event = await self._next_event()
+                if isinstance(event, CommandRejected):
+                    if event.has_dataset:
+                        await self._drain()
+                    continue
+                if not isinstance(event, CommandReceived):
+                    raise OutboundError(f"{self.label}: {_describe(event)} during C-GET")
+                msg = event.message
+                if isinstance(msg, dimse.CStoreRQ):
+                    yield msg, event.context_id, None
+                    continue
+                data = await self._read(max_identifier) if msg.has_dataset else None
+                if not (isinstance(msg, dimse.CGetRSP)
+                        and msg.message_id_being_responded_to == mid):
+                    log.warning("%s: ignoring %s during C-GET %d", self.label,
+                                type(msg).__name__, mid)
+                    continue
+                yield msg, event.context_id, data
+                if dimse.status_category(msg.status) is not dimse.StatusCategory.PENDING:
+                    return
+        finally:
+            self.current_find = None
+
+    async def fragments(self) -> AsyncIterator[tuple[bytes, bool]]:
+        """The data set of the request just received, fragment by fragment (bounded
+        memory: each is yielded as it arrives), with a last flag."""
+        while True:
+            event = await self._next_event()
+            if not isinstance(event, DataReceived):
+                raise OutboundError(f"{self.label}: {_describe(event)} inside a data set")
+            yield bytes(event.data), event.last
+            if event.last:
+                return
+
+    def reply_store(self, context_id: int, rq: dimse.CStoreRQ, status: int,
+                    comment: str | None = None) -> None:
+        """Answer a C-STORE sub-operation the peer sent (PS3.7 §9.3.1.2)."""
+        if not self.is_associated:
+            return
+        self.engine.send_message(context_id, dimse.CStoreRSP(
+            message_id_being_responded_to=rq.message_id,
+            affected_sop_class_uid=rq.affected_sop_class_uid,
+            affected_sop_instance_uid=rq.affected_sop_instance_uid, status=status,
+            error_comment=comment))
+        self._flush()
+
     def cancel(self) -> None:
-        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND or C-MOVE in progress, on its context."""
+        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND, C-MOVE or C-GET in progress."""
         if self.current_find is None or not self.is_associated:
             return
         context_id, mid = self.current_find

@@ -29,17 +29,21 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from pydicom.dataset import Dataset
 
 from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import decode_dataset, encode_dataset
-from router.dicom.negotiation import build_request
+from router.dicom.negotiation import NegotiatedContext, build_request
 from workers.outbound import OutboundAssociation, OutboundError
 
-__all__ = ["FIND_MODELS", "MOVE_MODELS", "FindProxy", "MoveProxy", "unique_key"]
+__all__ = ["FIND_MODELS", "GET_MODELS", "MOVE_MODELS", "FindProxy", "GetProxy", "MoveProxy",
+           "StoreRelay", "unique_key"]
+
+# Presentation contexts one association may carry (PS3.8 §9.3.2.2).
+_MAX_CONTEXTS: Final = 128
 
 log = logging.getLogger("workers.qr")
 
@@ -285,5 +289,160 @@ class MoveProxy:
         self._answered = True
         log.info("C-MOVE %s to %s via %s: status 0x%04X, counts %s", self.label,
                  self.move_destination, self.upstream.name, status,
+                 "/".join("-" if c is None else str(c) for c in counts))
+        self.respond(status, counts, data, comment)
+
+
+#: Retrieve-by-C-GET models the get proxy serves (PS3.4 C.6.1, C.6.2).
+GET_MODELS: Final = (uids.PATIENT_ROOT_QR_GET, uids.STUDY_ROOT_QR_GET)
+
+
+class StoreRelay(Protocol):
+    """The inbound side of a C-GET: the association the requestor asked on."""
+
+    def storage_contexts(self) -> list[NegotiatedContext]:
+        """Contexts on which the requestor accepted to be the storage SCP."""
+
+    def begin_store(self, ctx: NegotiatedContext, rq: dimse.CStoreRQ) -> int:
+        """Send a C-STORE-RQ (with a fresh message ID, returned) to the requestor."""
+
+    def store_data(self, ctx: NegotiatedContext, data: bytes, last: bool) -> None:
+        """Send a fragment of its data set."""
+
+    async def writable(self) -> None:
+        """Wait until the requestor has taken what was sent so far (flow control)."""
+
+    def store_result(self, message_id: int) -> asyncio.Future[dimse.CStoreRSP]:
+        """The requestor's C-STORE-RSP to message ``message_id``."""
+
+
+class GetProxy:
+    """One C-GET relayed through an upstream C-GET (D7, PS3.4 C.4.3).
+
+    The upstream association proposes the retrieve model and, with the SCP role
+    (PS3.7 D.3.3.4), every storage context the requestor accepted to serve on its
+    own association. Each C-STORE sub-operation the upstream sends is passed to the
+    requestor on its association as it arrives, fragment by fragment (memory stays
+    bounded whatever the instance size, with the requestor's TCP window as the
+    brake), and the requestor's status goes back upstream as the sub-operation's
+    answer; so the upstream's pending and final counts, relayed as they come, are
+    the requestor's own. An instance in a SOP class or transfer syntax the
+    requestor did not accept is refused upstream (0122H) and counts as failed.
+    """
+
+    def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
+                 transfer_syntax: str, relay: StoreRelay, respond: MoveRespond, label: str,
+                 priority: dimse.Priority = dimse.Priority.MEDIUM) -> None:
+        self.upstream = upstream
+        self.model = model
+        self.identifier = identifier
+        self.transfer_syntax = transfer_syntax
+        self.relay = relay
+        self.respond = respond
+        self.label = label
+        self.priority = priority
+        self.cancelled = False
+        self.relayed = 0
+        self._assoc: OutboundAssociation | None = None
+        self._answered = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._assoc is not None:
+            self._assoc.cancel()
+
+    async def run(self) -> None:
+        upstream = self.upstream
+        syntaxes = list(dict.fromkeys((self.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                                       uids.IMPLICIT_VR_LITTLE_ENDIAN)))
+        storage = self.relay.storage_contexts()
+        offered: dict[tuple[str, str], NegotiatedContext] = {}
+        for inbound in storage:
+            offered.setdefault((inbound.abstract_syntax, inbound.transfer_syntax), inbound)
+        pairs = list(offered)[:_MAX_CONTEXTS - 1]
+        request = build_request(
+            calling_ae_title=upstream.calling_ae, called_ae_title=upstream.ae_title,
+            contexts=[(self.model, syntaxes), *((sop, [ts]) for sop, ts in pairs)],
+            maximum_length=upstream.max_pdu,
+            roles={sop: (False, True) for sop, _ in pairs} or None)
+        context = (ssl.create_default_context(
+            cafile=str(upstream.tls_ca) if upstream.tls_ca else None)
+            if upstream.tls else None)
+        none = (None, None, None, None)
+        try:
+            assoc = await OutboundAssociation.open(
+                upstream.host, upstream.port, request, timeout=upstream.timeout,
+                ssl_context=context, label=f"{upstream.name} (C-GET)")
+        except OutboundError as exc:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
+                        str(exc))
+            return
+        self._assoc = assoc
+        try:
+            ctx = assoc.context_for_model(self.model)
+            if ctx is None:
+                self._final(dimse.SOP_CLASS_NOT_SUPPORTED, none, None,
+                            f"{upstream.name} does not support {self.model}")
+                return
+            identifier = FindProxy._convert(self.identifier, self.transfer_syntax,
+                                            ctx.transfer_syntax)
+            async for msg, context_id, data in assoc.get(ctx, identifier,
+                                                         priority=self.priority):
+                if isinstance(msg, dimse.CStoreRQ):
+                    up_ctx = assoc.engine.contexts[context_id]
+                    await self._sub_operation(assoc, context_id, msg,
+                                              offered.get((up_ctx.abstract_syntax,
+                                                           up_ctx.transfer_syntax)))
+                    continue
+                assert isinstance(msg, dimse.CGetRSP)
+                counts = (msg.number_of_remaining_sub_operations,
+                          msg.number_of_completed_sub_operations,
+                          msg.number_of_failed_sub_operations,
+                          msg.number_of_warning_sub_operations)
+                raw = None if data is None else FindProxy._convert(
+                    data, ctx.transfer_syntax, self.transfer_syntax)
+                if dimse.status_category(msg.status) is dimse.StatusCategory.PENDING:
+                    self.respond(int(msg.status), counts, raw, None)
+                else:
+                    self._final(int(msg.status), counts, raw, msg.error_comment)
+            await assoc.release()
+        except OutboundError as exc:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
+                        str(exc))
+        finally:
+            self._assoc = None
+            if assoc.is_associated:
+                assoc.abort("C-GET proxy ended")
+
+    async def _sub_operation(self, assoc: OutboundAssociation, context_id: int,
+                             rq: dimse.CStoreRQ, inbound: NegotiatedContext | None) -> None:
+        if inbound is None:
+            async for _ in assoc.fragments():
+                pass  # nowhere to send it: read and refuse
+            assoc.reply_store(context_id, rq, dimse.SOP_CLASS_NOT_SUPPORTED,
+                              "the requestor accepted no context for it")
+            return
+        mid = self.relay.begin_store(inbound, rq)
+        result = self.relay.store_result(mid)
+        async for data, last in assoc.fragments():
+            self.relay.store_data(inbound, data, last)
+            await self.relay.writable()
+        try:
+            async with asyncio.timeout(self.upstream.timeout):
+                rsp = await result
+        except TimeoutError:
+            assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
+                              "the requestor did not answer the C-STORE")
+            return
+        self.relayed += 1
+        assoc.reply_store(context_id, rq, int(rsp.status), rsp.error_comment)
+
+    def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
+               data: bytes | None, comment: str | None) -> None:
+        if self._answered:
+            return
+        self._answered = True
+        log.info("C-GET %s via %s: %d instance(s) relayed, status 0x%04X, counts %s",
+                 self.label, self.upstream.name, self.relayed, status,
                  "/".join("-" if c is None else str(c) for c in counts))
         self.respond(status, counts, data, comment)

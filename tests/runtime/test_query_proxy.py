@@ -262,3 +262,33 @@ def test_cancel_mid_move_stops_it(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) ->
         router.stop()
     # Stopped before the end: not every instance was moved.
     assert len(received_files(sink.outdir)) < 150
+
+
+def test_getscu_through_the_router_receives_the_study_on_its_own_association(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    _, pacs, router = _move_setup(tmp_path, procs, dcmtk)
+    study = make_study(tmp_path / "study", n_series=2, n_instances=3, size_kb=8, seed=9)
+    for path in study:
+        pacs.upload(path)
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    out = tmp_path / "got"
+    out.mkdir()
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.getscu, "-v", "-S", "-aet", "VIEWER", "-aec", "ROUTER",
+                               "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                               "-k", f"StudyInstanceUID={uid}", "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log
+        # The final counts are the requestor's own answers, relayed through the upstream.
+        assert "Received C-GET Response (Success)" in log, log
+        assert "Number of Completed Suboperations : 6" in log, log
+        assert "Number of Failed Suboperations    : 0" in log, log
+        router.wait_for("instance(s) relayed, status 0x0000")
+    finally:
+        router.stop()
+    got = {_uid(p): p for p in out.iterdir()}
+    assert sorted(got) == sorted(_uid(p) for p in study)
+    for src in study:  # Orthanc re-encodes as DCMTK does: these data sets come back as sent
+        assert pydicom.dcmread(got[_uid(src)]).PixelData == pydicom.dcmread(src).PixelData
