@@ -67,6 +67,10 @@ Every table and key is optional; an empty file is the embedded default::
                                 # default: no rules, every instance is unmatched
     unmatched = "keep"          # an instance no rule routes: "keep" (in <spool>/unrouted/)
                                 # or "reject" (C-STORE answered 0124H, not authorized)
+    mpps = "pacs"               # relay MPPS N-CREATE/N-SET to this destination, often
+                                # a RIS (PS3.4 F); default: MPPS is not served
+    storage_commitment = "pacs" # relay Storage Commitment N-ACTION there, and its
+                                # N-EVENT-REPORT back to the requestor (PS3.4 J)
 
     [[destination]]             # repeat for each destination rules forward to
     name = "pacs"               # used in rules, logs and the spool (letters, digits, - _ .)
@@ -421,6 +425,8 @@ class Config:
     - ``rules``: the rule file or folder (absolute), ``None`` for none.
     - ``unmatched``: what happens to an instance no rule routes: ``"keep"`` it
       in the spool's ``unrouted/`` folder, or ``"reject"`` it.
+    - ``mpps``, ``storage_commitment``: the destination these N-services are
+      relayed to, or ``None`` (not served).
     - ``source``: the file it came from, or :data:`EMBEDDED_SOURCE`.
     """
 
@@ -445,6 +451,8 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     rules: Path | None = None
     unmatched: str = "keep"
+    mpps: str | None = None
+    storage_commitment: str | None = None
     source: str = "<code>"
 
     def __post_init__(self) -> None:
@@ -747,7 +755,7 @@ _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout"),
     ("admin",): ("socket",),
     ("logging",): ("level",),
-    ("routing",): ("rules", "unmatched"),
+    ("routing",): ("rules", "unmatched", "mpps", "storage_commitment"),
     ("destination",): ("name", "host", "port", "ae_title", "calling_ae", "tls", "tls_ca",
                        "concurrency", "max_pdu", "timeout", "idle", "retry"),
     ("destination", "retry"): ("initial", "max", "attempts"),
@@ -902,6 +910,17 @@ class _Parser:
         if unmatched not in ("keep", "reject"):
             raise self.fail(at("unmatched"), f'expected "keep" or "reject", got {_show(unmatched)}')
         destinations = self.destinations(data, ae_title)
+        relays: dict[str, str | None] = {}
+        for key in ("mpps", "storage_commitment"):
+            if key not in routing:
+                relays[key] = None
+                continue
+            name = self.string(routing, at(key), "")
+            if not any(d.name == name for d in destinations):
+                known = ", ".join(d.name for d in destinations) or "none"
+                raise self.fail(at(key), f"{_show(name)} is not a [[destination]] name "
+                                         f"(known: {known})")
+            relays[key] = name
 
         return Config(
             ae_title=ae_title,
@@ -924,6 +943,8 @@ class _Parser:
             destinations=destinations,
             rules=rules,
             unmatched=unmatched,
+            mpps=relays["mpps"],
+            storage_commitment=relays["storage_commitment"],
             source=self.source,
         )
 

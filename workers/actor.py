@@ -33,6 +33,7 @@ reading pauses (TCP flow control is the back-pressure, D3).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -45,7 +46,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.dicom import dimse
+from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
 from router.dicom.dataset import decode_dataset
 from router.dicom.errors import ProtocolError
@@ -62,8 +63,16 @@ from router.dicom.events import (
 )
 from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
 from router.dicom.pdu import AAssociateRJ
+from router.net.client import response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
+from workers.nservices import (
+    forget_commitment,
+    relay_n_request,
+    remember_commitment,
+    requestor_of,
+)
+from workers.outbound import OutboundError
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS, FindProxy, GetProxy, MoveProxy
 from workers.routing import Dispatcher, Routed
 from workers.spool import GroupCommitter, Placed, Spool, SpoolWriter, status_for_error
@@ -154,7 +163,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._closed = False
         self._store_error = 0  # DIMSE status if the spool failed mid instance
         # A C-FIND/C-MOVE whose identifier is arriving: (context, request, parts, size).
-        self._query: tuple[NegotiatedContext, _Retrieval, list[bytes], int] | None = None
+        self._query: tuple[NegotiatedContext, Any, list[bytes], int] | None = None
         # The C-FIND, C-MOVE or C-GET being answered by upstreams.
         self._find: tuple[NegotiatedContext, _Retrieval,
                           FindProxy | MoveProxy | GetProxy] | None = None
@@ -283,6 +292,11 @@ class AssociationActor(asyncio.BufferedProtocol):
               or (isinstance(msg, dimse.CMoveRQ) and msg.affected_sop_class_uid in MOVE_MODELS)
               or (isinstance(msg, dimse.CGetRQ) and msg.affected_sop_class_uid in GET_MODELS)):
             self._query = (ctx, msg, [], 0)
+        elif self._relayed_service(msg) is not None:
+            if msg.has_dataset:
+                self._query = (ctx, msg, [], 0)
+            else:
+                self._start_n(ctx, msg, None)
         elif isinstance(msg, dimse.CStoreRSP):
             # The requestor's answer to a C-GET sub-operation we relayed to it.
             waiting = self._sub_operations.pop(msg.message_id_being_responded_to, None)
@@ -470,15 +484,91 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         if isinstance(msg, dimse.CFindRQ):
             self._start_find(ctx, msg, b"".join(parts))
-        else:
+        elif isinstance(msg, dimse.CMoveRQ | dimse.CGetRQ):
             self._start_move(ctx, msg, b"".join(parts))
+        else:
+            self._start_n(ctx, msg, b"".join(parts))
 
-    def _refuse(self, ctx: NegotiatedContext, msg: _Retrieval, status: int,
+    def _refuse(self, ctx: NegotiatedContext, msg: Any, status: int,
                 comment: str) -> None:
         if isinstance(msg, dimse.CFindRQ):
             self._find_respond(ctx, msg, status, None, comment)
-        else:
+        elif isinstance(msg, dimse.CMoveRQ | dimse.CGetRQ):
             self._move_respond(ctx, msg, status, (None, None, None, None), None, comment)
+        elif self.engine.is_associated:
+            self.engine.send_message(ctx.context_id, response_for(
+                msg, status, error_comment=_comment(comment)))
+            self._after_engine()
+
+    # ----------------------------------------------------------- N-services
+
+    def _relayed_service(self, msg: Any) -> str | None:
+        """The SOP class of a DIMSE-N request this router relays, else None."""
+        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        if dispatcher is None:
+            return None
+        config = dispatcher.router.config
+        mpps, commitment = uids.MODALITY_PERFORMED_PROCEDURE_STEP, \
+            uids.STORAGE_COMMITMENT_PUSH_MODEL
+        if config.mpps and (
+                (isinstance(msg, dimse.NCreateRQ) and msg.affected_sop_class_uid == mpps)
+                or (isinstance(msg, dimse.NSetRQ) and msg.requested_sop_class_uid == mpps)):
+            return mpps
+        if config.storage_commitment and (
+                (isinstance(msg, dimse.NActionRQ) and msg.requested_sop_class_uid == commitment)
+                or (isinstance(msg, dimse.NEventReportRQ)
+                and msg.affected_sop_class_uid == commitment)):
+            return commitment
+        return None
+
+    def _start_n(self, ctx: NegotiatedContext, msg: Any, data: bytes | None) -> None:
+        self.loop.create_task(self._run_n(ctx, msg, data))
+
+    async def _run_n(self, ctx: NegotiatedContext, msg: Any, data: bytes | None) -> None:
+        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        sop_class = self._relayed_service(msg)
+        if dispatcher is None or sop_class is None:
+            return
+        config = dispatcher.router.config
+        name = type(msg).__name__[:-2]
+        label = f"{self._who()} #{msg.message_id}"
+        ts = ctx.transfer_syntax
+        uid = None
+        try:
+            if isinstance(msg, dimse.NEventReportRQ):
+                # PS3.4 J.3.3: the PACS reports back; find who asked for the commitment.
+                uid, requestor = requestor_of(self.spool.root, data, ts)
+                destination = next((d for d in config.destinations
+                                    if d.ae_title == requestor), None)
+                if destination is None:
+                    self._refuse(ctx, msg, dimse.PROCESSING_FAILURE,
+                                 f"no requestor known for transaction {uid}")
+                    log.warning("association %s: %s for unknown transaction %s refused",
+                                self._who(), name, uid)
+                    return
+                rsp, rsp_data = await relay_n_request(destination, msg, data, ts, label=label,
+                                                      sop_class=sop_class, as_scp=True)
+            else:
+                target = config.mpps if sop_class == uids.MODALITY_PERFORMED_PROCEDURE_STEP \
+                    else config.storage_commitment
+                assert target is not None
+                destination = config.destination(target)
+                if isinstance(msg, dimse.NActionRQ):
+                    remember_commitment(self.spool.root, data, ts, self.stats.calling_ae)
+                rsp, rsp_data = await relay_n_request(destination, msg, data, ts, label=label,
+                                                      sop_class=sop_class)
+        except OutboundError as exc:
+            log.warning("association %s: %s relay failed: %s", self._who(), name, exc)
+            self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, str(exc))
+            return
+        if uid is not None and dimse.status_category(rsp.status) is dimse.StatusCategory.SUCCESS:
+            forget_commitment(self.spool.root, uid)
+        log.info("association %s: %s relayed to %s: status 0x%04X", self._who(), name,
+                 destination.name, rsp.status)
+        if self.engine.is_associated:
+            self.engine.send_message(ctx.context_id, dataclasses.replace(
+                rsp, message_id_being_responded_to=msg.message_id), rsp_data)
+            self._after_engine()
 
     def _start_move(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ | dimse.CGetRQ,
                     raw: bytes) -> None:

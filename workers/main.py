@@ -74,7 +74,10 @@ def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -
         # all it needs.
         native = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
         models = ((FIND_MODELS if rules.has_query_rules else ())
-                  + (MOVE_MODELS + GET_MODELS if rules.has_retrieve_rules else ()))
+                  + (MOVE_MODELS + GET_MODELS if rules.has_retrieve_rules else ())
+                  + ((uids.MODALITY_PERFORMED_PROCEDURE_STEP,) if config.mpps else ())
+                  + ((uids.STORAGE_COMMITMENT_PUSH_MODEL,) if config.storage_commitment
+                     else ()))
         if models:
             policy = dataclasses.replace(policy, abstract_syntaxes={
                 **policy.abstract_syntaxes, **dict.fromkeys(models, native)})

@@ -358,6 +358,35 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             if event.last:
                 return
 
+    async def n_request(self, ctx: NegotiatedContext, rq: dimse.DimseMessage,
+                      dataset: bytes | None, *, max_dataset: int = 16 << 20,
+                      ) -> tuple[dimse.DimseResponse, bytes | None]:
+        """Send one request (a DIMSE-N one: N-CREATE, N-SET, N-ACTION, N-EVENT-REPORT...)
+        and return its response with the response's data set, if any."""
+        mid = getattr(rq, "message_id")  # noqa: B009 - every request has one
+        self._require_associated()
+        self.engine.send_message(ctx.context_id, rq, dataset)
+        self._flush()
+        while True:
+            event = await self._next_event()
+            if isinstance(event, CommandRejected):
+                if event.has_dataset:
+                    await self._drain()
+                continue
+            if not isinstance(event, CommandReceived):
+                raise OutboundError(f"{self.label}: {_describe(event)} while waiting for the "
+                                    f"{type(rq).__name__[:-2]} response")
+            msg = event.message
+            data = await self._read(max_dataset) if msg.has_dataset else None
+            if (isinstance(msg, dimse.DimseResponse)
+                    and getattr(msg, "message_id_being_responded_to", None) == mid):
+                return msg, data
+            log.warning("%s: ignoring %s while waiting for message %d", self.label,
+                        type(msg).__name__, mid)
+
+    def next_message_id(self) -> int:
+        return next(self._ids)
+
     def reply_store(self, context_id: int, rq: dimse.CStoreRQ, status: int,
                     comment: str | None = None) -> None:
         """Answer a C-STORE sub-operation the peer sent (PS3.7 §9.3.1.2)."""

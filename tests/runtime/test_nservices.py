@@ -1,0 +1,160 @@
+"""MPPS and Storage Commitment through the router, with pynetdicom peers on both sides.
+
+A pynetdicom modality talks to the router; a pynetdicom RIS / PACS stands behind it.
+The router runs as a subprocess (`dicom-router run`) with `[routing] mpps` and
+`storage_commitment` naming the destinations.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tests.helpers.net import free_port
+from tests.helpers.router import Router
+
+pytestmark = pytest.mark.interop
+
+MPPS = "1.2.840.10008.3.1.2.3.3"
+COMMITMENT = "1.2.840.10008.1.20.1"
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+def _destination(name: str, port: int, aet: str) -> str:
+    return (f'[[destination]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'
+            f'ae_title = "{aet}"\ntimeout = 10\n')
+
+
+def test_mpps_n_create_and_n_set_reach_the_ris(tmp_path: Path) -> None:
+    from pynetdicom import AE, evt
+
+    created: dict[str, Dataset] = {}
+    updates: list[tuple[str, Dataset]] = []
+
+    def on_create(event: Any) -> tuple[int, Dataset]:
+        ds = event.attribute_list
+        created[event.request.AffectedSOPInstanceUID] = ds
+        return 0x0000, ds
+
+    def on_set(event: Any) -> tuple[int, Dataset]:
+        updates.append((event.request.RequestedSOPInstanceUID, event.attribute_list))
+        return 0x0000, event.attribute_list
+
+    ris = AE(ae_title="RIS")
+    ris.add_supported_context(MPPS)
+    ris_port = free_port()
+    server = ris.start_server(("127.0.0.1", ris_port), block=False,
+                              evt_handlers=[(evt.EVT_N_CREATE, on_create),
+                                            (evt.EVT_N_SET, on_set)])
+    router = Router(tmp_path, extra='[routing]\nmpps = "ris"\n'
+                    + _destination("ris", ris_port, "RIS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        modality = AE(ae_title="CT1")
+        modality.add_requested_context(MPPS)
+        assoc = modality.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        uid = generate_uid()
+        attrs = Dataset()
+        attrs.PatientID = "P1"
+        attrs.PerformedProcedureStepStatus = "IN PROGRESS"
+        attrs.PerformedProcedureStepID = "PPS1"
+        status, reply = assoc.send_n_create(attrs, MPPS, uid)
+        assert status.Status == 0x0000 and reply.PatientID == "P1"
+        change = Dataset()
+        change.PerformedProcedureStepStatus = "COMPLETED"
+        status, _ = assoc.send_n_set(change, MPPS, uid)
+        assert status.Status == 0x0000
+        assoc.release()
+        router.wait_for("NSet relayed to ris: status 0x0000")
+    finally:
+        router.stop()
+        server.shutdown()
+    # The RIS saw the step under the modality's own instance UID, with its attributes.
+    assert list(created) == [uid] and created[uid].PerformedProcedureStepID == "PPS1"
+    assert [(u, ds.PerformedProcedureStepStatus) for u, ds in updates] == [(uid, "COMPLETED")]
+
+
+def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
+        tmp_path: Path) -> None:
+    from pynetdicom import AE, build_role, evt
+
+    router_port = free_port()
+    transaction = generate_uid()
+    reported: list[Dataset] = []
+    report_seen = threading.Event()
+
+    # The modality: asks for commitment through the router and serves the report.
+    def on_report(event: Any) -> tuple[int, None]:
+        reported.append(event.event_information)
+        report_seen.set()
+        return 0x0000, None
+
+    modality = AE(ae_title="MODALITY")
+    modality.add_supported_context(COMMITMENT, scu_role=True, scp_role=True)
+    modality_port = free_port()
+    modality_server = modality.start_server(("127.0.0.1", modality_port), block=False,
+                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+
+    # The PACS: answers the N-ACTION, then reports on an association of its own.
+    def report_later(info: Dataset) -> None:
+        pacs_scu = AE(ae_title="PACS")
+        pacs_scu.add_requested_context(COMMITMENT)
+        role = build_role(COMMITMENT, scp_role=True)
+        assoc = pacs_scu.associate("127.0.0.1", router_port, ae_title="ROUTER",
+                                   ext_neg=[role])
+        assert assoc.is_established
+        event = Dataset()
+        event.TransactionUID = info.TransactionUID
+        event.ReferencedSOPSequence = info.ReferencedSOPSequence
+        status, _ = assoc.send_n_event_report(event, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        outcome.append(status.Status)
+        assoc.release()
+
+    outcome: list[int] = []
+
+    def on_action(event: Any) -> tuple[int, None]:
+        threading.Thread(target=report_later, args=(event.action_information,)).start()
+        return 0x0000, None
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(COMMITMENT)
+    pacs_port = free_port()
+    pacs_server = pacs.start_server(("127.0.0.1", pacs_port), block=False,
+                                    evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    router = Router(tmp_path, port=router_port, extra=(
+        '[routing]\nstorage_commitment = "pacs"\n'
+        + _destination("pacs", pacs_port, "PACS")
+        + _destination("modality", modality_port, "MODALITY")))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        requester = AE(ae_title="MODALITY")
+        requester.add_requested_context(COMMITMENT)
+        assoc = requester.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        action = Dataset()
+        action.TransactionUID = transaction
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        item.ReferencedSOPInstanceUID = generate_uid()
+        action.ReferencedSOPSequence = [item]
+        status, _ = assoc.send_n_action(action, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        assert status.Status == 0x0000
+        assoc.release()
+        assert report_seen.wait(30), router.log()
+        router.wait_for("NEventReport relayed to modality: status 0x0000")
+    finally:
+        router.stop()
+        pacs_server.shutdown()
+        modality_server.shutdown()
+    assert outcome == [0x0000]  # the PACS got the modality's answer
+    (report,) = reported
+    assert report.TransactionUID == transaction
+    assert report.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        item.ReferencedSOPInstanceUID
+    assert not list((router.spool / "commitments").glob("*.json"))  # delivered: forgotten

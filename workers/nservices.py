@@ -1,0 +1,139 @@
+"""DIMSE-N relays: MPPS and Storage Commitment through the router (DESIGN.md D7).
+
+Theory of operation
+-------------------
+``[routing] mpps`` and ``[routing] storage_commitment`` name the destination each
+service is relayed to. A relayed request keeps everything but its message ID
+(PS3.7 §10.1: the SOP instance, action or event type and data set go through as
+they came, re-encoded only when the two associations' transfer syntaxes differ),
+and the destination's response goes back to the requestor likewise, status,
+affected instance and data set included.
+
+- Modality Performed Procedure Step (PS3.4 F.7): N-CREATE and N-SET, relayed
+  synchronously, each on an association of its own.
+- Storage Commitment Push Model (PS3.4 J.3): the N-ACTION is relayed; before it
+  goes, the Transaction UID and the requestor's AE title are written to
+  ``<spool>/commitments/<Transaction UID>.json``, because the PACS answers later
+  with an N-EVENT-REPORT on an association of its own, which may reach any
+  worker (or a restarted router). The worker that gets the report finds the
+  requestor there, opens an association to the ``[[destination]]`` with that AE
+  title (proposing the SCP role, PS3.4 J.3.3 / PS3.7 D.3.3.4), relays the report
+  and answers the PACS with the requestor's status. The record is deleted once
+  the report has been delivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import ssl
+from pathlib import Path
+from typing import Any, Final
+
+from router.config import Destination
+from router.dicom import uids
+from router.dicom.dataset import decode_dataset, encode_dataset
+from router.dicom.negotiation import build_request
+from workers.outbound import OutboundAssociation, OutboundError
+
+__all__ = ["COMMITMENTS_DIR", "forget_commitment", "relay_n_request", "remember_commitment",
+           "requestor_of"]
+
+log = logging.getLogger("workers.nservices")
+
+COMMITMENTS_DIR: Final = "commitments"
+
+
+async def relay_n_request(destination: Destination, rq: Any, dataset: bytes | None,
+                          transfer_syntax: str, *, label: str, sop_class: str,
+                          as_scp: bool = False) -> tuple[Any, bytes | None]:
+    """Send ``rq`` (with ``dataset`` in ``transfer_syntax``) to ``destination``; the
+    response (its message ID still the relayed one) and its data set, converted
+    back to ``transfer_syntax``. ``as_scp`` proposes the SCP role for ``sop_class``
+    (an N-EVENT-REPORT sent by the performer). Raises :class:`OutboundError`."""
+    syntaxes = list(dict.fromkeys((transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                                   uids.IMPLICIT_VR_LITTLE_ENDIAN)))
+    request = build_request(calling_ae_title=destination.calling_ae,
+                            called_ae_title=destination.ae_title,
+                            contexts=[(sop_class, syntaxes)],
+                            maximum_length=destination.max_pdu,
+                            roles={sop_class: (False, True)} if as_scp else None)
+    context = (ssl.create_default_context(
+        cafile=str(destination.tls_ca) if destination.tls_ca else None)
+        if destination.tls else None)
+    assoc = await OutboundAssociation.open(destination.host, destination.port, request,
+                                           timeout=destination.timeout, ssl_context=context,
+                                           label=label)
+    try:
+        ctx = assoc.context_for_model(sop_class)
+        if ctx is None and as_scp:
+            ctx = next((c for c in assoc.engine.contexts.values()
+                        if c.abstract_syntax == sop_class), None)
+        if ctx is None:
+            raise OutboundError(f"{destination} accepts no context for {sop_class}",
+                                transient=False)
+        data = _convert(dataset, transfer_syntax, ctx.transfer_syntax)
+        relayed = dataclasses.replace(rq, message_id=assoc.next_message_id())
+        rsp, rsp_data = await assoc.n_request(ctx, relayed, data)
+        await assoc.release()
+        return rsp, _convert(rsp_data, ctx.transfer_syntax, transfer_syntax)
+    finally:
+        if assoc.is_associated:
+            assoc.abort("N-service relay ended")
+
+
+def remember_commitment(spool: Path, dataset: bytes | None, transfer_syntax: str,
+                        requestor: str) -> str | None:
+    """Record who asked for the commitment in ``dataset`` (PS3.4 J.3.2.1: its
+    Transaction UID); the UID, or None if the request has none."""
+    uid = _transaction_uid(dataset, transfer_syntax)
+    if uid is None:
+        return None
+    folder = spool / COMMITMENTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{uid}.tmp"
+    tmp.write_text(json.dumps({"requestor": requestor}), encoding="utf-8")
+    os.replace(tmp, folder / f"{uid}.json")
+    return uid
+
+
+def requestor_of(spool: Path, dataset: bytes | None, transfer_syntax: str,
+                 ) -> tuple[str | None, str | None]:
+    """(Transaction UID, AE title of who asked) for an N-EVENT-REPORT's data set."""
+    uid = _transaction_uid(dataset, transfer_syntax)
+    if uid is None:
+        return None, None
+    try:
+        record = json.loads((spool / COMMITMENTS_DIR / f"{uid}.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return uid, None
+    requestor = record.get("requestor")
+    return uid, requestor if isinstance(requestor, str) else None
+
+
+def forget_commitment(spool: Path, uid: str) -> None:
+    with contextlib.suppress(OSError):
+        (spool / COMMITMENTS_DIR / f"{uid}.json").unlink()
+
+
+def _transaction_uid(dataset: bytes | None, transfer_syntax: str) -> str | None:
+    if not dataset:
+        return None
+    try:
+        value = decode_dataset(dataset, transfer_syntax).get("TransactionUID")
+    except Exception:  # an undecodable data set has no usable Transaction UID
+        return None
+    text = str(value or "").strip()
+    # A UID (PS3.5 §9.1): it names a file here, so nothing else gets through.
+    return text if text and len(text) <= 64 and all(c.isdigit() or c == "." for c in text) \
+        else None
+
+
+def _convert(data: bytes | None, source: str, target: str) -> bytes | None:
+    if data is None or source == target:
+        return data
+    return encode_dataset(decode_dataset(data, source), target)
+
