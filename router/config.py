@@ -55,6 +55,9 @@ Every table and key is optional; an empty file is the embedded default::
     drain_grace = 30            # on SIGTERM, wait this long before aborting associations
     heartbeat_interval = 1      # worker heartbeat period
     heartbeat_timeout = 10      # a silent worker is restarted after this long
+    operation = 3600            # a relayed C-FIND/C-MOVE/C-GET or N-service still
+                                # unanswered after this long is cancelled upstream and
+                                # failed to the requestor; 0 = no limit
 
     [admin]
     socket = "/run/dicom-router/admin.sock"  # default <spool path>/run/admin.sock
@@ -446,6 +449,7 @@ class Config:
     drain_grace: float = 30.0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
+    operation_timeout: float | None = 3600.0
     fsync: bool = True
     log_level: str = "INFO"
     destinations: tuple[Destination, ...] = ()
@@ -752,7 +756,8 @@ _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("router", "listen"): ("host", "port", "tls"),
     ("acceptance",): ("called_ae", "calling_ae", "sop_classes", "transfer_syntaxes", "max_pdu"),
     ("spool",): ("path", "fsync"),
-    ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout"),
+    ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout",
+                    "operation"),
     ("admin",): ("socket",),
     ("logging",): ("level",),
     ("routing",): ("rules", "unmatched", "mpps", "storage_commitment"),
@@ -895,6 +900,7 @@ class _Parser:
         drain_grace = self.seconds(timeouts, at("drain_grace"), 30.0, zero_ok=True)
         beat = self.seconds(timeouts, at("heartbeat_interval"), 1.0, zero_ok=False)
         beat_timeout = self.seconds(timeouts, at("heartbeat_timeout"), 10.0, zero_ok=False)
+        operation = self.seconds(timeouts, at("operation"), 3600.0, zero_ok=True)
         if beat_timeout <= beat:
             raise self.fail(
                 at("heartbeat_timeout"),
@@ -938,6 +944,7 @@ class _Parser:
             drain_grace=drain_grace,
             heartbeat_interval=beat,
             heartbeat_timeout=beat_timeout,
+            operation_timeout=operation or None,  # 0 in the file means "no limit"
             fsync=fsync,
             log_level=level,
             destinations=destinations,

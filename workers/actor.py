@@ -105,6 +105,8 @@ class ActorSettings:
     artim_timeout: float = 30.0
     idle_timeout: float | None = 600.0
     worker_id: int = 0
+    # A relayed query, retrieve or N-service still unanswered after this is failed.
+    operation_timeout: float | None = 3600.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -546,8 +548,10 @@ class AssociationActor(asyncio.BufferedProtocol):
                     log.warning("association %s: %s for unknown transaction %s refused",
                                 self._who(), name, uid)
                     return
-                rsp, rsp_data = await relay_n_request(destination, msg, data, ts, label=label,
-                                                      sop_class=sop_class, as_scp=True)
+                async with asyncio.timeout(self.settings.operation_timeout):
+                    rsp, rsp_data = await relay_n_request(destination, msg, data, ts,
+                                                          label=label, sop_class=sop_class,
+                                                          as_scp=True)
             else:
                 target = config.mpps if sop_class == uids.MODALITY_PERFORMED_PROCEDURE_STEP \
                     else config.storage_commitment
@@ -555,11 +559,17 @@ class AssociationActor(asyncio.BufferedProtocol):
                 destination = config.destination(target)
                 if isinstance(msg, dimse.NActionRQ):
                     remember_commitment(self.spool.root, data, ts, self.stats.calling_ae)
-                rsp, rsp_data = await relay_n_request(destination, msg, data, ts, label=label,
-                                                      sop_class=sop_class)
+                async with asyncio.timeout(self.settings.operation_timeout):
+                    rsp, rsp_data = await relay_n_request(destination, msg, data, ts,
+                                                          label=label, sop_class=sop_class)
         except OutboundError as exc:
             log.warning("association %s: %s relay failed: %s", self._who(), name, exc)
             self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, str(exc))
+            return
+        except TimeoutError:
+            detail = f"no answer in {self.settings.operation_timeout:.0f} s"
+            log.warning("association %s: %s relay: %s", self._who(), name, detail)
+            self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, detail)
             return
         if uid is not None and dimse.status_category(rsp.status) is dimse.StatusCategory.SUCCESS:
             forget_commitment(self.spool.root, uid)
@@ -711,8 +721,20 @@ class AssociationActor(asyncio.BufferedProtocol):
         self.loop.create_task(self._run_find(proxy))
 
     async def _run_find(self, proxy: FindProxy | MoveProxy | GetProxy) -> None:
+        running = self._find
         try:
-            await proxy.run()
+            async with asyncio.timeout(self.settings.operation_timeout):
+                await proxy.run()
+        except TimeoutError:
+            # The router-wide limit (D7): stop the upstream's work, fail the request.
+            proxy.cancel()
+            detail = (f"no final answer from upstream in "
+                      f"{self.settings.operation_timeout:.0f} s")
+            log.warning("association %s: %s", self._who(), detail)
+            if running is not None and not proxy.answered:
+                status = (dimse.REFUSED_OUT_OF_RESOURCES if isinstance(running[1], dimse.CFindRQ)
+                          else dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS)
+                self._refuse(running[0], running[1], status, detail)
         finally:
             self._find = None
             self._sync_idle()

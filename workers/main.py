@@ -82,7 +82,8 @@ def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -
             policy = dataclasses.replace(policy, abstract_syntaxes={
                 **policy.abstract_syntaxes, **dict.fromkeys(models, native)})
     return ActorSettings(policy=policy, artim_timeout=config.artim_timeout,
-                         idle_timeout=config.idle_timeout, worker_id=worker_id)
+                         idle_timeout=config.idle_timeout, worker_id=worker_id,
+                         operation_timeout=config.operation_timeout)
 
 
 class Worker:

@@ -90,6 +90,7 @@ class FindProxy:
         self.label = label
         self.priority = priority
         self.cancelled = False
+        self.answered = False  # the final response went to the requestor
         self.matches = 0
         self._seen: set[object] = set()
         self._open: list[OutboundAssociation] = []
@@ -117,6 +118,7 @@ class FindProxy:
             log.warning("C-FIND %s: upstream failed with 0x%04X: %s", self.label, code, reason)
         log.info("C-FIND %s: %d match(es) from %s, status 0x%04X", self.label, self.matches,
                  ", ".join(d.name for d in self.upstreams), status)
+        self.answered = True
         self.respond(status, None, comment)
 
     def cancel(self) -> None:
@@ -221,7 +223,7 @@ class MoveProxy:
         self.priority = priority
         self.cancelled = False
         self._assoc: OutboundAssociation | None = None
-        self._answered = False
+        self.answered = False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -284,9 +286,9 @@ class MoveProxy:
 
     def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
                data: bytes | None, comment: str | None) -> None:
-        if self._answered:
+        if self.answered:
             return  # one final response only (a release that fails after it, say)
-        self._answered = True
+        self.answered = True
         log.info("C-MOVE %s to %s via %s: status 0x%04X, counts %s", self.label,
                  self.move_destination, self.upstream.name, status,
                  "/".join("-" if c is None else str(c) for c in counts))
@@ -344,7 +346,7 @@ class GetProxy:
         self.cancelled = False
         self.relayed = 0
         self._assoc: OutboundAssociation | None = None
-        self._answered = False
+        self.answered = False
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -439,9 +441,9 @@ class GetProxy:
 
     def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
                data: bytes | None, comment: str | None) -> None:
-        if self._answered:
+        if self.answered:
             return
-        self._answered = True
+        self.answered = True
         log.info("C-GET %s via %s: %d instance(s) relayed, status 0x%04X, counts %s",
                  self.label, self.upstream.name, self.relayed, status,
                  "/".join("-" if c is None else str(c) for c in counts))

@@ -24,6 +24,7 @@ from tests.helpers import (
     storescp_server,
 )
 from tests.helpers.dcmtk import dcmtk_env
+from tests.helpers.net import free_port
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.router import Router
 
@@ -292,3 +293,48 @@ def test_getscu_through_the_router_receives_the_study_on_its_own_association(
     assert sorted(got) == sorted(_uid(p) for p in study)
     for src in study:  # Orthanc re-encodes as DCMTK does: these data sets come back as sent
         assert pydicom.dcmread(got[_uid(src)]).PixelData == pydicom.dcmread(src).PixelData
+
+
+def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
+        tmp_path: Path) -> None:
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from router.net.client import connect
+
+    release = threading.Event()
+
+    def on_find(event: Any) -> Any:
+        release.wait(30)  # a PACS that hangs
+        yield 0x0000, None
+
+    pacs = AE(ae_title="SLOWPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    (tmp_path / "rules.toml").write_text(QUERY_ALL)
+    # Appended to the router's [timeouts] table by the Router helper.
+    router = Router(tmp_path, extra=(
+        'operation = 2\n[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {port}\n'
+        'ae_title = "SLOWPACS"\ntimeout = 60\n'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        contexts = [("1.2.840.10008.5.1.4.1.2.2.1", ["1.2.840.10008.1.2.1"])]
+        with connect("127.0.0.1", router.port, calling_ae="VIEWER", called_ae="ROUTER",
+                     contexts=contexts, dimse_timeout=30) as assoc:
+            responses = list(assoc.find(query))
+            assoc.release()
+        status, _ = responses[-1]
+        assert status == 0xA700 and len(responses) == 1
+        router.wait_for("no final answer from upstream in 2 s")
+    finally:
+        release.set()
+        router.stop()
+        server.shutdown()
