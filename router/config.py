@@ -89,6 +89,10 @@ Every table and key is optional; an empty file is the embedded default::
     retry = { initial = 2, max = 300, attempts = 20 }
                                 # back-off (seconds, doubling with jitter) and how many
                                 # failed deliveries before the dead-letter folder
+    move_mode = "direct"        # as a C-MOVE upstream: "direct" asks it to move to the
+                                # requestor's destination itself (it must know it);
+                                # "proxy" to move to this router, which relays each
+                                # instance (it must know the router's AE title)
 
 Decisions worth knowing:
 
@@ -331,6 +335,7 @@ class Destination:
     timeout: float = 30.0
     idle: float = 5.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    move_mode: str = "direct"
 
     def __post_init__(self) -> None:
         problems = [
@@ -344,6 +349,8 @@ class Destination:
             ("max_pdu", _max_pdu_problem(self.max_pdu)),
             ("timeout", _seconds_problem(self.timeout, zero_ok=False)),
             ("idle", _seconds_problem(self.idle, zero_ok=True)),
+            ("move_mode", None if self.move_mode in ("direct", "proxy")
+             else f'expected "direct" or "proxy", got {self.move_mode!r}'),
         ]
         for name, problem in problems:
             if problem is not None:
@@ -762,7 +769,7 @@ _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("logging",): ("level",),
     ("routing",): ("rules", "unmatched", "mpps", "storage_commitment"),
     ("destination",): ("name", "host", "port", "ae_title", "calling_ae", "tls", "tls_ca",
-                       "concurrency", "max_pdu", "timeout", "idle", "retry"),
+                       "concurrency", "max_pdu", "timeout", "idle", "retry", "move_mode"),
     ("destination", "retry"): ("initial", "max", "attempts"),
 }
 _TOP_LEVEL: Final = tuple(table[0] for table in _SCHEMA if len(table) == 1)
@@ -996,8 +1003,15 @@ class _Parser:
                 timeout=self.seconds(entry, at("timeout"), 30.0, zero_ok=False),
                 idle=self.seconds(entry, at("idle"), 5.0, zero_ok=True),
                 retry=retry,
+                move_mode=self.move_mode(entry, at("move_mode")),
             ))
         return tuple(out)
+
+    def move_mode(self, entry: Mapping[str, object], at: _At) -> str:
+        value = self.string(entry, at, "direct")
+        if value not in ("direct", "proxy"):
+            raise self.fail(at, f'expected "direct" or "proxy", got {_show(value)}')
+        return value
 
     def retry(self, entry: Mapping[str, object], at: _At) -> RetryPolicy:
         """``retry = { initial, max, attempts }``; errors name "retry" and its key."""

@@ -286,6 +286,12 @@ ERRORS = [
         id="destination-retry-max-below-initial",
     ),
     pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'move_mode = "via"\n',
+        'router.toml:6: [[destination]] #1 move_mode: expected "direct" or "proxy", got "via"',
+        id="destination-move-mode",
+    ),
+    pytest.param(
         '[routing]\nunmatched = "drop"\n',
         'router.toml:2: [routing] unmatched: expected "keep" or "reject", got "drop"',
         id="routing-unmatched",

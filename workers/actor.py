@@ -394,7 +394,12 @@ class AssociationActor(asyncio.BufferedProtocol):
         if dispatcher is not None:
             info = AssociationInfo(calling_ae=self.stats.calling_ae,
                                    called_ae=self.stats.called_ae, peer=self.stats.peer[0])
-            route = functools.partial(dispatcher.router.route, association=info)
+            originator = None
+            if msg.move_originator_message_id is not None:
+                originator = (msg.move_originator_application_entity_title or "",
+                              int(msg.move_originator_message_id))
+            route = functools.partial(dispatcher.router.route, association=info,
+                                      move_originator=originator)
         future = self.committer.submit(writer, route)
         future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(
             self._committed, ctx, msg, f, size, writer, dispatcher))
@@ -617,10 +622,13 @@ class AssociationActor(asyncio.BufferedProtocol):
         if isinstance(msg, dimse.CMoveRQ):
             log.info("association %s: C-MOVE %d (%s) to %s -> %s", self._who(), msg.message_id,
                      level, msg.move_destination, decision.describe())
+            requested = next(d for d in config.destinations
+                             if d.ae_title == msg.move_destination)
             proxy = MoveProxy(
                 upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
                 transfer_syntax=ctx.transfer_syntax, move_destination=msg.move_destination,
-                label=label, priority=msg.priority,
+                label=label, priority=msg.priority, spool=self.spool.root,
+                router_ae=config.ae_title, destination_name=requested.name,
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         else:

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final, Protocol
 
 from pydicom.dataset import Dataset
@@ -37,6 +38,7 @@ from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import decode_dataset, encode_dataset
 from router.dicom.negotiation import NegotiatedContext, build_request
+from workers.moves import end_move, register_move
 from workers.outbound import OutboundAssociation, OutboundError
 
 __all__ = ["FIND_MODELS", "GET_MODELS", "MOVE_MODELS", "FindProxy", "GetProxy", "MoveProxy",
@@ -199,10 +201,16 @@ MoveRespond = Callable[[int, tuple[int | None, int | None, int | None, int | Non
 
 
 class MoveProxy:
-    """One C-MOVE passed through to its upstream unchanged (direct mode, D7).
+    """One C-MOVE relayed to its upstream (D7).
 
-    The upstream is asked to move to the destination the requestor named, which it
-    must know by that AE title; every response -- pending ones with their
+    In direct mode (the upstream's ``move_mode``, the default) the upstream is asked
+    to move to the destination the requestor named, which it must know by that AE
+    title. In proxy mode it is asked to move to this router (it must know the
+    router's AE title) under a message ID registered in ``<spool>/moves/``
+    (workers/moves.py); each sub-operation that arrives, in whichever worker, is
+    relayed to the requestor's destination at once and answered with that
+    destination's status, so the upstream's counts are true end to end. Either
+    way, every response -- pending ones with their
     remaining/completed/failed/warning counts, the final one with the identifier
     listing failed SOP Instance UIDs (PS3.4 C.4.2.1.6) -- is relayed as it arrives.
     C-CANCEL is passed on. The router checks beforehand that the destination is one
@@ -212,8 +220,13 @@ class MoveProxy:
 
     def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
                  transfer_syntax: str, move_destination: str, respond: MoveRespond,
-                 label: str, priority: dimse.Priority = dimse.Priority.MEDIUM) -> None:
+                 label: str, priority: dimse.Priority = dimse.Priority.MEDIUM,
+                 spool: Path | None = None, router_ae: str = "",
+                 destination_name: str = "") -> None:
         self.upstream = upstream
+        self.spool = spool
+        self.router_ae = router_ae
+        self.destination_name = destination_name
         self.model = model
         self.identifier = identifier
         self.transfer_syntax = transfer_syntax
@@ -262,19 +275,19 @@ class MoveProxy:
             if self.cancelled:
                 self._final(dimse.CANCEL, none, None, None)
                 return
-            async for rsp, data in assoc.move(ctx, identifier, self.move_destination,
-                                              priority=self.priority):
-                assert isinstance(rsp, dimse.CMoveRSP)
-                counts = (rsp.number_of_remaining_sub_operations,
-                          rsp.number_of_completed_sub_operations,
-                          rsp.number_of_failed_sub_operations,
-                          rsp.number_of_warning_sub_operations)
-                raw = None if data is None else FindProxy._convert(
-                    data, ctx.transfer_syntax, self.transfer_syntax)
-                if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
-                    self.respond(int(rsp.status), counts, raw, None)
-                else:
-                    self._final(int(rsp.status), counts, raw, rsp.error_comment)
+            target, message_id = self.move_destination, None
+            if upstream.move_mode == "proxy" and self.spool is not None:
+                # Proxy mode: the upstream moves to this router, which relays each
+                # sub-operation to the destination (workers/moves.py); the message ID
+                # tells any worker whose they are.
+                message_id = register_move(self.spool, upstream.calling_ae,
+                                           self.destination_name)
+                target = self.router_ae
+            try:
+                await self._relay(assoc, ctx, identifier, target, message_id)
+            finally:
+                if message_id is not None and self.spool is not None:
+                    end_move(self.spool, message_id)
             await assoc.release()
         except OutboundError as exc:
             self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
@@ -283,6 +296,22 @@ class MoveProxy:
             self._assoc = None
             if assoc.is_associated:
                 assoc.abort("C-MOVE proxy ended")
+
+    async def _relay(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
+                     identifier: bytes, target: str, message_id: int | None) -> None:
+        async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,
+                                          message_id=message_id):
+            assert isinstance(rsp, dimse.CMoveRSP)
+            counts = (rsp.number_of_remaining_sub_operations,
+                      rsp.number_of_completed_sub_operations,
+                      rsp.number_of_failed_sub_operations,
+                      rsp.number_of_warning_sub_operations)
+            raw = None if data is None else FindProxy._convert(
+                data, ctx.transfer_syntax, self.transfer_syntax)
+            if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
+                self.respond(int(rsp.status), counts, raw, None)
+            else:
+                self._final(int(rsp.status), counts, raw, rsp.error_comment)
 
     def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
                data: bytes | None, comment: str | None) -> None:

@@ -46,8 +46,9 @@ from router.config import Config
 from router.dicom import dimse
 from router.dicom.dataset import HeaderIncomplete, read_top_level
 from router.dicom.errors import ProtocolError
-from rules import AssociationInfo, Changes, Decision, RuleSet
+from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
+from workers.moves import move_destination_of
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
 __all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "load_rules",
@@ -103,8 +104,25 @@ class InstanceRouter:
         # Specific Character Set too: text values decode by it (PS3.5 §6.1.2.5).
         self._wanted = frozenset((*rules.needed_tags, _SPECIFIC_CHARACTER_SET))
 
-    def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo) -> Placement:
-        """The placement of the complete instance in ``path`` (commit thread)."""
+    def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo,
+              move_originator: tuple[str, int] | None = None) -> Placement:
+        """The placement of the complete instance in ``path`` (commit thread).
+
+        ``move_originator`` is the C-STORE's Move Originator AE Title and Message ID
+        (PS3.7 §9.3.1.1): a sub-operation of a C-MOVE this router issued for a
+        requestor (workers/qr.py, proxy mode) goes to that requestor's destination
+        at once, whatever the rules say, and its status is the destination's.
+        """
+        if move_originator is not None:
+            destination = move_destination_of(self.config.spool, *move_originator)
+            if destination is not None:
+                forward = Forward(destination=destination, changes=Changes(), transparent=True,
+                                  rules=(f"C-MOVE {move_originator[1]}",))
+                decision = Decision(outcome="forward", forwards=(forward,),
+                                    rules=forward.rules)
+                return Placement(hold=True, note=Routed(decision=decision,
+                                                        status=dimse.SUCCESS,
+                                                        transparent=destination))
         header = self._header(path, writer.transfer_syntax, writer.dataset_offset)
         decision = self.rules.evaluate(association, header, self.clock())
         if decision.outcome == "reject":

@@ -338,3 +338,76 @@ def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
         release.set()
         router.stop()
         server.shutdown()
+
+
+def test_proxied_move_the_upstream_does_not_know_the_destination(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """move_mode = "proxy": Orthanc knows only the router; the router receives the
+    sub-operations (in either worker) and relays each to the requestor's destination,
+    so the counts Orthanc reports -- and the router relays -- are end to end."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from router.net.client import connect
+
+    router_port = free_port()
+    received: list[str] = []
+    refuse = {"uid": ""}
+
+    def on_store(event: Any) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        if uid == refuse["uid"]:
+            return 0xA700  # the viewer is out of resources for this one
+        received.append(uid)
+        return 0x0000
+
+    viewer = AE(ae_title="VIEWER_SCP")
+    viewer.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    viewer_port = free_port()
+    viewer_server = viewer.start_server(("127.0.0.1", viewer_port), block=False,
+                                        evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    pacs = start_orthanc(procs, tmp_path / "pacs",
+                         modalities={"router": ("ROUTER", "127.0.0.1", router_port)})
+    study = make_study(tmp_path / "study", n_series=2, n_instances=3, size_kb=8, seed=11)
+    for path in study:
+        pacs.upload(path)
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n')
+    router = Router(tmp_path, port=router_port, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+        f'ae_title = "{pacs.aet}"\nmove_mode = "proxy"\n'
+        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {viewer_port}\n'
+        'ae_title = "VIEWER_SCP"\n'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = uid
+        contexts = [("1.2.840.10008.5.1.4.1.2.2.2", ["1.2.840.10008.1.2.1"])]
+        responses = []
+        for refused in ("", _uid(study[4])):
+            refuse["uid"] = refused
+            with connect("127.0.0.1", router.port, calling_ae="VIEWER", called_ae="ROUTER",
+                         contexts=contexts, dimse_timeout=60) as assoc:
+                responses.append(list(assoc.move(query, "VIEWER_SCP")))
+                assoc.release()
+            if not refused:
+                received.sort()
+    finally:
+        router.stop()
+        viewer_server.shutdown()
+    first, second = responses
+    # All six relayed to the viewer, counted by the upstream as they were delivered.
+    assert sorted(received[:6]) == sorted(_uid(p) for p in study)
+    assert first[-1].status == 0x0000
+    assert first[-1].number_of_completed_sub_operations == 6
+    pending = [r for r in first[:-1] if r.status == 0xFF00]
+    assert pending and all(r.number_of_remaining_sub_operations
+                           + r.number_of_completed_sub_operations == 6 for r in pending)
+    # The viewer refuses one instance: the refusal reaches Orthanc as the sub-operation's
+    # status (Orthanc then stops the move), and its failure comes back to the requestor.
+    assert second[-1].status != 0x0000 and second[-1].status != 0xFF00, hex(second[-1].status)
+    assert _uid(study[4]) not in received[6:]
+    assert not list((router.spool / "moves").glob("*.json"))  # the moves are over: forgotten
