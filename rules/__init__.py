@@ -62,8 +62,8 @@ warnings 0107H and 0116H) or ``drop = true`` (answer Success, keep nothing).
 Query/retrieve rules. A rule whose ``then`` has ``query`` (the destinations
 that answer C-FIND requests it matches) and/or ``retrieve`` (those that serve
 C-MOVE and C-GET), each a destination name or a list of them, routes
-requests, not instances: it may have ``continue`` but none of forward,
-transparent, reject, drop and change. Its conditions are the same language:
+requests, not instances: it may have ``continue`` and changes (below) but
+none of forward, transparent, reject and drop. Its conditions are the same language:
 attribute tests read the request's identifier, association tests the
 requesting association. In an identifier an attribute given empty is a
 return key (universal matching): present, with the value ``""``.
@@ -85,6 +85,38 @@ For example::
     when.calling_ae = "WS*"
     then.query = "pacs1"
     then.retrieve = "pacs1"
+
+A query/retrieve rule's ``[[rule.then.change]]`` tables (the operations of
+Changes, below) each say what they change with ``applies_to``: ``"query"``
+is the request's identifier, changed before it goes to the upstreams (for
+C-FIND, and for C-MOVE/C-GET when the rule has ``retrieve``); ``"result"`` is
+each C-FIND match, changed before it goes back to the requestor (a rule
+needs ``query`` for it: a retrieve has no result identifiers). They have no
+``destination``: every upstream gets the same identifier. The
+:class:`QueryDecision` carries them as ``query_changes`` and
+``result_changes``, each the changes of the acting rules in rule order
+(``continue`` accumulates them as it does upstreams); the caller applies
+them with :meth:`Changes.apply`, to a copy of the identifier. Conditions
+read the identifier as received, before any change. For example, for
+requestors that know the hospital's patients as ``HOSP-<id>``::
+
+    [[rule]]
+    name = "external viewers see prefixed patient IDs"
+    when.calling_ae = "EXT*"
+    then.query = "pacs"
+    then.retrieve = "pacs"
+    [[rule.then.change]]
+    applies_to = "query"                  # the C-FIND/C-MOVE/C-GET identifier
+    set = { IssuerOfPatientID = "HOSP" }
+    replace = { PatientID = { pattern = '^HOSP-', with = '' } }
+    [[rule.then.change]]
+    applies_to = "result"                 # each C-FIND match
+    remove = "PatientBirthDate"
+    replace = { PatientID = { pattern = '^(.+)$', with = 'HOSP-\\1' } }
+
+A C-FIND for ``PatientID = "HOSP-12*"`` goes to ``pacs`` as ``12*`` with
+``IssuerOfPatientID = "HOSP"``; a match ``12345`` comes back as
+``HOSP-12345`` without its birth date (an empty return key stays empty).
 
 Conditions. A condition table's keys all must hold. ``calling_ae``,
 ``called_ae``: AE titles compared without their padding spaces. ``peer``: an
@@ -139,7 +171,10 @@ None); contradictory actions (forward with reject or drop, reject with drop,
 transparent without exactly one destination, with continue, with change or
 after any store rule with continue, continue with reject or drop, change
 without forward or for a destination the rule does not forward to, query or
-retrieve with any store action, no action); reject statuses; ``set`` values
+retrieve with any store action, no action); in changes, ``applies_to``
+missing or not ``"query"``/``"result"`` in a query/retrieve rule,
+``"result"`` without ``query``, ``applies_to`` in a forward rule, and
+``destination`` in a query/retrieve rule; reject statuses; ``set`` values
 against the VR (type, range, and pydicom's checks of length and characters).
 So a decision with a transparent forward has that one forward only, from
 one rule, unchanged.

@@ -50,8 +50,10 @@ class RuleSet:
     source or ``replace`` target reads, with the Private Creator of each
     private one, for ``dcmread(specific_tags=...)``. ``needs_dataset``: some
     store rule's condition reads the data set (if not, the caller may skip
-    parsing it). ``query_tags``: the same for the conditions of the
-    query/retrieve rules (informational: the caller has the identifier).
+    parsing it). ``query_tags``: the same for the conditions and the
+    changes (``applies_to`` query or result: ``copy`` sources, ``replace``
+    targets) of the query/retrieve rules (informational: the caller has the
+    identifier and the results).
     """
 
     __slots__ = ("_memo", "_query", "_query_memo", "_retrieve", "_retrieve_memo", "_single",
@@ -158,14 +160,19 @@ class RuleSet:
         """The upstreams that answer one C-FIND: the rules with ``query`` in
         order, the first that matches deciding unless it has ``continue``.
         Conditions read the request's ``identifier`` (e.g. QueryRetrieveLevel,
-        ModalitiesInStudy) and the requesting ``association``."""
+        ModalitiesInStudy), as received, and the requesting ``association``.
+        The decision's ``query_changes`` are for the caller to apply to (a
+        copy of) the identifier before sending it upstream, its
+        ``result_changes`` to each match before returning it."""
         return self._route(self._query, "query", self._query_memo,
                            Context(association, identifier, now))
 
     def evaluate_retrieve(self, association: AssociationInfo, identifier: Dataset,
                           now: dt.datetime) -> QueryDecision:
         """The upstreams that serve one C-MOVE or C-GET: as
-        :meth:`evaluate_query`, over the rules with ``retrieve``."""
+        :meth:`evaluate_query`, over the rules with ``retrieve``. The
+        decision's ``query_changes`` are for the identifier; it has no
+        ``result_changes``."""
         return self._route(self._retrieve, "retrieve", self._retrieve_memo,
                            Context(association, identifier, now))
 
@@ -186,8 +193,12 @@ class RuleSet:
             for i in key:
                 upstreams.update(dict.fromkeys(rules[i].query if kind == "query"
                                                else rules[i].retrieve))
-            decision = QueryDecision(upstreams=tuple(upstreams),
-                                     rules=tuple(rules[i].name for i in key), kind=kind)
+            acting = [rules[i] for i in key]
+            decision = QueryDecision(
+                upstreams=tuple(upstreams), rules=tuple(r.name for r in acting), kind=kind,
+                query_changes=Changes.join([r.query_changes for r in acting]),
+                result_changes=(Changes.join([r.result_changes for r in acting])
+                                if kind == "query" else Changes()))
             if len(memo) >= _MEMO_LIMIT:
                 memo.clear()
             memo[key] = decision
@@ -232,7 +243,7 @@ def _needed_tags(rules: Sequence[Rule]) -> frozenset[int]:
     tags: set[int] = set()
     for rule in rules:
         tags.update(rule.when.tags())
-        for changes in rule.changes:
+        for changes in (*rule.changes, rule.query_changes, rule.result_changes):
             for op in changes.operations:
                 if isinstance(op, CopyOp):
                     tags.add(op.source)

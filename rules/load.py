@@ -81,8 +81,10 @@ RULE_KEYS: Final = ("name", "description", "when", "then")
 THEN_KEYS: Final = ("forward", "transparent", "reject", "drop", "continue", "change", "query",
                      "retrieve")
 #: The actions of a store rule, which a query/retrieve rule cannot have.
-STORE_ACTIONS: Final = ("forward", "transparent", "reject", "drop", "change")
-CHANGE_KEYS: Final = ("destination", "set", "remove", "copy", "replace")
+STORE_ACTIONS: Final = ("forward", "transparent", "reject", "drop")
+CHANGE_KEYS: Final = ("applies_to", "destination", "set", "remove", "copy", "replace")
+#: What a change in a query/retrieve rule may apply to (``applies_to``).
+APPLIES_TO: Final = ("query", "result")
 CHANGE_OPS: Final = ("set", "remove", "copy", "replace")
 ASSOCIATION_KEYS: Final = ("calling_ae", "called_ae", "peer", "time")
 COMBINATORS: Final = ("all", "any", "not")
@@ -106,6 +108,8 @@ class _Actions(NamedTuple):
     changes: tuple[Changes, ...]
     query: tuple[str, ...] = ()
     retrieve: tuple[str, ...] = ()
+    query_changes: Changes = Changes()
+    result_changes: Changes = Changes()
 
 
 BAD: Final = _Bad()
@@ -454,7 +458,8 @@ class _FileCompiler:
                     description=description, forward=then.forward,
                     transparent=then.transparent, reject=then.reject, drop=then.drop,
                     continues=then.continues, changes=then.changes, query=then.query,
-                    retrieve=then.retrieve)
+                    retrieve=then.retrieve, query_changes=then.query_changes,
+                    result_changes=then.result_changes)
 
     def order(self, then: _Actions) -> None:
         """Checks that depend on the rules before this one."""
@@ -827,17 +832,27 @@ class _FileCompiler:
 
     def query_actions(self, table: dict[str, object], query: tuple[str, ...],
                       retrieve: tuple[str, ...], cont: bool, before: int) -> _Actions | _Bad:
-        """The actions of a query/retrieve rule: upstreams, perhaps continue,
-        and none of the store actions."""
+        """The actions of a query/retrieve rule: upstreams, perhaps continue
+        and changes with applies_to, and none of the store actions."""
         routed, what = ("query", "queries") if query else ("retrieve", "retrievals")
         for key in STORE_ACTIONS:
             if key in table and table[key] is not False:
                 self.fail(("then", key), f"{routed} cannot be combined with {key}: a rule "
                                          f"routes either stored instances or {what}")
+        changes = {target: Changes() for target in APPLIES_TO}
+        if "change" in table:
+            entries = self.change_entries(table["change"], ("then", "change"), forward=None,
+                                          has_query=bool(query))
+            if not isinstance(entries, _Bad):
+                for target in APPLIES_TO:
+                    changes[target] = Changes(operations=tuple(
+                        op for applies_to, ops in entries if applies_to == target
+                        for op in ops))
         if len(self.problems) > before:
             return BAD
         return _Actions(forward=(), transparent=False, reject=None, drop=False, continues=cont,
-                        changes=(), query=query, retrieve=retrieve)
+                        changes=(), query=query, retrieve=retrieve,
+                        query_changes=changes["query"], result_changes=changes["result"])
 
     def destination_names(self, key: str, value: object,
                           where: Where) -> tuple[str, ...] | _Bad:
@@ -866,6 +881,23 @@ class _FileCompiler:
 
     def changes(self, value: object, forward: tuple[str, ...],
                 where: Where) -> tuple[Changes, ...] | _Bad:
+        """A store rule's changes: per destination of ``forward``, the
+        rule-wide ones and those naming it, in file order."""
+        entries = self.change_entries(value, where, forward=forward)
+        if isinstance(entries, _Bad):
+            return BAD
+        return tuple(Changes(operations=tuple(op for target, ops in entries
+                                              if target is None or target == destination
+                                              for op in ops))
+                     for destination in forward)
+
+    def change_entries(self, value: object, where: Where, *, forward: tuple[str, ...] | None,
+                       has_query: bool = False,
+                       ) -> list[tuple[str | None, list[Operation]]] | _Bad:
+        """Each change table's target and operations. ``forward``: the
+        destinations of a store rule (targets: a destination or None for
+        all), or None for a query/retrieve rule (targets: ``applies_to``);
+        ``has_query``: that rule has ``query``."""
         if isinstance(value, dict):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -874,34 +906,41 @@ class _FileCompiler:
         entries: list[tuple[str | None, list[Operation]]] = []
         bad = False
         for i, table in enumerate(value):
-            entry = self.change(table, forward, (*where, i))
+            entry = self.change(table, (*where, i), forward=forward, has_query=has_query)
             if isinstance(entry, _Bad):
                 bad = True
             else:
                 entries.append(entry)
-        if bad:
-            return BAD
-        return tuple(Changes(operations=tuple(op for target, ops in entries
-                                              if target is None or target == destination
-                                              for op in ops))
-                     for destination in forward)
+        return BAD if bad else entries
 
-    def change(self, table: dict[str, object], forward: tuple[str, ...],
-               where: Where) -> tuple[str | None, list[Operation]] | _Bad:
+    def change(self, table: dict[str, object], where: Where, *,
+               forward: tuple[str, ...] | None,
+               has_query: bool) -> tuple[str | None, list[Operation]] | _Bad:
         before = len(self.problems)
         for key in table:
             if key not in CHANGE_KEYS:
                 self.fail((*where, key), f"unknown key {key!r} in change"
-                          f"{_suggest(key, CHANGE_KEYS)}: expected destination, set, remove, "
-                          "copy or replace")
-        destination = table.get("destination")
-        if destination is not None:
-            if not isinstance(destination, str):
-                self.fail((*where, "destination"), "change: destination: expected a "
-                          f"destination name, got {show(destination)}")
-            elif destination not in forward:
-                self.fail((*where, "destination"), f"change: destination {destination!r} is "
-                          f"not one this rule forwards to ({', '.join(forward)})")
+                          f"{_suggest(key, CHANGE_KEYS)}: expected applies_to, destination, "
+                          "set, remove, copy or replace")
+        target: object
+        if forward is None:
+            if "destination" in table:
+                self.fail((*where, "destination"),
+                          "change.destination applies to forward rules only")
+            target = self.applies_to(table, where, has_query)
+        else:
+            if "applies_to" in table:
+                self.fail((*where, "applies_to"), "change.applies_to applies to query and "
+                          "retrieve rules only: a forward rule's changes apply to the copies "
+                          "sent to destinations")
+            target = table.get("destination")
+            if target is not None:
+                if not isinstance(target, str):
+                    self.fail((*where, "destination"), "change: destination: expected a "
+                              f"destination name, got {show(target)}")
+                elif target not in forward:
+                    self.fail((*where, "destination"), f"change: destination {target!r} is "
+                              f"not one this rule forwards to ({', '.join(forward)})")
         if not any(key in table for key in CHANGE_OPS) and len(self.problems) == before:
             self.fail(where, "change: expected set, remove, copy or replace")
         ops: list[Operation] = []
@@ -917,8 +956,28 @@ class _FileCompiler:
                 ops.extend(self.replace_ops(value, at))
         if len(self.problems) > before:
             return BAD
-        assert destination is None or isinstance(destination, str)
-        return destination, ops
+        assert target is None or isinstance(target, str)
+        return target, ops
+
+    def applies_to(self, table: dict[str, object], where: Where, has_query: bool) -> object:
+        """The ``applies_to`` of a change in a query/retrieve rule (a
+        problem is recorded when it is missing or wrong)."""
+        if "applies_to" not in table:
+            if has_query:
+                return self.fail(where, 'a change in a query rule needs applies_to = "query" '
+                                        'or "result"')
+            return self.fail(where, 'a change in a retrieve rule needs applies_to = "query" '
+                                    "(the C-MOVE/C-GET identifier)")
+        value = table["applies_to"]
+        at = (*where, "applies_to")
+        if value not in APPLIES_TO:
+            return self.fail(at, 'change: applies_to: expected "query" (the request\'s '
+                                 'identifier) or "result" (each C-FIND match), got '
+                                 f"{show(value)}")
+        if value == "result" and not has_query:
+            return self.fail(at, 'change: applies_to = "result" in a rule without query: '
+                                 "retrieves have no result identifiers to change")
+        return value
 
     def attribute(self, key: str, where: Where, what: str) -> Attribute | _Bad:
         try:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from rules.changes import NO_CHANGES, Changes
+
 if TYPE_CHECKING:
-    from rules.changes import Changes
     from rules.conditions import Condition
 
 Outcome = Literal["forward", "reject", "drop", "unmatched"]
@@ -17,6 +18,9 @@ Outcome = Literal["forward", "reject", "drop", "unmatched"]
 Action = Literal["forward", "reject", "drop", "query/retrieve"]
 #: The request a query/retrieve rule routes: C-FIND, or C-MOVE and C-GET.
 QueryKind = Literal["query", "retrieve"]
+#: What a change in a query/retrieve rule applies to: the request's identifier
+#: (``"query"``), or each C-FIND match (``"result"``).
+AppliesTo = Literal["query", "result"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,11 +136,19 @@ class QueryDecision:
     matched in the order first named, without repeats; empty when no rule
     matched (the caller decides what that means, e.g. no matches or refused).
     ``rules`` names the rules that matched and acted, in order.
+
+    ``query_changes``: to apply to the request's identifier (C-FIND, or
+    C-MOVE/C-GET) before it goes to the upstreams; ``result_changes``: to
+    apply to each C-FIND match before it goes back to the requestor (always
+    empty for ``kind = "retrieve"``). Each is the ``applies_to`` changes of
+    the acting rules, in rule order; both empty when no rule matched.
     """
 
     upstreams: tuple[str, ...]
     rules: tuple[str, ...]
     kind: QueryKind = "query"
+    query_changes: Changes = NO_CHANGES
+    result_changes: Changes = NO_CHANGES
 
     def __post_init__(self) -> None:
         if bool(self.upstreams) != bool(self.rules):
@@ -145,16 +157,29 @@ class QueryDecision:
             raise ValueError("QueryDecision: an upstream is listed twice")
         if self.kind not in ("query", "retrieve"):
             raise ValueError(f"QueryDecision: kind {self.kind!r} is not query or retrieve")
+        for name in ("query_changes", "result_changes"):
+            if not isinstance(getattr(self, name), Changes):
+                raise TypeError(f"QueryDecision.{name}: expected Changes, "
+                                f"got {type(getattr(self, name)).__name__}")
+        if not self.rules and (self.query_changes or self.result_changes):
+            raise ValueError("QueryDecision: changes go with rules that matched")
+        if self.kind == "retrieve" and self.result_changes:
+            raise ValueError("QueryDecision: a retrieve has no results to change")
 
     def describe(self) -> str:
         """One line for the log, e.g. ``query pacs1, pacs2 by rule "x"``,
+        ``query pacs by rule "x" (1 query change, 2 result changes)``,
         ``retrieve from pacs by rule "y"`` or ``no query rule matched``."""
         if not self.rules:
             return f"no {self.kind} rule matched"
         by = (f" by rule{'s' if len(self.rules) > 1 else ''} "
               + ", ".join(f'"{r}"' for r in self.rules))
         verb = "query" if self.kind == "query" else "retrieve from"
-        return f"{verb} {', '.join(self.upstreams)}{by}"
+        counts = [f"{n} {what} change{'s' if n > 1 else ''}"
+                  for what, n in (("query", len(self.query_changes.operations)),
+                                  ("result", len(self.result_changes.operations))) if n]
+        extras = f" ({', '.join(counts)})" if counts else ""
+        return f"{verb} {', '.join(self.upstreams)}{by}{extras}"
 
 
 NO_QUERY = QueryDecision(upstreams=(), rules=(), kind="query")
@@ -184,7 +209,10 @@ class Rule:
     file's ``continue``. A rule with ``query`` and/or ``retrieve`` (the
     upstreams for C-FIND, and for C-MOVE/C-GET) is a query/retrieve rule and
     has none of the store actions (forward, transparent, reject, drop,
-    changes).
+    ``changes``); its changes are ``query_changes`` (``applies_to =
+    "query"``: the request's identifier, for C-FIND and C-MOVE/C-GET alike)
+    and ``result_changes`` (``applies_to = "result"``: each C-FIND match;
+    empty without ``query``), each in file order. A store rule has neither.
     """
 
     name: str
@@ -199,6 +227,8 @@ class Rule:
     changes: tuple[Changes, ...] = field(default=())
     query: tuple[str, ...] = ()
     retrieve: tuple[str, ...] = ()
+    query_changes: Changes = NO_CHANGES
+    result_changes: Changes = NO_CHANGES
     description: str = ""
 
     @property

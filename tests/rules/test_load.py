@@ -55,7 +55,8 @@ CASES = [
                  id="unknown-then-key"),
     pytest.param(_change('sett = { PatientName = "x" }'),
                  "rules.toml:5: rule \"r\": unknown key 'sett' in change (did you mean 'set'?): "
-                 "expected destination, set, remove, copy or replace", id="unknown-change-key"),
+                 "expected applies_to, destination, set, remove, copy or replace",
+                 id="unknown-change-key"),
     pytest.param(one_rule('Modallity = "CT"'),
                  "rules.toml:4: rule \"r\": unknown attribute keyword 'Modallity' "
                  "(did you mean 'Modality'?)", id="unknown-keyword"),

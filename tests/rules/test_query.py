@@ -82,8 +82,8 @@ LOAD_CASES = [
                  'rules.toml:5: rule "q": query cannot be combined with drop: a rule routes '
                  "either stored instances or queries", id="query-and-drop"),
     pytest.param(R + '[rule.then]\nquery = "pacs"\n[[rule.then.change]]\nremove = "PatientID"\n',
-                 'rules.toml:5: rule "q": query cannot be combined with change: a rule routes '
-                 "either stored instances or queries", id="query-and-change"),
+                 'rules.toml:5: rule "q": a change in a query rule needs applies_to = "query" '
+                 'or "result"', id="query-change-without-applies-to"),
     pytest.param(R + '[rule.then]\nretrieve = "pacs"\nforward = "ai"\n',
                  'rules.toml:5: rule "q": retrieve cannot be combined with forward: a rule '
                  "routes either stored instances or retrievals", id="retrieve-and-forward"),
