@@ -629,6 +629,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                 transfer_syntax=ctx.transfer_syntax, move_destination=msg.move_destination,
                 label=label, priority=msg.priority, spool=self.spool.root,
                 router_ae=config.ae_title, destination_name=requested.name,
+                query_changes=decision.query_changes,
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         else:
@@ -637,7 +638,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             proxy = GetProxy(
                 upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
                 transfer_syntax=ctx.transfer_syntax, relay=self, label=label,
-                priority=msg.priority,
+                priority=msg.priority, query_changes=decision.query_changes,
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         self._find = (ctx, msg, proxy)
@@ -723,6 +724,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         proxy = FindProxy(
             upstreams=upstreams, model=msg.affected_sop_class_uid, identifier=raw,
             transfer_syntax=ctx.transfer_syntax, label=label, priority=msg.priority,
+            query_changes=decision.query_changes, result_changes=decision.result_changes,
             respond=lambda status, data, comment: self._find_respond(
                 ctx, msg, status, data, comment))
         self._find = (ctx, msg, proxy)

@@ -12,6 +12,9 @@ upstreams answer it (``RuleSet.evaluate_query``) and hands it to a
 - every pending response is passed back the moment it arrives (PS3.4 C.4.1.3:
   the SCU sees matches as they are found, never a collected list), its identifier
   forwarded as it came when the transfer syntaxes agree, re-encoded otherwise;
+- a rule's changes apply to the identifier before it goes upstream and to each
+  match before it goes back (``applies_to = "query"`` / ``"result"``); without
+  any, nothing is decoded;
 - with several upstreams, a match already passed on is dropped by its unique key
   at the query level (PS3.4 C.6.1.1.2-C.6.1.1.5, C.6.2.1: Patient ID, Study /
   Series / SOP Instance UID; for a worklist, the whole identifier);
@@ -38,6 +41,7 @@ from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import decode_dataset, encode_dataset
 from router.dicom.negotiation import NegotiatedContext, build_request
+from rules import Changes
 from workers.moves import end_move, register_move
 from workers.outbound import OutboundAssociation, OutboundError
 
@@ -67,6 +71,16 @@ _LEVEL_KEYS: Final = {
 Respond = Callable[[int, bytes | None, str | None], None]
 
 
+def changed(raw: bytes, transfer_syntax: str, changes: Changes | None) -> bytes:
+    """``raw`` with a rule's changes applied (query identifiers, C-FIND results), in the
+    same transfer syntax; as it was when there are none (no decoding at all)."""
+    if not changes:
+        return raw
+    ds = decode_dataset(raw, transfer_syntax)
+    changes.apply(ds)
+    return encode_dataset(ds, transfer_syntax)
+
+
 def unique_key(identifier: Dataset, raw: bytes) -> object:
     """What makes a match the same match from two upstreams (PS3.4 C.6 unique keys)."""
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
@@ -83,10 +97,13 @@ class FindProxy:
 
     def __init__(self, *, upstreams: list[Destination], model: str, identifier: bytes,
                  transfer_syntax: str, respond: Respond, label: str,
-                 priority: dimse.Priority = dimse.Priority.MEDIUM) -> None:
+                 priority: dimse.Priority = dimse.Priority.MEDIUM,
+                 query_changes: Changes | None = None,
+                 result_changes: Changes | None = None) -> None:
         self.upstreams = upstreams
         self.model = model
-        self.identifier = identifier
+        self.identifier = changed(identifier, transfer_syntax, query_changes)
+        self.result_changes = result_changes
         self.transfer_syntax = transfer_syntax
         self.respond = respond
         self.label = label
@@ -177,6 +194,7 @@ class FindProxy:
         if self.cancelled:
             return  # after a cancel, late matches are not passed on
         raw = self._convert(data, transfer_syntax, self.transfer_syntax)
+        raw = changed(raw, self.transfer_syntax, self.result_changes)
         if len(self.upstreams) > 1:
             key = unique_key(decode_dataset(raw, self.transfer_syntax), raw)
             if key in self._seen:
@@ -222,7 +240,8 @@ class MoveProxy:
                  transfer_syntax: str, move_destination: str, respond: MoveRespond,
                  label: str, priority: dimse.Priority = dimse.Priority.MEDIUM,
                  spool: Path | None = None, router_ae: str = "",
-                 destination_name: str = "") -> None:
+                 destination_name: str = "", query_changes: Changes | None = None) -> None:
+        identifier = changed(identifier, transfer_syntax, query_changes)
         self.upstream = upstream
         self.spool = spool
         self.router_ae = router_ae
@@ -363,7 +382,9 @@ class GetProxy:
 
     def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
                  transfer_syntax: str, relay: StoreRelay, respond: MoveRespond, label: str,
-                 priority: dimse.Priority = dimse.Priority.MEDIUM) -> None:
+                 priority: dimse.Priority = dimse.Priority.MEDIUM,
+                 query_changes: Changes | None = None) -> None:
+        identifier = changed(identifier, transfer_syntax, query_changes)
         self.upstream = upstream
         self.model = model
         self.identifier = identifier

@@ -411,3 +411,32 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
     assert second[-1].status != 0x0000 and second[-1].status != 0xFF00, hex(second[-1].status)
     assert _uid(study[4]) not in received[6:]
     assert not list((router.spool / "moves").glob("*.json"))  # the moves are over: forgotten
+
+
+def test_rules_change_the_query_and_its_results(tmp_path: Path, dcmtk: Dcmtk,
+                                                orthanc_server: Orthanc) -> None:
+    """External viewers use prefixed patient IDs; the PACS does not: the prefix comes
+    off the query and goes back on every match, and the matches name the router as
+    where to retrieve from."""
+    _loaded(orthanc_server, tmp_path)
+    router = _router(tmp_path, orthanc_server, (
+        '[[rule]]\nname = "prefixed IDs"\n[rule.then]\nquery = ["pacs"]\n'
+        '[[rule.then.change]]\napplies_to = "query"\n'
+        "replace = { PatientID = { pattern = '^HOSP-', with = '' } }\n"
+        '[[rule.then.change]]\napplies_to = "result"\n'
+        "replace = { PatientID = { pattern = '^(.+)$', with = 'HOSP-\\1' } }\n"
+        'set = { RetrieveAETitle = "ROUTER" }\n'))
+    keys = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+            "-k", "RetrieveAETitle"]
+    try:
+        router.wait_for("ready: 2 workers serving")
+        proxied = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "proxied", *keys,
+                           "-k", "PatientID=HOSP-P1")
+    finally:
+        router.stop()
+    direct = _findscu(dcmtk, orthanc_server.dicom_port, orthanc_server.aet, tmp_path / "direct",
+                      *keys, "-k", "PatientID=P1")
+    assert len(direct) == 2  # P1 has two studies in _loaded
+    assert sorted(m["(0020,000D)"] for m in proxied) == sorted(m["(0020,000D)"] for m in direct)
+    assert {m["(0010,0020)"] for m in proxied} == {"HOSP-P1"}
+    assert {m["(0008,0054)"] for m in proxied} == {"ROUTER"}
