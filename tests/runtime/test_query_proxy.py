@@ -440,3 +440,42 @@ def test_rules_change_the_query_and_its_results(tmp_path: Path, dcmtk: Dcmtk,
     assert sorted(m["(0020,000D)"] for m in proxied) == sorted(m["(0020,000D)"] for m in direct)
     assert {m["(0010,0020)"] for m in proxied} == {"HOSP-P1"}
     assert {m["(0008,0054)"] for m in proxied} == {"ROUTER"}
+
+
+def test_worklist_query_through_the_router(tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """Modality Worklist (PS3.4 K): findscu -W through the router to a pynetdicom RIS."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+    def on_find(event: Any) -> Any:
+        for n in range(3):
+            item = pydicom.Dataset()
+            item.PatientID = f"W{n}"
+            item.PatientName = f"Worklist^{n}"
+            step = pydicom.Dataset()
+            step.Modality = "CT"
+            step.ScheduledStationAETitle = "CT1"
+            item.ScheduledProcedureStepSequence = [step]
+            yield 0xFF00, item
+
+    ris = AE(ae_title="RIS")
+    ris.add_supported_context(ModalityWorklistInformationFind)
+    port = free_port()
+    server = ris.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "worklist"\n[rule.then]\nquery = ["ris"]\n')
+    router = Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "ris"\nhost = "127.0.0.1"\nport = {port}\n'
+        'ae_title = "RIS"\n'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        keys = ["-W", "-k", "PatientID", "-k", "PatientName",
+                "-k", "ScheduledProcedureStepSequence[0].Modality=CT"]
+        proxied = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "proxied", *keys)
+        direct = _findscu(dcmtk, port, "RIS", tmp_path / "direct", *keys)
+    finally:
+        router.stop()
+        server.shutdown()
+    assert len(proxied) == 3 and proxied == direct
