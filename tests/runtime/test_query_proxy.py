@@ -479,3 +479,49 @@ def test_worklist_query_through_the_router(tmp_path: Path, dcmtk: Dcmtk) -> None
         router.stop()
         server.shutdown()
     assert len(proxied) == 3 and proxied == direct
+
+
+def test_pynetdicom_find_and_move_through_the_router(tmp_path: Path, procs: Procs,
+                                                     dcmtk: Dcmtk) -> None:
+    """Another real client: pynetdicom's C-FIND and C-MOVE SCU, Patient Root."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (
+        PatientRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelMove,
+    )
+
+    sink, pacs, router = _move_setup(tmp_path, procs, dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=4, size_kb=4,
+                       patient_id="PYN", seed=12)
+    for path in study:
+        pacs.upload(path)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        # Query rules added by a reload: the workers start accepting the FIND models.
+        (tmp_path / "rules.toml").write_text(
+            '[[rule]]\nname = "all"\n[rule.then]\nquery = ["pacs"]\nretrieve = ["pacs"]\n')
+        reload = router.command("reload")
+        assert reload.returncode == 0, reload.stderr
+        for w in (1, 2):
+            router.wait_for(f"worker {w}: configuration generation 2 loaded")
+        ae = AE(ae_title="PYNSCU")
+        ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "PATIENT"
+        query.PatientID = "PYN"
+        query.PatientName = ""
+        found = [(status.Status, ds) for status, ds in
+                 assoc.send_c_find(query, PatientRootQueryRetrieveInformationModelFind)]
+        assert [s for s, _ in found] == [0xFF00, 0x0000]
+        assert found[0][1].PatientID == "PYN"
+        moved = [status for status, _ in
+                 assoc.send_c_move(query, "VIEWER_SCP",
+                                   PatientRootQueryRetrieveInformationModelMove)]
+        assoc.release()
+        assert moved[-1].Status == 0x0000 and moved[-1].NumberOfCompletedSuboperations == 4
+    finally:
+        router.stop()
+    assert sorted(_uid(p) for p in received_files(sink.outdir)) == sorted(_uid(p) for p in study)
