@@ -89,6 +89,7 @@ MOVE_STUDIES = 20  # studies moved (and got) per run: 400 instances
 QUERIES = {"STUDY": 20, "IMAGE": 1}
 WORKERS = 2
 PACS_AE, ROUTER_AE, SINK_AE, CALLING_AE = "ORTHANC", "ROUTER", "VIEWER_SCP", "BENCH"
+PROXY_AE = "ROUTERP"  # the second router, in proxy mode: Orthanc knows it as a modality
 START_TIMEOUT = 30.0  # a router not ready by then is killed
 STOP_TIMEOUT = 30.0  # SIGTERM drains (drain_grace 5 s); still running after this: killed
 TOOL_TIMEOUT = 120.0  # one findscu, one move or get of all studies
@@ -118,6 +119,7 @@ host = "127.0.0.1"
 port = {pacs_port}
 ae_title = "{pacs_ae}"
 timeout = 30
+move_mode = "{move_mode}"
 [[destination]]
 name = "viewer"
 host = "127.0.0.1"
@@ -154,12 +156,15 @@ class Endpoint:
 class Router:
     """``dicom-router run`` (2 workers) proxying queries and retrieves to Orthanc."""
 
-    def __init__(self, home: Path, pacs: Orthanc, sink_port: int) -> None:
-        self.port = free_port()
+    def __init__(self, home: Path, pacs: Orthanc, sink_port: int, *, ae: str = ROUTER_AE,
+                 move_mode: str = "direct", port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.ae = ae
         home.mkdir()
         config = home / "router.toml"
         (home / "rules.toml").write_text(RULES)
-        config.write_text(CONFIG.format(ae=ROUTER_AE, workers=WORKERS, port=self.port,
+        config.write_text(CONFIG.format(ae=ae, workers=WORKERS, port=self.port,
+                                        move_mode=move_mode,
                                         spool=home / "spool", pacs_port=pacs.dicom_port,
                                         pacs_ae=pacs.aet, sink_port=sink_port,
                                         sink_ae=SINK_AE))
@@ -392,11 +397,13 @@ class Figure:
 
 
 class Bench:
-    def __init__(self, router: Router, pacs: Orthanc, sink: Proc) -> None:
-        self.router, self.pacs, self.sink = router, pacs, sink
+    def __init__(self, routers: Sequence[Router], pacs: Orthanc, sink: Proc) -> None:
+        self.routers, self.pacs, self.sink = routers, pacs, sink
 
     def cpu(self) -> dict[str, float]:
-        return {"client": own_cpu(), "router": tree_cpu(self.router.proc.pid),
+        # Both routers: the one not being measured idles (a heartbeat a second).
+        return {"client": own_cpu(),
+                "router": sum(tree_cpu(r.proc.pid) for r in self.routers),
                 "orthanc": tree_cpu(self.pacs.proc.pid), "storescp": tree_cpu(self.sink.pid)}
 
     def once(self, fig: Figure, end: Endpoint, timed: bool) -> None:
@@ -451,12 +458,18 @@ def load(pacs: Orthanc, files: Sequence[Path]) -> None:
 
 
 def start_sink(procs: Procs, landing: Path) -> tuple[Proc, int]:
-    """DCMTK storescp (single process) writing each instance into ``landing``."""
+    """DCMTK storescp (a process per association) writing each instance into ``landing``.
+
+    Not single-process: a router's workers each keep an association to a destination
+    open while there is work (and ``idle`` seconds after), and a single-process
+    storescp would serve them one after the other."""
     landing.mkdir()
     for _ in range(3):  # a port taken between free_port() and storescp's bind: again
         port = free_port()
-        proc = procs.start([dcmtk_binary("storescp"), "-aet", SINK_AE, "-od", str(landing),
-                            "-uf", "-dhl", str(port)], name="storescp", env=dcmtk_env())
+        # --fork: the two routers' workers may each hold an association to it at once.
+        proc = procs.start([dcmtk_binary("storescp"), "--fork", "-aet", SINK_AE,
+                            "-od", str(landing), "-uf", "-dhl", str(port)],
+                           name="storescp", env=dcmtk_env())
         try:
             wait_for_port("127.0.0.1", port, timeout=10, proc=proc)
         except RuntimeError:
@@ -516,6 +529,7 @@ def run(tmp: Path, repeat: int) -> list[str]:
     procs = Procs(tmp / "logs")
     pacs: Orthanc | None = None
     router: Router | None = None
+    proxy: Router | None = None
     try:
         began = time.monotonic()
         studies = generate(tmp / "data")
@@ -523,11 +537,15 @@ def run(tmp: Path, repeat: int) -> list[str]:
         size = sum(f.stat().st_size for f in files)
         landing = tmp / "storescp-out"
         sink, sink_port = start_sink(procs, landing)
+        proxy_port = free_port()
         pacs = start_orthanc(procs, tmp / "orthanc", aet=PACS_AE,
-                             modalities={"viewer": (SINK_AE, "127.0.0.1", sink_port)})
+                             modalities={"viewer": (SINK_AE, "127.0.0.1", sink_port),
+                                         "router": (PROXY_AE, "127.0.0.1", proxy_port)})
         load(pacs, files)
         stored = pacs.statistics()["CountInstances"]
         router = Router(tmp / "router", pacs, sink_port)
+        proxy = Router(tmp / "router-proxy", pacs, sink_port, ae=PROXY_AE, move_mode="proxy",
+                       port=proxy_port)
         print(f"setup: {PATIENTS} patients x 1 study x {SERIES} series x {INSTANCES} "
               f"instances = {len(files)} CT instances of {size // len(files):,} bytes "
               f"({size / 1e6:.1f} MB) generated and loaded into Orthanc by REST in "
@@ -552,6 +570,12 @@ def run(tmp: Path, repeat: int) -> list[str]:
             "on one association of our client", f"{MOVE_STUDIES} studies", "our client",
             "inst/s", n_moved, lambda end: client_move(end, moved),
             before=lambda: clear(landing), after=lambda _: check_landed(landing, n_moved)))
+        proxied = Figure(
+            f"2b. C-MOVE in proxy mode: Orthanc moves to the router, which relays each "
+            f"instance to storescp; (b) is the router {PROXY_AE} (move_mode = \"proxy\")",
+            f"{MOVE_STUDIES} studies", "our client",
+            "inst/s", n_moved, lambda end: client_move(end, moved),
+            before=lambda: clear(landing), after=lambda _: check_landed(landing, n_moved))
         figures.append(Figure(
             f"3. C-GET, instances/s; the same {MOVE_STUDIES} studies, one association of our "
             "client, instances kept in memory", f"{MOVE_STUDIES} studies", "our client",
@@ -563,9 +587,12 @@ def run(tmp: Path, repeat: int) -> list[str]:
               "router (supervisor + workers) and Orthanc (read from /proc: 10 ms ticks, "
               "indicative)")
 
-        bench = Bench(router, pacs, sink)
+        bench = Bench([router, proxy], pacs, sink)
         for fig in figures:
             bench.measure(fig, ends, repeat)
+        proxy_ends = [ends[0], Endpoint("(b)", PROXY_AE, proxy.port)]
+        bench.measure(proxied, proxy_ends, repeat)
+        figures.insert(len(figures) - 1, proxied)
         report(figures, ends, repeat)
         for fig in figures:
             warnings += [f"{fig.name}, {fig.tool}: {p}" for p in fig.problems]
@@ -574,6 +601,8 @@ def run(tmp: Path, repeat: int) -> list[str]:
                 warnings.append(f"{fig.name}, {fig.tool}: counts differ, (a) "
                                 f"{sorted(counts['(a)'])}, (b) {sorted(counts['(b)'])}")
     finally:
+        if proxy is not None:
+            proxy.stop()
         if router is not None:
             router.stop()
             if router.problems:
