@@ -4,8 +4,10 @@ Orthanc 1.10 runs on loopback as the PACS (its own config and storage, ``TCP_NOD
 in its environment, started by ``tests.helpers.orthanc.start_orthanc``), loaded through
 its REST API with generated studies: 50 patients x 1 study x 2 series x 10 instances of
 ~16 KB CT (``tests.helpers.data.make_study``), 1000 instances in all; loading is not
-measured. A DCMTK ``storescp`` (single process, one file per instance into a temporary
-folder) is the C-MOVE destination, known to Orthanc as ``VIEWER_SCP``. The router
+measured. A DCMTK ``storescp --fork`` (one file per instance into a temporary folder)
+is the C-MOVE destination, known to Orthanc as ``VIEWER_SCP``. A second router in
+proxy mode (``move_mode = "proxy"``, AE ``ROUTERP``, known to Orthanc) gives the
+C-MOVE row where Orthanc moves to the router and the router relays each instance. The router
 (``dicom-router run``, 2 workers) proxies to Orthanc with one rule, ``query = ["pacs"]``
 and ``retrieve = ["pacs"]``; storescp is one of its ``[[destination]]`` tables too, as
 the router only relays moves to destinations it knows.
@@ -231,7 +233,7 @@ class Router:
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds so far of process ``pid`` and its live children (the router's workers
-    live for the whole run; Orthanc and storescp are single processes)."""
+    live for the whole run; Orthanc is a single process)."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
