@@ -132,11 +132,16 @@ class DestinationActor:
     def __init__(self, destination: Destination, spool: Spool, *, share: int,
                  worker_id: int = 0, fsync: bool = True,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 hand_off: Callable[[str], None] | None = None,
                  rng: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
         self.spool = spool
-        self.share = max(1, share)
+        # 0: this worker has no association of its own for this destination; what it
+        # queues goes to a worker that has (hand_off), and it only relays transparent
+        # sends itself.
+        self.share = max(0, share)
+        self.hand_off = hand_off
         self.worker_id = worker_id
         self.fsync = fsync
         self.on_event = on_event
@@ -180,6 +185,10 @@ class DestinationActor:
 
     def enqueue(self, name: str) -> None:
         """An instance was just committed to this destination's queue."""
+        if self.share == 0:
+            if self.hand_off is not None:
+                self.hand_off(name)
+            return
         if name in self._known or self._closing:
             return
         if len(self._known) >= MAX_IN_MEMORY:
@@ -195,6 +204,8 @@ class DestinationActor:
         """Take up the files in the queue folder not known yet, oldest first, up to
         :data:`MAX_IN_MEMORY` in all; how many."""
         self._overflow = False
+        if self.share == 0:
+            return 0  # the workers with associations for it take up the queue
         before = len(self._known)
         for name in queued(self.spool.root, self.name):
             self.enqueue(name)
@@ -229,7 +240,7 @@ class DestinationActor:
     def update(self, destination: Destination, share: int) -> None:
         """A reload changed its settings: new associations use them."""
         self.destination = destination
-        self.share = max(1, share)
+        self.share = max(0, share)
         if self._senders:
             self.start()
 
@@ -242,6 +253,9 @@ class DestinationActor:
         self._wake.set()
         if not self._senders:
             self.start()
+        if not self._senders:  # share 0: one sender for transparent sends only
+            self._senders.append(asyncio.get_running_loop().create_task(
+                self._sender(0), name=f"forward-{self.name}-urgent"))
         return await future
 
     async def stop(self) -> None:

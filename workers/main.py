@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -61,9 +62,15 @@ def _aio(sock: Any) -> zmq.asyncio.Socket:
     return sock
 
 
-def share_of(config: Config, concurrency: int) -> int:
-    """This worker's part of a destination's outbound associations (rounded up)."""
-    return max(1, -(-concurrency // config.workers))
+def share_of(config: Config, concurrency: int, worker_id: int) -> int:
+    """This worker's part of a destination's ``concurrency`` outbound associations.
+
+    The total is honoured exactly: with 2 workers, concurrency 3 gives 2 + 1 and
+    concurrency 1 gives 1 + 0. A worker with no part hands the instances it queues to
+    one that has (workers 1 to ``concurrency``, see :meth:`Worker._hand_off`).
+    """
+    base, extra = divmod(concurrency, config.workers)
+    return base + (1 if worker_id <= extra else 0)
 
 
 def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -> ActorSettings:
@@ -114,6 +121,7 @@ class Worker:
         # Relays in flight: our temporary actor id -> who asked (see _worker_actor).
         self.relays: dict[str, control.ActorAddress] = {}
         self.relay_ids = 0
+        self.hand_offs = 0
         self.generation = 0
         self.stopping = False
         self.process = psutil.Process()
@@ -163,13 +171,14 @@ class Worker:
                             "in its queue folder", self.worker_id, name, forwarder.depth)
                 self.loop.create_task(forwarder.stop())
         for name, destination in wanted.items():
-            share = share_of(self.config, destination.concurrency)
+            share = share_of(self.config, destination.concurrency, self.worker_id)
             if name in self.forwarders:
                 self.forwarders[name].update(destination, share)
                 continue
             forwarder = DestinationActor(destination, self.spool, share=share,
                                          worker_id=self.worker_id, fsync=self.config.fsync,
-                                         on_event=self._forward_event)
+                                         on_event=self._forward_event,
+                                         hand_off=functools.partial(self._hand_off, name))
             self.forwarders[name] = forwarder
             forwarder.start()
             forwarder.scan()
@@ -177,6 +186,20 @@ class Worker:
 
     def _forward_event(self, kind: str, fields: dict[str, Any]) -> None:
         pass  # counted in each DestinationActor's stats; logged there
+
+    def _hand_off(self, destination: str, name: str) -> None:
+        """A destination this worker has no association for (its ``concurrency`` is
+        less than the workers): tell a worker that has one about the new queue file,
+        by actor message (D2). If that worker is away, the file waits in the queue
+        and its replacement takes it up when it scans at start."""
+        d = self.config.destination(destination)
+        senders = min(d.concurrency, self.config.workers)
+        self.hand_offs += 1
+        target = 1 + self.hand_offs % senders
+        self._send_actor(control.ActorMessage.between(
+            control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
+            control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
+            {"destination": destination, "name": name}))
 
     def _rescan(self) -> None:
         for forwarder in self.forwarders.values():
@@ -309,6 +332,11 @@ class Worker:
         if message.kind == "ping":
             self._send_actor(message.reply("pong", {"worker_id": self.worker_id,
                                                     "pid": os.getpid()}))
+        elif message.kind == "enqueue":
+            forwarder = self.forwarders.get(str(message.body.get("destination")))
+            name = message.body.get("name")
+            if forwarder is not None and isinstance(name, str) and forwarder.share > 0:
+                forwarder.enqueue(name)
         elif message.kind == "relay":
             target = message.body.get("to_worker")
             if not isinstance(target, int):

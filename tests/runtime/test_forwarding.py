@@ -459,3 +459,63 @@ def test_reject_drop_and_unmatched_reject_answer_the_sender(tmp_path: Path) -> N
     finally:
         router.stop()
     assert not list(router.spool.rglob("*.dcm"))  # none of the three is kept anywhere
+
+
+def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """Some nodes take one association at a time: concurrency = 1 over 2 workers. The
+    worker without an association of its own hands its queue files to the other
+    (an actor message between workers, D2)."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    lock = threading.Lock()
+    state = {"open": 0, "peak": 0}
+    seen: list[str] = []
+
+    def opened(event: Any) -> None:
+        with lock:
+            state["open"] += 1
+            state["peak"] = max(state["peak"], state["open"])
+
+    def closed(event: Any) -> None:
+        with lock:
+            state["open"] -= 1
+
+    def on_store(event: Any) -> int:
+        seen.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="SINGLE")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, opened),
+        (evt.EVT_RELEASED, closed), (evt.EVT_ABORTED, closed)])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["single"]\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("single", port, "SINGLE") + "concurrency = 1\n")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        studies = [_study(tmp_path / f"s{n}", 10, modality="CT", description="x", seed=20 + n)
+                   for n in range(4)]
+        senders = [subprocess.Popen(
+            [dcmtk.storescu, "-aet", f"MOD{n}", "-aec", "ROUTER", "127.0.0.1", str(router.port),
+             *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dcmtk_env()) for n, files in enumerate(studies)]
+        for sender in senders:
+            sender.communicate(timeout=60)
+        router.wait_count("forward single:", 40)
+        # Both workers took instances; only one of them talks to the destination.
+        assert {line.split(" worker-")[1][0] for line in router.lines
+                if "bytes status 0x0000" in line} == {"1", "2"}
+        assert {line.split(" worker-")[1][0] for line in router.lines
+                if "forward single:" in line} == {"1"}
+    finally:
+        router.stop()
+        server.shutdown()
+    assert state["peak"] == 1
+    assert sorted(seen) == sorted(_uid(p) for files in studies for p in files)
