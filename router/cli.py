@@ -678,17 +678,25 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"generation {result.get('generation')} from {result.get('config')}"
           + (", draining" if result.get("draining") else ""))
     print(f"{'worker':>6} {'pid':>8} {'uptime s':>9} {'open':>5} {'served':>7} "
+          f"{'stored':>8} {'failed':>6} {'fwd':>8} {'queued':>7} "
           f"{'RSS MB':>7} {'CPU %':>6} {'restarts':>8}")
-    totals = {"open": 0, "served": 0, "rss": 0}
+    keys = ("open_associations", "served_total", "instances_stored", "instances_failed",
+            "instances_forwarded", "queued", "rss")
+    totals = dict.fromkeys(keys, 0)
     for w in workers:
         print(f"{w['worker_id']:>6} {w['pid']:>8} {w['uptime']:>9.1f} "
-              f"{w['open_associations']:>5} {w['served_total']:>7} {w['rss'] / 1e6:>7.1f} "
-              f"{w['cpu_percent']:>6.1f} {w['restarts']:>8}")
-        totals["open"] += w["open_associations"]
-        totals["served"] += w["served_total"]
-        totals["rss"] += w["rss"]
-    print(f"{'total':>6} {'':>8} {'':>9} {totals['open']:>5} {totals['served']:>7} "
-          f"{totals['rss'] / 1e6:>7.1f}")
+              f"{w['open_associations']:>5} {w['served_total']:>7} "
+              f"{w.get('instances_stored', 0):>8} {w.get('instances_failed', 0):>6} "
+              f"{w.get('instances_forwarded', 0):>8} {w.get('queued', 0):>7} "
+              f"{w['rss'] / 1e6:>7.1f} {w['cpu_percent']:>6.1f} {w['restarts']:>8}")
+        for key in keys:
+            totals[key] += int(w.get(key, 0))
+    print(f"{'total':>6} {'':>8} {'':>9} {totals['open_associations']:>5} "
+          f"{totals['served_total']:>7} {totals['instances_stored']:>8} "
+          f"{totals['instances_failed']:>6} {totals['instances_forwarded']:>8} "
+          f"{totals['queued']:>7} {totals['rss'] / 1e6:>7.1f}")
+    print("stored/failed: instances received; fwd: delivered to destinations; queued: held "
+          "in memory for delivery (`dicom-router queue ls` counts the files)")
     return EXIT_OK
 
 

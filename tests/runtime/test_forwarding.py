@@ -519,3 +519,32 @@ def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
         server.shutdown()
     assert state["peak"] == 1
     assert sorted(seen) == sorted(_uid(p) for files in studies for p in files)
+
+
+def test_status_counts_stored_and_forwarded_instances(tmp_path: Path, procs: Procs,
+                                                      dcmtk: Dcmtk) -> None:
+    sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", sink.port, "PACS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        _send(dcmtk, router, "MOD1", _study(tmp_path / "s", 5, modality="CT",
+                                             description="x", seed=30))
+        router.wait_count("forward pacs:", 5)
+        # The counts ride in heartbeats (every 0.2 s here): ask until they are in.
+        deadline = time.monotonic() + 10
+        while True:
+            workers = router.status()["workers"]
+            stored = sum(w["instances_stored"] for w in workers)  # type: ignore[index]
+            forwarded = sum(w["instances_forwarded"] for w in workers)  # type: ignore[index]
+            if (stored, forwarded) == (5, 5) or time.monotonic() > deadline:
+                break
+        assert (stored, forwarded) == (5, 5)
+        table = router.command("status")
+        assert table.returncode == 0 and "fwd" in table.stdout, table.stderr
+        total = next(line for line in table.stdout.splitlines() if line.startswith(" total"))
+        assert total.split()[3:7] == ["5", "0", "5", "0"], total
+    finally:
+        router.stop()
