@@ -318,11 +318,16 @@ def test_rules_reloaded_during_traffic_lose_no_association(tmp_path: Path, procs
         assert router.count("bytes status 0x0000") == 600
         # ... and went to A before the swap and to B after it: all 600, none lost.
         router.wait_count("forward sink_", 600, timeout=60)
+        # After the swap, what arrives follows the new rules.
+        late = _study(tmp_path / "late", 1, modality="CT", description="x", seed=99)
+        _send(dcmtk, router, "MOD9", late)
+        router.wait_count("forward sink_", 601, timeout=60)
         assert router.count('by rule "all to B"') > 0
     finally:
         router.stop()
     got = {_uid(p) for p in received_files(sink_a.outdir) + received_files(sink_b.outdir)}
-    assert got == {_uid(p) for folder in folders for p in folder.iterdir()}
+    assert got == {_uid(p) for folder in folders for p in folder.iterdir()} | {_uid(late[0])}
+    assert _uid(late[0]) in {_uid(p) for p in received_files(sink_b.outdir)}
 
 
 def test_transparent_rule_answers_with_the_destination_status(tmp_path: Path) -> None:
