@@ -389,11 +389,10 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         size = writer.bytes_written
         self._busy = True
-        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        dispatcher = self._dispatcher()
         route = None
         if dispatcher is not None:
-            info = AssociationInfo(calling_ae=self.stats.calling_ae,
-                                   called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+            info = self._association_info()
             originator = None
             if msg.move_originator_message_id is not None:
                 originator = (msg.move_originator_application_entity_title or "",
@@ -511,7 +510,7 @@ class AssociationActor(asyncio.BufferedProtocol):
 
     def _relayed_service(self, msg: Any) -> str | None:
         """The SOP class of a DIMSE-N request this router relays, else None."""
-        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        dispatcher = self._dispatcher()
         if dispatcher is None:
             return None
         config = dispatcher.router.config
@@ -532,7 +531,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self.loop.create_task(self._run_n(ctx, msg, data))
 
     async def _run_n(self, ctx: NegotiatedContext, msg: Any, data: bytes | None) -> None:
-        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        dispatcher = self._dispatcher()
         sop_class = self._relayed_service(msg)
         if dispatcher is None or sop_class is None:
             return
@@ -588,7 +587,7 @@ class AssociationActor(asyncio.BufferedProtocol):
     def _start_move(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ | dimse.CGetRQ,
                     raw: bytes) -> None:
         """C-MOVE (direct) or C-GET through the upstream the retrieve rules name."""
-        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        dispatcher = self._dispatcher()
         try:
             identifier = decode_dataset(raw, ctx.transfer_syntax)
         except (ProtocolError, ValueError) as exc:
@@ -606,8 +605,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._refuse(ctx, msg, dimse.MOVE_DESTINATION_UNKNOWN,
                          f"move destination {msg.move_destination} is not configured here")
             return
-        info = AssociationInfo(calling_ae=self.stats.calling_ae,
-                               called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+        info = self._association_info()
         decision = dispatcher.router.rules.evaluate_retrieve(info, identifier,
                                                              datetime.datetime.now())
         if not decision.upstreams:
@@ -695,7 +693,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._after_engine()
 
     def _start_find(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, raw: bytes) -> None:
-        dispatcher = self.dispatcher() if self.dispatcher is not None else None
+        dispatcher = self._dispatcher()
         try:
             identifier = decode_dataset(raw, ctx.transfer_syntax)
         except (ProtocolError, ValueError) as exc:
@@ -704,8 +702,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         decision = None
         if dispatcher is not None:
-            info = AssociationInfo(calling_ae=self.stats.calling_ae,
-                                   called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+            info = self._association_info()
             decision = dispatcher.router.rules.evaluate_query(info, identifier,
                                                               datetime.datetime.now())
         if decision is None or not decision.upstreams:
@@ -876,6 +873,15 @@ class AssociationActor(asyncio.BufferedProtocol):
             base.update(peer=self.stats.peer, calling_ae=self.stats.calling_ae,
                         called_ae=self.stats.called_ae)
         self.on_event(kind, {**base, **fields})
+
+    def _dispatcher(self) -> Dispatcher | None:
+        """The worker's current rules and destinations (a reload swaps them)."""
+        return self.dispatcher() if self.dispatcher is not None else None
+
+    def _association_info(self) -> AssociationInfo:
+        """What association conditions of the rules look at."""
+        return AssociationInfo(calling_ae=self.stats.calling_ae,
+                               called_ae=self.stats.called_ae, peer=self.stats.peer[0])
 
     def _who(self) -> str:
         s = self.stats

@@ -52,7 +52,6 @@ import logging
 import math
 import os
 import random
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,8 +63,7 @@ from router.config import Destination
 from router.dicom import dimse
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
-from router.dicom.negotiation import build_request
-from workers.outbound import OutboundAssociation, OutboundError
+from workers.outbound import OutboundAssociation, OutboundError, open_association
 from workers.queue import move_to_dead, queued
 from workers.spool import QUEUE_DIR, Spool
 
@@ -400,15 +398,8 @@ class DestinationActor:
         while len(self._pairs) > _MAX_CONTEXTS:
             del self._pairs[next(iter(self._pairs))]
         d = self.destination
-        request = build_request(
-            calling_ae_title=d.calling_ae, called_ae_title=d.ae_title,
-            contexts=[(sop, [ts]) for sop, ts in self._pairs], maximum_length=d.max_pdu)
-        context = None
-        if d.tls:
-            context = ssl.create_default_context(
-                cafile=str(d.tls_ca) if d.tls_ca is not None else None)
-        assoc = await OutboundAssociation.open(d.host, d.port, request, timeout=d.timeout,
-                                               ssl_context=context, label=label)
+        assoc = await open_association(d, [(sop, [ts]) for sop, ts in self._pairs],
+                                       label=label)
         self._open.add(assoc)
         self.stats.associations += 1
         if self._down_failures:

@@ -29,15 +29,12 @@ import dataclasses
 import json
 import logging
 import os
-import ssl
 from pathlib import Path
 from typing import Any, Final
 
 from router.config import Destination
-from router.dicom import uids
-from router.dicom.dataset import decode_dataset, encode_dataset
-from router.dicom.negotiation import build_request
-from workers.outbound import OutboundAssociation, OutboundError
+from router.dicom.dataset import decode_dataset, transcode
+from workers.outbound import OutboundError, open_association, proposal_syntaxes
 
 __all__ = ["COMMITMENTS_DIR", "forget_commitment", "relay_n_request", "remember_commitment",
            "requestor_of"]
@@ -54,19 +51,9 @@ async def relay_n_request(destination: Destination, rq: Any, dataset: bytes | No
     response (its message ID still the relayed one) and its data set, converted
     back to ``transfer_syntax``. ``as_scp`` proposes the SCP role for ``sop_class``
     (an N-EVENT-REPORT sent by the performer). Raises :class:`OutboundError`."""
-    syntaxes = list(dict.fromkeys((transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
-                                   uids.IMPLICIT_VR_LITTLE_ENDIAN)))
-    request = build_request(calling_ae_title=destination.calling_ae,
-                            called_ae_title=destination.ae_title,
-                            contexts=[(sop_class, syntaxes)],
-                            maximum_length=destination.max_pdu,
-                            roles={sop_class: (False, True)} if as_scp else None)
-    context = (ssl.create_default_context(
-        cafile=str(destination.tls_ca) if destination.tls_ca else None)
-        if destination.tls else None)
-    assoc = await OutboundAssociation.open(destination.host, destination.port, request,
-                                           timeout=destination.timeout, ssl_context=context,
-                                           label=label)
+    assoc = await open_association(
+        destination, [(sop_class, proposal_syntaxes(transfer_syntax))], label=label,
+        roles={sop_class: (False, True)} if as_scp else None)
     try:
         ctx = assoc.context_for_model(sop_class)
         if ctx is None and as_scp:
@@ -133,7 +120,5 @@ def _transaction_uid(dataset: bytes | None, transfer_syntax: str) -> str | None:
 
 
 def _convert(data: bytes | None, source: str, target: str) -> bytes | None:
-    if data is None or source == target:
-        return data
-    return encode_dataset(decode_dataset(data, source), target)
+    return None if data is None else transcode(data, source, target)
 

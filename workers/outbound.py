@@ -39,7 +39,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
-from router.dicom import dimse
+from router.config import Destination
+from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
 from router.dicom.dataset import Part10
 from router.dicom.errors import ProtocolError
@@ -57,10 +58,11 @@ from router.dicom.events import (
     _Sentinel,
 )
 from router.dicom.fsm import State
-from router.dicom.negotiation import NegotiatedContext
+from router.dicom.negotiation import NegotiatedContext, build_request
 from router.dicom.pdu import AAssociateRQ
 
-__all__ = ["OutboundAssociation", "OutboundError"]
+__all__ = ["OutboundAssociation", "OutboundError", "open_association", "proposal_syntaxes",
+           "tls_context"]
 
 log = logging.getLogger("workers.outbound")
 
@@ -551,3 +553,35 @@ def _describe(event: Event) -> str:
     if isinstance(event, ConnectionClosed):
         return "the connection closed"
     return type(event).__name__
+
+
+def tls_context(destination: Destination) -> ssl.SSLContext | None:
+    """The client TLS context for ``destination`` (PS3.15 B.1), None without TLS: the
+    system's trust store, or ``tls_ca`` when set, with host name checking."""
+    if not destination.tls:
+        return None
+    return ssl.create_default_context(
+        cafile=str(destination.tls_ca) if destination.tls_ca is not None else None)
+
+
+def proposal_syntaxes(transfer_syntax: str) -> list[str]:
+    """Transfer syntaxes to propose for a relayed message that arrived in
+    ``transfer_syntax``: that one first (no re-encoding when accepted), then the two
+    little endian ones every node must take (PS3.5 §10.1)."""
+    return list(dict.fromkeys((transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                               uids.IMPLICIT_VR_LITTLE_ENDIAN)))
+
+
+async def open_association(destination: Destination,
+                           contexts: list[tuple[str, list[str]]], *, label: str,
+                           roles: dict[str, tuple[bool, bool]] | None = None,
+                           ) -> OutboundAssociation:
+    """An association to ``destination`` as our AE (its ``calling_ae``) proposing
+    ``contexts`` (and ``roles``), with its PDU size, timeout and TLS; raises
+    :class:`OutboundError`."""
+    request = build_request(calling_ae_title=destination.calling_ae,
+                            called_ae_title=destination.ae_title, contexts=contexts,
+                            maximum_length=destination.max_pdu, roles=roles or None)
+    return await OutboundAssociation.open(destination.host, destination.port, request,
+                                          timeout=destination.timeout,
+                                          ssl_context=tls_context(destination), label=label)

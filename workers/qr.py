@@ -30,20 +30,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from pydicom.dataset import Dataset
 
 from router.config import Destination
 from router.dicom import dimse, uids
-from router.dicom.dataset import decode_dataset, encode_dataset
-from router.dicom.negotiation import NegotiatedContext, build_request
+from router.dicom.dataset import decode_dataset, encode_dataset, transcode
+from router.dicom.negotiation import NegotiatedContext
 from rules import Changes
 from workers.moves import end_move, register_move
-from workers.outbound import OutboundAssociation, OutboundError
+from workers.outbound import (
+    OutboundAssociation,
+    OutboundError,
+    open_association,
+    proposal_syntaxes,
+)
 
 __all__ = ["FIND_MODELS", "GET_MODELS", "MOVE_MODELS", "FindProxy", "GetProxy", "MoveProxy",
            "StoreRelay", "unique_key"]
@@ -147,19 +151,10 @@ class FindProxy:
             assoc.cancel()
 
     async def _query(self, destination: Destination) -> tuple[int, str]:
-        syntaxes = list(dict.fromkeys((self.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
-                                       uids.IMPLICIT_VR_LITTLE_ENDIAN)))
-        request = build_request(calling_ae_title=destination.calling_ae,
-                                called_ae_title=destination.ae_title,
-                                contexts=[(self.model, syntaxes)],
-                                maximum_length=destination.max_pdu)
-        context = (ssl.create_default_context(
-            cafile=str(destination.tls_ca) if destination.tls_ca else None)
-            if destination.tls else None)
         try:
-            assoc = await OutboundAssociation.open(
-                destination.host, destination.port, request, timeout=destination.timeout,
-                ssl_context=context, label=f"{destination.name} (C-FIND)")
+            assoc = await open_association(
+                destination, [(self.model, proposal_syntaxes(self.transfer_syntax))],
+                label=f"{destination.name} (C-FIND)")
         except OutboundError as exc:
             return dimse.REFUSED_OUT_OF_RESOURCES, str(exc)
         self._open.append(assoc)
@@ -168,8 +163,8 @@ class FindProxy:
             if ctx is None:
                 return (dimse.SOP_CLASS_NOT_SUPPORTED,
                         f"{destination.name} does not support {self.model}")
-            identifier = self._convert(self.identifier, self.transfer_syntax,
-                                       ctx.transfer_syntax)
+            identifier = transcode(self.identifier, self.transfer_syntax,
+                                   ctx.transfer_syntax)
             if self.cancelled:
                 return dimse.CANCEL, ""
             final = (dimse.PROCESSING_FAILURE, f"{destination.name}: no final response")
@@ -193,7 +188,7 @@ class FindProxy:
     def _match(self, status: int, data: bytes, transfer_syntax: str) -> None:
         if self.cancelled:
             return  # after a cancel, late matches are not passed on
-        raw = self._convert(data, transfer_syntax, self.transfer_syntax)
+        raw = transcode(data, transfer_syntax, self.transfer_syntax)
         raw = changed(raw, self.transfer_syntax, self.result_changes)
         if len(self.upstreams) > 1:
             key = unique_key(decode_dataset(raw, self.transfer_syntax), raw)
@@ -203,22 +198,109 @@ class FindProxy:
         self.matches += 1
         self.respond(status, raw, None)
 
-    @staticmethod
-    def _convert(data: bytes, source: str, target: str) -> bytes:
-        if source == target:
-            return data  # as it came (D5)
-        return encode_dataset(decode_dataset(data, source), target)
-
 
 #: Retrieve models the move proxy serves (PS3.4 C.6.1, C.6.2).
 MOVE_MODELS: Final = (uids.PATIENT_ROOT_QR_MOVE, uids.STUDY_ROOT_QR_MOVE)
+#: Retrieve-by-C-GET models the get proxy serves (PS3.4 C.6.1, C.6.2).
+GET_MODELS: Final = (uids.PATIENT_ROOT_QR_GET, uids.STUDY_ROOT_QR_GET)
 
+Counts = tuple[int | None, int | None, int | None, int | None]
 # respond(status, (remaining, completed, failed, warning), identifier or None, comment)
-MoveRespond = Callable[[int, tuple[int | None, int | None, int | None, int | None],
-                        bytes | None, str | None], None]
+MoveRespond = Callable[[int, Counts, bytes | None, str | None], None]
+_NO_COUNTS: Final[Counts] = (None, None, None, None)
 
 
-class MoveProxy:
+class _RetrieveProxy:
+    """What the C-MOVE and C-GET relays share: one association to the upstream, the
+    identifier in the transfer syntax it accepted, every response relayed as it comes
+    with its sub-operation counts, exactly one final response, and C-CANCEL passed on.
+    Subclasses say what to propose (:meth:`_contexts`) and run the operation
+    (:meth:`_retrieve`)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
+                 transfer_syntax: str, respond: MoveRespond, label: str,
+                 priority: dimse.Priority = dimse.Priority.MEDIUM,
+                 query_changes: Changes | None = None) -> None:
+        self.upstream = upstream
+        self.model = model
+        self.identifier = changed(identifier, transfer_syntax, query_changes)
+        self.transfer_syntax = transfer_syntax
+        self.respond = respond
+        self.label = label
+        self.priority = priority
+        self.cancelled = False
+        self.answered = False  # the final response went to the requestor
+        self._assoc: OutboundAssociation | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._assoc is not None:
+            self._assoc.cancel()
+
+    async def run(self) -> None:
+        contexts, roles = self._contexts()
+        try:
+            assoc = await open_association(self.upstream, contexts, roles=roles,
+                                           label=f"{self.upstream.name} ({self.kind})")
+        except OutboundError as exc:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
+                        None, str(exc))
+            return
+        self._assoc = assoc
+        try:
+            ctx = assoc.context_for_model(self.model)
+            if ctx is None:
+                self._final(dimse.SOP_CLASS_NOT_SUPPORTED, _NO_COUNTS, None,
+                            f"{self.upstream.name} does not support {self.model}")
+                return
+            identifier = transcode(self.identifier, self.transfer_syntax, ctx.transfer_syntax)
+            await self._retrieve(assoc, ctx, identifier)
+            await assoc.release()
+        except OutboundError as exc:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
+                        None, str(exc))
+        finally:
+            self._assoc = None
+            if assoc.is_associated:
+                assoc.abort(f"{self.kind} proxy ended")
+
+    def _contexts(self) -> tuple[list[tuple[str, list[str]]], dict[str, tuple[bool, bool]]]:
+        return [(self.model, proposal_syntaxes(self.transfer_syntax))], {}
+
+    async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
+                        identifier: bytes) -> None:
+        raise NotImplementedError
+
+    def _relay_response(self, rsp: dimse.CMoveRSP | dimse.CGetRSP, data: bytes | None,
+                        transfer_syntax: str) -> None:
+        """Pass an upstream C-MOVE/C-GET response on: pending, or the final one."""
+        counts = (rsp.number_of_remaining_sub_operations,
+                  rsp.number_of_completed_sub_operations,
+                  rsp.number_of_failed_sub_operations,
+                  rsp.number_of_warning_sub_operations)
+        raw = None if data is None else transcode(data, transfer_syntax, self.transfer_syntax)
+        if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
+            self.respond(int(rsp.status), counts, raw, None)
+        else:
+            self._final(int(rsp.status), counts, raw, rsp.error_comment)
+
+    def _final(self, status: int, counts: Counts, data: bytes | None,
+               comment: str | None) -> None:
+        if self.answered:
+            return  # one final response only (a release that fails after it, say)
+        self.answered = True
+        log.info("%s %s status 0x%04X, counts %s", self.kind, self._outcome(), status,
+                 "/".join("-" if c is None else str(c) for c in counts))
+        self.respond(status, counts, data, comment)
+
+    def _outcome(self) -> str:
+        """The final log line's middle: which operation, and how it went."""
+        return f"{self.label} via {self.upstream.name}:"
+
+
+class MoveProxy(_RetrieveProxy):
     """One C-MOVE relayed to its upstream (D7).
 
     In direct mode (the upstream's ``move_mode``, the default) the upstream is asked
@@ -236,115 +318,40 @@ class MoveProxy:
     so a requestor cannot make it relay moves to arbitrary nodes.
     """
 
-    def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
-                 transfer_syntax: str, move_destination: str, respond: MoveRespond,
-                 label: str, priority: dimse.Priority = dimse.Priority.MEDIUM,
-                 spool: Path | None = None, router_ae: str = "",
-                 destination_name: str = "", query_changes: Changes | None = None) -> None:
-        identifier = changed(identifier, transfer_syntax, query_changes)
-        self.upstream = upstream
+    kind = "C-MOVE"
+
+    def __init__(self, *, move_destination: str, spool: Path | None = None,
+                 router_ae: str = "", destination_name: str = "", **common: Any) -> None:
+        super().__init__(**common)
+        self.move_destination = move_destination
         self.spool = spool
         self.router_ae = router_ae
         self.destination_name = destination_name
-        self.model = model
-        self.identifier = identifier
-        self.transfer_syntax = transfer_syntax
-        self.move_destination = move_destination
-        self.respond = respond
-        self.label = label
-        self.priority = priority
-        self.cancelled = False
-        self._assoc: OutboundAssociation | None = None
-        self.answered = False
 
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self._assoc is not None:
-            self._assoc.cancel()
-
-    async def run(self) -> None:
-        upstream = self.upstream
-        syntaxes = list(dict.fromkeys((self.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
-                                       uids.IMPLICIT_VR_LITTLE_ENDIAN)))
-        request = build_request(calling_ae_title=upstream.calling_ae,
-                                called_ae_title=upstream.ae_title,
-                                contexts=[(self.model, syntaxes)],
-                                maximum_length=upstream.max_pdu)
-        context = (ssl.create_default_context(
-            cafile=str(upstream.tls_ca) if upstream.tls_ca else None)
-            if upstream.tls else None)
-        none = (None, None, None, None)
-        try:
-            assoc = await OutboundAssociation.open(
-                upstream.host, upstream.port, request, timeout=upstream.timeout,
-                ssl_context=context, label=f"{upstream.name} (C-MOVE)")
-        except OutboundError as exc:
-            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
-                        str(exc))
+    async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
+                        identifier: bytes) -> None:
+        if self.cancelled:
+            self._final(dimse.CANCEL, _NO_COUNTS, None, None)
             return
-        self._assoc = assoc
+        target, message_id = self.move_destination, None
+        if self.upstream.move_mode == "proxy" and self.spool is not None:
+            # Proxy mode: the upstream moves to this router, which relays each
+            # sub-operation to the destination (workers/moves.py); the message ID
+            # tells any worker whose they are.
+            message_id = register_move(self.spool, self.upstream.calling_ae,
+                                       self.destination_name)
+            target = self.router_ae
         try:
-            ctx = assoc.context_for_model(self.model)
-            if ctx is None:
-                self._final(dimse.SOP_CLASS_NOT_SUPPORTED, none, None,
-                            f"{upstream.name} does not support {self.model}")
-                return
-            identifier = FindProxy._convert(self.identifier, self.transfer_syntax,
-                                            ctx.transfer_syntax)
-            if self.cancelled:
-                self._final(dimse.CANCEL, none, None, None)
-                return
-            target, message_id = self.move_destination, None
-            if upstream.move_mode == "proxy" and self.spool is not None:
-                # Proxy mode: the upstream moves to this router, which relays each
-                # sub-operation to the destination (workers/moves.py); the message ID
-                # tells any worker whose they are.
-                message_id = register_move(self.spool, upstream.calling_ae,
-                                           self.destination_name)
-                target = self.router_ae
-            try:
-                await self._relay(assoc, ctx, identifier, target, message_id)
-            finally:
-                if message_id is not None and self.spool is not None:
-                    end_move(self.spool, message_id)
-            await assoc.release()
-        except OutboundError as exc:
-            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
-                        str(exc))
+            async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,
+                                              message_id=message_id):
+                assert isinstance(rsp, dimse.CMoveRSP)
+                self._relay_response(rsp, data, ctx.transfer_syntax)
         finally:
-            self._assoc = None
-            if assoc.is_associated:
-                assoc.abort("C-MOVE proxy ended")
+            if message_id is not None and self.spool is not None:
+                end_move(self.spool, message_id)
 
-    async def _relay(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
-                     identifier: bytes, target: str, message_id: int | None) -> None:
-        async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,
-                                          message_id=message_id):
-            assert isinstance(rsp, dimse.CMoveRSP)
-            counts = (rsp.number_of_remaining_sub_operations,
-                      rsp.number_of_completed_sub_operations,
-                      rsp.number_of_failed_sub_operations,
-                      rsp.number_of_warning_sub_operations)
-            raw = None if data is None else FindProxy._convert(
-                data, ctx.transfer_syntax, self.transfer_syntax)
-            if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
-                self.respond(int(rsp.status), counts, raw, None)
-            else:
-                self._final(int(rsp.status), counts, raw, rsp.error_comment)
-
-    def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
-               data: bytes | None, comment: str | None) -> None:
-        if self.answered:
-            return  # one final response only (a release that fails after it, say)
-        self.answered = True
-        log.info("C-MOVE %s to %s via %s: status 0x%04X, counts %s", self.label,
-                 self.move_destination, self.upstream.name, status,
-                 "/".join("-" if c is None else str(c) for c in counts))
-        self.respond(status, counts, data, comment)
-
-
-#: Retrieve-by-C-GET models the get proxy serves (PS3.4 C.6.1, C.6.2).
-GET_MODELS: Final = (uids.PATIENT_ROOT_QR_GET, uids.STUDY_ROOT_QR_GET)
+    def _outcome(self) -> str:
+        return f"{self.label} to {self.move_destination} via {self.upstream.name}:"
 
 
 class StoreRelay(Protocol):
@@ -366,7 +373,7 @@ class StoreRelay(Protocol):
         """The requestor's C-STORE-RSP to message ``message_id``."""
 
 
-class GetProxy:
+class GetProxy(_RetrieveProxy):
     """One C-GET relayed through an upstream C-GET (D7, PS3.4 C.4.3).
 
     The upstream association proposes the retrieve model and, with the SCP role
@@ -380,91 +387,34 @@ class GetProxy:
     requestor did not accept is refused upstream (0122H) and counts as failed.
     """
 
-    def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
-                 transfer_syntax: str, relay: StoreRelay, respond: MoveRespond, label: str,
-                 priority: dimse.Priority = dimse.Priority.MEDIUM,
-                 query_changes: Changes | None = None) -> None:
-        identifier = changed(identifier, transfer_syntax, query_changes)
-        self.upstream = upstream
-        self.model = model
-        self.identifier = identifier
-        self.transfer_syntax = transfer_syntax
+    kind = "C-GET"
+
+    def __init__(self, *, relay: StoreRelay, **common: Any) -> None:
+        super().__init__(**common)
         self.relay = relay
-        self.respond = respond
-        self.label = label
-        self.priority = priority
-        self.cancelled = False
         self.relayed = 0
-        self._assoc: OutboundAssociation | None = None
-        self.answered = False
+        # (SOP class, transfer syntax) -> the requestor's context that serves it.
+        self._offered: dict[tuple[str, str], NegotiatedContext] = {}
 
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self._assoc is not None:
-            self._assoc.cancel()
+    def _contexts(self) -> tuple[list[tuple[str, list[str]]], dict[str, tuple[bool, bool]]]:
+        for inbound in self.relay.storage_contexts():
+            self._offered.setdefault((inbound.abstract_syntax, inbound.transfer_syntax),
+                                     inbound)
+        pairs = list(self._offered)[:_MAX_CONTEXTS - 1]
+        contexts, _ = super()._contexts()
+        return ([*contexts, *((sop, [ts]) for sop, ts in pairs)],
+                {sop: (False, True) for sop, _ in pairs})
 
-    async def run(self) -> None:
-        upstream = self.upstream
-        syntaxes = list(dict.fromkeys((self.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
-                                       uids.IMPLICIT_VR_LITTLE_ENDIAN)))
-        storage = self.relay.storage_contexts()
-        offered: dict[tuple[str, str], NegotiatedContext] = {}
-        for inbound in storage:
-            offered.setdefault((inbound.abstract_syntax, inbound.transfer_syntax), inbound)
-        pairs = list(offered)[:_MAX_CONTEXTS - 1]
-        request = build_request(
-            calling_ae_title=upstream.calling_ae, called_ae_title=upstream.ae_title,
-            contexts=[(self.model, syntaxes), *((sop, [ts]) for sop, ts in pairs)],
-            maximum_length=upstream.max_pdu,
-            roles={sop: (False, True) for sop, _ in pairs} or None)
-        context = (ssl.create_default_context(
-            cafile=str(upstream.tls_ca) if upstream.tls_ca else None)
-            if upstream.tls else None)
-        none = (None, None, None, None)
-        try:
-            assoc = await OutboundAssociation.open(
-                upstream.host, upstream.port, request, timeout=upstream.timeout,
-                ssl_context=context, label=f"{upstream.name} (C-GET)")
-        except OutboundError as exc:
-            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
-                        str(exc))
-            return
-        self._assoc = assoc
-        try:
-            ctx = assoc.context_for_model(self.model)
-            if ctx is None:
-                self._final(dimse.SOP_CLASS_NOT_SUPPORTED, none, None,
-                            f"{upstream.name} does not support {self.model}")
-                return
-            identifier = FindProxy._convert(self.identifier, self.transfer_syntax,
-                                            ctx.transfer_syntax)
-            async for msg, context_id, data in assoc.get(ctx, identifier,
-                                                         priority=self.priority):
-                if isinstance(msg, dimse.CStoreRQ):
-                    up_ctx = assoc.engine.contexts[context_id]
-                    await self._sub_operation(assoc, context_id, msg,
-                                              offered.get((up_ctx.abstract_syntax,
-                                                           up_ctx.transfer_syntax)))
-                    continue
-                assert isinstance(msg, dimse.CGetRSP)
-                counts = (msg.number_of_remaining_sub_operations,
-                          msg.number_of_completed_sub_operations,
-                          msg.number_of_failed_sub_operations,
-                          msg.number_of_warning_sub_operations)
-                raw = None if data is None else FindProxy._convert(
-                    data, ctx.transfer_syntax, self.transfer_syntax)
-                if dimse.status_category(msg.status) is dimse.StatusCategory.PENDING:
-                    self.respond(int(msg.status), counts, raw, None)
-                else:
-                    self._final(int(msg.status), counts, raw, msg.error_comment)
-            await assoc.release()
-        except OutboundError as exc:
-            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, none, None,
-                        str(exc))
-        finally:
-            self._assoc = None
-            if assoc.is_associated:
-                assoc.abort("C-GET proxy ended")
+    async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
+                        identifier: bytes) -> None:
+        async for msg, context_id, data in assoc.get(ctx, identifier, priority=self.priority):
+            if isinstance(msg, dimse.CStoreRQ):
+                up_ctx = assoc.engine.contexts[context_id]
+                await self._sub_operation(assoc, context_id, msg, self._offered.get(
+                    (up_ctx.abstract_syntax, up_ctx.transfer_syntax)))
+                continue
+            assert isinstance(msg, dimse.CGetRSP)
+            self._relay_response(msg, data, ctx.transfer_syntax)
 
     async def _sub_operation(self, assoc: OutboundAssociation, context_id: int,
                              rq: dimse.CStoreRQ, inbound: NegotiatedContext | None) -> None:
@@ -489,12 +439,5 @@ class GetProxy:
         self.relayed += 1
         assoc.reply_store(context_id, rq, int(rsp.status), rsp.error_comment)
 
-    def _final(self, status: int, counts: tuple[int | None, int | None, int | None, int | None],
-               data: bytes | None, comment: str | None) -> None:
-        if self.answered:
-            return
-        self.answered = True
-        log.info("C-GET %s via %s: %d instance(s) relayed, status 0x%04X, counts %s",
-                 self.label, self.upstream.name, self.relayed, status,
-                 "/".join("-" if c is None else str(c) for c in counts))
-        self.respond(status, counts, data, comment)
+    def _outcome(self) -> str:
+        return f"{self.label} via {self.upstream.name}: {self.relayed} instance(s) relayed,"

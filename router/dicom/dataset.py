@@ -68,6 +68,7 @@ __all__ = [
     "part10_meta_bytes",
     "read_part10_header",
     "read_top_level",
+    "transcode",
 ]
 
 # DIMSE statuses used here (PS3.7 Annex C, PS3.4 B.2.3); kept local so this
@@ -299,6 +300,14 @@ def decode_dataset(
         return read_dataset(io.BytesIO(body), implicit, little, stop_when=stop_when)
     except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
         raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+
+
+def transcode(data: bytes, source: str, target: str) -> bytes:
+    """A data set received in ``source`` re-encoded in ``target`` (PS3.5 §10); the
+    bytes as they came when the two are the same (D5: nothing is decoded then)."""
+    if source == target:
+        return data
+    return encode_dataset(decode_dataset(data, source), target)
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:

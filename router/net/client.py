@@ -41,7 +41,12 @@ from pydicom.dataset import Dataset
 
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
-from router.dicom.dataset import decode_dataset, encode_dataset, read_part10_header
+from router.dicom.dataset import (
+    decode_dataset,
+    encode_dataset,
+    read_part10_header,
+    transcode,
+)
 from router.dicom.errors import LocalProtocolError, ProtocolError
 from router.dicom.events import (
     AssociationAborted,
@@ -525,9 +530,8 @@ class ClientAssociation:
             payload = None
             if ctx.transfer_syntax != header.transfer_syntax:
                 # Only between uncompressed syntaxes: decode and re-encode.
-                raw = path.read_bytes()[header.dataset_offset:]
-                ds = decode_dataset(raw, header.transfer_syntax)
-                payload = encode_dataset(ds, ctx.transfer_syntax)
+                payload = transcode(path.read_bytes()[header.dataset_offset:],
+                                    header.transfer_syntax, ctx.transfer_syntax)
         rq = dimse.CStoreRQ(
             message_id=mid,
             affected_sop_class_uid=sop_class,
