@@ -84,7 +84,9 @@ def test_kill_9_worker_mid_transfer(router: Router, dcmtk: Dcmtk, tmp_path: Path
     no partial file is visible as complete."""
     big = tmp_path / "big"
     big.mkdir()
-    for i in range(6):
+    # Long enough that the victim's association is still in flight when the second
+    # one arrives, even on a loaded CI machine (6 of these once finished in 0.5 s).
+    for i in range(16):
         make_ct(big / f"{i}.dcm", size_kb=20_000, seed=i)
     medium = tmp_path / "medium"
     medium.mkdir()
