@@ -13,14 +13,21 @@ sender tasks, each with at most one outbound association
   after the commit that made the file), by :meth:`scan` (start-up, restart of
   another worker, ``dicom-router queue retry``) and by :meth:`send_now`
   (transparent forwarding: no queue, the inbound C-STORE waits for the answer).
-- A sender takes the oldest due instance and *claims* it with an exclusive,
-  non-blocking ``flock`` on its claim file ``queue/<dest>/.claims/<name>`` (not
-  on the instance itself, a hard link shared with other destinations' queues):
+- A sender takes the oldest due instance and *claims* it: it opens the queued
+  file and takes an exclusive, non-blocking open-file-description lock
+  (``F_OFD_SETLK``) on one byte of it far beyond its end, at an offset derived
+  from the destination's name. The file is a hard link shared with other
+  destinations' queues; each destination locks its own byte, so they never
+  exclude each other, while two workers serving the same destination do:
   another worker that holds it is delivering it, so this one forgets it; an
-  instance already gone was delivered meanwhile. The claim lives until the file
-  is deleted (delivered), moved to ``dead/`` or released for a later retry, and
-  the kernel drops it if the process dies -- so a crash re-delivers at most what
-  was in flight (D4: duplicates only there).
+  instance already gone (or replaced) was delivered meanwhile. The claim lives
+  until the file is deleted (delivered), moved to ``dead/`` or released for a
+  later retry, and the kernel drops it when the descriptor closes or the
+  process dies -- so a crash re-delivers at most what was in flight (D4:
+  duplicates only there). The claimed descriptor is the one the data set is
+  read from. (An earlier design locked a claim file per instance: one more
+  inode made and deleted per instance, which on ext4 without a journal costs
+  a scan past every inode deleted in the last minute.)
 - The association proposes one presentation context per (SOP class, transfer
   syntax) this actor has sent lately, the needed one included, and the data set
   goes out byte for byte as stored (D5). An instance whose pair was not proposed
@@ -46,12 +53,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import heapq
 import itertools
 import logging
 import math
 import os
 import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -73,10 +82,21 @@ log = logging.getLogger("workers.forward")
 
 # Presentation contexts one association may carry (PS3.8 §9.3.2.2: odd IDs 1-255).
 _MAX_CONTEXTS: Final = 128
-_CLAIMS: Final = ".claims"
 #: Queued instances one actor keeps in memory; the rest wait on disk (bounded memory).
 MAX_IN_MEMORY: Final = 10_000
-_CLAIM_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+# A write lock needs a descriptor open for writing; nothing is ever written with it.
+_CLAIM_FLAGS: Final = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+# struct flock (Linux, LP64): l_type, l_whence, l_start, l_len, l_pid, padding.
+_FLOCK: Final = struct.Struct("hhqqi4x")
+# Claim bytes lie at 2**40 + a 40-bit hash of the destination's name: past the end
+# of any instance, one per destination.
+_CLAIM_BASE: Final = 1 << 40
+
+
+def claim_offset(destination: str) -> int:
+    """The byte a destination's senders lock in a queued file to claim it."""
+    digest = hashlib.blake2b(destination.encode(), digest_size=5).digest()
+    return _CLAIM_BASE + int.from_bytes(digest, "big")
 
 
 def is_permanent_failure(status: int) -> bool:
@@ -160,6 +180,8 @@ class DestinationActor:
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
         self._pairs: dict[tuple[str, str], None] = {}
+        self._claim_lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET,
+                                       claim_offset(destination.name), 1, 0)
 
     # ------------------------------------------------------------------ API
 
@@ -213,27 +235,7 @@ class DestinationActor:
         if found:
             log.info("destination %s: %d queued instance(s) taken up from disk%s", self.name,
                      found, " (more wait on disk)" if self._overflow else "")
-        self._sweep_claims()
         return found
-
-    def _sweep_claims(self) -> None:
-        """Drop claim files a dead process left for instances no longer queued."""
-        claims = self.folder / _CLAIMS
-        try:
-            names = os.listdir(claims)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if (self.folder / name).exists():
-                continue
-            with contextlib.suppress(OSError):
-                fd = os.open(claims / name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    if os.fstat(fd).st_nlink:
-                        os.unlink(claims / name)
-                finally:
-                    os.close(fd)
 
     def update(self, destination: Destination, share: int) -> None:
         """A reload changed its settings: new associations use them."""
@@ -344,12 +346,19 @@ class DestinationActor:
             if fd < 0:
                 self._known.discard(entry.name)
                 return assoc
+            source = fd  # the data set is read from the claimed descriptor
         else:
             assert urgent is not None
             path = urgent.path
+            try:
+                source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                self._failed(None, urgent, -1, f"cannot read the instance: {exc}", None,
+                             permanent=True)
+                return assoc
         try:
             try:
-                part10 = _identity(path)
+                part10 = _identity(source, path)
             except (DIMSEError, OSError) as exc:
                 fd, claim = -1, fd
                 self._failed(entry, urgent, claim, f"cannot read the queued file: {exc}",
@@ -377,7 +386,7 @@ class DestinationActor:
                 return assoc
             started = self.clock()
             try:
-                rsp = await assoc.store(path, part10, ctx)
+                rsp = await assoc.store(path, part10, ctx, fd=source)
             except (OutboundError, OSError) as exc:
                 self._open.discard(assoc)
                 assoc.abort("delivery failed")
@@ -391,6 +400,8 @@ class DestinationActor:
             return assoc
         finally:
             self._unclaim(path, fd)
+            if urgent is not None:
+                os.close(source)
 
     async def _associate(self, pair: tuple[str, str], label: str) -> OutboundAssociation:
         self._pairs.pop(pair, None)
@@ -411,40 +422,31 @@ class DestinationActor:
     # ------------------------------------------------------------- outcomes
 
     def _claim(self, path: Path) -> int:
-        """Claim a queued file for this sender: a locked descriptor, or -1.
-
-        The lock is taken on a claim file, ``queue/<dest>/.claims/<name>``, not on the
-        instance: the instance is a hard link shared with other destinations' queues,
-        and a lock on it would lock them all. The claim file is unlinked (while still
-        locked) when the claim ends, so a descriptor whose claim file is gone after the
-        lock lost a race and must not be used; a claim file left by a dead process is
-        simply locked again.
-        """
-        claims = path.parent / _CLAIMS
+        """Claim a queued file for this sender: a locked descriptor to read it from, or
+        -1 (another worker is delivering it, or it is gone). See the module's notes."""
         try:
-            fd = os.open(claims / path.name, _CLAIM_FLAGS, 0o644)
+            fd = os.open(path, _CLAIM_FLAGS)
         except FileNotFoundError:
-            claims.mkdir(exist_ok=True)
-            fd = os.open(claims / path.name, _CLAIM_FLAGS, 0o644)
+            return -1  # delivered, or moved to dead/, meanwhile
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, self._claim_lock)
+            # Still the queued file? A claim that ended (delivered, moved) between our
+            # open and our lock left us a descriptor of a file no longer queued.
+            st, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
+            if (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev):
+                return fd
+        except (BlockingIOError, PermissionError, FileNotFoundError):
+            pass  # EAGAIN/EACCES: locked by another worker's sender
+        except BaseException:
             os.close(fd)
-            return -1  # another worker is delivering it
-        if os.fstat(fd).st_nlink == 0 or not path.exists():
-            # Lost a race with a claim that ended, or delivered meanwhile.
-            self._unclaim(path, fd)
-            return -1
-        return fd
+            raise
+        os.close(fd)
+        return -1
 
     def _unclaim(self, path: Path, fd: int) -> None:
-        """End a claim: unlink the claim file while holding its lock, then unlock."""
-        if fd < 0:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            if os.fstat(fd).st_nlink:
-                os.unlink(path.parent / _CLAIMS / path.name)
-        os.close(fd)
+        """End a claim: closing the descriptor drops its lock."""
+        if fd >= 0:
+            os.close(fd)
 
     def _answered(self, entry: _Entry | None, urgent: _Urgent | None, fd: int, path: Path,
                   part10: Part10, rsp: dimse.CStoreRSP, took: float) -> None:
@@ -463,7 +465,8 @@ class DestinationActor:
         assert entry is not None
         if ok:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # still holding the claim: see _claim
+                # Still holding the claim (see _claim); the file may live on as a spare.
+                self.spool.retire(f"{QUEUE_DIR}/{self.name}", entry.name, fd)
             self._unclaim(path, fd)
             self._known.discard(entry.name)
             self._count_delivered(path, part10, status)
@@ -539,12 +542,11 @@ class DestinationActor:
             self.on_event(kind, fields)
 
 
-def _identity(path: Path) -> Part10:
-    """SOP class, instance, transfer syntax and data set offset of a queued file: from
-    the file meta the spool wrote (a 2 KiB read), else by reading its data set."""
-    with open(path, "rb") as fh:
-        head = fh.read(2048)
-    return part10_from_meta(head) or read_part10_header(path)
+def _identity(fd: int, path: Path) -> Part10:
+    """SOP class, instance, transfer syntax and data set offset of a queued file (open
+    as ``fd``): from the file meta the spool wrote (a 2 KiB read), else by reading its
+    data set."""
+    return part10_from_meta(os.pread(fd, 2048, 0)) or read_part10_header(path)
 
 
 def _uid_name(uid: str) -> str:

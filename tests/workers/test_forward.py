@@ -245,3 +245,61 @@ def test_a_queue_larger_than_memory_is_taken_up_from_disk_in_windows(
         server.shutdown()
     assert max(peak) <= 8  # never more than the window in memory
     assert len(server.seen) == 30 and len(set(server.seen)) == 30
+
+
+def test_claims_exclude_senders_of_one_destination_not_of_two(tmp_path: Path) -> None:
+    """A claim is a lock on one byte per destination: a file linked into two queues is
+    claimed once per destination, in this process or another."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    (path_a,) = _queue(spool, "a", tmp_path, 1)
+    path_b = spool.root / "queue" / "b" / path_a.name
+    path_b.parent.mkdir()
+    os.link(path_a, path_b)
+    a1, a2 = (DestinationActor(_destination(1, name="a"), spool, share=1) for _ in range(2))
+    b = DestinationActor(_destination(1, name="b"), spool, share=1)
+
+    fd = a1._claim(path_a)
+    assert fd >= 0
+    assert a2._claim(path_a) == -1  # the same destination: taken
+    fd_b = b._claim(path_b)
+    assert fd_b >= 0  # another destination's byte: free
+    a1._unclaim(path_a, fd)
+    fd = a2._claim(path_a)
+    assert fd >= 0  # released, so claimable again
+
+    # Another process (another worker) holding the claim excludes us too.
+    b._unclaim(path_b, fd_b)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pathlib import Path
+            from router.config import Destination
+            from workers.forward import DestinationActor
+            from workers.spool import Spool
+            spool = Spool(Path({str(spool.root)!r}), fsync=False)
+            actor = DestinationActor(Destination(name="b", host="127.0.0.1", port=1,
+                                                 ae_title="X"), spool, share=1)
+            print(actor._claim(Path({str(path_b)!r})) >= 0, flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "True"
+        assert b._claim(path_b) == -1
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    fd_b = b._claim(path_b)
+    assert fd_b >= 0  # the holder exited: the kernel dropped its claim
+
+    # Delivered meanwhile (the file left the queue while we waited): no claim.
+    spool.retire("queue/a", path_a.name, fd)
+    a2._unclaim(path_a, fd)
+    assert a1._claim(path_a) == -1
+    b._unclaim(path_b, fd_b)
