@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import ssl
 from collections import deque
@@ -41,7 +42,7 @@ from typing import Final
 
 from router.config import Destination
 from router.dicom import dimse, uids
-from router.dicom.association import Association, Role
+from router.dicom.association import Association, Buffer, Role
 from router.dicom.dataset import Part10
 from router.dicom.errors import ProtocolError
 from router.dicom.events import (
@@ -72,6 +73,8 @@ READ_SIZE: Final = 1 << 20
 WRITE_HIGH_WATER: Final = 4 << 20
 WRITE_LOW_WATER: Final = 1 << 20
 RECV_BUFFER: Final = 1 << 16  # responses are small
+# Buffers one writev takes (Linux IOV_MAX is 1024).
+_IOV_MAX: Final = 1024
 
 
 class OutboundError(Exception):
@@ -106,6 +109,12 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._lost = False
         self._ids = itertools.cycle(range(1, 65536))
         self.current_find: tuple[int, int] | None = None
+        # Data sets are read into one buffer, reused for each READ_SIZE step: a fresh
+        # 500 KB bytes object per instance cost page faults and munmap, more than the
+        # copy itself. _flush makes sure nothing refers to it once a step is sent.
+        self._read_buffer: bytearray | None = None
+        # The socket, when we may write it ourselves (plain TCP): see _flush.
+        self._fd = -1
 
     # ------------------------------------------------------------------ opening
 
@@ -148,6 +157,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if transport.get_extra_info("sslcontext") is None:
+                self._fd = sock.fileno()
         self.engine.request(self.request)
         self.engine.connection_made()
         self._flush()
@@ -200,9 +211,11 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         return None
 
     async def store(self, path: Path, part10: Part10, ctx: NegotiatedContext, *,
-                    move_originator: tuple[str, int] | None = None) -> dimse.CStoreRSP:
+                    move_originator: tuple[str, int] | None = None,
+                    fd: int | None = None) -> dimse.CStoreRSP:
         """C-STORE the data set of ``path`` as it is on disk (D5); the response.
 
+        ``fd``, if given, is ``path`` already open for reading (it stays open).
         Raises :class:`OutboundError` if the association fails meanwhile and
         ``OSError`` if the file cannot be read (the association is then aborted:
         half a data set cannot be taken back).
@@ -219,7 +232,11 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.engine.send_message(ctx.context_id, rq)
         self._flush()
         try:
-            await self._send_file(ctx, path, part10.dataset_offset)
+            if fd is None:
+                with open(path, "rb", buffering=0) as fh:
+                    await self._send_file(ctx, fh.fileno(), part10.dataset_offset)
+            else:
+                await self._send_file(ctx, fd, part10.dataset_offset)
         except OSError:
             self.abort("cannot read the instance being sent")
             raise
@@ -453,27 +470,32 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         if not self.is_associated:
             raise OutboundError(f"{self.label}: the association is no longer established")
 
-    async def _send_file(self, ctx: NegotiatedContext, path: Path, offset: int) -> None:
-        total = 0
-        with path.open("rb", buffering=0) as fh:
-            fh.seek(offset)
-            chunk = fh.read(READ_SIZE)
-            while True:
-                following = fh.read(READ_SIZE) if len(chunk) == READ_SIZE else b""
-                total += len(chunk)
-                last = not following
-                if last and total % 2:
-                    # An odd data set (only deflated ones can be; PS3.5 A.5 pads them in
-                    # files, not every writer does): DCMTK refuses odd fragments.
-                    chunk += b"\x00"
-                self._require_associated()
-                self.engine.send_data(ctx.context_id, chunk, last)
-                self._flush()
-                if not self._writable.is_set():
-                    await self._wait_writable()
-                if last:
-                    return
-                chunk = following
+    async def _send_file(self, ctx: NegotiatedContext, fd: int, offset: int) -> None:
+        """Send the file open as ``fd`` from ``offset`` to its end as one data set."""
+        end = os.fstat(fd).st_size
+        if self._read_buffer is None:
+            self._read_buffer = bytearray(READ_SIZE)
+        buffer = memoryview(self._read_buffer)
+        while True:
+            count = os.preadv(fd, [buffer], offset) if offset < end else 0
+            if count <= 0 and offset < end:
+                raise OSError(f"the file ended at byte {offset} of {end} while being sent")
+            offset += count
+            last = offset >= end
+            chunk = buffer[:count]
+            if last and offset % 2 and count < READ_SIZE:
+                # An odd data set (only deflated ones can be; PS3.5 A.5 pads them in
+                # files, not every writer does): DCMTK refuses odd fragments. Every
+                # step but the last is READ_SIZE (even), so the odd one has room.
+                buffer[count] = 0
+                chunk = buffer[:count + 1]
+            self._require_associated()
+            self.engine.send_data(ctx.context_id, chunk, last)
+            self._flush()  # after it, nothing refers to the buffer any more
+            if not self._writable.is_set():
+                await self._wait_writable()
+            if last:
+                return
 
     async def _wait_writable(self) -> None:
         try:
@@ -530,14 +552,45 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     def _flush(self) -> None:
+        """Hand what the engine has to send to the socket.
+
+        The engine gives PDU headers and slices of the data set as separate buffers.
+        On plain TCP with nothing queued in the transport they go out with ``writev``
+        straight from the buffers (Python 3.11's ``writelines`` joins them into one
+        copy first); what the socket does not take, or everything on TLS, is handed
+        to the transport as a copy, so no buffer of ours is referred to afterwards.
+        """
         transport = self.transport
         if transport is None:
             return
         chunks = self.engine.data_to_send()
         if chunks and not transport.is_closing():
-            transport.writelines(chunks)
+            if self._fd >= 0 and not transport.get_write_buffer_size():
+                chunks = self._write_direct(chunks)
+            if chunks:
+                transport.write(b"".join(chunks))
         if self.engine.wants_close and not transport.is_closing():
             transport.close()
+
+    def _write_direct(self, chunks: list[Buffer]) -> list[Buffer]:
+        """writev as much of ``chunks`` as the socket takes now; the rest."""
+        pending = list(chunks)
+        while pending:
+            batch = min(len(pending), _IOV_MAX)
+            try:
+                sent = os.writev(self._fd, pending[:batch])
+            except OSError:
+                break  # full (EAGAIN), or broken: the transport meets that on its write
+            done = 0
+            while done < batch and sent >= (size := memoryview(pending[done]).nbytes):
+                sent -= size
+                done += 1
+            if done < batch:  # the socket is full: keep the unsent part of this one
+                pending[done] = memoryview(pending[done])[sent:]
+                del pending[:done]
+                break
+            del pending[:done]
+        return pending
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
