@@ -106,6 +106,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import dcmtk_binary, make_data  # noqa: E402
 from tests.helpers.data import make_ct, to_bytes  # noqa: E402
 from tests.helpers.net import free_port, wait_for_port  # noqa: E402
+from workers.spool import SPARE_SUFFIX  # noqa: E402
 
 SAMPLE_INTERVAL = 0.05  # seconds between RSS samples
 ROUTER_AE, SINK_AE, NAIVE_AE, SENDER_AE = "ROUTER", "SINK", "NAIVE", "BENCH"
@@ -412,8 +413,9 @@ class Router(Server):
         for sub in ("tmp", "incoming", "unrouted", f"queue/{DESTINATION}", "dead"):
             folder = self.spool / sub
             if folder.is_dir():
-                # queue/<dest>/.claims/: claim files, unlinked with the delivered file
-                found += [p for p in folder.rglob("*") if p.is_file()]
+                # tmp/*.spare: delivered files the router keeps to write over (spool.py)
+                found += [p for p in folder.rglob("*")
+                          if p.is_file() and p.suffix != SPARE_SUFFIX]
         return found
 
     def settle(self) -> list[str]:

@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import dcmtk_binary, make_data  # noqa: E402
 from tests.helpers.net import free_port, wait_for_port  # noqa: E402
+from workers.spool import SPARE_SUFFIX  # noqa: E402
 
 STREAMS = 8
 SIZE_KB = 500
@@ -199,7 +200,7 @@ class Router(Receiver):
         return f"other {proc.pid}"
 
     def check(self) -> list[str]:
-        left = sum(1 for _ in os.scandir(self.spool_tmp))
+        left = sum(1 for e in os.scandir(self.spool_tmp) if not e.name.endswith(SPARE_SUFFIX))
         return [f"{left} file(s) left in {self.spool_tmp}"] if left else []
 
     def stop(self) -> None:

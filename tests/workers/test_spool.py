@@ -717,3 +717,113 @@ def test_write_many_equals_write_one_by_one_even_after_a_short_writev(
     path = writer.finish()
     assert path.read_bytes()[writer.dataset_offset:] == data
     assert writer.bytes_written == len(data)
+
+
+# --- spare files (Spool.retire) ----------------------------------------------------
+
+
+def committed_to(spool: Spool, committer: GroupCommitter, data: bytes, folder: str,
+                 *, route: Callable[[SpoolWriter, Path], Placement] | None = None,
+                 ) -> tuple[SpoolWriter, Path]:
+    writer = begin(spool)
+    feed(writer, data)
+    chosen = route or (lambda w, p: Placement(links=(folder,)))
+    placed = committer.submit(writer, chosen).result(timeout=WAIT)
+    assert placed.path is not None
+    return writer, placed.path
+
+
+def retire(spool: Spool, path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        spool.retire(str(path.parent.relative_to(spool.root)), path.name, fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("second_size_kb", [64, 8, 200])
+def test_a_retired_file_is_written_over_and_holds_exactly_the_new_instance(
+        spool: Spool, committer: GroupCommitter, second_size_kb: int) -> None:
+    _, _, first = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, first, "queue/a")
+    inode = path.stat().st_ino
+    retire(spool, path)
+    assert not path.exists()
+    (spare,) = spool.tmp.iterdir()
+    assert spare.suffix == ".spare" and spare.stat().st_ino == inode
+
+    # Shorter, same size and longer than the file it reuses.
+    second = to_bytes(make_ct(size_kb=second_size_kb, seed=7))
+    data = second[read_part10_header(second).dataset_offset:]
+    seen: list[bytes] = []
+
+    def route(writer: SpoolWriter, tmp: Path) -> Placement:
+        seen.append(tmp.read_bytes())  # what the rules get to read
+        return Placement(links=("queue/b",))
+
+    writer, again = committed_to(spool, committer, data, "queue/b", route=route)
+    assert again.stat().st_ino == inode  # the same inode, no new one
+    content = again.read_bytes()
+    assert seen == [content]
+    assert content[writer.dataset_offset:] == data
+    assert len(content) == writer.dataset_offset + len(data)
+    read = pydicom.dcmread(again)
+    assert read.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
+    assert read.SOPInstanceUID == read_part10_header(second).sop_instance_uid
+    assert files(spool.tmp) == []
+
+
+def test_a_file_another_queue_still_links_is_deleted_not_kept(
+        spool: Spool, committer: GroupCommitter) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, data, "",
+                           route=lambda w, p: Placement(links=("queue/a", "queue/b")))
+    other = spool.root / "queue" / "b" / path.name
+    retire(spool, path)
+    assert files(spool.tmp) == [] and other.read_bytes()[:132].endswith(b"DICM")
+    retire(spool, other)  # the last link may be kept
+    assert [p.suffix for p in spool.tmp.iterdir()] == [".spare"]
+
+
+def test_spares_are_bounded_in_number_and_size(spool: Spool, committer: GroupCommitter,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "SPARES", 2)
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    paths = [committed_to(spool, committer, data, "queue/a")[1] for _ in range(3)]
+    for path in paths:
+        retire(spool, path)
+    assert len(files(spool.tmp)) == 2 and files(spool.root / "queue" / "a") == []
+    monkeypatch.setattr(spool_module, "SPARE_MAX_BYTES", 1000)
+    monkeypatch.setattr(spool_module, "SPARES", 3)
+    _, big = committed_to(spool, committer, data, "queue/a")  # takes one spare
+    assert len(files(spool.tmp)) == 1
+    retire(spool, big)
+    assert len(files(spool.tmp)) == 1  # too big to keep: deleted
+    assert files(spool.root / "queue" / "a") == []
+
+
+def test_recover_deletes_spares_and_begin_then_makes_a_new_file(
+        spool: Spool, committer: GroupCommitter) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, data, "queue/a")
+    retire(spool, path)
+    # Another process restarting recovers the spool: the spare is anybody's leftover.
+    assert Spool(spool.root).recover().removed_temporary == 1
+    assert files(spool.tmp) == []
+    writer, again = committed_to(spool, committer, data, "queue/a")
+    assert again.read_bytes()[writer.dataset_offset:] == data
+
+
+def test_a_writer_over_a_spare_is_locked_like_a_new_one(spool: Spool,
+                                                        committer: GroupCommitter) -> None:
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, data, "queue/a")
+    retire(spool, path)
+    writer = begin(spool)
+    feed(writer, data[:1000])
+    assert writer.tmp_path.suffix == ".spare"
+    assert Spool(spool.root).recover().removed_temporary == 0  # ours, in progress
+    writer.abort()
+    assert files(spool.tmp) == []
