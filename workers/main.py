@@ -424,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RuleError) as exc:
         print(f"worker {args.worker_id}: {exc}", file=sys.stderr)
         return BOOT_ERROR
+    # A line per instance received and per instance forwarded: skip what our format
+    # does not show (the logging HOWTO's "Optimization": caller, thread, process).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=config.log_level,
                         format=f"%(asctime)s %(levelname)s worker-{args.worker_id} "
                                "%(name)s: %(message)s")
