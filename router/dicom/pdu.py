@@ -1653,12 +1653,18 @@ class PDUReader:
     is not usable; the association is to be aborted (PS3.8 §9.2, AA-8).
     """
 
-    __slots__ = ("_buffer", "_max_associate_pdu_length", "_max_pdu_length")
+    __slots__ = ("_buffer", "_max_associate_pdu_length", "_max_pdu_length", "_pos")
 
     def __init__(self, *, max_pdu_length: int = 0, max_associate_pdu_length: int = 1 << 22) -> None:
         _check_uint(max_pdu_length, _MAX_U32, "max_pdu_length")
         _check_uint(max_associate_pdu_length, _MAX_U32, "max_associate_pdu_length")
+        # PDUs are handed out as read-only views of _buffer, not copies (a 500 KB
+        # data set crossed the buffer twice otherwise); _pos is where the next one
+        # starts. The bytes before _pos are never touched while a view of them lives:
+        # Python refuses to resize a bytearray with exports, and feed() then moves
+        # the unread tail to a new buffer instead.
         self._buffer = bytearray()
+        self._pos = 0
         self._max_pdu_length = max_pdu_length
         self._max_associate_pdu_length = max_associate_pdu_length
 
@@ -1675,11 +1681,18 @@ class PDUReader:
     @property
     def buffered(self) -> int:
         """Number of bytes received and not yet returned as a PDU."""
-        return len(self._buffer)
+        return len(self._buffer) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes."""
-        self._buffer += data
+        buffer = self._buffer
+        if self._pos:
+            try:
+                del buffer[:self._pos]  # no PDU handed out still refers to it
+            except BufferError:
+                buffer = self._buffer = bytearray(memoryview(buffer)[self._pos:])
+            self._pos = 0
+        buffer += data
 
     def next_pdu(self) -> PDU | None:
         """Return the next complete PDU, or ``None`` until more bytes arrive.
@@ -1687,22 +1700,21 @@ class PDUReader:
         Raises :class:`~router.dicom.errors.PDUDecodeError` (and nothing else)
         for a malformed PDU, an unknown PDU type or a length over the cap.
         """
-        buffer = self._buffer
-        size = len(buffer)
+        buffer, pos = self._buffer, self._pos
+        size = len(buffer) - pos
         if size < 6:
-            if size and buffer[0] not in _PDU_NAMES:
-                _unrecognized(buffer[0])
+            if size and buffer[pos] not in _PDU_NAMES:
+                _unrecognized(buffer[pos])
             return None
-        pdu_type, _, length = _PDU_HEADER.unpack_from(buffer, 0)
+        pdu_type, _, length = _PDU_HEADER.unpack_from(buffer, pos)
         name = _check_header(pdu_type, length, self._max_pdu_length, self._max_associate_pdu_length)
         total = length + 6
         if size < total:
             return None
-        if size == total:
-            # The common case: the buffer holds exactly one PDU; hand it over.
-            chunk = buffer
+        chunk = memoryview(buffer)[pos:pos + total].toreadonly()
+        if size == total:  # all read: the next bytes start a new buffer
             self._buffer = bytearray()
+            self._pos = 0
         else:
-            chunk = buffer[:total]
-            del buffer[:total]
-        return _decode_body(memoryview(chunk).toreadonly(), pdu_type, name)
+            self._pos = pos + total
+        return _decode_body(chunk, pdu_type, name)

@@ -1447,6 +1447,23 @@ def test_reader_pdvs_survive_more_feeding() -> None:
     assert bytes(exact.pdvs[1].data) == b"\xaa\xbb\xcc\xdd\xee\xff"
 
 
+def test_reader_hands_out_views_not_copies_and_never_changes_them() -> None:
+    # PDUs that arrive together are views of one receive buffer (no copy of a data
+    # set); later feeds, whether or not those views still live, leave them intact.
+    reader = PDUReader()
+    reader.feed(P_DATA_TF * 3 + P_DATA_TF[:7])
+    first, second = reader.next_pdu(), reader.next_pdu()
+    assert isinstance(first, PDataTF) and isinstance(second, PDataTF)
+    assert first.pdvs[0].data.obj is second.pdvs[0].data.obj  # type: ignore[union-attr]
+    reader.feed(P_DATA_TF[7:] + P_DATA_TF[:3])  # views live: the tail moves out
+    third, fourth = reader.next_pdu(), reader.next_pdu()
+    del third, fourth
+    reader.feed(P_DATA_TF[3:] + A_RELEASE_RQ)  # no views of the tail: compacted
+    assert drain(reader) == [P_DATA_TF_OBJ, AReleaseRQ()]
+    assert first == second == P_DATA_TF_OBJ
+    assert reader.buffered == 0
+
+
 def test_reader_rejects_oversized_pdata_on_the_header() -> None:
     reader = PDUReader(max_pdu_length=16384)
     reader.feed(b"\x04\x00\x00\x00\x40\x01")  # PDU length 16385, nothing of the body yet
