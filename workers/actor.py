@@ -33,6 +33,7 @@ reading pauses (TCP flow control is the back-pressure, D3).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -44,6 +45,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from router.dicom import dimse, uids
@@ -75,7 +77,14 @@ from workers.nservices import (
 from workers.outbound import OutboundError
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS, FindProxy, GetProxy, MoveProxy
 from workers.routing import Dispatcher, Routed
-from workers.spool import GroupCommitter, Placed, Spool, SpoolWriter, status_for_error
+from workers.spool import (
+    GroupCommitter,
+    Placed,
+    Placement,
+    Spool,
+    SpoolWriter,
+    status_for_error,
+)
 
 __all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
 
@@ -390,7 +399,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         size = writer.bytes_written
         self._busy = True
         dispatcher = self._dispatcher()
-        route = None
+        route: Callable[[SpoolWriter, Path], Placement] | None = None
         if dispatcher is not None:
             info = self._association_info()
             originator = None
@@ -399,6 +408,11 @@ class AssociationActor(asyncio.BufferedProtocol):
                               int(msg.move_originator_message_id))
             route = functools.partial(dispatcher.router.route, association=info,
                                       move_originator=originator)
+            if originator is None and not dispatcher.router.rules.needs_dataset:
+                # Rules on the association only: decide here, where it costs no
+                # hand-over of the GIL to the commit thread and back.
+                with contextlib.suppress(Exception):  # raises again there, and is answered
+                    route = _decided(route(writer, writer.tmp_path))
         future = self.committer.submit(writer, route)
         future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(
             self._committed, ctx, msg, f, size, writer, dispatcher))
@@ -887,6 +901,11 @@ class AssociationActor(asyncio.BufferedProtocol):
         s = self.stats
         aes = f" {s.calling_ae}->{s.called_ae}" if s.calling_ae else ""
         return f"{s.association_id}{aes} {s.peer[0]}:{s.peer[1]}"
+
+
+def _decided(placement: Placement) -> Callable[[SpoolWriter, Path], Placement]:
+    """A router for the commit thread that returns a placement decided already."""
+    return lambda writer, path: placement
 
 
 def _comment(text: str) -> str:
