@@ -342,7 +342,12 @@ class DestinationActor:
         fd = -1  # our claim on a queued file; each outcome below takes it over
         if entry is not None:
             path = self.folder / entry.name
-            fd = self._claim(path)
+            try:
+                fd = self._claim(path)
+            except OSError as exc:  # EACCES: a file the router may not open for writing
+                self._failed(entry, None, -1, f"cannot claim the queued file: {exc}", None,
+                             permanent=True)
+                return assoc
             if fd < 0:
                 self._known.discard(entry.name)
                 return assoc

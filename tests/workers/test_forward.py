@@ -303,3 +303,24 @@ def test_claims_exclude_senders_of_one_destination_not_of_two(tmp_path: Path) ->
     a2._unclaim(path_a, fd)
     assert a1._claim(path_a) == -1
     b._unclaim(path_b, fd_b)
+
+
+def test_a_queued_file_that_cannot_be_claimed_goes_to_dead_letters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued file the router cannot open to claim it (in real life: put there by
+    hand, read-only to the router's user): one line of reason in dead/, and the sender
+    goes on. The tests run as root, which opens read-only files anyway, so the open is
+    made to fail another way: claiming a regular file as a directory (ENOTDIR)."""
+    import os
+
+    import workers.forward
+
+    monkeypatch.setattr(workers.forward, "_CLAIM_FLAGS",
+                        workers.forward._CLAIM_FLAGS | os.O_DIRECTORY)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    (path,) = _queue(spool, "pacs", tmp_path, 1)
+    actor = DestinationActor(_destination(free_port()), spool, share=1)
+    asyncio.run(_run_until(actor, lambda: actor.stats.dead == 1))
+    (reason_file,) = (spool.root / "dead" / "pacs").glob("*.json")
+    assert "cannot claim the queued file" in json.loads(reason_file.read_text())["reason"]
+    assert not path.exists() and (spool.root / "dead" / "pacs" / path.name).exists()
