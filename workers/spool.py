@@ -65,7 +65,11 @@ scans past every inode freed in the last minute (measured: 11% of a forwarding
 worker's CPU), and writing over allocated blocks makes the fsync cheaper. A spare is
 an unlocked file in ``tmp/``, so :meth:`Spool.recover` deletes it like any leftover;
 a writer that reuses one locks it first, as it locks a new one, and truncates it to
-what it wrote before the commit reads it.
+what it wrote before the commit reads it. A spare is written over only after a
+directory fsync of the folder it left, started after it left, has completed: before
+that a crash (or a journal that commits the rename after the overwritten data) could
+bring its old name back holding another instance's bytes. In the usual flow the
+next group commit into that destination's queue is that fsync.
 
 Errors are ``OSError``; :func:`status_for_error` maps them to the DIMSE status the
 C-STORE is answered with (A700H out of resources for a full disk, 0110H otherwise).
@@ -248,8 +252,12 @@ class Spool:
         # Other folders (queue/<dest>, unrouted...), opened on first use.
         self._dir_fds: dict[str, int] = {INCOMING_DIR: self._incoming_fd}
         self._dir_lock = threading.Lock()
-        # This process's spare files in tmp/: (name, size); see the module docstring.
-        self._spares: deque[tuple[str, int]] = deque()
+        # This process's spare files in tmp/: (name, size, folder it left, the number of
+        # fsyncs of that folder started before it left); see retire().
+        self._spares: deque[tuple[str, int, str, int]] = deque()
+        # Per folder: directory fsyncs started, and the latest one known complete.
+        self._syncs_started: dict[str, int] = {}
+        self._synced: dict[str, int] = {}
 
     def __enter__(self) -> Spool:
         return self
@@ -284,7 +292,12 @@ class Spool:
 
     def sync_dir(self, folder: str) -> None:
         if self.fsync:
+            with self._dir_lock:
+                ticket = self._syncs_started[folder] = self._syncs_started.get(folder, 0) + 1
             os.fsync(self.dir_fd(folder))
+            with self._dir_lock:
+                if ticket > self._synced.get(folder, 0):
+                    self._synced[folder] = ticket
 
     def recover(self) -> RecoveryReport:
         """Delete the temporary files no live writer holds; count the complete instances.
@@ -371,7 +384,9 @@ class Spool:
 
         If it has no other link (no other destination still waits for it) and is at
         most :data:`SPARE_MAX_BYTES`, it becomes one of this process's spare files
-        while fewer than :data:`SPARES` are kept; else it is deleted. Raises
+        while fewer than :data:`SPARES` are kept; else it is deleted. A spare is
+        written over only once a later fsync of ``folder`` has completed (see
+        :meth:`_left_durably`). Raises
         ``FileNotFoundError`` if it is gone already. Nothing is fsync'd: after a
         crash the file is back in its folder and is delivered again (D4 allows
         duplicates there), or it is a leftover in ``tmp/`` that recover() deletes.
@@ -379,10 +394,23 @@ class Spool:
         st = os.fstat(fd)
         if st.st_nlink == 1 and st.st_size <= SPARE_MAX_BYTES and len(self._spares) < SPARES:
             spare = _mint_stem() + SPARE_SUFFIX
+            with self._dir_lock:
+                before = self._syncs_started.get(folder, 0)
             os.rename(name, spare, src_dir_fd=self.dir_fd(folder), dst_dir_fd=self._tmp_fd)
-            self._spares.append((spare, st.st_size))
+            self._spares.append((spare, st.st_size, folder, before))
             return
         os.unlink(name, dir_fd=self.dir_fd(folder))
+
+    def _left_durably(self, folder: str, before: int) -> bool:
+        """Has a spare's removal from ``folder`` reached the disk? Only then may it be
+        written over: until a directory fsync that started after the rename has
+        completed, a crash can bring the old name back, and it must not come back
+        holding another instance's bytes. Group commits into that folder (the usual
+        single-destination case) make it so within a batch."""
+        if not self.fsync:
+            return True  # nothing is durable anyway
+        with self._dir_lock:
+            return self._synced.get(folder, 0) > before
 
     def _create_locked(self) -> tuple[str, str, int, int]:
         """A temporary file, flock()ed: (stem, its name in tmp/, descriptor, bytes of
@@ -392,8 +420,11 @@ class Spool:
         we lock and find still linked is ours for good. Losing that race (recover ran
         between our open and our flock) only costs a fresh name.
         """
-        while self._spares:
-            name, size = self._spares.popleft()
+        for _ in range(len(self._spares)):
+            name, size, folder, before = self._spares.popleft()
+            if not self._left_durably(folder, before):
+                self._spares.append((name, size, folder, before))
+                continue
             try:
                 fd = os.open(name, _SPARE_FLAGS, dir_fd=self._tmp_fd)
             except OSError:

@@ -751,6 +751,7 @@ def test_a_retired_file_is_written_over_and_holds_exactly_the_new_instance(
     assert not path.exists()
     (spare,) = spool.tmp.iterdir()
     assert spare.suffix == ".spare" and spare.stat().st_ino == inode
+    spool.sync_dir("queue/a")  # its leaving queue/a is durable: it may be written over
 
     # Shorter, same size and longer than the file it reuses.
     second = to_bytes(make_ct(size_kb=second_size_kb, seed=7))
@@ -795,6 +796,7 @@ def test_spares_are_bounded_in_number_and_size(spool: Spool, committer: GroupCom
     for path in paths:
         retire(spool, path)
     assert len(files(spool.tmp)) == 2 and files(spool.root / "queue" / "a") == []
+    spool.sync_dir("queue/a")
     monkeypatch.setattr(spool_module, "SPARE_MAX_BYTES", 1000)
     monkeypatch.setattr(spool_module, "SPARES", 3)
     _, big = committed_to(spool, committer, data, "queue/a")  # takes one spare
@@ -821,9 +823,39 @@ def test_a_writer_over_a_spare_is_locked_like_a_new_one(spool: Spool,
     _, _, data = ct_instance(ExplicitVRLittleEndian)
     _, path = committed_to(spool, committer, data, "queue/a")
     retire(spool, path)
+    spool.sync_dir("queue/a")
     writer = begin(spool)
     feed(writer, data[:1000])
     assert writer.tmp_path.suffix == ".spare"
     assert Spool(spool.root).recover().removed_temporary == 0  # ours, in progress
     writer.abort()
     assert files(spool.tmp) == []
+
+
+def test_a_spare_is_written_over_only_once_its_leaving_is_durable(
+        spool: Spool, committer: GroupCommitter) -> None:
+    """Until a directory fsync of the folder it left has completed (one that started
+    after it left), a crash could bring the delivered file's old name back: writing
+    another instance into it then would send that instance to the wrong destination."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, data, "queue/a")
+    retire(spool, path)
+    (spare,) = spool.tmp.iterdir()
+    # A commit into another folder does not make queue/a durable: a new file is made.
+    _, elsewhere = committed_to(spool, committer, data, "queue/b")
+    assert elsewhere.stat().st_ino != spare.stat().st_ino and spare.exists()
+    # A commit into queue/a fsyncs it (group commit), so the next one reuses the spare.
+    committed_to(spool, committer, data, "queue/a")
+    inode = spare.stat().st_ino
+    _, again = committed_to(spool, committer, data, "queue/b")
+    assert again.stat().st_ino == inode and not spare.exists()
+
+
+def test_without_fsync_spares_are_reused_at_once(tmp_path: Path) -> None:
+    with Spool(tmp_path / "spool", fsync=False) as spool, GroupCommitter(spool) as committer:
+        _, _, data = ct_instance(ExplicitVRLittleEndian)
+        _, path = committed_to(spool, committer, data, "queue/a")
+        inode = path.stat().st_ino
+        retire(spool, path)
+        _, again = committed_to(spool, committer, data, "queue/b")
+        assert again.stat().st_ino == inode
