@@ -472,7 +472,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
 
     async def _send_file(self, ctx: NegotiatedContext, fd: int, offset: int) -> None:
         """Send the file open as ``fd`` from ``offset`` to its end as one data set."""
-        end = os.fstat(fd).st_size
+        start, end = offset, os.fstat(fd).st_size
         if self._read_buffer is None:
             self._read_buffer = bytearray(READ_SIZE)
         buffer = memoryview(self._read_buffer)
@@ -483,7 +483,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             offset += count
             last = offset >= end
             chunk = buffer[:count]
-            if last and offset % 2 and count < READ_SIZE:
+            if last and (offset - start) % 2 and count < READ_SIZE:
                 # An odd data set (only deflated ones can be; PS3.5 A.5 pads them in
                 # files, not every writer does): DCMTK refuses odd fragments. Every
                 # step but the last is READ_SIZE (even), so the odd one has room.

@@ -324,3 +324,26 @@ def test_a_queued_file_that_cannot_be_claimed_goes_to_dead_letters(
     (reason_file,) = (spool.root / "dead" / "pacs").glob("*.json")
     assert "cannot claim the queued file" in json.loads(reason_file.read_text())["reason"]
     assert not path.exists() and (spool.root / "dead" / "pacs" / path.name).exists()
+
+
+def test_an_odd_length_data_set_goes_out_padded_and_arrives(tmp_path: Path, procs: Procs,
+                                                            dcmtk: Dcmtk) -> None:
+    """pydicom's image_dfl.dcm (deflated, written by another toolkit) has a 4,303-byte
+    data set: DCMTK refuses odd P-DATA fragments, so it goes out with one NUL of
+    padding (PS3.5 §7.1: values, and so data sets, are of even length)."""
+    from tests.helpers import pydicom_test_files
+
+    source = next(p for p in pydicom_test_files() if p.name == "image_dfl.dcm")
+    assert (source.stat().st_size - read_part10_header(source).dataset_offset) % 2
+    scp = storescp_server(tmp_path, procs, args=["+B"], dcmtk=dcmtk)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    folder = spool.root / "queue" / "pacs"
+    folder.mkdir(parents=True)
+    shutil.copyfile(source, folder / "00000000000000000001-1-1.dcm")
+    actor = DestinationActor(_destination(scp.port), spool, share=1)
+
+    asyncio.run(_run_until(actor, lambda: actor.stats.delivered + actor.stats.dead == 1))
+
+    assert actor.stats.delivered == 1
+    (got,) = received_files(scp.outdir)
+    assert _dataset(got) == _dataset(source) + b"\x00"
