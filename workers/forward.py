@@ -73,8 +73,8 @@ from router.dicom import dimse
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
 from workers.outbound import OutboundAssociation, OutboundError, open_association
-from workers.queue import move_to_dead, queued
-from workers.spool import QUEUE_DIR, Spool
+from workers.queue import move_to_dead, queue_folder, queued
+from workers.spool import Spool
 
 __all__ = ["DestinationActor", "is_permanent_failure", "transparent_failure_status"]
 
@@ -191,7 +191,7 @@ class DestinationActor:
 
     @property
     def folder(self) -> Path:
-        return self.spool.root / QUEUE_DIR / self.destination.name
+        return self.spool.root / queue_folder(self.destination.name)
 
     @property
     def depth(self) -> int:
@@ -471,7 +471,7 @@ class DestinationActor:
         if ok:
             with contextlib.suppress(FileNotFoundError):
                 # Still holding the claim (see _claim); the file may live on as a spare.
-                self.spool.retire(f"{QUEUE_DIR}/{self.name}", entry.name, fd)
+                self.spool.retire(queue_folder(self.name), entry.name, fd)
             self._unclaim(path, fd)
             self._known.discard(entry.name)
             self._count_delivered(path, part10, status)

@@ -35,6 +35,7 @@ __all__ = [
     "dead_letters",
     "move_to_dead",
     "purge_dead",
+    "queue_folder",
     "queued",
     "retry_dead",
     "summarize",
@@ -80,6 +81,11 @@ def _folders(root: Path, top: str) -> list[str]:
             return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         return []
+
+
+def queue_folder(destination: str) -> str:
+    """The spool folder (relative to the root) holding ``destination``'s queue."""
+    return f"{QUEUE_DIR}/{destination}"
 
 
 def queued(root: Path, destination: str) -> list[str]:

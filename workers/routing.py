@@ -49,6 +49,7 @@ from router.dicom.errors import ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
 from workers.moves import move_destination_of
+from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
 __all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "load_rules",
@@ -64,11 +65,6 @@ UNMATCHED_STATUS: Final = dimse.NOT_AUTHORIZED
 _SPECIFIC_CHARACTER_SET: Final = 0x00080005
 _HEAD: Final = 16 * 1024  # most headers end well within this
 _MAX_HEAD: Final = 8 * 1024 * 1024
-
-
-def queue_folder(destination: str) -> str:
-    """The spool folder (relative) holding ``destination``'s queue."""
-    return f"{QUEUE_DIR}/{destination}"
 
 
 def load_rules(config: Config) -> RuleSet:
