@@ -241,22 +241,13 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             self.abort("cannot read the instance being sent")
             raise
         while True:
-            event = await self._next_event()
-            if isinstance(event, CommandReceived):
-                msg = event.message
-                if isinstance(msg, dimse.CStoreRSP) and msg.message_id_being_responded_to == mid:
-                    return msg
-                log.warning("%s: ignoring %s while waiting for C-STORE-RSP %d", self.label,
-                            type(msg).__name__, mid)
-                if msg.has_dataset:
-                    await self._drain()
-                continue
-            if isinstance(event, CommandRejected):
-                if event.has_dataset:
-                    await self._drain()
-                continue
-            raise OutboundError(f"{self.label}: {_describe(event)} while waiting for the "
-                                "C-STORE response")
+            msg = (await self._next_command("while waiting for the C-STORE response")).message
+            if isinstance(msg, dimse.CStoreRSP) and msg.message_id_being_responded_to == mid:
+                return msg
+            log.warning("%s: ignoring %s while waiting for C-STORE-RSP %d", self.label,
+                        type(msg).__name__, mid)
+            if msg.has_dataset:
+                await self._drain()
 
     def context_for_model(self, abstract_syntax: str) -> NegotiatedContext | None:
         """An accepted context for ``abstract_syntax`` (any transfer syntax), if any."""
@@ -302,15 +293,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.current_find = (ctx.context_id, mid)
         try:
             while True:
-                event = await self._next_event()
-                if isinstance(event, CommandRejected):
-                    if event.has_dataset:
-                        await self._drain()
-                    continue
-                if not isinstance(event, CommandReceived):
-                    raise OutboundError(f"{self.label}: {_describe(event)} during "
-                                        f"{type(rq).__name__[:-2]}")
-                msg = event.message
+                msg = (await self._next_command(f"during {type(rq).__name__[:-2]}")).message
                 data = await self._read(max_identifier) if msg.has_dataset else None
                 if not (isinstance(msg, response)
                         and getattr(msg, "message_id_being_responded_to", None) == mid):
@@ -343,13 +326,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.current_find = (ctx.context_id, mid)
         try:
             while True:
-                event = await self._next_event()
-                if isinstance(event, CommandRejected):
-                    if event.has_dataset:
-                        await self._drain()
-                    continue
-                if not isinstance(event, CommandReceived):
-                    raise OutboundError(f"{self.label}: {_describe(event)} during C-GET")
+                event = await self._next_command("during C-GET")
                 msg = event.message
                 if isinstance(msg, dimse.CStoreRQ):
                     yield msg, event.context_id, None
@@ -387,15 +364,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.engine.send_message(ctx.context_id, rq, dataset)
         self._flush()
         while True:
-            event = await self._next_event()
-            if isinstance(event, CommandRejected):
-                if event.has_dataset:
-                    await self._drain()
-                continue
-            if not isinstance(event, CommandReceived):
-                raise OutboundError(f"{self.label}: {_describe(event)} while waiting for the "
-                                    f"{type(rq).__name__[:-2]} response")
-            msg = event.message
+            msg = (await self._next_command(
+                f"while waiting for the {type(rq).__name__[:-2]} response")).message
             data = await self._read(max_dataset) if msg.has_dataset else None
             if (isinstance(msg, dimse.DimseResponse)
                     and getattr(msg, "message_id_being_responded_to", None) == mid):
@@ -505,6 +475,19 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             detail = f"destination took no data for {self.timeout:.0f} s"
             self.abort(detail)
             raise OutboundError(f"{self.label}: {detail}") from None
+
+    async def _next_command(self, during: str) -> CommandReceived:
+        """The next usable DIMSE command from the destination. A command set that
+        cannot be used (``CommandRejected``) is skipped with its data set; anything
+        else (abort, closed) raises :class:`OutboundError` naming ``during``."""
+        while True:
+            event = await self._next_event()
+            if isinstance(event, CommandReceived):
+                return event
+            if not isinstance(event, CommandRejected):
+                raise OutboundError(f"{self.label}: {_describe(event)} {during}")
+            if event.has_dataset:
+                await self._drain()
 
     async def _drain(self) -> None:
         while True:
