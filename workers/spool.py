@@ -546,10 +546,7 @@ class SpoolWriter:
         try:
             written = os.writev(self._fd, views)
         except BaseException as exc:
-            self._state = _State.FAILED
-            if isinstance(exc, OSError):
-                self._error = exc
-            _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+            self._fail(exc)
             raise
         if written < total:  # a short write (signal, nearly full disk): finish one by one
             for view in views:
@@ -613,9 +610,7 @@ class SpoolWriter:
             try:
                 os.ftruncate(self._fd, end)
             except OSError as exc:
-                self._state = _State.FAILED
-                self._error = exc
-                _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+                self._fail(exc)
                 raise
         self._state = _State.COMMITTING
 
@@ -735,6 +730,14 @@ class SpoolWriter:
         self._state = _State.ABORTED
         _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
 
+    def _fail(self, exc: BaseException) -> None:
+        """A write failed: remember an ``OSError`` for :attr:`status`, drop the file;
+        further fragments are dropped too."""
+        self._state = _State.FAILED
+        if isinstance(exc, OSError):
+            self._error = exc
+        _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+
     def _write_all(self, data: memoryview) -> None:
         # os.write may write less than asked (a signal, a nearly full disk): loop on
         # slices of the same view, which copy nothing.
@@ -743,10 +746,7 @@ class SpoolWriter:
             while view:
                 view = view[os.write(self._fd, view):]
         except BaseException as exc:
-            self._state = _State.FAILED
-            if isinstance(exc, OSError):
-                self._error = exc
-            _discard(self._fd, self._tmp_name, self.spool._tmp_fd)
+            self._fail(exc)
             raise
 
 
