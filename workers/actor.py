@@ -40,6 +40,7 @@ import functools
 import itertools
 import logging
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +82,7 @@ from workers.spool import (
     GroupCommitter,
     Placed,
     Placement,
+    RingCommitter,
     Spool,
     SpoolWriter,
     status_for_error,
@@ -140,7 +142,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self,
         settings: ActorSettings,
         spool: Spool,
-        committer: GroupCommitter,
+        committer: GroupCommitter | RingCommitter,
         *,
         on_closed: Callable[[AssociationActor], None] | None = None,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
@@ -399,7 +401,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         size = writer.bytes_written
         self._busy = True
         dispatcher = self._dispatcher()
-        route: Callable[[SpoolWriter, Path], Placement] | None = None
+        route: Callable[[SpoolWriter, Path], Placement] | Placement | None = None
         if dispatcher is not None:
             info = self._association_info()
             originator = None
@@ -410,12 +412,21 @@ class AssociationActor(asyncio.BufferedProtocol):
                                       move_originator=originator)
             if originator is None and not dispatcher.router.rules.needs_dataset:
                 # Rules on the association only: decide here, where it costs no
-                # hand-over of the GIL to the commit thread and back.
+                # hand-over of the GIL to the commit thread and back, and lets the
+                # RingCommitter commit it without that thread.
                 with contextlib.suppress(Exception):  # raises again there, and is answered
-                    route = _decided(route(writer, writer.tmp_path))
+                    route = route(writer, writer.tmp_path)
         future = self.committer.submit(writer, route)
-        future.add_done_callback(lambda f: self.loop.call_soon_threadsafe(
-            self._committed, ctx, msg, f, size, writer, dispatcher))
+        loop_thread = threading.get_ident()
+
+        def committed(f: Future[Placed]) -> None:
+            if threading.get_ident() == loop_thread:  # resolved by the RingCommitter
+                self.loop.call_soon(self._committed, ctx, msg, f, size, writer, dispatcher)
+            else:
+                self.loop.call_soon_threadsafe(self._committed, ctx, msg, f, size, writer,
+                                               dispatcher)
+
+        future.add_done_callback(committed)
 
     def _committed(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ,
                    future: Future[Placed], size: int, writer: SpoolWriter,
@@ -901,11 +912,6 @@ class AssociationActor(asyncio.BufferedProtocol):
         s = self.stats
         aes = f" {s.calling_ae}->{s.called_ae}" if s.calling_ae else ""
         return f"{s.association_id}{aes} {s.peer[0]}:{s.peer[1]}"
-
-
-def _decided(placement: Placement) -> Callable[[SpoolWriter, Path], Placement]:
-    """A router for the commit thread that returns a placement decided already."""
-    return lambda writer, path: placement
 
 
 def _comment(text: str) -> str:

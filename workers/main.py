@@ -48,7 +48,7 @@ from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
 from workers.forward import DestinationActor
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter, load_rules
-from workers.spool import GroupCommitter, Spool
+from workers.spool import GroupCommitter, RingCommitter, Spool
 
 log = logging.getLogger("workers.main")
 
@@ -111,7 +111,8 @@ class Worker:
         self.run_dir = run_dir
         self.settings = settings_for(config, worker_id, self.rules)
         self.spool = Spool(config.spool, fsync=config.fsync)
-        self.committer = GroupCommitter(self.spool)
+        self.group_committer = GroupCommitter(self.spool)
+        self.committer: GroupCommitter | RingCommitter = self.group_committer
         self.actors: set[AssociationActor] = set()
         self.receive_buffer = new_receive_buffer()  # shared by this worker's actors
         self.served = 0
@@ -130,6 +131,7 @@ class Worker:
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
+        self.committer = RingCommitter.open(self.group_committer, self.loop)
         self.done = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
         endpoints = control.Endpoints.for_run_dir(str(self.run_dir),
