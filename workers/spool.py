@@ -85,6 +85,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import functools
 import itertools
 import logging
 import os
@@ -203,8 +204,7 @@ class Placement:
 
     def __post_init__(self) -> None:
         for folder in (*self.links, *(folder for folder, _ in self.copies)):
-            parts = Path(folder).parts
-            if not parts or Path(folder).is_absolute() or ".." in parts or parts[0] == TMP_DIR:
+            if not _is_spool_folder(folder):
                 raise ValueError(f"Placement: {folder!r} is not a spool folder")
         if self.hold and (self.links or self.copies):
             raise ValueError("Placement: a held instance is not also placed")
@@ -212,6 +212,14 @@ class Placement:
     @property
     def keeps_nothing(self) -> bool:
         return not (self.links or self.copies or self.hold)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_spool_folder(folder: str) -> bool:
+    # Cached: a placement is made per instance, over a handful of folder names.
+    parts = Path(folder).parts
+    return bool(parts) and not Path(folder).is_absolute() and ".." not in parts \
+        and parts[0] != TMP_DIR
 
 
 INCOMING: Final = Placement(links=(INCOMING_DIR,))
