@@ -97,6 +97,9 @@ RECV_BUFFER = 1 << 20
 MAILBOX_HIGH_WATER = 256
 # Largest C-FIND identifier taken (queries are a few hundred bytes).
 MAX_IDENTIFIER = 1 << 20
+# Largest data set whose routing (reading the attributes rules need) runs on the loop;
+# bigger ones are routed on the commit thread.
+LOOP_ROUTING_MAX_BYTES = 4 << 20
 # C-FIND failure "Unable to process" (PS3.4 C.4.1.1.4: Cxxx).
 UNABLE_TO_PROCESS = 0xC001
 
@@ -410,10 +413,14 @@ class AssociationActor(asyncio.BufferedProtocol):
                               int(msg.move_originator_message_id))
             route = functools.partial(dispatcher.router.route, association=info,
                                       move_originator=originator)
-            if originator is None and not dispatcher.router.rules.needs_dataset:
-                # Rules on the association only: decide here, where it costs no
-                # hand-over of the GIL to the commit thread and back, and lets the
-                # RingCommitter commit it without that thread.
+            if originator is None and (not dispatcher.router.rules.needs_dataset
+                                       or size <= LOOP_ROUTING_MAX_BYTES):
+                # Decide here, where it costs no hand-over of the GIL to the commit
+                # thread and back, and lets the RingCommitter commit it without that
+                # thread. Rules that read attributes read the header of a file just
+                # written (~70 us from the page cache); past LOOP_ROUTING_MAX_BYTES
+                # the thread reads it, so a walk over a big data set never stalls the
+                # loop.
                 with contextlib.suppress(Exception):  # raises again there, and is answered
                     route = route(writer, writer.tmp_path)
         future = self.committer.submit(writer, route)

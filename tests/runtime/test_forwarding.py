@@ -466,6 +466,41 @@ def test_reject_drop_and_unmatched_reject_answer_the_sender(tmp_path: Path) -> N
     assert not list(router.spool.rglob("*.dcm"))  # none of the three is kept anywhere
 
 
+def test_attribute_rules_route_small_and_big_instances_alike(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """Rules that read attributes are evaluated on the worker's loop for instances up
+    to LOOP_ROUTING_MAX_BYTES and on the commit thread beyond: the same decisions
+    either way, and the bytes forwarded unchanged."""
+    from workers.actor import LOOP_ROUTING_MAX_BYTES
+
+    sink = storescp_server(tmp_path, procs, aet="SINK", args=["+B"], dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "CT"\n[rule.when]\nModality = "CT"\n[rule.then]\n'
+        'forward = ["sink"]\n')
+    big_kb = LOOP_ROUTING_MAX_BYTES // 1024 + 512
+    files = {}
+    for modality in ("CT", "MR"):
+        for size_kb in (16, big_kb):
+            path = tmp_path / f"{modality}-{size_kb}.dcm"
+            make_ct(path, size_kb=size_kb, modality=modality, seed=size_kb)
+            files[modality, size_kb] = path
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("sink", sink.port, "SINK"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        _send(dcmtk, router, "MOD1", list(files.values()))
+        router.wait_count("forward sink:", 2)
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): p for p in received_files(sink.outdir)}
+    assert sorted(got) == sorted(_uid(files["CT", k]) for k in (16, big_kb))
+    for k in (16, big_kb):
+        assert _dataset(got[_uid(files["CT", k])]) == _dataset(files["CT", k])
+    unrouted = sorted((router.spool / "unrouted").glob("*.dcm"))
+    assert sorted(_uid(p) for p in unrouted) == sorted(_uid(files["MR", k])
+                                                       for k in (16, big_kb))
+
+
 def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """Some nodes take one association at a time: concurrency = 1 over 2 workers. The
