@@ -258,7 +258,8 @@ def test_routers_and_copies_go_to_the_thread_drops_and_holds_settle_at_once(
         assert r.parent.name == "r"
         assert [p.parent.name for p in c.paths] == ["a", "b"]
         assert c.paths[1].read_bytes() == b"a changed copy"
-        assert committer.fallback.batches == 2 and committer.batches == 0
+        # Both on the thread (one batch or two, as it took them), none on the ring.
+        assert committer.fallback.batches >= 1 and committer.batches == 0
         # Dropped: nothing to wait for, settled inside submit().
         dropped = committer.submit(written(spool)[0], Placement())
         assert dropped.done() and dropped.result().paths == ()
