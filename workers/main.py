@@ -111,8 +111,7 @@ class Worker:
         self.run_dir = run_dir
         self.settings = settings_for(config, worker_id, self.rules)
         self.spool = Spool(config.spool, fsync=config.fsync)
-        self.group_committer = GroupCommitter(self.spool)
-        self.committer: GroupCommitter | RingCommitter = self.group_committer
+        self.committer: GroupCommitter | RingCommitter  # made in run(), on the loop
         self.actors: set[AssociationActor] = set()
         self.receive_buffer = new_receive_buffer()  # shared by this worker's actors
         self.served = 0
@@ -131,7 +130,7 @@ class Worker:
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
-        self.committer = RingCommitter.open(self.group_committer, self.loop)
+        self.committer = RingCommitter.open(GroupCommitter(self.spool), self.loop)
         self.done = asyncio.Event()
         self.ctx = zmq.asyncio.Context()
         endpoints = control.Endpoints.for_run_dir(str(self.run_dir),

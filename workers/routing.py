@@ -105,8 +105,8 @@ class InstanceRouter:
 
     def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo,
               move_originator: tuple[str, int] | None = None) -> Placement:
-        """The placement of the complete instance in ``path`` (on the commit thread, or on
-        the worker's loop when the rules read no attribute: see the actor).
+        """The placement of the complete instance in ``path`` (on the worker's loop, or
+        on the commit thread for big data sets and C-MOVE sub-operations: see the actor).
 
         ``move_originator`` is the C-STORE's Move Originator AE Title and Message ID
         (PS3.7 §9.3.1.1): a sub-operation of a C-MOVE this router issued for a

@@ -74,7 +74,10 @@ next group commit into that destination's queue is that fsync.
 Errors are ``OSError``; :func:`status_for_error` maps them to the DIMSE status the
 C-STORE is answered with (A700H out of resources for a full disk, 0110H otherwise).
 A writer that fails removes its temporary file at once; the spool stays usable.
-Nothing here uses asyncio: the calls block, and the caller picks the thread.
+The calls block, and the caller picks the thread; the one exception is
+:class:`RingCommitter`, which commits on an asyncio loop with the fsyncs done by the
+kernel through io_uring (see :mod:`workers.uring`), :class:`GroupCommitter` doing what
+it does not.
 """
 
 from __future__ import annotations
@@ -224,7 +227,8 @@ def _is_spool_folder(folder: str) -> bool:
 
 INCOMING: Final = Placement(links=(INCOMING_DIR,))
 
-# (writer, its temporary file) -> Placement; runs on the commit thread.
+# (writer, its temporary file) -> Placement; runs on the commit thread. A committer
+# also takes the Placement itself, when it was decided already.
 Router = Callable[["SpoolWriter", Path], Placement]
 
 
@@ -817,9 +821,10 @@ class GroupCommitter:
         :class:`Placed`.
 
         ``route`` decides the :class:`Placement` on the commit thread, once the data set
-        is complete (the router's rules read it there); without one the instance goes
-        to ``incoming/``. A writer whose write failed gets a future that has already
-        failed; so does one whose ``route`` raised (the exception is the future's).
+        is complete (the router's rules read it there), or is that placement, decided
+        already; without one the instance goes to ``incoming/``. A writer whose write
+        failed gets a future that has already failed; so does one whose ``route`` raised
+        (the exception is the future's).
         """
         if writer.spool is not self.spool:
             raise ValueError(f"{writer!r} belongs to another spool than {self.spool.root}")
@@ -894,9 +899,7 @@ class GroupCommitter:
                 self.spool.sync_dir(folder)
         except Exception as exc:
             for _, future, result in placed:
-                for path in result.paths:  # may not be durable: take them back
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+                _take_back(result)
                 future.set_exception(exc)
             return
         self.batches += 1
@@ -905,6 +908,14 @@ class GroupCommitter:
 
 
 _Job = tuple[SpoolWriter, "concurrent.futures.Future[Placed]", "Router | Placement | None"]
+
+
+def _take_back(placed: Placed) -> None:
+    """A folder fsync failed: its renames and links may not be durable, and nothing
+    was acknowledged, so remove the files the commit made."""
+    for path in placed.paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _placement(writer: SpoolWriter, route: Router | Placement | None) -> Placement:
@@ -927,8 +938,9 @@ class RingCommitter:
     every rename made since the last pass; then the futures resolve, on the loop.
     Nothing of ours waits for the GIL. Dropped and held instances, and every instance
     of a spool without fsync, need no disk wait and are settled at once. A router
-    callable (rules that read the data set run on the commit thread, off the loop) or
-    a placement with copies goes to ``fallback``.
+    callable (the actor leaves the rules to the commit thread for data sets over
+    ``LOOP_ROUTING_MAX_BYTES`` and for C-MOVE sub-operations) or a placement with
+    copies goes to ``fallback``.
 
     Why: see :mod:`workers.uring`; on the 8-stream C-STORE benchmark it cut the workers'
     CPU per instance by a quarter. Build with :meth:`open`, which gives the plain
@@ -1072,9 +1084,7 @@ class RingCommitter:
         if job.future.done():
             return
         if job.result is not None:
-            for path in job.result.paths:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            _take_back(job.result)
         job.future.set_exception(exc)
 
     def close(self) -> None:
