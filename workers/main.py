@@ -275,6 +275,12 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while True:
+            try:
+                # A spool folder an operator removed or moved aside is made again and
+                # used from now on (see Spool.refresh), not only when a commit trips.
+                self.spool.refresh()
+            except OSError as exc:
+                log.error("worker %d: spool %s: %s", self.worker_id, self.spool.root, exc)
             mem = self.process.memory_info().rss
             await self._send(control.Heartbeat(
                 worker_id=self.worker_id, open_associations=len(self.actors),

@@ -276,6 +276,9 @@ class Spool:
         # Per folder: directory fsyncs started, and the latest one known complete.
         self._syncs_started: dict[str, int] = {}
         self._synced: dict[str, int] = {}
+        # Descriptors of folders replaced by refresh(): closed only in close(), since
+        # another thread may hold the number at this moment.
+        self._stale_fds: list[int] = []
 
     def __enter__(self) -> Spool:
         return self
@@ -290,6 +293,9 @@ class Spool:
                 if folder != INCOMING_DIR:
                     os.close(fd)
             self._dir_fds = {}
+            for fd in self._stale_fds:
+                os.close(fd)
+            self._stale_fds = []
         for name in ("_tmp_fd", "_incoming_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -307,6 +313,40 @@ class Spool:
                 _make_dirs(self.root / folder, fsync=self.fsync)
                 fd = self._dir_fds[folder] = os.open(self.root / folder, _DIR_FLAGS)
             return fd
+
+    def refresh(self) -> list[str]:
+        """Make again and reopen the folders removed, moved or replaced under us; returns
+        their names (``tmp``, ``incoming``, ``queue/pacs``...).
+
+        Why: the spool keeps a descriptor per folder and links files through it. An
+        operator who deletes ``unrouted/`` to empty it, or moves ``queue/pacs/`` aside,
+        would otherwise make every later commit there fail (a removed folder: ENOENT)
+        or land where no forwarder looks (a moved one), until a restart. The commit
+        paths call this when a link, rename or create meets ENOENT, and retry once;
+        the worker calls it on every heartbeat, which bounds the time files can go to
+        a moved folder. A folder is made again durably (its parent fsync'd). Raises
+        ``OSError`` if it cannot be made or opened.
+        """
+        revived: list[str] = []
+        with self._dir_lock:
+            for folder, fd in [(TMP_DIR, self._tmp_fd), *self._dir_fds.items()]:
+                path = self.root / folder
+                if fd < 0 or _names_fd(path, fd):
+                    continue
+                _make_dirs(path, fsync=self.fsync)
+                new = os.open(path, _DIR_FLAGS)
+                self._stale_fds.append(fd)
+                if folder == TMP_DIR:
+                    self._tmp_fd = new
+                else:
+                    self._dir_fds[folder] = new
+                    if folder == INCOMING_DIR:
+                        self._incoming_fd = new
+                revived.append(folder)
+        for folder in revived:
+            log.warning("spool %s: folder %s/ was removed or replaced while the router ran;"
+                        " made it again", self.root, folder)
+        return revived
 
     def sync_dir(self, folder: str) -> None:
         if self.fsync:
@@ -423,10 +463,21 @@ class Spool:
             spare = _mint_stem() + SPARE_SUFFIX
             with self._dir_lock:
                 before = self._syncs_started.get(folder, 0)
-            os.rename(name, spare, src_dir_fd=self.dir_fd(folder), dst_dir_fd=self._tmp_fd)
+            self._in(folder, lambda fd: os.rename(name, spare, src_dir_fd=fd,
+                                                  dst_dir_fd=self._tmp_fd))
             self._spares.append((spare, st.st_size, folder, before))
             return
-        os.unlink(name, dir_fd=self.dir_fd(folder))
+        self._in(folder, lambda fd: os.unlink(name, dir_fd=fd))
+
+    def _in(self, folder: str, call: Callable[[int], object]) -> None:
+        """``call(descriptor of folder)``; on ENOENT, once more if :meth:`refresh` made
+        a folder again (the file's own absence raises again)."""
+        try:
+            call(self.dir_fd(folder))
+        except FileNotFoundError:
+            if not self.refresh():
+                raise
+            call(self.dir_fd(folder))
 
     def _left_durably(self, folder: str, before: int) -> bool:
         """Has a spare's removal from ``folder`` reached the disk? Only then may it be
@@ -465,7 +516,12 @@ class Spool:
             os.close(fd)
         for _ in range(8):
             stem = _mint_stem()
-            fd = os.open(stem + TMP_SUFFIX, _CREATE_FLAGS, 0o644, dir_fd=self._tmp_fd)
+            try:
+                fd = os.open(stem + TMP_SUFFIX, _CREATE_FLAGS, 0o644, dir_fd=self._tmp_fd)
+            except FileNotFoundError:
+                if not self.refresh():  # tmp/ itself was removed: made again, once more
+                    raise
+                fd = os.open(stem + TMP_SUFFIX, _CREATE_FLAGS, 0o644, dir_fd=self._tmp_fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -647,8 +703,8 @@ class SpoolWriter:
         try:
             if spool.fsync:
                 os.fsync(self._fd)
-            os.rename(self._tmp_name, self.name,
-                      src_dir_fd=spool._tmp_fd, dst_dir_fd=spool._incoming_fd)
+            spool._in(INCOMING_DIR, lambda fd: os.rename(
+                self._tmp_name, self.name, src_dir_fd=spool._tmp_fd, dst_dir_fd=fd))
         except BaseException:
             self._state = _State.ABORTED
             _discard(self._fd, self._tmp_name, spool._tmp_fd)
@@ -696,13 +752,14 @@ class SpoolWriter:
                 made.append((folder, self._copy(number, folder, write)))
             for index, folder in enumerate(placement.links):
                 if index < len(placement.links) - 1:
-                    os.link(self._tmp_name, self.name, src_dir_fd=spool._tmp_fd,
-                            dst_dir_fd=spool.dir_fd(folder), follow_symlinks=False)
+                    spool._in(folder, lambda fd: os.link(
+                        self._tmp_name, self.name, src_dir_fd=spool._tmp_fd, dst_dir_fd=fd,
+                        follow_symlinks=False))
                 else:
                     # The last folder takes the file itself: one directory operation
                     # fewer than a link and an unlink, for the usual single destination.
-                    os.rename(self._tmp_name, self.name, src_dir_fd=spool._tmp_fd,
-                              dst_dir_fd=spool.dir_fd(folder))
+                    spool._in(folder, lambda fd: os.rename(
+                        self._tmp_name, self.name, src_dir_fd=spool._tmp_fd, dst_dir_fd=fd))
                     renamed = True
                 made.append((folder, spool.root / folder / self.name))
         except BaseException:
@@ -739,8 +796,8 @@ class SpoolWriter:
                 write(fh)
             if spool.fsync:
                 os.fsync(fd)
-            os.rename(tmp_name, self.name, src_dir_fd=spool._tmp_fd,
-                      dst_dir_fd=spool.dir_fd(folder))
+            spool._in(folder, lambda dir_fd: os.rename(
+                tmp_name, self.name, src_dir_fd=spool._tmp_fd, dst_dir_fd=dir_fd))
         except BaseException:
             _discard(fd, tmp_name, spool._tmp_fd)
             raise
@@ -1126,6 +1183,22 @@ def _discard(fd: int, name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)  # before close: the lock keeps recover() off it
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def _names_fd(path: Path, fd: int) -> bool:
+    """Does ``path`` still name the directory open as ``fd``? (A removed directory has
+    no links; a moved or replaced one has another inode at ``path``.) Errors other
+    than its absence say yes: better keep a descriptor than churn on EACCES."""
+    try:
+        st = os.fstat(fd)
+        if not st.st_nlink:
+            return False
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _make_dirs(path: Path, *, fsync: bool) -> None:

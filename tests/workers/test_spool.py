@@ -859,3 +859,78 @@ def test_without_fsync_spares_are_reused_at_once(tmp_path: Path) -> None:
         retire(spool, path)
         _, again = committed_to(spool, committer, data, "queue/b")
         assert again.stat().st_ino == inode
+
+
+# --- folders removed or moved aside by an operator while the router runs ----------
+
+
+def test_removed_folders_are_made_again_and_commits_succeed(
+        spool: Spool, committer: GroupCommitter, caplog: pytest.LogCaptureFixture) -> None:
+    """rm -rf of unrouted/, of incoming/ and of tmp/ itself under a running spool: the
+    next instance still commits, into the folder made again, and the log says so."""
+    import shutil
+
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    unrouted = Placement(links=("unrouted",))
+    first = begin(spool)
+    feed(first, data)
+    committer.submit(first, lambda w, p: unrouted).result(timeout=WAIT)
+    shutil.rmtree(spool.root / "unrouted")
+    shutil.rmtree(spool.incoming)
+    shutil.rmtree(spool.tmp)
+
+    caplog.set_level("WARNING", logger="workers.spool")
+    second = begin(spool, sop_instance_uid="1.2.3.4.6")  # creates in tmp/: made again
+    feed(second, data)
+    placed = committer.submit(second, lambda w, p: unrouted).result(timeout=WAIT)
+    assert placed.paths == (spool.root / "unrouted" / second.name,)
+    assert placed.paths[0].read_bytes()[second.dataset_offset:] == data
+    third = begin(spool, sop_instance_uid="1.2.3.4.7")
+    feed(third, data)
+    assert third.finish() == spool.incoming / third.name  # the StoreSink path too
+    assert files(spool.root / "unrouted") == [second.name]
+    assert files(spool.tmp) == []
+    said = " ".join(r.getMessage() for r in caplog.records)
+    for folder in ("tmp/", "unrouted/", "incoming/"):
+        assert f"folder {folder} was removed" in said
+
+
+def test_a_folder_moved_aside_is_noticed_by_refresh(
+        spool: Spool, committer: GroupCommitter) -> None:
+    """mv queue/pacs queue/pacs.old; mkdir queue/pacs: nothing fails, but files must go
+    where the forwarder looks. refresh() (every heartbeat) switches to the new one."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    to_pacs = Placement(links=("queue/pacs",))
+    first = begin(spool)
+    feed(first, data)
+    committer.submit(first, lambda w, p: to_pacs).result(timeout=WAIT)
+    pacs = spool.root / "queue" / "pacs"
+    pacs.rename(pacs.with_name("pacs.old"))
+    pacs.mkdir()
+    assert spool.refresh() == ["queue/pacs"]
+    assert spool.refresh() == []  # once: the new one is the folder now
+    second = begin(spool, sop_instance_uid="1.2.3.4.6")
+    feed(second, data)
+    committer.submit(second, lambda w, p: to_pacs).result(timeout=WAIT)
+    assert files(pacs) == [second.name]
+    assert files(pacs.with_name("pacs.old")) == [first.name]
+
+
+def test_retire_from_a_folder_made_again(spool: Spool, committer: GroupCommitter) -> None:
+    """A forwarder retires a delivered file it found by path in a folder that replaced
+    the one the spool had open: the retire must reach it (else it is sent again)."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    to_pacs = Placement(links=("queue/pacs",))
+    first = begin(spool)
+    feed(first, data)
+    committer.submit(first, lambda w, p: to_pacs).result(timeout=WAIT)  # opens queue/pacs
+    pacs = spool.root / "queue" / "pacs"
+    pacs.rename(pacs.with_name("pacs.old"))
+    pacs.mkdir()
+    (pacs / "x.dcm").write_bytes(b"delivered")
+    fd = os.open(pacs / "x.dcm", os.O_RDONLY)
+    try:
+        spool.retire("queue/pacs", "x.dcm", fd)
+    finally:
+        os.close(fd)
+    assert files(pacs) == []

@@ -355,3 +355,30 @@ def test_a_spare_is_reused_after_a_ring_commit_made_its_leaving_durable(
 
     run(body)
 
+
+
+def test_a_removed_folder_is_made_again_and_its_new_self_fsynced(spool: Spool,
+                                                                  journal: Journal) -> None:
+    """rm -rf of a queue folder between two ring commits: the second lands in the
+    folder made again, and the folder fsync before the answer is of that new folder."""
+    import shutil
+
+    async def body(loop: asyncio.AbstractEventLoop) -> Placed:
+        committer = ring_committer(spool, loop)
+        first, _ = written(spool)
+        await settled(committer.submit(first, Placement(links=("queue/a",))))
+        shutil.rmtree(spool.root / "queue" / "a")
+        journal.events.clear()
+        second, _ = written(spool, seed=1)
+        future = committer.submit(second, Placement(links=("queue/a",)))
+        future.add_done_callback(journal.resolved)
+        placed = await settled(future)
+        committer.close()
+        return placed
+
+    placed = run(body)
+    folder = spool.root / "queue" / "a"
+    assert placed.paths == (folder / placed.paths[0].name,) and files(folder) == [
+        placed.paths[0].name]
+    synced = [inode for kind, inode in journal.events if kind == "dir-fsync"]
+    assert synced == [folder.stat().st_ino]
