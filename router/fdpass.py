@@ -60,6 +60,7 @@ import array
 import contextlib
 import errno
 import os
+import resource
 import socket
 from collections.abc import Mapping
 from typing import Final
@@ -207,7 +208,14 @@ def recv_connection(channel: socket.socket) -> tuple[socket.socket, dict[str, ob
         return None  # SEQPACKET: zero bytes is end of file (we never send empty datagrams)
     problems = []
     if msg_flags & socket.MSG_CTRUNC:
-        problems.append(f"descriptors truncated (more than {_FD_ROOM} sent)")
+        if fds:
+            problems.append(f"descriptors truncated (more than {_FD_ROOM} sent)")
+        else:
+            # The kernel could not install even one here: this process is at its
+            # RLIMIT_NOFILE (the usual cause), and the connection is lost.
+            problems.append("descriptor dropped by the kernel: this process is out of file "
+                            "descriptors (limit "
+                            f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]})")
     if msg_flags & socket.MSG_TRUNC:
         problems.append(f"header longer than {MAX_HEADER_BYTES} bytes")
     if len(fds) != 1:
@@ -312,3 +320,4 @@ def _validate(fields: dict[str, object]) -> dict[str, object]:
         raise BadHandoff(f"header peer: expected (host, port), got {peer!r:.60}")
     return {"connection_id": conn_id, "peer": (peer[0], peer[1]), "local_port": local_port,
             "tls": tls}
+

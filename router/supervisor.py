@@ -31,6 +31,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -111,6 +112,7 @@ class Supervisor:
 
     def run(self) -> int:
         log.info("dicom-router: %s", self.config.describe())
+        raise_open_files_limit()
         report = Spool(self.config.spool, fsync=self.config.fsync).recover()
         log.info("spool %s: %d instances waiting, %d temporary files discarded",
                  self.config.spool, report.completed, report.removed_temporary)
@@ -486,3 +488,26 @@ def _describe_exit(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (workers inherit it);
+    returns ``(before, after)``.
+
+    Why: every association holds a socket and a spool file, every forwarder its
+    outbound sockets. systemd starts services with a soft limit of 1024 (hard 524288)
+    and a worker past its soft limit cannot even receive the next connection's
+    descriptor from the listener: the kernel drops it and the modality sees the
+    connection close with no A-ASSOCIATE-RJ. The hard limit is the administrator's
+    bound; the soft one is only a default for programs that use select().
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open files limit stays %d (cannot raise it to %d: %s)", soft, hard, exc)
+            return soft, soft
+        log.info("open files limit raised from %d to %d", soft, hard)
+        return soft, hard
+    return soft, soft

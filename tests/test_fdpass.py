@@ -227,6 +227,29 @@ def test_truncated_descriptors_closed(channel: tuple[socket.socket, socket.socke
     _assert_all_closed(peers)
 
 
+def test_receiver_out_of_descriptors_says_so(
+        channel: tuple[socket.socket, socket.socket]) -> None:
+    """A worker at its RLIMIT_NOFILE: the kernel drops the descriptor (MSG_CTRUNC, none
+    received) and the error must name the cause, not "more than 4 sent"."""
+    import resource
+
+    sup_end, worker_end = channel
+    ends, peers = _pairs(1)
+    _raw_send(sup_end, msgpack.packb({"v": FDPASS_VERSION, **_header()}),
+              [ends[0].fileno()])
+    ends[0].close()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no number left
+    try:
+        with pytest.raises(BadHandoff, match=rf"out of file descriptors \(limit {lowest_free}\)"):
+            recv_connection(worker_end)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    _assert_all_closed(peers)
+
+
 def _pack(fields: object) -> bytes:
     packed: bytes = msgpack.packb(fields)
     return packed

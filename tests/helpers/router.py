@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.helpers.net import free_port
@@ -20,7 +21,8 @@ class Router:
     """``dicom-router run`` in a subprocess, its log collected line by line."""
 
     def __init__(self, tmp: Path, *, workers: int = 2, extra: str = "",
-                 port: int | None = None) -> None:
+                 port: int | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port or free_port()
         self.spool = tmp / "spool"
         self.config = tmp / "router.toml"
@@ -30,7 +32,7 @@ class Router:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "run", "--config", str(self.config)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=preexec_fn)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 

@@ -290,3 +290,34 @@ def test_actor_round_trip_between_worker_processes(router: Router) -> None:
     assert isinstance(pong, dict) and pong["worker_id"] == 2
     status = router.status()
     assert pong["pid"] == status["workers"][1]["pid"]  # type: ignore[index, call-overload]
+
+
+def test_a_low_open_files_limit_is_raised_for_the_workers(tmp_path: Path,
+                                                          dcmtk: Dcmtk) -> None:
+    """Started with a soft RLIMIT_NOFILE of 64 (systemd's default is 1024), 100
+    connections at once must still reach a worker: the router raises the soft limit to
+    the hard one, so no descriptor is dropped on its way to a worker (which would close
+    the modality's connection without an A-ASSOCIATE-RJ)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard < 512:
+        pytest.skip(f"the hard open files limit here is {hard}: not a case for this test")
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+
+    router = Router(tmp_path, workers=1, preexec_fn=low)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        assert router.count(f"open files limit raised from 64 to {hard}") == 1
+        with contextlib.ExitStack() as stack:
+            for _ in range(100):
+                stack.enter_context(socket.create_connection(("127.0.0.1", router.port)))
+            done = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
+            assert done.returncode == 0, done.stdout + done.stderr
+        router.wait_count("closed:", 101)  # the 100 and the echo's own
+        assert router.count("out of file descriptors") == 0
+        assert router.count("bad hand-off") == 0
+    finally:
+        assert router.stop() == 0
