@@ -702,7 +702,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     result = _admin(args, "reload")
-    print(f"reload requested: configuration generation {result.get('generation')}")
+    print(f"reloaded: configuration generation {result.get('generation')}")
     return EXIT_OK
 
 

@@ -415,14 +415,15 @@ class Supervisor:
                                          identity=control.worker_identity(slot.worker_id),
                                          flags=zmq.NOBLOCK)
 
-    def _reload(self) -> None:
+    def _reload(self) -> str | None:
+        """Load the configuration file again; the reason it was refused, or None."""
         try:
             config = load_config(self.config_path, overrides=self.overrides)
             check_rules(config)
         except (ConfigError, RuleError) as exc:
-            log.error("reload refused, the running configuration stays: %s",
-                      " / ".join(str(exc).splitlines()))
-            return
+            why = " / ".join(str(exc).splitlines())
+            log.error("reload refused, the running configuration stays: %s", why)
+            return f"refused, the running configuration stays: {why}"
         if config.listen != self.config.listen or config.workers != self.config.workers:
             log.warning("reload: listen addresses and worker count change on restart only")
         self.config = config
@@ -431,6 +432,7 @@ class Supervisor:
             generation=self.generation, config_path=str(self.config_path or "")))
         log.info("configuration generation %d loaded from %s", self.generation,
                  config.source)
+        return None
 
     # -------------------------------------------------------------- admin
 
@@ -451,7 +453,11 @@ class Supervisor:
                 "generation": self.generation, "config": self.config.source,
                 "draining": self.draining_until is not None, "workers": workers})
         if command.name == "reload":
-            self._reload()
+            # Said to the caller too: `dicom-router reload` (systemctl reload, kubectl
+            # exec) must not report success for a file the router refused.
+            refused = self._reload()
+            if refused is not None:
+                return control.Reply.failure(refused)
             return control.Reply.success({"generation": self.generation})
         if command.name == "rescan":
             self._tell_workers(control.Rescan())

@@ -171,6 +171,21 @@ def test_sighup_reload_valid_and_invalid(router: Router, dcmtk: Dcmtk) -> None:
     router.wait_for("reload refused", start=at)
     assert dcmtk.run("echoscu", "-aec", "ROUTER2", "127.0.0.1",
                      str(router.port)).returncode == 0
+    # `dicom-router reload` (what systemctl reload and kubectl exec run) says so too,
+    # with exit code 2 and the reason, not a success.
+    # The case the CLI cannot see by itself: a valid file whose rules do not validate.
+    (router.config.parent / "rules.toml").write_text(
+        '[[rule]]\nname = "x"\n[rule.then]\nforward = ["nowhere"]\n')
+    router.config.write_text(router.config.read_text().replace(
+        "\nbogus = 1\n", '\n[routing]\nrules = "rules.toml"\n'))
+    refused = router.command("reload")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "refused" in refused.stderr and "nowhere" in refused.stderr, refused.stderr
+    (router.config.parent / "rules.toml").write_text(
+        '[[rule]]\nname = "x"\n[rule.then]\ndrop = true\n')
+    done = router.command("reload")
+    assert done.returncode == 0 and "reloaded: configuration generation 3" in done.stdout, (
+        done.stdout + done.stderr)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
