@@ -125,7 +125,10 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen: %s", exc)
             self._close()
-            return 2
+            # Not 2 (a configuration the router refuses): the port may be free in a
+            # moment (a previous instance still closing, an address not up yet at
+            # boot), and a service manager should try again, which it does not on 2.
+            return 1
         for slot in self.slots:
             self._spawn(slot)
         try:

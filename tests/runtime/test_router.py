@@ -336,3 +336,18 @@ def test_a_low_open_files_limit_is_raised_for_the_workers(tmp_path: Path,
         assert router.count("bad hand-off") == 0
     finally:
         assert router.stop() == 0
+
+
+def test_a_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    """Not 2, which means a refused configuration (systemd: RestartPreventExitStatus=2):
+    a taken port may be free in a moment, so a service manager should retry."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        router = Router(tmp_path, port=taken.getsockname()[1])
+        try:
+            assert router.proc.wait(timeout=30) == 1
+        finally:
+            router.stop()
+    router.reader.join(timeout=10)
+    assert router.count("cannot listen") == 1, router.log()
