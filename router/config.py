@@ -29,6 +29,7 @@ Every table and key is optional; an empty file is the embedded default::
     [router]
     ae_title = "DICOM-ROUTER"   # our AE title (1-16 characters, case-sensitive)
     workers = "auto"            # worker processes: 1-256, or "auto" = one per CPU core
+    max_associations = 1000     # open at once over all workers; past it A-ASSOCIATE-RJ
 
     [[router.listen]]           # repeat the table for more addresses
     host = "0.0.0.0"            # default 0.0.0.0 (every IPv4 interface)
@@ -191,6 +192,7 @@ EMBEDDED_DEFAULT: Final = """\
 [router]
 ae_title = "DICOM-ROUTER"     # our AE title; also the called AE title we answer to
 workers = "auto"              # one worker process per CPU core
+max_associations = 1000       # open at once; more are rejected, transient ("try later")
 
 [[router.listen]]
 host = "0.0.0.0"              # every IPv4 interface
@@ -418,6 +420,10 @@ class Config:
     - ``calling_ae_allow``: calling AE titles let in; ``None`` = any.
     - ``listen``: the addresses to accept on, at least one, no duplicates.
     - ``workers``: worker processes, 1 to :data:`MAX_WORKERS`.
+    - ``max_associations``: inbound associations open at once over all workers,
+      each worker taking its share (rounded up); a newcomer past a worker's share is
+      rejected, transient, local-limit-exceeded (PS3.8 Table 9-21), a "try later"
+      that modalities retry, rather than running the worker out of descriptors.
     - ``spool``, ``admin_socket``: absolute paths.
     - ``sop_classes``: SOP class UIDs accepted; ``None`` = every storage SOP
       class (:func:`router.dicom.uids.storage_sop_classes`). Verification is
@@ -446,6 +452,7 @@ class Config:
     # A factory: Listen validates with helpers defined further down this module.
     listen: tuple[Listen, ...] = field(default_factory=lambda: (Listen(),))
     workers: int = field(default_factory=default_workers)
+    max_associations: int = 1000
     spool: Path
     admin_socket: Path
     sop_classes: frozenset[str] | None = None
@@ -474,6 +481,7 @@ class Config:
             *(("ae_titles", _ae_title_problem(t)) for t in self.ae_titles or ()),
             *(("calling_ae_allow", _ae_title_problem(t)) for t in self.calling_ae_allow or ()),
             ("workers", _workers_problem(self.workers)),
+            ("max_associations", _max_associations_problem(self.max_associations)),
             ("max_pdu", _max_pdu_problem(self.max_pdu)),
             ("artim_timeout", _seconds_problem(self.artim_timeout, zero_ok=False)),
             ("idle_timeout", None if self.idle_timeout is None
@@ -668,6 +676,12 @@ def _port_problem(port: object) -> str | None:
     return f"expected an integer from 1 to 65535, got {_show(port)}"
 
 
+def _max_associations_problem(count: object) -> str | None:
+    if _is_int(count) and 1 <= count <= 1_000_000:
+        return None
+    return f"expected an integer from 1 to 1000000, got {_show(count)}"
+
+
 def _workers_problem(workers: object) -> str | None:
     if _is_int(workers) and 1 <= workers <= MAX_WORKERS:
         return None
@@ -759,7 +773,7 @@ def _suggest(name: str, candidates: Sequence[str]) -> str | None:
 # Every table and its keys, in documentation order; the single list of what a
 # file may contain. A new table (e.g. [[destination]]) starts with a line here.
 _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
-    ("router",): ("ae_title", "workers", "listen"),
+    ("router",): ("ae_title", "workers", "max_associations", "listen"),
     ("router", "listen"): ("host", "port", "tls"),
     ("acceptance",): ("called_ae", "calling_ae", "sop_classes", "transfer_syntaxes", "max_pdu"),
     ("spool",): ("path", "fsync"),
@@ -888,6 +902,8 @@ class _Parser:
         at = _At(table=("router",))
         ae_title = self.ae_title(router, at("ae_title"), DEFAULT_AE_TITLE)
         workers = self.workers(router, at("workers"))
+        max_associations = self.integer(router, at("max_associations"), 1000,
+                                        _max_associations_problem)
         listen = self.listen(router, at("listen"))
 
         at = _At(table=("acceptance",))
@@ -941,6 +957,7 @@ class _Parser:
             calling_ae_allow=calling,
             listen=listen,
             workers=workers,
+            max_associations=max_associations,
             spool=spool_path,
             admin_socket=admin_socket,
             sop_classes=None if sop_classes is None else frozenset(sop_classes),

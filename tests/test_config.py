@@ -292,6 +292,12 @@ ERRORS = [
         id="destination-move-mode",
     ),
     pytest.param(
+        "[router]\nmax_associations = 0\n",
+        "router.toml:2: [router] max_associations: expected an integer from 1 to 1000000, "
+        "got 0",
+        id="router-max-associations",
+    ),
+    pytest.param(
         '[routing]\nunmatched = "drop"\n',
         'router.toml:2: [routing] unmatched: expected "keep" or "reject", got "drop"',
         id="routing-unmatched",
@@ -304,13 +310,13 @@ ERRORS = [
     pytest.param(
         "[router]\nae_title = \"X\"\nwokers = 2\n",
         'router.toml:3: [router] wokers: unknown key; did you mean "workers"? '
-        "(known keys: ae_title, workers, listen)",
+        "(known keys: ae_title, workers, max_associations, listen)",
         id="unknown-key-suggestion",
     ),
     pytest.param(
         "[router]\nport = 104\n",
         "router.toml:2: [router] port: unknown key; it belongs in [[router.listen]] "
-        "(known keys: ae_title, workers, listen)",
+        "(known keys: ae_title, workers, max_associations, listen)",
         id="key-in-wrong-table",
     ),
     pytest.param(

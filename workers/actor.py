@@ -65,7 +65,13 @@ from router.dicom.events import (
     _Sentinel,
 )
 from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
-from router.dicom.pdu import AAssociateRJ
+from router.dicom.pdu import (
+    PRESENTATION_LOCAL_LIMIT_EXCEEDED,
+    AAssociateAC,
+    AAssociateRJ,
+    RejectResult,
+    RejectSource,
+)
 from router.net.client import response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
@@ -121,6 +127,8 @@ class ActorSettings:
     worker_id: int = 0
     # A relayed query, retrieve or N-service still unanswered after this is failed.
     operation_timeout: float | None = 3600.0
+    # This worker's share of [router] max_associations; None = no bound.
+    max_associations: int | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -151,8 +159,12 @@ class AssociationActor(asyncio.BufferedProtocol):
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         receive_buffer: memoryview | None = None,
         dispatcher: Callable[[], Dispatcher | None] | None = None,
+        over_limit: bool = False,
     ) -> None:
         self.settings = settings
+        # Adopted while the worker already had its share of associations open: the
+        # request is read and rejected (see _requested), never served.
+        self.over_limit = over_limit
         # Read at each commit: a reload swaps the worker's dispatcher, and an
         # instance is routed by the rules current when its data set completed.
         self.dispatcher = dispatcher
@@ -283,7 +295,19 @@ class AssociationActor(asyncio.BufferedProtocol):
     def _requested(self, event: AssociationRequested) -> None:
         rq = event.request
         self.stats.calling_ae, self.stats.called_ae = rq.calling_ae_title, rq.called_ae_title
-        answer = negotiate(rq, self.settings.policy)
+        if self.over_limit:
+            # PS3.8 Table 9-21: rejected-transient, service-provider (presentation
+            # related function), local-limit-exceeded: a "try again later" that
+            # modalities retry, not a configuration error to report.
+            log.warning("association %s: worker %d has %d associations open "
+                        "([router] max_associations): rejected, transient", self._who(),
+                        self.settings.worker_id, self.settings.max_associations or 0)
+            answer: AAssociateAC | AAssociateRJ = AAssociateRJ(
+                result=RejectResult.REJECTED_TRANSIENT,
+                source=RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                reason=PRESENTATION_LOCAL_LIMIT_EXCEEDED)
+        else:
+            answer = negotiate(rq, self.settings.policy)
         if isinstance(answer, AAssociateRJ):
             self.stats.outcome = (f"rejected (result {int(answer.result)} source "
                                   f"{int(answer.source)} reason {answer.reason})")

@@ -90,7 +90,10 @@ def settings_for(config: Config, worker_id: int, rules: RuleSet | None = None) -
                 **policy.abstract_syntaxes, **dict.fromkeys(models, native)})
     return ActorSettings(policy=policy, artim_timeout=config.artim_timeout,
                          idle_timeout=config.idle_timeout, worker_id=worker_id,
-                         operation_timeout=config.operation_timeout)
+                         operation_timeout=config.operation_timeout,
+                         # The listener gives each connection to the least loaded
+                         # worker, so equal shares bound the router's total.
+                         max_associations=-(-config.max_associations // config.workers))
 
 
 class Worker:
@@ -227,10 +230,12 @@ class Worker:
 
     async def _adopt(self, sock: socket.socket) -> None:
         def factory() -> AssociationActor:
+            limit = self.settings.max_associations
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
                                      receive_buffer=self.receive_buffer,
-                                     dispatcher=lambda: self.dispatcher)
+                                     dispatcher=lambda: self.dispatcher,
+                                     over_limit=limit is not None and len(self.actors) >= limit)
             self.actors.add(actor)
             return actor
         try:

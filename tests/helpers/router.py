@@ -21,11 +21,12 @@ class Router:
     """``dicom-router run`` in a subprocess, its log collected line by line."""
 
     def __init__(self, tmp: Path, *, workers: int = 2, extra: str = "",
-                 port: int | None = None,
+                 port: int | None = None, router_extra: str = "",
                  preexec_fn: Callable[[], None] | None = None) -> None:
         self.port = port or free_port()
         self.spool = tmp / "spool"
         self.config = tmp / "router.toml"
+        self.router_extra = router_extra  # more keys of the [router] table
         self.write_config(workers=workers, extra=extra)
         self.lines: list[str] = []
         self.changed = threading.Condition()
@@ -38,7 +39,7 @@ class Router:
 
     def write_config(self, *, workers: int = 2, extra: str = "") -> None:
         self.config.write_text(
-            f'[router]\nae_title = "ROUTER"\nworkers = {workers}\n'
+            f'[router]\nae_title = "ROUTER"\nworkers = {workers}\n{self.router_extra}'
             f'[[router.listen]]\nhost = "127.0.0.1"\nport = {self.port}\n'
             f'[spool]\npath = "{self.spool}"\n'
             f'[timeouts]\nartim = 2\ndrain_grace = 5\nheartbeat_interval = 0.2\n'

@@ -351,3 +351,37 @@ def test_a_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
             router.stop()
     router.reader.join(timeout=10)
     assert router.count("cannot listen") == 1, router.log()
+
+
+def test_past_max_associations_newcomers_get_a_transient_rejection(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """[router] max_associations = 2: two pynetdicom associations held open, then DCMTK
+    echoscu is rejected transient / local-limit-exceeded (PS3.8 Table 9-21), which a
+    modality retries; once one is released, echoscu is served again."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    router = Router(tmp_path, workers=1, router_extra="max_associations = 2\n")
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = []
+    try:
+        router.wait_for("ready: 1 workers serving")
+        for _ in range(2):
+            assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+            assert assoc.is_established
+            held.append(assoc)
+        refused = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0, said
+        assert "Rejected Transient" in said and "Local Limit Exceeded" in said, said
+        assert router.count("rejected, transient") == 1
+        assert router.count(" rejected: rejected (result 2 source 3 reason 2)") == 1
+        held.pop().release()
+        router.wait_count("HOLDER->ROUTER", 3)  # accepted, accepted, closed
+        served = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
+        assert served.returncode == 0, served.stdout + served.stderr
+    finally:
+        for assoc in held:
+            assoc.release()
+        assert router.stop() == 0
