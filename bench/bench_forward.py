@@ -103,7 +103,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import dcmtk_binary, make_data  # noqa: E402
+from bench.common import dcmtk_binary, make_data, wait_ready  # noqa: E402
 from tests.helpers.data import make_ct, to_bytes  # noqa: E402
 from tests.helpers.net import free_port, wait_for_port  # noqa: E402
 from workers.spool import SPARE_SUFFIX  # noqa: E402
@@ -112,7 +112,6 @@ SAMPLE_INTERVAL = 0.05  # seconds between RSS samples
 ROUTER_AE, SINK_AE, NAIVE_AE, SENDER_AE = "ROUTER", "SINK", "NAIVE", "BENCH"
 DESTINATION = "sink"
 WORKERS = 2
-START_TIMEOUT = 30.0  # a router not ready by then is killed
 STOP_TIMEOUT = 60.0  # SIGTERM drains; a router still running after this is killed
 NAGLE_COUNT = 400  # instances per run at most for (c')
 NAIVE_DIMSE_TIMEOUT = 30.0  # pynetdicom's default, left as it is
@@ -335,26 +334,8 @@ class Router(Server):
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, env=dict(os.environ, TCP_NODELAY="1"))
         assert self.proc.stderr is not None
-        # Readiness is an event: the supervisor's "ready" line, read as it comes. The
-        # timer is only a deadline: a router that never gets ready is killed, which ends
-        # the read with EOF.
-        deadline = threading.Timer(START_TIMEOUT, self.proc.kill)
-        deadline.start()
-        try:
-            while line := self.proc.stderr.readline():
-                self._keep(line)
-                if "ready: " in line:
-                    break
-            else:
-                raise RuntimeError(f"{self.name} exited with {self.proc.wait()} before it was "
-                                   f"ready (deadline {START_TIMEOUT:.0f} s):\n"
-                                   + "".join(self.log))
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            deadline.cancel()
+        wait_ready(self.proc, self.proc.stderr, marker="ready: ", keep=self._keep,
+                   log=lambda: "".join(self.log), what=self.name)
         # The log goes on (two lines per instance at INFO): keep reading so the pipe never
         # fills and blocks the router, and time the deliveries as they are logged.
         self._reader = threading.Thread(target=self._read_log, name="router log", daemon=True)
@@ -454,22 +435,8 @@ class Naive(Server):
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         assert self.proc.stdout is not None
-        deadline = threading.Timer(START_TIMEOUT, self.proc.kill)
-        deadline.start()
-        try:
-            while line := self.proc.stdout.readline():
-                if line.startswith("READY"):
-                    break
-                self._keep(line)
-            else:
-                raise RuntimeError(f"{self.name} exited with {self.proc.wait()} before it "
-                                   "listened:\n" + "".join(self.log))
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            deadline.cancel()
+        wait_ready(self.proc, self.proc.stdout, marker="READY", keep=self._keep,
+                   log=lambda: "".join(self.log), what=self.name)
         self._reader = threading.Thread(target=self._read_log, name="naive log", daemon=True)
         self._reader.start()
 

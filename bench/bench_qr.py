@@ -76,7 +76,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import dcmtk_binary  # noqa: E402
+from bench.common import dcmtk_binary, wait_ready  # noqa: E402
 from router.dicom import dimse, uids  # noqa: E402
 from router.net.client import connect  # noqa: E402
 from tests.helpers.data import make_study  # noqa: E402
@@ -92,7 +92,6 @@ QUERIES = {"STUDY": 20, "IMAGE": 1}
 WORKERS = 2
 PACS_AE, ROUTER_AE, SINK_AE, CALLING_AE = "ORTHANC", "ROUTER", "VIEWER_SCP", "BENCH"
 PROXY_AE = "ROUTERP"  # the second router, in proxy mode: Orthanc knows it as a modality
-START_TIMEOUT = 30.0  # a router not ready by then is killed
 STOP_TIMEOUT = 30.0  # SIGTERM drains (drain_grace 5 s); still running after this: killed
 TOOL_TIMEOUT = 120.0  # one findscu, one move or get of all studies
 LANDED_TIMEOUT = 5.0  # storescp writes before it answers: the files should be there at once
@@ -180,24 +179,8 @@ class Router:
             stderr=subprocess.PIPE, text=True, start_new_session=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
         assert self.proc.stderr is not None
-        # Readiness is an event, the supervisor's "ready" line; the timer is only a
-        # deadline: a router never ready is killed, which ends the read with EOF.
-        deadline = threading.Timer(START_TIMEOUT, self.proc.kill)
-        deadline.start()
-        try:
-            while line := self.proc.stderr.readline():
-                self._keep(line)
-                if "ready: " in line:
-                    break
-            else:
-                raise RuntimeError(f"the router exited with {self.proc.wait()} before it was "
-                                   "ready:\n" + "".join(self.log))
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            deadline.cancel()
+        wait_ready(self.proc, self.proc.stderr, marker="ready: ", keep=self._keep,
+                   log=lambda: "".join(self.log), what="the router")
         self._reader = threading.Thread(target=self._read, name="router log", daemon=True)
         self._reader.start()
 

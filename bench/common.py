@@ -1,15 +1,22 @@
-"""What the benchmarks share: finding DCMTK's binaries and generating test data.
+"""What the benchmarks share: finding DCMTK's binaries, generating test data, and
+waiting for a server they started to say it is ready.
 
 Imported with the repository root on ``sys.path`` (each benchmark puts it there).
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Final
 
 from tests.helpers.data import make_ct, make_tiny
 from tests.helpers.dcmtk import which_binary
+
+START_TIMEOUT: Final = 30.0  # seconds: a server not ready by then is killed
 
 
 def dcmtk_binary(name: str) -> str:
@@ -34,3 +41,28 @@ def make_data(root: Path, kind: str, count: int, streams: int, *,
         else:
             make_tiny(path, seed=i)
     return dirs
+
+
+def wait_ready(proc: subprocess.Popen[str], stream: IO[str], *, marker: str,
+               keep: Callable[[str], None], log: Callable[[], str], what: str) -> None:
+    """Read ``stream`` of ``proc`` line by line, each line to ``keep``, up to the first
+    that contains ``marker`` (the router's "ready: " line). Readiness is that event,
+    read as it comes; the timer is only a deadline: a server not ready within
+    :data:`START_TIMEOUT` is killed, which ends the read with EOF. If it never gets
+    ready, ``proc`` is killed and reaped and ``RuntimeError`` says so with ``log()``.
+    """
+    deadline = threading.Timer(START_TIMEOUT, proc.kill)
+    deadline.start()
+    try:
+        while line := stream.readline():
+            keep(line)
+            if marker in line:
+                return
+        raise RuntimeError(f"{what} exited with {proc.wait()} before it was ready "
+                           f"(deadline {START_TIMEOUT:.0f} s):\n" + log())
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        deadline.cancel()
