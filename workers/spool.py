@@ -263,12 +263,13 @@ class Spool:
             _make_dirs(path, fsync=fsync)
         self._tmp_fd = os.open(self.tmp, _DIR_FLAGS)
         try:
-            self._incoming_fd = os.open(self.incoming, _DIR_FLAGS)
+            incoming_fd = os.open(self.incoming, _DIR_FLAGS)
         except BaseException:
             os.close(self._tmp_fd)
             raise
-        # Other folders (queue/<dest>, unrouted...), opened on first use.
-        self._dir_fds: dict[str, int] = {INCOMING_DIR: self._incoming_fd}
+        # incoming/ here from the start; other folders (queue/<dest>, unrouted...)
+        # opened on first use.
+        self._dir_fds: dict[str, int] = {INCOMING_DIR: incoming_fd}
         self._dir_lock = threading.Lock()
         # This process's spare files in tmp/: (name, size, folder it left, the number of
         # fsyncs of that folder started before it left); see retire().
@@ -289,18 +290,19 @@ class Spool:
     def close(self) -> None:
         """Release the directory descriptors; writers still open must be done first."""
         with self._dir_lock:
-            for folder, fd in self._dir_fds.items():
-                if folder != INCOMING_DIR:
-                    os.close(fd)
+            for fd in (*self._dir_fds.values(), *self._stale_fds):
+                os.close(fd)
             self._dir_fds = {}
-            for fd in self._stale_fds:
-                os.close(fd)
             self._stale_fds = []
-        for name in ("_tmp_fd", "_incoming_fd"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        if self._tmp_fd >= 0:
+            os.close(self._tmp_fd)
+            self._tmp_fd = -1
+
+    @property
+    def _incoming_fd(self) -> int:
+        """incoming/'s descriptor (-1 once closed): the one in ``_dir_fds``, which
+        :meth:`refresh` replaces if the folder is made again."""
+        return self._dir_fds.get(INCOMING_DIR, -1)
 
     def dir_fd(self, folder: str) -> int:
         """A descriptor of spool folder ``folder`` (made, durably, if missing)."""
@@ -340,8 +342,6 @@ class Spool:
                     self._tmp_fd = new
                 else:
                     self._dir_fds[folder] = new
-                    if folder == INCOMING_DIR:
-                        self._incoming_fd = new
                 revived.append(folder)
         for folder in revived:
             log.warning("spool %s: folder %s/ was removed or replaced while the router ran;"
