@@ -320,4 +320,3 @@ def _validate(fields: dict[str, object]) -> dict[str, object]:
         raise BadHandoff(f"header peer: expected (host, port), got {peer!r:.60}")
     return {"connection_id": conn_id, "peer": (peer[0], peer[1]), "local_port": local_port,
             "tls": tls}
-

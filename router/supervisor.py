@@ -499,9 +499,9 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit (workers inherit it);
-    returns ``(before, after)``.
+def raise_open_files_limit() -> None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (workers inherit it),
+    saying so in the log.
 
     Why: every association holds a socket and a spool file, every forwarder its
     outbound sockets. systemd starts services with a soft limit of 1024 (hard 524288)
@@ -511,12 +511,11 @@ def raise_open_files_limit() -> tuple[int, int]:
     bound; the soft one is only a default for programs that use select().
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as exc:
-            log.warning("open files limit stays %d (cannot raise it to %d: %s)", soft, hard, exc)
-            return soft, soft
-        log.info("open files limit raised from %d to %d", soft, hard)
-        return soft, hard
-    return soft, soft
+    if resource.RLIM_INFINITY in (soft, hard) or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open files limit stays %d (cannot raise it to %d: %s)", soft, hard, exc)
+        return
+    log.info("open files limit raised from %d to %d", soft, hard)
