@@ -64,14 +64,13 @@ from router.dicom.events import (
     ReleaseRequested,
     _Sentinel,
 )
-from router.dicom.negotiation import AcceptorPolicy, NegotiatedContext, negotiate
-from router.dicom.pdu import (
-    PRESENTATION_LOCAL_LIMIT_EXCEEDED,
-    AAssociateAC,
-    AAssociateRJ,
-    RejectResult,
-    RejectSource,
+from router.dicom.negotiation import (
+    LOCAL_LIMIT_EXCEEDED,
+    AcceptorPolicy,
+    NegotiatedContext,
+    negotiate,
 )
+from router.dicom.pdu import AAssociateAC, AAssociateRJ
 from router.net.client import response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
@@ -295,17 +294,12 @@ class AssociationActor(asyncio.BufferedProtocol):
     def _requested(self, event: AssociationRequested) -> None:
         rq = event.request
         self.stats.calling_ae, self.stats.called_ae = rq.calling_ae_title, rq.called_ae_title
+        answer: AAssociateAC | AAssociateRJ
         if self.over_limit:
-            # PS3.8 Table 9-21: rejected-transient, service-provider (presentation
-            # related function), local-limit-exceeded: a "try again later" that
-            # modalities retry, not a configuration error to report.
             log.warning("association %s: worker %d has %d associations open "
                         "([router] max_associations): rejected, transient", self._who(),
                         self.settings.worker_id, self.settings.max_associations or 0)
-            answer: AAssociateAC | AAssociateRJ = AAssociateRJ(
-                result=RejectResult.REJECTED_TRANSIENT,
-                source=RejectSource.SERVICE_PROVIDER_PRESENTATION,
-                reason=PRESENTATION_LOCAL_LIMIT_EXCEEDED)
+            answer = LOCAL_LIMIT_EXCEEDED
         else:
             answer = negotiate(rq, self.settings.policy)
         if isinstance(answer, AAssociateRJ):

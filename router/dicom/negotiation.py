@@ -33,6 +33,7 @@ from router.dicom.errors import LocalProtocolError
 from router.dicom.pdu import (
     ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
     DICOM_APPLICATION_CONTEXT,
+    PRESENTATION_LOCAL_LIMIT_EXCEEDED,
     AAssociateAC,
     AAssociateRJ,
     AAssociateRQ,
@@ -57,6 +58,7 @@ from router.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_N
 
 __all__ = [
     "DEFAULT_MAXIMUM_LENGTH",
+    "LOCAL_LIMIT_EXCEEDED",
     "MAX_PRESENTATION_CONTEXTS",
     "AcceptorPolicy",
     "NegotiatedContext",
@@ -72,6 +74,14 @@ DEFAULT_MAXIMUM_LENGTH = 1_048_576
 
 # Presentation context IDs are odd integers 1..255 (PS3.8 §9.3.2.2): 128 of them.
 MAX_PRESENTATION_CONTEXTS = 128
+
+# The answer to a request past our bound on open associations. PS3.8 Table 9-21:
+# rejected-transient, service-provider (presentation related function),
+# local-limit-exceeded: a "try again later" that requestors retry, not a refusal of
+# their configuration.
+LOCAL_LIMIT_EXCEEDED = AAssociateRJ(result=RejectResult.REJECTED_TRANSIENT,
+                                    source=RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                                    reason=PRESENTATION_LOCAL_LIMIT_EXCEEDED)
 
 _UINT32_MAX = 0xFFFF_FFFF
 _UINT16_MAX = 0xFFFF

@@ -67,19 +67,13 @@ from router.dicom.events import (
     ReleaseRequested,
 )
 from router.dicom.negotiation import (
+    LOCAL_LIMIT_EXCEEDED,
     MAX_PRESENTATION_CONTEXTS,
     AcceptorPolicy,
     NegotiatedContext,
     negotiate,
 )
-from router.dicom.pdu import (
-    PRESENTATION_LOCAL_LIMIT_EXCEEDED,
-    AAssociateAC,
-    AAssociateRJ,
-    AAssociateRQ,
-    RejectResult,
-    RejectSource,
-)
+from router.dicom.pdu import AAssociateAC, AAssociateRJ, AAssociateRQ
 from router.net.client import (
     DEFAULT_MAX_DATASET_SIZE,
     DEFAULT_MAX_INFLATED_SIZE,
@@ -351,13 +345,9 @@ class AssociationHandler:
         self.info = info
         answer: AAssociateAC | AAssociateRJ
         if self.over_limit:
-            # PS3.8 Table 9-21: transient, service-provider (presentation
-            # related function), local-limit-exceeded: "try again later".
             log.warning("association %s: %d associations already open (max_associations)",
                         info, self.server.max_associations)
-            answer = AAssociateRJ(result=RejectResult.REJECTED_TRANSIENT,
-                                  source=RejectSource.SERVICE_PROVIDER_PRESENTATION,
-                                  reason=PRESENTATION_LOCAL_LIMIT_EXCEEDED)
+            answer = LOCAL_LIMIT_EXCEEDED
         else:
             answer = negotiate(rq, self.server.policy)
             if not isinstance(answer, AAssociateRJ) and self.handlers.on_requested:
