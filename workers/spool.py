@@ -101,7 +101,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypeVar
 
 from router.dicom.dataset import part10_meta_bytes
 from router.dicom.dimse import PROCESSING_FAILURE, REFUSED_OUT_OF_RESOURCES, SUCCESS
@@ -123,6 +123,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("workers.spool")
+
+_T = TypeVar("_T")
 
 TMP_DIR: Final = "tmp"
 INCOMING_DIR: Final = "incoming"
@@ -469,15 +471,15 @@ class Spool:
             return
         self._in(folder, lambda fd: os.unlink(name, dir_fd=fd))
 
-    def _in(self, folder: str, call: Callable[[int], object]) -> None:
-        """``call(descriptor of folder)``; on ENOENT, once more if :meth:`refresh` made
-        a folder again (the file's own absence raises again)."""
+    def _in(self, folder: str, call: Callable[[int], _T]) -> _T:
+        """``call(descriptor of folder)`` (``tmp`` too); on ENOENT, once more if
+        :meth:`refresh` made a folder again (the file's own absence raises again)."""
         try:
-            call(self.dir_fd(folder))
+            return call(self._tmp_fd if folder == TMP_DIR else self.dir_fd(folder))
         except FileNotFoundError:
             if not self.refresh():
                 raise
-            call(self.dir_fd(folder))
+            return call(self._tmp_fd if folder == TMP_DIR else self.dir_fd(folder))
 
     def _left_durably(self, folder: str, before: int) -> bool:
         """Has a spare's removal from ``folder`` reached the disk? Only then may it be
@@ -516,12 +518,7 @@ class Spool:
             os.close(fd)
         for _ in range(8):
             stem = _mint_stem()
-            try:
-                fd = os.open(stem + TMP_SUFFIX, _CREATE_FLAGS, 0o644, dir_fd=self._tmp_fd)
-            except FileNotFoundError:
-                if not self.refresh():  # tmp/ itself was removed: made again, once more
-                    raise
-                fd = os.open(stem + TMP_SUFFIX, _CREATE_FLAGS, 0o644, dir_fd=self._tmp_fd)
+            fd = self._in(TMP_DIR, functools.partial(_create, stem + TMP_SUFFIX))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -789,7 +786,7 @@ class SpoolWriter:
     def _copy(self, number: int, folder: str, write: CopyWriter) -> Path:
         spool = self.spool
         tmp_name = f"{self.name[: -len(SUFFIX)]}.{number}{TMP_SUFFIX}"
-        fd = os.open(tmp_name, _CREATE_FLAGS, 0o644, dir_fd=spool._tmp_fd)
+        fd = _create(tmp_name, spool._tmp_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             with os.fdopen(os.dup(fd), "wb") as fh:
@@ -1175,6 +1172,11 @@ class _RingJob:
 def _mint_stem() -> str:
     """A new file stem (see the module docstring): arrival time, pid, counter."""
     return f"{time.time_ns():020d}-{os.getpid()}-{next(_counter)}"
+
+
+def _create(name: str, dir_fd: int) -> int:
+    """A new file ``name`` in the folder open as ``dir_fd`` (never an existing one)."""
+    return os.open(name, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
 
 
 def _discard(fd: int, name: str, dir_fd: int) -> None:
