@@ -155,6 +155,7 @@ __all__ = [
     "EMBEDDED_DEFAULT",
     "EMBEDDED_SOURCE",
     "LOG_LEVELS",
+    "MAX_ASSOCIATIONS",
     "MAX_WORKERS",
     "Config",
     "ConfigError",
@@ -171,6 +172,7 @@ DEFAULT_AE_TITLE: Final = "DICOM-ROUTER"
 DEFAULT_HOST: Final = "0.0.0.0"
 DEFAULT_PORT: Final = 11112
 MAX_WORKERS: Final = 256
+MAX_ASSOCIATIONS: Final = 1_000_000  # [router] max_associations: a typo guard, not a tuning
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: ``Config.source`` when no file was given.
 EMBEDDED_SOURCE: Final = "<embedded default>"
@@ -677,9 +679,9 @@ def _port_problem(port: object) -> str | None:
 
 
 def _max_associations_problem(count: object) -> str | None:
-    if _is_int(count) and 1 <= count <= 1_000_000:
+    if _is_int(count) and 1 <= count <= MAX_ASSOCIATIONS:
         return None
-    return f"expected an integer from 1 to 1000000, got {_show(count)}"
+    return f"expected an integer from 1 to {MAX_ASSOCIATIONS}, got {_show(count)}"
 
 
 def _workers_problem(workers: object) -> str | None:
