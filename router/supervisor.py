@@ -114,8 +114,10 @@ class Supervisor:
         log.info("dicom-router: %s", self.config.describe())
         raise_open_files_limit()
         report = Spool(self.config.spool, fsync=self.config.fsync).recover()
-        log.info("spool %s: %d instances waiting, %d temporary files discarded",
-                 self.config.spool, report.completed, report.removed_temporary)
+        log.info("spool %s: %d instances waiting, %d partial instances discarded "
+                 "(never acknowledged), %d spare files deleted",
+                 self.config.spool, report.completed, report.removed_temporary,
+                 report.removed_spares)
         self.ctx = zmq.Context()
         self.sockets = control.bind_supervisor(self.ctx, self.run_dir,
                                                admin_path=self.config.admin_socket)

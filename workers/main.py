@@ -53,6 +53,8 @@ from workers.spool import GroupCommitter, RingCommitter, Spool
 log = logging.getLogger("workers.main")
 
 BOOT_ERROR = 3
+# Spool files made ahead per step while idle (Worker._stock): a few ms of the loop at most.
+STOCK_STEP = 16
 
 
 def _aio(sock: Any) -> zmq.asyncio.Socket:
@@ -127,6 +129,7 @@ class Worker:
         self.hand_offs = 0
         self.generation = 0
         self.stopping = False
+        self.restocking: asyncio.Task[None] | None = None
         self.process = psutil.Process()
         self.process.cpu_percent()  # prime: the next call measures since now
         self.started = time.monotonic()
@@ -143,6 +146,13 @@ class Worker:
                                        generation=self.generation))
         self._start_forwarders()
         self.loop.add_reader(self.channel.fileno(), self._on_handoff)
+        try:
+            # What a worker that died left in tmp/ (partial files, its spares): after
+            # the hello, so that a replacement serves without waiting for this.
+            self.spool.recover(dead_only=True)
+        except OSError as exc:
+            log.error("worker %d: spool %s: %s", self.worker_id, self.spool.root, exc)
+        self._restock()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._begin_drain, self.config.drain_grace)
         tasks = [asyncio.create_task(self._heartbeats()),
@@ -248,6 +258,26 @@ class Worker:
         self.actors.discard(actor)
         if self.stopping and not self.actors:
             self.done.set()
+        elif not self.actors:
+            self._restock()
+
+    def _restock(self) -> None:
+        """Make empty spool files ahead while no association is open (Spool.stock)."""
+        if self.restocking is None or self.restocking.done():
+            self.restocking = self.loop.create_task(self._stock())
+
+    async def _stock(self) -> None:
+        # In steps of a few ms at most, each after the loop has run what was ready: an
+        # association arriving meanwhile stops it and waits for one step only.
+        while not self.actors and not self.stopping:
+            try:
+                if not self.spool.stock(STOCK_STEP):
+                    return
+            except OSError as exc:
+                log.warning("worker %d: cannot make spool files ahead in %s: %s",
+                            self.worker_id, self.spool.tmp, exc)
+                return
+            await asyncio.sleep(0)
 
     def _actor_event(self, kind: str, fields: dict[str, Any]) -> None:
         if kind == "instance.stored":

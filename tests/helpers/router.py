@@ -113,3 +113,8 @@ class Router:
         return self.proc.returncode
 
 
+def leftovers(tmp: Path) -> list[Path]:
+    """What in a spool's ``tmp/`` is not an empty file made ahead (Spool.stock): a
+    partial instance, or a spare still holding a delivered instance's bytes."""
+    return sorted(p for p in tmp.iterdir()
+                  if p.suffix != ".spare" or p.stat().st_size != 0)

@@ -24,7 +24,7 @@ import pytest
 from router.dicom.dataset import read_part10_header
 from tests.helpers.data import make_ct, make_study
 from tests.helpers.dcmtk import Dcmtk, dcmtk_env
-from tests.helpers.router import Router
+from tests.helpers.router import Router, leftovers
 
 pytestmark = pytest.mark.interop
 
@@ -127,6 +127,34 @@ def test_kill_9_worker_mid_transfer(router: Router, dcmtk: Dcmtk, tmp_path: Path
     originals = {_dataset(f) for folder in (big, medium) for f in folder.iterdir()}
     assert spooled <= originals  # no truncated instance among the complete ones
     assert not list((router.spool / "unrouted").glob("*.part"))
+    # What the killed worker left in tmp/ (its partial file, its spares) is gone: its
+    # replacement swept it at start, leaving the other worker's spares alone.
+    assert not [p.name for p in (router.spool / "tmp").iterdir()
+                if f"-{pids[victim]}-" in p.name]
+    assert [p for p in (router.spool / "tmp").iterdir() if f"-{pids[survivor]}-" in p.name]
+
+
+def test_instances_are_written_into_files_made_while_idle(router: Router, dcmtk: Dcmtk,
+                                                         tmp_path: Path) -> None:
+    """An idle worker makes empty files in tmp/ ahead (Spool.stock); the instances of
+    the next association are written into them: no inode is allocated on the way to
+    their acknowledgements. What lands is byte for byte what was sent."""
+    tmp = router.spool / "tmp"
+    deadline = time.monotonic() + 30
+    while len(list(tmp.glob("*.spare"))) < 2 * 64:  # both workers, a first batch
+        assert time.monotonic() < deadline, "no spool files made ahead"
+        time.sleep(0.05)
+    made = {p.stat().st_ino for p in tmp.glob("*.spare")}
+    assert all(p.stat().st_size == 0 for p in tmp.glob("*.spare"))
+    study = make_study(tmp_path / "s", n_series=1, n_instances=12, size_kb=64)
+    done = subprocess.run([dcmtk.storescu, "-aet", "MODALITY", "-aec", "ROUTER", "127.0.0.1",
+                           str(router.port), *map(str, study)],
+                          capture_output=True, text=True, timeout=60, env=dcmtk_env())
+    assert done.returncode == 0, done.stderr
+    spooled = _spooled(router)
+    assert {_dataset(p) for p in spooled} == {_dataset(f) for f in study}
+    assert {p.stat().st_ino for p in spooled} <= made
+    assert not leftovers(tmp)
 
 
 def test_sigterm_drains_and_exits_0(router: Router, dcmtk: Dcmtk) -> None:
@@ -240,7 +268,7 @@ def test_kill_9_of_the_main_process_loses_nothing_acknowledged(
                 uid = line.split(" C-STORE ", 1)[1].split()[1]
                 assert any(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == uid
                            for p in _spooled(r2)), uid
-        assert not list((r2.spool / "tmp").iterdir())
+        assert not leftovers(r2.spool / "tmp")
     finally:
         r2.stop()
 

@@ -812,7 +812,8 @@ def test_recover_deletes_spares_and_begin_then_makes_a_new_file(
     _, path = committed_to(spool, committer, data, "queue/a")
     retire(spool, path)
     # Another process restarting recovers the spool: the spare is anybody's leftover.
-    assert Spool(spool.root).recover().removed_temporary == 1
+    report = Spool(spool.root).recover()
+    assert (report.removed_temporary, report.removed_spares) == (0, 1)  # no instance lost
     assert files(spool.tmp) == []
     writer, again = committed_to(spool, committer, data, "queue/a")
     assert again.read_bytes()[writer.dataset_offset:] == data
@@ -859,6 +860,105 @@ def test_without_fsync_spares_are_reused_at_once(tmp_path: Path) -> None:
         retire(spool, path)
         _, again = committed_to(spool, committer, data, "queue/b")
         assert again.stat().st_ino == inode
+
+
+# --- empty files made ahead (Spool.stock) ----------------------------------------
+
+
+def test_stocked_files_are_written_into_before_any_new_inode(
+        spool: Spool, committer: GroupCommitter) -> None:
+    assert spool.stock(3) == 3 and spool.stocked == 3
+    made = {p.stat().st_ino: p for p in spool.tmp.iterdir()}
+    assert len(made) == 3
+    assert all(p.suffix == ".spare" and p.stat().st_size == 0 for p in made.values())
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    committed = [committed_to(spool, committer, data, "queue/a") for _ in range(4)]
+    inodes = [path.stat().st_ino for _, path in committed]
+    assert set(inodes[:3]) == set(made) and inodes[3] not in made  # the 4th: a new file
+    for writer, path in committed:  # each holds exactly its own instance, as always
+        content = path.read_bytes()
+        assert content[writer.dataset_offset:] == data
+        assert pydicom.dcmread(path).SOPInstanceUID == read_part10_header(
+            content).sop_instance_uid
+    assert files(spool.tmp) == [] and spool.stocked == 0
+
+
+def test_stock_is_bounded(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "FRESH_SPARES", 5)
+    assert spool.stock(4) == 4 and spool.stock(4) == 1 and spool.stock(4) == 0
+    assert len(files(spool.tmp)) == 5
+
+
+def test_a_delivered_spare_is_preferred_to_an_empty_one(
+        spool: Spool, committer: GroupCommitter) -> None:
+    """Its blocks are allocated already: writing over them makes the fsync cheaper."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, data, "queue/a")
+    retire(spool, path)
+    spool.sync_dir("queue/a")
+    delivered = next(spool.tmp.iterdir()).stat().st_ino
+    spool.stock(1)
+    _, again = committed_to(spool, committer, data, "queue/b")
+    assert again.stat().st_ino == delivered and spool.stocked == 1
+
+
+def test_stocked_files_taken_by_recover_or_a_new_tmp_are_skipped(
+        spool: Spool, committer: GroupCommitter) -> None:
+    spool.stock(2)
+    report = Spool(spool.root).recover()  # the router restarting: anybody's leftovers
+    assert (report.removed_temporary, report.removed_spares) == (0, 2)
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer, path = committed_to(spool, committer, data, "queue/a")
+    assert path.read_bytes()[writer.dataset_offset:] == data and spool.stocked == 0
+    spool.stock(2)
+    for p in spool.tmp.iterdir():
+        p.unlink()
+    spool.tmp.rmdir()  # an operator removed tmp/: made again, the stock is gone with it
+    writer, path = committed_to(spool, committer, data, "queue/a")
+    assert path.read_bytes()[writer.dataset_offset:] == data and spool.stocked == 0
+
+
+def test_stock_stops_at_a_full_disk_and_keeps_what_it_made(
+        spool: Spool, committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.spool as spool_module
+
+    calls = 0
+    real = spool_module._create
+
+    def create(name: str, dir_fd: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(name, dir_fd)
+
+    monkeypatch.setattr(spool_module, "_create", create)
+    with pytest.raises(OSError) as raised:
+        spool.stock(5)
+    assert raised.value.errno == errno.ENOSPC and spool.stocked == 2
+    monkeypatch.setattr(spool_module, "_create", real)
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    writer, path = committed_to(spool, committer, data, "queue/a")
+    assert path.read_bytes()[writer.dataset_offset:] == data and spool.stocked == 1
+
+
+def test_recover_dead_only_leaves_live_processes_spares(spool: Spool) -> None:
+    """A worker starting beside live ones deletes what dead processes left in tmp/
+    (their partial files and spares), never a live process's spares."""
+    spool.stock(2)  # ours: this process lives
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead = int(child.stdout)  # exited and reaped: gone (unless reused at once)
+    (spool.tmp / f"{0:020d}-{dead}-1.spare").write_bytes(b"")
+    (spool.tmp / f"{0:020d}-{dead}-2.part").write_bytes(b"half an instance")
+    (spool.tmp / "not-ours.part").write_bytes(b"?")
+    report = spool.recover(dead_only=True)
+    assert (report.removed_temporary, report.removed_spares) == (2, 1)
+    assert len(files(spool.tmp)) == 2 and spool.stocked == 2
+    report = spool.recover()  # the router starting: everything unlocked goes
+    assert (report.removed_temporary, report.removed_spares) == (0, 2)
 
 
 # --- folders removed or moved aside by an operator while the router runs ----------
