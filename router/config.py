@@ -162,6 +162,7 @@ __all__ = [
     "Destination",
     "Listen",
     "RetryPolicy",
+    "cgroup_cpu_limit",
     "default_spool_dir",
     "default_workers",
     "load_config",
@@ -372,17 +373,79 @@ def _destination_name_problem(name: object) -> str | None:
             f"with '.' or '-', got {_show(name)}")
 
 
-def default_workers() -> int:
+def default_workers(*, cgroup_root: Path = Path("/sys/fs/cgroup"),
+                    proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """One worker per CPU this process may run on, 1 to :data:`MAX_WORKERS`.
 
     The affinity mask rather than ``os.cpu_count()``: a container pinned to
-    two cores of a 64-core host should start two workers, not 64.
+    two cores of a 64-core host should start two workers, not 64. And no more
+    than its CPU quota allows, rounded up (:func:`cgroup_cpu_limit`): a Kubernetes
+    pod with ``limits.cpu: 2`` or a unit with ``CPUQuota=200%`` sees every core
+    of the node in its affinity mask, and 64 workers sharing two CPUs' worth of
+    time would only cost memory and context switches.
     """
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         count = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root, proc_cgroup)
+    if limit is not None:
+        count = min(count, limit)
     return max(1, min(count, MAX_WORKERS))
+
+
+def cgroup_cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                     proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The CPUs this process's CFS bandwidth quota allows, rounded up, or None when
+    there is none (or it cannot be read).
+
+    The process's cgroup comes from ``/proc/self/cgroup``; the quota of that cgroup
+    and of each ancestor counts, the smallest wins. cgroup v2 ("0::<path>"):
+    ``<root>/<path>/cpu.max``, "<quota> <period>" or "max <period>". cgroup v1
+    ("<n>:...cpu...:<path>"): ``<root>/cpu/<path>/cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``, -1 being none. A container with its own cgroup namespace
+    sees its cgroup as "/", at the root.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits: list[int] = []
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "" and line.startswith("0::"):
+            base, read = cgroup_root, _cpu_max
+        elif "cpu" in controllers.split(","):
+            base, read = cgroup_root / "cpu", _cfs_quota
+        else:
+            continue
+        folder = base / path.strip().lstrip("/")
+        while base == folder or base in folder.parents:
+            limit = read(folder)
+            if limit is not None:
+                limits.append(limit)
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+def _cpu_max(folder: Path) -> int | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()
+        return None if quota == "max" else _cpus(int(quota), int(period))
+    except (OSError, ValueError):
+        return None
+
+
+def _cfs_quota(folder: Path) -> int | None:
+    try:
+        return _cpus(int((folder / "cpu.cfs_quota_us").read_text()),
+                     int((folder / "cpu.cfs_period_us").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _cpus(quota: int, period: int) -> int | None:
+    return math.ceil(quota / period) if quota > 0 and period > 0 else None
 
 
 def default_spool_dir(

@@ -9,6 +9,7 @@ by ``build_request``, so "accepted as configured" means what the router does.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
 import textwrap
 from collections.abc import Sequence
@@ -20,9 +21,11 @@ import router.config as config_module
 from router.config import (
     EMBEDDED_DEFAULT,
     EMBEDDED_SOURCE,
+    MAX_WORKERS,
     Config,
     ConfigError,
     Listen,
+    cgroup_cpu_limit,
     default_spool_dir,
     default_workers,
     load_config,
@@ -931,3 +934,48 @@ def test_any_called_ae_and_private_sop_class() -> None:
     answer = associate(config, [(PRIVATE_SOP, [EVLE])], called="WHATEVER")
     assert results(answer) == [(PresentationContextResult.ACCEPTANCE, EVLE)]
 
+
+
+# --- workers = "auto" under a CPU quota (cgroups) ------------------------------------
+
+
+def _cgroup(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(proc)
+    return root, tmp_path / "self-cgroup"
+
+
+@pytest.mark.parametrize(("proc", "files", "cpus"), [
+    pytest.param("0::/\n", {"cpu.max": "200000 100000\n"}, 2, id="v2-container-2-cpus"),
+    pytest.param("0::/\n", {"cpu.max": "150000 100000\n"}, 2, id="v2-1.5-cpus-rounds-up"),
+    pytest.param("0::/\n", {"cpu.max": "max 100000\n"}, None, id="v2-no-quota"),
+    pytest.param("0::/system.slice/dicom-router.service\n",
+                 {"system.slice/dicom-router.service/cpu.max": "max 100000\n",
+                  "system.slice/cpu.max": "300000 100000\n", "cpu.max": "max 100000\n"},
+                 3, id="v2-quota-on-a-parent"),
+    pytest.param("0::/a/b\n", {"a/b/cpu.max": "500000 100000\n", "a/cpu.max": "100000 100000\n"},
+                 1, id="v2-smallest-wins"),
+    pytest.param("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "400000\n",
+                                       "cpu/cpu.cfs_period_us": "100000\n"}, 4, id="v1"),
+    pytest.param("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1\n",
+                                       "cpu/cpu.cfs_period_us": "100000\n"}, None,
+                 id="v1-no-quota"),
+    pytest.param("0::/\n", {"cpu.max": "garbage\n"}, None, id="unreadable"),
+    pytest.param("0::/\n", {}, None, id="no-cpu-controller"),
+])
+def test_cgroup_cpu_limit(tmp_path: Path, proc: str, files: dict[str, str],
+                          cpus: int | None) -> None:
+    root, self_cgroup = _cgroup(tmp_path, proc, files)
+    assert cgroup_cpu_limit(root, self_cgroup) == cpus
+
+
+def test_auto_workers_follow_the_cpu_quota_not_the_node(tmp_path: Path) -> None:
+    """A Kubernetes pod with limits.cpu: 1 on a node of many cores: one worker."""
+    root, self_cgroup = _cgroup(tmp_path, "0::/\n", {"cpu.max": "100000 100000\n"})
+    assert default_workers(cgroup_root=root, proc_cgroup=self_cgroup) == 1
+    unlimited, self_cgroup = _cgroup(tmp_path / "u", "0::/\n", {"cpu.max": "max 100000\n"})
+    assert default_workers(cgroup_root=unlimited, proc_cgroup=self_cgroup) == min(
+        len(os.sched_getaffinity(0)), MAX_WORKERS)

@@ -285,7 +285,7 @@ def test_each_pod_has_its_own_spool_volume(objects: dict[tuple[str, str], Object
 
 def test_workers_match_the_cpu_request(objects: dict[tuple[str, str], Object],
                                        container: Object, config: Config) -> None:
-    """workers = "auto" counts the node's cores, not the pod's CPU request."""
+    """workers = "auto" would count the node's cores: a CPU request sets no quota."""
     text = objects["ConfigMap", "dicom-router"]["data"]["router.toml"]
     assert isinstance(tomllib.loads(text)["router"]["workers"], int)
     assert config.workers == int(container["resources"]["requests"]["cpu"])
