@@ -262,14 +262,21 @@ class Worker:
             self._restock()
 
     def _restock(self) -> None:
-        """Make empty spool files ahead while no association is open (Spool.stock)."""
+        """Make empty spool files ahead while idle (Spool.stock): called when the last
+        association closes and on each heartbeat."""
         if self.restocking is None or self.restocking.done():
             self.restocking = self.loop.create_task(self._stock())
+
+    def _idle(self) -> bool:
+        # Nothing inbound and nothing waiting to go out: queued instances are delivered
+        # first, the files can wait.
+        return not (self.actors or self.stopping
+                    or any(f.depth for f in self.forwarders.values()))
 
     async def _stock(self) -> None:
         # In steps of a few ms at most, each after the loop has run what was ready: an
         # association arriving meanwhile stops it and waits for one step only.
-        while not self.actors and not self.stopping:
+        while self._idle():
             try:
                 if not self.spool.stock(STOCK_STEP):
                     return
@@ -324,6 +331,8 @@ class Worker:
                 instances_failed=self.instances_failed,
                 instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
                 queued=sum(f.depth for f in self.forwarders.values())))
+            if self._idle():
+                self._restock()
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
 
     async def _receive(self, sock: Any, what: str,
