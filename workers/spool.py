@@ -554,30 +554,14 @@ class Spool:
             if not self._left_durably(folder, before):
                 self._spares.append((name, size, folder, before))
                 continue
-            try:
-                fd = os.open(name, _SPARE_FLAGS, dir_fd=self._tmp_fd)
-            except OSError:
-                continue  # recover() took it
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_nlink:
-                    return _mint_stem(), name, fd, size
-            except OSError:
-                pass
-            os.close(fd)
+            fd = self._lock_spare(name)
+            if fd is not None:
+                return _mint_stem(), name, fd, size
         while self._fresh:
             name = self._fresh.popleft()
-            try:
-                fd = os.open(name, _SPARE_FLAGS, dir_fd=self._tmp_fd)
-            except OSError:
-                continue  # recover() took it, or tmp/ was made again
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_nlink:
-                    return _mint_stem(), name, fd, 0
-            except OSError:
-                pass
-            os.close(fd)
+            fd = self._lock_spare(name)
+            if fd is not None:
+                return _mint_stem(), name, fd, 0
         for _ in range(8):
             stem = _mint_stem()
             fd = self._in(TMP_DIR, functools.partial(_create, stem + TMP_SUFFIX))
@@ -593,6 +577,22 @@ class Spool:
                 return stem, stem + TMP_SUFFIX, fd, 0
             os.close(fd)
         raise OSError(errno.EAGAIN, f"cannot create a temporary file in {self.tmp}")
+
+    def _lock_spare(self, name: str) -> int | None:
+        """The spare ``tmp/name`` open and flock()ed, or None if it is gone: recover()
+        took it, or tmp/ was made again (see :meth:`_create_locked`)."""
+        try:
+            fd = os.open(name, _SPARE_FLAGS, dir_fd=self._tmp_fd)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
 
     def _sync_incoming(self) -> None:
         if self.fsync:
