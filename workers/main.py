@@ -258,13 +258,12 @@ class Worker:
         self.actors.discard(actor)
         if self.stopping and not self.actors:
             self.done.set()
-        elif not self.actors:
-            self._restock()
+        self._restock()
 
     def _restock(self) -> None:
-        """Make empty spool files ahead while idle (Spool.stock): called when the last
+        """Make empty spool files ahead if idle (Spool.stock): called at start, when an
         association closes and on each heartbeat."""
-        if self.restocking is None or self.restocking.done():
+        if self._idle() and (self.restocking is None or self.restocking.done()):
             self.restocking = self.loop.create_task(self._stock())
 
     def _idle(self) -> bool:
@@ -331,8 +330,7 @@ class Worker:
                 instances_failed=self.instances_failed,
                 instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
                 queued=sum(f.depth for f in self.forwarders.values())))
-            if self._idle():
-                self._restock()
+            self._restock()
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
 
     async def _receive(self, sock: Any, what: str,
