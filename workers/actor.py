@@ -81,7 +81,15 @@ from workers.nservices import (
     requestor_of,
 )
 from workers.outbound import OutboundError
-from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS, FindProxy, GetProxy, MoveProxy
+from workers.qr import (
+    FIND_MODELS,
+    GET_MODELS,
+    MOVE_MODELS,
+    FindProxy,
+    GetProxy,
+    MoveProxy,
+    Request,
+)
 from workers.routing import Dispatcher, Routed
 from workers.spool import (
     GroupCommitter,
@@ -665,7 +673,9 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         upstream = config.destination(decision.upstreams[0])
         level = str(identifier.get("QueryRetrieveLevel", "")).strip() or "?"
-        label = f"{self._who()} #{msg.message_id}"
+        request = Request(msg.affected_sop_class_uid, raw, ctx.transfer_syntax,
+                          f"{self._who()} #{msg.message_id}", msg.priority,
+                          decision.query_changes)
         proxy: MoveProxy | GetProxy
         if isinstance(msg, dimse.CMoveRQ):
             log.info("association %s: C-MOVE %d (%s) to %s -> %s", self._who(), msg.message_id,
@@ -673,20 +683,16 @@ class AssociationActor(asyncio.BufferedProtocol):
             requested = next(d for d in config.destinations
                              if d.ae_title == msg.move_destination)
             proxy = MoveProxy(
-                upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
-                transfer_syntax=ctx.transfer_syntax, move_destination=msg.move_destination,
-                label=label, priority=msg.priority, spool=self.spool.root,
+                request, upstream=upstream, move_destination=msg.move_destination,
+                spool=self.spool.root,
                 router_ae=config.ae_title, destination_name=requested.name,
-                query_changes=decision.query_changes,
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         else:
             log.info("association %s: C-GET %d (%s) -> %s", self._who(), msg.message_id,
                      level, decision.describe())
             proxy = GetProxy(
-                upstream=upstream, model=msg.affected_sop_class_uid, identifier=raw,
-                transfer_syntax=ctx.transfer_syntax, relay=self, label=label,
-                priority=msg.priority, query_changes=decision.query_changes,
+                request, upstream=upstream, relay=self,
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         self._find = (ctx, msg, proxy)
@@ -764,14 +770,14 @@ class AssociationActor(asyncio.BufferedProtocol):
         assert dispatcher is not None
         config = dispatcher.router.config
         upstreams = [config.destination(name) for name in decision.upstreams]
-        label = f"{self._who()} #{msg.message_id}"
+        request = Request(msg.affected_sop_class_uid, raw, ctx.transfer_syntax,
+                          f"{self._who()} #{msg.message_id}", msg.priority,
+                          decision.query_changes)
         log.info("association %s: C-FIND %d (%s) -> %s", self._who(), msg.message_id,
                  str(identifier.get("QueryRetrieveLevel", "")).strip() or "?",
                  decision.describe())
         proxy = FindProxy(
-            upstreams=upstreams, model=msg.affected_sop_class_uid, identifier=raw,
-            transfer_syntax=ctx.transfer_syntax, label=label, priority=msg.priority,
-            query_changes=decision.query_changes, result_changes=decision.result_changes,
+            request, upstreams=upstreams, result_changes=decision.result_changes,
             respond=lambda status, data, comment: self._find_respond(
                 ctx, msg, status, data, comment))
         self._find = (ctx, msg, proxy)

@@ -31,8 +31,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -50,7 +51,7 @@ from workers.outbound import (
 )
 
 __all__ = ["FIND_MODELS", "GET_MODELS", "MOVE_MODELS", "FindProxy", "GetProxy", "MoveProxy",
-           "StoreRelay", "unique_key"]
+           "Request", "StoreRelay", "unique_key"]
 
 # Presentation contexts one association may carry (PS3.8 §9.3.2.2).
 _MAX_CONTEXTS: Final = 128
@@ -96,24 +97,45 @@ def unique_key(identifier: Dataset, raw: bytes) -> object:
     return raw  # a worklist item, or a match without its key: the whole identifier
 
 
-class FindProxy:
-    """One C-FIND relayed to its upstreams; see the module docstring."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The requestor's C-FIND, C-MOVE or C-GET as a proxy relays it: the model (SOP
+    class), the identifier as received, its transfer syntax, the label the log
+    names it by, its priority, and the rules' changes to the identifier."""
 
-    def __init__(self, *, upstreams: list[Destination], model: str, identifier: bytes,
-                 transfer_syntax: str, respond: Respond, label: str,
-                 priority: dimse.Priority = dimse.Priority.MEDIUM,
-                 query_changes: Changes | None = None,
-                 result_changes: Changes | None = None) -> None:
-        self.upstreams = upstreams
-        self.model = model
-        self.identifier = changed(identifier, transfer_syntax, query_changes)
-        self.result_changes = result_changes
-        self.transfer_syntax = transfer_syntax
-        self.respond = respond
-        self.label = label
-        self.priority = priority
+    model: str
+    identifier: bytes
+    transfer_syntax: str
+    label: str
+    priority: dimse.Priority = dimse.Priority.MEDIUM
+    query_changes: Changes | None = None
+
+
+class _Relayed:
+    """What every relayed request keeps: the requestor's model, identifier (already
+    changed by the query rules) and transfer syntax, its label and priority, and
+    whether it was cancelled or has had its final response."""
+
+    def __init__(self, request: Request) -> None:
+        self.model = request.model
+        self.identifier = changed(request.identifier, request.transfer_syntax,
+                                  request.query_changes)
+        self.transfer_syntax = request.transfer_syntax
+        self.label = request.label
+        self.priority = request.priority
         self.cancelled = False
         self.answered = False  # the final response went to the requestor
+
+
+class FindProxy(_Relayed):
+    """One C-FIND relayed to its upstreams; see the module docstring."""
+
+    def __init__(self, request: Request, *, upstreams: list[Destination], respond: Respond,
+                 result_changes: Changes | None = None) -> None:
+        super().__init__(request)
+        self.upstreams = upstreams
+        self.respond = respond
+        self.result_changes = result_changes
         self.matches = 0
         self._seen: set[object] = set()
         self._open: list[OutboundAssociation] = []
@@ -210,7 +232,7 @@ MoveRespond = Callable[[int, Counts, bytes | None, str | None], None]
 _NO_COUNTS: Final[Counts] = (None, None, None, None)
 
 
-class _RetrieveProxy:
+class _RetrieveProxy(_Relayed):
     """What the C-MOVE and C-GET relays share: one association to the upstream, the
     identifier in the transfer syntax it accepted, every response relayed as it comes
     with its sub-operation counts, exactly one final response, and C-CANCEL passed on.
@@ -219,19 +241,11 @@ class _RetrieveProxy:
 
     kind: ClassVar[str]
 
-    def __init__(self, *, upstream: Destination, model: str, identifier: bytes,
-                 transfer_syntax: str, respond: MoveRespond, label: str,
-                 priority: dimse.Priority = dimse.Priority.MEDIUM,
-                 query_changes: Changes | None = None) -> None:
+    def __init__(self, request: Request, *, upstream: Destination,
+                 respond: MoveRespond) -> None:
+        super().__init__(request)
         self.upstream = upstream
-        self.model = model
-        self.identifier = changed(identifier, transfer_syntax, query_changes)
-        self.transfer_syntax = transfer_syntax
         self.respond = respond
-        self.label = label
-        self.priority = priority
-        self.cancelled = False
-        self.answered = False  # the final response went to the requestor
         self._assoc: OutboundAssociation | None = None
 
     def cancel(self) -> None:
@@ -320,9 +334,10 @@ class MoveProxy(_RetrieveProxy):
 
     kind = "C-MOVE"
 
-    def __init__(self, *, move_destination: str, spool: Path | None = None,
-                 router_ae: str = "", destination_name: str = "", **common: Any) -> None:
-        super().__init__(**common)
+    def __init__(self, request: Request, *, upstream: Destination, respond: MoveRespond,
+                 move_destination: str, spool: Path | None = None, router_ae: str = "",
+                 destination_name: str = "") -> None:
+        super().__init__(request, upstream=upstream, respond=respond)
         self.move_destination = move_destination
         self.spool = spool
         self.router_ae = router_ae
@@ -389,8 +404,9 @@ class GetProxy(_RetrieveProxy):
 
     kind = "C-GET"
 
-    def __init__(self, *, relay: StoreRelay, **common: Any) -> None:
-        super().__init__(**common)
+    def __init__(self, request: Request, *, upstream: Destination, respond: MoveRespond,
+                 relay: StoreRelay) -> None:
+        super().__init__(request, upstream=upstream, respond=respond)
         self.relay = relay
         self.relayed = 0
         # (SOP class, transfer syntax) -> the requestor's context that serves it.
