@@ -616,6 +616,15 @@ def run_handlers(out: Path | None) -> Handlers:
 
 
 def _runtime_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]]:
+    overrides = _overrides(args)
+    try:
+        return load_config(args.config, overrides=overrides), overrides
+    except ConfigError as exc:
+        raise ConfigUsageError(str(exc)) from None
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The flags of ``run``/``status`` that override the configuration file."""
     overrides: dict[str, object] = {"spool": args.spool}
     for key in ("host", "port", "workers"):
         value = getattr(args, key, None)
@@ -626,23 +635,23 @@ def _runtime_config(args: argparse.Namespace) -> tuple[Config, dict[str, object]
                 raise UsageError(f"--workers: expected an integer or 'auto', got {value!r}")\
                     from None
         overrides[key] = value
-    try:
-        return load_config(args.config, overrides=overrides), overrides
-    except ConfigError as exc:
-        raise ConfigUsageError(str(exc)) from None
+    return overrides
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from router.supervisor import Supervisor, check_rules
+    from router.snapshot import Snapshot
+    from router.supervisor import Supervisor
     from rules import RuleError
 
-    config, overrides = _runtime_config(args)
+    overrides = _overrides(args)
     try:
-        check_rules(config)
-    except RuleError as exc:
+        # The files are read once: what is checked here is what the workers run.
+        snapshot, config, _ = Snapshot.read(args.config, overrides=overrides)
+    except (ConfigError, RuleError) as exc:
         raise ConfigUsageError(str(exc)) from None
     logging.getLogger().setLevel(config.log_level)
-    return Supervisor(config, config_path=args.config, overrides=overrides).run()
+    return Supervisor(config, config_path=args.config, overrides=overrides,
+                      snapshot=snapshot).run()
 
 
 def _admin(args: argparse.Namespace, name: str,

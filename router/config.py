@@ -649,6 +649,12 @@ def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = N
     """
     if path is None:
         return parse_config(EMBEDDED_DEFAULT, EMBEDDED_SOURCE, overrides=overrides)
+    return parse_config(read_config_text(path), str(path), base_dir=path.absolute().parent,
+                        overrides=overrides)
+
+
+def read_config_text(path: Path) -> str:
+    """The text of configuration file ``path``; raises :class:`ConfigError`."""
     source = str(path)
     try:
         raw = path.read_bytes()
@@ -656,11 +662,10 @@ def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = N
         raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from exc
     try:
         # utf-8-sig: editors on Windows write a BOM, which tomllib would call a syntax error.
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(source, "", "not UTF-8 text (TOML files are UTF-8)", line) from exc
-    return parse_config(text, source, base_dir=path.absolute().parent, overrides=overrides)
 
 
 def parse_config(

@@ -412,11 +412,11 @@ class InstanceFailed(Message):
 @_message("reload")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reload(Message):
-    """Supervisor -> workers: load configuration ``generation`` from ``config_path``
-    ("" for the embedded default)."""
+    """Supervisor -> workers: load configuration ``generation`` from the snapshot
+    file ``snapshot`` (router/snapshot.py), which the supervisor checked."""
 
     generation: int
-    config_path: str
+    snapshot: str
 
 
 @_message("rescan")

@@ -14,8 +14,10 @@ sleeps and nothing polls on a clock.
   (router.fdpass). A busy or dead channel means the next worker; with none,
   the connection is closed and the log says why. DICOM bytes are never read here.
 - Workers are clean interpreters (``python -m workers.main``) holding one
-  channel end. A worker that exits is respawned, with exponential back-off
-  when it keeps dying young; one whose heartbeats stop is killed (SIGKILL) and
+  channel end. They load the configuration snapshot the supervisor checked
+  (router/snapshot.py), never the files, which may have been edited since. A
+  worker that exits is respawned, with exponential back-off when it keeps dying
+  young; one whose heartbeats stop is killed (SIGKILL) and
   respawned; one that exits with BOOT_ERROR stops the router (its config can
   never work, so respawning would only spin).
 - Signals only enqueue (gunicorn): SIGTERM/SIGINT drain (stop accepting,
@@ -45,9 +47,10 @@ from typing import Any
 import zmq
 
 from router import control
-from router.config import Config, ConfigError, load_config
+from router.config import Config, ConfigError
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
-from rules import RuleError, RuleSet
+from router.snapshot import Snapshot, prune, snapshot_path
+from rules import RuleError
 from workers.spool import Spool
 
 log = logging.getLogger("router.supervisor")
@@ -90,8 +93,10 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, config: Config, *, config_path: Path | None,
-                 overrides: dict[str, object]) -> None:
+                 overrides: dict[str, object], snapshot: Snapshot | None = None) -> None:
         self.config = config
+        # What workers load (router/snapshot.py): the texts this config came from.
+        self.snapshot = snapshot or Snapshot.read(config_path, overrides=overrides)[0]
         self.config_path = config_path
         self.overrides = overrides
         self.generation = 1
@@ -121,6 +126,8 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.sockets = control.bind_supervisor(self.ctx, self.run_dir,
                                                admin_path=self.config.admin_socket)
+        prune(self.run_dir, keep=None)  # a previous run's
+        self.snapshot.write(self.run_dir, self.generation)
         self._install_signals()
         try:
             self._listen()
@@ -251,9 +258,8 @@ class Supervisor:
         fd = worker_end.fileno()
         argv = [sys.executable, "-m", "workers.main", "--worker-id", str(slot.worker_id),
                 "--channel-fd", str(fd), "--run-dir", str(self.run_dir),
-                "--spool", str(self.config.spool)]
-        if self.config_path is not None:
-            argv += ["--config", str(self.config_path)]
+                "--spool", str(self.config.spool),
+                "--snapshot", str(snapshot_path(self.run_dir, self.generation))]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
         slot.proc = subprocess.Popen(argv, pass_fds=[fd], env=env)
@@ -423,18 +429,23 @@ class Supervisor:
     def _reload(self) -> str | None:
         """Load the configuration file again; the reason it was refused, or None."""
         try:
-            config = load_config(self.config_path, overrides=self.overrides)
-            check_rules(config)
+            snapshot, config, _ = Snapshot.read(self.config_path, overrides=self.overrides)
         except (ConfigError, RuleError) as exc:
             why = " / ".join(str(exc).splitlines())
             log.error("reload refused, the running configuration stays: %s", why)
             return f"refused, the running configuration stays: {why}"
         if config.listen != self.config.listen or config.workers != self.config.workers:
             log.warning("reload: listen addresses and worker count change on restart only")
-        self.config = config
+        try:
+            written = snapshot.write(self.run_dir, self.generation + 1)
+        except OSError as exc:
+            log.error("reload refused, the running configuration stays: cannot write %s: %s",
+                      snapshot_path(self.run_dir, self.generation + 1), exc)
+            return f"refused, the running configuration stays: cannot write its snapshot: {exc}"
+        self.config, self.snapshot = config, snapshot
         self.generation += 1
-        self._tell_workers(control.Reload(
-            generation=self.generation, config_path=str(self.config_path or "")))
+        prune(self.run_dir, keep=self.generation - 1)
+        self._tell_workers(control.Reload(generation=self.generation, snapshot=str(written)))
         log.info("configuration generation %d loaded from %s", self.generation,
                  config.source)
         return None
@@ -484,14 +495,6 @@ class Supervisor:
             conn.close()
         self.sockets.close()
         self.ctx.term()
-
-
-def check_rules(config: Config) -> RuleSet:
-    """Load the rules ``config`` names, checked against its destinations (raises
-    ``RuleError``): the router refuses to start, or to reload, on bad rules."""
-    if config.rules is None:
-        return RuleSet.empty()
-    return RuleSet.load([config.rules], destinations={d.name for d in config.destinations})
 
 
 def _describe_exit(code: int) -> str:

@@ -139,6 +139,14 @@ def load_rules(paths: Sequence[Path], *, destinations: Collection[str] | None,
 
     ``destinations``: the names forwards may use; None to skip that check.
     Raises :class:`RuleError` listing every problem found."""
+    texts, problems = read_texts(paths)
+    rules = compile_texts(texts, destinations=destinations, problems=problems)
+    return rules, tuple(f for f, _ in texts)
+
+
+def read_texts(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[Problem]]:
+    """The text of every rule file ``paths`` name (see :func:`expand`), and the
+    problems reading them (a missing file, not UTF-8)."""
     files, problems = expand(paths)
     texts: list[tuple[Path, str]] = []
     for f in files:
@@ -150,8 +158,7 @@ def load_rules(paths: Sequence[Path], *, destinations: Collection[str] | None,
         except UnicodeDecodeError as exc:
             problems.append(Problem(file=str(f), line=0,
                                     message=f"not UTF-8 text (byte {exc.start})"))
-    rules = compile_texts(texts, destinations=destinations, problems=problems)
-    return rules, tuple(files)
+    return texts, problems
 
 
 def compile_texts(texts: Iterable[tuple[Path, str]], *, destinations: Collection[str] | None,

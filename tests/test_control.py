@@ -84,7 +84,7 @@ SAMPLES: list[Message] = [
                    sop_instance_uid="1.2.3.4", bytes=524_288, status=0),
     InstanceFailed(worker_id=1, association_id="w1-a7", sop_class_uid="1.2",
                    sop_instance_uid="1.2.3.5", bytes=0, status=0xA700),
-    Reload(generation=8, config_path="/etc/dicom-router/router.toml"),
+    Reload(generation=8, snapshot="/var/lib/dicom-router/spool/run/config-8.msgpack"),
     Rescan(),
     Drain(grace=30.0),
     Stop(),
@@ -189,8 +189,8 @@ def test_rejected(frames: list[bytes], reason: str) -> None:
                               kind="k", body={1: 1}), "map key 1"),  # type: ignore[dict-item]
         (lambda: Command(name="x", args={"deep": _nested(40)}), "nested more than"),
         (lambda: Reply(ok=True, error="x"), "ok but with an error"),
-        (lambda: Reload(generation=1, config_path=None),  # type: ignore[arg-type]
-         "reload.config_path"),
+        (lambda: Reload(generation=1, snapshot=None),  # type: ignore[arg-type]
+         "reload.snapshot"),
         (lambda: ActorAddress(worker_id=-1, actor_id="a"), "worker_id"),
     ],
 )
@@ -326,9 +326,9 @@ def test_hello_heartbeat_and_broadcasts(supervisor: SupervisorSockets, procs: Pr
     assert beat.rss > 0 and beat.served_total == 7
 
     _await_subscribers(supervisor, 1)  # from here on, the worker hears every broadcast
-    send_message(supervisor.broadcast, Reload(generation=8, config_path="/etc/router.toml"))
+    send_message(supervisor.broadcast, Reload(generation=8, snapshot="/run/config-8.msgpack"))
     identity, ack = _next_routed(supervisor)
-    assert ack == Reply.success({"generation": 8, "config_path": "/etc/router.toml"})
+    assert ack == Reply.success({"generation": 8, "snapshot": "/run/config-8.msgpack"})
 
     send_message(supervisor.broadcast, Stop())
     _exit_code(proc)
@@ -485,7 +485,7 @@ def _worker_loop(ws: WorkerSockets, me: Any) -> int:
             broadcast = recv_message(ws.broadcast)
             if isinstance(broadcast, Reload):
                 ws.send(Reply.success({"generation": broadcast.generation,
-                                       "config_path": broadcast.config_path}))
+                                       "snapshot": broadcast.snapshot}))
             elif isinstance(broadcast, Stop):
                 return 0
     return 3

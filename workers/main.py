@@ -40,14 +40,15 @@ import zmq
 import zmq.asyncio
 
 from router import control
-from router.config import Config, ConfigError, load_config
+from router.config import Config, ConfigError
 from router.dicom import uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
+from router.snapshot import Snapshot, SnapshotError
 from rules import RuleError, RuleSet
 from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
 from workers.forward import DestinationActor
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from workers.routing import Dispatcher, InstanceRouter, load_rules
+from workers.routing import Dispatcher, InstanceRouter
 from workers.spool import GroupCommitter, RingCommitter, Spool
 
 log = logging.getLogger("workers.main")
@@ -102,14 +103,12 @@ class Worker:
     """The worker's state: its actors, its spool, its line to the supervisor."""
 
     def __init__(self, config: Config, *, worker_id: int, channel_fd: int, run_dir: Path,
-                 config_path: Path | None, overrides: dict[str, object],
-                 rules: RuleSet | None = None) -> None:
+                 overrides: dict[str, object], rules: RuleSet | None = None) -> None:
         self.config = config
         self.rules = rules if rules is not None else RuleSet.empty()
         self.forwarders: dict[str, DestinationActor] = {}
         self.dispatcher: Dispatcher | None = None
         self.worker_id = worker_id
-        self.config_path = config_path
         self.overrides = overrides
         self.channel = adopt_channel(channel_fd)
         self.channel.setblocking(False)
@@ -415,17 +414,16 @@ class Worker:
         elif isinstance(message, control.Stop):
             self._begin_drain(0.0)
         elif isinstance(message, control.Reload):
-            self._reload(message.generation)
+            self._reload(message.generation, Path(message.snapshot))
         elif isinstance(message, control.Rescan):
             self._rescan()
 
-    def _reload(self, generation: int) -> None:
+    def _reload(self, generation: int, snapshot: Path) -> None:
         if generation <= self.generation:
             return  # already have it (it may come by more than one path)
         try:
-            config = load_config(self.config_path, overrides=self.overrides)
-            rules = load_rules(config)
-        except (ConfigError, RuleError) as exc:
+            config, rules = Snapshot.from_file(snapshot).load(overrides=self.overrides)
+        except (ConfigError, RuleError, SnapshotError) as exc:
             log.error("worker %d: reload refused, keeping the running config: %s",
                       self.worker_id, " / ".join(str(exc).splitlines()))
             return
@@ -463,14 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--config", type=Path, default=None)
+    # The configuration the supervisor checked (router/snapshot.py), not the file.
+    parser.add_argument("--snapshot", type=Path, required=True)
     parser.add_argument("--spool", type=Path, default=None)
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {"spool": args.spool}
     try:
-        config = load_config(args.config, overrides=overrides)
-        rules = load_rules(config)
-    except (ConfigError, RuleError) as exc:
+        config, rules = Snapshot.from_file(args.snapshot).load(overrides=overrides)
+    except (ConfigError, RuleError, SnapshotError) as exc:
         print(f"worker {args.worker_id}: {exc}", file=sys.stderr)
         return BOOT_ERROR
     # A line per instance received and per instance forwarded: skip what our format
@@ -481,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s worker-{args.worker_id} "
                                "%(name)s: %(message)s")
     worker = Worker(config, worker_id=args.worker_id, channel_fd=args.channel_fd,
-                    run_dir=args.run_dir, config_path=args.config, overrides=overrides,
+                    run_dir=args.run_dir, overrides=overrides,
                     rules=rules)
     return asyncio.run(worker.run())
 

@@ -29,9 +29,9 @@ import pytest
 
 from router.cli import build_parser
 from router.config import Config, load_config
-from router.supervisor import check_rules
 from tests.deploy.conftest import DEPLOY
 from tests.deploy.test_systemd import DRAIN_MARGIN
+from workers.routing import load_rules
 
 MANIFESTS = DEPLOY / "kubernetes"
 Object = dict[str, Any]
@@ -209,7 +209,7 @@ def test_configmap_loads_with_the_router_loaders(objects: dict[tuple[str, str], 
                                                  config: Config) -> None:
     assert set(objects["ConfigMap", "dicom-router"]["data"]) == {"router.toml", "rules.toml"}
     assert config.rules is not None and config.rules.name == "rules.toml"
-    rules = check_rules(config)  # raises RuleError, as the router refuses to start
+    rules = load_rules(config)  # raises RuleError, as the router refuses to start
     assert len(rules.rules) >= 1
 
 

@@ -28,8 +28,8 @@ import pytest
 
 from router.cli import build_parser
 from router.config import Config, load_config
-from router.supervisor import check_rules
 from tests.deploy.conftest import DEPLOY
+from workers.routing import load_rules
 
 UNIT = DEPLOY / "systemd" / "dicom-router.service"
 SAMPLE_CONFIG = DEPLOY / "systemd" / "router.toml"
@@ -127,7 +127,7 @@ def test_exec_start_parses_and_its_config_loads(unit: dict[str, list[tuple[str, 
     assert args.config == Path("/etc/dicom-router/router.toml")
     assert args.config.name == SAMPLE_CONFIG.name
     assert config.rules == SAMPLE_CONFIG.parent / "rules.toml"
-    rules = check_rules(config)  # the router refuses to start on rules that fail this
+    rules = load_rules(config)  # the router refuses to start on rules that fail this
     assert len(rules.rules) >= 1
     assert config.source == str(SAMPLE_CONFIG)
 

@@ -22,7 +22,8 @@ class Router:
 
     def __init__(self, tmp: Path, *, workers: int = 2, extra: str = "",
                  port: int | None = None, router_extra: str = "",
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.spool = tmp / "spool"
         self.config = tmp / "router.toml"
@@ -33,7 +34,7 @@ class Router:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", "run", "--config", str(self.config)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=preexec_fn)
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), preexec_fn=preexec_fn)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 

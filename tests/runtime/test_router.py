@@ -216,6 +216,47 @@ def test_sighup_reload_valid_and_invalid(router: Router, dcmtk: Dcmtk) -> None:
         done.stdout + done.stderr)
 
 
+def test_workers_restarted_after_the_files_were_edited_run_the_checked_configuration(
+        router: Router, dcmtk: Dcmtk, tmp_path: Path) -> None:
+    """Workers load what the supervisor checked (router/snapshot.py), not the files.
+    With router.toml and the rules left invalid on disk (a refused reload, or an
+    operator halfway through an edit), a worker that dies is replaced and serves the
+    running configuration. Before, it read the invalid file, could not start, and
+    that stopped the router."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "all"\n[rule.then]\ndrop = true\n')
+    router.write_config(extra='[acceptance]\ncalled_ae = ["ROUTER", "ROUTER2"]\n'
+                              f'[routing]\nrules = "{rules}"\n')
+    router.proc.send_signal(signal.SIGHUP)
+    for w in (1, 2):
+        router.wait_for(f"worker {w}: configuration generation 2 loaded")
+    pids = [int(w["pid"]) for w in router.status()["workers"]]  # type: ignore[union-attr]
+
+    # Both files invalid on disk; the reload is refused.
+    rules.write_text('[[rule]]\nname = "all"\n[rule.then]\nforward = ["nowhere"]\n')
+    router.config.write_text(router.config.read_text() + "\nbogus = 1\n")
+    router.proc.send_signal(signal.SIGHUP)
+    router.wait_for("reload refused")
+
+    # Both workers die: every association now goes to a replacement.
+    at = len(router.lines)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for w in (1, 2):
+        router.wait_for(f"worker {w} ready", start=at)
+    assert router.proc.poll() is None, router.log()
+    assert "cannot start" not in router.log()
+    # They run generation 2: the second called AE title, and the rule that drops.
+    assert dcmtk.run("echoscu", "-aec", "ROUTER2", "127.0.0.1",
+                     str(router.port)).returncode == 0
+    make_ct(tmp_path / "ct.dcm", size_kb=20)
+    sent = dcmtk.run("storescu", "-aec", "ROUTER", "127.0.0.1", str(router.port),
+                     str(tmp_path / "ct.dcm"))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    router.wait_for('[drop by rule "all"]', start=at)
+    assert not _spooled(router)
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("[router]\nworkers = \"two\"\n", "workers"),
     ("[router]\nbogus = 1\n", "bogus"),
