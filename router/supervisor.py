@@ -49,6 +49,7 @@ import zmq
 from router import control
 from router.config import Config, ConfigError
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
+from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
 from rules import RuleError
 from workers.spool import Spool
@@ -112,6 +113,9 @@ class Supervisor:
         # restarting): handed off as soon as one says hello, closed past a bound.
         self.waiting: deque[tuple[socket.socket, tuple[Any, ...], int, float]] = deque()
         self.announced_ready = False
+        # systemd's Type=notify and WatchdogSec= (router/notify.py); inert elsewhere.
+        self.notifier = Notifier.from_environment()
+        self.watchdog_at: float | None = None
 
     # ------------------------------------------------------------------ run
 
@@ -140,6 +144,9 @@ class Supervisor:
             return 1
         for slot in self.slots:
             self._spawn(slot)
+        self.notifier.status(f"starting {len(self.slots)} workers")
+        if self.notifier.watchdog_interval is not None:
+            self.watchdog_at = time.monotonic()
         try:
             self._loop()
         finally:
@@ -211,6 +218,8 @@ class Supervisor:
     def _next_timer(self) -> float | None:
         now = time.monotonic()
         deadlines = [s.respawn_at for s in self.slots if s.respawn_at is not None]
+        if self.watchdog_at is not None:
+            deadlines.append(self.watchdog_at)
         deadlines += [s.last_heartbeat + self.config.heartbeat_timeout for s in self.slots
                       if s.proc is not None]
         if self.draining_until is not None:
@@ -222,6 +231,11 @@ class Supervisor:
     def _timers(self) -> bool:
         """Run what is due; True when the supervisor should exit."""
         now = time.monotonic()
+        if self.watchdog_at is not None and now >= self.watchdog_at:
+            # From the loop itself, draining included: a loop that stops turning
+            # stops the pings, and systemd restarts the router.
+            self.notifier.watchdog()
+            self.watchdog_at = now + (self.notifier.watchdog_interval or 0.0)
         while self.waiting and now >= self.waiting[0][3] + self.config.artim_timeout:
             conn, peer, _, _ = self.waiting.popleft()
             log.error("no worker became ready for the connection from %s:%s in %.0f s; "
@@ -262,6 +276,8 @@ class Supervisor:
                 "--snapshot", str(snapshot_path(self.run_dir, self.generation))]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+        for name in service_manager_variables:  # the supervisor speaks for the router
+            env.pop(name, None)
         slot.proc = subprocess.Popen(argv, pass_fds=[fd], env=env)
         worker_end.close()
         slot.channel = sup_end
@@ -302,6 +318,7 @@ class Supervisor:
             slot.respawn_at = time.monotonic() + slot.backoff
             log.error("worker %d (pid %d) died (%s) after %.1f s; restarting in %.1f s",
                       slot.worker_id, proc.pid, _describe_exit(code), lived, slot.backoff)
+            self.notifier.status(self._status_line())
 
     def _worker_messages(self) -> None:
         while True:
@@ -324,6 +341,9 @@ class Supervisor:
                 if not self.announced_ready and all(s.ready for s in self.slots):
                     self.announced_ready = True
                     log.info("ready: %d workers serving", len(self.slots))
+                    self.notifier.ready(self._status_line())
+                elif self.draining_until is None:
+                    self.notifier.status(self._status_line())
                 while self.waiting:
                     conn, peer, local_port, _ = self.waiting.popleft()
                     self._hand_off(conn, peer, local_port)
@@ -403,6 +423,7 @@ class Supervisor:
         if self.draining_until is not None:
             return
         log.info("draining: no new associations; open ones get %.0f s", grace)
+        self.notifier.stopping(f"draining: open associations get {grace:.0f} s")
         for sock in self.listeners:
             self.poller.unregister(sock)
             sock.close()
@@ -428,11 +449,16 @@ class Supervisor:
 
     def _reload(self) -> str | None:
         """Load the configuration file again; the reason it was refused, or None."""
+        serving = self.announced_ready and self.draining_until is None
+        if serving:
+            self.notifier.reloading()
         try:
             snapshot, config, _ = Snapshot.read(self.config_path, overrides=self.overrides)
         except (ConfigError, RuleError) as exc:
             why = " / ".join(str(exc).splitlines())
             log.error("reload refused, the running configuration stays: %s", why)
+            if serving:
+                self.notifier.ready(f"{self._status_line()}; last reload refused: {why}")
             return f"refused, the running configuration stays: {why}"
         if config.listen != self.config.listen or config.workers != self.config.workers:
             log.warning("reload: listen addresses and worker count change on restart only")
@@ -441,6 +467,8 @@ class Supervisor:
         except OSError as exc:
             log.error("reload refused, the running configuration stays: cannot write %s: %s",
                       snapshot_path(self.run_dir, self.generation + 1), exc)
+            if serving:
+                self.notifier.ready(f"{self._status_line()}; last reload refused")
             return f"refused, the running configuration stays: cannot write its snapshot: {exc}"
         self.config, self.snapshot = config, snapshot
         self.generation += 1
@@ -448,7 +476,17 @@ class Supervisor:
         self._tell_workers(control.Reload(generation=self.generation, snapshot=str(written)))
         log.info("configuration generation %d loaded from %s", self.generation,
                  config.source)
+        if serving:
+            self.notifier.ready(self._status_line())
         return None
+
+    def _status_line(self) -> str:
+        """What ``systemctl status`` shows (STATUS=)."""
+        ready = sum(s.ready for s in self.slots)
+        where = ", ".join(":".join(map(str, sock.getsockname()[:2]))
+                          for sock in self.listeners) or "no address (draining)"
+        return (f"{ready} of {len(self.slots)} workers serving on {where}; "
+                f"configuration generation {self.generation}")
 
     # -------------------------------------------------------------- admin
 
@@ -495,6 +533,7 @@ class Supervisor:
             conn.close()
         self.sockets.close()
         self.ctx.term()
+        self.notifier.close()
 
 
 def _describe_exit(code: int) -> str:

@@ -10,8 +10,9 @@ What is proved, without running systemd (no test machine boots it as PID 1):
   rules.toml it names load with the router's own loaders, as ``run`` would load them.
 - The unit agrees with that configuration: the spool is writable under
   ProtectSystem=strict, TimeoutStopSec covers the drain, a port below 1024 comes with
-  CAP_NET_BIND_SERVICE, reload asks the router and waits for its answer, and no
-  SystemCallFilter= takes io_uring away from the workers.
+  CAP_NET_BIND_SERVICE, reload asks the router and waits for its answer, no
+  SystemCallFilter= takes io_uring away from the workers, and the unit waits for the
+  router's READY=1 and watches its pings.
 """
 
 from __future__ import annotations
@@ -177,6 +178,18 @@ def test_runs_unprivileged_and_restarts_on_failure(
     if any(listen.port < 1024 for listen in config.listen):
         for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
             assert "CAP_NET_BIND_SERVICE" in capabilities(values(unit, key)), key
+
+
+def test_started_when_ready_and_watched(unit: dict[str, list[tuple[str, str]]]) -> None:
+    # The router sends READY=1 and pings WATCHDOG=1 (tests/runtime/test_notify.py
+    # shows it does, to a socket standing in for systemd); only the supervisor speaks.
+    assert one(unit, "Type") == "notify"
+    assert one(unit, "NotifyAccess") == "main"
+    watchdog = seconds(one(unit, "WatchdogSec"))
+    # Pings every WatchdogSec/2 from a loop that wakes at least that often; the
+    # slowest thing it does in line is a reload's parse, well under a second.
+    assert 10 <= watchdog <= 120
+    assert one(unit, "Restart") == "on-failure"  # covers a watchdog kill
 
 
 def capabilities(assignments: list[str]) -> set[str]:
