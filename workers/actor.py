@@ -58,6 +58,7 @@ from router.dicom.events import (
     AssociationAborted,
     AssociationRequested,
     CommandReceived,
+    CommandRejected,
     ConnectionClosed,
     DataReceived,
     Event,
@@ -71,7 +72,7 @@ from router.dicom.negotiation import (
     negotiate,
 )
 from router.dicom.pdu import AAssociateAC, AAssociateRJ
-from router.net.client import response_for
+from router.net.client import response_for, response_to
 from router.net.connection import ack_now
 from rules import AssociationInfo
 from workers.nservices import (
@@ -286,11 +287,17 @@ class AssociationActor(asyncio.BufferedProtocol):
                 self._store_data(event)
         elif isinstance(event, CommandReceived):
             self._command(event)
+        elif isinstance(event, CommandRejected):
+            self._rejected(event)
         elif isinstance(event, AssociationRequested):
-            self._requested(event)
+            # Unless a PDU that came with the request already ended it (AA-8).
+            if self.engine.may_answer_association:
+                self._requested(event)
         elif isinstance(event, ReleaseRequested):
-            self.stats.outcome = "released"
-            self.engine.release_response()
+            # Unless an A-ABORT came behind the A-RELEASE-RQ: then it is aborted.
+            if self.engine.may_answer_release:
+                self.stats.outcome = "released"
+                self.engine.release_response()
         elif isinstance(event, AssociationAborted):
             self.stats.outcome = f"aborted: {event.detail}"
             self._discard_store()
@@ -324,7 +331,21 @@ class AssociationActor(asyncio.BufferedProtocol):
     def _command(self, event: CommandReceived) -> None:
         msg = event.message
         ctx = self.engine.contexts[event.context_id]
-        if isinstance(msg, dimse.CStoreRQ):
+        if not self.engine.may_send_data and dimse.is_request(msg):
+            # The peer ended the association behind its request (an A-ABORT in the
+            # same read): nobody is left to answer. Its data set, if any, was not
+            # delivered either (the engine drops it), so nothing is stored.
+            log.info("association %s: %s not served: the association ended behind it",
+                     self._who(), type(msg).__name__)
+            return
+        if isinstance(msg, dimse.CStoreRQ) and not msg.has_dataset:
+            # PS3.7 9.3.1.1: a C-STORE-RQ carries the instance. Nothing to store, and
+            # no data set will come to end it: answered here.
+            log.warning("association %s: C-STORE-RQ %d without a data set: refused",
+                        self._who(), msg.message_id)
+            self.stats.failed += 1
+            self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set")
+        elif isinstance(msg, dimse.CStoreRQ):
             self._store_begin(ctx, msg)
         elif isinstance(msg, dimse.CEchoRQ):
             self.engine.send_message(ctx.context_id, dimse.CEchoRSP(
@@ -355,12 +376,37 @@ class AssociationActor(asyncio.BufferedProtocol):
         elif dimse.is_request(msg):
             self._unsupported(ctx, msg)
 
+    def _rejected(self, event: CommandRejected) -> None:
+        """A framed command set the engine could not use (PS3.7 Annex C): a request
+        is answered with the engine's status (0211H, 0212H or C000H), a response
+        is dropped, and an unknown Command Field, which has no response to wait
+        for, ends the association. Its data set, if any, is read and dropped."""
+        self._discard_store()
+        self._query = None
+        field, mid = event.command_field, event.message_id
+        if field & 0x8000 or field == dimse.CommandField.C_CANCEL_RQ:
+            log.warning("association %s: dropped an invalid command set (command field "
+                        "0x%04X, message %d): %s", self._who(), field, mid, event.detail)
+            return
+        if not self.engine.may_send_data:
+            return
+        rsp = response_to(field, mid, event.status)
+        if rsp is None:
+            detail = (f"invalid request with unknown command field 0x{field:04X} "
+                      f"(message {mid}): {event.detail}")
+            log.warning("association %s: %s; aborting", self._who(), detail)
+            self.abort(detail)
+            return
+        log.warning("association %s: invalid request (command field 0x%04X, message %d): "
+                    "%s; answered 0x%04X", self._who(), field, mid, event.detail, event.status)
+        self.stats.failed += field == dimse.CommandField.C_STORE_RQ
+        self.engine.send_message(event.context_id, rsp)
+
     def _unsupported(self, ctx: NegotiatedContext, msg: Any) -> None:
         """A request this worker does not serve yet: answer 0x0211, drop its data."""
         log.warning("association %s: %s not supported here", self._who(), type(msg).__name__)
         # Its data set, if any, arrives with no _store and is dropped.
-        self._store = None
-        self._writer = None
+        self._discard_store()
         rsp_cls = dimse.MESSAGE_TYPES[dimse.CommandField(msg.command_field | 0x8000)]
         fields: dict[str, Any] = {"message_id_being_responded_to": msg.message_id,
                                   "status": dimse.UNRECOGNIZED_OPERATION}
@@ -372,6 +418,7 @@ class AssociationActor(asyncio.BufferedProtocol):
     # -------------------------------------------------------------- C-STORE
 
     def _store_begin(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ) -> None:
+        self._discard_store()  # none is open (the engine ends each data set); never leak one
         self._store = (ctx, msg)
         self._store_error = 0
         if msg.affected_sop_class_uid != ctx.abstract_syntax:
@@ -522,7 +569,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._emit("instance.stored" if ok else "instance.failed",
                    sop_class_uid=msg.affected_sop_class_uid,
                    sop_instance_uid=msg.affected_sop_instance_uid, bytes=size, status=status)
-        if not self.engine.is_associated:
+        if not self.engine.may_send_data:
             return  # aborted meanwhile: the file is kept, nobody to tell
         self.engine.send_message(ctx.context_id, dimse.CStoreRSP(
             message_id_being_responded_to=msg.message_id,
@@ -559,7 +606,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._find_respond(ctx, msg, status, None, comment)
         elif isinstance(msg, dimse.CMoveRQ | dimse.CGetRQ):
             self._move_respond(ctx, msg, status, (None, None, None, None), None, comment)
-        elif self.engine.is_associated:
+        elif self.engine.may_send_data:
             self.engine.send_message(ctx.context_id, response_for(
                 msg, status, error_comment=_comment(comment)))
             self._after_engine()
@@ -637,7 +684,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             forget_commitment(self.spool.root, uid)
         log.info("association %s: %s relayed to %s: status 0x%04X", self._who(), name,
                  destination.name, rsp.status)
-        if self.engine.is_associated:
+        if self.engine.may_send_data:
             self.engine.send_message(ctx.context_id, dataclasses.replace(
                 rsp, message_id_being_responded_to=msg.message_id), rsp_data)
             self._after_engine()
@@ -704,6 +751,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         return [c for c in self.engine.contexts.values() if c.requestor_scp]
 
     def begin_store(self, ctx: NegotiatedContext, rq: dimse.CStoreRQ) -> int:
+        if not self.engine.may_send_data:
+            raise OutboundError("the requestor's association ended")
         mid = next(self._sub_ids)
         self.engine.send_message(ctx.context_id, dimse.CStoreRQ(
             message_id=mid, affected_sop_class_uid=rq.affected_sop_class_uid,
@@ -713,7 +762,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         return mid
 
     def store_data(self, ctx: NegotiatedContext, data: bytes, last: bool) -> None:
-        if self.engine.is_associated:
+        if self.engine.may_send_data:
             self.engine.send_data(ctx.context_id, data, last)
             self._after_engine()
 
@@ -733,7 +782,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                       status: int,
                       counts: tuple[int | None, int | None, int | None, int | None],
                       data: bytes | None, comment: str | None) -> None:
-        if not self.engine.is_associated:
+        if not self.engine.may_send_data:
             return
         remaining, completed, failed, warning = counts
         rsp_type = dimse.CMoveRSP if isinstance(msg, dimse.CMoveRQ) else dimse.CGetRSP
@@ -804,7 +853,7 @@ class AssociationActor(asyncio.BufferedProtocol):
 
     def _find_respond(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, status: int,
                       data: bytes | None, comment: str | None) -> None:
-        if not self.engine.is_associated:
+        if not self.engine.may_send_data:
             return  # the requestor went away: nobody to tell
         self.engine.send_message(ctx.context_id, dimse.CFindRSP(
             message_id_being_responded_to=msg.message_id,

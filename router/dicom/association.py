@@ -188,6 +188,27 @@ class Association:
         """True from acceptance until release or abort (Sta6-Sta12)."""
         return self.state in _ASSOCIATED_STATES
 
+    # What the local user may do now (Table 9-10 has a cell for the primitive in this
+    # state). The engine reads every byte it is given before the user answers, so a
+    # peer's A-ABORT (or any PDU that ends the association) behind a request can leave
+    # the user holding events it may no longer answer: it asks these first.
+
+    @property
+    def may_answer_association(self) -> bool:
+        """An A-ASSOCIATE response (Evt7/Evt8) is valid: Sta3."""
+        return (self.state, Evt.EVT7) in fsm.TRANSITIONS
+
+    @property
+    def may_send_data(self) -> bool:
+        """A P-DATA request (Evt9) is valid: Sta6, or Sta8 (answering before the
+        A-RELEASE response)."""
+        return (self.state, Evt.EVT9) in fsm.TRANSITIONS
+
+    @property
+    def may_answer_release(self) -> bool:
+        """An A-RELEASE response (Evt14) is valid: Sta8, Sta9, Sta12."""
+        return (self.state, Evt.EVT14) in fsm.TRANSITIONS
+
     @property
     def max_send_fragment(self) -> int:
         """Largest PDV payload we may put in one P-DATA-TF (PDU length - 6)."""

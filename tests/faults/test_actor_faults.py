@@ -1,0 +1,210 @@
+"""Hostile and broken peers against the worker's AssociationActor, byte for byte.
+
+The PDUs are built here with ``struct`` and the command sets with pydicom, not with
+the router's encoder, and several are sent in one write so that the engine has read
+them all before the actor answers the first: the case where an A-ABORT or a stray
+PDU behind a request made that request stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_dataset
+
+from tests.workers.test_actor import LoopServer
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+IMPLICIT = "1.2.840.10008.1.2"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[LoopServer]:
+    srv = LoopServer(tmp_path / "spool")
+    yield srv
+    srv.stop()
+
+
+def _item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def associate_rq(called: str = "ROUTER", abstract: str = VERIFICATION) -> bytes:
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2) with one presentation context, ID 1."""
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, abstract.encode())
+                    + _item(0x40, IMPLICIT.encode()))
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4"))
+    body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + b"HOSTILE".ljust(16)
+            + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+    return struct.pack(">BBI", 1, 0, len(body)) + body
+
+
+RELEASE_RQ = struct.pack(">BBI", 5, 0, 4) + bytes(4)
+ABORT = struct.pack(">BBI", 7, 0, 4) + bytes(4)
+
+
+def command(**elements: object) -> bytes:
+    """A command set (PS3.7 6.3.1) in Implicit VR Little Endian, by pydicom."""
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    body = BytesIO()
+    write_dataset(_fp(body), ds)
+    group = Dataset()
+    group.CommandGroupLength = len(body.getvalue())
+    head = BytesIO()
+    write_dataset(_fp(head), group)
+    return head.getvalue() + body.getvalue()
+
+
+def _fp(buffer: BytesIO) -> object:
+    from pydicom.filebase import DicomFileLike
+    fp = DicomFileLike(buffer)
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    return fp
+
+
+def p_data(data: bytes, *, is_command: bool = True, last: bool = True) -> bytes:
+    """One P-DATA-TF with one PDV on context 1 (PS3.8 9.3.5, Annex E.2)."""
+    pdv = struct.pack(">IBB", len(data) + 2, 1, int(is_command) | (int(last) << 1)) + data
+    return struct.pack(">BBI", 4, 0, len(pdv)) + pdv
+
+
+ECHO_RQ = command(AffectedSOPClassUID=VERIFICATION, CommandField=0x0030, MessageID=1,
+                  CommandDataSetType=0x0101)
+
+
+def associated(port: int, abstract: str = VERIFICATION) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(associate_rq(abstract=abstract))
+    assert read_pdu(sock)[0] == 0x02, "A-ASSOCIATE-AC"
+    return sock
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = _read(sock, 6)
+    if not header:
+        return 0, b""
+    kind, _, length = struct.unpack(">BBI", header)
+    return kind, _read(sock, length)
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def response_status(body: bytes) -> int:
+    """The Status (0000,0900) of the command set in a P-DATA-TF's only PDV."""
+    from pydicom.filereader import read_dataset
+    data = body[6:]
+    ds = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
+    return int(ds.Status)
+
+
+@pytest.fixture
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    with caplog.at_level(logging.INFO):
+        yield
+    bad = [r for r in caplog.records if r.exc_info or r.name == "asyncio"]
+    assert not bad, "\n".join(r.getMessage() for r in bad)
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param(RELEASE_RQ + ABORT, id="release+abort"),
+    pytest.param(p_data(ECHO_RQ) + RELEASE_RQ + ABORT, id="echo+release+abort"),
+    pytest.param(p_data(ECHO_RQ) + ABORT, id="echo+abort"),
+    pytest.param(RELEASE_RQ + RELEASE_RQ, id="release twice"),
+    pytest.param(RELEASE_RQ + p_data(ECHO_RQ), id="release+p-data"),
+])
+def test_an_association_ended_behind_a_request_closes_cleanly(
+        server: LoopServer, tail: bytes, no_tracebacks: None) -> None:
+    sock = associated(server.port)
+    sock.sendall(tail)
+    while read_pdu(sock)[0] not in (0, 0x06, 0x07):
+        pass  # an answer to the echo, say; then A-RELEASE-RP, A-ABORT or the close
+    sock.close()  # as a peer does on either (PS3.8 Sta13 waits for it, or ARTIM)
+    actor = server.wait_closed(1)[0]
+    assert actor.stats.outcome.startswith(("aborted", "released")), actor.stats.outcome
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param(p_data(ECHO_RQ), id="p-data"),
+    pytest.param(RELEASE_RQ, id="release"),
+    pytest.param(b"\x42", id="garbage byte"),
+    pytest.param(associate_rq(), id="second request"),
+])
+def test_a_pdu_behind_the_request_gets_an_a_abort(server: LoopServer, tail: bytes,
+                                                  no_tracebacks: None) -> None:
+    """PS3.8 Table 9-10, Sta3: any PDU before our answer is AA-8, an A-ABORT."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(associate_rq() + tail)
+        assert read_pdu(sock)[0] == 0x07  # and nothing before it
+    server.wait_closed(1)
+
+
+def test_an_invalid_request_is_answered_and_the_association_goes_on(
+        server: LoopServer, no_tracebacks: None) -> None:
+    """PS3.7 Annex C: a command set the router cannot use still gets a response."""
+    sock = associated(server.port, abstract=CT)
+    # A C-STORE whose SOP Instance UID is not a UID (DCMTK sends these as given).
+    bad = command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=7, Priority=0,
+                  CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4a")
+    sock.sendall(p_data(bad) + p_data(b"\x08\x00\x18\x00\x00\x00\x00\x00", is_command=False))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04
+    status = response_status(body)
+    assert status & 0xF000 in (0xA000, 0xC000) or status in (0x0211, 0x0212), hex(status)
+    # The association is still there: an echo on the same context is refused, not lost.
+    echo = command(AffectedSOPClassUID=CT, CommandField=0x0030, MessageID=8,
+                   CommandDataSetType=0x0101)
+    sock.sendall(p_data(echo))
+    assert read_pdu(sock)[0] == 0x04
+    sock.sendall(RELEASE_RQ)
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()
+    assert server.wait_closed(1)[0].stats.instances == 0
+
+
+def test_an_unknown_command_field_aborts(server: LoopServer, no_tracebacks: None) -> None:
+    """No response type exists to answer it, and the peer would wait for ever."""
+    sock = associated(server.port)
+    sock.sendall(p_data(command(AffectedSOPClassUID=VERIFICATION, CommandField=0x0FF0,
+                                MessageID=1, CommandDataSetType=0x0101)))
+    assert read_pdu(sock)[0] == 0x07
+    sock.close()
+    assert "unknown command field" in server.wait_closed(1)[0].stats.outcome
+
+
+def test_c_store_without_a_data_set_is_refused_and_leaks_nothing(
+        server: LoopServer, no_tracebacks: None) -> None:
+    """PS3.7 9.3.1.1: a C-STORE-RQ carries its instance. 200 of them without one each
+    get C000H; no spool file stays open (it used to leak a descriptor each)."""
+    fds = len(os.listdir("/proc/self/fd"))
+    sock = associated(server.port, abstract=CT)
+    for mid in range(1, 201):
+        sock.sendall(p_data(command(AffectedSOPClassUID=CT, CommandField=0x0001,
+                                    MessageID=mid, Priority=0, CommandDataSetType=0x0101,
+                                    AffectedSOPInstanceUID=f"1.2.3.{mid}")))
+        kind, body = read_pdu(sock)
+        assert kind == 0x04 and response_status(body) == 0xC000
+    sock.sendall(RELEASE_RQ)
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()
+    actor = server.wait_closed(1)[0]
+    assert actor.stats.instances == 0 and actor.stats.failed == 200
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2  # the loop's own, give or take
