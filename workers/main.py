@@ -119,6 +119,8 @@ class Worker:
         self.actors: set[AssociationActor] = set()
         self.receive_buffer = new_receive_buffer()  # shared by this worker's actors
         self.served = 0
+        self._figures_failed = False  # psutil failed at the last heartbeat (logged once)
+        self.exit_code = 0
         self.spooled_bytes = 0
         self.instances_stored = 0
         self.instances_failed = 0
@@ -162,6 +164,8 @@ class Worker:
                                                    self._on_direct)),
                  asyncio.create_task(self._receive(self.sockets.inbox, "actor message",
                                                    self._on_inbox))]
+        for task in tasks:
+            task.add_done_callback(self._essential_ended)
         await self.done.wait()
         for task in tasks:
             task.cancel()
@@ -170,7 +174,20 @@ class Worker:
         self.committer.close()
         self.sockets.close()
         self.ctx.term()
-        return 0
+        return self.exit_code
+
+    def _essential_ended(self, task: asyncio.Task[None]) -> None:
+        """The heartbeat and the receivers run until the worker stops. One that
+        fails leaves a worker the supervisor would kill only at the heartbeat
+        timeout, without saying why: say it, and exit for a replacement now."""
+        if task.cancelled() or self.done.is_set():
+            return
+        exc = task.exception()
+        log.critical("worker %d: %s ended: %s; exiting to be replaced", self.worker_id,
+                     task.get_coro().__qualname__,  # type: ignore[union-attr]
+                     f"{type(exc).__name__}: {exc}" if exc else "returned")
+        self.exit_code = 1
+        self.done.set()
 
     # ----------------------------------------------------------- forwarding
 
@@ -321,10 +338,22 @@ class Worker:
                 self.spool.refresh()
             except OSError as exc:
                 log.error("worker %d: spool %s: %s", self.worker_id, self.spool.root, exc)
-            mem = self.process.memory_info().rss
+            # The heartbeat is what keeps this worker alive: the figures in it must
+            # not stop it. psutil reads /proc, which fails with EMFILE when every
+            # descriptor is taken (the state a heartbeat most needs to get through).
+            try:
+                mem, cpu = self.process.memory_info().rss, self.process.cpu_percent()
+            except (OSError, psutil.Error) as exc:
+                mem, cpu = 0, 0.0
+                if not self._figures_failed:
+                    log.warning("worker %d: cannot read its own RSS and CPU: %s",
+                                self.worker_id, exc)
+                self._figures_failed = True
+            else:
+                self._figures_failed = False
             await self._send(control.Heartbeat(
                 worker_id=self.worker_id, open_associations=len(self.actors),
-                spool_bytes=self.spooled_bytes, rss=mem, cpu_percent=self.process.cpu_percent(),
+                spool_bytes=self.spooled_bytes, rss=mem, cpu_percent=cpu,
                 served_total=self.served, instances_stored=self.instances_stored,
                 instances_failed=self.instances_failed,
                 instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
