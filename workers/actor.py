@@ -190,7 +190,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._view = receive_buffer if receive_buffer is not None else new_receive_buffer()
         self._mailbox: deque[Event] = deque()
         self._busy = False  # a C-STORE is waiting for its commit
-        self._paused = False
+        self._paused = False  # reading paused (see _sync_reading)
+        self._backlogged = False  # the mailbox is past MAILBOX_HIGH_WATER
         self._writer: SpoolWriter | None = None
         self._store: tuple[NegotiatedContext, dimse.CStoreRQ] | None = None
         self._artim: asyncio.TimerHandle | None = None
@@ -271,13 +272,25 @@ class AssociationActor(asyncio.BufferedProtocol):
                 self._store_fragments(run)
                 continue
             self._handle(event)
-        if self.transport is not None and not self._closed:
-            if len(self._mailbox) > MAILBOX_HIGH_WATER and not self._paused:
-                self.transport.pause_reading()
-                self._paused = True
-            elif self._paused and len(self._mailbox) < MAILBOX_HIGH_WATER // 2:
-                self.transport.resume_reading()
-                self._paused = False
+        if len(self._mailbox) > MAILBOX_HIGH_WATER:
+            self._backlogged = True
+        elif len(self._mailbox) < MAILBOX_HIGH_WATER // 2:
+            self._backlogged = False
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        """Read from the peer unless events are backlogged or our answers are (a
+        peer that sends requests and never reads the responses would otherwise
+        fill this worker's memory with them): TCP flow control holds the rest."""
+        if self.transport is None or self._closed:
+            return
+        hold = self._backlogged or not self._writable.is_set()
+        if hold and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+        elif self._paused and not hold:
+            self.transport.resume_reading()
+            self._paused = False
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -773,10 +786,13 @@ class AssociationActor(asyncio.BufferedProtocol):
         return self._sub_operations[message_id]
 
     def pause_writing(self) -> None:
+        # The transport's buffer is past its high-water mark (64 KiB by default).
         self._writable.clear()
+        self._sync_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._sync_reading()
 
     def _move_respond(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ | dimse.CGetRQ,
                       status: int,

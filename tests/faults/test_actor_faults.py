@@ -8,6 +8,7 @@ PDU behind a request made that request stale.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -208,3 +209,25 @@ def test_c_store_without_a_data_set_is_refused_and_leaks_nothing(
     actor = server.wait_closed(1)[0]
     assert actor.stats.instances == 0 and actor.stats.failed == 200
     assert len(os.listdir("/proc/self/fd")) <= fds + 2  # the loop's own, give or take
+
+
+def test_a_peer_that_never_reads_cannot_fill_the_worker_memory(server: LoopServer) -> None:
+    """Requests whose responses the peer never reads: once our send buffer is past
+    its high-water mark the router stops reading, and TCP holds the peer back. It
+    used to read on and queue every response (200 MB of C-ECHO-RQ: +216 MB RSS)."""
+    sock = associated(server.port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    batch = p_data(ECHO_RQ) * 10_000  # 0.9 MB
+    sock.settimeout(2)
+    sent = 0
+    with contextlib.suppress(TimeoutError):
+        while sent < 64 << 20:
+            sock.sendall(batch)
+            sent += len(batch)
+    actor = server.actors[0]
+    assert actor.transport is not None
+    buffered = actor.transport.get_write_buffer_size()
+    assert buffered < 1 << 20, (sent, buffered)
+    assert sent < 32 << 20, sent  # what the sockets hold, not what the router queued
+    sock.close()
+    server.wait_closed(1)

@@ -36,6 +36,7 @@ class LoopServer:
         self.committer = GroupCommitter(self.spool)
         self.settings = ActorSettings(policy=policy or AcceptorPolicy(), artim_timeout=artim)
         self.closed: list[AssociationActor] = []
+        self.actors: list[AssociationActor] = []  # every one made, open or closed
         self.all_closed = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -47,8 +48,10 @@ class LoopServer:
         asyncio.set_event_loop(self.loop)
 
         def factory() -> AssociationActor:
-            return AssociationActor(self.settings, self.spool, self.committer,
-                                    on_closed=self._closed)
+            actor = AssociationActor(self.settings, self.spool, self.committer,
+                                     on_closed=self._closed)
+            self.actors.append(actor)
+            return actor
 
         self.server = self.loop.run_until_complete(
             self.loop.create_server(factory, "127.0.0.1", 0))
