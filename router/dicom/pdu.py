@@ -46,7 +46,7 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeAlias, TypeVar
+from typing import Final, NoReturn, TypeAlias, TypeVar
 
 from router.dicom.errors import AbortReason, AbortSource, LocalProtocolError, PDUDecodeError
 
@@ -221,6 +221,19 @@ _VERSION_NAME_RE = re.compile(r"[\x20-\x7e]{1,16}")
 _MAX_U8 = 0xFF
 _MAX_U16 = 0xFFFF
 _MAX_U32 = 0xFFFFFFFF
+# Item counts in an A-ASSOCIATE-RQ/AC beyond which it is refused as invalid: far above
+# what any real node sends, low enough that decoding one costs milliseconds.
+#: Presentation contexts: IDs are odd integers 1-255 (PS3.8 9.3.2.2), so 128 at most.
+MAX_PRESENTATION_CONTEXT_ITEMS: Final = 128
+#: Items of the variable field: the contexts, application context, user information
+#: and items of unknown types, which are skipped (PS3.8 9.3.1).
+MAX_ASSOCIATE_ITEMS: Final = 256
+#: Sub-items of one presentation context: its abstract syntax and transfer syntaxes
+#: (PS3.5 Annex A defines some 70; storescu proposes at most a few dozen).
+MAX_CONTEXT_SUB_ITEMS: Final = 256
+#: User information sub-items (PS3.7 Annex D.3.3): role selection and extended
+#: negotiation are one per SOP class.
+MAX_USER_SUB_ITEMS: Final = 1024
 
 _T = TypeVar("_T")
 
@@ -1152,15 +1165,18 @@ class _Items:
     (``item_type`` is ``None`` when even the header is truncated).
     """
 
-    __slots__ = ("_end", "_mv", "_name_for", "_offset")
+    __slots__ = ("_count", "_end", "_limit", "_mv", "_name_for", "_offset")
 
     def __init__(
-        self, mv: memoryview, start: int, end: int, name_for: Callable[[int | None], str]
+        self, mv: memoryview, start: int, end: int, name_for: Callable[[int | None], str],
+        limit: int,
     ) -> None:
         self._mv = mv
         self._offset = start
         self._end = end
         self._name_for = name_for
+        self._limit = limit
+        self._count = 0
 
     def __iter__(self) -> _Items:
         return self
@@ -1176,6 +1192,11 @@ class _Items:
                 f"{end - offset} bytes left, an item header needs 4", self._name_for(None), offset
             )
         item_type, _, length = _ITEM_HEADER.unpack_from(self._mv, offset)
+        self._count += 1
+        if self._count > self._limit:
+            # A peer's cheapest way to make us work: a PDU of tiny items (4 MiB of
+            # them is a million objects, seconds of a worker's loop).
+            _fail(f"more than {self._limit} items", self._name_for(item_type), offset)
         value_end = offset + 4 + length
         if value_end > end:
             _fail(
@@ -1228,7 +1249,7 @@ def _decode_context_rq(
     transfer_syntaxes: list[str] = []
     malformed: list[str] = []
     for sub_type, sub_offset, sub_start, sub_end in _Items(
-        mv, start + 4, end, _names(fld, _CONTEXT_SUB_ITEM_NAMES)
+        mv, start + 4, end, _names(fld, _CONTEXT_SUB_ITEM_NAMES), MAX_CONTEXT_SUB_ITEMS
     ):
         if sub_type == 0x30:
             if abstract_syntax is not None:
@@ -1280,7 +1301,7 @@ def _decode_context_ac(
     seen = False
     transfer_syntax: str | None = None
     for sub_type, sub_offset, sub_start, sub_end in _Items(
-        mv, start + 4, end, _names(fld, _CONTEXT_SUB_ITEM_NAMES)
+        mv, start + 4, end, _names(fld, _CONTEXT_SUB_ITEM_NAMES), MAX_CONTEXT_SUB_ITEMS
     ):
         if sub_type != 0x40:
             continue  # ignored and skipped (§9.3)
@@ -1429,7 +1450,7 @@ def _decode_user_information(
     """User information item, §9.3.2.3 / §9.3.3.3, with its sub-items."""
     items: list[UserInformationSubItem] = []
     for sub_type, sub_offset, sub_start, sub_end in _Items(
-        mv, start, end, _names(fld, _USER_SUB_ITEM_NAMES)
+        mv, start, end, _names(fld, _USER_SUB_ITEM_NAMES), MAX_USER_SUB_ITEMS
     ):
         with _Validating(fld, sub_offset):
             items.append(_decode_sub_item(mv, sub_type, sub_offset, sub_start, sub_end, fld))
@@ -1463,7 +1484,7 @@ def _decode_associate(mv: memoryview, pdu_type: int, name: str) -> AAssociateRQ 
             return f"{name}.user_information"
         return f"{name}.item"
 
-    items = _Items(mv, _ASSOCIATE_VARIABLE_OFFSET, len(mv), name_for)
+    items = _Items(mv, _ASSOCIATE_VARIABLE_OFFSET, len(mv), name_for, MAX_ASSOCIATE_ITEMS)
     for item_type, offset, start, stop in items:
         if item_type == 0x10:
             fld = f"{name}.application_context"
@@ -1471,6 +1492,10 @@ def _decode_associate(mv: memoryview, pdu_type: int, name: str) -> AAssociateRQ 
                 _fail("second application context item", fld, offset, _UNEXPECTED)
             application_context = _decode_uid(mv, start, stop, fld)
         elif item_type == context_type:
+            if len(rq_contexts) + len(ac_contexts) == MAX_PRESENTATION_CONTEXT_ITEMS:
+                _fail(f"more than {MAX_PRESENTATION_CONTEXT_ITEMS} presentation contexts "
+                      "(their IDs are odd, 1-255: PS3.8 9.3.2.2)",
+                      name_for(item_type), offset)
             if is_rq:
                 fld = f"{name}.presentation_context[{len(rq_contexts)}]"
                 rq_contexts.append(_decode_context_rq(mv, offset, start, stop, fld))

@@ -39,11 +39,18 @@ def _item(kind: int, body: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(body)) + body
 
 
-def associate_rq(called: str = "ROUTER", abstract: str = VERIFICATION) -> bytes:
-    """A-ASSOCIATE-RQ (PS3.8 9.3.2) with one presentation context, ID 1."""
-    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, abstract.encode())
-                    + _item(0x40, IMPLICIT.encode()))
-    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4"))
+def associate_rq(called: str = "ROUTER", abstract: str = VERIFICATION, *,
+                 contexts: int = 1, syntaxes: int = 1, user_items: int = 0) -> bytes:
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2) with ``contexts`` presentation contexts (IDs 1, 3,
+    ... then again from 1), each proposing Implicit VR LE ``syntaxes`` times, and
+    ``user_items`` extra SCP/SCU role selection sub-items."""
+    context = b"".join(
+        _item(0x20, bytes([(2 * n + 1) % 256, 0, 0, 0]) + _item(0x30, abstract.encode())
+              + _item(0x40, IMPLICIT.encode()) * syntaxes)
+        for n in range(contexts))
+    roles = _item(0x54, struct.pack(">H", len(abstract)) + abstract.encode() + b"\x01\x00")
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4")
+                 + roles * user_items)
     body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + b"HOSTILE".ljust(16)
             + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
     return struct.pack(">BBI", 1, 0, len(body)) + body
@@ -231,3 +238,28 @@ def test_a_peer_that_never_reads_cannot_fill_the_worker_memory(server: LoopServe
     assert sent < 32 << 20, sent  # what the sockets hold, not what the router queued
     sock.close()
     server.wait_closed(1)
+
+
+@pytest.mark.parametrize(("shape", "accepted"), [
+    pytest.param({"contexts": 128, "syntaxes": 40, "user_items": 128}, True, id="the most"),
+    pytest.param({"contexts": 129}, False, id="129 contexts"),
+    pytest.param({"contexts": 80_000}, False, id="80k contexts"),
+    # An item's length has 16 bits: ~3,000 sub-items fit in a context or user info.
+    pytest.param({"syntaxes": 3_000}, False, id="3k transfer syntaxes"),
+    pytest.param({"user_items": 2_000}, False, id="2k role selections"),
+])
+def test_a_request_of_countless_items_is_refused_at_once(
+        server: LoopServer, shape: dict[str, int], accepted: bool,
+        no_tracebacks: None) -> None:
+    """PS3.8 9.3.2.2: context IDs are odd, 1-255, so 128 contexts at most. A request of
+    ~230,000 tiny contexts (under the 4 MiB cap) used to be decoded and answered item by
+    item, blocking a worker's loop for seconds: several at once starved its heartbeat
+    and the supervisor killed it with every association on it."""
+    rq = associate_rq(**shape)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(rq)
+        kind, _ = read_pdu(sock)
+    assert kind == (0x02 if accepted else 0x07), hex(kind)
+    actor = server.wait_closed(1)[0]
+    if not accepted:
+        assert "more than" in actor.stats.outcome, actor.stats.outcome
