@@ -559,6 +559,12 @@ class AssociationActor(asyncio.BufferedProtocol):
             status, comment = await dispatcher.send_now(routed.transparent, placed.held)
         finally:
             writer.release()
+        if dimse.status_category(status) in (dimse.StatusCategory.PENDING,
+                                             dimse.StatusCategory.CANCEL):
+            # Not a final C-STORE status (PS3.4 B.2.3): relayed as is, the sender
+            # would take it as one. The destination failed to store it.
+            comment = f"{routed.transparent} answered 0x{status:04X}, not a final status"
+            status = dimse.PROCESSING_FAILURE
         self._busy = False
         self._store_respond(ctx, msg, status, None, size, comment=comment, routed=routed)
         self._run_mailbox()
@@ -588,7 +594,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             message_id_being_responded_to=msg.message_id,
             affected_sop_class_uid=msg.affected_sop_class_uid,
             affected_sop_instance_uid=msg.affected_sop_instance_uid, status=status,
-            error_comment=None if ok or not comment else _comment(comment)))
+            error_comment=None if ok or not comment else dimse.error_comment(comment)))
 
     # --------------------------------------------------------------- C-FIND
 
@@ -621,7 +627,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._move_respond(ctx, msg, status, (None, None, None, None), None, comment)
         elif self.engine.may_send_data:
             self.engine.send_message(ctx.context_id, response_for(
-                msg, status, error_comment=_comment(comment)))
+                msg, status, error_comment=dimse.error_comment(comment)))
             self._after_engine()
 
     # ----------------------------------------------------------- N-services
@@ -810,7 +816,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             number_of_failed_sub_operations=failed,
             number_of_warning_sub_operations=warning,
             has_dataset=data is not None,
-            error_comment=_comment(comment) if comment else None), data)
+            error_comment=dimse.error_comment(comment or "")), data)
         self._after_engine()
 
     def _start_find(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, raw: bytes) -> None:
@@ -875,7 +881,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             message_id_being_responded_to=msg.message_id,
             affected_sop_class_uid=msg.affected_sop_class_uid, status=status,
             has_dataset=data is not None,
-            error_comment=_comment(comment) if comment else None), data)
+            error_comment=dimse.error_comment(comment or "")), data)
         self._after_engine()
 
     def _discard_store(self) -> None:
@@ -1010,10 +1016,6 @@ class AssociationActor(asyncio.BufferedProtocol):
         return f"{s.association_id}{aes} {s.peer[0]}:{s.peer[1]}"
 
 
-def _comment(text: str) -> str:
-    """An Error Comment (0000,0902): LO, at most 64 characters (PS3.7 C.4)."""
-    clean = "".join(c if c.isprintable() and c != "\\" else " " for c in text)
-    return clean[:64]
 
 
 _Retrieval = dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ

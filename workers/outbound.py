@@ -385,7 +385,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             message_id_being_responded_to=rq.message_id,
             affected_sop_class_uid=rq.affected_sop_class_uid,
             affected_sop_instance_uid=rq.affected_sop_instance_uid, status=status,
-            error_comment=comment))
+            error_comment=dimse.error_comment(comment or "")))
         self._flush()
 
     def cancel(self) -> None:

@@ -116,6 +116,7 @@ __all__ = [
     "StatusCategory",
     "decode_command",
     "encode_command",
+    "error_comment",
     "is_request",
     "status_category",
 ]
@@ -802,6 +803,18 @@ def _check_uid(_msg: object, _name: str, value: object) -> str | None:
     if not isinstance(value, str) or not is_valid_uid(value):
         return "must be a UID of 1-64 digits and dots (PS3.5 §9.1)"
     return None
+
+
+def error_comment(text: str) -> str | None:
+    """``text`` made a valid Error Comment (0000,0902): LO, 1-64 characters of the
+    default repertoire, no backslash, no padding (PS3.7 C.4, PS3.5 6.2). Anything
+    else becomes "?", runs of blanks one space; None if nothing is left. A reason
+    worded for the log (a host name, a rule's name in any language) may then go to
+    a peer without making the response itself invalid."""
+    clean = "".join(c if c.isascii() and c.isprintable() and c != "\\" else
+                    (" " if c.isspace() else "?") for c in text)
+    clean = " ".join(clean.split())[:64].rstrip()
+    return clean or None
 
 
 def _printable(value: str) -> bool:

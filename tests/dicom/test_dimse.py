@@ -1665,3 +1665,21 @@ def test_codec_is_fast_enough() -> None:
     elapsed = time.perf_counter() - start
     assert decode_command(raw) == rq
     assert elapsed < 2.0, f"5000 encode+decode round trips took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("disk full", "disk full"),
+    ("x" * 63 + " y", "x" * 63),  # cut at 64 would leave a trailing space
+    ('rule "keine Röntgenbilder"', 'rule "keine R?ntgenbilder"'),
+    ("a\\b\tc\n\nd", "a?b c d"),
+    ("   ", None),
+    ("", None),
+    ("\u00e9\u00e9", "??"),
+])
+def test_error_comment_is_always_valid_lo(text: str, expected: str | None) -> None:
+    comment = dimse.error_comment(text)
+    assert comment == expected
+    if comment is not None:  # what the encoder checks (PS3.5 LO)
+        rsp = dimse.CStoreRSP(message_id_being_responded_to=1, status=0xA700,
+                              error_comment=comment)
+        assert dimse.decode_command(dimse.encode_command(rsp)) == rsp

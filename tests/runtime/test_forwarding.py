@@ -438,8 +438,10 @@ def test_reject_drop_and_unmatched_reject_answer_the_sender(tmp_path: Path) -> N
     from router.net.client import connect
 
     (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "no MR"\n[rule.when]\nModality = "MR"\n[rule.then]\n'
-        'reject = 0xA900\n'
+        # A name in German, longer than an Error Comment (64 characters): the comment
+        # sent must still be valid LO, or the response would not be sent at all.
+        '[[rule]]\nname = "no MR \u2013 keine Röntgenbilder hier, bitte an das Archiv senden"\n'
+        '[rule.when]\nModality = "MR"\n[rule.then]\nreject = 0xA900\n'
         '[[rule]]\nname = "ignore scouts"\n[rule.when]\nImageType = { wildcard = "*LOCALIZER*" }\n'
         '[rule.then]\ndrop = true\n'
         '[[rule]]\nname = "CT"\n[rule.when]\nModality = "CT"\n[rule.then]\nforward = ["pacs"]\n')
@@ -456,6 +458,7 @@ def test_reject_drop_and_unmatched_reject_answer_the_sender(tmp_path: Path) -> N
                      contexts=contexts) as assoc:
             rejected = assoc.store(mr)
             assert rejected.status == 0xA900 and "no MR" in (rejected.error_comment or "")
+            assert rejected.error_comment.isascii() and len(rejected.error_comment) <= 64
             assert assoc.store(scout).status == 0x0000  # dropped: acknowledged, not kept
             unmatched = assoc.store(us)
             assert unmatched.status == 0x0124 and "no routing rule" in unmatched.error_comment
