@@ -69,10 +69,15 @@ from pathlib import Path
 from typing import Any, Final
 
 from router.config import Destination
-from router.dicom import dimse
+from router.dicom import dimse, uids
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
-from workers.outbound import OutboundAssociation, OutboundError, open_association
+from workers.outbound import (
+    OutboundAssociation,
+    OutboundError,
+    open_association,
+    proposal_syntaxes,
+)
 from workers.queue import move_to_dead, queue_folder, queued
 from workers.spool import Spool
 
@@ -382,16 +387,24 @@ class DestinationActor:
                     fd, claim = -1, fd
                     self._put_back(entry, urgent, claim, str(exc))
                     return None
-            ctx = assoc.context_for(*pair)
+            ctx = assoc.context_to_send(*pair)
             if ctx is None:
                 reason = (f"{self.destination} accepts no presentation context for "
                           f"{_uid_name(pair[0])} in {_uid_name(pair[1])}")
+                if not uids.is_uncompressed(pair[1]):
+                    reason += " (the router does not decompress)"
+                elif pair[1] != uids.IMPLICIT_VR_LITTLE_ENDIAN:
+                    reason += " nor in Explicit or Implicit VR Little Endian"
                 fd, claim = -1, fd
                 self._failed(entry, urgent, claim, reason, None, permanent=True)
                 return assoc
             started = self.clock()
             try:
                 rsp = await assoc.store(path, part10, ctx, fd=source)
+            except DIMSEError as exc:  # it cannot be converted: nothing was sent
+                fd, claim = -1, fd
+                self._failed(entry, urgent, claim, str(exc), None, permanent=True)
+                return assoc
             except (OutboundError, OSError) as exc:
                 self._open.discard(assoc)
                 assoc.abort("delivery failed")
@@ -414,8 +427,11 @@ class DestinationActor:
         while len(self._pairs) > _MAX_CONTEXTS:
             del self._pairs[next(iter(self._pairs))]
         d = self.destination
-        assoc = await open_association(d, [(sop, [ts]) for sop, ts in self._pairs],
-                                       label=label)
+        # An instance is sent as stored when the destination takes its syntax; a native
+        # one may also go in the two every node takes (converted: see context_to_send).
+        contexts = [(sop, proposal_syntaxes(ts) if uids.is_uncompressed(ts) else [ts])
+                    for sop, ts in self._pairs]
+        assoc = await open_association(d, contexts, label=label)
         self._open.add(assoc)
         self.stats.associations += 1
         if self._down_failures:

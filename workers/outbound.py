@@ -43,7 +43,7 @@ from typing import Final
 from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Buffer, Role
-from router.dicom.dataset import Part10
+from router.dicom.dataset import Part10, transcode
 from router.dicom.errors import ProtocolError
 from router.dicom.events import (
     NEED_DATA,
@@ -210,16 +210,37 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 return ctx
         return None
 
+    def context_to_send(self, sop_class: str, transfer_syntax: str) -> NegotiatedContext | None:
+        """The accepted context to send an instance stored in ``transfer_syntax``: one
+        in that syntax (sent as it is on disk, D5), else, for a native syntax, one in
+        another native syntax, which :meth:`store` converts to (PS3.5 10: every node
+        takes Implicit VR Little Endian, not every one takes what we stored)."""
+        ctx = self.context_for(sop_class, transfer_syntax)
+        if ctx is not None or not uids.is_uncompressed(transfer_syntax):
+            return ctx
+        for ctx in self.engine.contexts.values():
+            if (ctx.abstract_syntax == sop_class and ctx.requestor_scu
+                    and uids.is_uncompressed(ctx.transfer_syntax)):
+                return ctx
+        return None
+
     async def store(self, path: Path, part10: Part10, ctx: NegotiatedContext, *,
                     move_originator: tuple[str, int] | None = None,
                     fd: int | None = None) -> dimse.CStoreRSP:
-        """C-STORE the data set of ``path`` as it is on disk (D5); the response.
+        """C-STORE the data set of ``path``; the response. As it is on disk (D5) when
+        ``ctx`` has its transfer syntax, else decoded and encoded in ``ctx``'s (see
+        :meth:`context_to_send`) before anything is sent.
 
         ``fd``, if given, is ``path`` already open for reading (it stays open).
-        Raises :class:`OutboundError` if the association fails meanwhile and
+        Raises :class:`OutboundError` if the association fails meanwhile,
         ``OSError`` if the file cannot be read (the association is then aborted:
-        half a data set cannot be taken back).
+        half a data set cannot be taken back) and :class:`DIMSEError` if it cannot
+        be converted (nothing was sent then).
         """
+        converted: bytes | None = None
+        if ctx.transfer_syntax != part10.transfer_syntax:
+            converted = transcode(_read_from(path, fd, part10.dataset_offset),
+                                  part10.transfer_syntax, ctx.transfer_syntax)
         mid = next(self._ids)
         originator_ae, originator_id = move_originator or (None, None)
         rq = dimse.CStoreRQ(
@@ -232,7 +253,9 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.engine.send_message(ctx.context_id, rq)
         self._flush()
         try:
-            if fd is None:
+            if converted is not None:
+                await self._send_bytes(ctx, converted)
+            elif fd is None:
                 with open(path, "rb", buffering=0) as fh:
                     await self._send_file(ctx, fh.fileno(), part10.dataset_offset)
             else:
@@ -440,6 +463,20 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         if not self.is_associated:
             raise OutboundError(f"{self.label}: the association is no longer established")
 
+    async def _send_bytes(self, ctx: NegotiatedContext, data: bytes) -> None:
+        """Send ``data`` as one data set, in steps that let flow control work."""
+        view = memoryview(data)
+        for start in range(0, len(view), READ_SIZE):
+            chunk = view[start:start + READ_SIZE]
+            self._require_associated()
+            self.engine.send_data(ctx.context_id, chunk, start + READ_SIZE >= len(view))
+            self._flush()
+            if not self._writable.is_set():
+                await self._wait_writable()
+        if not view:
+            self.engine.send_data(ctx.context_id, b"", True)
+            self._flush()
+
     async def _send_file(self, ctx: NegotiatedContext, fd: int, offset: int) -> None:
         """Send the file open as ``fd`` from ``offset`` to its end as one data set."""
         start, end = offset, os.fstat(fd).st_size
@@ -621,3 +658,19 @@ async def open_association(destination: Destination,
     return await OutboundAssociation.open(destination.host, destination.port, request,
                                           timeout=destination.timeout,
                                           ssl_context=tls_context(destination), label=label)
+
+
+def _read_from(path: Path, fd: int | None, offset: int) -> bytes:
+    """The bytes of ``path`` (or of ``fd``, open on it) from ``offset`` to its end."""
+    if fd is None:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    parts, size = [], os.fstat(fd).st_size
+    while offset < size:
+        part = os.pread(fd, size - offset, offset)  # partial past 2 GiB
+        if not part:
+            raise OSError(f"the file ended at byte {offset} of {size} while being read")
+        parts.append(part)
+        offset += len(part)
+    return b"".join(parts)

@@ -6,7 +6,7 @@ Fixtures wrapping these live in ``tests/conftest.py`` (``free_port``, ``procs``,
     from tests.helpers import make_ct, run_tool, storescp_server
 """
 
-from .data import make_ct, make_study, make_tiny, pydicom_test_files, to_bytes
+from .data import make_ct, make_study, make_tiny, pydicom_test_files, same_content, to_bytes
 from .dcmtk import (
     Dcmtk,
     StoreSCP,
@@ -49,6 +49,7 @@ __all__ = [
     "require_dcmtk",
     "require_orthanc",
     "run_tool",
+    "same_content",
     "start_orthanc",
     "start_server",
     "storescp_server",

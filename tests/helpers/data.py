@@ -11,6 +11,7 @@ byte order), and every call mints fresh UIDs unless given some.
 
 from __future__ import annotations
 
+import array
 import functools
 import io
 import math
@@ -244,3 +245,18 @@ def _pydicom_test_files() -> tuple[Path, ...]:
         if "SOPClassUID" in ds and "SOPInstanceUID" in ds:
             found.append(path)
     return tuple(found)
+
+
+def same_content(got: Dataset, source: Path) -> None:
+    """``got`` (decoded in another uncompressed syntax) holds what the file holds: the
+    same elements, and the same 16-bit pixel *values* whatever the byte order."""
+    original = pydicom.dcmread(source)
+    words = {}
+    for ds in (got, original):
+        values = array.array("H", ds.PixelData)
+        if not ds.original_encoding[1]:  # read as big endian: bytes are big-endian words
+            values.byteswap()
+        words[id(ds)] = values
+        del ds.PixelData
+    assert words[id(got)] == words[id(original)]
+    assert got == original

@@ -107,7 +107,7 @@ from router.net.server import (
     Request,
     Server,
 )
-from tests.helpers import make_ct, make_tiny, pydicom_test_files
+from tests.helpers import make_ct, make_tiny, pydicom_test_files, same_content
 
 pytestmark = pytest.mark.interop
 
@@ -190,21 +190,6 @@ def pynetdicom_encoding(ds: Dataset, transfer_syntax: str) -> bytes:
     data = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
     assert data is not None
     return data
-
-
-def same_content(got: Dataset, source: Path) -> None:
-    """``got`` (decoded in another uncompressed syntax) holds what the file holds: the
-    same elements, and the same 16-bit pixel *values* whatever the byte order."""
-    original = pydicom.dcmread(source)
-    words = {}
-    for ds in (got, original):
-        values = array.array("H", ds.PixelData)
-        if not ds.original_encoding[1]:  # read as big endian: bytes are big-endian words
-            values.byteswap()
-        words[id(ds)] = values
-        del ds.PixelData
-    assert words[id(got)] == words[id(original)]
-    assert got == original
 
 
 def study_query(level: str = "STUDY") -> Dataset:

@@ -21,11 +21,20 @@ import pydicom
 import pytest
 
 from router.dicom.dataset import read_part10_header
-from tests.helpers import Dcmtk, Procs, make_ct, received_files, storescp_server
+from tests.helpers import (
+    Dcmtk,
+    Procs,
+    make_ct,
+    pydicom_test_files,
+    received_files,
+    same_content,
+    storescp_server,
+)
 from tests.helpers.dcmtk import dcmtk_env
 from tests.helpers.net import free_port
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.router import Router, leftovers
+from workers.queue import queued
 
 pytestmark = pytest.mark.interop
 
@@ -502,6 +511,44 @@ def test_attribute_rules_route_small_and_big_instances_alike(
     unrouted = sorted((router.spool / "unrouted").glob("*.dcm"))
     assert sorted(_uid(p) for p in unrouted) == sorted(_uid(files["MR", k])
                                                        for k in (16, big_kb))
+
+
+def test_a_destination_that_takes_only_implicit_vr_gets_converted_instances(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """PS3.5 10.1: Implicit VR Little Endian is what every node must take; storescp +xi
+    takes nothing else. Instances stored in Explicit VR LE or Big Endian are converted
+    for it (the same elements and pixel values), and one stored compressed, which the
+    router cannot decompress, goes to dead letters saying so. The router used to
+    propose the stored syntax alone, and dead-lettered all three."""
+    sink = storescp_server(tmp_path, procs, aet="OLDPACS", args=["+xi", "+B"], dcmtk=dcmtk)
+    little, big = tmp_path / "le.dcm", tmp_path / "be.dcm"
+    make_ct(little, size_kb=24, seed=1)
+    make_ct(big, size_kb=24, seed=2, transfer_syntax=pydicom.uid.ExplicitVRBigEndian)
+    jpeg = next(p for p in pydicom_test_files() if p.name == "SC_rgb_jpeg_dcmtk.dcm")
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["old"]\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("old", sink.port, "OLDPACS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        _send(dcmtk, router, "MOD1", [little])
+        for path, proposal in ((big, "-xb"), (jpeg, "-xy")):
+            done = dcmtk.run("storescu", proposal, "-aet", "MOD1", "-aec", "ROUTER",
+                             "127.0.0.1", str(router.port), str(path))
+            assert done.returncode == 0, done.stdout + done.stderr
+        router.wait_count("forward old:", 2)
+        router.wait_for("does not decompress")
+    finally:
+        assert router.stop() == 0
+    assert queued(router.spool, "old") == []  # nothing left to send
+    got = {_uid(p): p for p in received_files(sink.outdir)}
+    assert sorted(got) == sorted(_uid(p) for p in (little, big))
+    for source in (little, big):
+        received = pydicom.dcmread(got[_uid(source)])
+        assert received.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+        same_content(received, source)
+    [dead] = (router.spool / "dead" / "old").glob("*.dcm")
+    assert _uid(dead) == _uid(jpeg) and _dataset(dead) == _dataset(jpeg)
 
 
 def test_concurrency_1_means_one_association_in_all_whatever_the_workers(

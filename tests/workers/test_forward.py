@@ -20,7 +20,14 @@ import pytest
 
 from router.config import Destination, RetryPolicy
 from router.dicom.dataset import read_part10_header
-from tests.helpers import Dcmtk, Procs, make_ct, received_files, storescp_server
+from tests.helpers import (
+    Dcmtk,
+    Procs,
+    make_ct,
+    pydicom_test_files,
+    received_files,
+    storescp_server,
+)
 from tests.helpers.net import free_port
 from workers.forward import DestinationActor, is_permanent_failure
 from workers.spool import Spool
@@ -131,12 +138,18 @@ def test_destination_down_then_up_receives_everything(tmp_path: Path, procs: Pro
     assert actor.stats.dead == 0
 
 
-def _status_scp(status: int, port: int) -> Any:
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _status_scp(status: int, port: int, sop_classes: tuple[str, ...] | list[str] = (
+        "1.2.840.10008.5.1.4.1.1.2",)) -> Any:
+    """A pynetdicom SCP answering ``status``, for ``sop_classes`` (CT) in little
+    endian only."""
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title="STORESCP")
-    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    for sop_class in sop_classes:
+        ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     seen: list[str] = []
 
     def on_store(event: Any) -> int:
@@ -191,7 +204,7 @@ def test_warning_counts_as_delivered(tmp_path: Path) -> None:
     assert not (spool.root / "dead").exists()
 
 
-def test_unaccepted_transfer_syntax_is_a_permanent_dead_letter(tmp_path: Path) -> None:
+def test_an_instance_in_another_native_syntax_is_converted(tmp_path: Path) -> None:
     port = free_port()
     server = _status_scp(0x0000, port)  # accepts CT in little endian only
     try:
@@ -199,14 +212,31 @@ def test_unaccepted_transfer_syntax_is_a_permanent_dead_letter(tmp_path: Path) -
         folder = spool.root / "queue" / "pacs"
         folder.mkdir(parents=True)
         make_ct(folder / "00000000000000000001-1-1.dcm", size_kb=4,
-                transfer_syntax="1.2.840.10008.1.2.2")  # big endian: not accepted
+                transfer_syntax="1.2.840.10008.1.2.2")  # big endian: converted
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert len(server.seen) == 1 and actor.stats.dead == 0
+
+
+def test_an_unaccepted_compressed_syntax_is_a_permanent_dead_letter(tmp_path: Path) -> None:
+    port = free_port()
+    jpeg = next(p for p in pydicom_test_files() if p.name == "SC_rgb_jpeg_dcmtk.dcm")
+    server = _status_scp(0x0000, port, [SECONDARY_CAPTURE])  # in little endian only
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        folder = spool.root / "queue" / "pacs"
+        folder.mkdir(parents=True)
+        shutil.copyfile(jpeg, folder / "00000000000000000001-1-1.dcm")
         actor = DestinationActor(_destination(port), spool, share=1)
         asyncio.run(_run_until(actor, lambda: actor.stats.dead == 1))
     finally:
         server.shutdown()
     (reason_file,) = (spool.root / "dead" / "pacs").glob("*.json")
     reason = json.loads(reason_file.read_text())["reason"]
-    assert "accepts no presentation context" in reason and "Big Endian" in reason
+    assert "accepts no presentation context" in reason and "JPEG Baseline" in reason
+    assert "does not decompress" in reason and not server.seen
 
 
 def test_two_workers_sharing_a_queue_deliver_each_instance_once(
