@@ -40,6 +40,7 @@ from pydicom.dataset import Dataset
 from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import decode_dataset, encode_dataset, transcode
+from router.dicom.errors import ProtocolError
 from router.dicom.negotiation import NegotiatedContext
 from rules import Changes
 from workers.moves import end_move, register_move
@@ -418,33 +419,63 @@ class GetProxy(_RetrieveProxy):
                                      inbound)
         pairs = list(self._offered)[:_MAX_CONTEXTS - 1]
         contexts, _ = super()._contexts()
-        return ([*contexts, *((sop, [ts]) for sop, ts in pairs)],
+        # A native syntax the requestor took may come from the upstream in either
+        # little endian one too: converted on the way (see _sub_operation).
+        return ([*contexts, *((sop, proposal_syntaxes(ts) if uids.is_uncompressed(ts)
+                               else [ts]) for sop, ts in pairs)],
                 {sop: (False, True) for sop, _ in pairs})
+
+    def _inbound_for(self, sop_class: str, transfer_syntax: str,
+                     ) -> NegotiatedContext | None:
+        """The requestor's context to send an instance in: the same syntax, or for
+        a native one any native one (the instance is then converted)."""
+        ctx = self._offered.get((sop_class, transfer_syntax))
+        if ctx is not None or not uids.is_uncompressed(transfer_syntax):
+            return ctx
+        return next((c for (sop, ts), c in self._offered.items()
+                     if sop == sop_class and uids.is_uncompressed(ts)), None)
 
     async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
                         identifier: bytes) -> None:
         async for msg, context_id, data in assoc.get(ctx, identifier, priority=self.priority):
             if isinstance(msg, dimse.CStoreRQ):
                 up_ctx = assoc.engine.contexts[context_id]
-                await self._sub_operation(assoc, context_id, msg, self._offered.get(
-                    (up_ctx.abstract_syntax, up_ctx.transfer_syntax)))
+                await self._sub_operation(assoc, context_id, msg, up_ctx.transfer_syntax,
+                                          self._inbound_for(up_ctx.abstract_syntax,
+                                                            up_ctx.transfer_syntax))
                 continue
             assert isinstance(msg, dimse.CGetRSP)
             self._relay_response(msg, data, ctx.transfer_syntax)
 
     async def _sub_operation(self, assoc: OutboundAssociation, context_id: int,
-                             rq: dimse.CStoreRQ, inbound: NegotiatedContext | None) -> None:
+                             rq: dimse.CStoreRQ, transfer_syntax: str,
+                             inbound: NegotiatedContext | None) -> None:
         if inbound is None:
             async for _ in assoc.fragments():
                 pass  # nowhere to send it: read and refuse
             assoc.reply_store(context_id, rq, dimse.SOP_CLASS_NOT_SUPPORTED,
                               "the requestor accepted no context for it")
             return
-        mid = self.relay.begin_store(inbound, rq)
-        result = self.relay.store_result(mid)
-        async for data, last in assoc.fragments():
-            self.relay.store_data(inbound, data, last)
+        if inbound.transfer_syntax != transfer_syntax:
+            # Another native syntax: the whole data set is needed to convert it.
+            parts = [bytes(data) async for data, _ in assoc.fragments()]
+            try:
+                converted = transcode(b"".join(parts), transfer_syntax,
+                                      inbound.transfer_syntax)
+            except ProtocolError as exc:
+                assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
+                                  f"cannot convert it: {exc}")
+                return
+            mid = self.relay.begin_store(inbound, rq)
+            result = self.relay.store_result(mid)
+            self.relay.store_data(inbound, converted, True)
             await self.relay.writable()
+        else:
+            mid = self.relay.begin_store(inbound, rq)
+            result = self.relay.store_result(mid)
+            async for data, last in assoc.fragments():
+                self.relay.store_data(inbound, data, last)
+                await self.relay.writable()
         try:
             async with asyncio.timeout(self.upstream.timeout):
                 rsp = await result

@@ -54,7 +54,7 @@ from router.dicom.pdu import (
     UserInformation,
     UserInformationSubItem,
 )
-from router.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from router.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_uncompressed
 
 __all__ = [
     "DEFAULT_MAXIMUM_LENGTH",
@@ -260,6 +260,9 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
 
     results: list[PresentationContextAC] = []
     seen_ids: set[int] = set()
+    # SOP classes whose instances the requestor takes as SCP (C-GET sub-operations).
+    scp_role = {sop for sop, role in _role_items(rq).items()
+                if role.scp_role and policy.accept_scp_role}
     for ctx in rq.presentation_contexts:
         if ctx.context_id in seen_ids or not _valid_context_id(ctx.context_id):
             # PS3.8 §7.1.1.13 makes unique IDs the requestor's duty and says
@@ -276,7 +279,8 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
             )
             continue
         seen_ids.add(ctx.context_id)
-        results.append(_negotiate_context(ctx, policy))
+        results.append(_negotiate_context(ctx, policy,
+                                          retrieval=ctx.abstract_syntax in scp_role))
 
     accepted_abstract = {
         ctx.abstract_syntax
@@ -316,8 +320,15 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
     )
 
 
-def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy) -> PresentationContextAC:
-    """One presentation context result, PS3.8 §9.3.3.2 Table 9-18 / PS3.7 D.3.2."""
+def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy, *,
+                       retrieval: bool = False) -> PresentationContextAC:
+    """One presentation context result, PS3.8 §9.3.3.2 Table 9-18 / PS3.7 D.3.2.
+
+    ``retrieval``: the requestor takes the SCP role for this SOP class, so we will
+    send it instances that come from elsewhere (a C-GET's upstream) in whatever
+    syntax is there. A native syntax, if proposed, is then chosen first, whatever
+    the order: any native instance can be converted to it, and upstreams can
+    produce one; a compressed one is taken only if nothing else is proposed."""
     if ctx.malformed:
         # Sub-items that are not UIDs (kept by the decoder): an abstract syntax
         # we cannot know is "not supported"; bad transfer syntaxes never match.
@@ -347,7 +358,12 @@ def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy) -> Pr
             result=PresentationContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED,
             transfer_syntax=None,
         )
-    chosen = _choose_transfer_syntax(ctx.transfer_syntaxes, ours, policy.prefer_requestor_order)
+    proposed = ctx.transfer_syntaxes
+    if retrieval:
+        proposed = (*(ts for ts in proposed if is_uncompressed(ts)),
+                    *(ts for ts in proposed if not is_uncompressed(ts)))
+    chosen = _choose_transfer_syntax(proposed, ours,
+                                     policy.prefer_requestor_order or retrieval)
     if chosen is None:
         return PresentationContextAC(
             context_id=ctx.context_id,

@@ -20,6 +20,7 @@ from tests.helpers import (
     Procs,
     make_study,
     received_files,
+    same_content,
     start_orthanc,
     storescp_server,
 )
@@ -298,8 +299,16 @@ def test_cancel_mid_move_stops_it(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) ->
     assert len(received_files(sink.outdir)) < 400
 
 
+@pytest.mark.parametrize("proposal", [
+    pytest.param([], id="default"),
+    # JPEG Lossless first, then the native ones: the router takes a native one for
+    # what it relays, which any upstream can send (it took JPEG and got nothing).
+    pytest.param(["+xs"], id="jpeg-lossless-first"),
+    pytest.param(["+xb"], id="big-endian-first"),
+    pytest.param(["+xi"], id="implicit-only"),
+])
 def test_getscu_through_the_router_receives_the_study_on_its_own_association(
-        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk, proposal: list[str]) -> None:
     _, pacs, router = _move_setup(tmp_path, procs, dcmtk)
     study = make_study(tmp_path / "study", n_series=2, n_instances=3, size_kb=8, seed=9)
     for path in study:
@@ -309,7 +318,8 @@ def test_getscu_through_the_router_receives_the_study_on_its_own_association(
     out.mkdir()
     try:
         router.wait_for("ready: 2 workers serving")
-        done = subprocess.run([dcmtk.getscu, "-v", "-S", "-aet", "VIEWER", "-aec", "ROUTER",
+        done = subprocess.run([dcmtk.getscu, "-v", "-S", *proposal,
+                               "-aet", "VIEWER", "-aec", "ROUTER",
                                "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
                                "-k", f"StudyInstanceUID={uid}", "127.0.0.1", str(router.port)],
                               capture_output=True, text=True, timeout=60, env=dcmtk_env())
@@ -324,8 +334,73 @@ def test_getscu_through_the_router_receives_the_study_on_its_own_association(
         router.stop()
     got = {_uid(p): p for p in out.iterdir()}
     assert sorted(got) == sorted(_uid(p) for p in study)
-    for src in study:  # Orthanc re-encodes as DCMTK does: these data sets come back as sent
-        assert pydicom.dcmread(got[_uid(src)]).PixelData == pydicom.dcmread(src).PixelData
+    for src in study:  # the same elements and pixel values, in whatever native syntax
+        same_content(pydicom.dcmread(got[_uid(src)]), src)
+
+
+def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
+        tmp_path: Path) -> None:
+    """The upstream (pynetdicom) sends CT only in Explicit VR LE; the requestor (also
+    pynetdicom) takes CT only in Implicit VR LE. The router proposes both upstream and
+    converts each instance on the way: the same elements and pixel values arrive."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    study = make_study(tmp_path / "study", n_series=1, n_instances=3, size_kb=8, seed=5)
+
+    def on_get(event: Any) -> Any:
+        yield len(study)
+        for path in study:
+            yield 0xFF00, pydicom.dcmread(path)
+
+    pacs = AE(ae_title="EXPLPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    pacs.add_supported_context(CTImageStorage, [pydicom.uid.ExplicitVRLittleEndian],
+                               scu_role=True, scp_role=True)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n')
+    router = Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {port}\n'
+        'ae_title = "EXPLPACS"\n'))
+    received: list[pydicom.Dataset] = []
+
+    def on_store(event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    viewer = AE(ae_title="VIEWER")
+    viewer.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    viewer.add_requested_context(CTImageStorage, [pydicom.uid.ImplicitVRLittleEndian])
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = viewer.associate("127.0.0.1", router.port, ae_title="ROUTER",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+        statuses = [int(status.Status) for status, _ in
+                    assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        assoc.release()
+        assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    finally:
+        router.stop()
+        server.shutdown()
+    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(_uid(p) for p in study)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in received}
+    for src in study:
+        got = by_uid[_uid(src)]
+        assert got.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+        assert got.original_encoding == (True, True)
+        del got.file_meta
+        same_content(got, src)
 
 
 def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
