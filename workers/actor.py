@@ -969,9 +969,10 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._closed = True
         self._discard_store()
         running = self._find
-        if running is not None and isinstance(running[2], FindProxy):
-            # Nobody is left to read the matches: stop the upstreams' work. (A C-MOVE
-            # goes on: its sub-operations are the point, not their report.)
+        if running is not None and isinstance(running[2], FindProxy | GetProxy):
+            # Nobody is left to read the matches, or to store what a C-GET relays on
+            # this association: stop the upstreams' work. (A C-MOVE goes on: its
+            # sub-operations go elsewhere and are the point, not their report.)
             running[2].cancel()
         for handle in (self._artim, self._idle):
             if handle is not None:
