@@ -59,7 +59,7 @@ log = logging.getLogger("router.supervisor")
 BOOT_ERROR = 3  # workers.main.BOOT_ERROR
 _RESPAWN_MIN, _RESPAWN_MAX = 0.1, 30.0
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the back-off
-_MAX_WAITING = 1024  # connections held while no worker is ready
+_MAX_WAITING = 1024  # connections held while no worker takes them (see _watch)
 
 
 @dataclass(slots=True)
@@ -113,6 +113,12 @@ class Supervisor:
         # restarting): handed off as soon as one says hello, closed past a bound.
         self.waiting: deque[tuple[socket.socket, tuple[Any, ...], int, float]] = deque()
         self.announced_ready = False
+        # While connections wait: the channels watched for room (POLLOUT), the
+        # listeners not polled (a full hold leaves newcomers in the kernel's backlog),
+        # and the workers whose channel was full (said once per episode).
+        self.watched: set[socket.socket] = set()
+        self.accepting = True
+        self.busy_workers: set[int] = set()
         # systemd's Type=notify and WatchdogSec= (router/notify.py); inert elsewhere.
         self.notifier = Notifier.from_environment()
         self.watchdog_at: float | None = None
@@ -197,6 +203,8 @@ class Supervisor:
                         pass
             self._handle_signals()
             self._reap()
+            if self.waiting and any(ch.fileno() in ready for ch in self.watched):
+                self._retry_waiting()
             for sock in list(self.listeners):
                 if sock.fileno() in ready:
                     self._accept(sock)
@@ -236,11 +244,18 @@ class Supervisor:
             # stops the pings, and systemd restarts the router.
             self.notifier.watchdog()
             self.watchdog_at = now + (self.notifier.watchdog_interval or 0.0)
+        expired = 0
         while self.waiting and now >= self.waiting[0][3] + self.config.artim_timeout:
             conn, peer, _, _ = self.waiting.popleft()
-            log.error("no worker became ready for the connection from %s:%s in %.0f s; "
-                      "closing it", *peer[:2], self.config.artim_timeout)
+            if not expired:
+                log.error("no worker took the connection from %s:%s in %.0f s; closing "
+                          "it", *peer[:2], self.config.artim_timeout)
+            expired += 1
             conn.close()
+        if expired:
+            if expired > 1:
+                log.error("... and %d more held as long", expired - 1)
+            self._watch()
         if self.draining_until is not None:
             alive = [s for s in self.slots if s.proc is not None]
             if not alive:
@@ -301,6 +316,9 @@ class Supervisor:
             slot.proc = None
             slot.ready = False
             if slot.channel is not None:
+                if slot.channel in self.watched:
+                    self.poller.unregister(slot.channel)
+                    self.watched.discard(slot.channel)
                 slot.channel.close()
                 slot.channel = None
             if self.draining_until is not None:
@@ -344,9 +362,7 @@ class Supervisor:
                     self.notifier.ready(self._status_line())
                 elif self.draining_until is None:
                     self.notifier.status(self._status_line())
-                while self.waiting:
-                    conn, peer, local_port, _ = self.waiting.popleft()
-                    self._hand_off(conn, peer, local_port)
+                self._retry_waiting()
             elif isinstance(message, control.Heartbeat):
                 slot.last_heartbeat = time.monotonic()
                 slot.open_associations = message.open_associations
@@ -380,34 +396,81 @@ class Supervisor:
                 log.warning("accept failed: %s", exc)
                 return
             self._hand_off(conn, peer, listener.getsockname()[1])
+            if not self.accepting:
+                return
 
     def _hand_off(self, conn: socket.socket, peer: tuple[Any, ...], local_port: int) -> None:
+        if not self.waiting and self._try_hand_off(conn, peer, local_port):
+            return
+        if any(s.proc is not None for s in self.slots):
+            # Workers are starting, or their channels are full (a burst of
+            # connections): it waits in our hands, after those already waiting, until
+            # a hello or room in a channel (the peer sees a slow association set-up,
+            # not a refusal).
+            self.waiting.append((conn, peer, local_port, time.monotonic()))
+            self._watch()
+            return
+        log.error("no worker ready for the connection from %s:%s; closing it", *peer[:2])
+        conn.close()
+
+    def _try_hand_off(self, conn: socket.socket, peer: tuple[Any, ...],
+                      local_port: int) -> bool:
+        """Pass ``conn`` to the least loaded worker that takes it; False if none did."""
+        candidates = sorted((s for s in self.slots if s.ready and s.channel is not None),
+                            key=lambda s: s.load)
         self.connection_ids += 1
         header = {"connection_id": self.connection_ids, "peer": [str(peer[0]), int(peer[1])],
                   "local_port": local_port, "tls": False}
-        candidates = sorted((s for s in self.slots if s.ready and s.channel is not None),
-                            key=lambda s: s.load)
         for slot in candidates:
             assert slot.channel is not None
             try:
                 send_connection(slot.channel, conn, header)
             except (ChannelBusy, ChannelClosed) as exc:
-                log.warning("worker %d cannot take a connection (%s); trying another",
-                            slot.worker_id, exc)
+                if slot.worker_id not in self.busy_workers:  # once per episode
+                    self.busy_workers.add(slot.worker_id)
+                    log.warning("worker %d cannot take connections for now (%s)",
+                                slot.worker_id, exc)
                 continue
             except HandoffError as exc:
                 log.error("hand-off to worker %d failed: %s", slot.worker_id, exc)
                 continue
+            if slot.worker_id in self.busy_workers:
+                self.busy_workers.discard(slot.worker_id)
+                log.info("worker %d takes connections again", slot.worker_id)
             slot.handed_off += 1
-            return
-        if any(s.proc is not None for s in self.slots) and len(self.waiting) < _MAX_WAITING:
-            # Workers are starting: the connection waits in our hands (the peer
-            # sees a slow association set-up, not a refusal).
-            self.waiting.append((conn, peer, local_port, time.monotonic()))
-            return
-        log.error("no worker ready for the connection from %s:%s; closing it", *peer[:2])
-        conn.close()
+            return True
+        return False
 
+    def _retry_waiting(self) -> None:
+        """Hand off the connections held, oldest first, while a worker takes them."""
+        while self.waiting:
+            conn, peer, local_port, _ = self.waiting[0]
+            if not self._try_hand_off(conn, peer, local_port):
+                break
+            self.waiting.popleft()
+        self._watch()
+
+    def _watch(self) -> None:
+        """Poll the ready workers' channels for room while connections are held, and
+        stop accepting while the hold is full: what arrives then waits in the
+        listen backlog, where TCP keeps it, instead of being closed here."""
+        wanted = {s.channel for s in self.slots if s.ready and s.channel is not None} \
+            if self.waiting else set()
+        for channel in self.watched - wanted:
+            self.poller.unregister(channel)
+        for channel in wanted - self.watched:
+            self.poller.register(channel, zmq.POLLOUT)
+        self.watched = wanted
+        full = len(self.waiting) >= _MAX_WAITING
+        if full and self.accepting:
+            log.warning("%d connections waiting for a worker: not accepting more until "
+                        "they are handed off", len(self.waiting))
+            for sock in self.listeners:
+                self.poller.unregister(sock)
+        elif not full and not self.accepting:
+            for sock in self.listeners:
+                self.poller.register(sock, zmq.POLLIN)
+        self.accepting = not full
     # ------------------------------------------------------------ signals
 
     def _handle_signals(self) -> None:

@@ -458,3 +458,37 @@ def test_past_max_associations_newcomers_get_a_transient_rejection(
         for assoc in held:
             assoc.release()
         assert router.stop() == 0
+
+
+def test_connections_held_while_the_workers_channels_are_full_are_handed_off(
+        router: Router) -> None:
+    """Both workers stopped (SIGSTOP) for a second while 700 peers ask to associate:
+    the hand-off channels fill (a few hundred descriptors each), the supervisor holds the
+    rest. Once the workers read again, the held connections are handed off as the
+    channels drain, and every peer gets its A-ASSOCIATE-AC. Before, held connections
+    went only on a worker's hello: they were closed after ARTIM (2 s here) without
+    an answer, well-behaved peers among them."""
+    from tests.faults.test_actor_faults import associate_rq, read_pdu
+
+    router.wait_for("ready: 2 workers serving")
+    pids = [int(w["pid"]) for w in router.status()["workers"]]  # type: ignore[union-attr]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    peers: list[socket.socket] = []
+    try:
+        for _ in range(700):
+            sock = socket.create_connection(("127.0.0.1", router.port), timeout=20)
+            sock.sendall(associate_rq())
+            peers.append(sock)
+        # Well within the heartbeat timeout (3 s here): the workers are not replaced.
+        router.wait_for("cannot take connections for now", timeout=1.5)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        answers = [read_pdu(sock)[0] for sock in peers]
+    finally:
+        for sock in peers:
+            sock.close()
+    assert answers == [0x02] * len(peers), answers
+    assert router.count("no worker took the connection") == 0, router.log()
