@@ -197,6 +197,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._artim: asyncio.TimerHandle | None = None
         self._artim_generation: int | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_count = 0  # engine.pdus_received when last looked at
+        self._idle_since = 0.0  # loop time of the last whole PDU
         self._closed = False
         self._store_error = 0  # DIMSE status if the spool failed mid instance
         # A C-FIND/C-MOVE whose identifier is arriving: (context, request, parts, size).
@@ -927,23 +929,35 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._pump()
 
     def _sync_idle(self) -> None:
-        # Re-armed on every activity; only matters while associated (PS3.8 has
-        # no timer there; a silent peer must not hold the actor forever).
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        timeout = self.settings.idle_timeout
-        if timeout and self.engine.is_associated and not self._busy:
-            self._idle = self.loop.call_later(timeout, self._idle_fired)
+        """Keep the idle timer armed while associated (PS3.8 has no timer there; a
+        silent peer must not hold the actor for ever). Cheap on every PDU: it only
+        notes the PDU count; the timer, armed once, looks when it fires."""
+        count = self.engine.pdus_received
+        if count != self._idle_count:
+            self._idle_count, self._idle_since = count, self.loop.time()
+        if self._idle is None and self.settings.idle_timeout and self.engine.is_associated:
+            self._idle = self.loop.call_at(self._idle_since + self.settings.idle_timeout,
+                                           self._idle_fired)
 
     def _idle_fired(self) -> None:
-        detail = f"no PDU from the peer for {self.settings.idle_timeout:.0f} s"
-        log.warning("association %s: %s, aborting", self._who(), detail)
-        self.stats.outcome = f"aborted: {detail}"
-        self.engine.abort(detail)
-        self._after_engine()
-        if self.transport is not None:
-            self.transport.close()
+        self._idle = None
+        if self._closed or not self.engine.is_associated:
+            return
+        now, timeout = self.loop.time(), self.settings.idle_timeout or 0.0
+        if self._busy or self._find is not None:
+            # The peer waits for us (a commit, an upstream's answers): not idle.
+            self._idle_since = now
+        elif self.engine.pdus_received == self._idle_count and \
+                now - self._idle_since >= timeout:
+            detail = f"no whole PDU from the peer for {timeout:.0f} s"
+            log.warning("association %s: %s, aborting", self._who(), detail)
+            self.stats.outcome = f"aborted: {detail}"
+            self.engine.abort(detail)
+            self._after_engine()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._sync_idle()
 
     def _ack_now(self) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None

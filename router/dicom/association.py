@@ -165,6 +165,9 @@ class Association:
         self.wants_connect = False
         self.wants_close = False
         self.bytes_received = 0
+        #: Whole PDUs from the peer: what an idle timer counts as activity (a peer
+        #: that trickles bytes of a PDU is not active).
+        self.pdus_received = 0
         self.bytes_sent = 0
         # Why the engine aborted or refused the association, in one line.
         self.abort_detail = ""
@@ -284,6 +287,7 @@ class Association:
                     self._step(Evt.EVT17, fsm.ActionInput(is_requestor=self.is_requestor))
                     continue
                 return NEED_DATA
+            self.pdus_received += 1
             if self.state is State.STA6 and type(pdu) is PDataTF:
                 self._pdata_received(pdu)  # DT-2, inline (see the check at the top)
                 continue

@@ -263,3 +263,59 @@ def test_a_request_of_countless_items_is_refused_at_once(
     actor = server.wait_closed(1)[0]
     if not accepted:
         assert "more than" in actor.stats.outcome, actor.stats.outcome
+
+
+@pytest.fixture
+def idle_server(tmp_path: Path) -> Iterator[LoopServer]:
+    srv = LoopServer(tmp_path / "spool", idle=1.0)
+    yield srv
+    srv.stop()
+
+
+def _until_abort(sock: socket.socket, every: float, send: bytes) -> float:
+    """Send ``send`` every ``every`` s until the router aborts; seconds it took."""
+    import time
+    started = time.monotonic()
+    sock.settimeout(every)
+    while time.monotonic() - started < 10:
+        try:
+            kind, _ = read_pdu(sock)
+        except TimeoutError:
+            sock.sendall(send)
+            continue
+        if kind in (0, 0x07):
+            return time.monotonic() - started
+    raise AssertionError("not aborted in 10 s")
+
+
+def test_a_silent_peer_is_aborted_after_the_idle_timeout(idle_server: LoopServer) -> None:
+    sock = associated(idle_server.port)
+    took = _until_abort(sock, 5.0, b"")
+    sock.close()
+    assert 0.9 < took < 3.0, took
+    assert "no whole PDU" in idle_server.wait_closed(1)[0].stats.outcome
+
+
+def test_a_peer_trickling_bytes_is_idle_all_the_same(idle_server: LoopServer) -> None:
+    """One byte of a PDU every 0.3 s re-armed the idle timer for ever: 40 such peers
+    held every association slot. Only whole PDUs count as activity now."""
+    sock = associated(idle_server.port)
+    pdu = iter(p_data(ECHO_RQ) * 100)
+    took = _until_abort(sock, 0.3, bytes([next(pdu)]))
+    sock.close()
+    assert took < 3.0, took
+    assert "no whole PDU" in idle_server.wait_closed(1)[0].stats.outcome
+
+
+def test_a_peer_sending_requests_is_not_idle(idle_server: LoopServer) -> None:
+    import time
+    sock = associated(idle_server.port)
+    started = time.monotonic()
+    while time.monotonic() - started < 3.0:  # three idle timeouts
+        sock.sendall(p_data(ECHO_RQ))
+        assert read_pdu(sock)[0] == 0x04
+        time.sleep(0.4)
+    sock.sendall(RELEASE_RQ)
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()
+    assert idle_server.wait_closed(1)[0].stats.outcome == "released"

@@ -31,10 +31,11 @@ class LoopServer:
     """An event loop in a thread serving AssociationActors on 127.0.0.1."""
 
     def __init__(self, spool_dir: Path, *, artim: float = 30.0,
-                 policy: AcceptorPolicy | None = None) -> None:
+                 policy: AcceptorPolicy | None = None, idle: float | None = 600.0) -> None:
         self.spool = Spool(spool_dir)
         self.committer = GroupCommitter(self.spool)
-        self.settings = ActorSettings(policy=policy or AcceptorPolicy(), artim_timeout=artim)
+        self.settings = ActorSettings(policy=policy or AcceptorPolicy(), artim_timeout=artim,
+                                      idle_timeout=idle)
         self.closed: list[AssociationActor] = []
         self.actors: list[AssociationActor] = []  # every one made, open or closed
         self.all_closed = threading.Condition()
