@@ -128,6 +128,8 @@ def transparent_failure_status() -> int:
 class _Entry:
     name: str
     failures: int = 0
+    # DestinationActor.delivered_total when it was last refused for want of resources.
+    short_at: int = -1
 
 
 @dataclass(slots=True)
@@ -181,6 +183,9 @@ class DestinationActor:
         self._open: set[OutboundAssociation] = set()
         self._down_failures = 0
         self._down_until = 0.0
+        # Out-of-resources answers (A7xx) in a row, and deliveries so far: see _short.
+        self._short_failures = 0
+        self.delivered_total = 0
         self._closing = False
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
@@ -494,16 +499,37 @@ class DestinationActor:
             return
         permanent = is_permanent_failure(status)
         comment = f" ({rsp.error_comment})" if rsp.error_comment else ""
-        self._failed(entry, None, fd, f"{self.destination} answered status 0x{status:04X}"
-                     f"{comment}", status, permanent=permanent)
+        reason = f"{self.destination} answered status 0x{status:04X}{comment}"
+        counted = True
+        if 0xA700 <= status <= 0xA7FF:
+            counted = self._short(entry, reason)
+        self._failed(entry, None, fd, reason, status, permanent=permanent, counted=counted)
+
+    def _short(self, entry: _Entry, reason: str) -> bool:
+        """A7xx, refused out of resources (PS3.4 B.2.3): the state of the destination
+        (a full disk) more than of the instance. The whole queue waits, with the
+        back-off of an unreachable destination; and the refusal counts towards the
+        instance's attempts only if the destination took others since its last one
+        -- else a PACS full over a weekend would turn its queue into dead letters
+        in an hour (20 attempts), while one it refuses alone still ends there."""
+        self._short_failures += 1
+        delay = self.destination.retry.delay(self._short_failures, self.rng())
+        self._down_until = max(self._down_until, self.clock() + delay)
+        log.warning("destination %s: %s; its queue (%d waiting) waits %.1f s", self.destination,
+                    reason, len(self._known), delay)
+        counted = entry.short_at >= 0 and self.delivered_total > entry.short_at
+        entry.short_at = self.delivered_total
+        return counted
 
     def _count_delivered(self, path: Path, part10: Part10, status: int) -> None:
         self.stats.delivered += 1
+        self.delivered_total += 1
+        self._short_failures = 0
         self._emit("instance.forwarded", destination=self.name,
                    sop_instance_uid=part10.sop_instance_uid, status=status)
 
     def _failed(self, entry: _Entry | None, urgent: _Urgent | None, fd: int, reason: str,
-                status: int | None, *, permanent: bool) -> None:
+                status: int | None, *, permanent: bool, counted: bool = True) -> None:
         self.stats.last_error = reason
         if urgent is not None:
             if not urgent.future.done():
@@ -511,7 +537,7 @@ class DestinationActor:
                                           else transparent_failure_status(), reason))
             return
         assert entry is not None
-        entry.failures += 1
+        entry.failures += counted
         attempts = self.destination.retry.attempts
         if permanent or entry.failures >= attempts:
             why = reason if permanent else f"{reason}; gave up after {entry.failures} attempts"
@@ -532,10 +558,11 @@ class DestinationActor:
             self._unclaim(self.folder / entry.name, fd)
             self._known.discard(entry.name)
             return
-        delay = self.destination.retry.delay(entry.failures, self.rng())
+        delay = self.destination.retry.delay(max(entry.failures, 1), self.rng())
         self.stats.retried += 1
-        log.warning("forward %s: %s failed (%s); retry %d of %d in %.1f s", self.name,
-                    entry.name, reason, entry.failures, attempts - 1, delay)
+        log.warning("forward %s: %s failed (%s); retry %d of %d in %.1f s%s", self.name,
+                    entry.name, reason, entry.failures, attempts - 1, delay,
+                    "" if counted else " (not counted: the destination takes nothing now)")
         self._unclaim(self.folder / entry.name, fd)
         heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
 

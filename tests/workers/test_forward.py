@@ -163,8 +163,7 @@ def _status_scp(status: int, port: int, sop_classes: tuple[str, ...] | list[str]
 
 
 @pytest.mark.parametrize(("status", "permanent"), [(0xA900, True), (0xC123, True),
-                                                   (0x0122, True), (0xA700, False),
-                                                   (0x0110, False)])
+                                                   (0x0122, True), (0x0110, False)])
 def test_failures_end_in_dead_letters_with_the_reason(tmp_path: Path, status: int,
                                                       permanent: bool) -> None:
     assert is_permanent_failure(status) is permanent
@@ -188,6 +187,47 @@ def test_failures_end_in_dead_letters_with_the_reason(tmp_path: Path, status: in
     # Each instance was tried once if permanent, `attempts` times if not.
     assert len(server.seen) == (2 if permanent else 6)
     assert not list((spool.root / "queue" / "pacs").glob("*.dcm"))
+
+
+def test_out_of_resources_everywhere_never_empties_the_queue(tmp_path: Path) -> None:
+    """A7xx from a destination that takes nothing (a full disk over a weekend): the
+    queue waits with the destination's back-off and no instance uses up its attempts
+    (3 here), however many times it is refused; A7xx used to count like 0110H, and
+    the default 20 attempts emptied the queue into dead letters in about an hour."""
+    import threading
+
+    port = free_port()
+    server = _status_scp(0xA700, port)
+    refused = threading.Event()
+
+    def watch() -> None:
+        while len(server.seen) < 10 and not refused.wait(0.05):
+            pass
+        refused.set()
+
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 2)
+        actor = DestinationActor(_destination(port), spool, share=1)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+
+        async def run() -> None:
+            actor.start()
+            actor.scan()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, refused.wait, 60)
+            finally:
+                await actor.stop()
+
+        asyncio.run(run())
+        refused.set()
+        watcher.join()
+    finally:
+        server.shutdown()
+    assert len(server.seen) >= 10  # each of the two refused five times and more
+    assert actor.stats.dead == 0 and not (spool.root / "dead").exists()
+    assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 2
 
 
 def test_warning_counts_as_delivered(tmp_path: Path) -> None:
