@@ -786,7 +786,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
             else None
         name = None if target is None or destination is not None else target
         moved = q.retry_dead(root, destination, name)
-        if target is not None and moved == 0:
+        if name is not None and moved == 0:
+            # A destination with nothing dead is not an error (a nightly `queue retry
+            # pacs` must not fail); a name that matches nothing is.
             raise UsageError(f"no dead letter matches {target!r} (a destination or an "
                              "instance file name, see `queue ls`)")
         print(f"{moved} instance(s) moved back to their queue")

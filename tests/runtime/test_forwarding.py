@@ -236,6 +236,12 @@ def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
         assert len(seen) == 6 and set(seen) == {_uid(p) for p in files}
         ls = json.loads(router.command("queue", "ls", "--json").stdout)
         assert ls["destinations"][0]["dead"] == 0 and ls["destinations"][0]["queued"] == 0
+        # Again, with nothing dead (a nightly job): not an error. A name that matches
+        # nothing is.
+        again = router.command("queue", "retry", "pacs")
+        assert again.returncode == 0 and "0 instance(s)" in again.stdout, again.stderr
+        nothing = router.command("queue", "retry", "no-such-instance.dcm")
+        assert nothing.returncode == 2 and "no dead letter matches" in nothing.stderr
     finally:
         router.stop()
         server.shutdown()
