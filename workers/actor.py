@@ -353,7 +353,18 @@ class AssociationActor(asyncio.BufferedProtocol):
             log.info("association %s: %s not served: the association ended behind it",
                      self._who(), type(msg).__name__)
             return
-        if isinstance(msg, dimse.CStoreRQ) and not msg.has_dataset:
+        sop_class = getattr(msg, "affected_sop_class_uid", None) or \
+            getattr(msg, "requested_sop_class_uid", None)
+        if (sop_class is not None and sop_class != ctx.abstract_syntax
+                and dimse.is_request(msg) and not isinstance(msg, dimse.CStoreRQ)):
+            # PS3.8 7.1.1.13: a context carries messages of its own abstract syntax
+            # (C-STORE reads its data set first, in _store_begin).
+            log.warning("association %s: %s of %s on a context for %s: refused",
+                        self._who(), type(msg).__name__, sop_class, ctx.abstract_syntax)
+            self._refuse(ctx, msg, dimse.SOP_CLASS_NOT_SUPPORTED,
+                         f"presentation context {ctx.context_id} is for "
+                         f"{ctx.abstract_syntax}")
+        elif isinstance(msg, dimse.CStoreRQ) and not msg.has_dataset:
             # PS3.7 9.3.1.1: a C-STORE-RQ carries the instance. Nothing to store, and
             # no data set will come to end it: answered here.
             log.warning("association %s: C-STORE-RQ %d without a data set: refused",
