@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import functools
 import itertools
 import logging
+import re
 import socket
 import threading
 import time
@@ -102,7 +104,7 @@ from workers.spool import (
     status_for_error,
 )
 
-__all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
+__all__ = ["ActorSettings", "AssociationActor", "AssociationLogFilter", "AssociationStats"]
 
 log = logging.getLogger("workers.actor")
 
@@ -117,6 +119,32 @@ LOOP_ROUTING_MAX_BYTES = 4 << 20
 # C-FIND failure "Unable to process" (PS3.4 C.4.1.1.4: Cxxx).
 UNABLE_TO_PROCESS = 0xC001
 
+
+
+#: The actor whose events are being handled: lines that other libraries log meanwhile
+#: (pydicom on a bad Specific Character Set, say) are named after its association by
+#: :class:`AssociationLogFilter`. Tasks it starts inherit it (asyncio copies the context).
+handling: contextvars.ContextVar[AssociationActor | None] = contextvars.ContextVar(
+    "handling", default=None)
+
+
+class AssociationLogFilter(logging.Filter):
+    """Prefix records of other libraries with the association being handled, and keep
+    a captured Python warning on one line (no file path, no source line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        actor = handling.get()
+        if record.name == "py.warnings":
+            text = record.getMessage().splitlines()[0] if record.getMessage() else ""
+            record.msg, record.args = _WARNING_SOURCE.sub("", text), None
+        if actor is not None and not record.name.startswith(("workers.", "router.")):
+            record.msg = f"association {actor._who()}: {record.getMessage()}"
+            record.args = None
+        return True
+
+
+# "/path/to/module.py:738: " before a captured warning's category.
+_WARNING_SOURCE = re.compile(r"^.*?:\d+: (?=\w+Warning)")
 
 
 def new_receive_buffer() -> memoryview:
@@ -261,6 +289,13 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._after_engine()
 
     def _run_mailbox(self) -> None:
+        token = handling.set(self)
+        try:
+            self._run_events()
+        finally:
+            handling.reset(token)
+
+    def _run_events(self) -> None:
         mailbox = self._mailbox
         while mailbox and not self._busy:
             event = mailbox.popleft()

@@ -45,7 +45,12 @@ from router.dicom import uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
 from router.snapshot import Snapshot, SnapshotError
 from rules import RuleError, RuleSet
-from workers.actor import ActorSettings, AssociationActor, new_receive_buffer
+from workers.actor import (
+    ActorSettings,
+    AssociationActor,
+    AssociationLogFilter,
+    new_receive_buffer,
+)
 from workers.forward import DestinationActor
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter
@@ -507,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level,
                         format=f"%(asctime)s %(levelname)s worker-{args.worker_id} "
                                "%(name)s: %(message)s")
+    # Python warnings (pydicom's on odd data) as log lines, not bare stderr text, and
+    # any library's line named after the association it came from.
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(AssociationLogFilter())
     worker = Worker(config, worker_id=args.worker_id, channel_fd=args.channel_fd,
                     run_dir=args.run_dir, overrides=overrides,
                     rules=rules)

@@ -151,3 +151,34 @@ def test_peer_gone_mid_instance_leaves_nothing(server: LoopServer, tmp_path: Pat
     assert actor.stats.instances == 0
     assert not list(server.spool.incoming.iterdir())
     assert not list(server.spool.tmp.iterdir())
+
+
+def test_library_log_lines_name_the_association_being_handled(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom warning about a query's character set, say: the operator must know which
+    association sent it (the actor's own lines name it already)."""
+    import logging
+
+    from workers.actor import AssociationLogFilter, handling
+
+    class Actor:
+        def _who(self) -> str:
+            return "w1-a7 VIEWER->ROUTER 10.0.0.9:4242"
+
+    caplog.handler.addFilter(AssociationLogFilter())
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("pydicom").warning("Unknown encoding '%s'", "GARBAGE")
+        token = handling.set(Actor())  # type: ignore[arg-type]
+        try:
+            logging.getLogger("pydicom").warning("Unknown encoding '%s'", "GARBAGE")
+            logging.getLogger("workers.qr").info("C-FIND %s: 0 match(es)", "x")
+            logging.getLogger("py.warnings").warning(
+                "%s", "/x/pydicom/charset.py:738: UserWarning: Unknown encoding 'G'\n"
+                "  _warn_about_invalid_encoding(encoding)\n")
+        finally:
+            handling.reset(token)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Unknown encoding 'GARBAGE'",
+        "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242: Unknown encoding 'GARBAGE'",
+        "C-FIND x: 0 match(es)",
+        "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242: UserWarning: Unknown encoding 'G'"]
