@@ -196,6 +196,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         receive_buffer: memoryview | None = None,
         dispatcher: Callable[[], Dispatcher | None] | None = None,
         over_limit: bool = False,
+        peer: tuple[str, int] | None = None,
     ) -> None:
         self.settings = settings
         # Adopted while the worker already had its share of associations open: the
@@ -239,8 +240,10 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._sub_ids = itertools.cycle(range(1, 65536))
         self._writable = asyncio.Event()
         self._writable.set()
+        # The listener's word for the peer (the hand-off header), until the socket's:
+        # a connection reset before it is served has no peer name any more.
         self.stats = AssociationStats(association_id=f"w{settings.worker_id}-a{next(_ids)}",
-                                      peer=("?", 0))
+                                      peer=peer or ("?", 0))
 
     # ------------------------------------------------------------- transport
 
@@ -250,8 +253,9 @@ class AssociationActor(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        self.stats.peer = (str(peer[0]), int(peer[1]))
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.stats.peer = (str(peer[0]), int(peer[1]))
         self.engine.connection_made()
         self._after_engine()
 

@@ -255,18 +255,22 @@ class Worker:
                 log.warning("worker %d: the supervisor is gone; draining", self.worker_id)
                 self._begin_drain(self.config.drain_grace)
                 return
-            sock, _header = got
+            sock, header = got
             self.served += 1
-            self.loop.create_task(self._adopt(sock))
+            peer = header.get("peer")
+            self.loop.create_task(self._adopt(
+                sock, (str(peer[0]), int(peer[1]))
+                if isinstance(peer, list | tuple) and len(peer) == 2 else None))
 
-    async def _adopt(self, sock: socket.socket) -> None:
+    async def _adopt(self, sock: socket.socket, peer: tuple[str, int] | None) -> None:
         def factory() -> AssociationActor:
             limit = self.settings.max_associations
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
                                      receive_buffer=self.receive_buffer,
                                      dispatcher=lambda: self.dispatcher,
-                                     over_limit=limit is not None and len(self.actors) >= limit)
+                                     over_limit=limit is not None and len(self.actors) >= limit,
+                                     peer=peer)
             self.actors.add(actor)
             return actor
         try:

@@ -492,3 +492,19 @@ def test_connections_held_while_the_workers_channels_are_full_are_handed_off(
             sock.close()
     assert answers == [0x02] * len(peers), answers
     assert router.count("no worker took the connection") == 0, router.log()
+
+
+def test_a_connection_reset_before_it_is_served_is_logged_with_its_peer(
+        router: Router) -> None:
+    """The socket has no peer name once reset: the log takes the listener's."""
+    import struct
+
+    router.wait_for("ready: 2 workers serving")
+    at = len(router.lines)
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", router.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+    router.wait_count(" closed: ", 20)
+    closed = [line for line in router.lines[at:] if " closed: " in line]
+    assert closed and not [line for line in closed if "?:0" in line], closed
