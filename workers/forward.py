@@ -183,6 +183,9 @@ class DestinationActor:
         self._open: set[OutboundAssociation] = set()
         self._down_failures = 0
         self._down_until = 0.0
+        # Senders waiting for work with an open association, and senders opening one.
+        self._parked_open = 0
+        self._connecting = 0
         # Out-of-resources answers (A7xx) in a row, and deliveries so far: see _short.
         self._short_failures = 0
         self.delivered_total = 0
@@ -312,10 +315,35 @@ class DestinationActor:
                 self._open.discard(assoc)
 
     async def _next_job(self, assoc: OutboundAssociation | None) -> _Entry | _Urgent | None:
-        idle_deadline = (self.clock() + self.destination.idle
-                         if assoc is not None and assoc.is_associated else math.inf)
+        holding = assoc is not None and assoc.is_associated
+        idle_deadline = self.clock() + self.destination.idle if holding else math.inf
+        if holding:
+            self._parked_open += 1
+        try:
+            return await self._wait_job(assoc, holding, idle_deadline)
+        finally:
+            if holding:
+                self._parked_open -= 1
+
+    async def _wait_job(self, assoc: OutboundAssociation | None, holding: bool,
+                        idle_deadline: float) -> _Entry | _Urgent | None:
+        """The next job for a sender, None to release its association (idle).
+
+        Work goes first to a sender that holds an open association: a second one is
+        opened only while the first is busy. And a held association that has nothing
+        to do is let go at once when another sender is opening one: a node that
+        serves one association at a time (storescp without --fork) would otherwise
+        keep the newcomer in its backlog until our idle timer ran out."""
         while not self._closing:
             self._wake.clear()
+            if holding and self._connecting:
+                return None
+            if (not holding and self._parked_open and (
+                    self._urgent or (self._ready and self.clock() >= self._down_until))):
+                # Work the sender holding an association takes at once: let it.
+                self._wake.set()
+                await asyncio.sleep(0)
+                continue
             if self._urgent:
                 return self._urgent.popleft()
             now = self.clock()
@@ -436,7 +464,12 @@ class DestinationActor:
         # one may also go in the two every node takes (converted: see context_to_send).
         contexts = [(sop, proposal_syntaxes(ts) if uids.is_uncompressed(ts) else [ts])
                     for sop, ts in self._pairs]
-        assoc = await open_association(d, contexts, label=label)
+        self._connecting += 1
+        self._wake.set()  # an idle sender holding an association lets it go (_wait_job)
+        try:
+            assoc = await open_association(d, contexts, label=label)
+        finally:
+            self._connecting -= 1
         self._open.add(assoc)
         self.stats.associations += 1
         if self._down_failures:

@@ -557,6 +557,33 @@ def test_a_destination_that_takes_only_implicit_vr_gets_converted_instances(
     assert _uid(dead) == _uid(jpeg) and _dataset(dead) == _dataset(jpeg)
 
 
+def test_a_destination_serving_one_association_at_a_time_is_not_kept_waiting(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """storescp without --fork serves one association at a time. With the default
+    concurrency (2), the second instance went to a sender without an association,
+    whose A-ASSOCIATE-RQ then sat in storescp's backlog until the first sender's idle
+    association was released: `idle` seconds late (5 by default; 30 here). Work now
+    goes to the sender that holds an association, and one idle while another sender
+    opens is let go at once."""
+    sink = storescp_server(tmp_path, procs, aet="SINGLE", dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["single"]\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("single", sink.port, "SINGLE").replace(
+                        "idle = 1\n", "idle = 30\n"))
+    files = [tmp_path / "mr.dcm", tmp_path / "ct.dcm"]
+    make_ct(files[0], size_kb=8, modality="MR", seed=1)
+    make_ct(files[1], size_kb=8, seed=2)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        for path in files:  # two associations, one instance each, one after the other
+            _send(dcmtk, router, "MOD1", [path])
+            router.wait_for(f"forward single: {_uid(path)}", timeout=10)
+    finally:
+        assert router.stop() == 0
+    assert sorted(_uid(p) for p in received_files(sink.outdir)) == sorted(map(_uid, files))
+
+
 def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """Some nodes take one association at a time: concurrency = 1 over 2 workers. The
