@@ -74,7 +74,7 @@ from router.dicom.negotiation import (
     negotiate,
 )
 from router.dicom.pdu import AAssociateAC, AAssociateRJ
-from router.net.client import response_for, response_to
+from router.net.client import rejected_answer, response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
 from workers.nservices import (
@@ -448,24 +448,14 @@ class AssociationActor(asyncio.BufferedProtocol):
         for, ends the association. Its data set, if any, is read and dropped."""
         self._discard_store()
         self._query = None
-        field, mid = event.command_field, event.message_id
-        if field & 0x8000 or field == dimse.CommandField.C_CANCEL_RQ:
-            log.warning("association %s: dropped an invalid command set (command field "
-                        "0x%04X, message %d): %s", self._who(), field, mid, event.detail)
-            return
         if not self.engine.may_send_data:
-            return
-        rsp = response_to(field, mid, event.status)
-        if rsp is None:
-            detail = (f"invalid request with unknown command field 0x{field:04X} "
-                      f"(message {mid}): {event.detail}")
-            log.warning("association %s: %s; aborting", self._who(), detail)
-            self.abort(detail)
-            return
-        log.warning("association %s: invalid request (command field 0x%04X, message %d): "
-                    "%s; answered 0x%04X", self._who(), field, mid, event.detail, event.status)
-        self.stats.failed += field == dimse.CommandField.C_STORE_RQ
-        self.engine.send_message(event.context_id, rsp)
+            return  # ended behind it: nobody to answer
+        answer = rejected_answer(event, self._who(), log)
+        if isinstance(answer, str):
+            self.abort(answer)
+        elif answer is not None:
+            self.stats.failed += event.command_field == dimse.CommandField.C_STORE_RQ
+            self.engine.send_message(event.context_id, answer)
 
     def _unsupported(self, ctx: NegotiatedContext, msg: Any) -> None:
         """A request this worker does not serve yet: answer 0x0211, drop its data."""

@@ -76,6 +76,7 @@ __all__ = [
     "StoreHandler",
     "connect",
     "file_chunks",
+    "rejected_answer",
     "response_for",
     "response_to",
 ]
@@ -169,6 +170,29 @@ def response_to(command_field: int, message_id: int, status: int,
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in fields.items() if k in names and v is not None}
     return cls(message_id_being_responded_to=message_id, status=status, **kwargs)
+
+
+def rejected_answer(event: CommandRejected, who: object,
+                    logger: logging.Logger) -> dimse.DimseMessage | str | None:
+    """What a command set the engine framed but could not use (PS3.7 Annex C) gets,
+    said in one line of ``logger`` naming association ``who``: the response to send
+    (with the engine's status: 0211H, 0212H or C000H); or, for an unknown Command
+    Field, which has no response type, the reason to abort with (the peer would
+    wait for ever); or None: an invalid response or C-CANCEL is dropped."""
+    field, mid = event.command_field, event.message_id
+    if field & 0x8000 or field == dimse.CommandField.C_CANCEL_RQ:
+        logger.warning("association %s: dropped an invalid command set (command field "
+                       "0x%04X, message %d): %s", who, field, mid, event.detail)
+        return None
+    rsp = response_to(field, mid, event.status)
+    if rsp is None:
+        detail = (f"invalid request with unknown command field 0x{field:04X} "
+                  f"(message {mid}): {event.detail}")
+        logger.warning("association %s: %s; aborting", who, detail)
+        return detail
+    logger.warning("association %s: invalid request (command field 0x%04X, message %d): "
+                   "%s; answered 0x%04X", who, field, mid, event.detail, event.status)
+    return rsp
 
 
 _RESPONSE_TYPES: dict[int, Any] = {

@@ -81,8 +81,8 @@ from router.net.client import (
     NetworkError,
     connect,
     file_chunks,
+    rejected_answer,
     response_for,
-    response_to,
 )
 from router.net.connection import Connection, PeerTimeout, configure_socket
 
@@ -419,28 +419,14 @@ class AssociationHandler:
         request is answered with the engine's status, a response dropped."""
         if event.has_dataset:
             self._drain()
-        field = event.command_field
-        who = self.info or self.conn.peer
-        if field & 0x8000 or field == dimse.CommandField.C_CANCEL_RQ:
-            log.warning("association %s: dropped an invalid command set (command field "
-                        "0x%04X, message %d): %s", who, field, event.message_id, event.detail)
-            return
-        rsp = response_to(field, event.message_id, event.status)
-        if rsp is None:
-            # No response type to answer with (an unknown Command Field): the
-            # peer would wait for ever, so the association ends here.
-            detail = (f"invalid request with unknown command field 0x{field:04X} "
-                      f"(message {event.message_id}): {event.detail}")
-            log.warning("association %s: %s; aborting", who, detail)
-            self.stats["outcome"] = f"aborted: {detail}"
-            self.assoc.abort(detail)
+        answer = rejected_answer(event, self.info or self.conn.peer, log)
+        if isinstance(answer, str):
+            self.stats["outcome"] = f"aborted: {answer}"
+            self.assoc.abort(answer)
             self.conn.flush()
-            return
-        log.warning("association %s: invalid request (command field 0x%04X, message %d): "
-                    "%s; answered 0x%04X", who, field, event.message_id, event.detail,
-                    event.status)
-        self.assoc.send_message(event.context_id, rsp)
-        self.conn.flush()
+        elif answer is not None:
+            self.assoc.send_message(event.context_id, answer)
+            self.conn.flush()
 
     def _too_large(self, ctx: NegotiatedContext, msg: Any) -> None:
         """A data set past ``max_dataset_size`` was read and dropped: refuse."""
