@@ -59,7 +59,7 @@ from router.dicom.events import (
     _Sentinel,
 )
 from router.dicom.fsm import State
-from router.dicom.negotiation import NegotiatedContext, build_request
+from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRQ
 
 __all__ = ["OutboundAssociation", "OutboundError", "open_association", "proposal_syntaxes",
@@ -215,14 +215,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         in that syntax (sent as it is on disk, D5), else, for a native syntax, one in
         another native syntax, which :meth:`store` converts to (PS3.5 10: every node
         takes Implicit VR Little Endian, not every one takes what we stored)."""
-        ctx = self.context_for(sop_class, transfer_syntax)
-        if ctx is not None or not uids.is_uncompressed(transfer_syntax):
-            return ctx
-        for ctx in self.engine.contexts.values():
-            if (ctx.abstract_syntax == sop_class and ctx.requestor_scu
-                    and uids.is_uncompressed(ctx.transfer_syntax)):
-                return ctx
-        return None
+        return context_for_instance((c for c in self.engine.contexts.values()
+                                     if c.requestor_scu), sop_class, transfer_syntax)
 
     async def store(self, path: Path, part10: Part10, ctx: NegotiatedContext, *,
                     move_originator: tuple[str, int] | None = None,

@@ -41,7 +41,7 @@ from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import decode_dataset, encode_dataset, transcode
 from router.dicom.errors import ProtocolError
-from router.dicom.negotiation import NegotiatedContext
+from router.dicom.negotiation import NegotiatedContext, context_for_instance
 from rules import Changes
 from workers.moves import end_move, register_move
 from workers.outbound import (
@@ -429,11 +429,7 @@ class GetProxy(_RetrieveProxy):
                      ) -> NegotiatedContext | None:
         """The requestor's context to send an instance in: the same syntax, or for
         a native one any native one (the instance is then converted)."""
-        ctx = self._offered.get((sop_class, transfer_syntax))
-        if ctx is not None or not uids.is_uncompressed(transfer_syntax):
-            return ctx
-        return next((c for (sop, ts), c in self._offered.items()
-                     if sop == sop_class and uids.is_uncompressed(ts)), None)
+        return context_for_instance(self._offered.values(), sop_class, transfer_syntax)
 
     async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
                         identifier: bytes) -> None:

@@ -25,7 +25,7 @@ Nothing here does I/O or keeps state; every input is a PDU dataclass from
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,6 +33,7 @@ from router.dicom.errors import LocalProtocolError
 from router.dicom.pdu import (
     ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
     DICOM_APPLICATION_CONTEXT,
+    MAX_PRESENTATION_CONTEXT_ITEMS,
     PRESENTATION_LOCAL_LIMIT_EXCEEDED,
     AAssociateAC,
     AAssociateRJ,
@@ -64,6 +65,7 @@ __all__ = [
     "NegotiatedContext",
     "accepted_contexts",
     "build_request",
+    "context_for_instance",
     "negotiate",
     "provider_check",
 ]
@@ -73,7 +75,7 @@ __all__ = [
 DEFAULT_MAXIMUM_LENGTH = 1_048_576
 
 # Presentation context IDs are odd integers 1..255 (PS3.8 §9.3.2.2): 128 of them.
-MAX_PRESENTATION_CONTEXTS = 128
+MAX_PRESENTATION_CONTEXTS = MAX_PRESENTATION_CONTEXT_ITEMS
 
 # The answer to a request past our bound on open associations. PS3.8 Table 9-21:
 # rejected-transient, service-provider (presentation related function),
@@ -318,6 +320,25 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
         presentation_contexts=tuple(results),
         user_information=UserInformation(items=tuple(items)),
     )
+
+
+def context_for_instance(contexts: Iterable[NegotiatedContext], sop_class: str,
+                         transfer_syntax: str) -> NegotiatedContext | None:
+    """Among accepted ``contexts`` (the caller's role), the one to send an instance
+    of ``sop_class`` held in ``transfer_syntax`` in: one in that syntax (sent as it
+    is), else, for a native syntax, one in another native syntax, the instance then
+    converted (PS3.5 10.1: Implicit VR Little Endian is what every node takes, not
+    every node takes what we hold)."""
+    other = None
+    for ctx in contexts:
+        if ctx.abstract_syntax != sop_class:
+            continue
+        if ctx.transfer_syntax == transfer_syntax:
+            return ctx
+        if other is None and is_uncompressed(ctx.transfer_syntax) \
+                and is_uncompressed(transfer_syntax):
+            other = ctx
+    return other
 
 
 def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy, *,

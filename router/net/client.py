@@ -59,7 +59,7 @@ from router.dicom.events import (
     Event,
     ReleaseRequested,
 )
-from router.dicom.negotiation import NegotiatedContext, build_request
+from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRJ, UserIdentityRQ
 from router.net.connection import Connection, PeerTimeout
 
@@ -573,18 +573,16 @@ class ClientAssociation:
         return rsp
 
     def _context_for_file(self, sop_class: str, transfer_syntax: str) -> NegotiatedContext:
-        try:
-            return self.context_for(sop_class, transfer_syntax)
-        except LocalProtocolError:
-            if not uids.is_uncompressed(transfer_syntax):
-                raise
-        for ctx in self._assoc.contexts.values():
-            if ctx.abstract_syntax == sop_class and ctx.requestor_scu and \
-                    uids.is_uncompressed(ctx.transfer_syntax):
-                return ctx
-        raise LocalProtocolError(
-            f"no accepted presentation context for {sop_class} in {transfer_syntax} "
-            "or another uncompressed transfer syntax")
+        ctx = context_for_instance((c for c in self._assoc.contexts.values()
+                                    if c.requestor_scu), sop_class, transfer_syntax)
+        if ctx is not None:
+            return ctx
+        if uids.is_uncompressed(transfer_syntax):
+            raise LocalProtocolError(
+                f"no accepted presentation context for {sop_class} in {transfer_syntax} "
+                "or another uncompressed transfer syntax")
+        raise LocalProtocolError(f"no accepted presentation context for {sop_class} "
+                                 f"with transfer syntax {transfer_syntax}")
 
     def _send_file(self, ctx: NegotiatedContext, rq: Any, path: Path, offset: int) -> None:
         """Stream the data set from disk in PDU-sized pieces: memory stays bounded."""
