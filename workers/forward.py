@@ -128,7 +128,7 @@ def transparent_failure_status() -> int:
 class _Entry:
     name: str
     failures: int = 0
-    # DestinationActor.delivered_total when it was last refused for want of resources.
+    # DestinationActor.stats.delivered when it was last refused for want of resources.
     short_at: int = -1
 
 
@@ -186,9 +186,8 @@ class DestinationActor:
         # Senders waiting for work with an open association, and senders opening one.
         self._parked_open = 0
         self._connecting = 0
-        # Out-of-resources answers (A7xx) in a row, and deliveries so far: see _short.
+        # Out-of-resources answers (A7xx) in a row: see _short.
         self._short_failures = 0
-        self.delivered_total = 0
         self._closing = False
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
@@ -550,13 +549,12 @@ class DestinationActor:
         self._down_until = max(self._down_until, self.clock() + delay)
         log.warning("destination %s: %s; its queue (%d waiting) waits %.1f s", self.destination,
                     reason, len(self._known), delay)
-        counted = entry.short_at >= 0 and self.delivered_total > entry.short_at
-        entry.short_at = self.delivered_total
+        counted = entry.short_at >= 0 and self.stats.delivered > entry.short_at
+        entry.short_at = self.stats.delivered
         return counted
 
     def _count_delivered(self, path: Path, part10: Part10, status: int) -> None:
         self.stats.delivered += 1
-        self.delivered_total += 1
         self._short_failures = 0
         self._emit("instance.forwarded", destination=self.name,
                    sop_instance_uid=part10.sop_instance_uid, status=status)

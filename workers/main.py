@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import zmq
@@ -257,12 +257,10 @@ class Worker:
                 return
             sock, header = got
             self.served += 1
-            peer = header.get("peer")
-            self.loop.create_task(self._adopt(
-                sock, (str(peer[0]), int(peer[1]))
-                if isinstance(peer, list | tuple) and len(peer) == 2 else None))
+            # recv_connection checked it: (host, port).
+            self.loop.create_task(self._adopt(sock, cast(tuple[str, int], header["peer"])))
 
-    async def _adopt(self, sock: socket.socket, peer: tuple[str, int] | None) -> None:
+    async def _adopt(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         def factory() -> AssociationActor:
             limit = self.settings.max_associations
             actor = AssociationActor(self.settings, self.spool, self.committer,

@@ -452,6 +452,7 @@ class GetProxy(_RetrieveProxy):
             assoc.reply_store(context_id, rq, dimse.SOP_CLASS_NOT_SUPPORTED,
                               "the requestor accepted no context for it")
             return
+        converted: bytes | None = None
         if inbound.transfer_syntax != transfer_syntax:
             # Another native syntax: the whole data set is needed to convert it.
             parts = [bytes(data) async for data, _ in assoc.fragments()]
@@ -462,13 +463,12 @@ class GetProxy(_RetrieveProxy):
                 assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
                                   f"cannot convert it: {exc}")
                 return
-            mid = self.relay.begin_store(inbound, rq)
-            result = self.relay.store_result(mid)
+        mid = self.relay.begin_store(inbound, rq)
+        result = self.relay.store_result(mid)
+        if converted is not None:
             self.relay.store_data(inbound, converted, True)
             await self.relay.writable()
         else:
-            mid = self.relay.begin_store(inbound, rq)
-            result = self.relay.store_result(mid)
             async for data, last in assoc.fragments():
                 self.relay.store_data(inbound, data, last)
                 await self.relay.writable()
