@@ -163,10 +163,12 @@ __all__ = [
     "Listen",
     "RetryPolicy",
     "cgroup_cpu_limit",
+    "config_from_text",
     "default_spool_dir",
     "default_workers",
     "load_config",
     "parse_config",
+    "read_config_text",
 ]
 
 DEFAULT_AE_TITLE: Final = "DICOM-ROUTER"
@@ -647,14 +649,25 @@ def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = N
     ``None`` values are ignored, so argparse defaults can be passed straight
     through. Raises :class:`ConfigError`.
     """
+    return config_from_text(read_config_text(path), path, overrides=overrides)
+
+
+def config_from_text(text: str, path: Path | None, *,
+                     overrides: Mapping[str, object] | None = None) -> Config:
+    """The configuration ``text`` read from ``path`` (``None``: the embedded default),
+    named after it in errors, its relative paths resolved against its folder; see
+    :func:`load_config`. Raises :class:`ConfigError`."""
     if path is None:
-        return parse_config(EMBEDDED_DEFAULT, EMBEDDED_SOURCE, overrides=overrides)
-    return parse_config(read_config_text(path), str(path), base_dir=path.absolute().parent,
+        return parse_config(text, EMBEDDED_SOURCE, overrides=overrides)
+    return parse_config(text, str(path), base_dir=path.absolute().parent,
                         overrides=overrides)
 
 
-def read_config_text(path: Path) -> str:
-    """The text of configuration file ``path``; raises :class:`ConfigError`."""
+def read_config_text(path: Path | None) -> str:
+    """The text of configuration file ``path`` (``None``: :data:`EMBEDDED_DEFAULT`);
+    raises :class:`ConfigError`."""
+    if path is None:
+        return EMBEDDED_DEFAULT
     source = str(path)
     try:
         raw = path.read_bytes()

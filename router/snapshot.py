@@ -30,13 +30,7 @@ from typing import Final
 
 import msgpack
 
-from router.config import (
-    EMBEDDED_DEFAULT,
-    EMBEDDED_SOURCE,
-    Config,
-    parse_config,
-    read_config_text,
-)
+from router.config import Config, config_from_text, read_config_text
 from rules import RuleSet
 from rules.load import Problem, compile_texts, read_texts
 
@@ -66,13 +60,11 @@ class Snapshot:
 
         Raises :class:`~router.config.ConfigError` or :class:`~rules.RuleError`
         as loading them directly would."""
-        text = EMBEDDED_DEFAULT if path is None else read_config_text(path)
-        snapshot = cls(None if path is None else str(path), text, ())
-        config = snapshot._config(overrides)
-        if config.rules is None:
-            return snapshot, config, RuleSet.empty()
-        texts, problems = read_texts([config.rules])
-        snapshot = cls(snapshot.path, text, tuple((str(p), t) for p, t in texts))
+        text = read_config_text(path)
+        config = config_from_text(text, path, overrides=overrides)
+        texts, problems = read_texts([config.rules]) if config.rules is not None else ([], [])
+        snapshot = cls(None if path is None else str(path), text,
+                       tuple((str(p), t) for p, t in texts))
         # Problems reading and compiling in one RuleError, as rules.load_rules does.
         return snapshot, config, snapshot._rules(config, problems)
 
@@ -85,11 +77,8 @@ class Snapshot:
         return config, self._rules(config)
 
     def _config(self, overrides: Mapping[str, object] | None) -> Config:
-        if self.path is None:
-            return parse_config(self.text, EMBEDDED_SOURCE, overrides=overrides)
-        path = Path(self.path)
-        return parse_config(self.text, self.path, base_dir=path.absolute().parent,
-                            overrides=overrides)
+        return config_from_text(self.text, None if self.path is None else Path(self.path),
+                                overrides=overrides)
 
     def _rules(self, config: Config, problems: list[Problem] | None = None) -> RuleSet:
         if config.rules is None:

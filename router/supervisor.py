@@ -17,9 +17,9 @@ sleeps and nothing polls on a clock.
   channel end. They load the configuration snapshot the supervisor checked
   (router/snapshot.py), never the files, which may have been edited since. A
   worker that exits is respawned, with exponential back-off when it keeps dying
-  young; one whose heartbeats stop is killed (SIGKILL) and
-  respawned; one that exits with BOOT_ERROR stops the router (its config can
-  never work, so respawning would only spin).
+  young; one whose heartbeats stop is killed (SIGKILL) and respawned; one that
+  exits with BOOT_ERROR stops the router (its config can never work, so
+  respawning would only spin).
 - Signals only enqueue (gunicorn): SIGTERM/SIGINT drain (stop accepting,
   broadcast Drain, wait for the workers up to the grace period, then SIGKILL
   what is left, exit 0); SIGHUP reloads (a config that fails validation is
@@ -94,10 +94,10 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, config: Config, *, config_path: Path | None,
-                 overrides: dict[str, object], snapshot: Snapshot | None = None) -> None:
+                 overrides: dict[str, object], snapshot: Snapshot) -> None:
         self.config = config
         # What workers load (router/snapshot.py): the texts this config came from.
-        self.snapshot = snapshot or Snapshot.read(config_path, overrides=overrides)[0]
+        self.snapshot = snapshot
         self.config_path = config_path
         self.overrides = overrides
         self.generation = 1
@@ -471,6 +471,7 @@ class Supervisor:
             for sock in self.listeners:
                 self.poller.register(sock, zmq.POLLIN)
         self.accepting = not full
+
     # ------------------------------------------------------------ signals
 
     def _handle_signals(self) -> None:
@@ -518,21 +519,15 @@ class Supervisor:
         try:
             snapshot, config, _ = Snapshot.read(self.config_path, overrides=self.overrides)
         except (ConfigError, RuleError) as exc:
-            why = " / ".join(str(exc).splitlines())
-            log.error("reload refused, the running configuration stays: %s", why)
-            if serving:
-                self.notifier.ready(f"{self._status_line()}; last reload refused: {why}")
-            return f"refused, the running configuration stays: {why}"
+            return self._reload_refused(" / ".join(str(exc).splitlines()), serving)
         if config.listen != self.config.listen or config.workers != self.config.workers:
             log.warning("reload: listen addresses and worker count change on restart only")
         try:
             written = snapshot.write(self.run_dir, self.generation + 1)
         except OSError as exc:
-            log.error("reload refused, the running configuration stays: cannot write %s: %s",
-                      snapshot_path(self.run_dir, self.generation + 1), exc)
-            if serving:
-                self.notifier.ready(f"{self._status_line()}; last reload refused")
-            return f"refused, the running configuration stays: cannot write its snapshot: {exc}"
+            return self._reload_refused(
+                f"cannot write {snapshot_path(self.run_dir, self.generation + 1)}: {exc}",
+                serving)
         self.config, self.snapshot = config, snapshot
         self.generation += 1
         prune(self.run_dir, keep=self.generation - 1)
@@ -542,6 +537,13 @@ class Supervisor:
         if serving:
             self.notifier.ready(self._status_line())
         return None
+
+    def _reload_refused(self, why: str, serving: bool) -> str:
+        """Say a reload was refused (log, and systemd's STATUS=); the reply's reason."""
+        log.error("reload refused, the running configuration stays: %s", why)
+        if serving:
+            self.notifier.ready(f"{self._status_line()}; last reload refused: {why}")
+        return f"refused, the running configuration stays: {why}"
 
     def _status_line(self) -> str:
         """What ``systemctl status`` shows (STATUS=)."""

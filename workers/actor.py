@@ -135,8 +135,8 @@ class AssociationLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         actor = handling.get()
         if record.name == "py.warnings":
-            text = record.getMessage().splitlines()[0] if record.getMessage() else ""
-            record.msg, record.args = _WARNING_SOURCE.sub("", text), None
+            first_line = record.getMessage().split("\n", 1)[0]
+            record.msg, record.args = _WARNING_SOURCE.sub("", first_line), None
         if actor is not None and not record.name.startswith(("workers.", "router.")):
             record.msg = f"association {actor._who()}: {record.getMessage()}"
             record.args = None
