@@ -67,9 +67,19 @@ forward = ["orthanc"]
 """
 
 
-def _destination(name: str, port: int, aet: str) -> str:
+def _destination(name: str, port: int, aet: str, *, idle: float = 1) -> str:
     return (f'[[destination]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'
-            f'ae_title = "{aet}"\nidle = 1\ntimeout = 10\n')
+            f'ae_title = "{aet}"\nidle = {idle}\ntimeout = 10\n')
+
+
+def _forward_all(tmp_path: Path, name: str, port: int, aet: str, *, workers: int = 2,
+                 idle: float = 1, more: str = "") -> Router:
+    """A router whose one rule, "all", forwards every instance to destination ``name``
+    (``more``: further keys of its table)."""
+    (tmp_path / "rules.toml").write_text(
+        f'[[rule]]\nname = "all"\n[rule.then]\nforward = ["{name}"]\n')
+    return Router(tmp_path, workers=workers, extra='[routing]\nrules = "rules.toml"\n'
+                  + _destination(name, port, aet, idle=idle) + more)
 
 
 def _dataset(path: Path) -> bytes:
@@ -169,12 +179,8 @@ def test_rules_route_by_modality_calling_ae_and_regex(tmp_path: Path, procs: Pro
 def test_destination_down_30_s_then_back_gets_everything(tmp_path: Path, procs: Procs,
                                                          dcmtk: Dcmtk) -> None:
     port = free_port()
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
-    extra = ('[routing]\nrules = "rules.toml"\n'
-             + _destination("pacs", port, "PACS")
-             + "retry = { initial = 1, max = 4, attempts = 3 }\n")
-    router = Router(tmp_path, extra=extra)
+    router = _forward_all(tmp_path, "pacs", port, "PACS",
+                          more="retry = { initial = 1, max = 4, attempts = 3 }\n")
     try:
         router.wait_for("ready: 2 workers serving")
         files = _study(tmp_path / "s", 20, modality="CT", description="x", seed=5)
@@ -217,10 +223,7 @@ def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
-    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
-                    + _destination("pacs", port, "PACS"))
+    router = _forward_all(tmp_path, "pacs", port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
         files = _study(tmp_path / "s", 3, modality="CT", description="x", seed=6)
@@ -531,10 +534,7 @@ def test_a_destination_that_takes_only_implicit_vr_gets_converted_instances(
     make_ct(little, size_kb=24, seed=1)
     make_ct(big, size_kb=24, seed=2, transfer_syntax=pydicom.uid.ExplicitVRBigEndian)
     jpeg = next(p for p in pydicom_test_files() if p.name == "SC_rgb_jpeg_dcmtk.dcm")
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["old"]\n')
-    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
-                    + _destination("old", sink.port, "OLDPACS"))
+    router = _forward_all(tmp_path, "old", sink.port, "OLDPACS")
     try:
         router.wait_for("ready: 2 workers serving")
         _send(dcmtk, router, "MOD1", [little])
@@ -566,11 +566,7 @@ def test_a_destination_serving_one_association_at_a_time_is_not_kept_waiting(
     goes to the sender that holds an association, and one idle while another sender
     opens is let go at once."""
     sink = storescp_server(tmp_path, procs, aet="SINGLE", dcmtk=dcmtk)
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["single"]\n')
-    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
-                    + _destination("single", sink.port, "SINGLE").replace(
-                        "idle = 1\n", "idle = 30\n"))
+    router = _forward_all(tmp_path, "single", sink.port, "SINGLE", workers=1, idle=30)
     files = [tmp_path / "mr.dcm", tmp_path / "ct.dcm"]
     make_ct(files[0], size_kb=8, modality="MR", seed=1)
     make_ct(files[1], size_kb=8, seed=2)
@@ -647,10 +643,7 @@ def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
 def test_status_counts_stored_and_forwarded_instances(tmp_path: Path, procs: Procs,
                                                       dcmtk: Dcmtk) -> None:
     sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
-    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
-                    + _destination("pacs", sink.port, "PACS"))
+    router = _forward_all(tmp_path, "pacs", sink.port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
         _send(dcmtk, router, "MOD1", _study(tmp_path / "s", 5, modality="CT",

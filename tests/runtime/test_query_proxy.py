@@ -44,14 +44,22 @@ def _loaded(orthanc: Orthanc, tmp_path: Path) -> None:
 
 
 def _router(tmp_path: Path, orthanc: Orthanc, rules: str) -> Router:
+    return _router_to(tmp_path, rules, orthanc.dicom_port, orthanc.aet, more="timeout = 10\n")
+
+
+def _router_to(tmp_path: Path, rules: str, port: int, aet: str, *, name: str = "pacs",
+               more: str = "") -> Router:
+    """A router with the rule file ``rules`` and one upstream, ``name`` (``more``:
+    further keys of its table)."""
     (tmp_path / "rules.toml").write_text(rules)
     return Router(tmp_path, extra=(
         '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
-        f'ae_title = "{orthanc.aet}"\ntimeout = 10\n'))
+        f'[[destination]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'ae_title = "{aet}"\n{more}'))
 
 
 QUERY_ALL = '[[rule]]\nname = "all queries"\n[rule.then]\nquery = ["pacs"]\n'
+RETRIEVE_ALL = '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n'
 
 
 def _findscu(dcmtk: Dcmtk, port: int, aec: str, out: Path, *args: str) -> list[dict[str, str]]:
@@ -148,11 +156,7 @@ def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk) -> None:
     port = free_port()
     server = pacs.start_server(("127.0.0.1", port), block=False,
                                evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    (tmp_path / "rules.toml").write_text(QUERY_ALL)
-    router = Router(tmp_path, extra=(
-        '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {port}\n'
-        'ae_title = "PACS"\n'))
+    router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
         done = subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S",
@@ -208,8 +212,7 @@ def _move_setup(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> tuple[Any, Orthan
     sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
     pacs = start_orthanc(procs, tmp_path / "pacs",
                          modalities={"viewer": ("VIEWER_SCP", "127.0.0.1", sink.port)})
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n')
+    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
     router = Router(tmp_path, extra=(
         '[routing]\nrules = "rules.toml"\n'
         f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
@@ -360,12 +363,7 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
     port = free_port()
     server = pacs.start_server(("127.0.0.1", port), block=False,
                                evt_handlers=[(evt.EVT_C_GET, on_get)])
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n')
-    router = Router(tmp_path, extra=(
-        '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {port}\n'
-        'ae_title = "EXPLPACS"\n'))
+    router = _router_to(tmp_path, RETRIEVE_ALL, port, "EXPLPACS")
     received: list[pydicom.Dataset] = []
 
     def on_store(event: Any) -> int:
@@ -480,8 +478,7 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
     for path in study:
         pacs.upload(path)
     uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n')
+    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
     router = Router(tmp_path, port=router_port, extra=(
         '[routing]\nrules = "rules.toml"\n'
         f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
@@ -571,12 +568,8 @@ def test_worklist_query_through_the_router(tmp_path: Path, dcmtk: Dcmtk) -> None
     port = free_port()
     server = ris.start_server(("127.0.0.1", port), block=False,
                               evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "worklist"\n[rule.then]\nquery = ["ris"]\n')
-    router = Router(tmp_path, extra=(
-        '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "ris"\nhost = "127.0.0.1"\nport = {port}\n'
-        'ae_title = "RIS"\n'))
+    router = _router_to(tmp_path, '[[rule]]\nname = "worklist"\n[rule.then]\nquery = ["ris"]\n',
+                        port, "RIS", name="ris")
     try:
         router.wait_for("ready: 2 workers serving")
         keys = ["-W", "-k", "PatientID", "-k", "PatientName",
