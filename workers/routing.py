@@ -52,8 +52,8 @@ from workers.moves import move_destination_of
 from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
-__all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "load_rules",
-           "queue_folder", "read_header"]
+__all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "queue_folder",
+           "read_header"]
 
 log = logging.getLogger("workers.routing")
 
@@ -65,14 +65,6 @@ UNMATCHED_STATUS: Final = dimse.NOT_AUTHORIZED
 _SPECIFIC_CHARACTER_SET: Final = 0x00080005
 _HEAD: Final = 16 * 1024  # most headers end well within this
 _MAX_HEAD: Final = 8 * 1024 * 1024
-
-
-def load_rules(config: Config) -> RuleSet:
-    """The rule set ``config`` names, checked against its destinations; raises
-    ``rules.RuleError`` (one line per problem, with file and line)."""
-    if config.rules is None:
-        return RuleSet.empty()
-    return RuleSet.load([config.rules], destinations={d.name for d in config.destinations})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

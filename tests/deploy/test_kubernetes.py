@@ -29,9 +29,9 @@ import pytest
 
 from router.cli import build_parser
 from router.config import Config, load_config
+from router.snapshot import Snapshot
 from tests.deploy.conftest import DEPLOY
 from tests.deploy.test_systemd import DRAIN_MARGIN
-from workers.routing import load_rules
 
 MANIFESTS = DEPLOY / "kubernetes"
 Object = dict[str, Any]
@@ -209,7 +209,8 @@ def test_configmap_loads_with_the_router_loaders(objects: dict[tuple[str, str], 
                                                  config: Config) -> None:
     assert set(objects["ConfigMap", "dicom-router"]["data"]) == {"router.toml", "rules.toml"}
     assert config.rules is not None and config.rules.name == "rules.toml"
-    rules = load_rules(config)  # raises RuleError, as the router refuses to start
+    # What `run` reads and checks, refusing to start on a problem (RuleError).
+    _, _, rules = Snapshot.read(Path(config.source))
     assert len(rules.rules) >= 1
 
 

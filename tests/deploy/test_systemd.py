@@ -29,8 +29,8 @@ import pytest
 
 from router.cli import build_parser
 from router.config import Config, load_config
+from router.snapshot import Snapshot
 from tests.deploy.conftest import DEPLOY
-from workers.routing import load_rules
 
 UNIT = DEPLOY / "systemd" / "dicom-router.service"
 SAMPLE_CONFIG = DEPLOY / "systemd" / "router.toml"
@@ -128,7 +128,8 @@ def test_exec_start_parses_and_its_config_loads(unit: dict[str, list[tuple[str, 
     assert args.config == Path("/etc/dicom-router/router.toml")
     assert args.config.name == SAMPLE_CONFIG.name
     assert config.rules == SAMPLE_CONFIG.parent / "rules.toml"
-    rules = load_rules(config)  # the router refuses to start on rules that fail this
+    # What `run` reads and checks, refusing to start on a problem (RuleError).
+    _, _, rules = Snapshot.read(Path(config.source))
     assert len(rules.rules) >= 1
     assert config.source == str(SAMPLE_CONFIG)
 
