@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -30,6 +31,14 @@ _FAIL: Final = object()
 _STRIP: Final = " \x00"
 #: VR for a private (or unknown) attribute set without one, when it is not there yet.
 DEFAULT_VR: Final = "LO"
+#: The VRs whose values (0008,0005) Specific Character Set applies to (PS3.5 §6.1.2.3).
+CHARSET_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+SPECIFIC_CHARACTER_SET: Final = 0x00080005
+#: PS3.3 C.12.1.1.2: ISO_IR 192 is UTF-8, which holds any value a rule can give.
+UTF8_CHARACTER_SET: Final = "ISO_IR 192"
+#: Terms meaning the default repertoire, ASCII (PS3.5 §6.1.2.2). pydicom encodes it
+#: as Latin-1, so its own encoder would accept a value the data set cannot hold.
+_DEFAULT_REPERTOIRE: Final = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 
 
 def _items(value: object) -> tuple[list[object], bool]:
@@ -188,6 +197,37 @@ class ReplaceOp:
 Operation: TypeAlias = SetOp | RemoveOp | CopyOp | ReplaceOp
 
 
+def _target(op: Operation) -> int:
+    return op.target if isinstance(op, CopyOp) else op.tag
+
+
+def _holds(ds: Dataset, tags: set[int]) -> bool:
+    """Whether the Specific Character Set of ``ds`` can encode the text values of
+    ``tags``. A value only the combination of several code extensions could encode
+    counts as not held: converting to UTF-8 is then correct too, if not needed."""
+    declared = ds.get(SPECIFIC_CHARACTER_SET)
+    terms: list[str] = []
+    if declared is not None and declared.value:
+        terms = [str(t).strip() for t in _items(declared.value)[0] if t is not None]
+    texts: list[str] = []
+    for tag in tags:
+        elem = ds.get(tag)
+        if elem is not None and elem.VR in CHARSET_VRS and elem.value is not None:
+            texts.extend(str(v) for v in _items(elem.value)[0] if v is not None)
+    if all(t.isascii() for t in texts):
+        return True  # ASCII: the G0 set of every character set DICOM defines
+    encodings = ["ascii" if t in _DEFAULT_REPERTOIRE else python_encoding.get(t) for t in terms]
+    return all(any(e is not None and _encodes(t, e) for e in encodings) for t in texts)
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Changes:
     """The attribute operations for one destination, applied in order."""
@@ -195,9 +235,22 @@ class Changes:
     operations: tuple[Operation, ...] = ()
 
     def apply(self, ds: Dataset) -> None:
-        """Apply every operation to ``ds`` (mutated in place)."""
+        """Apply every operation to ``ds`` (mutated in place).
+
+        A value the data set's Specific Character Set cannot hold ("Müller" in a
+        data set in the default repertoire, Cyrillic in one in ISO_IR 100) would be
+        written in another encoding than the one declared, and every reader after us
+        would show other characters. The data set is then turned into UTF-8 (ISO_IR
+        192) as a whole: its text decoded in the set it declares, (0008,0005)
+        replaced, and all of it written in UTF-8. Unless a rule sets (0008,0005)
+        itself: that is the rule writer's choice.
+        """
         for op in self.operations:
             op.apply(ds)
+        touched = {_target(op) for op in self.operations}
+        if SPECIFIC_CHARACTER_SET not in touched and not _holds(ds, touched):
+            ds.decode()  # every text value to str, read in the set declared until now
+            ds.SpecificCharacterSet = UTF8_CHARACTER_SET
 
     def describe(self) -> list[str]:
         """One human line per operation, e.g. ``set PatientName = 'ANON'``."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
 from rules import Changes, Decision, RemoveOp, SetOp
-from tests.rules.support import ASSOC, CT_SMALL, NOW, dataset, ruleset
+from tests.rules.support import ASSOC, CT_SMALL, NOW, TEST_FILES, dataset, ruleset
 
 
 def _changes(change: str, *, forward: str = '"pacs"') -> Changes:
@@ -192,3 +193,72 @@ def test_changes_on_a_real_file() -> None:
     assert ds.PatientName == "ANON"
     assert "PatientID" not in ds
     assert ds[0x00090010].value == "ACME_IDEN_01"
+
+
+# --- Specific Character Set (PS3.5 §6.1) ------------------------------------------------
+
+
+def _written(ds: Dataset) -> tuple[bytes, Dataset]:
+    """``ds`` as pydicom writes it (how a changed copy leaves the router), and read back."""
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue(), pydicom.dcmread(io.BytesIO(out.getvalue()))
+
+
+def test_a_value_outside_the_default_repertoire_turns_the_data_set_into_utf8() -> None:
+    # No (0008,0005): ASCII only. pydicom alone would write Latin-1 bytes that every
+    # reader decodes as something else.
+    raw, back = _written(_applied('set = { PatientName = "Müller^Jürgen" }', BASE))
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert "Müller^Jürgen".encode() in raw and "Müller".encode("latin-1") not in raw
+    assert back.PatientName == "Müller^Jürgen" and back.PatientID == "123"
+
+
+def test_a_value_the_declared_set_holds_keeps_it() -> None:
+    ds = dataset(SpecificCharacterSet="ISO_IR 100", PatientName="Doe^John")
+    raw, back = _written(_applied('set = { StudyDescription = "Schädel" }', ds))
+    assert back.SpecificCharacterSet == "ISO_IR 100"
+    assert "Schädel".encode("latin-1") in raw and back.StudyDescription == "Schädel"
+
+
+def test_ascii_values_add_no_character_set() -> None:
+    ds = _applied('set = { PatientName = "ANON", StudyDescription = "Head" }', BASE)
+    assert "SpecificCharacterSet" not in ds
+
+
+def test_a_real_latin1_file_given_cyrillic_keeps_its_french_names() -> None:
+    # chrFren.dcm is ISO_IR 100 with accented names; Cyrillic is not in Latin-1.
+    ds = pydicom.dcmread(TEST_FILES.parent / "charset_files" / "chrFren.dcm")
+    name = str(ds.PatientName)
+    assert ds.SpecificCharacterSet == "ISO_IR 100" and not name.isascii()
+    _changes('set = { StudyDescription = "Москва" }').apply(ds)
+    raw, back = _written(ds)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert str(back.PatientName) == name and back.StudyDescription == "Москва"
+    assert name.encode() in raw and name.encode("latin-1") not in raw
+
+
+def test_replace_and_copy_are_fitted_too() -> None:
+    ds = dataset(PatientName="Doe^John", StudyDescription="Kopf")
+    changed = _applied('replace = { StudyDescription = { pattern = "Kopf", with = "Schädel" } }',
+                       ds)
+    assert changed.SpecificCharacterSet == "ISO_IR 192"
+    nested = dataset(SpecificCharacterSet="ISO_IR 144", StudyDescription="Москва")
+    copied = _applied('copy = { StudyDescription = "SeriesDescription" }', nested)
+    assert copied.SpecificCharacterSet == "ISO_IR 144"  # the source's set holds it
+
+
+def test_a_rule_that_sets_the_character_set_is_left_alone() -> None:
+    ds = _applied('set = { SpecificCharacterSet = "ISO_IR 100", PatientName = "Müller" }', BASE)
+    assert ds.SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_a_character_set_pydicom_does_not_know_is_converted() -> None:
+    ds = dataset(SpecificCharacterSet="ISO_IR 999", PatientName="Doe^John")
+    with pytest.warns(UserWarning, match="Unknown encoding 'ISO_IR 999'"):
+        changed = _applied('set = { PatientName = "Müller" }', ds)
+    assert changed.SpecificCharacterSet == "ISO_IR 192"

@@ -664,3 +664,37 @@ def test_status_counts_stored_and_forwarded_instances(tmp_path: Path, procs: Pro
         assert total.split()[3:7] == ["5", "0", "5", "0"], total
     finally:
         router.stop()
+
+
+def test_a_changed_value_outside_the_character_set_arrives_readable(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """A rule that sets a name with umlauts and a description in Cyrillic: one instance
+    declares no Specific Character Set (ASCII), the other is pydicom's real-world
+    chrFren.dcm in ISO_IR 100 with accented names. What storescp writes is read by
+    DCMTK's dcmdump, converting to UTF-8 by the set each file declares: every value as
+    the rule and the modality wrote it. The router used to write Latin-1 bytes under no
+    declared set, and question marks for the Cyrillic."""
+    sink = storescp_server(tmp_path, procs, aet="PACS", args=["+B"], dcmtk=dcmtk)
+    plain = tmp_path / "plain.dcm"
+    make_ct(plain, size_kb=24, seed=1)
+    french = Path(pydicom.__file__).parent / "data" / "charset_files" / "chrFren.dcm"
+    name = str(pydicom.dcmread(french).PatientName)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n'
+        '[[rule.then.change]]\nset = { ReferringPhysicianName = "Müller^Jürgen", '
+        'StudyDescription = "Москва" }\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", sink.port, "PACS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        _send(dcmtk, router, "MOD1", [plain, french])
+        router.wait_count("forward pacs:", 2)
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): p for p in received_files(sink.outdir)}
+    assert sorted(got) == sorted(_uid(p) for p in (plain, french))
+    for source in (plain, french):
+        dump = dcmtk.run("dcmdump", "+U8", str(got[_uid(source)]))
+        assert dump.returncode == 0 and "W:" not in dump.stderr, dump.stderr
+        assert "[Müller^Jürgen]" in dump.stdout and "[Москва]" in dump.stdout, dump.stdout
+    assert f"[{name}]" in dcmtk.run("dcmdump", "+U8", str(got[_uid(french)])).stdout
