@@ -53,7 +53,7 @@ from typing import Any
 
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
-from router.dicom.dataset import decode_dataset
+from router.dicom.dataset import InstanceIdentity, decode_dataset
 from router.dicom.errors import ProtocolError
 from router.dicom.events import (
     NEED_DATA,
@@ -230,6 +230,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._idle_since = 0.0  # loop time of the last whole PDU
         self._closed = False
         self._store_error = 0  # DIMSE status if the spool failed mid instance
+        # Whether the data set being stored is the instance its command names.
+        self._identity: InstanceIdentity | None = None
         # A C-FIND/C-MOVE whose identifier is arriving: (context, request, parts, size).
         self._query: tuple[NegotiatedContext, Any, list[bytes], int] | None = None
         # The C-FIND, C-MOVE or C-GET being answered by upstreams.
@@ -482,6 +484,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                         self._who(), msg.affected_sop_class_uid, ctx.abstract_syntax)
             self._writer = None
             return
+        self._identity = InstanceIdentity(ctx.transfer_syntax, msg.affected_sop_class_uid,
+                                          msg.affected_sop_instance_uid)
         try:
             self._writer = self.spool.begin(
                 sop_class_uid=msg.affected_sop_class_uid,
@@ -498,6 +502,12 @@ class AssociationActor(asyncio.BufferedProtocol):
     def _store_fragments(self, run: list[DataReceived]) -> None:
         """Consecutive fragments of one data set: one write, then the last's handling."""
         writer = self._writer
+        identity = self._identity
+        if identity is not None:
+            for e in run[:-1]:
+                if identity.status is not None:
+                    break
+                identity.feed(e.data, last=False)
         if writer is not None and not self._store_error:
             try:
                 writer.write_many([e.data for e in run[:-1]])
@@ -510,6 +520,8 @@ class AssociationActor(asyncio.BufferedProtocol):
 
     def _store_data(self, event: DataReceived) -> None:
         writer = self._writer
+        if self._identity is not None:
+            self._identity.feed(event.data, last=event.last)
         if writer is not None and not self._store_error:
             try:
                 writer.write(event.data)
@@ -525,9 +537,19 @@ class AssociationActor(asyncio.BufferedProtocol):
         ctx, msg = self._store
         self._store = None
         writer, self._writer = self._writer, None
+        identity, self._identity = self._identity, None
         if writer is None:
             status = self._store_error or dimse.SOP_CLASS_NOT_SUPPORTED
             self._store_respond(ctx, msg, status, None, 0)
+            return
+        if identity is not None and identity.status:
+            # PS3.4 B.2.3: not the instance the command names, or not a data set.
+            size = writer.bytes_written
+            writer.abort()
+            log.warning("association %s C-STORE %s refused: %s", self._who(),
+                        msg.affected_sop_instance_uid, identity.reason)
+            self._store_respond(ctx, msg, identity.status, None, size,
+                                comment=identity.reason)
             return
         size = writer.bytes_written
         self._busy = True
@@ -932,6 +954,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._writer.abort()
             self._writer = None
         self._store = None
+        self._identity = None
 
     # ----------------------------------------------------------------- output
 

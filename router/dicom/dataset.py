@@ -28,6 +28,7 @@ Everything malformed raises :class:`~router.dicom.errors.DIMSEError`.
 from __future__ import annotations
 
 import array
+import functools
 import io
 import os
 import struct
@@ -60,6 +61,7 @@ from router.dicom.uids import (
 
 __all__ = [
     "HeaderIncomplete",
+    "InstanceIdentity",
     "Part10",
     "PathOrBytes",
     "decode_dataset",
@@ -718,6 +720,102 @@ def read_top_level(
     _skip_elements(view, 0, implicit=implicit, little=little, depth=0,
                    top=(tags, last, found))
     return found
+
+
+_SOP_CLASS_UID: Final = 0x00080016
+_SOP_INSTANCE_UID: Final = 0x00080018
+_IDENTITY_TAGS: Final = frozenset((_SOP_CLASS_UID, _SOP_INSTANCE_UID))
+#: How much of a data set's start :class:`InstanceIdentity` keeps looking for its UIDs.
+#: They are in group 0008, before anything big but a rare Language Code Sequence.
+IDENTITY_SEARCH_BYTES: Final = 64 * 1024
+
+
+@functools.cache
+def _identity_encoding(transfer_syntax: str) -> tuple[bool, bool] | None:
+    """(implicit, little) for a transfer syntax whose data set can be walked as it
+    arrives; None for deflated ones and those pydicom does not know."""
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    if not uid.is_transfer_syntax or uid.is_deflated:
+        return None
+    return uid.is_implicit_VR, uid.is_little_endian
+
+
+class InstanceIdentity:
+    """Whether a C-STORE's data set is the instance its command names, decided from the
+    data set's first bytes while the rest still arrives.
+
+    PS3.4 B.2.3: a data set whose SOP Class UID (0008,0016) or SOP Instance UID
+    (0008,0018) differs from the command's Affected SOP Class / Instance UID is
+    answered A900H (Data Set does not match SOP Class); one that does not parse, or
+    lacks them (both are Type 1 in the SOP Common Module, PS3.3 C.12.1), is answered
+    C000H (Cannot understand). DCMTK's storescp answers the same. Acknowledging such
+    a data set would have the router keep, and forward, what the sender did not mean.
+
+    ``status`` is None until decided, then 0 or the failure, with ``reason``. A data
+    set in a deflated or unknown transfer syntax, or whose UIDs are not within its
+    first :data:`IDENTITY_SEARCH_BYTES`, is let through (0): it cannot be told here.
+    """
+
+    __slots__ = ("_head", "_implicit", "_little", "reason", "sop_class_uid",
+                 "sop_instance_uid", "status")
+
+    def __init__(self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> None:
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.reason = ""
+        self._head: bytearray | None = None
+        encoding = _identity_encoding(transfer_syntax)
+        self.status: int | None = None if encoding is not None else 0
+        self._implicit, self._little = encoding or (False, True)
+
+    def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
+        """The next fragment of the data set (``last``: the data set ends with it)."""
+        if self.status is not None:
+            return
+        if self._head is None:
+            buf: bytes | bytearray | memoryview = data  # the usual case: no copy
+        else:
+            self._head += data
+            buf = self._head
+        found: dict[int, tuple[str | None, bytes]] = {}
+        try:
+            end = _skip_elements(memoryview(buf).cast("B"), 0, implicit=self._implicit,
+                                 little=self._little, depth=0,
+                                 top=(_IDENTITY_TAGS, _SOP_INSTANCE_UID, found))
+            if end == len(buf) and not last and len(found) < 2:
+                raise HeaderIncomplete  # the fragment ended before the walk got past them
+        except HeaderIncomplete:
+            if last:
+                self._fail(_CANNOT_UNDERSTAND, "the data set ends inside an element")
+            elif len(buf) >= IDENTITY_SEARCH_BYTES:
+                self.status = 0
+                self._head = None
+            elif self._head is None:
+                self._head = bytearray(data)
+            return
+        except (DIMSEError, ValueError) as exc:
+            self._fail(_CANNOT_UNDERSTAND, f"the data set does not parse: {exc}")
+            return
+        self._head = None
+        sop_class, sop_instance = (
+            found[tag][1].rstrip(b"\0 ").decode("ascii", "replace") if tag in found else None
+            for tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID))
+        if sop_class is None or sop_instance is None:
+            missing = "SOP Class UID" if sop_class is None else "SOP Instance UID"
+            self._fail(_CANNOT_UNDERSTAND, f"the data set has no {missing}")
+        elif sop_class != self.sop_class_uid:
+            self._fail(_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                       f"the data set's SOP Class UID is {sop_class}")
+        elif sop_instance != self.sop_instance_uid:
+            self._fail(_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                       f"the data set's SOP Instance UID is {sop_instance}")
+        else:
+            self.status = 0
+
+    def _fail(self, status: int, reason: str) -> None:
+        self.status, self.reason, self._head = status, reason, None
 
 
 def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int,

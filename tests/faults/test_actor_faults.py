@@ -323,3 +323,64 @@ def test_a_peer_sending_requests_is_not_idle(idle_server: LoopServer) -> None:
     assert read_pdu(sock)[0] == 0x06
     sock.close()
     assert idle_server.wait_closed(1)[0].stats.outcome == "released"
+
+
+def _data_set(**elements: object) -> bytes:
+    """A data set in Implicit VR Little Endian, by pydicom."""
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    body = BytesIO()
+    write_dataset(_fp(body), ds)
+    return body.getvalue()
+
+
+def _error_comment(body: bytes) -> str:
+    from pydicom.filereader import read_dataset
+    ds = read_dataset(BytesIO(body[6:]), is_implicit_VR=True, is_little_endian=True)
+    return str(ds.get("ErrorComment", ""))
+
+
+@pytest.mark.parametrize(("data", "status", "comment"), [
+    pytest.param(_data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.999", PatientID="X"),
+                 0xA900, "the data set's SOP Instance UID is 1.2.3.999", id="other instance"),
+    pytest.param(_data_set(SOPClassUID="1.2.840.10008.5.1.4.1.1.4", SOPInstanceUID="1.2.3.7"),
+                 0xA900, "the data set's SOP Class UID is 1.2.840.10008.5.1.4.1.1.4",
+                 id="other class"),
+    pytest.param(_data_set(PatientID="X", PatientName="NO^UIDS"), 0xC000,
+                 "the data set has no SOP Class UID", id="no uids"),
+    pytest.param(b"%PDF-1.4 this is not a data set" * 40, 0xC000, "the data set ",
+                 id="garbage"),
+    pytest.param(b"\x08\x00\x16\x00\xff\x00\x00\x00" + b"1.2" * 8, 0xC000,
+                 "the data set ends inside an element", id="truncated"),
+])
+def test_a_data_set_that_is_not_the_instance_named_is_refused(
+        server: LoopServer, no_tracebacks: None, data: bytes, status: int,
+        comment: str) -> None:
+    """PS3.4 B.2.3, as DCMTK's storescp answers: a data set naming another instance or
+    SOP class is A900H, one that is no data set or lacks the UIDs C000H; nothing of it
+    is kept. The association goes on: the next, good, instance is stored."""
+    sock = associated(server.port, abstract=CT)
+    store = command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=1, Priority=0,
+                    CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.7")
+    sock.sendall(p_data(store) + p_data(data[:20], is_command=False, last=False)
+                 + p_data(data[20:], is_command=False))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04 and response_status(body) == status
+    assert _error_comment(body).startswith(comment), _error_comment(body)
+    good = _data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.8", PatientID="OK")
+    sock.sendall(p_data(command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=2,
+                                Priority=0, CommandDataSetType=0x0000,
+                                AffectedSOPInstanceUID="1.2.3.8"))
+                 + p_data(good, is_command=False))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04 and response_status(body) == 0x0000
+    sock.sendall(RELEASE_RQ)
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()
+    actor = server.wait_closed(1)[0]
+    assert actor.stats.instances == 1 and actor.stats.failed == 1
+    stored = sorted((server.spool.root / "incoming").iterdir())
+    assert len(stored) == 1 and stored[0].read_bytes().endswith(good)
+    assert [p.name for p in (server.spool.root / "tmp").iterdir()
+            if p.stat().st_size] == []

@@ -22,8 +22,9 @@ import pydicom
 import pytest
 
 from router.dicom.dataset import read_part10_header
+from tests.helpers import Procs
 from tests.helpers.data import make_ct, make_study
-from tests.helpers.dcmtk import Dcmtk, dcmtk_env
+from tests.helpers.dcmtk import Dcmtk, dcmtk_env, storescp_server
 from tests.helpers.router import Router, leftovers
 from workers.spool import FRESH_SPARES
 
@@ -508,3 +509,43 @@ def test_a_connection_reset_before_it_is_served_is_logged_with_its_peer(
     router.wait_count(" closed: ", 20)
     closed = [line for line in router.lines[at:] if " closed: " in line]
     assert closed and not [line for line in closed if "?:0" in line], closed
+
+
+def test_a_data_set_naming_another_instance_is_refused_like_storescp_does(
+        router: Router, procs: Procs, dcmtk: Dcmtk, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom, sending a file chunked from its path (_config.STORE_SEND_CHUNKED_DATASET),
+    takes the UIDs of its command from the file meta. A file
+    whose data set was given another SOP Instance UID after its meta was written (an
+    editing tool's slip) reaches DCMTK's storescp and the router alike: both answer
+    A900H (PS3.4 B.2.3), and the router keeps nothing of it. The consistent file sent
+    after it on the same association is stored byte for byte."""
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import CTImageStorage
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    good, edited = tmp_path / "good.dcm", tmp_path / "edited.dcm"
+    make_ct(good, size_kb=24, seed=1)
+    make_ct(edited, size_kb=24, seed=2)
+    ds = pydicom.dcmread(edited)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()  # the meta keeps the old one
+    ds.save_as(edited)
+    assert pydicom.dcmread(edited).file_meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+    sink = storescp_server(tmp_path, procs, aet="STORESCP", dcmtk=dcmtk)
+    ae = AE(ae_title="EDITOR")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)  # as stored
+    answers = {}
+    for name, port, called in (("storescp", sink.port, "STORESCP"),
+                               ("router", router.port, "ROUTER")):
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established
+        try:
+            answers[name] = [int(assoc.send_c_store(path).Status) for path in (edited, good)]
+        finally:
+            assoc.release()
+    assert answers == {"storescp": [0xA900, 0x0000], "router": [0xA900, 0x0000]}
+    router.wait_for("refused: the data set's SOP Instance UID is " + ds.SOPInstanceUID)
+    spooled = _spooled(router)
+    assert [read_part10_header(p).sop_instance_uid for p in spooled] == \
+        [read_part10_header(good).sop_instance_uid]
+    assert spooled[0].read_bytes().endswith(_dataset(good))
