@@ -56,17 +56,23 @@ def associate_rq(called: str = "ROUTER", abstract: str = VERIFICATION, *,
     return struct.pack(">BBI", 1, 0, len(body)) + body
 
 
+def _data_set(**elements: object) -> bytes:
+    """A data set in Implicit VR Little Endian, by pydicom."""
+    ds = Dataset()
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    body = BytesIO()
+    write_dataset(_fp(body), ds)
+    return body.getvalue()
+
+
 RELEASE_RQ = struct.pack(">BBI", 5, 0, 4) + bytes(4)
 ABORT = struct.pack(">BBI", 7, 0, 4) + bytes(4)
 
 
 def command(**elements: object) -> bytes:
     """A command set (PS3.7 6.3.1) in Implicit VR Little Endian, by pydicom."""
-    ds = Dataset()
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    body = BytesIO()
-    write_dataset(_fp(body), ds)
+    body = BytesIO(_data_set(**elements))
     group = Dataset()
     group.CommandGroupLength = len(body.getvalue())
     head = BytesIO()
@@ -323,16 +329,6 @@ def test_a_peer_sending_requests_is_not_idle(idle_server: LoopServer) -> None:
     assert read_pdu(sock)[0] == 0x06
     sock.close()
     assert idle_server.wait_closed(1)[0].stats.outcome == "released"
-
-
-def _data_set(**elements: object) -> bytes:
-    """A data set in Implicit VR Little Endian, by pydicom."""
-    ds = Dataset()
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    body = BytesIO()
-    write_dataset(_fp(body), ds)
-    return body.getvalue()
 
 
 def _error_comment(body: bytes) -> str:
