@@ -116,8 +116,6 @@ MAX_IDENTIFIER = 1 << 20
 # Largest data set whose routing (reading the attributes rules need) runs on the loop;
 # bigger ones are routed on the commit thread.
 LOOP_ROUTING_MAX_BYTES = 4 << 20
-# C-FIND failure "Unable to process" (PS3.4 C.4.1.1.4: Cxxx).
-UNABLE_TO_PROCESS = 0xC001
 
 
 
@@ -782,7 +780,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND, f"identifier does not decode: {exc}")
             return
         if dispatcher is None:
-            self._refuse(ctx, msg, UNABLE_TO_PROCESS, "no retrieve rule matches this request")
+            self._refuse(ctx, msg, dimse.UNABLE_TO_PROCESS, "no retrieve rule matches this request")
             return
         config = dispatcher.router.config
         # PS3.4 C.4.2.1.5: the destination must be known here, not only upstream.
@@ -799,7 +797,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         if not decision.upstreams:
             log.info("association %s: %s %d refused: no retrieve rule matches",
                      self._who(), _operation_name(msg), msg.message_id)
-            self._refuse(ctx, msg, UNABLE_TO_PROCESS, "no retrieve rule matches this request")
+            self._refuse(ctx, msg, dimse.UNABLE_TO_PROCESS, "no retrieve rule matches this request")
             return
         upstream = config.destination(decision.upstreams[0])
         level = str(identifier.get("QueryRetrieveLevel", "")).strip() or "?"
@@ -899,7 +897,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         if decision is None or not decision.upstreams:
             log.info("association %s: C-FIND %d refused: no query rule matches",
                      self._who(), msg.message_id)
-            self._find_respond(ctx, msg, UNABLE_TO_PROCESS, None,
+            self._find_respond(ctx, msg, dimse.UNABLE_TO_PROCESS, None,
                                "no query rule matches this query")
             return
         assert dispatcher is not None

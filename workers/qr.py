@@ -190,7 +190,7 @@ class FindProxy(_Relayed):
                                    ctx.transfer_syntax)
             if self.cancelled:
                 return dimse.CANCEL, ""
-            final = (dimse.PROCESSING_FAILURE, f"{destination.name}: no final response")
+            final = (dimse.UNABLE_TO_PROCESS, f"{destination.name}: no final response")
             async for rsp, data in assoc.find(ctx, identifier, priority=self.priority):
                 if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
                     if data is not None:
@@ -198,6 +198,11 @@ class FindProxy(_Relayed):
                     continue
                 final = (int(rsp.status), rsp.error_comment or
                          f"{destination.name} answered 0x{int(rsp.status):04X}")
+                if final[0] == dimse.CANCEL and not self.cancelled:
+                    # Cancel answers a C-CANCEL (PS3.4 C.4.1.1.4); unasked, the
+                    # upstream stopped short and its matches may be incomplete.
+                    final = (dimse.UNABLE_TO_PROCESS,
+                             f"{destination.name} answered Cancel to a query not cancelled")
             await assoc.release()
             return final
         except OutboundError as exc:

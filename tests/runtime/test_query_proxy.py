@@ -626,3 +626,37 @@ def test_pynetdicom_find_and_move_through_the_router(tmp_path: Path, procs: Proc
     finally:
         router.stop()
     assert sorted(_uid(p) for p in received_files(sink.outdir)) == sorted(_uid(p) for p in study)
+
+
+def test_an_upstream_that_cancels_unasked_is_a_failure(tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """An upstream ending a query with Cancel (FE00H) that nobody cancelled stopped
+    short: findscu gets its match and then a failure saying so, not Success (which is
+    what the router used to answer, as if the list were complete)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    def on_find(event: Any) -> Any:
+        match = pydicom.Dataset()
+        match.QueryRetrieveLevel = "STUDY"
+        match.StudyInstanceUID = "1.2.3.1"
+        yield 0xFF00, match
+        yield 0xFE00, None
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S",
+                               "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                               "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        said = done.stdout + done.stderr
+        assert "1.2.3.1" in said and "Failed: UnableToProcess" in said, said
+        router.wait_for("pacs answered Cancel to a query not cancelled")
+    finally:
+        router.stop()
+        server.shutdown()
