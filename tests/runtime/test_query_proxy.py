@@ -8,6 +8,7 @@ the router must be what it gets from Orthanc directly.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,19 @@ def _router_to(tmp_path: Path, rules: str, port: int, aet: str, *, name: str = "
         '[routing]\nrules = "rules.toml"\n'
         f'[[destination]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'
         f'ae_title = "{aet}"\n{more}'))
+
+
+def _find_scp(ae_title: str, on_find: Callable[[Any], Any]) -> tuple[int, Any]:
+    """A pynetdicom Study Root C-FIND SCP on a free loopback port answering with
+    ``on_find``: (its port, its server, to shut down)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    pacs = AE(ae_title=ae_title)
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    return port, pacs.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_FIND, on_find)])
 
 
 QUERY_ALL = '[[rule]]\nname = "all queries"\n[rule.then]\nquery = ["pacs"]\n'
@@ -131,8 +145,6 @@ def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk) -> None:
     import threading
     import time
 
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
     cancelled = threading.Event()
     sent = {"n": 0}
@@ -151,11 +163,7 @@ def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk) -> None:
             time.sleep(0.005)
         yield 0x0000, None
 
-    pacs = AE(ae_title="PACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    port, server = _find_scp("PACS", on_find)
     router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
@@ -405,9 +413,6 @@ def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
         tmp_path: Path) -> None:
     import threading
 
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-
     from router.net.client import connect
 
     release = threading.Event()
@@ -416,11 +421,7 @@ def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
         release.wait(30)  # a PACS that hangs
         yield 0x0000, None
 
-    pacs = AE(ae_title="SLOWPACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    port, server = _find_scp("SLOWPACS", on_find)
     (tmp_path / "rules.toml").write_text(QUERY_ALL)
     # Appended to the router's [timeouts] table by the Router helper.
     router = Router(tmp_path, extra=(
@@ -632,8 +633,6 @@ def test_an_upstream_that_cancels_unasked_is_a_failure(tmp_path: Path, dcmtk: Dc
     """An upstream ending a query with Cancel (FE00H) that nobody cancelled stopped
     short: findscu gets its match and then a failure saying so, not Success (which is
     what the router used to answer, as if the list were complete)."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
     def on_find(event: Any) -> Any:
         match = pydicom.Dataset()
@@ -642,11 +641,7 @@ def test_an_upstream_that_cancels_unasked_is_a_failure(tmp_path: Path, dcmtk: Dc
         yield 0xFF00, match
         yield 0xFE00, None
 
-    pacs = AE(ae_title="PACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    port, server = _find_scp("PACS", on_find)
     router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
