@@ -122,12 +122,29 @@ def _read(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def response(body: bytes) -> Dataset:
+    """The command set in a P-DATA-TF's only PDV."""
+    from pydicom.filereader import read_dataset
+    return read_dataset(BytesIO(body[6:]), is_implicit_VR=True, is_little_endian=True)
+
+
 def response_status(body: bytes) -> int:
     """The Status (0000,0900) of the command set in a P-DATA-TF's only PDV."""
-    from pydicom.filereader import read_dataset
-    data = body[6:]
-    ds = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
-    return int(ds.Status)
+    return int(response(body).Status)
+
+
+def store_rq(message_id: int, sop_instance_uid: str, *, with_data_set: bool = True) -> bytes:
+    """A C-STORE-RQ command set for a CT instance (PS3.7 9.3.1.1)."""
+    return command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=message_id,
+                   Priority=0, CommandDataSetType=0x0000 if with_data_set else 0x0101,
+                   AffectedSOPInstanceUID=sop_instance_uid)
+
+
+def released(sock: socket.socket) -> None:
+    """Release the association (A-RELEASE-RQ, RP expected) and close the socket."""
+    sock.sendall(RELEASE_RQ)
+    assert read_pdu(sock)[0] == 0x06
+    sock.close()
 
 
 @pytest.fixture
@@ -176,8 +193,7 @@ def test_an_invalid_request_is_answered_and_the_association_goes_on(
     """PS3.7 Annex C: a command set the router cannot use still gets a response."""
     sock = associated(server.port, abstract=CT)
     # A C-STORE whose SOP Instance UID is not a UID (DCMTK sends these as given).
-    bad = command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=7, Priority=0,
-                  CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4a")
+    bad = store_rq(7, "1.2.3.4a")
     sock.sendall(p_data(bad) + p_data(b"\x08\x00\x18\x00\x00\x00\x00\x00", is_command=False))
     kind, body = read_pdu(sock)
     assert kind == 0x04
@@ -190,9 +206,7 @@ def test_an_invalid_request_is_answered_and_the_association_goes_on(
     sock.sendall(p_data(echo))
     kind, body = read_pdu(sock)
     assert kind == 0x04 and response_status(body) == 0x0122
-    sock.sendall(RELEASE_RQ)
-    assert read_pdu(sock)[0] == 0x06
-    sock.close()
+    released(sock)
     assert server.wait_closed(1)[0].stats.instances == 0
 
 
@@ -213,14 +227,10 @@ def test_c_store_without_a_data_set_is_refused_and_leaks_nothing(
     fds = len(os.listdir("/proc/self/fd"))
     sock = associated(server.port, abstract=CT)
     for mid in range(1, 201):
-        sock.sendall(p_data(command(AffectedSOPClassUID=CT, CommandField=0x0001,
-                                    MessageID=mid, Priority=0, CommandDataSetType=0x0101,
-                                    AffectedSOPInstanceUID=f"1.2.3.{mid}")))
+        sock.sendall(p_data(store_rq(mid, f"1.2.3.{mid}", with_data_set=False)))
         kind, body = read_pdu(sock)
         assert kind == 0x04 and response_status(body) == 0xC000
-    sock.sendall(RELEASE_RQ)
-    assert read_pdu(sock)[0] == 0x06
-    sock.close()
+    released(sock)
     actor = server.wait_closed(1)[0]
     assert actor.stats.instances == 0 and actor.stats.failed == 200
     assert len(os.listdir("/proc/self/fd")) <= fds + 2  # the loop's own, give or take
@@ -325,16 +335,8 @@ def test_a_peer_sending_requests_is_not_idle(idle_server: LoopServer) -> None:
         sock.sendall(p_data(ECHO_RQ))
         assert read_pdu(sock)[0] == 0x04
         time.sleep(0.4)
-    sock.sendall(RELEASE_RQ)
-    assert read_pdu(sock)[0] == 0x06
-    sock.close()
+    released(sock)
     assert idle_server.wait_closed(1)[0].stats.outcome == "released"
-
-
-def _error_comment(body: bytes) -> str:
-    from pydicom.filereader import read_dataset
-    ds = read_dataset(BytesIO(body[6:]), is_implicit_VR=True, is_little_endian=True)
-    return str(ds.get("ErrorComment", ""))
 
 
 @pytest.mark.parametrize(("data", "status", "comment"), [
@@ -357,23 +359,17 @@ def test_a_data_set_that_is_not_the_instance_named_is_refused(
     SOP class is A900H, one that is no data set or lacks the UIDs C000H; nothing of it
     is kept. The association goes on: the next, good, instance is stored."""
     sock = associated(server.port, abstract=CT)
-    store = command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=1, Priority=0,
-                    CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.7")
-    sock.sendall(p_data(store) + p_data(data[:20], is_command=False, last=False)
+    sock.sendall(p_data(store_rq(1, "1.2.3.7")) + p_data(data[:20], is_command=False, last=False)
                  + p_data(data[20:], is_command=False))
     kind, body = read_pdu(sock)
     assert kind == 0x04 and response_status(body) == status
-    assert _error_comment(body).startswith(comment), _error_comment(body)
+    said = str(response(body).get("ErrorComment", ""))
+    assert said.startswith(comment), said
     good = _data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.8", PatientID="OK")
-    sock.sendall(p_data(command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=2,
-                                Priority=0, CommandDataSetType=0x0000,
-                                AffectedSOPInstanceUID="1.2.3.8"))
-                 + p_data(good, is_command=False))
+    sock.sendall(p_data(store_rq(2, "1.2.3.8")) + p_data(good, is_command=False))
     kind, body = read_pdu(sock)
     assert kind == 0x04 and response_status(body) == 0x0000
-    sock.sendall(RELEASE_RQ)
-    assert read_pdu(sock)[0] == 0x06
-    sock.close()
+    released(sock)
     actor = server.wait_closed(1)[0]
     assert actor.stats.instances == 1 and actor.stats.failed == 1
     stored = sorted((server.spool.root / "incoming").iterdir())

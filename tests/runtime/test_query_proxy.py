@@ -90,6 +90,14 @@ def _findscu(dcmtk: Dcmtk, port: int, aec: str, out: Path, *args: str) -> list[d
     return sorted(matches, key=lambda m: sorted(m.items()))
 
 
+def _findscu_said(dcmtk: Dcmtk, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """findscu -v at study root as VIEWER to the router on ``port``, with ``args`` (keys,
+    options); what it said is in stdout and stderr."""
+    return subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S", *args,
+                           "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60, env=dcmtk_env())
+
+
 LEVELS = [
     pytest.param(["-P", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID",
                   "-k", "PatientName"], id="patient"),
@@ -128,10 +136,8 @@ def test_query_without_a_matching_rule_is_refused(tmp_path: Path, dcmtk: Dcmtk,
                      '[rule.then]\nquery = ["pacs"]\n')
     try:
         router.wait_for("ready: 2 workers serving")
-        done = subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S",
-                               "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
-                               "127.0.0.1", str(router.port)],
-                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        done = _findscu_said(dcmtk, router.port, "-k", "QueryRetrieveLevel=STUDY",
+                             "-k", "StudyInstanceUID")
         assert "Failed: UnableToProcess" in done.stdout + done.stderr, done.stdout + done.stderr
         router.wait_for("no query rule matches")
     finally:
@@ -167,10 +173,8 @@ def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk) -> None:
     router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
-        done = subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S",
-                               "--cancel", "1", "-k", "QueryRetrieveLevel=IMAGE",
-                               "-k", "SOPInstanceUID", "127.0.0.1", str(router.port)],
-                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        done = _findscu_said(dcmtk, router.port, "--cancel", "1",
+                             "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID")
         assert done.returncode == 0, done.stdout + done.stderr
         router.wait_for("C-CANCEL of C-FIND")
         router.wait_for("status 0xFE00")
@@ -645,10 +649,8 @@ def test_an_upstream_that_cancels_unasked_is_a_failure(tmp_path: Path, dcmtk: Dc
     router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
-        done = subprocess.run([dcmtk.findscu, "-v", "-aet", "VIEWER", "-aec", "ROUTER", "-S",
-                               "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
-                               "127.0.0.1", str(router.port)],
-                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        done = _findscu_said(dcmtk, router.port, "-k", "QueryRetrieveLevel=STUDY",
+                             "-k", "StudyInstanceUID")
         said = done.stdout + done.stderr
         assert "1.2.3.1" in said and "Failed: UnableToProcess" in said, said
         router.wait_for("pacs answered Cancel to a query not cancelled")
