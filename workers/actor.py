@@ -540,16 +540,15 @@ class AssociationActor(asyncio.BufferedProtocol):
             status = self._store_error or dimse.SOP_CLASS_NOT_SUPPORTED
             self._store_respond(ctx, msg, status, None, 0)
             return
+        size = writer.bytes_written
         if identity is not None and identity.status:
             # PS3.4 B.2.3: not the instance the command names, or not a data set.
-            size = writer.bytes_written
             writer.abort()
             log.warning("association %s C-STORE %s refused: %s", self._who(),
                         msg.affected_sop_instance_uid, identity.reason)
             self._store_respond(ctx, msg, identity.status, None, size,
                                 comment=identity.reason)
             return
-        size = writer.bytes_written
         self._busy = True
         dispatcher = self._dispatcher()
         route: Callable[[SpoolWriter, Path], Placement] | Placement | None = None

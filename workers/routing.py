@@ -40,11 +40,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.tag import Tag
-from pydicom.uid import UID
 
 from router.config import Config
 from router.dicom import dimse
-from router.dicom.dataset import HeaderIncomplete, read_top_level
+from router.dicom.dataset import HeaderIncomplete, read_top_level, walkable_encoding
 from router.dicom.errors import ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
@@ -166,10 +165,10 @@ def read_header(path: Path, transfer_syntax: str, offset: int,
     for ``dcmread(stop_before_pixels=True, specific_tags=...)``, which still runs
     every element before them through pydicom's generator.
     """
-    uid = UID(transfer_syntax)
-    if not uid.is_transfer_syntax or uid.is_deflated:
+    encoding = walkable_encoding(transfer_syntax)
+    if encoding is None:
         return None
-    implicit, little = uid.is_implicit_VR, uid.is_little_endian
+    implicit, little = encoding
     size = _HEAD
     with open(path, "rb") as fh:
         while True:

@@ -71,6 +71,7 @@ __all__ = [
     "read_part10_header",
     "read_top_level",
     "transcode",
+    "walkable_encoding",
 ]
 
 # DIMSE statuses used here (PS3.7 Annex C, PS3.4 B.2.3); kept local so this
@@ -731,9 +732,9 @@ IDENTITY_SEARCH_BYTES: Final = 64 * 1024
 
 
 @functools.cache
-def _identity_encoding(transfer_syntax: str) -> tuple[bool, bool] | None:
-    """(implicit, little) for a transfer syntax whose data set can be walked as it
-    arrives; None for deflated ones and those pydicom does not know."""
+def walkable_encoding(transfer_syntax: str) -> tuple[bool, bool] | None:
+    """(implicit, little) for a transfer syntax whose data set :func:`read_top_level`
+    can walk as it is; None for deflated ones and those pydicom does not know."""
     from pydicom.uid import UID
 
     uid = UID(transfer_syntax)
@@ -766,7 +767,7 @@ class InstanceIdentity:
         self.sop_instance_uid = sop_instance_uid
         self.reason = ""
         self._head: bytearray | None = None
-        encoding = _identity_encoding(transfer_syntax)
+        encoding = walkable_encoding(transfer_syntax)
         self.status: int | None = None if encoding is not None else 0
         self._implicit, self._little = encoding or (False, True)
 
