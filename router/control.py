@@ -426,6 +426,15 @@ class Rescan(Message):
     died holding some, or ``dicom-router queue retry`` moved dead letters back)."""
 
 
+@_message("worker.gone")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerGone(Message):
+    """Supervisor -> workers: worker ``worker_id`` died (its replacement, if any,
+    comes later): what the others asked of it will not be answered."""
+
+    worker_id: int
+
+
 @_message("drain")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Drain(Message):

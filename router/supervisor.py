@@ -321,6 +321,7 @@ class Supervisor:
                     self.watched.discard(slot.channel)
                 slot.channel.close()
                 slot.channel = None
+            self._tell_workers(control.WorkerGone(worker_id=slot.worker_id))
             if self.draining_until is not None:
                 log.info("worker %d (pid %d) exited with %s", slot.worker_id, proc.pid, code)
                 continue

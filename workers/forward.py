@@ -13,6 +13,10 @@ sender tasks, each with at most one outbound association
   after the commit that made the file), by :meth:`scan` (start-up, restart of
   another worker, ``dicom-router queue retry``) and by :meth:`send_now`
   (transparent forwarding: no queue, the inbound C-STORE waits for the answer).
+  A worker whose ``share`` is 0 sends neither itself: queued files go to a
+  worker that has associations for the destination (``hand_off``), and so do
+  transparent sends (``relay``, answered with that worker's result), so that
+  the destination never sees more than ``concurrency`` associations.
 - A sender takes the oldest due instance and *claims* it: it opens the queued
   file and takes an exclusive, non-blocking open-file-description lock
   (``F_OFD_SETLK``) on one byte of it far beyond its end, at an offset derived
@@ -63,7 +67,7 @@ import random
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -158,15 +162,17 @@ class DestinationActor:
                  worker_id: int = 0, fsync: bool = True,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  hand_off: Callable[[str], None] | None = None,
+                 relay: Callable[[Path], Awaitable[tuple[int, str | None]]] | None = None,
                  rng: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
         self.spool = spool
-        # 0: this worker has no association of its own for this destination; what it
-        # queues goes to a worker that has (hand_off), and it only relays transparent
-        # sends itself.
+        # 0: this worker has no association of its own for this destination: what it
+        # queues goes to a worker that has (hand_off), and so do its transparent sends
+        # (relay), so that the destination never sees more than its concurrency.
         self.share = max(0, share)
         self.hand_off = hand_off
+        self.relay = relay
         self.worker_id = worker_id
         self.fsync = fsync
         self.on_event = on_event
@@ -258,14 +264,21 @@ class DestinationActor:
 
     async def send_now(self, path: Path) -> tuple[int, str | None]:
         """Send ``path`` at once, ahead of the queue; the destination's status
-        (or A700H and why, if it gave none). For transparent forwarding."""
+        (or A700H and why, if it gave none). For transparent forwarding: through a
+        worker that has associations for the destination when this one has none."""
+        if self.share == 0 and self.relay is not None:
+            return await self.relay(path)
+        return await self.send_here(path)
+
+    async def send_here(self, path: Path) -> tuple[int, str | None]:
+        """:meth:`send_now` over this worker's own associations."""
         future: asyncio.Future[tuple[int, str | None]] = \
             asyncio.get_running_loop().create_future()
         self._urgent.append(_Urgent(path, future))
         self._wake.set()
         if not self._senders:
             self.start()
-        if not self._senders:  # share 0: one sender for transparent sends only
+        if not self._senders:  # share 0 and no relay: one sender for transparent sends
             self._senders.append(asyncio.get_running_loop().create_task(
                 self._sender(0), name=f"forward-{self.name}-urgent"))
         return await future

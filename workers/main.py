@@ -41,7 +41,7 @@ import zmq.asyncio
 
 from router import control
 from router.config import Config, ConfigError
-from router.dicom import uids
+from router.dicom import dimse, uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
 from router.snapshot import Snapshot, SnapshotError
 from rules import RuleError, RuleSet
@@ -51,10 +51,10 @@ from workers.actor import (
     AssociationLogFilter,
     new_receive_buffer,
 )
-from workers.forward import DestinationActor
+from workers.forward import DestinationActor, transparent_failure_status
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter
-from workers.spool import GroupCommitter, RingCommitter, Spool
+from workers.spool import TMP_DIR, GroupCommitter, RingCommitter, Spool
 
 log = logging.getLogger("workers.main")
 
@@ -138,6 +138,9 @@ class Worker:
         # Relays in flight: our temporary actor id -> who asked (see _worker_actor).
         self.relays: dict[str, control.ActorAddress] = {}
         self.relay_ids = 0
+        # Transparent sends another worker makes for us (see _send_elsewhere): our
+        # temporary actor id -> (that worker, the answer).
+        self.sends_elsewhere: dict[str, tuple[int, asyncio.Future[tuple[int, str | None]]]] = {}
         self.hand_offs = 0
         self.generation = 0
         self.stopping = False
@@ -221,7 +224,8 @@ class Worker:
             forwarder = DestinationActor(destination, self.spool, share=share,
                                          worker_id=self.worker_id, fsync=self.config.fsync,
                                          on_event=self._forward_event,
-                                         hand_off=functools.partial(self._hand_off, name))
+                                         hand_off=functools.partial(self._hand_off, name),
+                                         relay=functools.partial(self._send_elsewhere, name))
             self.forwarders[name] = forwarder
             forwarder.start()
             forwarder.scan()
@@ -235,14 +239,81 @@ class Worker:
         less than the workers): tell a worker that has one about the new queue file,
         by actor message (D2). If that worker is away, the file waits in the queue
         and its replacement takes it up when it scans at start."""
-        d = self.config.destination(destination)
-        senders = min(d.concurrency, self.config.workers)
-        self.hand_offs += 1
-        target = 1 + self.hand_offs % senders
+        target = self._senders_of(destination)
         self._send_actor(control.ActorMessage.between(
             control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
             control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
             {"destination": destination, "name": name}))
+
+    def _senders_of(self, destination: str) -> int:
+        """Another worker with associations for ``destination`` (it has none here):
+        workers 1 to its ``concurrency`` have them (share_of), taken in turn."""
+        d = self.config.destination(destination)
+        self.hand_offs += 1
+        return 1 + self.hand_offs % min(d.concurrency, self.config.workers)
+
+    async def _send_elsewhere(self, destination: str, path: Path) -> tuple[int, str | None]:
+        """A transparent send for a destination this worker has no association for:
+        another worker that has one sends the held file (it is in the shared spool)
+        and answers with the destination's status, so the destination never sees
+        more associations than its ``concurrency``. If that worker dies first, the
+        supervisor says so (WorkerGone) and the sender is told to try again later."""
+        target = self._senders_of(destination)
+        self.relay_ids += 1
+        temp = f"send-{self.relay_ids}"
+        future: asyncio.Future[tuple[int, str | None]] = self.loop.create_future()
+        self.sends_elsewhere[temp] = (target, future)
+        message = control.ActorMessage.between(
+            control.ActorAddress(worker_id=self.worker_id, actor_id=temp),
+            control.ActorAddress(worker_id=target, actor_id="worker"), "send",
+            {"destination": destination, "path": str(path)})
+        try:
+            if control.route(message, self.worker_id) == "local":
+                self._deliver(message)  # a reload made this worker a sender meanwhile
+            else:
+                try:
+                    self.sockets.send_actor(message)
+                except control.ActorUnreachable as exc:
+                    return transparent_failure_status(), str(exc)
+            return await future
+        finally:
+            self.sends_elsewhere.pop(temp, None)
+
+    async def _send_for(self, message: control.ActorMessage) -> None:
+        """Another worker's transparent send (see _send_elsewhere), over our own
+        associations; its answer is the destination's status."""
+        forwarder = self.forwarders.get(str(message.body.get("destination")))
+        path = message.body.get("path")
+        comment: str | None
+        if forwarder is None:
+            status, comment = (transparent_failure_status(),
+                               f"destination {message.body.get('destination')} is gone")
+        elif not isinstance(path, str) or Path(path).parent != self.spool.root / TMP_DIR:
+            # Only a file held in the spool is ever sent for another worker.
+            status, comment = dimse.PROCESSING_FAILURE, f"not a held spool file: {path!r}"
+        else:
+            status, comment = await forwarder.send_here(Path(path))
+        self._send_actor(message.reply("sent", {"status": status, "comment": comment}))
+
+    def _sent_elsewhere(self, message: control.ActorMessage) -> None:
+        _, future = self.sends_elsewhere.pop(message.to_actor)
+        status, comment = message.body.get("status"), message.body.get("comment")
+        if future.done():
+            return
+        if message.kind == "sent" and isinstance(status, int) \
+                and (comment is None or isinstance(comment, str)):
+            future.set_result((status, comment))
+        else:
+            future.set_result((transparent_failure_status(),
+                               f"worker {message.from_worker} did not send it: "
+                               f"{message.body.get('reason', message.kind)}"))
+
+    def _worker_gone(self, worker_id: int) -> None:
+        for temp, (target, future) in list(self.sends_elsewhere.items()):
+            if target == worker_id and not future.done():
+                del self.sends_elsewhere[temp]
+                future.set_result((transparent_failure_status(),
+                                   f"worker {worker_id}, which was sending it, died"))
 
     def _rescan(self) -> None:
         for forwarder in self.forwarders.values():
@@ -420,6 +491,8 @@ class Worker:
         """Local delivery: a call into the actor (remote ones went over ZeroMQ)."""
         if message.to_actor == "worker":
             self._worker_actor(message)
+        elif message.to_actor in self.sends_elsewhere:
+            self._sent_elsewhere(message)
         elif message.to_actor in self.relays:
             asker = self.relays.pop(message.to_actor)
             self._send_actor(control.ActorMessage.between(
@@ -441,6 +514,8 @@ class Worker:
             name = message.body.get("name")
             if forwarder is not None and isinstance(name, str) and forwarder.share > 0:
                 forwarder.enqueue(name)
+        elif message.kind == "send":
+            self.loop.create_task(self._send_for(message))
         elif message.kind == "relay":
             target = message.body.get("to_worker")
             if not isinstance(target, int):
@@ -473,6 +548,8 @@ class Worker:
             self._reload(message.generation, Path(message.snapshot))
         elif isinstance(message, control.Rescan):
             self._rescan()
+        elif isinstance(message, control.WorkerGone):
+            self._worker_gone(message.worker_id)
 
     def _reload(self, generation: int, snapshot: Path) -> None:
         if generation <= self.generation:

@@ -7,6 +7,7 @@ test says so, Orthanc. Synchronised on the router's log lines, never on sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -391,6 +392,131 @@ def test_transparent_rule_answers_with_the_destination_status(tmp_path: Path) ->
     # Transparent means no spool: nothing kept anywhere, no temporary file left.
     spool = router.spool
     assert not list(spool.rglob("*.dcm")) and not leftovers(spool / "tmp")
+
+
+def test_transparent_sends_keep_to_the_destination_concurrency(tmp_path: Path,
+                                                                dcmtk: Dcmtk) -> None:
+    """concurrency = 1 holds for transparent sends from every worker: a PACS that takes
+    one association at a time (pynetdicom, maximum_associations = 1, rejects the
+    next) gets every instance over one association, whichever worker received it."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    lock = threading.Lock()
+    open_now, most, stored = [0], [0], set()
+
+    def opened(event: Any) -> None:
+        with lock:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+
+    def closed(event: Any) -> None:
+        with lock:
+            open_now[0] -= 1
+
+    def store(event: Any) -> int:
+        stored.add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.maximum_associations = 1
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_ACCEPTED, opened), (evt.EVT_RELEASED, closed), (evt.EVT_ABORTED, closed),
+        (evt.EVT_C_STORE, store)])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "live"\n[rule.then]\nforward = ["pacs"]\ntransparent = true\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", port, "PACS") + "concurrency = 1\n")
+    folders = []
+    for stream in range(4):
+        folders.append(tmp_path / f"data{stream}")
+        _study(folders[-1], 6, modality="CT", description="x", seed=stream + 1)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        senders = [subprocess.Popen(
+            [dcmtk.storescu, "-aet", f"MOD{n}", "-aec", "ROUTER", "127.0.0.1", str(router.port),
+             "--scan-directories", str(folder)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+            for n, folder in enumerate(folders)]
+        outputs = [sender.communicate(timeout=120)[0] for sender in senders]
+        router.wait_count("closed: released", 4)
+    finally:
+        router.stop()
+        server.shutdown()
+    assert [sender.returncode for sender in senders] == [0, 0, 0, 0], outputs
+    # Both workers served senders, and every instance got the destination's Success.
+    assert router.count("worker-1 workers.actor") and router.count("worker-2 workers.actor")
+    assert router.count("bytes status 0x0000") == 24, router.log()
+    assert stored == {_uid(p) for folder in folders for p in folder.iterdir()}
+    assert most[0] == 1
+
+
+def test_transparent_send_through_a_worker_killed_meanwhile_is_answered(
+        tmp_path: Path) -> None:
+    """The worker that sends a transparent C-STORE for another (concurrency = 1) is
+    killed while the destination holds the instance: the receiving worker answers the
+    sender A700H (try again later) at once, it does not wait for a reply that is gone."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    from router.net.client import connect
+
+    arrived, go_on = threading.Event(), threading.Event()
+
+    def store(event: Any) -> int:
+        arrived.set()
+        go_on.wait(60)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, store)])
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "live"\n[rule.then]\nforward = ["pacs"]\ntransparent = true\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", port, "PACS") + "concurrency = 1\n")
+    path = tmp_path / "ct.dcm"
+    make_ct(path, size_kb=8)
+    contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+    try:
+        router.wait_for("ready: 2 workers serving")
+        # Two associations: the listener gives them to different workers. The one on
+        # worker 2 (no association of its own for "pacs") sends the instance.
+        first = connect("127.0.0.1", router.port, calling_ae="MOD1", called_ae="ROUTER",
+                        contexts=contexts)
+        router.wait_for("MOD1->ROUTER")
+        second = connect("127.0.0.1", router.port, calling_ae="MOD2", called_ae="ROUTER",
+                         contexts=contexts)
+        router.wait_for("MOD2->ROUTER")
+        on_2 = any("worker-2 " in line and "MOD1->ROUTER" in line
+                   for line in router.log().splitlines())
+        sender, other = (first, second) if on_2 else (second, first)
+        answers: list[Any] = []
+        store_thread = threading.Thread(target=lambda: answers.append(sender.store(path)))
+        store_thread.start()
+        assert arrived.wait(30)  # worker 1 is sending it to the PACS
+        workers = router.status()["workers"]
+        assert isinstance(workers, list)
+        os.kill(int(next(w["pid"] for w in workers if w["worker_id"] == 1)), signal.SIGKILL)
+        store_thread.join(30)
+        assert answers, "no answer to the C-STORE"
+        assert answers[0].status == 0xA700
+        assert "worker 1, which was sending it, died" in (answers[0].error_comment or "")
+        sender.release()
+        with contextlib.suppress(OSError):  # it was on worker 1
+            other.abort()
+    finally:
+        go_on.set()
+        router.stop()
+        server.shutdown()
 
 
 def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
