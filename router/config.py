@@ -34,6 +34,10 @@ Every table and key is optional; an empty file is the embedded default::
     [[router.listen]]           # repeat the table for more addresses
     host = "0.0.0.0"            # default 0.0.0.0 (every IPv4 interface)
     port = 11112                # 1-65535, default 11112
+    tls = false                 # DICOM over TLS (PS3.15 Annex B); with tls = true:
+    # tls_cert = "router.pem"   #   our certificate (chain) and
+    # tls_key = "router.key"    #   its private key, PEM, both required;
+    # tls_ca = "peers.pem"      #   optional: peers must present a certificate from these CAs
 
     [acceptance]
     called_ae = ["DICOM-ROUTER", "ARCHIVE"]  # called AE titles answered; default
@@ -114,8 +118,10 @@ Decisions worth knowing:
   may not work, or when the path would exceed the 107 bytes a socket path allows.
 - ``--host``/``--port`` replace the listeners with a single one (the first
   listener's host or port where a flag is missing).
-- ``tls = true`` in a listener is refused for now: TLS needs certificate
-  settings this schema does not have yet. The field exists so they slot in.
+- A TLS listener's certificate, key and CA files are loaded when the
+  configuration is checked, so a wrong one stops start-up (or a reload) rather
+  than the first association; workers load them again at start and on reload,
+  so a renewed certificate takes effect with ``dicom-router reload``.
 - A destination that cannot be reached is retried for ever at its back-off
   ceiling: an unreachable PACS over a weekend must not empty its queue into the
   dead-letter folder. ``retry.attempts`` counts only deliveries the destination
@@ -138,14 +144,16 @@ import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TypeGuard
+from typing import Any, Final, TypeGuard
 
 from router.dicom import uids
 from router.dicom.negotiation import AcceptorPolicy
+from router.tls import server_context
 
 __all__ = [
     "COMMAND_LINE",
@@ -281,10 +289,15 @@ class Listen:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if (problem := _host_problem(self.host)) is not None:
             raise ValueError(f"Listen.host: {problem}")
+        if self.tls and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("Listen: tls needs tls_cert and tls_key")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not (
             0 <= self.port <= 65535
         ):
@@ -857,7 +870,7 @@ def _suggest(name: str, candidates: Sequence[str]) -> str | None:
 # file may contain. A new table (e.g. [[destination]]) starts with a line here.
 _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("router",): ("ae_title", "workers", "max_associations", "listen"),
-    ("router", "listen"): ("host", "port", "tls"),
+    ("router", "listen"): ("host", "port", "tls", "tls_cert", "tls_key", "tls_ca"),
     ("acceptance",): ("called_ae", "calling_ae", "sop_classes", "transfer_syntaxes", "max_pdu"),
     ("spool",): ("path", "fsync"),
     ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout",
@@ -1318,18 +1331,52 @@ class _Parser:
             if (problem := _host_problem(host)) is not None:
                 raise self.fail(where("host"), problem)
             port = self.integer(entry, where("port"), DEFAULT_PORT, _port_problem)
-            if self.boolean(entry, where("tls"), False):
-                raise self.fail(
-                    where("tls"),
-                    "TLS listeners are not supported yet (no certificate settings); "
-                    "remove tls or set it to false",
-                )
-            listen = Listen(host=host, port=port)
-            if listen in out:
-                first = out.index(listen) + 1
-                raise self.fail(where, f"{listen} is already listed as #{first}")
+            listen = Listen(host=host, port=port, **self.listen_tls(entry, where))
+            same = [i for i, o in enumerate(out) if (o.host, o.port) == (host, port)]
+            if same:
+                raise self.fail(where, f"{listen} is already listed as #{same[0] + 1}")
+            other = next((i for i, o in enumerate(out) if o.port == port and o.tls != listen.tls),
+                         None)
+            if other is not None:  # the port tells the workers which ones are TLS
+                raise self.fail(where("tls"), f"listener #{other + 1} on port {port} "
+                                              f"{'is not' if listen.tls else 'is'} TLS: "
+                                              "listeners sharing a port must agree on tls")
             out.append(listen)
         return self.listen_flags(tuple(out))
+
+    def listen_tls(self, entry: Mapping[str, object], where: _At) -> dict[str, Any]:
+        """A listener's tls, tls_cert, tls_key and tls_ca, checked by loading them."""
+        tls = self.boolean(entry, where("tls"), False)
+        paths = {key: self.path(entry, where(key)) for key in ("tls_cert", "tls_key", "tls_ca")}
+        if not tls:
+            for key, value in paths.items():
+                if value is not None:
+                    raise self.fail(where(key), f"{key} is set but tls is false")
+            return {}
+        for name in ("tls_cert", "tls_key"):
+            if paths[name] is None:
+                raise self.fail(where("tls"), f"tls = true needs {name} (a PEM file)")
+        for name, path in paths.items():
+            if path is not None:
+                try:
+                    path.open("rb").close()
+                except OSError as exc:
+                    raise self.fail(where(name), f"cannot read {path}: {exc.strerror}") from None
+        cert, private, ca = paths["tls_cert"], paths["tls_key"], paths["tls_ca"]
+        assert cert is not None and private is not None
+        try:
+            server_context(cert, private)
+        except ssl.SSLError as exc:
+            why = exc.reason or exc.strerror or exc
+            raise self.fail(where("tls_key"), f"{cert} and {private} are not a PEM certificate "
+                                              f"and its private key ({why})") from None
+        if ca is not None:
+            try:
+                server_context(cert, private, ca)
+            except ssl.SSLError as exc:
+                raise self.fail(where("tls_ca"), f"{ca} holds no PEM CA certificate "
+                                                 f"({exc.reason or exc})") from None
+        return {"tls": True, "tls_cert": cert, "tls_key": private, "tls_ca": ca}
 
     def listen_flags(self, listen: tuple[Listen, ...]) -> tuple[Listen, ...]:
         host, port = self.overrides.get("host"), self.overrides.get("port")
@@ -1341,10 +1388,10 @@ class _Parser:
             raise self.fail_flag("port", message)
         first = listen[0]
         return (
-            Listen(
+            dataclasses.replace(
+                first,
                 host=host if isinstance(host, str) else first.host,
                 port=port if isinstance(port, int) else first.port,
-                tls=first.tls,
             ),
         )
 

@@ -104,6 +104,8 @@ class Supervisor:
         self.run_dir = config.spool / "run"
         self.slots = [WorkerSlot(worker_id=i) for i in range(1, config.workers + 1)]
         self.listeners: list[socket.socket] = []
+        # Ports whose listeners are TLS ones (the worker makes the handshake).
+        self.tls_ports: set[int] = set()
         self.signals: deque[int] = deque()
         self.draining_until: float | None = None
         self.exit_code = 0
@@ -166,7 +168,9 @@ class Supervisor:
             sock.setblocking(False)
             self.listeners.append(sock)
             host, port = sock.getsockname()[:2]
-            log.info("listening on %s:%d", host, port)
+            if spec.tls:
+                self.tls_ports.add(port)
+            log.info("listening on %s:%d%s", host, port, " (TLS)" if spec.tls else "")
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -421,7 +425,7 @@ class Supervisor:
                             key=lambda s: s.load)
         self.connection_ids += 1
         header = {"connection_id": self.connection_ids, "peer": [str(peer[0]), int(peer[1])],
-                  "local_port": local_port, "tls": False}
+                  "local_port": local_port, "tls": local_port in self.tls_ports}
         for slot in candidates:
             assert slot.channel is not None
             try:

@@ -325,7 +325,7 @@ ERRORS = [
     pytest.param(
         "[[router.listen]]\nport = 104\n[[router.listen]]\nprot = 105\n",
         'router.toml:4: [[router.listen]] #2 prot: unknown key; did you mean "port"? '
-        "(known keys: host, port, tls)",
+        "(known keys: host, port, tls, tls_cert, tls_key, tls_ca)",
         id="unknown-key-in-array-table",
     ),
     pytest.param(
@@ -505,9 +505,24 @@ ERRORS = [
     ),
     pytest.param(
         "[[router.listen]]\ntls = true\n",
-        "router.toml:2: [[router.listen]] #1 tls: TLS listeners are not supported yet (no "
-        "certificate settings); remove tls or set it to false",
-        id="tls-not-yet",
+        "router.toml:2: [[router.listen]] #1 tls: tls = true needs tls_cert (a PEM file)",
+        id="tls-without-certificate",
+    ),
+    pytest.param(
+        '[[router.listen]]\ntls = true\ntls_cert = "c.pem"\n',
+        "router.toml:2: [[router.listen]] #1 tls: tls = true needs tls_key (a PEM file)",
+        id="tls-without-key",
+    ),
+    pytest.param(
+        '[[router.listen]]\ntls_cert = "c.pem"\n',
+        "router.toml:2: [[router.listen]] #1 tls_cert: tls_cert is set but tls is false",
+        id="tls-cert-without-tls",
+    ),
+    pytest.param(
+        '[[router.listen]]\ntls = true\ntls_cert = "/nonexistent/c.pem"\ntls_key = "k.pem"\n',
+        "router.toml:3: [[router.listen]] #1 tls_cert: cannot read /nonexistent/c.pem: "
+        "No such file or directory",
+        id="tls-cert-missing",
     ),
     # -- AE titles
     pytest.param(

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from router.config import Config, ConfigError
 from router.dicom import dimse, uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
 from router.snapshot import Snapshot, SnapshotError
+from router.tls import server_context
 from rules import RuleError, RuleSet
 from workers.actor import (
     ActorSettings,
@@ -142,6 +144,8 @@ class Worker:
         # temporary actor id -> (that worker, the answer).
         self.sends_elsewhere: dict[str, tuple[int, asyncio.Future[tuple[int, str | None]]]] = {}
         self.hand_offs = 0
+        # Server TLS contexts by listener port, loaded at first use (see _server_tls).
+        self.tls_contexts: dict[int, ssl.SSLContext] = {}
         self.generation = 0
         self.stopping = False
         self.restocking: asyncio.Task[None] | None = None
@@ -337,9 +341,36 @@ class Worker:
             sock, header = got
             self.served += 1
             # recv_connection checked it: (host, port).
-            self.loop.create_task(self._adopt(sock, cast(tuple[str, int], header["peer"])))
+            peer = cast(tuple[str, int], header["peer"])
+            context = None
+            if header["tls"]:
+                try:
+                    context = self._server_tls(cast(int, header["local_port"]))
+                except (OSError, ssl.SSLError) as exc:
+                    log.error("worker %d: connection from %s:%d closed: no TLS for it: %s",
+                              self.worker_id, *peer, exc)
+                    sock.close()
+                    continue
+            self.loop.create_task(self._adopt(sock, peer, context))
 
-    async def _adopt(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    def _server_tls(self, port: int) -> ssl.SSLContext:
+        """The TLS context of the listener on ``port`` (after ``--port``, the first
+        one's), loaded once per configuration."""
+        context = self.tls_contexts.get(port)
+        if context is None:
+            spec = next((s for s in self.config.listen if s.tls and s.port == port), None)
+            if spec is None and self.config.listen[0].tls:
+                spec = self.config.listen[0]
+            if spec is None or spec.tls_cert is None or spec.tls_key is None:
+                raise OSError(f"no TLS listener on port {port} in this configuration")
+            context = server_context(spec.tls_cert, spec.tls_key, spec.tls_ca)
+            self.tls_contexts[port] = context
+        return context
+
+    async def _adopt(self, sock: socket.socket, peer: tuple[str, int],
+                     context: ssl.SSLContext | None = None) -> None:
+        made: list[AssociationActor] = []
+
         def factory() -> AssociationActor:
             limit = self.settings.max_associations
             actor = AssociationActor(self.settings, self.spool, self.committer,
@@ -349,12 +380,27 @@ class Worker:
                                      over_limit=limit is not None and len(self.actors) >= limit,
                                      peer=peer)
             self.actors.add(actor)
+            made.append(actor)
             return actor
         try:
-            await self.loop.connect_accepted_socket(factory, sock=sock)
-        except OSError as exc:
-            log.info("worker %d: connection lost before it was served: %s", self.worker_id, exc)
+            if context is None:
+                await self.loop.connect_accepted_socket(factory, sock=sock)
+            else:
+                # The handshake is bounded like an association request (ARTIM).
+                await self.loop.connect_accepted_socket(
+                    factory, sock=sock, ssl=context,
+                    ssl_handshake_timeout=self.config.artim_timeout)
+        except OSError as exc:  # ssl.SSLError and TimeoutError are OSErrors too
+            if context is None:
+                log.info("worker %d: connection lost before it was served: %s",
+                         self.worker_id, exc)
+            else:
+                log.warning("worker %d: TLS handshake with %s:%d failed: %s", self.worker_id,
+                            *peer, exc or type(exc).__name__)
             sock.close()
+            for actor in made:
+                if actor.transport is None:  # never connected: it will not close itself
+                    self._actor_closed(actor)
 
     def _actor_closed(self, actor: AssociationActor) -> None:
         self.actors.discard(actor)
@@ -563,6 +609,7 @@ class Worker:
         # Open associations keep the settings they started with; new ones get these.
         # Rules swap atomically: each commit reads the dispatcher once.
         self.config, self.settings = config, settings_for(config, self.worker_id, rules)
+        self.tls_contexts.clear()  # renewed certificates take effect from here
         self.rules = rules
         self._start_forwarders()
         self.generation = generation
