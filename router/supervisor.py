@@ -525,7 +525,9 @@ class Supervisor:
             snapshot, config, _ = Snapshot.read(self.config_path, overrides=self.overrides)
         except (ConfigError, RuleError) as exc:
             return self._reload_refused(" / ".join(str(exc).splitlines()), serving)
-        if config.listen != self.config.listen or config.workers != self.config.workers:
+        # The sockets stay as they are; the workers take new TLS certificates, though.
+        if (_addresses(config) != _addresses(self.config)
+                or config.workers != self.config.workers):
             log.warning("reload: listen addresses and worker count change on restart only")
         try:
             written = snapshot.write(self.run_dir, self.generation + 1)
@@ -604,6 +606,10 @@ class Supervisor:
         self.sockets.close()
         self.ctx.term()
         self.notifier.close()
+
+
+def _addresses(config: Config) -> list[tuple[str, int, bool]]:
+    return [(spec.host, spec.port, spec.tls) for spec in config.listen]
 
 
 def _describe_exit(code: int) -> str:

@@ -106,3 +106,24 @@ def test_tls_ca_admits_only_peers_with_a_certificate_from_it(tmp_path: Path,
         assert router.count("closed: released") == 1
     finally:
         router.stop()
+
+
+def test_a_renewed_certificate_takes_effect_on_reload(tmp_path: Path, dcmtk: Dcmtk) -> None:
+    key, cert = _certificate(tmp_path, "router")
+    new_key, renewed = _certificate(tmp_path, "renewed")
+    router, port = _tls_router(tmp_path, key, cert)
+    try:
+        assert _echo(dcmtk, port, "+tla", "+cf", cert).returncode == 0
+        text = router.config.read_text()
+        router.config.write_text(text.replace(str(cert), str(renewed))
+                                 .replace(str(key), str(new_key)))
+        reload = router.command("reload")
+        assert reload.returncode == 0, reload.stderr
+        for worker in (1, 2):
+            router.wait_for(f"worker {worker}: configuration generation 2 loaded")
+        # Peers that trust only the renewed certificate get through; the old one is gone.
+        assert _echo(dcmtk, port, "+tla", "+cf", renewed).returncode == 0
+        assert _echo(dcmtk, port, "+tla", "+cf", cert).returncode != 0
+        assert router.count("change on restart only") == 0
+    finally:
+        router.stop()
