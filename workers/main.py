@@ -272,16 +272,13 @@ class Worker:
             control.ActorAddress(worker_id=target, actor_id="worker"), "send",
             {"destination": destination, "path": str(path)})
         try:
-            if control.route(message, self.worker_id) == "local":
-                self._deliver(message)  # a reload made this worker a sender meanwhile
-            else:
-                try:
-                    self.sockets.send_actor(message)
-                except control.ActorUnreachable as exc:
-                    return transparent_failure_status(), str(exc)
+            # Delivered here if a reload made this worker a sender meanwhile.
+            unreachable = self._send_actor(message)
+            if unreachable is not None:
+                return transparent_failure_status(), str(unreachable)
             return await future
         finally:
-            self.sends_elsewhere.pop(temp, None)
+            del self.sends_elsewhere[temp]
 
     async def _send_for(self, message: control.ActorMessage) -> None:
         """Another worker's transparent send (see _send_elsewhere), over our own
@@ -300,7 +297,7 @@ class Worker:
         self._send_actor(message.reply("sent", {"status": status, "comment": comment}))
 
     def _sent_elsewhere(self, message: control.ActorMessage) -> None:
-        _, future = self.sends_elsewhere.pop(message.to_actor)
+        _, future = self.sends_elsewhere[message.to_actor]
         status, comment = message.body.get("status"), message.body.get("comment")
         if future.done():
             return
@@ -313,9 +310,8 @@ class Worker:
                                f"{message.body.get('reason', message.kind)}"))
 
     def _worker_gone(self, worker_id: int) -> None:
-        for temp, (target, future) in list(self.sends_elsewhere.items()):
+        for target, future in self.sends_elsewhere.values():
             if target == worker_id and not future.done():
-                del self.sends_elsewhere[temp]
                 future.set_result((transparent_failure_status(),
                                    f"worker {worker_id}, which was sending it, died"))
 
@@ -576,14 +572,17 @@ class Worker:
         else:
             self._send_actor(message.reply("error", {"reason": f"unknown kind {message.kind}"}))
 
-    def _send_actor(self, message: control.ActorMessage) -> None:
+    def _send_actor(self, message: control.ActorMessage) -> control.ActorUnreachable | None:
+        """Deliver ``message`` here or over ZeroMQ; why it could not be sent, if not."""
         if control.route(message, self.worker_id) == "local":
             self._deliver(message)
-            return
+            return None
         try:
             self.sockets.send_actor(message)
         except control.ActorUnreachable as exc:
             log.warning("worker %d: %s", self.worker_id, exc)
+            return exc
+        return None
 
     def _from_supervisor(self, message: control.Message) -> None:
         if isinstance(message, control.Drain):
