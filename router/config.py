@@ -153,7 +153,7 @@ from typing import Any, Final, TypeGuard
 
 from router.dicom import uids
 from router.dicom.negotiation import AcceptorPolicy
-from router.tls import server_context
+from router.tls import require_peer_certificates, server_context
 
 __all__ = [
     "COMMAND_LINE",
@@ -1332,15 +1332,14 @@ class _Parser:
                 raise self.fail(where("host"), problem)
             port = self.integer(entry, where("port"), DEFAULT_PORT, _port_problem)
             listen = Listen(host=host, port=port, **self.listen_tls(entry, where))
-            same = [i for i, o in enumerate(out) if (o.host, o.port) == (host, port)]
-            if same:
-                raise self.fail(where, f"{listen} is already listed as #{same[0] + 1}")
-            other = next((i for i, o in enumerate(out) if o.port == port and o.tls != listen.tls),
-                         None)
-            if other is not None:  # the port tells the workers which ones are TLS
-                raise self.fail(where("tls"), f"listener #{other + 1} on port {port} "
-                                              f"{'is not' if listen.tls else 'is'} TLS: "
-                                              "listeners sharing a port must agree on tls")
+            for number, earlier in enumerate(out, 1):
+                if (earlier.host, earlier.port) == (host, port):
+                    raise self.fail(where, f"{listen} is already listed as #{number}")
+                if earlier.port == port and earlier.tls != listen.tls:
+                    # The port tells the workers which connections are TLS ones.
+                    raise self.fail(where("tls"), f"listener #{number} on port {port} "
+                                                  f"{'is not' if listen.tls else 'is'} TLS: "
+                                                  "listeners sharing a port must agree on tls")
             out.append(listen)
         return self.listen_flags(tuple(out))
 
@@ -1365,14 +1364,14 @@ class _Parser:
         cert, private, ca = paths["tls_cert"], paths["tls_key"], paths["tls_ca"]
         assert cert is not None and private is not None
         try:
-            server_context(cert, private)
+            context = server_context(cert, private)
         except ssl.SSLError as exc:
             why = exc.reason or exc.strerror or exc
             raise self.fail(where("tls_key"), f"{cert} and {private} are not a PEM certificate "
                                               f"and its private key ({why})") from None
         if ca is not None:
             try:
-                server_context(cert, private, ca)
+                require_peer_certificates(context, ca)
             except ssl.SSLError as exc:
                 raise self.fail(where("tls_ca"), f"{ca} holds no PEM CA certificate "
                                                  f"({exc.reason or exc})") from None

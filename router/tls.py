@@ -16,7 +16,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-__all__ = ["server_context"]
+__all__ = ["require_peer_certificates", "server_context"]
 
 
 def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
@@ -26,8 +26,13 @@ def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLCont
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(certfile=cert, keyfile=key)
     if ca is not None:
-        context.load_verify_locations(cafile=ca)
-        if not context.get_ca_certs():
-            raise ssl.SSLError(f"{ca}: no CA certificate in it")
-        context.verify_mode = ssl.CERT_REQUIRED
+        require_peer_certificates(context, ca)
     return context
+
+
+def require_peer_certificates(context: ssl.SSLContext, ca: Path) -> None:
+    """Make ``context`` admit only peers with a certificate from the CAs in ``ca``."""
+    context.load_verify_locations(cafile=ca)
+    if not context.get_ca_certs():
+        raise ssl.SSLError(f"{ca}: no CA certificate in it")
+    context.verify_mode = ssl.CERT_REQUIRED
