@@ -79,8 +79,8 @@ from router.dicom.errors import DIMSEError
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
+    instance_syntaxes,
     open_association,
-    proposal_syntaxes,
 )
 from workers.queue import move_to_dead, queue_folder, queued
 from workers.spool import Spool
@@ -474,8 +474,7 @@ class DestinationActor:
         d = self.destination
         # An instance is sent as stored when the destination takes its syntax; a native
         # one may also go in the two every node takes (converted: see context_to_send).
-        contexts = [(sop, proposal_syntaxes(ts) if uids.is_uncompressed(ts) else [ts])
-                    for sop, ts in self._pairs]
+        contexts = [(sop, instance_syntaxes(ts)) for sop, ts in self._pairs]
         self._connecting += 1
         self._wake.set()  # an idle sender holding an association lets it go (_wait_job)
         try:

@@ -62,7 +62,8 @@ from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRQ
 
-__all__ = ["OutboundAssociation", "OutboundError", "open_association", "proposal_syntaxes",
+__all__ = ["OutboundAssociation", "OutboundError", "instance_syntaxes", "open_association",
+           "proposal_syntaxes",
            "tls_context"]
 
 log = logging.getLogger("workers.outbound")
@@ -637,6 +638,15 @@ def proposal_syntaxes(transfer_syntax: str) -> list[str]:
     little endian ones every node must take (PS3.5 §10.1)."""
     return list(dict.fromkeys((transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
                                uids.IMPLICIT_VR_LITTLE_ENDIAN)))
+
+
+def instance_syntaxes(transfer_syntax: str) -> list[str]:
+    """Transfer syntaxes to propose for an instance held in ``transfer_syntax``: a
+    native one as :func:`proposal_syntaxes` (converted if the destination takes only
+    another); a compressed one alone (the router does not decompress)."""
+    if uids.is_uncompressed(transfer_syntax):
+        return proposal_syntaxes(transfer_syntax)
+    return [transfer_syntax]
 
 
 async def open_association(destination: Destination,

@@ -47,6 +47,7 @@ from workers.moves import end_move, register_move
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
+    instance_syntaxes,
     open_association,
     proposal_syntaxes,
 )
@@ -426,8 +427,7 @@ class GetProxy(_RetrieveProxy):
         contexts, _ = super()._contexts()
         # A native syntax the requestor took may come from the upstream in either
         # little endian one too: converted on the way (see _sub_operation).
-        return ([*contexts, *((sop, proposal_syntaxes(ts) if uids.is_uncompressed(ts)
-                               else [ts]) for sop, ts in pairs)],
+        return ([*contexts, *((sop, instance_syntaxes(ts)) for sop, ts in pairs)],
                 {sop: (False, True) for sop, _ in pairs})
 
     def _inbound_for(self, sop_class: str, transfer_syntax: str,
