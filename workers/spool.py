@@ -399,7 +399,8 @@ class Spool:
         with os.scandir(self._tmp_fd) as entries:
             names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
         if dead_only:
-            names = [name for name in names if not _minted_by_live_process(name)]
+            live = functools.cache(_is_live)  # one question per pid, not per file
+            names = [name for name in names if not live(_minter(name))]
         for name in names:
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -1236,14 +1237,19 @@ def _mint_stem() -> str:
     return f"{time.time_ns():020d}-{os.getpid()}-{next(_counter)}"
 
 
-def _minted_by_live_process(name: str) -> bool:
-    """Does the file ``name`` (a stem and a suffix) carry the pid of a live process?
-    A name not of our making says no. A pid reused by an unrelated process says yes:
-    that file then waits for the next start of the router (the supervisor's recover)."""
+def _minter(name: str) -> int:
+    """The pid in the file name ``name`` (a stem and a suffix, see _mint_stem); 0 for
+    a name not of our making."""
     parts = name.split("-", 2)
     if len(parts) != 3 or not parts[1].isascii() or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
+        return 0
+    return int(parts[1])
+
+
+def _is_live(pid: int) -> bool:
+    """Is ``pid`` (from :func:`_minter`) a live process? 0 says no. A pid reused by an
+    unrelated process says yes: its files then wait for the next start of the router
+    (the supervisor's recover)."""
     if not 0 < pid < 1 << 31:  # 0 would ask about our own process group
         return False
     try:
