@@ -117,8 +117,6 @@ MAX_IDENTIFIER = 1 << 20
 # bigger ones are routed on the commit thread.
 LOOP_ROUTING_MAX_BYTES = 4 << 20
 
-
-
 #: The actor whose events are being handled: lines that other libraries log meanwhile
 #: (pydicom on a bad Specific Character Set, say) are named after its association by
 #: :class:`AssociationLogFilter`. Tasks it starts inherit it (asyncio copies the context).
@@ -1089,8 +1087,6 @@ class AssociationActor(asyncio.BufferedProtocol):
         s = self.stats
         aes = f" {s.calling_ae}->{s.called_ae}" if s.calling_ae else ""
         return f"{s.association_id}{aes} {s.peer[0]}:{s.peer[1]}"
-
-
 
 
 _Retrieval = dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ
