@@ -540,10 +540,19 @@ class Worker:
             self._send_actor(control.ActorMessage.between(
                 control.ActorAddress(worker_id=self.worker_id, actor_id="worker"), asker, "relayed",
                 {"via": message.from_worker, "kind": message.kind, "body": message.body}))
+        elif message.kind == "error":
+            self._error_received(message)
         else:
             # A PUSH socket reconnects to a restarted worker: stale mail lands here.
             self._send_actor(message.reply("error", {"reason": "no such actor",
                                                      "actor": message.to_actor}))
+
+    def _error_received(self, message: control.ActorMessage) -> None:
+        """An error for an actor that asked nothing, or no longer waits: said, never
+        answered (two workers would otherwise send each other errors for ever)."""
+        log.warning("worker %d: error from worker %d (%s) for %s: %s", self.worker_id,
+                    message.from_worker, message.from_actor, message.to_actor,
+                    message.body.get("reason", "no reason given"))
 
     def _worker_actor(self, message: control.ActorMessage) -> None:
         """The worker's own actor: 'ping' -> 'pong'; 'relay' pings another worker
@@ -558,6 +567,8 @@ class Worker:
                 forwarder.enqueue(name)
         elif message.kind == "send":
             self.loop.create_task(self._send_for(message))
+        elif message.kind == "error":
+            self._error_received(message)
         elif message.kind == "relay":
             target = message.body.get("to_worker")
             if not isinstance(target, int):

@@ -381,6 +381,38 @@ def test_actor_round_trip_between_worker_processes(router: Router) -> None:
     assert pong["pid"] == status["workers"][1]["pid"]  # type: ignore[index, call-overload]
 
 
+def test_an_error_between_workers_is_not_answered(router: Router) -> None:
+    """An error is an answer: answering it with another error would have two workers
+    send errors to each other for ever (a late reply to a temporary actor that is
+    gone, say, after its worker restarted). This test plays worker 99: an error to
+    worker 1's own actor, then an answer to an actor it does not have, then a ping;
+    the first and only answer that comes back is the pong."""
+    import zmq
+
+    from router import control
+
+    endpoints = control.Endpoints.for_run_dir(str(router.spool / "run"))
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    push = ctx.socket(zmq.PUSH)
+    try:
+        inbox.bind(endpoints.actor(99))
+        push.connect(endpoints.actor(1))
+        for to_actor, kind in (("worker", "error"), ("send-gone", "error"), ("worker", "ping")):
+            control.send_message(push, control.ActorMessage(
+                to_worker=1, to_actor=to_actor, from_worker=99, from_actor="test", kind=kind,
+                body={"reason": "no such actor"} if kind == "error" else {}))
+        assert inbox.poll(10_000), "no answer from worker 1"
+        reply = control.recv_message(inbox)
+    finally:
+        push.close(linger=0)
+        inbox.close(linger=0)
+        ctx.term()
+    assert isinstance(reply, control.ActorMessage)
+    assert reply.kind == "pong", reply
+    router.wait_for("worker 1: error from worker 99")
+
+
 def test_a_low_open_files_limit_is_raised_for_the_workers(tmp_path: Path,
                                                           dcmtk: Dcmtk) -> None:
     """Started with a soft RLIMIT_NOFILE of 64 (systemd's default is 1024), 100
