@@ -21,6 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from router import control
 from router.dicom.dataset import read_part10_header
 from tests.helpers import Procs
 from tests.helpers.data import make_ct, make_study
@@ -349,23 +350,21 @@ def _wait_gone(pid: int, timeout: float) -> None:
         os.close(fd)
 
 
-def test_actor_round_trip_between_worker_processes(router: Router) -> None:
-    """Actor addresses span processes (D2): worker 1's own actor, asked by this
-    test to relay, pings worker 2's actor over ZeroMQ and forwards the pong."""
+def _as_worker_99(router: Router,
+                  messages: list[control.ActorMessage]) -> control.ActorMessage:
+    """Send ``messages`` to worker 1 over ZeroMQ as a worker 99 would (this test
+    binds worker 99's inbox); the first actor message that comes back."""
     import zmq
-
-    from router import control
 
     endpoints = control.Endpoints.for_run_dir(str(router.spool / "run"))
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     push = ctx.socket(zmq.PUSH)
     try:
-        inbox.bind(endpoints.actor(99))  # this test plays worker 99
+        inbox.bind(endpoints.actor(99))
         push.connect(endpoints.actor(1))
-        control.send_message(push, control.ActorMessage(
-            to_worker=1, to_actor="worker", from_worker=99, from_actor="test",
-            kind="relay", body={"to_worker": 2}))
+        for message in messages:
+            control.send_message(push, message)
         assert inbox.poll(10_000), "no answer from worker 1"
         reply = control.recv_message(inbox)
     finally:
@@ -373,6 +372,15 @@ def test_actor_round_trip_between_worker_processes(router: Router) -> None:
         inbox.close(linger=0)
         ctx.term()
     assert isinstance(reply, control.ActorMessage)
+    return reply
+
+
+def test_actor_round_trip_between_worker_processes(router: Router) -> None:
+    """Actor addresses span processes (D2): worker 1's own actor, asked by this
+    test to relay, pings worker 2's actor over ZeroMQ and forwards the pong."""
+    reply = _as_worker_99(router, [control.ActorMessage(
+        to_worker=1, to_actor="worker", from_worker=99, from_actor="test",
+        kind="relay", body={"to_worker": 2})])
     assert (reply.kind, reply.from_worker, reply.to_actor) == ("relayed", 1, "test")
     assert reply.body["via"] == 2 and reply.body["kind"] == "pong"
     pong = reply.body["body"]
@@ -387,28 +395,10 @@ def test_an_error_between_workers_is_not_answered(router: Router) -> None:
     gone, say, after its worker restarted). This test plays worker 99: an error to
     worker 1's own actor, then an answer to an actor it does not have, then a ping;
     the first and only answer that comes back is the pong."""
-    import zmq
-
-    from router import control
-
-    endpoints = control.Endpoints.for_run_dir(str(router.spool / "run"))
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    push = ctx.socket(zmq.PUSH)
-    try:
-        inbox.bind(endpoints.actor(99))
-        push.connect(endpoints.actor(1))
-        for to_actor, kind in (("worker", "error"), ("send-gone", "error"), ("worker", "ping")):
-            control.send_message(push, control.ActorMessage(
-                to_worker=1, to_actor=to_actor, from_worker=99, from_actor="test", kind=kind,
-                body={"reason": "no such actor"} if kind == "error" else {}))
-        assert inbox.poll(10_000), "no answer from worker 1"
-        reply = control.recv_message(inbox)
-    finally:
-        push.close(linger=0)
-        inbox.close(linger=0)
-        ctx.term()
-    assert isinstance(reply, control.ActorMessage)
+    reply = _as_worker_99(router, [control.ActorMessage(
+        to_worker=1, to_actor=to_actor, from_worker=99, from_actor="test", kind=kind,
+        body={"reason": "no such actor"} if kind == "error" else {})
+        for to_actor, kind in (("worker", "error"), ("send-gone", "error"), ("worker", "ping"))])
     assert reply.kind == "pong", reply
     router.wait_for("worker 1: error from worker 99")
 
