@@ -488,17 +488,21 @@ def test_transparent_send_through_a_worker_killed_meanwhile_is_answered(
     contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
     try:
         router.wait_for("ready: 2 workers serving")
-        # Two associations: the listener gives them to different workers. The one on
-        # worker 2 (no association of its own for "pacs") sends the instance.
-        first = connect("127.0.0.1", router.port, calling_ae="MOD1", called_ae="ROUTER",
-                        contexts=contexts)
-        router.wait_for("MOD1->ROUTER")
-        second = connect("127.0.0.1", router.port, calling_ae="MOD2", called_ae="ROUTER",
-                         contexts=contexts)
-        router.wait_for("MOD2->ROUTER")
-        on_2 = any("worker-2 " in line and "MOD1->ROUTER" in line
-                   for line in router.log().splitlines())
-        sender, other = (first, second) if on_2 else (second, first)
+        # The association on worker 2 (no association of its own for "pacs") sends the
+        # instance. The listener gives the least loaded worker each new one, from the
+        # load the heartbeats report: open them until one is on worker 2.
+        others: list[Any] = []
+        for n in range(1, 9):
+            assoc = connect("127.0.0.1", router.port, calling_ae=f"MOD{n}",
+                            called_ae="ROUTER", contexts=contexts)
+            router.wait_for(f"MOD{n}->ROUTER")
+            if any("worker-2 " in line and f"MOD{n}->ROUTER" in line
+                   for line in router.log().splitlines()):
+                sender = assoc
+                break
+            others.append(assoc)
+        else:
+            raise AssertionError("worker 2 was given none of 8 associations")
         answers: list[Any] = []
         store_thread = threading.Thread(target=lambda: answers.append(sender.store(path)))
         store_thread.start()
@@ -511,8 +515,9 @@ def test_transparent_send_through_a_worker_killed_meanwhile_is_answered(
         assert answers[0].status == 0xA700
         assert "worker 1, which was sending it, died" in (answers[0].error_comment or "")
         sender.release()
-        with contextlib.suppress(OSError):  # it was on worker 1
-            other.abort()
+        for other in others:
+            with contextlib.suppress(OSError):  # they were on worker 1
+                other.abort()
     finally:
         go_on.set()
         router.stop()
