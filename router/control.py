@@ -346,6 +346,10 @@ class Heartbeat(Message):
     rss: int  # bytes (psutil memory_info().rss)
     cpu_percent: float  # psutil cpu_percent(): may exceed 100 with several threads
     served_total: int  # associations served since the worker started
+    # Connections read from the hand-off channel since the worker started: the
+    # supervisor counts those it handed off and not yet taken as load (its view of
+    # open_associations lags by up to a heartbeat).
+    handoffs_taken: int = 0
     # Instances since the worker started: counted here rather than sent one event
     # each, which cost the supervisor ~200 us of CPU per instance at full rate.
     instances_stored: int = 0

@@ -10,7 +10,8 @@ sleeps and nothing polls on a clock.
 
 - Listener: a readable listening socket is accepted until EAGAIN; each
   connection goes to the ready worker with the fewest open associations (its
-  last heartbeat plus the hand-offs since), over that worker's AF_UNIX channel
+  last heartbeat's, plus the hand-offs it had not read from its channel when it
+  sent that heartbeat), over that worker's AF_UNIX channel
   (router.fdpass). A busy or dead channel means the next worker; with none,
   the connection is closed and the log says why. DICOM bytes are never read here.
 - Workers are clean interpreters (``python -m workers.main``) holding one
@@ -72,8 +73,14 @@ class WorkerSlot:
     started: float = 0.0
     ready: bool = False
     last_heartbeat: float = 0.0
-    open_associations: int = 0
-    handed_off: int = 0  # since the last heartbeat
+    open_associations: int = 0  # as of its last heartbeat
+    # Connections handed to this process, and those it had read from its channel at
+    # its last heartbeat: the difference is still in the channel, or was when the
+    # heartbeat left. Resetting a count on each heartbeat instead would forget the
+    # ones handed off just before a heartbeat that left before they were read, and
+    # send the next connection to a worker that already has it waiting.
+    handed_off: int = 0
+    handoffs_taken: int = 0
     rss: int = 0
     cpu_percent: float = 0.0
     served_total: int = 0
@@ -85,7 +92,7 @@ class WorkerSlot:
 
     @property
     def load(self) -> int:
-        return self.open_associations + self.handed_off
+        return self.open_associations + self.handed_off - self.handoffs_taken
 
     @property
     def pid(self) -> int | None:
@@ -302,7 +309,7 @@ class Supervisor:
         slot.channel = sup_end
         slot.started = slot.last_heartbeat = time.monotonic()
         slot.ready = False
-        slot.open_associations = slot.handed_off = 0
+        slot.open_associations = slot.handed_off = slot.handoffs_taken = 0
         log.info("worker %d started (pid %d)", slot.worker_id, slot.proc.pid)
 
     def _kill(self, slot: WorkerSlot) -> None:
@@ -369,19 +376,24 @@ class Supervisor:
                     self.notifier.status(self._status_line())
                 self._retry_waiting()
             elif isinstance(message, control.Heartbeat):
-                slot.last_heartbeat = time.monotonic()
-                slot.open_associations = message.open_associations
-                slot.handed_off = 0
-                slot.rss, slot.cpu_percent = message.rss, message.cpu_percent
-                slot.served_total = message.served_total
-                slot.totals["instances"] = message.instances_stored
-                slot.totals["failed"] = message.instances_failed
-                slot.totals["forwarded"] = message.instances_forwarded
-                slot.totals["queued"] = message.queued
+                self._heartbeat(slot, message)
             elif isinstance(message, control.AssociationClosed):
                 slot.totals["associations"] += 1
             elif isinstance(message, control.InstanceStored):
                 slot.totals["instances"] += 1
+
+    @staticmethod
+    def _heartbeat(slot: WorkerSlot, message: control.Heartbeat) -> None:
+        slot.last_heartbeat = time.monotonic()
+        slot.open_associations = message.open_associations
+        # More than it was given: a heartbeat its dead predecessor left in the queue.
+        slot.handoffs_taken = min(message.handoffs_taken, slot.handed_off)
+        slot.rss, slot.cpu_percent = message.rss, message.cpu_percent
+        slot.served_total = message.served_total
+        slot.totals["instances"] = message.instances_stored
+        slot.totals["failed"] = message.instances_failed
+        slot.totals["forwarded"] = message.instances_forwarded
+        slot.totals["queued"] = message.queued
 
     def _slot_for(self, identity: bytes) -> WorkerSlot | None:
         for slot in self.slots:

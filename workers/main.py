@@ -132,6 +132,11 @@ class Worker:
         self.actors: set[AssociationActor] = set()
         self.receive_buffer = new_receive_buffer()  # shared by this worker's actors
         self.served = 0
+        # Hand-offs read from the channel (good or bad), and those among them whose
+        # actor is not made yet: the heartbeat reports both, so the supervisor never
+        # sees a connection it handed us as neither pending nor open (_heartbeat).
+        self.handoffs_taken = 0
+        self.adopting = 0
         self._figures_failed = False  # psutil failed at the last heartbeat (logged once)
         self.exit_code = 0
         self.spooled_bytes = 0
@@ -328,6 +333,7 @@ class Worker:
             except BlockingIOError:
                 return
             except BadHandoff as exc:
+                self.handoffs_taken += 1
                 log.warning("worker %d: bad hand-off: %s", self.worker_id, exc)
                 continue
             if got is None:
@@ -335,6 +341,7 @@ class Worker:
                 self._begin_drain(self.config.drain_grace)
                 return
             sock, header = got
+            self.handoffs_taken += 1
             self.served += 1
             # recv_connection checked it: (host, port).
             peer = cast(tuple[str, int], header["peer"])
@@ -347,6 +354,7 @@ class Worker:
                               self.worker_id, *peer, exc)
                     sock.close()
                     continue
+            self.adopting += 1
             self.loop.create_task(self._adopt(sock, peer, context))
 
     def _server_tls(self, port: int) -> ssl.SSLContext:
@@ -368,6 +376,8 @@ class Worker:
         made: list[AssociationActor] = []
 
         def factory() -> AssociationActor:
+            if not made:
+                self.adopting -= 1
             limit = self.settings.max_associations
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
@@ -394,6 +404,8 @@ class Worker:
                 log.warning("worker %d: TLS handshake with %s:%d failed: %s", self.worker_id,
                             *peer, exc or type(exc).__name__)
             sock.close()
+            if not made:
+                self.adopting -= 1
             for actor in made:
                 if actor.transport is None:  # never connected: it will not close itself
                     self._actor_closed(actor)
@@ -492,7 +504,8 @@ class Worker:
             else:
                 self._figures_failed = False
             await self._send(control.Heartbeat(
-                worker_id=self.worker_id, open_associations=len(self.actors),
+                worker_id=self.worker_id, open_associations=len(self.actors) + self.adopting,
+                handoffs_taken=self.handoffs_taken,
                 spool_bytes=self.spooled_bytes, rss=mem, cpu_percent=cpu,
                 served_total=self.served, instances_stored=self.instances_stored,
                 instances_failed=self.instances_failed,
