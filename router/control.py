@@ -439,6 +439,15 @@ class WorkerGone(Message):
     worker_id: int
 
 
+@_message("worker.ready")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerReady(Message):
+    """Supervisor -> workers: worker ``worker_id`` said hello (started, or a
+    replacement after :class:`WorkerGone`): its actor inbox takes messages."""
+
+    worker_id: int
+
+
 @_message("drain")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Drain(Message):

@@ -368,6 +368,7 @@ class Supervisor:
                 control.send_message(self.sockets.control, control.Reply.success(
                     {"generation": self.generation}), identity=identity)
                 log.info("worker %d ready (pid %d)", slot.worker_id, message.pid)
+                self._tell_workers(control.WorkerReady(worker_id=slot.worker_id))
                 if not self.announced_ready and all(s.ready for s in self.slots):
                     self.announced_ready = True
                     log.info("ready: %d workers serving", len(self.slots))

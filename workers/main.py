@@ -149,6 +149,9 @@ class Worker:
         # temporary actor id -> (that worker, the answer).
         self.sends_elsewhere: dict[str, tuple[int, asyncio.Future[tuple[int, str | None]]]] = {}
         self.hand_offs = 0
+        # Workers the supervisor said died (WorkerGone) and has not said are back
+        # (WorkerReady): what is sent to them waits in ZeroMQ for their replacement.
+        self.gone: set[int] = set()
         # Server TLS contexts by listener port, loaded at first use (see _server_tls).
         self.tls_contexts: dict[int, ssl.SSLContext] = {}
         self.generation = 0
@@ -248,26 +251,44 @@ class Worker:
         less than the workers): tell a worker that has one about the new queue file,
         by actor message (D2). If that worker is away, the file waits in the queue
         and its replacement takes it up when it scans at start."""
-        target = self._senders_of(destination)
+        # With every sender dead, the message waits for a replacement; that one
+        # scans the queue at start too, so either way the file is taken up.
+        target = self._senders_of(destination) or 1
         self._send_actor(control.ActorMessage.between(
             control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
             control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
             {"destination": destination, "name": name}))
 
-    def _senders_of(self, destination: str) -> int:
+    def _senders_of(self, destination: str) -> int | None:
         """Another worker with associations for ``destination`` (it has none here):
-        workers 1 to its ``concurrency`` have them (share_of), taken in turn."""
+        workers 1 to its ``concurrency`` have them (share_of), taken in turn, those
+        not known to be dead first; None if every one of them is."""
         d = self.config.destination(destination)
-        self.hand_offs += 1
-        return 1 + self.hand_offs % min(d.concurrency, self.config.workers)
+        senders = min(d.concurrency, self.config.workers)
+        for _ in range(senders):
+            self.hand_offs += 1
+            target = 1 + self.hand_offs % senders
+            if target not in self.gone:
+                return target
+        return None
 
     async def _send_elsewhere(self, destination: str, path: Path) -> tuple[int, str | None]:
         """A transparent send for a destination this worker has no association for:
         another worker that has one sends the held file (it is in the shared spool)
         and answers with the destination's status, so the destination never sees
         more associations than its ``concurrency``. If that worker dies first, the
-        supervisor says so (WorkerGone) and the sender is told to try again later."""
+        supervisor says so (WorkerGone) and the sender is told to try again later.
+
+        While every worker that sends to ``destination`` is dead, this one sends it
+        over an association of its own instead of waiting for a replacement (which
+        may be seconds away, or never come while it keeps dying): their
+        associations died with them, so the destination's count is kept."""
         target = self._senders_of(destination)
+        forwarder = self.forwarders.get(destination)
+        if target is None and forwarder is not None:
+            return await forwarder.send_here(path)
+        if target is None:
+            return transparent_failure_status(), f"destination {destination} is gone"
         self.relay_ids += 1
         temp = f"send-{self.relay_ids}"
         future: asyncio.Future[tuple[int, str | None]] = self.loop.create_future()
@@ -315,6 +336,7 @@ class Worker:
                                f"{message.body.get('reason', message.kind)}"))
 
     def _worker_gone(self, worker_id: int) -> None:
+        self.gone.add(worker_id)
         for target, future in self.sends_elsewhere.values():
             if target == worker_id and not future.done():
                 future.set_result((transparent_failure_status(),
@@ -619,6 +641,8 @@ class Worker:
             self._rescan()
         elif isinstance(message, control.WorkerGone):
             self._worker_gone(message.worker_id)
+        elif isinstance(message, control.WorkerReady):
+            self.gone.discard(message.worker_id)
 
     def _reload(self, generation: int, snapshot: Path) -> None:
         if generation <= self.generation:

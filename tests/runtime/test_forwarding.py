@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,6 +115,45 @@ def _study(folder: Path, count: int, *, modality: str, description: str,
                        "InstitutionName": "GENERAL"})
         out.append(path)
     return out
+
+
+class _OneAssociationPacs:
+    """A pynetdicom PACS that takes one association at a time (it rejects the next)
+    and counts the most it had open at once, and the instances stored."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage
+
+        self.lock = threading.Lock()
+        self.open_now = self.most = 0
+        self.stored: list[str] = []
+        ae = AE(ae_title="PACS")
+        ae.maximum_associations = 1
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_ACCEPTED, self._opened), (evt.EVT_RELEASED, self._closed),
+            (evt.EVT_ABORTED, self._closed), (evt.EVT_C_STORE, self._store)])
+
+    def _opened(self, event: Any) -> None:
+        with self.lock:
+            self.open_now += 1
+            self.most = max(self.most, self.open_now)
+
+    def _closed(self, event: Any) -> None:
+        with self.lock:
+            self.open_now -= 1
+
+    def _store(self, event: Any) -> int:
+        with self.lock:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
 
 
 def test_rules_route_by_modality_calling_ae_and_regex(tmp_path: Path, procs: Procs,
@@ -399,38 +439,11 @@ def test_transparent_sends_keep_to_the_destination_concurrency(tmp_path: Path,
     """concurrency = 1 holds for transparent sends from every worker: a PACS that takes
     one association at a time (pynetdicom, maximum_associations = 1, rejects the
     next) gets every instance over one association, whichever worker received it."""
-    import threading
-
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-
-    lock = threading.Lock()
-    open_now, most, stored = [0], [0], set()
-
-    def opened(event: Any) -> None:
-        with lock:
-            open_now[0] += 1
-            most[0] = max(most[0], open_now[0])
-
-    def closed(event: Any) -> None:
-        with lock:
-            open_now[0] -= 1
-
-    def store(event: Any) -> int:
-        stored.add(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
-
-    ae = AE(ae_title="PACS")
-    ae.maximum_associations = 1
-    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_ACCEPTED, opened), (evt.EVT_RELEASED, closed), (evt.EVT_ABORTED, closed),
-        (evt.EVT_C_STORE, store)])
+    pacs = _OneAssociationPacs()
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "live"\n[rule.then]\nforward = ["pacs"]\ntransparent = true\n')
     router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
-                    + _destination("pacs", port, "PACS") + "concurrency = 1\n")
+                    + _destination("pacs", pacs.port, "PACS") + "concurrency = 1\n")
     folders = []
     for stream in range(4):
         folders.append(tmp_path / f"data{stream}")
@@ -446,13 +459,13 @@ def test_transparent_sends_keep_to_the_destination_concurrency(tmp_path: Path,
         router.wait_count("closed: released", 4)
     finally:
         router.stop()
-        server.shutdown()
+        pacs.shutdown()
     assert [sender.returncode for sender in senders] == [0, 0, 0, 0], outputs
     # Both workers served senders, and every instance got the destination's Success.
     assert router.count("worker-1 workers.actor") and router.count("worker-2 workers.actor")
     assert router.count("bytes status 0x0000") == 24, router.log()
-    assert stored == {_uid(p) for folder in folders for p in folder.iterdir()}
-    assert most[0] == 1
+    assert sorted(pacs.stored) == sorted(_uid(p) for folder in folders for p in folder.iterdir())
+    assert pacs.most == 1
 
 
 def test_transparent_send_through_a_worker_killed_meanwhile_is_answered(
@@ -522,6 +535,68 @@ def test_transparent_send_through_a_worker_killed_meanwhile_is_answered(
         go_on.set()
         router.stop()
         server.shutdown()
+
+
+def test_transparent_send_while_its_sender_worker_is_down_goes_at_once(
+        tmp_path: Path) -> None:
+    """Worker 1 alone has associations for the PACS (concurrency = 1) and keeps dying,
+    so the supervisor waits seconds before each restart. A transparent C-STORE that
+    worker 2 receives meanwhile is sent by worker 2 itself (worker 1's association died
+    with it) and answered with the PACS's status, before worker 1 is back. Before, it
+    was queued for worker 1's replacement and waited for it: up to the back-off
+    ceiling (30 s), or the sender's own timeout while the worker keeps dying."""
+    from router.net.client import connect
+
+    pacs = _OneAssociationPacs()
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "live"\n[rule.then]\nforward = ["pacs"]\ntransparent = true\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", pacs.port, "PACS") + "concurrency = 1\n")
+    path = tmp_path / "ct.dcm"
+    make_ct(path, size_kb=8)
+    contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
+    ready = re.compile(r"worker 1 ready \(pid (\d+)\)")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        # Each death within 10 s of its start doubles the wait before the next
+        # start: 0.2, 0.4, 0.8, 1.6 s, then 3.2 s after the fifth.
+        for deaths in range(1, 6):
+            pid = int(ready.findall(router.log())[-1])
+            os.kill(pid, signal.SIGKILL)
+            router.wait_count("worker 1 (pid", deaths)  # "... died (...); restarting in"
+            if deaths < 5:
+                router.wait_count("worker 1 ready", deaths + 1)
+        assert "restarting in 3.2 s" in router.log()
+        with connect("127.0.0.1", router.port, calling_ae="MOD", called_ae="ROUTER",
+                     contexts=contexts) as assoc:
+            rsp = assoc.store(path)
+            assert router.count("worker 1 ready") == 5, "worker 1 came back first"
+            assoc.release()
+        assert rsp.status == 0x0000, rsp
+        assert pacs.stored == [_uid(path)]
+        assert router.count(f"worker-2 workers.forward: forward pacs: {_uid(path)}") == 1
+        # Worker 1 back: worker 2 relays to it again (the supervisor said it is ready).
+        router.wait_count("worker 1 ready", 6)
+        again = tmp_path / "again.dcm"
+        make_ct(again, size_kb=8)
+        for n in range(1, 9):
+            with connect("127.0.0.1", router.port, calling_ae=f"MOD{n}", called_ae="ROUTER",
+                         contexts=contexts) as assoc:
+                if not any(f"MOD{n}->ROUTER" in line and "worker-2 " in line
+                           for line in router.log().splitlines()[-20:]):
+                    assoc.release()
+                    continue
+                assert assoc.store(again).status == 0x0000
+                assoc.release()
+                break
+        else:
+            raise AssertionError("worker 2 was given none of 8 associations")
+        assert router.count(f"worker-1 workers.forward: forward pacs: {_uid(again)}") == 1
+    finally:
+        router.stop()
+        pacs.shutdown()
+    assert pacs.stored == [_uid(path), _uid(again)]
+    assert pacs.most == 1
 
 
 def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
