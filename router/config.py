@@ -38,6 +38,10 @@ Every table and key is optional; an empty file is the embedded default::
     # tls_cert = "router.pem"   #   our certificate (chain) and
     # tls_key = "router.key"    #   its private key, PEM, both required;
     # tls_ca = "peers.pem"      #   optional: peers must present a certificate from these CAs
+    proxy_protocol = false      # true: every connection starts with a PROXY protocol
+                                # header (v1 or v2; HAProxy send-proxy[-v2]) naming the
+                                # modality's address, which rules and logs then use
+    # proxy_from = ["10.0.0.5", "10.1.0.0/24"]  # optional: only these may connect
 
     [acceptance]
     called_ae = ["DICOM-ROUTER", "ARCHIVE"]  # called AE titles answered; default
@@ -140,6 +144,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import json
 import math
 import os
@@ -154,6 +159,7 @@ from typing import Any, Final, TypeGuard
 from router.dicom import uids
 from router.dicom.negotiation import AcceptorPolicy
 from router.tls import require_peer_certificates, server_context
+from rules.conditions import parse_network
 
 __all__ = [
     "COMMAND_LINE",
@@ -292,10 +298,16 @@ class Listen:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    # Every connection starts with a PROXY protocol header (router/proxy_protocol.py),
+    # from a balancer at one of ``proxy_from`` (empty: from anywhere).
+    proxy_protocol: bool = False
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         if (problem := _host_problem(self.host)) is not None:
             raise ValueError(f"Listen.host: {problem}")
+        if self.proxy_from and not self.proxy_protocol:
+            raise ValueError("Listen: proxy_from needs proxy_protocol")
         if self.tls and (self.tls_cert is None or self.tls_key is None):
             raise ValueError("Listen: tls needs tls_cert and tls_key")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not (
@@ -305,7 +317,8 @@ class Listen:
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}" + (" (TLS)" if self.tls else "")
+        return (f"{host}:{self.port}" + (" (TLS)" if self.tls else "")
+                + (" (PROXY protocol)" if self.proxy_protocol else ""))
 
 
 _DESTINATION_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -870,7 +883,8 @@ def _suggest(name: str, candidates: Sequence[str]) -> str | None:
 # file may contain. A new table (e.g. [[destination]]) starts with a line here.
 _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("router",): ("ae_title", "workers", "max_associations", "listen"),
-    ("router", "listen"): ("host", "port", "tls", "tls_cert", "tls_key", "tls_ca"),
+    ("router", "listen"): ("host", "port", "tls", "tls_cert", "tls_key", "tls_ca",
+                           "proxy_protocol", "proxy_from"),
     ("acceptance",): ("called_ae", "calling_ae", "sop_classes", "transfer_syntaxes", "max_pdu"),
     ("spool",): ("path", "fsync"),
     ("timeouts",): ("artim", "idle", "drain_grace", "heartbeat_interval", "heartbeat_timeout",
@@ -1331,15 +1345,21 @@ class _Parser:
             if (problem := _host_problem(host)) is not None:
                 raise self.fail(where("host"), problem)
             port = self.integer(entry, where("port"), DEFAULT_PORT, _port_problem)
-            listen = Listen(host=host, port=port, **self.listen_tls(entry, where))
+            listen = Listen(host=host, port=port, **self.listen_tls(entry, where),
+                            **self.listen_proxy(entry, where))
             for number, earlier in enumerate(out, 1):
                 if (earlier.host, earlier.port) == (host, port):
                     raise self.fail(where, f"{listen} is already listed as #{number}")
-                if earlier.port == port and earlier.tls != listen.tls:
-                    # The port tells the workers which connections are TLS ones.
-                    raise self.fail(where("tls"), f"listener #{number} on port {port} "
-                                                  f"{'is not' if listen.tls else 'is'} TLS: "
-                                                  "listeners sharing a port must agree on tls")
+                # The port tells the workers which connections are TLS ones, and
+                # which start with a PROXY header.
+                for key in ("tls", "proxy_protocol", "proxy_from"):
+                    if earlier.port == port and getattr(earlier, key) != getattr(listen, key):
+                        theirs = getattr(earlier, key)
+                        shown = (f"[{', '.join(str(n) for n in theirs)}]"
+                                 if key == "proxy_from" else _show(theirs))
+                        raise self.fail(where(key) if key in entry else where,
+                                        f"listener #{number} on port {port} has {key} = "
+                                        f"{shown}: listeners sharing a port must agree on {key}")
             out.append(listen)
         return self.listen_flags(tuple(out))
 
@@ -1376,6 +1396,27 @@ class _Parser:
                 raise self.fail(where("tls_ca"), f"{ca} holds no PEM CA certificate "
                                                  f"({exc.reason or exc})") from None
         return {"tls": True, "tls_cert": cert, "tls_key": private, "tls_ca": ca}
+
+    def listen_proxy(self, entry: Mapping[str, object], where: _At) -> dict[str, Any]:
+        """A listener's proxy_protocol and proxy_from (addresses or CIDR networks)."""
+        proxy = self.boolean(entry, where("proxy_protocol"), False)
+        if "proxy_from" not in entry:
+            return {"proxy_protocol": proxy}
+        at = where("proxy_from")
+        if not proxy:
+            raise self.fail(at, "proxy_from is set but proxy_protocol is false")
+        value = entry["proxy_from"]
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(v, str) for v in value):
+            raise self.fail(at, "expected a non-empty list of IP addresses or networks "
+                                f"(CIDR, strings), got {_show(value)}")
+        networks = []
+        for text in value:
+            try:
+                networks.append(parse_network(text))
+            except ValueError as exc:
+                raise self.fail(at, str(exc)) from None
+        return {"proxy_protocol": True, "proxy_from": tuple(networks)}
 
     def listen_flags(self, listen: tuple[Listen, ...]) -> tuple[Listen, ...]:
         host, port = self.overrides.get("host"), self.overrides.get("port")

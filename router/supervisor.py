@@ -177,7 +177,8 @@ class Supervisor:
             host, port = sock.getsockname()[:2]
             if spec.tls:
                 self.tls_ports.add(port)
-            log.info("listening on %s:%d%s", host, port, " (TLS)" if spec.tls else "")
+            log.info("listening on %s:%d%s%s", host, port, " (TLS)" if spec.tls else "",
+                     " (PROXY protocol)" if spec.proxy_protocol else "")
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()

@@ -492,8 +492,21 @@ class AETitle(Condition):
         return held
 
 
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IP address or network (CIDR) as a rule or a listener's ``proxy_from`` gives
+    it; ValueError says what is wrong, with the network meant when host bits are set."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        hint = ""
+        if "host bits set" in str(exc):
+            hint = f" (the network is {ipaddress.ip_network(text.strip(), strict=False)})"
+        raise ValueError(f"{exc}{hint}") from None
+
+
 @functools.lru_cache(maxsize=1024)
-def _peer_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def peer_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address (an IPv4-mapped IPv6 one as IPv4), or None."""
     # Cached: an association sends many instances from one peer.
     try:
         address = ipaddress.ip_address(text.strip())
@@ -514,7 +527,7 @@ class Peer(Condition):
         self.networks = tuple(networks)
 
     def test(self, ctx: Context) -> bool:
-        address = _peer_address(ctx.association.peer)
+        address = peer_address(ctx.association.peer)
         return address is not None and any(address in n for n in self.networks)
 
     def explain(self, ctx: Context, out: list[str], indent: str) -> bool:

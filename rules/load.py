@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import ipaddress
 import re
 import tomllib
 from collections.abc import Collection, Iterable, Sequence
@@ -62,6 +61,7 @@ from rules.conditions import (
     canonical_dt,
     canonical_tm,
     has_wildcard,
+    parse_network,
 )
 from rules.model import Problem, Rule, RuleError
 from rules.tags import (
@@ -555,12 +555,9 @@ class _FileCompiler:
         networks = []
         for text in texts:
             try:
-                networks.append(ipaddress.ip_network(text.strip(), strict=True))
+                networks.append(parse_network(text))
             except ValueError as exc:
-                hint = ""
-                if "host bits set" in str(exc):
-                    hint = f" (the network is {ipaddress.ip_network(text.strip(), strict=False)})"
-                return self.fail(where, f"peer: {exc}{hint}")
+                return self.fail(where, f"peer: {exc}")
         return Peer(networks)
 
     def time(self, value: object, where: Where) -> Condition | _Bad:

@@ -325,7 +325,7 @@ ERRORS = [
     pytest.param(
         "[[router.listen]]\nport = 104\n[[router.listen]]\nprot = 105\n",
         'router.toml:4: [[router.listen]] #2 prot: unknown key; did you mean "port"? '
-        "(known keys: host, port, tls, tls_cert, tls_key, tls_ca)",
+        "(known keys: host, port, tls, tls_cert, tls_key, tls_ca, proxy_protocol, proxy_from)",
         id="unknown-key-in-array-table",
     ),
     pytest.param(
@@ -623,6 +623,51 @@ ERRORS = [
         "[[router.listen]]\nport = 104\n\n[[router.listen]]\nhost = \"0.0.0.0\"\nport = 104\n",
         "router.toml:4: [[router.listen]] #2: 0.0.0.0:104 is already listed as #1",
         id="duplicate-listen",
+    ),
+    pytest.param(
+        '[[router.listen]]\nhost = "127.0.0.1"\nport = 104\nproxy_protocol = true\n'
+        '[[router.listen]]\nhost = "127.0.0.2"\nport = 104\n',
+        "router.toml:5: [[router.listen]] #2: listener #1 on port 104 has proxy_protocol = "
+        "true: listeners sharing a port must agree on proxy_protocol",
+        id="listen-proxy-disagrees",
+    ),
+    pytest.param(
+        '[[router.listen]]\nhost = "127.0.0.1"\nport = 104\nproxy_protocol = true\n'
+        'proxy_from = ["10.0.0.1", "10.1.0.0/16"]\n'
+        '[[router.listen]]\nhost = "127.0.0.2"\nport = 104\nproxy_protocol = true\n',
+        "router.toml:6: [[router.listen]] #2: listener #1 on port 104 has proxy_from = "
+        "[10.0.0.1/32, 10.1.0.0/16]: listeners sharing a port must agree on proxy_from",
+        id="listen-proxy-from-disagrees",
+    ),
+    # -- PROXY protocol
+    pytest.param(
+        '[[router.listen]]\nport = 104\nproxy_from = ["10.0.0.1"]\n',
+        "router.toml:3: [[router.listen]] #1 proxy_from: proxy_from is set but proxy_protocol "
+        "is false",
+        id="proxy-from-without-proxy",
+    ),
+    pytest.param(
+        '[[router.listen]]\nport = 104\nproxy_protocol = true\nproxy_from = ["10.0.0.1/8"]\n',
+        "router.toml:4: [[router.listen]] #1 proxy_from: 10.0.0.1/8 has host bits set "
+        "(the network is 10.0.0.0/8)",
+        id="proxy-from-host-bits",
+    ),
+    pytest.param(
+        '[[router.listen]]\nport = 104\nproxy_protocol = true\nproxy_from = ["haproxy1"]\n',
+        "router.toml:4: [[router.listen]] #1 proxy_from: 'haproxy1' does not appear to be an "
+        "IPv4 or IPv6 network",
+        id="proxy-from-name",
+    ),
+    pytest.param(
+        '[[router.listen]]\nport = 104\nproxy_protocol = true\nproxy_from = "10.0.0.1"\n',
+        "router.toml:4: [[router.listen]] #1 proxy_from: expected a non-empty list of IP "
+        'addresses or networks (CIDR, strings), got "10.0.0.1"',
+        id="proxy-from-not-a-list",
+    ),
+    pytest.param(
+        '[[router.listen]]\nport = 104\nproxy_protocol = "v2"\n',
+        'router.toml:3: [[router.listen]] #1 proxy_protocol: expected true or false, got "v2"',
+        id="proxy-protocol-not-bool",
     ),
     # -- TOML syntax: tomllib's own position is kept
     pytest.param(

@@ -193,8 +193,11 @@ class AssociationActor(asyncio.BufferedProtocol):
         dispatcher: Callable[[], Dispatcher | None] | None = None,
         over_limit: bool = False,
         peer: tuple[str, int] | None = None,
+        proxied: bool = False,
     ) -> None:
         self.settings = settings
+        # ``peer`` came from a PROXY protocol header: the socket's peer is the balancer.
+        self.proxied = proxied
         # Adopted while the worker already had its share of associations open: the
         # request is read and rejected (see _requested), never served.
         self.over_limit = over_limit
@@ -252,7 +255,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
-        if peer:
+        if peer and not self.proxied:
             self.stats.peer = (str(peer[0]), int(peer[1]))
         self.engine.connection_made()
         self._after_engine()

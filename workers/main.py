@@ -41,12 +41,14 @@ import zmq
 import zmq.asyncio
 
 from router import control
-from router.config import Config, ConfigError
+from router.config import Config, ConfigError, Listen
 from router.dicom import dimse, uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
+from router.proxy_protocol import ProxyProtocolError, read_proxy_header
 from router.snapshot import Snapshot, SnapshotError
 from router.tls import server_context
 from rules import RuleError, RuleSet
+from rules.conditions import peer_address
 from workers.actor import (
     ActorSettings,
     AssociationActor,
@@ -367,34 +369,70 @@ class Worker:
             self.served += 1
             # recv_connection checked it: (host, port).
             peer = cast(tuple[str, int], header["peer"])
+            port = cast(int, header["local_port"])
             context = None
             if header["tls"]:
                 try:
-                    context = self._server_tls(cast(int, header["local_port"]))
+                    context = self._server_tls(port)
                 except (OSError, ssl.SSLError) as exc:
                     log.error("worker %d: connection from %s:%d closed: no TLS for it: %s",
                               self.worker_id, *peer, exc)
                     sock.close()
                     continue
+            spec = self._listener(port)
             self.adopting += 1
-            self.loop.create_task(self._adopt(sock, peer, context))
+            self.loop.create_task(self._adopt(
+                sock, peer, context, proxy=spec if spec and spec.proxy_protocol else None))
+
+    def _listener(self, port: int) -> Listen | None:
+        """This configuration's listener on ``port`` (after ``--port``, the first)."""
+        spec = next((s for s in self.config.listen if s.port == port), None)
+        return spec if spec is not None or len(self.config.listen) > 1 \
+            else self.config.listen[0]
 
     def _server_tls(self, port: int) -> ssl.SSLContext:
-        """The TLS context of the listener on ``port`` (after ``--port``, the first
-        one's), loaded once per configuration."""
+        """The TLS context of the listener on ``port``, loaded once per configuration."""
         context = self.tls_contexts.get(port)
         if context is None:
-            spec = next((s for s in self.config.listen if s.tls and s.port == port), None)
-            if spec is None and self.config.listen[0].tls:
-                spec = self.config.listen[0]
-            if spec is None or spec.tls_cert is None or spec.tls_key is None:
+            spec = self._listener(port)
+            if spec is None or not spec.tls or spec.tls_cert is None or spec.tls_key is None:
                 raise OSError(f"no TLS listener on port {port} in this configuration")
             context = server_context(spec.tls_cert, spec.tls_key, spec.tls_ca)
             self.tls_contexts[port] = context
         return context
 
+    async def _proxied_peer(self, sock: socket.socket, peer: tuple[str, int],
+                            spec: Listen) -> tuple[str, int] | None:
+        """The client's address from the PROXY header that starts ``sock``, read
+        within ARTIM; None (and one log line) if the connection may not be served."""
+        balancer = peer_address(peer[0])
+        if spec.proxy_from and (balancer is None
+                                or not any(balancer in net for net in spec.proxy_from)):
+            log.warning("worker %d: connection from %s:%d closed: port %d takes connections "
+                        "from its proxy_from balancers only", self.worker_id, *peer, spec.port)
+            return None
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.config.artim_timeout):
+                header = await read_proxy_header(sock)
+        except (ProxyProtocolError, TimeoutError) as exc:
+            why = exc if isinstance(exc, ProxyProtocolError) else \
+                f"no PROXY header in {self.config.artim_timeout:g} s"
+            log.warning("worker %d: connection from %s:%d closed: %s", self.worker_id, *peer,
+                        why)
+            return None
+        return header.source or peer
+
     async def _adopt(self, sock: socket.socket, peer: tuple[str, int],
-                     context: ssl.SSLContext | None = None) -> None:
+                     context: ssl.SSLContext | None = None, *,
+                     proxy: Listen | None = None) -> None:
+        if proxy is not None:
+            client = await self._proxied_peer(sock, peer, proxy)
+            if client is None:
+                self.adopting -= 1
+                sock.close()
+                return
+            peer = client
         made: list[AssociationActor] = []
 
         def factory() -> AssociationActor:
@@ -406,7 +444,7 @@ class Worker:
                                      receive_buffer=self.receive_buffer,
                                      dispatcher=lambda: self.dispatcher,
                                      over_limit=limit is not None and len(self.actors) >= limit,
-                                     peer=peer)
+                                     peer=peer, proxied=proxy is not None)
             self.actors.add(actor)
             made.append(actor)
             return actor
