@@ -60,6 +60,7 @@ from router.dicom.pdu import (
 from tests.deploy.conftest import DEPLOY
 from tests.helpers.data import make_study
 from tests.helpers.dcmtk import Dcmtk, dcmtk_env, start_server
+from tests.helpers.net import free_port
 from tests.helpers.procs import Procs
 from tests.helpers.router import Router
 
@@ -420,3 +421,118 @@ def test_two_routers_behind_haproxy(haproxy: str, dcmtk: Dcmtk, procs: Procs, tm
     assert len(_spooled(routers[0])) == len(a)
     b_after = {_dataset(p) for p in _spooled(routers[1])}
     assert b_after == set(b) | more and len(_spooled(routers[1])) == len(b) + 6
+
+
+PROXY_CFG = """\
+global
+    log stderr format raw local0
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend v1
+    bind 127.0.0.1:{v1}
+    default_backend v1
+backend v1
+    server router 127.0.0.1:{router} send-proxy source 127.0.0.2
+frontend v2
+    bind 127.0.0.1:{v2}
+    default_backend v2
+backend v2
+    server router 127.0.0.1:{router} send-proxy-v2 source 127.0.0.2
+"""
+
+
+@pytest.mark.interop
+def test_proxy_protocol_from_haproxy_gives_rules_the_modality_address(
+        haproxy: str, dcmtk: Dcmtk, procs: Procs, tmp_path: Path) -> None:
+    """haproxy connects to the router from 127.0.0.2 (``source``) and sends a PROXY
+    header first, version 1 (``send-proxy``) on one frontend and version 2
+    (``send-proxy-v2``) on the other. The router's listener has ``proxy_protocol =
+    true``: each association is logged as from storescu's own address (127.0.0.1), and a
+    rule that rejects what comes from 127.0.0.2 (the balancer) does not match, so every
+    instance is stored byte for byte. Before, the router took the header for a
+    malformed PDU and aborted every association."""
+    router_port = free_port()
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "not from the balancer itself"\n[rule.when]\npeer = "127.0.0.2"\n'
+        '[rule.then]\nreject = 0xA700\n')
+    router = Router(tmp_path, workers=2, extra='[routing]\nrules = "rules.toml"\n',
+                    router_extra=f'[[router.listen]]\nhost = "127.0.0.1"\nport = {router_port}\n'
+                                 'proxy_protocol = true\n')
+    try:
+        router.wait_for("ready: 2 workers serving")
+        ports: dict[str, int] = {}
+
+        def command(port: int) -> list[str]:
+            ports["v1"], ports["v2"] = port, free_port()
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(PROXY_CFG.format(v1=ports["v1"], v2=ports["v2"],
+                                               router=router_port))
+            return [haproxy, "-db", "-f", str(config)]
+
+        start_server(procs, command, None, name="haproxy")
+        sent: set[bytes] = set()
+        for version in ("v1", "v2"):
+            folder = tmp_path / version
+            make_study(folder, n_instances=3, size_kb=64, patient_id=version.upper())
+            done = subprocess.run(
+                [dcmtk.storescu, "-aet", f"MOD-{version.upper()}", "-aec", "ROUTER",
+                 "127.0.0.1", str(ports[version]), *map(str, sorted(folder.glob("*.dcm")))],
+                capture_output=True, text=True, timeout=60, env=dcmtk_env(), check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+            sent |= {_dataset(f) for f in folder.glob("*.dcm")}
+        router.wait_count("closed: released", 2)
+    finally:
+        router.stop()
+    opened = [line for line in router.log().splitlines() if "->ROUTER " in line
+              and "accepted" in line]
+    assert len(opened) == 2, router.log()
+    for line in opened:
+        assert re.search(r"MOD-V[12]->ROUTER 127\.0\.0\.1:\d+ accepted", line), line
+    assert {_dataset(p) for p in _spooled(router)} == sent
+
+
+@pytest.mark.interop
+def test_the_health_check_with_send_proxy_v2_as_deploy_readme_says(
+        haproxy: str, procs: Procs, tmp_path: Path, rejecting_peer: RejectingPeer) -> None:
+    """The shipped file with `send-proxy-v2 check-send-proxy` added to its server lines,
+    in front of two routers whose listener has ``proxy_protocol = true``: the DICOM
+    health check reaches them through the PROXY header and marks both UP. (With the
+    check's `tcp-check connect` as it was, without `default`, haproxy ignored
+    check-send-proxy: the routers closed every check, "no PROXY header", and both
+    were DOWN.)"""
+    stats = tmp_path / "haproxy.sock"
+    config = tmp_path / "haproxy.cfg"
+    started: list[Router] = []
+    ports: list[int] = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            ports.append(port := free_port())
+            started.append(Router(
+                tmp_path / name, workers=1, extra='[acceptance]\ncalled_ae = ["DICOM-ROUTER"]\n',
+                router_extra=f'[[router.listen]]\nhost = "127.0.0.1"\nport = {port}\n'
+                             'proxy_protocol = true\nproxy_from = ["127.0.0.1"]\n'))
+        for router in started:
+            router.wait_for("ready: 1 workers serving")
+
+        def command(port: int) -> list[str]:
+            text = config_for_test(port, ports, rejecting_peer.port, stats)
+            text, made = re.subn(r"^(    server router\d 127\.0\.0\.1:\d+)$",
+                                 r"\1 send-proxy-v2 check-send-proxy", text, flags=re.MULTILINE)
+            assert made == 2
+            config.write_text(text)
+            return [haproxy, "-db", "-f", str(config)]
+
+        start_server(procs, command, None, name="haproxy")
+        wait_states(stats, {"router1": ("UP", "L7OK"), "router2": ("UP", "L7OK")})
+        for router in started:
+            router.wait_for("HAPROXY-CHECK->DICOM-ROUTER 127.0.0.1:")
+    finally:
+        for router in started:
+            router.stop()
+    for router in started:
+        assert "PROXY header" not in router.log(), router.log()
