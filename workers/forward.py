@@ -79,7 +79,7 @@ from router.dicom.errors import DIMSEError
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
-    instance_syntaxes,
+    instance_contexts,
     open_association,
 )
 from workers.queue import move_to_dead, queue_folder, queued
@@ -474,7 +474,7 @@ class DestinationActor:
         d = self.destination
         # An instance is sent as stored when the destination takes its syntax; a native
         # one may also go in the two every node takes (converted: see context_to_send).
-        contexts = [(sop, instance_syntaxes(ts)) for sop, ts in self._pairs]
+        contexts = instance_contexts(list(self._pairs), _MAX_CONTEXTS)
         self._connecting += 1
         self._wake.set()  # an idle sender holding an association lets it go (_wait_job)
         try:

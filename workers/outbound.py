@@ -36,7 +36,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -62,7 +62,8 @@ from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRQ
 
-__all__ = ["OutboundAssociation", "OutboundError", "instance_syntaxes", "open_association",
+__all__ = ["OutboundAssociation", "OutboundError", "instance_contexts", "instance_syntaxes",
+           "open_association",
            "proposal_syntaxes",
            "tls_context"]
 
@@ -647,6 +648,36 @@ def instance_syntaxes(transfer_syntax: str) -> list[str]:
     if uids.is_uncompressed(transfer_syntax):
         return proposal_syntaxes(transfer_syntax)
     return [transfer_syntax]
+
+
+def instance_contexts(pairs: Sequence[tuple[str, str]], limit: int = 128,
+                      ) -> list[tuple[str, list[str]]]:
+    """Presentation contexts for instances held as ``pairs`` of (SOP class, transfer
+    syntax), the last ones first when they do not all fit in ``limit`` contexts.
+
+    Each held syntax is proposed in a context of its own, and for a native one the
+    two little endian ones in another. In one context [held, Explicit LE, Implicit
+    LE] the acceptor picks (PS3.8 §9.3.2.2), and DCMTK's storescp picks Explicit LE
+    whatever comes first: a big endian or an implicit VR instance was then converted
+    although the destination takes it as it is, and converting implicit VR makes
+    private elements UN. With its own context the held syntax is accepted wherever
+    it is supported, and ``context_for_instance`` prefers it; the other context
+    serves destinations that take only what PS3.5 §10.1 requires."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    groups: list[list[tuple[str, tuple[str, ...]]]] = []
+    for sop_class, transfer_syntax in reversed(pairs):
+        wanted: list[tuple[str, tuple[str, ...]]] = [(sop_class, (transfer_syntax,))]
+        if uids.is_uncompressed(transfer_syntax):
+            fallback = tuple(ts for ts in (uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                                           uids.IMPLICIT_VR_LITTLE_ENDIAN)
+                             if ts != transfer_syntax)
+            wanted.append((sop_class, fallback))
+        new = [c for c in wanted if c not in seen]
+        if len(seen) + len(new) > limit:
+            break
+        seen.update(new)
+        groups.append(new)
+    return [(sop, list(syntaxes)) for group in reversed(groups) for sop, syntaxes in group]
 
 
 async def open_association(destination: Destination,

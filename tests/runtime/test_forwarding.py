@@ -763,6 +763,39 @@ def test_a_destination_that_takes_only_implicit_vr_gets_converted_instances(
     assert _uid(dead) == _uid(jpeg) and _dataset(dead) == _dataset(jpeg)
 
 
+def test_native_instances_go_in_their_own_syntax_where_the_destination_takes_it(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """An instance held in Big Endian or Implicit VR reaches a storescp that takes every
+    syntax (+xa) as it was sent: same transfer syntax, same data set bytes (the private
+    element of the implicit one keeps its VR: its bytes do not change). The router used
+    to propose [held, Explicit LE, Implicit LE] in one context; storescp picks Explicit
+    LE from such a list whatever the order, so both were converted, and the private
+    element of the implicit VR one arrived as UN."""
+    sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
+    implicit = tmp_path / "implicit.dcm"
+    make_ct(implicit, size_kb=24, seed=3, transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
+    ds = pydicom.dcmread(implicit)
+    ds.private_block(0x0029, "ROUTER TEST", create=True).add_new(0x01, "LO", "kept as is")
+    ds.save_as(implicit, enforce_file_format=True)
+    big = next(p for p in pydicom_test_files() if p.name == "MR_small_bigendian.dcm")
+    router = _forward_all(tmp_path, "pacs", sink.port, "PACS")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        for path, proposal in ((big, "-xb"), (implicit, "-xi")):
+            done = dcmtk.run("storescu", proposal, "-aet", "MOD1", "-aec", "ROUTER",
+                             "127.0.0.1", str(router.port), str(path))
+            assert done.returncode == 0, done.stdout + done.stderr
+        router.wait_count("forward pacs:", 2)
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): p for p in received_files(sink.outdir)}
+    for source in (big, implicit):
+        received = got[_uid(source)]
+        assert read_part10_header(received).transfer_syntax == \
+            read_part10_header(source).transfer_syntax, source.name
+        assert _dataset(received) == _dataset(source), source.name
+
+
 def test_a_destination_serving_one_association_at_a_time_is_not_kept_waiting(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """storescp without --fork serves one association at a time. With the default
