@@ -1060,6 +1060,12 @@ def _decode(buf: bytes) -> DimseMessage:
     unpack_header = _HEADER.unpack_from
     while end - offset >= 8:
         group, element, length = unpack_header(buf, offset)
+        if group != 0x0000 and values:
+            # Elements of other groups after the command elements: not a command set's
+            # (PS3.7 §6.3.1), but Orthanc puts Failed SOP Instance UID List (0008,0058)
+            # in its C-GET-RSP command set, and DCMTK and pynetdicom ignore such
+            # elements. Ignored here too: aborting lost the response and its counts.
+            break
         if group != 0x0000:
             raise DIMSEError(
                 f"element ({group:04X},{element:04X}) at offset {offset} is not in "
@@ -1079,7 +1085,7 @@ def _decode(buf: bytes) -> DimseMessage:
             )
         values[element] = buf[offset : offset + length]
         offset += length
-    if offset != end and buf[offset:].strip(b"\x00"):
+    if offset != end and end - offset < 8 and buf[offset:].strip(b"\x00"):
         raise DIMSEError(
             f"{end - offset} trailing bytes after the last element of the command set",
             status=CANNOT_UNDERSTAND,

@@ -1410,7 +1410,8 @@ def test_empty_optional_values_are_absent() -> None:
             "twice",
         ),
         (
-            b"".join(ECHO_ELEMENTS) + struct.pack("<HHI", 0x0008, 0x0016, 0),
+            # A data set where the command set belongs: it starts outside group 0000.
+            struct.pack("<HHI", 0x0008, 0x0016, 0) + b"".join(ECHO_ELEMENTS),
             CANNOT_UNDERSTAND,
             "group 0000",
         ),
@@ -1431,6 +1432,20 @@ def test_malformed(raw: bytes, status: int, words: str) -> None:
         decode_command(raw)
     assert info.value.status == status
     assert words in str(info.value)
+
+
+def test_elements_of_other_groups_after_the_command_elements_are_ignored() -> None:
+    """Orthanc 1.10 puts Failed SOP Instance UID List (0008,0058) into the command set of
+    its final C-GET-RSP. PS3.7 §6.3.1 allows only group 0000 there, but DCMTK and
+    pynetdicom read such a response, and aborting the association (as the decoder did)
+    lost the response and its sub-operation counts. The elements are ignored, whatever
+    follows them; CommandGroupLength is not checked against them either."""
+    failed = b"1.2.3.4\1.2.3.5\x00"
+    trailing = struct.pack("<HHI", 0x0008, 0x0058, len(failed)) + failed
+    message = decode_command(C_GET_RSP_BYTES + trailing)
+    assert message == decode_command(C_GET_RSP_BYTES)
+    # Even when what follows is not well framed: it is not read at all.
+    assert decode_command(C_GET_RSP_BYTES + struct.pack("<HHI", 0x0008, 0x0058, 999)) == message
 
 
 def test_bad_priority_is_mistyped() -> None:

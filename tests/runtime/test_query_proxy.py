@@ -20,6 +20,7 @@ from tests.helpers import (
     Dcmtk,
     Procs,
     make_study,
+    pydicom_test_files,
     received_files,
     same_content,
     start_orthanc,
@@ -351,6 +352,55 @@ def test_getscu_through_the_router_receives_the_study_on_its_own_association(
     assert sorted(got) == sorted(_uid(p) for p in study)
     for src in study:  # the same elements and pixel values, in whatever native syntax
         same_content(pydicom.dcmread(got[_uid(src)]), src)
+
+
+def test_getscu_refusing_one_instance_gets_orthancs_final_counts_through_the_router(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """getscu proposes uncompressed syntaxes only and Orthanc 1.10 cannot decode JPEG
+    2000, so the JPEG 2000 instance of the study is a failed sub-operation. Orthanc's
+    final C-GET-RSP then carries Failed SOP Instance UID List (0008,0058) in its
+    command set, outside group 0000 (PS3.7 6.3.1). The
+    router read that as an undecodable command, aborted Orthanc and answered A702
+    with no counts although the instances had arrived; now getscu gets the same final
+    status and counts through the router as from Orthanc directly."""
+    _, pacs, router = _move_setup(tmp_path, procs, dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=2, size_kb=8, seed=4)
+    j2k = pydicom.dcmread(next(p for p in pydicom_test_files()
+                                if p.name == "MR_small_jp2klossless.dcm"))
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    j2k.StudyInstanceUID = uid
+    j2k.PatientID = pydicom.dcmread(study[0]).PatientID
+    j2k.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    for path in [*study, tmp_path / "j2k.dcm"]:
+        pacs.upload(path)
+
+    seen: list[bool] = []  # whether the final response had (0008,0058)
+
+    def get(port: int, called: str, out: Path) -> str:
+        out.mkdir()
+        done = subprocess.run([dcmtk.getscu, "-d", "-S", "-aet", "VIEWER", "-aec", called,
+                               "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                               "-k", f"StudyInstanceUID={uid}", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        log = done.stdout + done.stderr
+        final = log[log.rindex("Received C-GET Response"):]
+        seen.append("(0008,0058)" in final)
+        return "\n".join(line for line in final.splitlines()
+                         if "C-GET Response" in line or "Suboperations" in line)
+
+    try:
+        router.wait_for("ready: 2 workers serving")
+        direct = get(pacs.dicom_port, pacs.aet, tmp_path / "direct")
+        via = get(router.port, "ROUTER", tmp_path / "via")
+    finally:
+        router.stop()
+    # Orthanc stops at its first failure: how many were done first depends on its order.
+    assert "Number of Failed Suboperations    : 1" in direct, direct
+    assert via == direct
+    assert seen[0], "Orthanc's final response has no (0008,0058) any more: test it otherwise"
+    assert "undecodable" not in router.log(), router.log()
+    assert sorted(p.name for p in (tmp_path / "via").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "direct").iterdir())
 
 
 def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
