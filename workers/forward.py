@@ -441,14 +441,26 @@ class DestinationActor:
                 elif pair[1] != uids.IMPLICIT_VR_LITTLE_ENDIAN:
                     reason += " nor in Explicit or Implicit VR Little Endian"
                 fd, claim = -1, fd
-                self._failed(entry, urgent, claim, reason, None, permanent=True)
+                # A transparent sender must not be told to try again (A700H): it never
+                # will get through. 0122H if the destination said it does not support
+                # the SOP class (PS3.7 Annex C), else C000H, cannot understand (PS3.4
+                # B.2.3): not in a syntax the router can send it in.
+                # The Error Comment holds 64 characters (LO): the long reason is logged.
+                unsendable = ((dimse.SOP_CLASS_NOT_SUPPORTED,
+                               f"{self.name} does not support this SOP class")
+                              if assoc.refuses_sop_class(pair[0]) else
+                              (dimse.CANNOT_UNDERSTAND,
+                               f"{self.name} takes it in no syntax the router can send"))
+                self._failed(entry, urgent, claim, reason, None, permanent=True,
+                             answer=unsendable)
                 return assoc
             started = self.clock()
             try:
                 rsp = await assoc.store(path, part10, ctx, fd=source)
             except DIMSEError as exc:  # it cannot be converted: nothing was sent
                 fd, claim = -1, fd
-                self._failed(entry, urgent, claim, str(exc), None, permanent=True)
+                self._failed(entry, urgent, claim, str(exc), None, permanent=True,
+                             answer=(dimse.CANNOT_UNDERSTAND, str(exc)))
                 return assoc
             except (OutboundError, OSError) as exc:
                 self._open.discard(assoc)
@@ -572,12 +584,19 @@ class DestinationActor:
                    sop_instance_uid=part10.sop_instance_uid, status=status)
 
     def _failed(self, entry: _Entry | None, urgent: _Urgent | None, fd: int, reason: str,
-                status: int | None, *, permanent: bool, counted: bool = True) -> None:
+                status: int | None, *, permanent: bool, counted: bool = True,
+                answer: tuple[int, str] | None = None) -> None:
+        """A delivery failed: ``status`` is the destination's, if it gave one;
+        ``answer`` the status and comment a transparent sender gets when it did not
+        (else A700H and ``reason``)."""
         self.stats.last_error = reason
         if urgent is not None:
+            if status is None:
+                log.warning("forward %s: %s not sent: %s", self.name, urgent.path.name, reason)
             if not urgent.future.done():
-                urgent.future.set_result((status if status is not None
-                                          else transparent_failure_status(), reason))
+                urgent.future.set_result(
+                    (status, reason) if status is not None
+                    else answer or (transparent_failure_status(), reason))
             return
         assert entry is not None
         entry.failures += counted

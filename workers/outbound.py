@@ -60,7 +60,7 @@ from router.dicom.events import (
 )
 from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
-from router.dicom.pdu import AAssociateRQ
+from router.dicom.pdu import AAssociateRQ, PresentationContextResult
 
 __all__ = ["OutboundAssociation", "OutboundError", "instance_contexts", "instance_syntaxes",
            "open_association",
@@ -267,6 +267,19 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                         type(msg).__name__, mid)
             if msg.has_dataset:
                 await self._drain()
+
+    def refuses_sop_class(self, sop_class: str) -> bool:
+        """Whether the destination answered every context we proposed for
+        ``sop_class`` "abstract syntax not supported" (PS3.8 §9.3.3.2, Table 9-18,
+        result 3): it does not take the class in any syntax, not just not ours."""
+        request, accept = self.engine.request_pdu, self.engine.accept_pdu
+        if request is None or accept is None:
+            return False
+        ids = {pc.context_id for pc in request.presentation_contexts
+               if pc.abstract_syntax == sop_class}
+        results = [pc.result for pc in accept.presentation_contexts if pc.context_id in ids]
+        return bool(results) and all(
+            r is PresentationContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED for r in results)
 
     def context_for_model(self, abstract_syntax: str) -> NegotiatedContext | None:
         """An accepted context for ``abstract_syntax`` (any transfer syntax), if any."""

@@ -391,13 +391,14 @@ def test_rules_reloaded_during_traffic_lose_no_association(tmp_path: Path, procs
 
 def test_transparent_rule_answers_with_the_destination_status(tmp_path: Path) -> None:
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
     from router.net.client import connect
 
     answers = [0xA900]
     ae = AE(ae_title="PACS")
     ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    ae.add_supported_context(MRImageStorage, ["1.2.840.10008.1.2.1"])
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, lambda event: answers[0])])
@@ -426,6 +427,25 @@ def test_transparent_rule_answers_with_the_destination_status(tmp_path: Path) ->
             rsp = assoc.store(path)
             assert rsp.status == 0xA700 and "cannot connect" in (rsp.error_comment or "")
             assoc.release()
+        # What the destination will never take is not "try later" (A700H, as it was):
+        # an SOP class it does not support is 0122H; one it takes, but not in the
+        # instance's syntax (JPEG 2000; the router does not decompress), is C000H.
+        files = {p.name: p for p in pydicom_test_files()}
+        sc, j2k = files["SC_rgb_small_odd.dcm"], files["MR_small_jp2klossless.dcm"]
+        with connect("127.0.0.1", router.port, calling_ae="MOD1", called_ae="ROUTER",
+                     contexts=[(read_part10_header(p).sop_class_uid,
+                                [read_part10_header(p).transfer_syntax]) for p in (sc, j2k)],
+                     ) as assoc:
+            rsp = assoc.store(sc)
+            assert (rsp.status, rsp.error_comment) == (
+                0x0122, "pacs does not support this SOP class"), rsp
+            rsp = assoc.store(j2k)
+            assert (rsp.status, rsp.error_comment) == (
+                0xC000, "pacs takes it in no syntax the router can send"), rsp
+            assoc.release()
+        at = router.wait_for("not sent: ", start=router.wait_for("not sent: ") + 1)
+        line = router.log().splitlines()[at]
+        assert "forward pacs:" in line and "(the router does not decompress)" in line, line
     finally:
         router.stop()
         server.shutdown()
