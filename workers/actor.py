@@ -54,7 +54,7 @@ from typing import Any
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
 from router.dicom.dataset import InstanceIdentity, decode_dataset
-from router.dicom.errors import ProtocolError
+from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.events import (
     NEED_DATA,
     AssociationAborted,
@@ -589,11 +589,17 @@ class AssociationActor(asyncio.BufferedProtocol):
         exc = future.exception()
         if exc is not None:
             self._busy = False
-            log.error("association %s: commit of %s failed: %s", self._who(),
-                      msg.affected_sop_instance_uid, exc)
-            status = status_for_error(exc) if isinstance(exc, OSError) else \
-                dimse.PROCESSING_FAILURE
-            self._store_respond(ctx, msg, status, None, size)
+            # A data set the rules cannot read keeps its DIMSEError's status (C000H)
+            # and says why; disk trouble is A700H or 0110H (status_for_error).
+            if isinstance(exc, DIMSEError):
+                log.warning("association %s: %s refused: %s", self._who(),
+                            msg.affected_sop_instance_uid, exc)
+                self._store_respond(ctx, msg, exc.status, None, size, comment=str(exc))
+            else:
+                log.error("association %s: commit of %s failed: %s", self._who(),
+                          msg.affected_sop_instance_uid, exc)
+                self._store_respond(ctx, msg, status_for_error(exc) if isinstance(
+                    exc, OSError) else dimse.PROCESSING_FAILURE, None, size)
         else:
             placed = future.result()
             routed = placed.placement.note

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import mmap
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +42,12 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from router.config import Config
 from router.dicom import dimse
 from router.dicom.dataset import HeaderIncomplete, read_top_level, walkable_encoding
-from router.dicom.errors import ProtocolError
+from router.dicom.errors import DIMSEError, ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
 from workers.moves import move_destination_of
@@ -158,35 +161,102 @@ def read_header(path: Path, transfer_syntax: str, offset: int,
                 tags: frozenset[int]) -> Dataset | None:
     """The top-level elements ``tags`` of the data set at ``offset`` in ``path``, as a
     pydicom Dataset of raw elements (decoded when a rule reads them), or None when
-    this fast path does not apply (deflated or unknown transfer syntax, a wanted
-    sequence of undefined length, a malformed data set): then pydicom reads it.
+    this fast path does not apply (unknown transfer syntax, a wanted sequence of
+    undefined length, a malformed data set): then pydicom reads it.
+
+    The first 16 KiB are read; a header that goes on past them (a big element
+    before a wanted one) is walked in a read-only map of the file, so what is
+    skipped is never in memory. A deflated data set (PS3.5 A.5) is inflated up to
+    8 MiB for it, never further: a few MB of deflated zeros may inflate to
+    gigabytes, and pydicom inflates all of it (that killed a worker). Past that
+    bound, or where this walk cannot read it, a deflated data set is refused with
+    C000H rather than handed to pydicom.
 
     Measured on a CT header with four attributes read: ~70 us, against 220-470 us
     for ``dcmread(stop_before_pixels=True, specific_tags=...)``, which still runs
     every element before them through pydicom's generator.
     """
-    encoding = walkable_encoding(transfer_syntax)
-    if encoding is None:
-        return None
-    implicit, little = encoding
-    size = _HEAD
-    with open(path, "rb") as fh:
-        while True:
-            fh.seek(offset)
-            data = fh.read(size)
-            try:
-                found = read_top_level(data, implicit=implicit, little=little, tags=tags)
-                break
-            except HeaderIncomplete:
-                if len(data) < size or size >= _MAX_HEAD:
-                    return None  # truncated, or a huge header: pydicom decides
-                size *= 8
-            except (ValueError, ProtocolError):
-                return None
+    if UID(transfer_syntax).is_deflated:
+        found = _deflated_header(path, offset, tags)
+        implicit, little = False, True  # deflated data sets are explicit VR LE
+    else:
+        encoding = walkable_encoding(transfer_syntax)
+        if encoding is None:
+            return None
+        implicit, little = encoding
+        try:
+            found = _walk_file(path, offset, tags, implicit=implicit, little=little)
+        except (HeaderIncomplete, ValueError, ProtocolError):
+            return None  # truncated or malformed: pydicom decides
     ds = Dataset()
     for tag, (vr, value) in found.items():
         ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, implicit, little)
     return ds
+
+
+def _walk_file(path: Path, offset: int, tags: frozenset[int], *, implicit: bool,
+               little: bool) -> dict[int, tuple[str | None, bytes]]:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(_HEAD)
+        try:
+            return read_top_level(data, implicit=implicit, little=little, tags=tags)
+        except HeaderIncomplete:
+            if len(data) < _HEAD:
+                raise  # the file ends first
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return read_top_level(view[offset:], implicit=implicit, little=little,
+                                      tags=tags)
+            finally:
+                view.release()  # before the map closes (read_top_level copies values)
+
+
+def _deflated_header(path: Path, offset: int,
+                     tags: frozenset[int]) -> dict[int, tuple[str | None, bytes]]:
+    """The wanted top-level elements of a deflated data set, inflating no more than
+    _MAX_HEAD bytes; DIMSEError (C000H) when they are not within that."""
+    size = _HEAD
+    while True:
+        data, complete = _inflate_file(path, offset, size)
+        try:
+            return read_top_level(data, implicit=False, little=True, tags=tags)
+        except HeaderIncomplete:
+            if complete:
+                raise DIMSEError("deflated data set ends within an element",
+                                 status=dimse.CANNOT_UNDERSTAND) from None
+            if size >= _MAX_HEAD:
+                raise DIMSEError(
+                    f"deflated data set: the attributes the rules read are not within its "
+                    f"first {_MAX_HEAD >> 20} MiB inflated", status=dimse.CANNOT_UNDERSTAND,
+                ) from None
+            size *= 8
+        except ValueError as exc:
+            raise DIMSEError(f"deflated data set: {exc}", status=dimse.CANNOT_UNDERSTAND,
+                             ) from None
+
+
+def _inflate_file(path: Path, offset: int, size: int) -> tuple[bytes, bool]:
+    """Up to ``size`` bytes of the raw deflate stream (PS3.5 A.5) at ``offset`` in
+    ``path``, read in steps; and whether that is all of it."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        pending = b""
+        while len(out) < size and not inflater.eof:
+            if not pending:
+                pending = fh.read(_HEAD)
+                if not pending:
+                    return bytes(out), True
+            try:
+                out += inflater.decompress(pending, size - len(out))
+            except zlib.error as exc:
+                raise DIMSEError(f"deflated data set does not inflate: {exc}",
+                                 status=dimse.CANNOT_UNDERSTAND) from None
+            pending = inflater.unconsumed_tail
+    return bytes(out), inflater.eof
 
 
 def _names(decision: Decision) -> str:

@@ -619,6 +619,40 @@ def test_transparent_send_while_its_sender_worker_is_down_goes_at_once(
     assert pacs.most == 1
 
 
+def test_a_deflate_bomb_is_refused_c000_and_the_worker_lives_on(tmp_path: Path) -> None:
+    """A rule reads PatientName; a C-STORE in Deflated Explicit VR LE whose data set
+    inflates to 64 MiB of zeros before it (64 KiB sent; 3 MB so made inflated to 3 GB
+    in pydicom and killed the worker on its heartbeat). It is answered C000H within the
+    worker's memory, the worker is the same process afterwards, and the next instance
+    is stored."""
+    from router.net.client import connect
+    from tests.workers.test_routing import _part10
+
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "vip"\n[rule.when]\nPatientName = "VIP*"\n[rule.then]\n'
+        'drop = true\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n')
+    bomb, plain = tmp_path / "bomb.dcm", tmp_path / "plain.dcm"
+    _part10(bomb, "1.2.840.10008.1.2.1.99", 64 << 20)
+    make_ct(plain, size_kb=8)
+    contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1.99",
+                                               "1.2.840.10008.1.2.1"])]
+    try:
+        router.wait_for("ready: 1 workers serving")
+        pids = [w["pid"] for w in router.status()["workers"]]  # type: ignore[union-attr]
+        with connect("127.0.0.1", router.port, calling_ae="MOD", called_ae="ROUTER",
+                     contexts=contexts) as assoc:
+            rsp = assoc.store(bomb)
+            assert rsp.status == 0xC000, rsp
+            assert assoc.store(plain).status == 0x0000
+            assoc.release()
+        assert [w["pid"] for w in router.status()["workers"]] == pids  # type: ignore[union-attr]
+    finally:
+        assert router.stop() == 0
+    assert "not within its first 8 MiB inflated" in router.log()
+    assert [_uid(p) for p in (router.spool / "unrouted").glob("*.dcm")] == [_uid(plain)]
+
+
 def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "x"\n[rule.when]\nModallity = "CT"\n[rule.then]\nforward = ["pacs"]\n')

@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from router.dicom.dataset import HeaderIncomplete, read_part10_header, read_top_level
+from router.dicom.errors import DIMSEError
 from tests.helpers import pydicom_test_files
 from workers.routing import read_header
 
@@ -61,3 +62,57 @@ def test_read_top_level_stops_before_pixel_data_and_asks_for_more() -> None:
     with pytest.raises(HeaderIncomplete):
         read_top_level(data[:30], implicit=False, little=True, tags=frozenset({0x7FE10010}))
     assert read_top_level(data, implicit=False, little=True, tags=frozenset({0x7FE10010})) == {}
+
+
+def _part10(path: Path, transfer_syntax: str, big: int) -> None:
+    """A CT whose header has a private OB of ``big`` zero bytes before PatientName."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    ds.Modality = "CT"
+    ds.add_new(0x00090010, "LO", "ROUTER TEST")
+    ds.add_new(0x00091010, "OB", bytes(big))
+    ds.PatientName = "Last^First"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+
+
+WANTED = frozenset({0x00080060, 0x00100010})
+
+
+def test_a_deflated_header_is_read_without_pydicom(tmp_path: Path) -> None:
+    path = tmp_path / "deflated.dcm"
+    _part10(path, "1.2.840.10008.1.2.1.99", 100_000)
+    part10 = read_part10_header(path)
+    header = read_header(path, part10.transfer_syntax, part10.dataset_offset, WANTED)
+    assert header is not None
+    assert (header.Modality, str(header.PatientName)) == ("CT", "Last^First")
+
+
+def test_a_deflate_bomb_before_the_wanted_attributes_is_refused_c000(tmp_path: Path) -> None:
+    """64 MiB of zeros deflate to 64 KiB. pydicom inflated all of it to read a header
+    (3 MB sent this way took 4 GB and the worker); the walk inflates 8 MiB at most and
+    refuses the instance with C000H."""
+    path = tmp_path / "bomb.dcm"
+    _part10(path, "1.2.840.10008.1.2.1.99", 64 << 20)
+    assert path.stat().st_size < 1 << 20
+    part10 = read_part10_header(path)
+    with pytest.raises(DIMSEError, match="not within its first 8 MiB inflated") as info:
+        read_header(path, part10.transfer_syntax, part10.dataset_offset, WANTED)
+    assert info.value.status == 0xC000
+
+
+def test_a_big_element_before_the_wanted_ones_is_skipped_in_a_map(tmp_path: Path) -> None:
+    """20 MB before PatientName: walked in a read-only map of the file, not handed to
+    pydicom (which reads the 20 MB into memory, or all of a 1 GB element)."""
+    path = tmp_path / "big.dcm"
+    _part10(path, "1.2.840.10008.1.2.1", 20 << 20)
+    part10 = read_part10_header(path)
+    header = read_header(path, part10.transfer_syntax, part10.dataset_offset, WANTED)
+    assert header is not None
+    assert (header.Modality, str(header.PatientName)) == ("CT", "Last^First")
