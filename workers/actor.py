@@ -404,6 +404,25 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._refuse(ctx, msg, dimse.SOP_CLASS_NOT_SUPPORTED,
                          f"presentation context {ctx.context_id} is for "
                          f"{ctx.abstract_syntax}")
+        elif (dimse.is_request(msg) and not ctx.requestor_scu
+              and not isinstance(msg, dimse.NEventReportRQ)):
+            # PS3.7 D.3.3.4: the requestor negotiated the SCP role alone for this SOP
+            # class (Table D.3-10), so it may not invoke its operations here. But an
+            # N-EVENT-REPORT is the SCP's to send (Storage Commitment results come on
+            # an association whose requestor takes the SCP role, PS3.4 J.3.3).
+            log.warning("association %s: %s on context %d, where the requestor took the "
+                        "SCP role only: refused", self._who(), type(msg).__name__,
+                        ctx.context_id)
+            self.stats.failed += isinstance(msg, dimse.CStoreRQ)
+            self._refuse(ctx, msg, dimse.SOP_CLASS_NOT_SUPPORTED,
+                         "not negotiated in the SCU role for this SOP class")
+        elif (isinstance(msg, dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ)
+              and not msg.has_dataset):
+            # PS3.7 9.1.2.1, 9.1.3.1, 9.1.4.1: the Identifier is mandatory. Waiting for
+            # one would take the next data set (another request's) for it.
+            log.warning("association %s: %s %d without an identifier: refused", self._who(),
+                        _operation_name(msg), msg.message_id)
+            self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND, "request without an identifier")
         elif isinstance(msg, dimse.CStoreRQ) and not msg.has_dataset:
             # PS3.7 9.3.1.1: a C-STORE-RQ carries the instance. Nothing to store, and
             # no data set will come to end it: answered here.

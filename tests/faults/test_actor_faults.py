@@ -376,3 +376,51 @@ def test_a_data_set_that_is_not_the_instance_named_is_refused(
     assert len(stored) == 1 and stored[0].read_bytes().endswith(good)
     assert [p.name for p in (server.spool.root / "tmp").iterdir()
             if p.stat().st_size] == []
+
+
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+@pytest.mark.parametrize(("field", "abstract"), [
+    pytest.param(0x0020, STUDY_FIND, id="C-FIND"),
+    pytest.param(0x0021, "1.2.840.10008.5.1.4.1.2.2.2", id="C-MOVE"),
+    pytest.param(0x0010, "1.2.840.10008.5.1.4.1.2.2.3", id="C-GET"),
+])
+def test_a_query_without_an_identifier_is_refused_at_once(
+        server: LoopServer, no_tracebacks: None, field: int, abstract: str) -> None:
+    """PS3.7 9.1.2.1 (and 9.1.3.1, 9.1.4.1): the Identifier is mandatory. A request
+    without one (CommandDataSetType 0101H) gets C000H at once. It used to get no answer,
+    and the next data set on the association (another request's: a C-STORE's patient
+    data) was taken for its identifier and sent upstream as a query."""
+    sock = associated(server.port, abstract=abstract)
+    extra = {"MoveDestination": "VIEWER"} if field == 0x0021 else {}
+    sock.sendall(p_data(command(AffectedSOPClassUID=abstract, CommandField=field,
+                                MessageID=7, Priority=0, CommandDataSetType=0x0101,
+                                **extra)))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04
+    answer = response(body)
+    assert (answer.MessageIDBeingRespondedTo, answer.Status) == (7, 0xC000)
+    assert answer.ErrorComment == "request without an identifier"
+    released(sock)
+
+
+def test_a_c_store_from_a_requestor_that_took_the_scp_role_only_is_refused(
+        server: LoopServer, no_tracebacks: None) -> None:
+    """PS3.7 D.3.3.4: with SCP/SCU role selection SCU=0, SCP=1 for CT accepted, the
+    requestor may not invoke C-STORE on it. It gets 0122H and nothing is stored; it
+    used to be stored."""
+    request = bytearray(associate_rq(abstract=CT, user_items=1))
+    # The role selection sub-item ends the PDU: SCU role 0, SCP role 1.
+    request[-2:] = b"\x00\x01"
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(bytes(request))
+    assert read_pdu(sock)[0] == 0x02
+    sock.sendall(p_data(store_rq(1, "1.2.3.4")) + p_data(_data_set(
+        SOPClassUID=CT, SOPInstanceUID="1.2.3.4"), is_command=False))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04 and response_status(body) == 0x0122
+    released(sock)
+    actor = server.wait_closed(1)[0]
+    assert (actor.stats.instances, actor.stats.failed) == (0, 1)
+    assert not list(server.spool.root.rglob("*.dcm"))
