@@ -781,10 +781,20 @@ class AssociationActor(asyncio.BufferedProtocol):
             log.warning("association %s: %s relay failed: %s", self._who(), name, exc)
             self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, str(exc))
             return
+        except DIMSEError as exc:
+            # A data set that cannot be read or converted for the other side (ours
+            # or the upstream's answer): answered, never left waiting (PS3.7 10.1).
+            log.warning("association %s: %s not relayed: %s", self._who(), name, exc)
+            self._refuse(ctx, msg, exc.status, str(exc))
+            return
         except TimeoutError:
             detail = f"no answer in {self.settings.operation_timeout:.0f} s"
             log.warning("association %s: %s relay: %s", self._who(), name, detail)
             self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, detail)
+            return
+        except OSError as exc:  # the commitment record in the spool (after TimeoutError)
+            log.error("association %s: %s not relayed: %s", self._who(), name, exc)
+            self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, str(exc))
             return
         if uid is not None and dimse.status_category(rsp.status) is dimse.StatusCategory.SUCCESS:
             forget_commitment(self.spool.root, uid)

@@ -158,3 +158,36 @@ def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
     assert report.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
         item.ReferencedSOPInstanceUID
     assert not list((router.spool / "commitments").glob("*.json"))  # delivered: forgotten
+
+
+def test_an_n_create_whose_data_set_cannot_be_converted_is_answered(tmp_path: Path) -> None:
+    """The RIS takes MPPS in Implicit VR LE only, so the router converts the modality's
+    Explicit VR data set; this one's first element claims 255 bytes where 12 follow.
+    The modality gets C000H at once and the log one line. It used to get no answer at
+    all (until its own timeout), and the worker logged a traceback."""
+    from pynetdicom import AE
+
+    from router.dicom import dimse
+    from router.net.client import connect
+
+    ris = AE(ae_title="RIS")
+    ris.add_supported_context(MPPS, ["1.2.840.10008.1.2"])
+    ris_port = free_port()
+    server = ris.start_server(("127.0.0.1", ris_port), block=False)
+    router = Router(tmp_path, extra='[routing]\nmpps = "ris"\n'
+                    + _destination("ris", ris_port, "RIS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        with connect("127.0.0.1", router.port, calling_ae="CT1", called_ae="ROUTER",
+                     contexts=[(MPPS, ["1.2.840.10008.1.2.1"])]) as assoc:
+            msg = dimse.NCreateRQ(message_id=5, affected_sop_class_uid=MPPS,
+                                  affected_sop_instance_uid=generate_uid(), has_dataset=True)
+            assoc._send(assoc.context_for(MPPS), msg, b"\x08\x00\x16\x00UI\xff\x00" + b"1.2" * 4)
+            rsp = assoc._receive(5, timeout=20).message
+            assert rsp.status == 0xC000, rsp
+            assoc.release()
+        router.wait_for("NCreate not relayed: ")
+    finally:
+        router.stop()
+        server.shutdown()
+    assert "Traceback" not in router.log(), router.log()
