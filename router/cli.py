@@ -25,6 +25,7 @@ from typing import IO, Any
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from router import logline
 from router.config import Config, ConfigError, load_config
 from router.dicom import dimse, uids
 from router.dicom.dataset import part10_meta_bytes, read_part10_header
@@ -823,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     if args.command in ("run", "scp"):
         level = min(level, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logline.configure(level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -40,7 +40,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from router import control
+from router import control, logline
 from router.config import Config, ConfigError, Listen
 from router.dicom import dimse, uids
 from router.fdpass import BadHandoff, adopt_channel, recv_connection
@@ -740,9 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     # does not show (the logging HOWTO's "Optimization": caller, thread, process).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging.basicConfig(level=config.log_level,
-                        format=f"%(asctime)s %(levelname)s worker-{args.worker_id} "
-                               "%(name)s: %(message)s")
+    logline.configure(config.log_level, f"%(asctime)s %(levelname)s worker-{args.worker_id} "
+                                         "%(name)s: %(message)s")
     # Python warnings (pydicom's on odd data) as log lines, not bare stderr text, and
     # any library's line named after the association it came from.
     logging.captureWarnings(True)

@@ -653,6 +653,37 @@ def test_a_deflate_bomb_is_refused_c000_and_the_worker_lives_on(tmp_path: Path) 
     assert [_uid(p) for p in (router.spool / "unrouted").glob("*.dcm")] == [_uid(plain)]
 
 
+def test_a_value_with_a_newline_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    """A rule reads PatientName, so the value is decoded by the instance's Specific
+    Character Set, here an unknown one with a newline and a whole forged log line in
+    it. pydicom warns, quoting it; the router's log keeps that on the warning's line
+    (escaped), and no line of its own starts with the forged text."""
+    from router.net.client import connect
+
+    forged = "2026-11-26 07:00:00,000 INFO worker-1 workers.actor: FORGED status 0x0000"
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "vip"\n[rule.when]\nPatientName = "VIP*"\n[rule.then]\n'
+        'drop = true\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n')
+    path = tmp_path / "ct.dcm"
+    make_ct(path, size_kb=8, attrs={"SpecificCharacterSet": f"ISO_IR 999\n{forged}",
+                                    "PatientName": "VIP^Somebody"})
+    try:
+        router.wait_for("ready: 1 workers serving")
+        with connect("127.0.0.1", router.port, calling_ae="MOD", called_ae="ROUTER",
+                     contexts=[("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])],
+                     ) as assoc:
+            assert assoc.store(path).status == 0x0000
+            assoc.release()
+        router.wait_for("closed: released")
+    finally:
+        assert router.stop() == 0
+    lines = [line for line in router.log().splitlines() if "FORGED" in line]
+    assert lines, router.log()  # pydicom did warn, quoting the value
+    assert not any(line.startswith(forged[:19]) for line in lines), lines
+    assert all("\\n2026-11-26 07:00:00,000" in line for line in lines), lines
+
+
 def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "x"\n[rule.when]\nModallity = "CT"\n[rule.then]\nforward = ["pacs"]\n')
