@@ -567,15 +567,15 @@ def test_transparent_send_while_its_sender_worker_is_down_goes_at_once(
     ceiling (30 s), or the sender's own timeout while the worker keeps dying."""
     from router.net.client import connect
 
+    ready = re.compile(r"worker 1 ready \(pid (\d+)\)")
+    path = tmp_path / "ct.dcm"
+    make_ct(path, size_kb=8)
+    contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
     pacs = _OneAssociationPacs()
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "live"\n[rule.then]\nforward = ["pacs"]\ntransparent = true\n')
     router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
                     + _destination("pacs", pacs.port, "PACS") + "concurrency = 1\n")
-    path = tmp_path / "ct.dcm"
-    make_ct(path, size_kb=8)
-    contexts = [("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])]
-    ready = re.compile(r"worker 1 ready \(pid (\d+)\)")
     try:
         router.wait_for("ready: 2 workers serving")
         # Each death within 10 s of its start doubles the wait before the next
