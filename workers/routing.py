@@ -46,7 +46,12 @@ from pydicom.uid import UID
 
 from router.config import Config
 from router.dicom import dimse
-from router.dicom.dataset import HeaderIncomplete, read_top_level, walkable_encoding
+from router.dicom.dataset import (
+    HeaderIncomplete,
+    read_part10_header,
+    read_top_level,
+    walkable_encoding,
+)
 from router.dicom.errors import DIMSEError, ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
@@ -67,6 +72,8 @@ UNMATCHED_STATUS: Final = dimse.NOT_AUTHORIZED
 _SPECIFIC_CHARACTER_SET: Final = 0x00080005
 _HEAD: Final = 16 * 1024  # most headers end well within this
 _MAX_HEAD: Final = 8 * 1024 * 1024
+# A deflated instance that a rule changes is decoded whole by pydicom.
+_MAX_CHANGED_INFLATED: Final = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,24 +244,31 @@ def _deflated_header(path: Path, offset: int,
                              ) from None
 
 
-def _inflate_file(path: Path, offset: int, size: int) -> tuple[bytes, bool]:
+def _inflate_file(path: Path, offset: int, size: int, *,
+                  keep: bool = True) -> tuple[bytes, bool]:
     """Up to ``size`` bytes of the raw deflate stream (PS3.5 A.5) at ``offset`` in
-    ``path``, read in steps; and whether that is all of it."""
+    ``path``, read in steps (none of them kept unless ``keep``); and whether that is
+    all of it."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
+    count = 0
     with open(path, "rb") as fh:
         fh.seek(offset)
         pending = b""
-        while len(out) < size and not inflater.eof:
+        while count < size and not inflater.eof:
             if not pending:
                 pending = fh.read(_HEAD)
                 if not pending:
                     return bytes(out), True
             try:
-                out += inflater.decompress(pending, size - len(out))
+                # At most 1 MiB a step: what is not kept never piles up.
+                chunk = inflater.decompress(pending, min(size - count, 1 << 20))
             except zlib.error as exc:
                 raise DIMSEError(f"deflated data set does not inflate: {exc}",
                                  status=dimse.CANNOT_UNDERSTAND) from None
+            count += len(chunk)
+            if keep:
+                out += chunk
             pending = inflater.unconsumed_tail
     return bytes(out), inflater.eof
 
@@ -267,6 +281,15 @@ def _changed_copy(path: Path, changes: Changes) -> Callable[[BinaryIO], None]:
     """A writer of ``path`` with ``changes`` applied, in its own transfer syntax."""
 
     def write(out: BinaryIO) -> None:
+        part10 = read_part10_header(path)
+        if UID(part10.transfer_syntax).is_deflated:
+            # pydicom inflates all of it to change it: bounded first, in steps.
+            _, complete = _inflate_file(path, part10.dataset_offset, _MAX_CHANGED_INFLATED,
+                                        keep=False)
+            if not complete:
+                raise DIMSEError(
+                    f"deflated data set inflates past {_MAX_CHANGED_INFLATED >> 20} MiB: "
+                    "not changed", status=dimse.CANNOT_UNDERSTAND)
         ds = dcmread(path)
         changes.apply(ds)
         # The file meta (transfer syntax, Source AE Title...) is kept as received.

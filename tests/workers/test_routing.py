@@ -9,6 +9,7 @@ tags, undefined-length sequences, compressed).
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,37 @@ def test_a_big_element_before_the_wanted_ones_is_skipped_in_a_map(tmp_path: Path
     header = read_header(path, part10.transfer_syntax, part10.dataset_offset, WANTED)
     assert header is not None
     assert (header.Modality, str(header.PatientName)) == ("CT", "Last^First")
+
+
+def test_a_deflate_bomb_a_rule_would_change_is_refused_before_pydicom(tmp_path: Path) -> None:
+    """A rule's changes need the whole data set, which pydicom inflates whole: a
+    deflated one is first inflated in steps, nothing kept, and refused past 256 MiB.
+    The file is written as a stream (300 MiB of zeros in 1 MiB steps, ~300 KB sent)."""
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from rules import Changes
+    from workers.routing import _changed_copy
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    path = tmp_path / "bomb.dcm"
+    with path.open("wb") as fh:
+        fh.write(bytes(128) + b"DICM")
+        write_file_meta_info(fh, meta)  # type: ignore[arg-type]
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        # (0009,1010) OB, 300 MiB of zeros, explicit VR little endian (PS3.5 7.1.2).
+        fh.write(deflate.compress(b"\x09\x00\x10\x10OB\x00\x00" + (300 << 20).to_bytes(4,
+                                                                                 "little")))
+        for _ in range(300):
+            fh.write(deflate.compress(bytes(1 << 20)))
+        fh.write(deflate.flush())
+    assert path.stat().st_size < 1 << 20
+    changes = Changes()  # what the rule changes does not matter: the bound comes first
+    with pytest.raises(DIMSEError, match="inflates past 256 MiB") as info:
+        _changed_copy(path, changes)(BytesIO())
+    assert info.value.status == 0xC000
