@@ -46,12 +46,7 @@ from pydicom.uid import UID
 
 from router.config import Config
 from router.dicom import dimse
-from router.dicom.dataset import (
-    HeaderIncomplete,
-    read_part10_header,
-    read_top_level,
-    walkable_encoding,
-)
+from router.dicom.dataset import HeaderIncomplete, read_top_level, walkable_encoding
 from router.dicom.errors import DIMSEError, ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
@@ -148,7 +143,9 @@ class InstanceRouter:
         for forward in decision.forwards:
             folder = queue_folder(forward.destination)
             if forward.changes:
-                copies.append((folder, _changed_copy(path, forward.changes)))
+                copies.append((folder, _changed_copy(path, forward.changes,
+                                                     writer.transfer_syntax,
+                                                     writer.dataset_offset)))
             else:
                 links.append(folder)
         return Placement(links=tuple(links), copies=tuple(copies),
@@ -277,15 +274,16 @@ def _names(decision: Decision) -> str:
     return ", ".join(f'"{name}"' for name in decision.rules) or "(none)"
 
 
-def _changed_copy(path: Path, changes: Changes) -> Callable[[BinaryIO], None]:
-    """A writer of ``path`` with ``changes`` applied, in its own transfer syntax."""
+def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
+                  offset: int) -> Callable[[BinaryIO], None]:
+    """A writer of ``path`` (its data set at ``offset``, in ``transfer_syntax``) with
+    ``changes`` applied, in its own transfer syntax."""
+    deflated = UID(transfer_syntax).is_deflated
 
     def write(out: BinaryIO) -> None:
-        part10 = read_part10_header(path)
-        if UID(part10.transfer_syntax).is_deflated:
+        if deflated:
             # pydicom inflates all of it to change it: bounded first, in steps.
-            _, complete = _inflate_file(path, part10.dataset_offset, _MAX_CHANGED_INFLATED,
-                                        keep=False)
+            _, complete = _inflate_file(path, offset, _MAX_CHANGED_INFLATED, keep=False)
             if not complete:
                 raise DIMSEError(
                     f"deflated data set inflates past {_MAX_CHANGED_INFLATED >> 20} MiB: "

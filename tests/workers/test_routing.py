@@ -149,5 +149,6 @@ def test_a_deflate_bomb_a_rule_would_change_is_refused_before_pydicom(tmp_path: 
     assert path.stat().st_size < 1 << 20
     changes = Changes()  # what the rule changes does not matter: the bound comes first
     with pytest.raises(DIMSEError, match="inflates past 256 MiB") as info:
-        _changed_copy(path, changes)(BytesIO())
+        part10 = read_part10_header(path)
+        _changed_copy(path, changes, part10.transfer_syntax, part10.dataset_offset)(BytesIO())
     assert info.value.status == 0xC000
