@@ -426,18 +426,11 @@ class Worker:
     async def _adopt(self, sock: socket.socket, peer: tuple[str, int],
                      context: ssl.SSLContext | None = None, *,
                      proxy: Listen | None = None) -> None:
-        if proxy is not None:
-            client = await self._proxied_peer(sock, peer, proxy)
-            if client is None:
-                self.adopting -= 1
-                sock.close()
-                return
-            peer = client
         made: list[AssociationActor] = []
 
         def factory() -> AssociationActor:
             if not made:
-                self.adopting -= 1
+                self.adopting -= 1  # counted as an actor from here
             limit = self.settings.max_associations
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
@@ -449,6 +442,12 @@ class Worker:
             made.append(actor)
             return actor
         try:
+            if proxy is not None:
+                client = await self._proxied_peer(sock, peer, proxy)
+                if client is None:
+                    sock.close()
+                    return
+                peer = client
             if context is None:
                 await self.loop.connect_accepted_socket(factory, sock=sock)
             else:
@@ -464,11 +463,12 @@ class Worker:
                 log.warning("worker %d: TLS handshake with %s:%d failed: %s", self.worker_id,
                             *peer, exc or type(exc).__name__)
             sock.close()
-            if not made:
-                self.adopting -= 1
             for actor in made:
                 if actor.transport is None:  # never connected: it will not close itself
                     self._actor_closed(actor)
+        finally:
+            if not made:  # it never became an actor: no longer being adopted either
+                self.adopting -= 1
 
     def _actor_closed(self, actor: AssociationActor) -> None:
         self.actors.discard(actor)
