@@ -1350,11 +1350,13 @@ class _Parser:
             for number, earlier in enumerate(out, 1):
                 if (earlier.host, earlier.port) == (host, port):
                     raise self.fail(where, f"{listen} is already listed as #{number}")
+                if earlier.port != port:
+                    continue
                 # The port tells the workers which connections are TLS ones, and
                 # which start with a PROXY header.
                 for key in ("tls", "proxy_protocol", "proxy_from"):
-                    if earlier.port == port and getattr(earlier, key) != getattr(listen, key):
-                        theirs = getattr(earlier, key)
+                    theirs = getattr(earlier, key)
+                    if theirs != getattr(listen, key):
                         shown = (f"[{', '.join(str(n) for n in theirs)}]"
                                  if key == "proxy_from" else _show(theirs))
                         raise self.fail(where(key) if key in entry else where,
