@@ -254,11 +254,29 @@ class _RetrieveProxy(_Relayed):
         self.upstream = upstream
         self.respond = respond
         self._assoc: OutboundAssociation | None = None
+        # The counts of the last pending response relayed: what the requestor was
+        # told had been done when the upstream breaks off.
+        self._pending: Counts | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
         if self._assoc is not None:
             self._assoc.cancel()
+
+    def _broken(self, exc: OutboundError) -> None:
+        """The upstream association failed. Before any sub-operation: refused, A702H.
+        After some: failed (C000H, PS3.4 C.4.2.1.4 / C.4.3.1.4), keeping the counts
+        the requestor was last told, every sub-operation still outstanding counted
+        as failed (nothing will do it now), and a comment saying how far it got."""
+        if self._pending is None:
+            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
+                        None, str(exc))
+            return
+        remaining, completed, failed, warning = (c or 0 for c in self._pending)
+        done = completed + failed + warning
+        self._final(dimse.UNABLE_TO_PROCESS, (None, completed, failed + remaining, warning),
+                    None, f"{self.upstream.name} broke off after {done} of "
+                          f"{done + remaining} sub-operations: {exc}")
 
     async def run(self) -> None:
         contexts, roles = self._contexts()
@@ -280,8 +298,7 @@ class _RetrieveProxy(_Relayed):
             await self._retrieve(assoc, ctx, identifier)
             await assoc.release()
         except OutboundError as exc:
-            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
-                        None, str(exc))
+            self._broken(exc)
         finally:
             self._assoc = None
             if assoc.is_associated:
@@ -303,6 +320,7 @@ class _RetrieveProxy(_Relayed):
                   rsp.number_of_warning_sub_operations)
         raw = None if data is None else transcode(data, transfer_syntax, self.transfer_syntax)
         if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
+            self._pending = counts
             self.respond(int(rsp.status), counts, raw, None)
         else:
             self._final(int(rsp.status), counts, raw, rsp.error_comment)
@@ -312,8 +330,9 @@ class _RetrieveProxy(_Relayed):
         if self.answered:
             return  # one final response only (a release that fails after it, say)
         self.answered = True
-        log.info("%s %s status 0x%04X, counts %s", self.kind, self._outcome(), status,
-                 "/".join("-" if c is None else str(c) for c in counts))
+        log.info("%s %s status 0x%04X, counts %s%s", self.kind, self._outcome(), status,
+                 "/".join("-" if c is None else str(c) for c in counts),
+                 f" ({comment})" if comment else "")
         self.respond(status, counts, data, comment)
 
     def _outcome(self) -> str:

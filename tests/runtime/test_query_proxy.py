@@ -315,6 +315,50 @@ def test_cancel_mid_move_stops_it(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) ->
     assert len(received_files(sink.outdir)) < 400
 
 
+def test_an_upstream_that_dies_mid_move_is_answered_with_the_counts_so_far(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """Orthanc killed after its first pending response: the requestor's final answer
+    is a failure that keeps what it was told was done, counts the rest as failed,
+    and says how far it got (it was A702H "refused" with no counts at all)."""
+    from router.net.client import connect
+
+    sink, pacs, router = _move_setup(tmp_path, procs, dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=200, size_kb=4, seed=13)
+    for path in study:
+        pacs.upload(path)
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        contexts = [("1.2.840.10008.5.1.4.1.2.2.2", ["1.2.840.10008.1.2.1"])]
+        responses = []
+        with connect("127.0.0.1", router.port, calling_ae="VIEWER", called_ae="ROUTER",
+                     contexts=contexts, dimse_timeout=60) as assoc:
+            for rsp in assoc.move(query, "VIEWER_SCP"):
+                if not responses:
+                    pacs.kill()
+                responses.append(rsp)
+            assoc.release()
+        router.wait_for("broke off after")
+    finally:
+        router.stop()
+    *pending, final = responses
+    assert pending and all(r.status == 0xFF00 for r in pending)
+    last_pending = pending[-1]
+    assert final.status == 0xC001, final
+    told = (last_pending.number_of_completed_sub_operations,
+            last_pending.number_of_failed_sub_operations or 0,
+            last_pending.number_of_warning_sub_operations or 0)
+    assert (final.number_of_completed_sub_operations,
+            final.number_of_warning_sub_operations) == (told[0], told[2])
+    assert final.number_of_failed_sub_operations == 200 - told[0] - told[2]
+    assert final.number_of_remaining_sub_operations is None
+    assert "pacs broke off after" in (final.error_comment or "")
+    # What was reported completed did arrive.
+    assert len(received_files(sink.outdir)) >= told[0]
+
+
 @pytest.mark.parametrize("proposal", [
     pytest.param([], id="default"),
     # JPEG Lossless first, then the native ones: the router takes a native one for
