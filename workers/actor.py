@@ -944,8 +944,17 @@ class AssociationActor(asyncio.BufferedProtocol):
         log.info("association %s: C-FIND %d (%s) -> %s", self._who(), msg.message_id,
                  str(identifier.get("QueryRetrieveLevel", "")).strip() or "?",
                  decision.describe())
+        # Matches name the router as where to retrieve from when it retrieves for
+        # this requestor too (a worklist has nothing to retrieve).
+        retrieve_ae = None
+        if msg.affected_sop_class_uid != uids.MODALITY_WORKLIST_INFORMATION_FIND:
+            retrieving = dispatcher.router.rules.evaluate_retrieve(
+                info, identifier, datetime.datetime.now())
+            if retrieving.upstreams:
+                retrieve_ae = self.stats.called_ae
         proxy = FindProxy(
             request, upstreams=upstreams, result_changes=decision.result_changes,
+            retrieve_ae_title=retrieve_ae,
             respond=lambda status, data, comment: self._find_respond(
                 ctx, msg, status, data, comment))
         self._find = (ctx, msg, proxy)

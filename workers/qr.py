@@ -20,9 +20,16 @@ upstreams answer it (``RuleSet.evaluate_query``) and hands it to a
   Series / SOP Instance UID; for a worklist, the whole identifier);
 - a C-CANCEL from the requestor is sent on to every upstream still running, and
   the final answer is then Cancel (FE00H, PS3.4 C.4.1.1.4);
-- the final status is Success when at least one upstream completed; when none
-  did, the failure of the first (A700H with the reason as Error Comment when an
-  upstream could not be reached or the association failed).
+- when the router also serves retrieves for the requestor (a ``retrieve`` rule
+  matches the query), a match's Retrieve AE Title (0008,0054) names the router, as
+  the requestor called it, not the PACS behind it: a viewer that follows it comes
+  back through the router, which the PACS may be the only one to know
+  (PS3.4 C.4.1.1.3.2);
+- the final status is Success when every upstream completed. When one did not,
+  it is that upstream's failure (A700H when it could not be reached or its
+  association failed), after whatever matches the others gave, with an Error
+  Comment naming it: a list missing a PACS must not pass for complete, or a prior
+  study there goes unseen.
 """
 
 from __future__ import annotations
@@ -39,8 +46,15 @@ from pydicom.dataset import Dataset
 
 from router.config import Destination
 from router.dicom import dimse, uids
-from router.dicom.dataset import decode_dataset, encode_dataset, transcode
-from router.dicom.errors import ProtocolError
+from router.dicom.dataset import (
+    HeaderIncomplete,
+    decode_dataset,
+    encode_dataset,
+    read_top_level,
+    transcode,
+    walkable_encoding,
+)
+from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.negotiation import NegotiatedContext, context_for_instance
 from rules import Changes
 from workers.moves import end_move, register_move
@@ -74,6 +88,9 @@ _LEVEL_KEYS: Final = {
     "IMAGE": "SOPInstanceUID",
 }
 
+#: Retrieve AE Title (0008,0054).
+_RETRIEVE_AE_TAGS: Final = frozenset({0x00080054})
+
 # respond(status, identifier in the requestor's transfer syntax or None, error comment)
 Respond = Callable[[int, bytes | None, str | None], None]
 
@@ -97,6 +114,25 @@ def unique_key(identifier: Dataset, raw: bytes) -> object:
         if value:
             return (level, str(value).strip())
     return raw  # a worklist item, or a match without its key: the whole identifier
+
+
+def _retrieve_through(raw: bytes, transfer_syntax: str, ae_title: str) -> bytes:
+    """A C-FIND match whose Retrieve AE Title, if it has one, is ``ae_title``; only a
+    match that has it is decoded and re-encoded."""
+    encoding = walkable_encoding(transfer_syntax)
+    if encoding is not None:
+        try:
+            found = read_top_level(raw, implicit=encoding[0], little=encoding[1],
+                                   tags=_RETRIEVE_AE_TAGS)
+        except (HeaderIncomplete, DIMSEError):
+            return raw  # passed on as it came, as before: the requestor may read it
+        if not found:
+            return raw
+    ds = decode_dataset(raw, transfer_syntax)
+    if "RetrieveAETitle" not in ds:
+        return raw
+    ds.RetrieveAETitle = ae_title
+    return encode_dataset(ds, transfer_syntax)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +169,13 @@ class FindProxy(_Relayed):
     """One C-FIND relayed to its upstreams; see the module docstring."""
 
     def __init__(self, request: Request, *, upstreams: list[Destination], respond: Respond,
-                 result_changes: Changes | None = None) -> None:
+                 result_changes: Changes | None = None,
+                 retrieve_ae_title: str | None = None) -> None:
         super().__init__(request)
         self.upstreams = upstreams
         self.respond = respond
         self.result_changes = result_changes
+        self.retrieve_ae_title = retrieve_ae_title
         self.matches = 0
         self._seen: set[object] = set()
         self._open: list[OutboundAssociation] = []
@@ -157,8 +195,11 @@ class FindProxy(_Relayed):
                 failures.append(outcome)
         if self.cancelled:
             status, comment = dimse.CANCEL, None
-        elif completed or not failures:
+        elif not failures:
             status, comment = dimse.SUCCESS, None
+        elif completed:
+            status, reason = failures[0]
+            comment = f"{len(failures)} of {len(self.upstreams)} upstreams failed: {reason}"
         else:
             status, comment = failures[0]
         for code, reason in failures:
@@ -180,7 +221,7 @@ class FindProxy(_Relayed):
                 destination, [(self.model, proposal_syntaxes(self.transfer_syntax))],
                 label=f"{destination.name} (C-FIND)")
         except OutboundError as exc:
-            return dimse.REFUSED_OUT_OF_RESOURCES, str(exc)
+            return dimse.REFUSED_OUT_OF_RESOURCES, f"{destination.name}: {exc}"
         self._open.append(assoc)
         try:
             ctx = assoc.context_for_model(self.model)
@@ -197,7 +238,8 @@ class FindProxy(_Relayed):
                     if data is not None:
                         self._match(rsp.status, data, ctx.transfer_syntax)
                     continue
-                final = (int(rsp.status), rsp.error_comment or
+                final = (int(rsp.status), f"{destination.name}: {rsp.error_comment}"
+                         if rsp.error_comment else
                          f"{destination.name} answered 0x{int(rsp.status):04X}")
                 if final[0] == dimse.CANCEL and not self.cancelled:
                     # Cancel answers a C-CANCEL (PS3.4 C.4.1.1.4); unasked, the
@@ -207,7 +249,7 @@ class FindProxy(_Relayed):
             await assoc.release()
             return final
         except OutboundError as exc:
-            return dimse.REFUSED_OUT_OF_RESOURCES, str(exc)
+            return dimse.REFUSED_OUT_OF_RESOURCES, f"{destination.name}: {exc}"
         finally:
             with contextlib.suppress(ValueError):
                 self._open.remove(assoc)
@@ -219,6 +261,8 @@ class FindProxy(_Relayed):
             return  # after a cancel, late matches are not passed on
         raw = transcode(data, transfer_syntax, self.transfer_syntax)
         raw = changed(raw, self.transfer_syntax, self.result_changes)
+        if self.retrieve_ae_title is not None:
+            raw = _retrieve_through(raw, self.transfer_syntax, self.retrieve_ae_title)
         if len(self.upstreams) > 1:
             key = unique_key(decode_dataset(raw, self.transfer_syntax), raw)
             if key in self._seen:

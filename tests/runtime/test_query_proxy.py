@@ -186,6 +186,15 @@ def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk) -> None:
     assert sent["n"] < 1000
 
 
+def _two_upstreams(tmp_path: Path, orthanc: Orthanc, name: str, port: int,
+                   aet: str) -> Router:
+    """A router querying ``orthanc`` (as "pacs") and a second upstream, ``name``."""
+    rules = f'[[rule]]\nname = "both"\n[rule.then]\nquery = ["pacs", "{name}"]\n'
+    return _router_to(tmp_path, rules, orthanc.dicom_port, orthanc.aet,
+                      more=(f'[[destination]]\nname = "{name}"\nhost = "127.0.0.1"\n'
+                            f'port = {port}\nae_title = "{aet}"\n'))
+
+
 def test_two_upstreams_are_merged_without_duplicates(
         tmp_path: Path, dcmtk: Dcmtk, procs: Procs, orthanc_server: Orthanc) -> None:
     second = start_orthanc(procs, tmp_path / "orthanc2", aet="ORTHANC2")
@@ -198,14 +207,7 @@ def test_two_upstreams_are_merged_without_duplicates(
         second.upload(path)
     for path in only_second:
         second.upload(path)
-    (tmp_path / "rules.toml").write_text(
-        '[[rule]]\nname = "both"\n[rule.then]\nquery = ["pacs", "pacs2"]\n')
-    router = Router(tmp_path, extra=(
-        '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\n'
-        f'port = {orthanc_server.dicom_port}\nae_title = "{orthanc_server.aet}"\n'
-        f'[[destination]]\nname = "pacs2"\nhost = "127.0.0.1"\nport = {second.dicom_port}\n'
-        f'ae_title = "{second.aet}"\n'))
+    router = _two_upstreams(tmp_path, orthanc_server, "pacs2", second.dicom_port, second.aet)
     args = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID"]
     try:
         router.wait_for("ready: 2 workers serving")
@@ -219,6 +221,56 @@ def test_two_upstreams_are_merged_without_duplicates(
         return sorted((m["(0010,0020)"], m["(0020,000D)"]) for m in matches)
 
     assert len(merged) == 2 and studies(merged) == studies(second_direct)
+
+
+def test_matches_name_the_router_as_retrieve_ae_when_it_retrieves_too(
+        tmp_path: Path, dcmtk: Dcmtk, orthanc_server: Orthanc) -> None:
+    """A viewer that moves from the Retrieve AE Title of a match must come back through
+    the router when the router retrieves for it; with a query rule only, the match
+    says what Orthanc says."""
+    _loaded(orthanc_server, tmp_path)
+    args = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+            "-k", "RetrieveAETitle", "-k", "PatientID"]
+    direct = _findscu(dcmtk, orthanc_server.dicom_port, orthanc_server.aet,
+                      tmp_path / "direct", *args)
+    assert direct and all("(0008,0054)" in m for m in direct)
+    router = _router(tmp_path, orthanc_server, QUERY_ALL.replace(
+        'query = ["pacs"]', 'query = ["pacs"]\nretrieve = ["pacs"]'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        proxied = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "proxied", *args)
+        (tmp_path / "rules.toml").write_text(QUERY_ALL)
+        assert router.command("reload").returncode == 0
+        for w in (1, 2):
+            router.wait_for(f"worker {w}: configuration generation 2 loaded")
+        query_only = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "query-only", *args)
+    finally:
+        router.stop()
+    assert {m["(0008,0054)"] for m in proxied} == {"ROUTER"}
+    for m in [*proxied, *direct]:
+        del m["(0008,0054)"]
+    assert proxied == direct
+    assert query_only == _findscu(dcmtk, orthanc_server.dicom_port, orthanc_server.aet,
+                                  tmp_path / "direct-again", *args)
+
+
+def test_two_upstreams_one_down_is_a_failure_after_the_others_matches(
+        tmp_path: Path, dcmtk: Dcmtk, orthanc_server: Orthanc) -> None:
+    """A list missing a PACS must not pass for complete: findscu gets Orthanc's
+    matches, then a failure naming the upstream that did not answer."""
+    _loaded(orthanc_server, tmp_path)
+    router = _two_upstreams(tmp_path, orthanc_server, "down", free_port(), "DOWN")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = _findscu_said(dcmtk, router.port, "-d", "-k", "QueryRetrieveLevel=STUDY",
+                             "-k", "StudyInstanceUID", "-k", "PatientID")
+        router.wait_for("upstream failed with 0xA700")
+    finally:
+        router.stop()
+    said = done.stdout + done.stderr
+    assert said.count("Received Find Response ") == 3, said
+    assert said.count("0xff00: Pending") == 3, said
+    assert "0xa700: Refused" in said and "[1 of 2 upstreams failed: down: cannot" in said, said
 
 
 def _move_setup(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> tuple[Any, Orthanc, Router]:
