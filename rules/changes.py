@@ -252,6 +252,14 @@ class Changes:
             ds.decode()  # every text value to str, read in the set declared until now
             ds.SpecificCharacterSet = UTF8_CHARACTER_SET
 
+    @property
+    def tags(self) -> frozenset[int]:
+        """Every attribute the operations read or write (top level), and (0008,0005),
+        which :meth:`apply` may rewrite."""
+        return frozenset({SPECIFIC_CHARACTER_SET,
+                          *(_target(op) for op in self.operations),
+                          *(op.source for op in self.operations if isinstance(op, CopyOp))})
+
     def describe(self) -> list[str]:
         """One human line per operation, e.g. ``set PatientName = 'ANON'``."""
         return [op.describe() for op in self.operations]

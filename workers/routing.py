@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import logging
 import mmap
+import os
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
@@ -46,7 +48,14 @@ from pydicom.uid import UID
 
 from router.config import Config
 from router.dicom import dimse
-from router.dicom.dataset import HeaderIncomplete, read_top_level, walkable_encoding
+from router.dicom.dataset import (
+    HeaderIncomplete,
+    decode_dataset,
+    encode_dataset,
+    read_top_level,
+    top_level_spans,
+    walkable_encoding,
+)
 from router.dicom.errors import DIMSEError, ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
@@ -69,6 +78,12 @@ _HEAD: Final = 16 * 1024  # most headers end well within this
 _MAX_HEAD: Final = 8 * 1024 * 1024
 # A deflated instance that a rule changes is decoded whole by pydicom.
 _MAX_CHANGED_INFLATED: Final = 256 * 1024 * 1024
+#: A changed copy leaves binary elements at least this big out of what it decodes,
+#: and copies them as they are (``_changed_around_bulk``), a step at a time.
+_BULK: Final = 64 * 1024
+_COPY_STEP: Final = 1024 * 1024
+_BINARY_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
+_PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -279,6 +294,7 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
     """A writer of ``path`` (its data set at ``offset``, in ``transfer_syntax``) with
     ``changes`` applied, in its own transfer syntax."""
     deflated = UID(transfer_syntax).is_deflated
+    encoding = walkable_encoding(transfer_syntax)
 
     def write(out: BinaryIO) -> None:
         if deflated:
@@ -288,12 +304,71 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
                 raise DIMSEError(
                     f"deflated data set inflates past {_MAX_CHANGED_INFLATED >> 20} MiB: "
                     "not changed", status=dimse.CANNOT_UNDERSTAND)
+        elif encoding is not None and _changed_around_bulk(path, offset, changes,
+                                                           transfer_syntax, encoding, out):
+            return
         ds = dcmread(path)
         changes.apply(ds)
         # The file meta (transfer syntax, Source AE Title...) is kept as received.
         dcmwrite(out, ds, enforce_file_format=True)
 
     return write
+
+
+def _changed_around_bulk(path: Path, offset: int, changes: Changes, transfer_syntax: str,
+                         encoding: tuple[bool, bool], out: BinaryIO) -> bool:
+    """Write the changed copy with its bulk data (pixel data, big binary values the
+    changes do not touch) copied from ``path`` as it is, never held in memory: the
+    rest of the data set is decoded, changed and re-encoded on its own, and the two
+    merged back in tag order (PS3.5 §7.1: elements ascend by tag). False, writing
+    nothing, when there is no bulk data to leave out."""
+    implicit, little = encoding
+    touched = changes.tags
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            spans = top_level_spans(view[offset:], implicit=implicit, little=little)
+        except (HeaderIncomplete, DIMSEError):
+            return False  # pydicom's turn: it says what is wrong
+        finally:
+            view.release()
+        bulk = [(tag, start, end) for tag, vr, start, end in spans
+                if end - start >= _BULK and tag not in touched and _binary(tag, vr)]
+        if not bulk:
+            return False
+        skip = {tag for tag, _, _ in bulk}
+        rest = b"".join(mapped[offset + start:offset + end]
+                        for tag, _, start, end in spans if tag not in skip)
+        ds = decode_dataset(rest, transfer_syntax)
+        changes.apply(ds)
+        encoded = encode_dataset(ds, transfer_syntax)
+        pieces: list[tuple[int, memoryview | None]] = [
+            (tag, memoryview(encoded)[start:end]) for tag, _, start, end in
+            top_level_spans(memoryview(encoded), implicit=implicit, little=little)]
+        pieces += [(tag, None) for tag, _, _ in bulk]
+        where = {tag: (start, end) for tag, start, end in bulk}
+        out.write(mapped[:offset])  # preamble and file meta, as received
+        for tag, piece in sorted(pieces, key=lambda p: p[0]):
+            if piece is not None:
+                out.write(piece)
+                continue
+            start, end = where[tag]
+            for at in range(offset + start, offset + end, _COPY_STEP):
+                # Read a step at a time (not through the map, whose pages would stay).
+                out.write(os.pread(fh.fileno(), min(_COPY_STEP, offset + end - at), at))
+    return True
+
+
+def _binary(tag: int, vr: str | None) -> bool:
+    """Whether an element holds bytes no change or character set conversion reads."""
+    if vr is None:  # implicit VR: the dictionary's, and pixel data is binary either way
+        if tag in _PIXEL_TAGS:
+            return True
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr in _BINARY_VRS
 
 
 class Dispatcher:

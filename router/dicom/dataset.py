@@ -70,6 +70,7 @@ __all__ = [
     "part10_meta_bytes",
     "read_part10_header",
     "read_top_level",
+    "top_level_spans",
     "transcode",
     "walkable_encoding",
 ]
@@ -824,43 +825,21 @@ def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, 
                    ) -> int:
     """Walk elements from ``pos``; at top level collect wanted values and stop past the
     last wanted tag; inside an undefined-length item stop after its delimiter."""
-    tag_length = struct.Struct("<HHI" if little else ">HHI")
-    short_length = struct.Struct("<H" if little else ">H")
-    long_length = struct.Struct("<I" if little else ">I")
+    structs = _structs(little)
     limit = len(view)
     while True:
         if pos == limit and top is not None:
             return pos  # the data set ended: what was not found is absent
-        if pos + 8 > limit:
-            raise HeaderIncomplete
-        group, element, length = tag_length.unpack_from(view, pos)
-        tag = group << 16 | element
+        tag, vr, start, length = _element_header(view, pos, implicit, structs)
         if tag == _ITEM_DELIMITER and top is None:
-            return pos + 8
+            return start
         if top is not None and tag > top[1]:
             return pos
-        vr: bytes | None = None
-        size = 8
-        if not implicit and group != 0xFFFE:
-            vr = bytes(view[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                if pos + 12 > limit:
-                    raise HeaderIncomplete
-                length = long_length.unpack_from(view, pos + 8)[0]
-                size = 12
-            elif b"AA" <= vr <= b"ZZ":
-                length = short_length.unpack_from(view, pos + 6)[0]
-            else:
-                vr = None  # implicit VR inside explicit VR data, as pydicom allows
-        start = pos + size
         if length == _UNDEFINED:
             if top is not None and tag in top[0]:
-                raise ValueError(f"({group:04X},{element:04X}) has an undefined length")
-            if depth >= _MAX_DEPTH:
-                raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
-                                 status=_CANNOT_UNDERSTAND)
-            pos = _skip_items(view, start, implicit=implicit or vr == b"UN", little=little,
-                              depth=depth + 1)
+                raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length")
+            pos = _past_undefined(view, start, implicit=implicit or vr == b"UN", little=little,
+                                  depth=depth)
             continue
         if top is not None and tag in top[0]:
             if start + length > limit:
@@ -868,6 +847,67 @@ def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, 
             top[2][tag] = (None if vr is None else vr.decode("ascii"),
                            bytes(view[start : start + length]))
         pos = start + length
+
+
+def top_level_spans(view: memoryview, *, implicit: bool,
+                    little: bool) -> list[tuple[int, str | None, int, int]]:
+    """Every top-level element of the data set in ``view``: (tag, explicit VR or None,
+    where it starts, where it ends), element headers included, in order. Reads
+    element and item headers only (PS3.5 §7.1, §7.5), so values are never touched;
+    HeaderIncomplete when ``view`` ends within an element."""
+    structs = _structs(little)
+    spans: list[tuple[int, str | None, int, int]] = []
+    pos = 0
+    while pos < len(view):
+        tag, vr, start, length = _element_header(view, pos, implicit, structs)
+        if length == _UNDEFINED:
+            end = _past_undefined(view, start, implicit=implicit or vr == b"UN",
+                                  little=little, depth=0)
+        else:
+            end = start + length
+            if end > len(view):
+                raise HeaderIncomplete
+        spans.append((tag, None if vr is None else vr.decode("ascii"), pos, end))
+        pos = end
+    return spans
+
+
+@functools.cache
+def _structs(little: bool) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
+    order = "<" if little else ">"
+    return struct.Struct(order + "HHI"), struct.Struct(order + "H"), struct.Struct(order + "I")
+
+
+def _element_header(view: memoryview, pos: int, implicit: bool,
+                    structs: tuple[struct.Struct, struct.Struct, struct.Struct],
+                    ) -> tuple[int, bytes | None, int, int]:
+    """The element header at ``pos`` (PS3.5 §7.1): tag, explicit VR or None, where
+    its value starts, its length."""
+    tag_length, short_length, long_length = structs
+    limit = len(view)
+    if pos + 8 > limit:
+        raise HeaderIncomplete
+    group, element, length = tag_length.unpack_from(view, pos)
+    if implicit or group == 0xFFFE:
+        return group << 16 | element, None, pos + 8, length
+    vr = bytes(view[pos + 4 : pos + 6])
+    if vr in _LONG_VRS:
+        if pos + 12 > limit:
+            raise HeaderIncomplete
+        return group << 16 | element, vr, pos + 12, long_length.unpack_from(view, pos + 8)[0]
+    if b"AA" <= vr <= b"ZZ":
+        return group << 16 | element, vr, pos + 8, short_length.unpack_from(view, pos + 6)[0]
+    # Implicit VR inside explicit VR data, as pydicom allows.
+    return group << 16 | element, None, pos + 8, length
+
+
+def _past_undefined(view: memoryview, start: int, *, implicit: bool, little: bool,
+                    depth: int) -> int:
+    """Past the items of an undefined-length value starting at ``start``."""
+    if depth >= _MAX_DEPTH:
+        raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
+                         status=_CANNOT_UNDERSTAND)
+    return _skip_items(view, start, implicit=implicit, little=little, depth=depth + 1)
 
 
 def _skip_items(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int) -> int:

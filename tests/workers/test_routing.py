@@ -17,6 +17,8 @@ from pydicom import dcmread
 
 from router.dicom.dataset import HeaderIncomplete, read_part10_header, read_top_level
 from router.dicom.errors import DIMSEError
+from rules import Changes
+from rules.changes import CopyOp, RemoveOp, SetOp
 from tests.helpers import pydicom_test_files
 from workers.routing import read_header
 
@@ -152,3 +154,96 @@ def test_a_deflate_bomb_a_rule_would_change_is_refused_before_pydicom(tmp_path: 
         part10 = read_part10_header(path)
         _changed_copy(path, changes, part10.transfer_syntax, part10.dataset_offset)(BytesIO())
     assert info.value.status == 0xC000
+
+
+def _anonymise() -> Changes:
+    """A typical rule's changes: set (with a value that forces UTF-8), remove, copy."""
+    return Changes(operations=(
+        SetOp(tag=0x00100010, label="PatientName", vr="PN", value="Müller^Jürgen"),
+        RemoveOp(tag=0x00100030, label="PatientBirthDate"),
+        CopyOp(target=0x00081030, target_label="StudyDescription", target_vr=None,
+               source=0x00100020, source_label="PatientID"),
+    ))
+
+
+def _changed_whole(path: Path, changes: Changes) -> bytes:
+    """What pydicom makes of the whole file with ``changes``: the reference."""
+    ds = dcmread(path)
+    changes.apply(ds)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("path", pydicom_test_files(), ids=lambda p: p.name)
+def test_a_changed_copy_around_bulk_data_is_what_pydicom_makes_of_the_whole(
+        path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bulk data is copied as it is and the rest decoded, changed and merged back in
+    tag order; on every real file (bulk made anything over 256 bytes here, so every
+    one takes that path where it can) the copy must read as pydicom's whole-file
+    change does."""
+    from workers import routing
+
+    monkeypatch.setattr(routing, "_BULK", 256)
+    part10 = read_part10_header(path)
+    expected = dcmread(BytesIO(_changed_whole(path, _anonymise())))
+    out = BytesIO()
+    routing._changed_copy(path, _anonymise(), part10.transfer_syntax,
+                          part10.dataset_offset)(out)
+    got = dcmread(BytesIO(out.getvalue()))
+    # The file meta: as received byte for byte, or, where there is no bulk data to
+    # leave out, as pydicom's whole-file change writes it (it may fill in some).
+    if out.getvalue()[:part10.dataset_offset] != path.read_bytes()[:part10.dataset_offset]:
+        assert got.file_meta == expected.file_meta
+    assert got == expected
+    assert [e.tag for e in got] == [e.tag for e in expected]
+
+
+def test_a_changed_copy_of_a_big_instance_never_holds_its_pixel_data(tmp_path: Path) -> None:
+    """64 MiB of pixel data, changed for a destination: Python never allocates more
+    than a few MiB at once (it decoded the whole instance: over 128 MiB)."""
+    import tracemalloc
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from workers.routing import _changed_copy
+
+    ds = dcmread(pydicom_test_files()[0].parent / "CT_small.dcm")
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 4096, 4096, 2
+    ds.PixelData = bytes(range(256)) * (4096 * 4096 * 2 * 2 // 256)
+    ds.file_meta = FileMetaDataset(ds.file_meta)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    pixels = len(ds.PixelData)
+    del ds
+    part10 = read_part10_header(path)
+    out_path = tmp_path / "changed.dcm"
+    tracemalloc.start()
+    try:
+        with out_path.open("wb") as out:
+            _changed_copy(path, _anonymise(), part10.transfer_syntax,
+                          part10.dataset_offset)(out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak >> 20} MiB"
+    got = dcmread(out_path, stop_before_pixels=True)
+    assert str(got.PatientName) == "Müller^Jürgen" and "PatientBirthDate" not in got
+    with out_path.open("rb") as changed, path.open("rb") as original:
+        assert changed.read()[-pixels:] == original.read()[-pixels:]
+
+
+def test_a_change_to_the_bulk_data_itself_still_applies(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import routing
+
+    monkeypatch.setattr(routing, "_BULK", 256)
+    path = next(p for p in pydicom_test_files() if p.name == "CT_small.dcm")
+    part10 = read_part10_header(path)
+    changes = Changes(operations=(RemoveOp(tag=0x7FE00010, label="PixelData"),))
+    out = BytesIO()
+    routing._changed_copy(path, changes, part10.transfer_syntax, part10.dataset_offset)(out)
+    got = dcmread(BytesIO(out.getvalue()))
+    assert "PixelData" not in got and got.PatientName == dcmread(path).PatientName
