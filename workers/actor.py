@@ -125,14 +125,25 @@ handling: contextvars.ContextVar[AssociationActor | None] = contextvars.ContextV
 
 
 class AssociationLogFilter(logging.Filter):
-    """Prefix records of other libraries with the association being handled, and keep
-    a captured Python warning on one line (no file path, no source line)."""
+    """Prefix records of other libraries with the association being handled, keep a
+    captured Python warning on one line (no file path, no source line), and drop
+    the one that repeats what pydicom has just logged (its ``warn_and_log`` does
+    both: the same warning was two lines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pydicom_said = ""
 
     def filter(self, record: logging.LogRecord) -> bool:
         actor = handling.get()
-        if record.name == "py.warnings":
-            first_line = record.getMessage().split("\n", 1)[0]
-            record.msg, record.args = _WARNING_SOURCE.sub("", first_line), None
+        if record.name == "pydicom":
+            self._pydicom_said = record.getMessage()
+        elif record.name == "py.warnings":
+            first_line = _WARNING_SOURCE.sub("", record.getMessage().split("\n", 1)[0])
+            said, self._pydicom_said = self._pydicom_said, ""
+            if said and first_line.endswith(f"Warning: {said}"):
+                return False
+            record.msg, record.args = first_line, None
         if actor is not None and not record.name.startswith(("workers.", "router.")):
             record.msg = f"association {actor._who()}: {record.getMessage()}"
             record.args = None

@@ -182,3 +182,28 @@ def test_library_log_lines_name_the_association_being_handled(
         "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242: Unknown encoding 'GARBAGE'",
         "C-FIND x: 0 match(es)",
         "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242: UserWarning: Unknown encoding 'G'"]
+
+
+def test_a_warning_pydicom_has_logged_is_not_logged_twice(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom's warn_and_log logs a warning and warns it too; with warnings captured
+    into the log (as workers do) that was the same line twice."""
+    import logging
+    import warnings
+
+    from pydicom.valuerep import validate_value
+
+    from workers.actor import AssociationLogFilter
+
+    caplog.handler.addFilter(AssociationLogFilter())
+    logging.captureWarnings(True)
+    try:
+        with caplog.at_level(logging.INFO), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            validate_value("UI", "1.2.03", validation_mode=1)  # pydicom's WARN mode
+            warnings.warn("a warning nobody logged", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("Invalid value for VR UI: '1.2.03'")
+    assert said[1:] == ["UserWarning: a warning nobody logged"], said
