@@ -585,10 +585,13 @@ class AssociationActor(asyncio.BufferedProtocol):
         route: Callable[[SpoolWriter, Path], Placement] | Placement | None = None
         if dispatcher is not None:
             info = self._association_info()
-            originator = None
-            if msg.move_originator_message_id is not None:
-                originator = (msg.move_originator_application_entity_title or "",
-                              int(msg.move_originator_message_id))
+            originator: tuple[str | None, int | None] | None = None
+            if (msg.move_originator_message_id is not None
+                    or info.calling_ae in dispatcher.router.proxy_upstreams):
+                # Maybe a sub-operation of a move this router proxies (workers/moves.py).
+                originator = (msg.move_originator_application_entity_title,
+                              None if msg.move_originator_message_id is None
+                              else int(msg.move_originator_message_id))
             route = functools.partial(dispatcher.router.route, association=info,
                                       move_originator=originator)
             if originator is None and (not dispatcher.router.rules.needs_dataset

@@ -59,7 +59,7 @@ from router.dicom.dataset import (
 from router.dicom.errors import DIMSEError, ProtocolError
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
-from workers.moves import move_destination_of
+from workers.moves import move_destination_of, moves_from
 from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
@@ -107,6 +107,10 @@ class InstanceRouter:
         self.config = config
         self.rules = rules
         self.clock = clock
+        #: AE titles of upstreams that move to the router (proxy mode): a C-STORE
+        #: from one may be a move's sub-operation even without a Move Originator.
+        self.proxy_upstreams = frozenset(d.ae_title for d in config.destinations
+                                         if d.move_mode == "proxy")
         self._tags = sorted(rules.needed_tags)
         # Specific Character Set too: text values decode by it (PS3.5 §6.1.2.5).
         self._wanted = frozenset((*rules.needed_tags, _SPECIFIC_CHARACTER_SET))
@@ -115,20 +119,29 @@ class InstanceRouter:
         self._nothing = Dataset()
 
     def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo,
-              move_originator: tuple[str, int] | None = None) -> Placement:
+              move_originator: tuple[str | None, int | None] | None = None) -> Placement:
         """The placement of the complete instance in ``path`` (on the worker's loop, or
         on the commit thread for big data sets and C-MOVE sub-operations: see the actor).
 
         ``move_originator`` is the C-STORE's Move Originator AE Title and Message ID
-        (PS3.7 §9.3.1.1): a sub-operation of a C-MOVE this router issued for a
-        requestor (workers/qr.py, proxy mode) goes to that requestor's destination
-        at once, whatever the rules say, and its status is the destination's.
+        (PS3.7 §9.3.1.1), either None, when there is one or the association comes
+        from a proxy-mode upstream: a sub-operation of a C-MOVE this router issued
+        for a requestor (workers/qr.py, proxy mode; workers/moves.py says whose)
+        goes to that requestor's destination at once, whatever the rules say, and
+        its status is the destination's.
         """
         if move_originator is not None:
-            destination = move_destination_of(self.config.spool, *move_originator)
+            destination = move_destination_of(self.config.spool, *move_originator,
+                                              calling_ae=association.calling_ae)
+            if destination is None and move_originator[1] is None:
+                running = len(moves_from(self.config.spool, association.calling_ae))
+                if running > 1:
+                    log.warning("C-STORE from %s names no Move Originator while %d of the "
+                                "moves it serves run: whose it is is unknown, routed by "
+                                "the rules", association.calling_ae, running)
             if destination is not None:
                 forward = Forward(destination=destination, changes=Changes(), transparent=True,
-                                  rules=(f"C-MOVE {move_originator[1]}",))
+                                  rules=(f"C-MOVE {move_originator[1] or '(no message ID)'}",))
                 decision = Decision(outcome="forward", forwards=(forward,),
                                     rules=forward.rules)
                 return Placement(hold=True, note=Routed(decision=decision,

@@ -273,6 +273,22 @@ def test_two_upstreams_one_down_is_a_failure_after_the_others_matches(
     assert "0xa700: Refused" in said and "[1 of 2 upstreams failed: down: cannot" in said, said
 
 
+def _moved(port: int, study_uid: str) -> list[Any]:
+    """The responses to a Study Root C-MOVE of ``study_uid`` to VIEWER_SCP, asked of
+    the router on ``port`` with our own client."""
+    from router.net.client import connect
+
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    contexts = [("1.2.840.10008.5.1.4.1.2.2.2", ["1.2.840.10008.1.2.1"])]
+    with connect("127.0.0.1", port, calling_ae="VIEWER", called_ae="ROUTER",
+                 contexts=contexts, dimse_timeout=60) as assoc:
+        responses = list(assoc.move(query, "VIEWER_SCP"))
+        assoc.release()
+    return responses
+
+
 def _move_setup(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> tuple[Any, Orthanc, Router]:
     sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
     pacs = start_orthanc(procs, tmp_path / "pacs",
@@ -605,7 +621,6 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage
 
-    from router.net.client import connect
 
     router_port = free_port()
     received: list[str] = []
@@ -638,17 +653,10 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
         'ae_title = "VIEWER_SCP"\n'))
     try:
         router.wait_for("ready: 2 workers serving")
-        query = pydicom.Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = uid
-        contexts = [("1.2.840.10008.5.1.4.1.2.2.2", ["1.2.840.10008.1.2.1"])]
         responses = []
         for refused in ("", _uid(study[4])):
             refuse["uid"] = refused
-            with connect("127.0.0.1", router.port, calling_ae="VIEWER", called_ae="ROUTER",
-                         contexts=contexts, dimse_timeout=60) as assoc:
-                responses.append(list(assoc.move(query, "VIEWER_SCP")))
-                assoc.release()
+            responses.append(_moved(router.port, uid))
             if not refused:
                 received.sort()
     finally:
@@ -667,6 +675,70 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
     assert second[-1].status != 0x0000 and second[-1].status != 0xFF00, hex(second[-1].status)
     assert _uid(study[4]) not in received[6:]
     assert not list((router.spool / "moves").glob("*.json"))  # the moves are over: forgotten
+
+
+@pytest.mark.parametrize("originator", ["upstreams-own-ae", "none"])
+def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk, originator: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's move SCP names itself as Move Originator AE Title, and a
+    sub-operation may carry no Move Originator at all (both fields are optional,
+    PS3.7 Table 9.3-1; dcmjs-dimse sends none): the sub-operations still reach the
+    requestor's destination. They went to unrouted/ while the requestor was told
+    all of them were completed."""
+    from pynetdicom import AE, evt
+    from pynetdicom.association import Association
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+
+    if originator == "none":
+        plain_store = Association.send_c_store
+
+        def store_without_originator(self: Any, dataset: Any, msg_id: int = 1,
+                                     priority: int = 2, originator_aet: Any = None,
+                                     originator_id: Any = None) -> Any:
+            return plain_store(self, dataset, msg_id, priority)
+
+        monkeypatch.setattr(Association, "send_c_store", store_without_originator)
+    sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=5, size_kb=4, seed=14)
+    router_port = free_port()
+
+    def on_move(event: Any) -> Any:
+        destination = event.move_destination
+        if (destination.decode() if isinstance(destination, bytes) else destination
+                ).strip() != "ROUTER":
+            yield None, None
+            return
+        yield "127.0.0.1", router_port
+        yield len(study)
+        for path in study:
+            yield 0xFF00, pydicom.dcmread(path)
+
+    pacs = AE(ae_title="PYPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    pacs.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    pacs_port = free_port()
+    server = pacs.start_server(("127.0.0.1", pacs_port), block=False,
+                               evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
+    router = Router(tmp_path, port=router_port, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+        'ae_title = "PYPACS"\nmove_mode = "proxy"\n'
+        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {sink.port}\n'
+        'ae_title = "VIEWER_SCP"\n'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        responses = _moved(router.port, str(pydicom.dcmread(study[0]).StudyInstanceUID))
+    finally:
+        router.stop()
+        server.shutdown()
+    assert responses[-1].status == 0x0000
+    assert responses[-1].number_of_completed_sub_operations == 5
+    assert sorted(_uid(p) for p in received_files(sink.outdir)) == \
+        sorted(_uid(p) for p in study)
+    assert not list((router.spool / "unrouted").glob("*"))
 
 
 def test_rules_change_the_query_and_its_results(tmp_path: Path, dcmtk: Dcmtk,
