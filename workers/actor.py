@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
 from router.dicom.dataset import InstanceIdentity, decode_dataset
@@ -765,6 +766,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         label = f"{self._who()} #{msg.message_id}"
         ts = ctx.transfer_syntax
         uid = None
+        destination: Destination | None = None
         try:
             if isinstance(msg, dimse.NEventReportRQ):
                 # PS3.4 J.3.3: the PACS reports back; find who asked for the commitment.
@@ -772,10 +774,10 @@ class AssociationActor(asyncio.BufferedProtocol):
                 destination = next((d for d in config.destinations
                                     if d.ae_title == requestor), None)
                 if destination is None:
-                    self._refuse(ctx, msg, dimse.PROCESSING_FAILURE,
-                                 f"no requestor known for transaction {uid}")
-                    log.warning("association %s: %s for unknown transaction %s refused",
-                                self._who(), name, uid)
+                    why = (f"transaction {uid} unknown" if requestor is None else
+                           f"requestor {requestor} of transaction {uid} is not a destination")
+                    self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, why)
+                    log.warning("association %s: %s refused: %s", self._who(), name, why)
                     return
                 async with asyncio.timeout(self.settings.operation_timeout):
                     rsp, rsp_data = await relay_n_request(destination, msg, data, ts,
@@ -787,13 +789,24 @@ class AssociationActor(asyncio.BufferedProtocol):
                 assert target is not None
                 destination = config.destination(target)
                 if isinstance(msg, dimse.NActionRQ):
+                    if not any(d.ae_title == self.stats.calling_ae
+                               for d in config.destinations):
+                        # The result comes back later on an association of the
+                        # PACS's own (PS3.4 J.3.3), which the router can only relay
+                        # to a [[destination]]: refused now, not lost then.
+                        why = (f"no [[destination]] has AE title {self.stats.calling_ae} "
+                               "to send the commitment result to")
+                        self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, why)
+                        log.warning("association %s: %s refused: %s", self._who(), name, why)
+                        return
                     remember_commitment(self.spool.root, data, ts, self.stats.calling_ae)
                 async with asyncio.timeout(self.settings.operation_timeout):
                     rsp, rsp_data = await relay_n_request(destination, msg, data, ts,
                                                           label=label, sop_class=sop_class)
         except OutboundError as exc:
-            log.warning("association %s: %s relay failed: %s", self._who(), name, exc)
-            self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, str(exc))
+            where = f"{destination.name if destination else '?'}: {exc}"
+            log.warning("association %s: %s relay to %s", self._who(), name, where)
+            self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, where)
             return
         except DIMSEError as exc:
             # A data set that cannot be read or converted for the other side (ours

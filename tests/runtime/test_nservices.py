@@ -30,6 +30,40 @@ def _destination(name: str, port: int, aet: str) -> str:
             f'ae_title = "{aet}"\ntimeout = 10\n')
 
 
+def _associated(ae_title: str, sop_class: str, port: int) -> Any:
+    """A pynetdicom association from ``ae_title`` to the router on ``port``."""
+    from pynetdicom import AE
+
+    requester = AE(ae_title=ae_title)
+    requester.add_requested_context(sop_class)
+    assoc = requester.associate("127.0.0.1", port, ae_title="ROUTER")
+    assert assoc.is_established
+    return assoc
+
+
+def _serving(ae_title: str, sop_class: str, event: Any, handler: Any) -> tuple[int, Any]:
+    """A pynetdicom SCP of ``sop_class`` on a free loopback port, ``handler`` answering
+    ``event``: (its port, its server, to shut down)."""
+    from pynetdicom import AE
+
+    scp = AE(ae_title=ae_title)
+    scp.add_supported_context(sop_class)
+    port = free_port()
+    return port, scp.start_server(("127.0.0.1", port), block=False,
+                                  evt_handlers=[(event, handler)])
+
+
+def _commitment_request(transaction: str) -> Dataset:
+    """An N-ACTION's data set asking commitment for one CT instance (PS3.4 J.3.2)."""
+    action = Dataset()
+    action.TransactionUID = transaction
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.ReferencedSOPInstanceUID = generate_uid()
+    action.ReferencedSOPSequence = [item]
+    return action
+
+
 def test_mpps_n_create_and_n_set_reach_the_ris(tmp_path: Path) -> None:
     from pynetdicom import AE, evt
 
@@ -55,10 +89,7 @@ def test_mpps_n_create_and_n_set_reach_the_ris(tmp_path: Path) -> None:
                     + _destination("ris", ris_port, "RIS"))
     try:
         router.wait_for("ready: 2 workers serving")
-        modality = AE(ae_title="CT1")
-        modality.add_requested_context(MPPS)
-        assoc = modality.associate("127.0.0.1", router.port, ae_title="ROUTER")
-        assert assoc.is_established
+        assoc = _associated("CT1", MPPS, router.port)
         uid = generate_uid()
         attrs = Dataset()
         attrs.PatientID = "P1"
@@ -122,27 +153,16 @@ def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
         threading.Thread(target=report_later, args=(event.action_information,)).start()
         return 0x0000, None
 
-    pacs = AE(ae_title="PACS")
-    pacs.add_supported_context(COMMITMENT)
-    pacs_port = free_port()
-    pacs_server = pacs.start_server(("127.0.0.1", pacs_port), block=False,
-                                    evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    pacs_port, pacs_server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
     router = Router(tmp_path, port=router_port, extra=(
         '[routing]\nstorage_commitment = "pacs"\n'
         + _destination("pacs", pacs_port, "PACS")
         + _destination("modality", modality_port, "MODALITY")))
     try:
         router.wait_for("ready: 2 workers serving")
-        requester = AE(ae_title="MODALITY")
-        requester.add_requested_context(COMMITMENT)
-        assoc = requester.associate("127.0.0.1", router.port, ae_title="ROUTER")
-        assert assoc.is_established
-        action = Dataset()
-        action.TransactionUID = transaction
-        item = Dataset()
-        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        item.ReferencedSOPInstanceUID = generate_uid()
-        action.ReferencedSOPSequence = [item]
+        assoc = _associated("MODALITY", COMMITMENT, router.port)
+        action = _commitment_request(transaction)
+        item = action.ReferencedSOPSequence[0]
         status, _ = assoc.send_n_action(action, 1, COMMITMENT, COMMITMENT_INSTANCE)
         assert status.Status == 0x0000
         assoc.release()
@@ -191,3 +211,55 @@ def test_an_n_create_whose_data_set_cannot_be_converted_is_answered(tmp_path: Pa
         router.stop()
         server.shutdown()
     assert "Traceback" not in router.log(), router.log()
+
+
+def test_commitment_from_a_requestor_the_result_cannot_reach_is_refused_up_front(
+        tmp_path: Path) -> None:
+    """The PACS reports later on an association of its own, which the router can
+    relay only to a [[destination]]: a requestor that is none gets 0110H for its
+    N-ACTION now, saying why, and the PACS is never asked. It used to get Success,
+    and the result was refused when it came ("unknown transaction") and lost."""
+    from pynetdicom import evt
+
+    asked: list[str] = []
+
+    def on_action(event: Any) -> tuple[int, None]:
+        asked.append(event.action_information.TransactionUID)
+        return 0x0000, None
+
+    pacs_port, server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
+    router = Router(tmp_path, extra='[routing]\nstorage_commitment = "pacs"\n'
+                    + _destination("pacs", pacs_port, "PACS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _associated("STRANGER", COMMITMENT, router.port)
+        action = _commitment_request(generate_uid())
+        status, _ = assoc.send_n_action(action, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        assoc.release()
+        router.wait_for("NAction refused: no [[destination]] has AE title STRANGER")
+    finally:
+        router.stop()
+        server.shutdown()
+    assert status.Status == 0x0110 and "STRANGER" in status.ErrorComment
+    assert asked == []
+    assert not list((router.spool / "commitments").glob("*.json"))
+
+
+def test_an_mpps_relay_that_fails_names_the_ris(tmp_path: Path) -> None:
+    """The RIS is down: the modality gets 0110H, and the log and the Error Comment
+    name the RIS (they named only the modality's own association, which read as if
+    the modality had dropped)."""
+
+    router = Router(tmp_path, extra='[routing]\nmpps = "ris"\n'
+                    + _destination("ris", free_port(), "RIS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _associated("CT1", MPPS, router.port)
+        attrs = Dataset()
+        attrs.PatientID = "P1"
+        status, _ = assoc.send_n_create(attrs, MPPS, generate_uid())
+        assoc.release()
+        router.wait_for("NCreate relay to ris: cannot connect")
+    finally:
+        router.stop()
+    assert status.Status == 0x0110 and status.ErrorComment.startswith("ris: ")
