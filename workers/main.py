@@ -338,6 +338,8 @@ class Worker:
                                f"{message.body.get('reason', message.kind)}"))
 
     def _worker_gone(self, worker_id: int) -> None:
+        log.info("worker %d: worker %d is gone: what it was sending for this one is answered "
+                 "A700H, new transparent sends go elsewhere", self.worker_id, worker_id)
         self.gone.add(worker_id)
         for target, future in self.sends_elsewhere.values():
             if target == worker_id and not future.done():

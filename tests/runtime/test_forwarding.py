@@ -584,6 +584,8 @@ def test_transparent_send_while_its_sender_worker_is_down_goes_at_once(
             pid = int(ready.findall(router.log())[-1])
             os.kill(pid, signal.SIGKILL)
             router.wait_count("worker 1 (pid", deaths)  # "... died (...); restarting in"
+            # Worker 2 knows it too (else it hands the send to the dead one: A700H).
+            router.wait_count("worker 2: worker 1 is gone", deaths)
             if deaths < 5:
                 router.wait_count("worker 1 ready", deaths + 1)
         assert "restarting in 3.2 s" in router.log()
