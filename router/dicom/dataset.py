@@ -733,6 +733,14 @@ IDENTITY_SEARCH_BYTES: Final = 64 * 1024
 
 
 @functools.cache
+def _is_deflated(transfer_syntax: str) -> bool:
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    return uid.is_transfer_syntax and uid.is_deflated
+
+
+@functools.cache
 def walkable_encoding(transfer_syntax: str) -> tuple[bool, bool] | None:
     """(implicit, little) for a transfer syntax whose data set :func:`read_top_level`
     can walk as it is; None for deflated ones and those pydicom does not know."""
@@ -755,20 +763,30 @@ class InstanceIdentity:
     C000H (Cannot understand). DCMTK's storescp answers the same. Acknowledging such
     a data set would have the router keep, and forward, what the sender did not mean.
 
+    A deflated data set (PS3.5 A.5) is inflated as it comes, at most
+    :data:`IDENTITY_SEARCH_BYTES` of it, and told the same way; one that does not
+    inflate is C000H (a sender once sent plain bytes under the deflated syntax: they
+    were acknowledged, and no destination could read them).
+
     ``status`` is None until decided, then 0 or the failure, with ``reason``. A data
-    set in a deflated or unknown transfer syntax, or whose UIDs are not within its
-    first :data:`IDENTITY_SEARCH_BYTES`, is let through (0): it cannot be told here.
+    set in a transfer syntax this walk does not know, or whose UIDs are not within
+    its first :data:`IDENTITY_SEARCH_BYTES`, is let through (0): it cannot be told here.
     """
 
-    __slots__ = ("_head", "_implicit", "_little", "reason", "sop_class_uid",
-                 "sop_instance_uid", "status")
+    __slots__ = ("_head", "_implicit", "_inflated", "_inflater", "_little", "reason",
+                 "sop_class_uid", "sop_instance_uid", "status")
 
     def __init__(self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> None:
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.reason = ""
         self._head: bytearray | None = None
+        self._inflater = None
+        self._inflated = 0
         encoding = walkable_encoding(transfer_syntax)
+        if encoding is None and _is_deflated(transfer_syntax):
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            encoding = (False, True)  # deflated data sets are explicit VR LE inside
         self.status: int | None = None if encoding is not None else 0
         self._implicit, self._little = encoding or (False, True)
 
@@ -776,6 +794,16 @@ class InstanceIdentity:
         """The next fragment of the data set (``last``: the data set ends with it)."""
         if self.status is not None:
             return
+        if self._inflater is not None:
+            if self._inflated >= IDENTITY_SEARCH_BYTES:  # (a max_length of 0 is no limit)
+                self.status = 0
+                return
+            try:
+                data = self._inflater.decompress(data, IDENTITY_SEARCH_BYTES - self._inflated)
+            except zlib.error as exc:
+                self._fail(_CANNOT_UNDERSTAND, f"the deflated data set does not inflate: {exc}")
+                return
+            self._inflated += len(data)
         if self._head is None:
             buf: bytes | bytearray | memoryview = data  # the usual case: no copy
         else:

@@ -829,4 +829,23 @@ def test_padded_uids_match_and_a_late_uid_is_let_through() -> None:
     big.add_new(0x00080013, "UT", "y" * 10_000)
     late = encode_dataset(big, IMPLICIT_VR_LITTLE_ENDIAN) + raw
     assert _identity(late, IMPLICIT_VR_LITTLE_ENDIAN, "1.9", "1.9", 4096).status == 0
-    assert _identity(b"x" * 10, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, "1", "2", 5).status == 0
+    # A transfer syntax it does not know: it cannot be told here either.
+    assert _identity(b"x" * 10, "1.2.826.0.1.3680043.9.99", "1", "2", 5).status == 0
+
+
+def test_a_deflated_data_set_is_told_as_it_inflates() -> None:
+    """Deflated (PS3.5 A.5): inflated as it comes and checked like any other; plain
+    bytes under the deflated syntax (dcmjs-dimse sends them so) are C000H, not
+    acknowledged for no destination to read."""
+    deflated = DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    ct = read_part10_header(TEST_FILES / "CT_small.dcm")
+    plain = (TEST_FILES / "CT_small.dcm").read_bytes()[ct.dataset_offset :]
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    raw = squeeze.compress(plain) + squeeze.flush()
+    cls, inst = ct.sop_class_uid, ct.sop_instance_uid
+    for size in (3, 100, len(raw)):
+        assert _identity(raw, deflated, cls, inst, size).status == 0
+        assert _identity(raw, deflated, cls, inst + ".1", size).status == 0xA900
+        refused = _identity(plain, deflated, cls, inst, size)
+        assert refused.status == 0xC000, refused.reason
+        assert refused.reason.startswith("the deflated data set does not inflate")
