@@ -149,6 +149,7 @@ import json
 import math
 import os
 import re
+import socket
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -391,6 +392,27 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{', TLS' if self.tls else ''})"
+
+    def is_peer(self, calling_ae: str, address: str) -> bool:
+        """Whether an association calling from ``calling_ae`` at ``address`` is this
+        node: its AE title, or an address its host name resolves to (a PACS may call
+        from another AE title than it answers to). Resolves the name: blocking."""
+        if calling_ae.strip() == self.ae_title:
+            return True
+        try:
+            peer = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        try:
+            return peer == ipaddress.ip_address(self.host)
+        except ValueError:
+            pass  # a host name
+        try:
+            infos = socket.getaddrinfo(self.host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            return False
+        return any(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) == peer
+                   for info in infos)
 
 
 def _destination_name_problem(name: object) -> str | None:

@@ -1039,3 +1039,16 @@ def test_auto_workers_follow_the_cpu_quota_not_the_node(tmp_path: Path) -> None:
     unlimited, self_cgroup = _cgroup(tmp_path / "u", "0::/\n", {"cpu.max": "max 100000\n"})
     assert default_workers(cgroup_root=unlimited, proc_cgroup=self_cgroup) == min(
         len(os.sched_getaffinity(0)), MAX_WORKERS)
+
+
+def test_a_destination_knows_its_peer_by_ae_title_or_address() -> None:
+    from router.config import Destination
+
+    pacs = Destination(name="pacs", host="10.1.2.3", port=104, ae_title="PACS")
+    assert pacs.is_peer("PACS", "192.168.0.9")  # its AE title, from anywhere
+    assert pacs.is_peer("PACS_OUT", "10.1.2.3")  # another AE title, from its host
+    assert not pacs.is_peer("ATTACKER", "10.1.2.4")
+    assert not pacs.is_peer("ATTACKER", "not an address")
+    local = Destination(name="local", host="localhost", port=104, ae_title="LOCAL")
+    assert local.is_peer("X", "127.0.0.1")  # a host name, resolved
+    assert not local.is_peer("X", "10.9.9.9")

@@ -769,7 +769,18 @@ class AssociationActor(asyncio.BufferedProtocol):
         destination: Destination | None = None
         try:
             if isinstance(msg, dimse.NEventReportRQ):
-                # PS3.4 J.3.3: the PACS reports back; find who asked for the commitment.
+                # PS3.4 J.3.3: the PACS reports back. Only the PACS may: a report from
+                # anyone else, relayed, would tell the modality that instances are
+                # safe that no PACS committed, and it may then delete them.
+                assert config.storage_commitment is not None
+                pacs = config.destination(config.storage_commitment)
+                if not await self.loop.run_in_executor(
+                        None, pacs.is_peer, self.stats.calling_ae, self.stats.peer[0]):
+                    why = f"a commitment result is only taken from {pacs.name}"
+                    self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, why)
+                    log.warning("association %s: %s refused: %s", self._who(), name, why)
+                    return
+                # Find who asked for the commitment.
                 uid, requestor = requestor_of(self.spool.root, data, ts)
                 destination = next((d for d in config.destinations
                                     if d.ae_title == requestor), None)

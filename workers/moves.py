@@ -6,8 +6,10 @@ sub-operations then carry this router's AE title as Move Originator AE Title and
 C-MOVE's message ID as Move Originator Message ID (PS3.7 §9.3.1.1), and may arrive on
 any association, in any worker. The message ID is therefore allocated here, unique
 over every worker of the spool, by creating ``<spool>/moves/<message ID>.json``
-exclusively; the file names the requestor's destination. The worker that receives a
-sub-operation reads it and relays the instance there, answering the upstream with
+exclusively; the file names the requestor's destination, the upstream and the
+process that runs the move. The worker that receives a sub-operation from that
+upstream (Destination.is_peer: its AE title or address; from anyone else it is an
+ordinary C-STORE, routed by the rules) reads it and relays the instance there, answering the upstream with
 the destination's status, so the upstream's own counts and failed-UID list, which
 the requestor gets relayed, are true end to end.
 """
@@ -19,8 +21,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Collection
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["MOVES_DIR", "end_move", "move_destination_of", "moves_from", "register_move"]
 
@@ -30,14 +33,15 @@ _STALE_SECONDS: Final = 24 * 3600
 
 
 def register_move(spool: Path, originator_ae: str, destination: str,
-                  upstream_ae: str = "") -> int:
+                  upstream: str = "") -> int:
     """A message ID (1-65535) no other running move of this spool uses, recorded with
-    the AE title the upstream will name as originator, the destination, and the
-    upstream's own AE title (which its sub-operations' associations call from)."""
+    the AE title the upstream will name as originator, the destination, the
+    upstream (its ``[[destination]]`` name: only it may deliver the sub-operations)
+    and this process, whose death ends the move."""
     folder = spool / MOVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     record = json.dumps({"originator": originator_ae, "destination": destination,
-                         "upstream": upstream_ae})
+                         "upstream": upstream, "pid": os.getpid()})
     start = random.randrange(1, 65536)
     for offset in range(65535):
         mid = (start + offset - 1) % 65535 + 1
@@ -55,53 +59,65 @@ def register_move(spool: Path, originator_ae: str, destination: str,
     raise OSError("no free C-MOVE message ID: 65535 moves in progress")
 
 
-def move_destination_of(spool: Path, originator_ae: str | None, message_id: int | None,
-                        calling_ae: str = "") -> str | None:
-    """The destination of the router's move a C-STORE is a sub-operation of: the one
-    with its Move Originator Message ID, if its Move Originator AE Title is the one
-    that move was issued with, or if it comes from that move's upstream (some
-    upstreams put their own AE title there; pynetdicom's qrscp does).
+def move_destination_of(spool: Path, message_id: int | None,
+                        upstreams: Collection[str]) -> str | None:
+    """The destination of the router's running move a C-STORE is a sub-operation of,
+    given its Move Originator Message ID and the upstreams (``[[destination]]``
+    names) the association comes from (Destination.is_peer): only a move's own
+    upstream may deliver into it, whatever else calls with its message ID.
 
-    Both fields are optional in a C-STORE-RQ (PS3.7 Table 9.3-1): without a message
-    ID, a C-STORE from an upstream that has exactly one proxied move running
-    belongs to that move (dcmjs-dimse sends none). With two or more, nothing says
-    which: None, and the rules route it."""
-    calling_ae = calling_ae.strip()
+    The Move Originator AE Title is not needed for that, nor trusted: some
+    upstreams put their own there (pynetdicom's move SCP does). Both fields are
+    optional in a C-STORE-RQ (PS3.7 Table 9.3-1): without a message ID, a C-STORE
+    from an upstream with exactly one proxied move running belongs to that move
+    (dcmjs-dimse sends none); with two or more, nothing says which: None, and the
+    rules route it."""
+    if not upstreams:
+        return None
     if message_id is not None:
-        record = _record(spool / MOVES_DIR / f"{int(message_id)}.json")
-        if record is None:
-            return None
-        if (record.get("originator", "").strip() != (originator_ae or "").strip()
-                and (not calling_ae or record.get("upstream", "").strip() != calling_ae)):
-            return None
-        destination = record.get("destination")
-        return destination if isinstance(destination, str) else None
-    running = moves_from(spool, calling_ae)
+        record = _live_record(spool / MOVES_DIR / f"{int(message_id)}.json")
+        running = [] if record is None or record.get("upstream") not in upstreams \
+            else [record]
+    else:
+        running = moves_from(spool, upstreams)
     if len(running) != 1:
         return None
     destination = running[0].get("destination")
     return destination if isinstance(destination, str) else None
 
 
-def moves_from(spool: Path, upstream_ae: str) -> list[dict[str, str]]:
-    """The records of the proxied moves running with ``upstream_ae`` as upstream."""
-    upstream_ae = upstream_ae.strip()
-    if not upstream_ae:
+def moves_from(spool: Path, upstreams: Collection[str]) -> list[dict[str, Any]]:
+    """The records of the proxied moves running with one of ``upstreams``."""
+    if not upstreams:
         return []
     try:
         paths = list((spool / MOVES_DIR).glob("*.json"))
     except OSError:
         return []
-    return [r for r in map(_record, paths)
-            if r is not None and r.get("upstream", "").strip() == upstream_ae]
+    return [r for r in map(_live_record, paths)
+            if r is not None and r.get("upstream") in upstreams]
 
 
-def _record(path: Path) -> dict[str, str] | None:
+def _live_record(path: Path) -> dict[str, Any] | None:
+    """The record in ``path``; None if there is none, or the process that made it is
+    dead (a killed worker's move: nothing waits for it, and it is removed)."""
     try:
         record = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None  # ended meanwhile, or not ours
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    pid = record.get("pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return record
 
 
 def end_move(spool: Path, message_id: int) -> None:

@@ -131,10 +131,14 @@ class InstanceRouter:
         its status is the destination's.
         """
         if move_originator is not None:
-            destination = move_destination_of(self.config.spool, *move_originator,
-                                              calling_ae=association.calling_ae)
+            # Only a move's own upstream may deliver into it (else anyone knowing a
+            # 16-bit message ID could send past the rules).
+            upstreams = {d.name for d in self.config.destinations if d.move_mode == "proxy"
+                         and d.is_peer(association.calling_ae, association.peer)}
+            destination = move_destination_of(self.config.spool, move_originator[1],
+                                              upstreams)
             if destination is None and move_originator[1] is None:
-                running = len(moves_from(self.config.spool, association.calling_ae))
+                running = len(moves_from(self.config.spool, upstreams))
                 if running > 1:
                     log.warning("C-STORE from %s names no Move Originator while %d of the "
                                 "moves it serves run: whose it is is unknown, routed by "

@@ -263,3 +263,43 @@ def test_an_mpps_relay_that_fails_names_the_ris(tmp_path: Path) -> None:
     finally:
         router.stop()
     assert status.Status == 0x0110 and status.ErrorComment.startswith("ris: ")
+
+
+def test_a_commitment_result_from_anyone_but_the_pacs_is_refused(tmp_path: Path) -> None:
+    """A forged N-EVENT-REPORT naming a real transaction, from another AE title and
+    address (127.0.0.2), is refused and the transaction kept: relayed, it told the
+    modality that instances were safe which no PACS had committed (a modality may
+    then delete them), and the PACS's real report was refused after it."""
+    from pynetdicom import AE, build_role, evt
+
+    def on_action(event: Any) -> tuple[int, None]:
+        return 0x0000, None  # the PACS will report later (not in this test)
+
+    pacs_port, server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
+    router = Router(tmp_path, extra='[routing]\nstorage_commitment = "pacs"\n'
+                    + _destination("pacs", pacs_port, "PACS")
+                    + _destination("modality", free_port(), "MODALITY"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        action = _commitment_request(generate_uid())
+        assoc = _associated("MODALITY", COMMITMENT, router.port)
+        status, _ = assoc.send_n_action(action, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        assoc.release()
+        assert status.Status == 0x0000
+        forger = AE(ae_title="ATTACKER")
+        forger.add_requested_context(COMMITMENT)
+        forged = forger.associate("127.0.0.1", router.port, ae_title="ROUTER",
+                                  bind_address=("127.0.0.2", 0),
+                                  ext_neg=[build_role(COMMITMENT, scp_role=True)])
+        assert forged.is_established
+        event = Dataset()
+        event.TransactionUID = action.TransactionUID
+        event.ReferencedSOPSequence = action.ReferencedSOPSequence
+        status, _ = forged.send_n_event_report(event, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        forged.release()
+        router.wait_for("NEventReport refused: a commitment result is only taken from pacs")
+    finally:
+        router.stop()
+        server.shutdown()
+    assert status.Status == 0x0110
+    assert (router.spool / "commitments" / f"{action.TransactionUID}.json").exists()

@@ -2,31 +2,48 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
-from workers.moves import end_move, move_destination_of, moves_from, register_move
+from workers.moves import MOVES_DIR, end_move, move_destination_of, moves_from, register_move
 
 
-def test_a_sub_operation_is_found_by_its_move_originator(tmp_path: Path) -> None:
-    mid = register_move(tmp_path, "ROUTER", "viewer", "PACS")
-    assert move_destination_of(tmp_path, "ROUTER", mid) == "viewer"
-    # Another originator AE title: only from the move's own upstream.
-    assert move_destination_of(tmp_path, "PACS", mid, calling_ae="PACS") == "viewer"
-    assert move_destination_of(tmp_path, "PACS", mid, calling_ae="OTHER") is None
-    assert move_destination_of(tmp_path, "ROUTER", mid % 65535 + 1) is None
+def test_a_sub_operation_is_found_by_its_message_id_from_its_upstream_only(
+        tmp_path: Path) -> None:
+    mid = register_move(tmp_path, "ROUTER", "viewer", "pacs")
+    assert move_destination_of(tmp_path, mid, {"pacs"}) == "viewer"
+    # Anyone else with the message ID delivers nothing into the move.
+    assert move_destination_of(tmp_path, mid, set()) is None
+    assert move_destination_of(tmp_path, mid, {"other"}) is None
+    assert move_destination_of(tmp_path, mid % 65535 + 1, {"pacs"}) is None
     end_move(tmp_path, mid)
-    assert move_destination_of(tmp_path, "ROUTER", mid) is None
+    assert move_destination_of(tmp_path, mid, {"pacs"}) is None
 
 
 def test_without_a_message_id_only_a_single_running_move_can_claim_it(tmp_path: Path) -> None:
-    assert move_destination_of(tmp_path, None, None, calling_ae="PACS") is None  # none runs
-    first = register_move(tmp_path, "ROUTER", "viewer", "PACS")
-    register_move(tmp_path, "ROUTER", "ai", "OTHERPACS")
-    assert move_destination_of(tmp_path, None, None, calling_ae="PACS") == "viewer"
-    assert move_destination_of(tmp_path, None, None, calling_ae="") is None
-    second = register_move(tmp_path, "ROUTER", "workstation", "PACS")
-    assert len(moves_from(tmp_path, "PACS")) == 2
-    assert move_destination_of(tmp_path, None, None, calling_ae="PACS") is None  # whose?
+    assert move_destination_of(tmp_path, None, {"pacs"}) is None  # none runs
+    first = register_move(tmp_path, "ROUTER", "viewer", "pacs")
+    register_move(tmp_path, "ROUTER", "ai", "otherpacs")
+    assert move_destination_of(tmp_path, None, {"pacs"}) == "viewer"
+    assert move_destination_of(tmp_path, None, set()) is None
+    second = register_move(tmp_path, "ROUTER", "workstation", "pacs")
+    assert len(moves_from(tmp_path, {"pacs"})) == 2
+    assert move_destination_of(tmp_path, None, {"pacs"}) is None  # whose?
     end_move(tmp_path, first)
-    assert move_destination_of(tmp_path, None, None, calling_ae="PACS") == "workstation"
+    assert move_destination_of(tmp_path, None, {"pacs"}) == "workstation"
     end_move(tmp_path, second)
+
+
+def test_the_move_of_a_dead_worker_takes_nothing_more_and_is_removed(tmp_path: Path) -> None:
+    """A worker killed mid-move leaves its record; it used to accept sub-operations
+    for 24 hours."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    mid = register_move(tmp_path, "ROUTER", "viewer", "pacs")
+    path = tmp_path / MOVES_DIR / f"{mid}.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "pid": int(dead.stdout)}))
+    assert move_destination_of(tmp_path, mid, {"pacs"}) is None
+    assert not path.exists()
