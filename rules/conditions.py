@@ -21,15 +21,20 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import importlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from rules.model import AssociationInfo
+
+# The regular expression parser, to see a pattern's structure (exponential_risk);
+# its module is private, hence no stubs.
+re_parser: Any = importlib.import_module("re._parser")
 
 _MISSING: Final = object()
 _STRIP: Final = " \x00"
@@ -205,20 +210,92 @@ class TextEquals(Predicate):
         return f"{'equals' if held else 'does not equal'} {_q(self.text)}"
 
 
-def wildcard_regex(pattern: str) -> re.Pattern[str]:
-    """A DICOM wildcard as a regex for ``fullmatch``: ``*`` any sequence of
-    characters including none, ``?`` exactly one, everything else literal and
-    case-sensitive (PS3.4 C.2.2.2.4)."""
-    out: list[str] = []
-    for ch in pattern:
-        if ch == "*":
-            if not out or out[-1] != ".*":
-                out.append(".*")
-        elif ch == "?":
-            out.append(".")
-        else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out), re.DOTALL)
+def wildcard_matcher(pattern: str) -> Callable[[str], bool]:
+    """Whether a whole value matches a DICOM wildcard (PS3.4 C.2.2.2.4): ``*`` any
+    sequence of characters including none, ``?`` exactly one, everything else
+    literal and case-sensitive. In time proportional to pattern times value at
+    worst: the regex it used to be backtracked polynomially in the number of
+    ``*`` (``*a*a*a*a*a*a*a*a*b`` on a 64-character value took over a minute,
+    and blocked the worker)."""
+    parts = re.split(r"\*+", pattern)
+    if len(parts) == 1:
+        return lambda text: _glob_piece(pattern, text, 0) and len(text) == len(pattern)
+    head, *middle, tail = parts
+
+    def match(text: str) -> bool:
+        # Each * piece is matched at its first place (leftmost is always right for
+        # a glob), so no position is ever tried twice.
+        if len(text) < len(head) + len(tail) or not _glob_piece(head, text, 0) or \
+                not _glob_piece(tail, text, len(text) - len(tail)):
+            return False
+        at, end = len(head), len(text) - len(tail)
+        for piece in middle:
+            found = _glob_find(piece, text, at, end)
+            if found < 0:
+                return False
+            at = found + len(piece)
+        return True
+
+    return match
+
+
+def _glob_piece(piece: str, text: str, at: int) -> bool:
+    """Whether ``piece`` (no ``*``) matches ``text`` at ``at``."""
+    if at < 0 or at + len(piece) > len(text):
+        return False
+    return all(p == "?" or p == text[at + i] for i, p in enumerate(piece))
+
+
+def _glob_find(piece: str, text: str, start: int, end: int) -> int:
+    """Where ``piece`` (no ``*``) first matches within ``text[start:end]``, or -1."""
+    if "?" not in piece:
+        return text.find(piece, start, end)
+    for at in range(start, end - len(piece) + 1):
+        if _glob_piece(piece, text, at):
+            return at
+    return -1
+
+
+def exponential_risk(pattern: str) -> str | None:
+    """Why a regular expression may take exponential time on some values (a repeat
+    inside a repeat: ``(a+)+``, ``(a*)*``, ``(\\w+\\s?)*``), or None. Python's ``re``
+    backtracks, cannot be interrupted, and a rule runs on the worker's event loop:
+    one hostile value would stall every association on it. Possessive repeats and
+    atomic groups (``a++``, ``(?>a+)``) do not backtrack and are allowed."""
+    try:
+        parsed = re_parser.parse(pattern)
+    except re.error:
+        return None  # compiling says what is wrong
+    return _nested_repeat(list(parsed), inside_repeat=False)
+
+
+def _nested_repeat(items: list[Any], *, inside_repeat: bool) -> str | None:
+    for op, arg in items:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT"):
+            _, high, sub = arg
+            unbounded = high == re_parser.MAXREPEAT or high > 1
+            if inside_repeat and unbounded:
+                return "it repeats a repeat, which can take exponential time on some values"
+            found = _nested_repeat(list(sub), inside_repeat=inside_repeat or unbounded)
+            if found:
+                return found
+        elif name in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
+            continue  # no backtracking into it
+        elif name == "SUBPATTERN":
+            found = _nested_repeat(list(arg[-1]), inside_repeat=inside_repeat)
+            if found:
+                return found
+        elif name == "BRANCH":
+            for branch in arg[1]:
+                found = _nested_repeat(list(branch), inside_repeat=inside_repeat)
+                if found:
+                    return found
+        elif name in ("ASSERT", "ASSERT_NOT"):
+            found = _nested_repeat(list(arg[1]), inside_repeat=inside_repeat)
+            if found:
+                return found
+    return None
 
 
 def has_wildcard(text: str) -> bool:
@@ -230,11 +307,11 @@ class Wildcard(Predicate):
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
-        self._match = wildcard_regex(pattern).fullmatch
+        self._match = wildcard_matcher(pattern)
 
     def match(self, v: Values) -> bool:
         m = self._match
-        return any(m(t) is not None for t in v.texts)
+        return any(m(t) for t in v.texts)
 
     def phrase(self, held: bool) -> str:
         return f"{'matches' if held else 'does not match'} {_q(self.pattern)}"
@@ -471,7 +548,7 @@ class AETitle(Condition):
         self.calling = calling
         self.patterns = tuple(patterns)
         self._exact = frozenset(p for p in patterns if not has_wildcard(p))
-        self._wild = tuple(wildcard_regex(p).fullmatch for p in patterns if has_wildcard(p))
+        self._wild = tuple(wildcard_matcher(p) for p in patterns if has_wildcard(p))
 
     def _title(self, ctx: Context) -> str:
         a = ctx.association
@@ -479,7 +556,7 @@ class AETitle(Condition):
 
     def test(self, ctx: Context) -> bool:
         title = self._title(ctx)
-        return title in self._exact or any(m(title) is not None for m in self._wild)
+        return title in self._exact or any(m(title) for m in self._wild)
 
     def explain(self, ctx: Context, out: list[str], indent: str) -> bool:
         held = self.test(ctx)

@@ -60,6 +60,7 @@ from rules.conditions import (
     canonical_da,
     canonical_dt,
     canonical_tm,
+    exponential_risk,
     has_wildcard,
     parse_network,
 )
@@ -678,9 +679,15 @@ class _FileCompiler:
             if not isinstance(arg, str):
                 return self.fail(at, f"{key}: regex: expected a string, got {show(arg)}")
             try:
-                return Regex(re.compile(arg))
+                compiled = re.compile(arg)
             except re.error as exc:
                 return self.fail(at, f"{key}: bad regular expression '{arg}': {exc}")
+            risk = exponential_risk(arg)
+            if risk is not None:
+                return self.fail(at, f"{key}: regular expression '{arg}': {risk}; write it "
+                                     "without, or make the inner repeat possessive (a++) "
+                                     "or atomic ((?>a+))")
+            return Regex(compiled)
         if op == "in":
             if not isinstance(arg, list):
                 return self.fail(at, f"{key}: in: expected a list, got {show(arg)}")
@@ -1157,6 +1164,13 @@ class _FileCompiler:
             except re.error as exc:
                 self.fail((*at, "pattern"), f"replace: {key}: bad regular expression "
                                             f"'{pattern_text}': {exc}")
+                continue
+            risk = exponential_risk(pattern_text)
+            if risk is not None:
+                self.fail((*at, "pattern"), f"replace: {key}: regular expression "
+                                            f"'{pattern_text}': {risk}; write it without, or "
+                                            "make the inner repeat possessive (a++) or "
+                                            "atomic ((?>a+))")
                 continue
             problem = template_problem(pattern, template)
             if problem is not None:

@@ -9,9 +9,9 @@ over every worker of the spool, by creating ``<spool>/moves/<message ID>.json``
 exclusively; the file names the requestor's destination, the upstream and the
 process that runs the move. The worker that receives a sub-operation from that
 upstream (Destination.is_peer: its AE title or address; from anyone else it is an
-ordinary C-STORE, routed by the rules) reads it and relays the instance there, answering the upstream with
-the destination's status, so the upstream's own counts and failed-UID list, which
-the requestor gets relayed, are true end to end.
+ordinary C-STORE, routed by the rules) reads it and relays the instance there,
+answering the upstream with the destination's status, so the upstream's own counts
+and failed-UID list, which the requestor gets relayed, are true end to end.
 """
 
 from __future__ import annotations

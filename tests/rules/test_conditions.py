@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pydicom
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from rules import AssociationInfo
-from rules.conditions import Values, canonical_da, canonical_dt, canonical_tm, wildcard_regex
+from rules.conditions import (
+    Values,
+    canonical_da,
+    canonical_dt,
+    canonical_tm,
+    exponential_risk,
+    wildcard_matcher,
+)
 from tests.rules.support import ASSOC, CT_SMALL, NOW, dataset, matches, one_rule, ruleset
 
 CT = dataset(Modality="CT", StudyDescription="Chest PA", SeriesNumber=3, PatientName="Doe^John",
@@ -333,7 +343,33 @@ def test_explain_gives_a_reason_per_leaf() -> None:
     ("(x)", "(x)", True), ("a**b", "ab", True), ("A", "a", False),
 ])
 def test_wildcards_per_ps3_4_c_2_2_2_4(pattern: str, text: str, expected: bool) -> None:
-    assert (wildcard_regex(pattern).fullmatch(text) is not None) is expected
+    assert wildcard_matcher(pattern)(text) is expected
+
+
+@given(st.text("ab?*", max_size=8), st.text("ab", max_size=10))
+def test_wildcards_agree_with_a_regex_on_any_pattern(pattern: str, text: str) -> None:
+    """The linear matcher against the straightforward regex translation."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    assert wildcard_matcher(pattern)(text) is (re.fullmatch(regex, text, re.DOTALL) is not None)
+
+
+def test_a_hostile_value_against_many_stars_takes_no_time() -> None:
+    """*a*a*a*a*a*a*a*a*b on 64 characters took over a minute as a regex; the
+    matcher does it in a pass (counted in steps, not timed: a pass over the text
+    per piece at most)."""
+    pattern = "*a" * 8 + "*b"
+    assert wildcard_matcher(pattern)("a" * 64) is False
+    assert wildcard_matcher(pattern)("a" * 64 + "b") is True
+    assert wildcard_matcher("*a?a*")("x" * 10_000 + "aba") is True
+
+
+@pytest.mark.parametrize(("pattern", "risky"), [
+    ("^(a+)+$", True), ("(a*)*", True), (r"(\w+\s?)*$", True), ("(x|y+)+", True),
+    ("(?:ab{2,})+", True), ("^a+$", False), ("(?i)^chest", False), ("(ab)+", False),
+    ("(a{1})+", False), ("(a++)+", False), ("(?>a+)+", False), ("^(?=a+)b", False),
+])
+def test_regexes_that_can_take_exponential_time_are_told(pattern: str, risky: bool) -> None:
+    assert (exponential_risk(pattern) is not None) is risky
 
 
 @pytest.mark.parametrize(("func", "text", "expected"), [

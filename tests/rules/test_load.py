@@ -176,6 +176,11 @@ CASES = [
     pytest.param(one_rule('StudyDescription = { regex = "(" }'),
                  "rules.toml:4: rule \"r\": StudyDescription: bad regular expression '(': "
                  "missing ), unterminated subpattern at position 0", id="bad-regex"),
+    pytest.param(one_rule('PatientName = { regex = "^(a+)+$" }'),
+                 "rules.toml:4: rule \"r\": PatientName: regular expression '^(a+)+$': it "
+                 "repeats a repeat, which can take exponential time on some values; write it "
+                 "without, or make the inner repeat possessive (a++) or atomic ((?>a+))",
+                 id="exponential-regex"),
     pytest.param(one_rule('', 'forward = ["pacs", "pacss"]'),
                  "rules.toml:6: rule \"r\": forward: unknown destination 'pacss' (did you mean "
                  "'pacs'?); the configuration has: ai, p, pacs", id="unknown-destination"),
@@ -313,6 +318,11 @@ CASES = [
     pytest.param(_change('replace = { PatientID = { pattern = "[", with = "x" } }'),
                  "rules.toml:5: rule \"r\": replace: PatientID: bad regular expression '[': "
                  "unterminated character set at position 0", id="replace-bad-regex"),
+    pytest.param(_change('replace = { PatientID = { pattern = "(x*)*y", with = "z" } }'),
+                 "rules.toml:5: rule \"r\": replace: PatientID: regular expression '(x*)*y': "
+                 "it repeats a repeat, which can take exponential time on some values; write "
+                 "it without, or make the inner repeat possessive (a++) or atomic ((?>a+))",
+                 id="replace-exponential-regex"),
     pytest.param(_change('replace = { PatientID = { pattern = "(a)", with = "\\\\2" } }'),
                  "rules.toml:5: rule \"r\": replace: PatientID: bad replacement '\\2': invalid "
                  "group reference 2 at position 1", id="replace-bad-template"),
