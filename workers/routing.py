@@ -44,7 +44,6 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.tag import Tag
-from pydicom.uid import UID
 
 from router.config import Config
 from router.dicom import dimse
@@ -57,6 +56,7 @@ from router.dicom.dataset import (
     walkable_encoding,
 )
 from router.dicom.errors import DIMSEError, ProtocolError
+from router.dicom.uids import is_deflated
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from workers.forward import DestinationActor
 from workers.moves import move_destination_of, moves_from
@@ -212,7 +212,7 @@ def read_header(path: Path, transfer_syntax: str, offset: int,
     for ``dcmread(stop_before_pixels=True, specific_tags=...)``, which still runs
     every element before them through pydicom's generator.
     """
-    if UID(transfer_syntax).is_deflated:
+    if is_deflated(transfer_syntax):
         found = _deflated_header(path, offset, tags)
         implicit, little = False, True  # deflated data sets are explicit VR LE
     else:
@@ -310,7 +310,7 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
                   offset: int) -> Callable[[BinaryIO], None]:
     """A writer of ``path`` (its data set at ``offset``, in ``transfer_syntax``) with
     ``changes`` applied, in its own transfer syntax."""
-    deflated = UID(transfer_syntax).is_deflated
+    deflated = is_deflated(transfer_syntax)
     encoding = walkable_encoding(transfer_syntax)
 
     def write(out: BinaryIO) -> None:

@@ -733,14 +733,6 @@ IDENTITY_SEARCH_BYTES: Final = 64 * 1024
 
 
 @functools.cache
-def _is_deflated(transfer_syntax: str) -> bool:
-    from pydicom.uid import UID
-
-    uid = UID(transfer_syntax)
-    return uid.is_transfer_syntax and uid.is_deflated
-
-
-@functools.cache
 def walkable_encoding(transfer_syntax: str) -> tuple[bool, bool] | None:
     """(implicit, little) for a transfer syntax whose data set :func:`read_top_level`
     can walk as it is; None for deflated ones and those pydicom does not know."""
@@ -784,7 +776,7 @@ class InstanceIdentity:
         self._inflater = None
         self._inflated = 0
         encoding = walkable_encoding(transfer_syntax)
-        if encoding is None and _is_deflated(transfer_syntax):
+        if encoding is None and is_deflated(transfer_syntax):
             self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             encoding = (False, True)  # deflated data sets are explicit VR LE inside
         self.status: int | None = None if encoding is not None else 0

@@ -247,3 +247,32 @@ def test_a_change_to_the_bulk_data_itself_still_applies(tmp_path: Path,
     routing._changed_copy(path, changes, part10.transfer_syntax, part10.dataset_offset)(out)
     got = dcmread(BytesIO(out.getvalue()))
     assert "PixelData" not in got and got.PatientName == dcmread(path).PatientName
+
+
+def test_a_private_transfer_syntax_is_routed_not_refused(tmp_path: Path) -> None:
+    """A transfer syntax pydicom does not know (a private one, accepted under
+    transfer_syntaxes = "any") made every rule that reads attributes fail with
+    0110H ("UID is not a transfer syntax"); now the header is read as the
+    explicit VR little endian data set it is taken for, and changes apply."""
+    from router.dicom.dataset import part10_meta_bytes
+
+    private = "1.2.826.0.1.3680043.9.99.1"
+    source = dcmread(next(p for p in pydicom_test_files() if p.name == "CT_small.dcm"))
+    path = tmp_path / "private.dcm"
+    raw = BytesIO()
+    source.save_as(raw, enforce_file_format=True)
+    part10 = read_part10_header(raw.getvalue())
+    path.write_bytes(part10_meta_bytes(sop_class_uid=part10.sop_class_uid,
+                                       sop_instance_uid=part10.sop_instance_uid,
+                                       transfer_syntax=private)
+                     + raw.getvalue()[part10.dataset_offset:])
+    written = read_part10_header(path)
+    # Not walked here (None): pydicom reads it, as InstanceRouter._header does.
+    assert read_header(path, private, written.dataset_offset, TAGS) is None
+    fallback = dcmread(path, stop_before_pixels=True, specific_tags=[0x00080060])
+    assert fallback.Modality == "CT"
+    from workers import routing
+
+    out = BytesIO()
+    routing._changed_copy(path, _anonymise(), private, written.dataset_offset)(out)
+    assert str(dcmread(BytesIO(out.getvalue())).PatientName) == "Müller^Jürgen"
