@@ -28,12 +28,13 @@ rules that were current when its data set was complete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import mmap
 import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -190,7 +191,8 @@ class InstanceRouter:
         header = read_header(path, transfer_syntax, offset, self._wanted)
         if header is not None:
             return header
-        return dcmread(path, stop_before_pixels=True, specific_tags=self._tags)
+        with _pydicom_refusal("its header does not read"):
+            return dcmread(path, stop_before_pixels=True, specific_tags=self._tags)
 
 
 def read_header(path: Path, transfer_syntax: str, offset: int,
@@ -321,15 +323,30 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
                 raise DIMSEError(
                     f"deflated data set inflates past {_MAX_CHANGED_INFLATED >> 20} MiB: "
                     "not changed", status=dimse.CANNOT_UNDERSTAND)
-        elif encoding is not None and _changed_around_bulk(path, offset, changes,
-                                                           transfer_syntax, encoding, out):
-            return
-        ds = dcmread(path)
-        changes.apply(ds)
-        # The file meta (transfer syntax, Source AE Title...) is kept as received.
-        dcmwrite(out, ds, enforce_file_format=True)
+        with _pydicom_refusal("cannot apply the rule's changes"):
+            if encoding is not None and not deflated and _changed_around_bulk(
+                    path, offset, changes, transfer_syntax, encoding, out):
+                return
+            ds = dcmread(path)
+            changes.apply(ds)
+            # The file meta (transfer syntax, Source AE Title...) is kept as received.
+            dcmwrite(out, ds, enforce_file_format=True)
 
     return write
+
+
+@contextlib.contextmanager
+def _pydicom_refusal(what: str) -> Iterator[None]:
+    """pydicom failing on a data set it was given to read or change: C000H (Cannot
+    understand, PS3.4 B.2.3), with the first line of its message (some of pydicom's
+    messages carry a whole traceback)."""
+    try:
+        yield
+    except (DIMSEError, OSError):
+        raise  # the disk's trouble (a full one is A700H), not the data set's
+    except Exception as exc:  # pydicom raises many kinds on malformed data
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DIMSEError(f"{what}: {detail}", status=dimse.CANNOT_UNDERSTAND) from None
 
 
 def _changed_around_bulk(path: Path, offset: int, changes: Changes, transfer_syntax: str,

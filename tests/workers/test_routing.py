@@ -276,3 +276,27 @@ def test_a_private_transfer_syntax_is_routed_not_refused(tmp_path: Path) -> None
     out = BytesIO()
     routing._changed_copy(path, _anonymise(), private, written.dataset_offset)(out)
     assert str(dcmread(BytesIO(out.getvalue())).PatientName) == "Müller^Jürgen"
+
+
+def test_a_data_set_pydicom_cannot_change_is_refused_c000_in_one_line(tmp_path: Path) -> None:
+    """Implicit VR data in an Explicit VR LE file: pydicom fails with a message that
+    carries a whole traceback, which was logged as is, and the sender got 0110H."""
+    import warnings
+
+    from router.dicom.dataset import encode_dataset, part10_meta_bytes
+    from workers import routing
+
+    source = dcmread(next(p for p in pydicom_test_files() if p.name == "CT_small.dcm"))
+    path = tmp_path / "implicit-in-explicit.dcm"
+    path.write_bytes(part10_meta_bytes(sop_class_uid=source.SOPClassUID,
+                                       sop_instance_uid=source.SOPInstanceUID,
+                                       transfer_syntax="1.2.840.10008.1.2.1")
+                     + encode_dataset(source, "1.2.840.10008.1.2"))
+    part10 = read_part10_header(path)
+    with warnings.catch_warnings(), pytest.raises(DIMSEError) as info:
+        warnings.simplefilter("ignore")
+        routing._changed_copy(path, _anonymise(), part10.transfer_syntax,
+                              part10.dataset_offset)(BytesIO())
+    assert info.value.status == 0xC000
+    assert str(info.value).startswith("cannot apply the rule's changes: ")
+    assert "\n" not in str(info.value)
