@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +29,7 @@ from pydicom.dataset import Dataset
 from router import logline
 from router.config import Config, ConfigError, load_config
 from router.dicom import dimse, uids
-from router.dicom.dataset import part10_meta_bytes, read_part10_header
+from router.dicom.dataset import encode_dataset, part10_meta_bytes, read_part10_header
 from router.dicom.errors import ProtocolError
 from router.dicom.negotiation import MAX_PRESENTATION_CONTEXTS, AcceptorPolicy
 from router.net.client import (
@@ -214,28 +215,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _query(keys: Sequence[str], level: str) -> Dataset:
+    """The identifier the ``-k`` keys make; UsageError naming the key that cannot
+    be one (a key that is no attribute, a value its VR cannot encode)."""
     ds = Dataset()
     ds.QueryRetrieveLevel = level
     for item in keys:
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if "," in key:
-            group, _, elem = key.partition(",")
+        one = Dataset()
+        pydicom_log = logging.getLogger("pydicom")
+        with warnings.catch_warnings():
+            # pydicom's value checks warn and log: encoding tells, in one line.
+            warnings.simplefilter("ignore")
+            pydicom_log.disabled = True
             try:
-                tag = (int(group, 16) << 16) | int(elem, 16)
-            except ValueError:
-                raise UsageError(f"bad tag {key!r}: expected gggg,eeee in hex") from None
-            from pydicom.datadict import dictionary_VR, keyword_for_tag
-            keyword = keyword_for_tag(tag)
-            if not keyword:
-                raise UsageError(f"unknown tag {key!r}")
-            vr = dictionary_VR(tag)
-            ds.add_new(tag, vr, value or None)
-            continue
+                _add_key(one, item)
+                encode_dataset(one, uids.EXPLICIT_VR_LITTLE_ENDIAN)
+            except UsageError:
+                raise
+            except Exception as exc:  # pydicom raises many kinds for a bad value
+                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise UsageError(f"-k {item}: not a value for it: {detail}") from None
+            finally:
+                pydicom_log.disabled = False
+        ds.update(one)
+    return ds
+
+
+def _add_key(ds: Dataset, item: str) -> None:
+    """One ``-k KEY=VALUE`` (a keyword or gggg,eeee; no value: a return key) to ``ds``."""
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise UsageError(f"-k {item}: no attribute before the '='")
+    if "," not in key:
         if tag_for_keyword(key) is None:
             raise UsageError(f"unknown attribute keyword {key!r}")
         setattr(ds, key, value)
-    return ds
+        return
+    group, _, elem = key.partition(",")
+    try:
+        tag = (int(group, 16) << 16) | int(elem, 16)
+    except ValueError:
+        raise UsageError(f"bad tag {key!r}: expected gggg,eeee in hex") from None
+    from pydicom.datadict import dictionary_VR, keyword_for_tag
+    if not keyword_for_tag(tag):
+        raise UsageError(f"unknown tag {key!r}")
+    ds.add_new(tag, dictionary_VR(tag), value or None)
 
 
 # --------------------------------------------------------------- commands

@@ -204,3 +204,25 @@ def test_cli_get_receives_compressed_and_later_classes(
                 **{str(ds.SOPInstanceUID): str(ds.SOPClassUID) for ds in datasets}}
     for uid, sop_class in expected.items():
         assert got[uid].sop_class_uid == sop_class
+
+
+@pytest.mark.parametrize(("key", "said"), [
+    ("Rows=abc", "dicom-router find: -k Rows=abc: not a value for it: "),
+    ("=1", "dicom-router find: -k =1: no attribute before the '='"),
+    ("Nonsense=1", "dicom-router find: unknown attribute keyword 'Nonsense'"),
+])
+def test_a_query_key_that_cannot_be_is_a_usage_error_in_one_line(
+        key: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`-k Rows=abc` printed pydicom's warnings and a traceback (exit 1); `-k =1`
+    was taken for some tag. Both are usage errors now: one line, exit 2, before any
+    association is tried (port 9 would refuse it)."""
+    assert cli.main(["find", "127.0.0.1", "9", "-k", key]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err
+
+
+def test_query_keys_a_query_may_hold_still_go_through() -> None:
+    """Ranges and wildcards are query values (PS3.4 C.2.2.2), not value errors."""
+    ds = cli._query(["StudyDate=20240101-20240131", "PatientName=Doe*", "0008,0061",
+                     "0020,000D=1.2.3", "AccessionNumber"], "STUDY")
+    assert ds.StudyDate == "20240101-20240131" and ds.StudyInstanceUID == "1.2.3"
