@@ -232,7 +232,7 @@ def _query(keys: Sequence[str], level: str) -> Dataset:
             except UsageError:
                 raise
             except Exception as exc:  # pydicom raises many kinds for a bad value
-                detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                detail = logline.first_line(exc)
                 raise UsageError(f"-k {item}: not a value for it: {detail}") from None
             finally:
                 pydicom_log.disabled = False

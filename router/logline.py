@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-__all__ = ["OneLineFormatter", "configure"]
+__all__ = ["OneLineFormatter", "configure", "first_line"]
 
 # C0 controls but TAB, and DEL: escaped as Python writes them in a repr.
 _ESCAPES: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09} | {
@@ -36,3 +36,9 @@ def configure(level: int | str, fmt: str) -> None:
     logging.basicConfig(level=level, format=fmt)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(OneLineFormatter(fmt))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): some of
+    pydicom's messages carry a whole traceback."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

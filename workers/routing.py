@@ -58,7 +58,9 @@ from router.dicom.dataset import (
 )
 from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.uids import is_deflated
+from router.logline import first_line
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
+from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
 from workers.moves import move_destination_of, moves_from
 from workers.queue import queue_folder
@@ -83,8 +85,6 @@ _MAX_CHANGED_INFLATED: Final = 256 * 1024 * 1024
 #: and copies them as they are (``_changed_around_bulk``), a step at a time.
 _BULK: Final = 64 * 1024
 _COPY_STEP: Final = 1024 * 1024
-_BINARY_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
-_PIXEL_TAGS: Final = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -345,8 +345,8 @@ def _pydicom_refusal(what: str) -> Iterator[None]:
     except (DIMSEError, OSError):
         raise  # the disk's trouble (a full one is A700H), not the data set's
     except Exception as exc:  # pydicom raises many kinds on malformed data
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DIMSEError(f"{what}: {detail}", status=dimse.CANNOT_UNDERSTAND) from None
+        raise DIMSEError(f"{what}: {first_line(exc)[:200]}",
+                         status=dimse.CANNOT_UNDERSTAND) from None
 
 
 def _changed_around_bulk(path: Path, offset: int, changes: Changes, transfer_syntax: str,
@@ -395,14 +395,12 @@ def _changed_around_bulk(path: Path, offset: int, changes: Changes, transfer_syn
 
 def _binary(tag: int, vr: str | None) -> bool:
     """Whether an element holds bytes no change or character set conversion reads."""
-    if vr is None:  # implicit VR: the dictionary's, and pixel data is binary either way
-        if tag in _PIXEL_TAGS:
-            return True
+    if vr is None:  # implicit VR: the dictionary's ("OB or OW" for pixel data)
         try:
             vr = dictionary_VR(tag)
         except KeyError:
             return False
-    return vr in _BINARY_VRS
+    return vr in BINARY_VRS or vr == "OB or OW"
 
 
 class Dispatcher:
