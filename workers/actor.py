@@ -586,17 +586,15 @@ class AssociationActor(asyncio.BufferedProtocol):
         route: Callable[[SpoolWriter, Path], Placement] | Placement | None = None
         if dispatcher is not None:
             info = self._association_info()
-            originator: tuple[str | None, int | None] | None = None
-            if (msg.move_originator_message_id is not None
-                    or info.calling_ae in dispatcher.router.proxy_upstreams):
-                # Maybe a sub-operation of a move this router proxies (workers/moves.py).
-                originator = (msg.move_originator_application_entity_title,
-                              None if msg.move_originator_message_id is None
-                              else int(msg.move_originator_message_id))
+            mid = msg.move_originator_message_id
+            # Maybe a sub-operation of a move this router proxies (workers/moves.py).
+            sub_operation = mid is not None or \
+                info.calling_ae in dispatcher.router.proxy_upstreams
             route = functools.partial(dispatcher.router.route, association=info,
-                                      move_originator=originator)
-            if originator is None and (not dispatcher.router.rules.needs_dataset
-                                       or size <= LOOP_ROUTING_MAX_BYTES):
+                                      sub_operation=sub_operation,
+                                      move_message_id=None if mid is None else int(mid))
+            if not sub_operation and (not dispatcher.router.rules.needs_dataset
+                                      or size <= LOOP_ROUTING_MAX_BYTES):
                 # Decide here, where it costs no hand-over of the GIL to the commit
                 # thread and back, and lets the RingCommitter commit it without that
                 # thread. Rules that read attributes read the header of a file just

@@ -21,27 +21,25 @@ import json
 import os
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["MOVES_DIR", "end_move", "move_destination_of", "moves_from", "register_move"]
+__all__ = ["MOVES_DIR", "end_move", "move_of", "register_move"]
 
 MOVES_DIR: Final = "moves"
 # A record older than this belongs to a move nobody waits for any more (a crash).
 _STALE_SECONDS: Final = 24 * 3600
 
 
-def register_move(spool: Path, originator_ae: str, destination: str,
-                  upstream: str = "") -> int:
+def register_move(spool: Path, destination: str, upstream: str) -> int:
     """A message ID (1-65535) no other running move of this spool uses, recorded with
-    the AE title the upstream will name as originator, the destination, the
-    upstream (its ``[[destination]]`` name: only it may deliver the sub-operations)
-    and this process, whose death ends the move."""
+    the destination, the upstream (its ``[[destination]]`` name: only it may deliver
+    the sub-operations) and this process, whose death ends the move."""
     folder = spool / MOVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    record = json.dumps({"originator": originator_ae, "destination": destination,
-                         "upstream": upstream, "pid": os.getpid()})
+    record = json.dumps({"destination": destination, "upstream": upstream,
+                         "pid": os.getpid()})
     start = random.randrange(1, 65536)
     for offset in range(65535):
         mid = (start + offset - 1) % 65535 + 1
@@ -59,12 +57,14 @@ def register_move(spool: Path, originator_ae: str, destination: str,
     raise OSError("no free C-MOVE message ID: 65535 moves in progress")
 
 
-def move_destination_of(spool: Path, message_id: int | None,
-                        upstreams: Collection[str]) -> str | None:
-    """The destination of the router's running move a C-STORE is a sub-operation of,
-    given its Move Originator Message ID and the upstreams (``[[destination]]``
-    names) the association comes from (Destination.is_peer): only a move's own
-    upstream may deliver into it, whatever else calls with its message ID.
+def move_of(spool: Path, message_id: int | None,
+            from_upstream: Callable[[str], bool]) -> tuple[str | None, int]:
+    """Whose sub-operation a C-STORE is: the destination of the router's running
+    move it belongs to (or None), and how many running moves could claim it.
+    ``message_id`` is its Move Originator Message ID; ``from_upstream(name)`` says
+    whether the association comes from the upstream ``name`` (Destination.is_peer),
+    asked only of the upstreams of running moves: only a move's own upstream may
+    deliver into it, whatever else calls with its message ID.
 
     The Move Originator AE Title is not needed for that, nor trusted: some
     upstreams put their own there (pynetdicom's move SCP does). Both fields are
@@ -72,30 +72,19 @@ def move_destination_of(spool: Path, message_id: int | None,
     from an upstream with exactly one proxied move running belongs to that move
     (dcmjs-dimse sends none); with two or more, nothing says which: None, and the
     rules route it."""
-    if not upstreams:
-        return None
     if message_id is not None:
         record = _live_record(spool / MOVES_DIR / f"{int(message_id)}.json")
-        running = [] if record is None or record.get("upstream") not in upstreams \
-            else [record]
+        running = [] if record is None else [record]
     else:
-        running = moves_from(spool, upstreams)
-    if len(running) != 1:
-        return None
-    destination = running[0].get("destination")
-    return destination if isinstance(destination, str) else None
-
-
-def moves_from(spool: Path, upstreams: Collection[str]) -> list[dict[str, Any]]:
-    """The records of the proxied moves running with one of ``upstreams``."""
-    if not upstreams:
-        return []
-    try:
-        paths = list((spool / MOVES_DIR).glob("*.json"))
-    except OSError:
-        return []
-    return [r for r in map(_live_record, paths)
-            if r is not None and r.get("upstream") in upstreams]
+        try:
+            paths = list((spool / MOVES_DIR).glob("*.json"))
+        except OSError:
+            paths = []
+        running = [r for r in map(_live_record, paths) if r is not None]
+    running = [r for r in running
+               if isinstance(r.get("upstream"), str) and from_upstream(r["upstream"])]
+    destination = running[0].get("destination") if len(running) == 1 else None
+    return (destination if isinstance(destination, str) else None), len(running)
 
 
 def _live_record(path: Path) -> dict[str, Any] | None:

@@ -423,8 +423,7 @@ class MoveProxy(_RetrieveProxy):
             # Proxy mode: the upstream moves to this router, which relays each
             # sub-operation to the destination (workers/moves.py); the message ID
             # tells any worker whose they are.
-            message_id = register_move(self.spool, self.upstream.calling_ae,
-                                       self.destination_name, self.upstream.name)
+            message_id = register_move(self.spool, self.destination_name, self.upstream.name)
             target = self.router_ae
         try:
             async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import mmap
 import os
@@ -62,7 +63,7 @@ from router.logline import first_line
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
-from workers.moves import move_destination_of, moves_from
+from workers.moves import move_of
 from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
@@ -108,10 +109,11 @@ class InstanceRouter:
         self.config = config
         self.rules = rules
         self.clock = clock
-        #: AE titles of upstreams that move to the router (proxy mode): a C-STORE
-        #: from one may be a move's sub-operation even without a Move Originator.
-        self.proxy_upstreams = frozenset(d.ae_title for d in config.destinations
-                                         if d.move_mode == "proxy")
+        # Upstreams that move to the router (proxy mode), by name; and their AE
+        # titles: a C-STORE from one may be a move's sub-operation even without a
+        # Move Originator.
+        self._proxies = {d.name: d for d in config.destinations if d.move_mode == "proxy"}
+        self.proxy_upstreams = frozenset(d.ae_title for d in self._proxies.values())
         self._tags = sorted(rules.needed_tags)
         # Specific Character Set too: text values decode by it (PS3.5 §6.1.2.5).
         self._wanted = frozenset((*rules.needed_tags, _SPECIFIC_CHARACTER_SET))
@@ -120,33 +122,35 @@ class InstanceRouter:
         self._nothing = Dataset()
 
     def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo,
-              move_originator: tuple[str | None, int | None] | None = None) -> Placement:
+              sub_operation: bool = False, move_message_id: int | None = None) -> Placement:
         """The placement of the complete instance in ``path`` (on the worker's loop, or
         on the commit thread for big data sets and C-MOVE sub-operations: see the actor).
 
-        ``move_originator`` is the C-STORE's Move Originator AE Title and Message ID
-        (PS3.7 §9.3.1.1), either None, when there is one or the association comes
-        from a proxy-mode upstream: a sub-operation of a C-MOVE this router issued
-        for a requestor (workers/qr.py, proxy mode; workers/moves.py says whose)
-        goes to that requestor's destination at once, whatever the rules say, and
-        its status is the destination's.
+        ``sub_operation``: the C-STORE has a Move Originator Message ID
+        (``move_message_id``, PS3.7 §9.3.1.1) or comes from a proxy-mode upstream's
+        AE title. If it is a sub-operation of a C-MOVE this router issued for a
+        requestor (workers/qr.py, proxy mode; workers/moves.py says whose), it goes
+        to that requestor's destination at once, whatever the rules say, and its
+        status is the destination's.
         """
-        if move_originator is not None:
+        if sub_operation:
             # Only a move's own upstream may deliver into it (else anyone knowing a
             # 16-bit message ID could send past the rules).
-            upstreams = {d.name for d in self.config.destinations if d.move_mode == "proxy"
-                         and d.is_peer(association.calling_ae, association.peer)}
-            destination = move_destination_of(self.config.spool, move_originator[1],
-                                              upstreams)
-            if destination is None and move_originator[1] is None:
-                running = len(moves_from(self.config.spool, upstreams))
-                if running > 1:
-                    log.warning("C-STORE from %s names no Move Originator while %d of the "
-                                "moves it serves run: whose it is is unknown, routed by "
-                                "the rules", association.calling_ae, running)
+            @functools.cache
+            def from_upstream(name: str) -> bool:
+                upstream = self._proxies.get(name)
+                return upstream is not None and upstream.is_peer(association.calling_ae,
+                                                                 association.peer)
+
+            destination, running = move_of(self.config.spool, move_message_id,
+                                           from_upstream)
+            if destination is None and move_message_id is None and running > 1:
+                log.warning("C-STORE from %s names no Move Originator while %d of the "
+                            "moves it serves run: whose it is is unknown, routed by "
+                            "the rules", association.calling_ae, running)
             if destination is not None:
                 forward = Forward(destination=destination, changes=Changes(), transparent=True,
-                                  rules=(f"C-MOVE {move_originator[1] or '(no message ID)'}",))
+                                  rules=(f"C-MOVE {move_message_id or '(no message ID)'}",))
                 decision = Decision(outcome="forward", forwards=(forward,),
                                     rules=forward.rules)
                 return Placement(hold=True, note=Routed(decision=decision,
