@@ -271,28 +271,22 @@ def exponential_risk(pattern: str) -> str | None:
 
 def _nested_repeat(items: list[Any], *, inside_repeat: bool) -> str | None:
     for op, arg in items:
-        name = str(op)
+        name, inside, children = str(op), inside_repeat, []
         if name in ("MAX_REPEAT", "MIN_REPEAT"):
             _, high, sub = arg
             unbounded = high == re_parser.MAXREPEAT or high > 1
             if inside_repeat and unbounded:
                 return "it repeats a repeat, which can take exponential time on some values"
-            found = _nested_repeat(list(sub), inside_repeat=inside_repeat or unbounded)
-            if found:
-                return found
-        elif name in ("POSSESSIVE_REPEAT", "ATOMIC_GROUP"):
-            continue  # no backtracking into it
+            children, inside = [sub], inside_repeat or unbounded
         elif name == "SUBPATTERN":
-            found = _nested_repeat(list(arg[-1]), inside_repeat=inside_repeat)
-            if found:
-                return found
+            children = [arg[-1]]
         elif name == "BRANCH":
-            for branch in arg[1]:
-                found = _nested_repeat(list(branch), inside_repeat=inside_repeat)
-                if found:
-                    return found
+            children = arg[1]
         elif name in ("ASSERT", "ASSERT_NOT"):
-            found = _nested_repeat(list(arg[1]), inside_repeat=inside_repeat)
+            children = [arg[1]]
+        # POSSESSIVE_REPEAT and ATOMIC_GROUP: no backtracking into them, not walked.
+        for child in children:
+            found = _nested_repeat(list(child), inside_repeat=inside)
             if found:
                 return found
     return None
