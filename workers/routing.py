@@ -328,7 +328,7 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
                     f"deflated data set inflates past {_MAX_CHANGED_INFLATED >> 20} MiB: "
                     "not changed", status=dimse.CANNOT_UNDERSTAND)
         with _pydicom_refusal("cannot apply the rule's changes"):
-            if encoding is not None and not deflated and _changed_around_bulk(
+            if encoding is not None and _changed_around_bulk(  # (None when deflated)
                     path, offset, changes, transfer_syntax, encoding, out):
                 return
             ds = dcmread(path)
@@ -380,17 +380,15 @@ def _changed_around_bulk(path: Path, offset: int, changes: Changes, transfer_syn
         ds = decode_dataset(rest, transfer_syntax)
         changes.apply(ds)
         encoded = encode_dataset(ds, transfer_syntax)
-        pieces: list[tuple[int, memoryview | None]] = [
-            (tag, memoryview(encoded)[start:end]) for tag, _, start, end in
-            top_level_spans(memoryview(encoded), implicit=implicit, little=little)]
-        pieces += [(tag, None) for tag, _, _ in bulk]
-        where = {tag: (start, end) for tag, start, end in bulk}
+        # (tag, start, end, whether from ``encoded``; else from the file's data set)
+        pieces = [(tag, start, end, True) for tag, _, start, end in
+                  top_level_spans(memoryview(encoded), implicit=implicit, little=little)]
+        pieces += [(tag, start, end, False) for tag, start, end in bulk]
         out.write(mapped[:offset])  # preamble and file meta, as received
-        for tag, piece in sorted(pieces, key=lambda p: p[0]):
-            if piece is not None:
-                out.write(piece)
+        for _, start, end, changed in sorted(pieces):
+            if changed:
+                out.write(memoryview(encoded)[start:end])
                 continue
-            start, end = where[tag]
             for at in range(offset + start, offset + end, _COPY_STEP):
                 # Read a step at a time (not through the map, whose pages would stay).
                 out.write(os.pread(fh.fileno(), min(_COPY_STEP, offset + end - at), at))
