@@ -652,6 +652,10 @@ class Config:
                 return destination
         raise KeyError(name)
 
+    def destination_with_ae(self, ae_title: str) -> Destination | None:
+        """The (first) destination whose AE title is ``ae_title``; None if none is."""
+        return next((d for d in self.destinations if d.ae_title == ae_title), None)
+
     def to_acceptor_policy(self) -> AcceptorPolicy:
         """The :class:`AcceptorPolicy` that ``negotiate`` answers associations with.
 

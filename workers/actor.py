@@ -780,8 +780,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                     return
                 # Find who asked for the commitment.
                 uid, requestor = requestor_of(self.spool.root, data, ts)
-                destination = next((d for d in config.destinations
-                                    if d.ae_title == requestor), None)
+                destination = (None if requestor is None
+                               else config.destination_with_ae(requestor))
                 if destination is None:
                     why = (f"transaction {uid} unknown" if requestor is None else
                            f"requestor {requestor} of transaction {uid} is not a destination")
@@ -798,8 +798,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                 assert target is not None
                 destination = config.destination(target)
                 if isinstance(msg, dimse.NActionRQ):
-                    if not any(d.ae_title == self.stats.calling_ae
-                               for d in config.destinations):
+                    if config.destination_with_ae(self.stats.calling_ae) is None:
                         # The result comes back later on an association of the
                         # PACS's own (PS3.4 J.3.3), which the router can only relay
                         # to a [[destination]]: refused now, not lost then.
@@ -855,8 +854,9 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         config = dispatcher.router.config
         # PS3.4 C.4.2.1.5: the destination must be known here, not only upstream.
-        if isinstance(msg, dimse.CMoveRQ) and not any(
-                d.ae_title == msg.move_destination for d in config.destinations):
+        requested = (config.destination_with_ae(msg.move_destination)
+                     if isinstance(msg, dimse.CMoveRQ) else None)
+        if isinstance(msg, dimse.CMoveRQ) and requested is None:
             log.info("association %s: C-MOVE %d to unknown destination %r refused",
                      self._who(), msg.message_id, msg.move_destination)
             self._refuse(ctx, msg, dimse.MOVE_DESTINATION_UNKNOWN,
@@ -879,8 +879,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         if isinstance(msg, dimse.CMoveRQ):
             log.info("association %s: C-MOVE %d (%s) to %s -> %s", self._who(), msg.message_id,
                      level, msg.move_destination, decision.describe())
-            requested = next(d for d in config.destinations
-                             if d.ae_title == msg.move_destination)
+            assert requested is not None
             proxy = MoveProxy(
                 request, upstream=upstream, move_destination=msg.move_destination,
                 spool=self.spool.root,

@@ -309,7 +309,7 @@ class _RetrieveProxy(_Relayed):
 
     def _broken(self, exc: OutboundError) -> None:
         """The upstream association failed. Before any sub-operation: refused, A702H.
-        After some: failed (C000H, PS3.4 C.4.2.1.4 / C.4.3.1.4), keeping the counts
+        After some: failed (C001H, PS3.4 C.4.2.1.4 / C.4.3.1.4), keeping the counts
         the requestor was last told, every sub-operation still outstanding counted
         as failed (nothing will do it now), and a comment saying how far it got."""
         if self._pending is None:
