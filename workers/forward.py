@@ -40,9 +40,12 @@ sender tasks, each with at most one outbound association
   A permanent failure (refused: SOP class not supported or not authorized;
   data set does not match SOP class; cannot understand; no accepted context)
   moves it to ``dead/`` at once with the reason. Any other failure, or an
-  association lost in the middle of it, retries it after an exponential
-  back-off with jitter (:class:`router.config.RetryPolicy`); after ``attempts``
-  such failures it goes to ``dead/``.
+  association lost or unanswered in the middle of it, retries it after an
+  exponential back-off with jitter (:class:`router.config.RetryPolicy`); after
+  ``attempts`` such failures it goes to ``dead/``. Out of resources (A7xx) and
+  a lost or unanswered association also make the whole queue wait, and count
+  as a failure of the instance only if the destination took others since its
+  last one (``_stalled``): a PACS that is full or hung fails every instance.
 - A destination that cannot be reached (refused, timed out, association
   rejected) backs off as a whole: every sender waits, and the instances keep
   their place and count no failure, however long that lasts.
@@ -132,8 +135,9 @@ def transparent_failure_status() -> int:
 class _Entry:
     name: str
     failures: int = 0
-    # DestinationActor.stats.delivered when it was last refused for want of resources.
-    short_at: int = -1
+    # DestinationActor.stats.delivered when it last failed for the destination's state
+    # (refused for want of resources, association lost or timed out): see _stalled.
+    stalled_at: int = -1
 
 
 @dataclass(slots=True)
@@ -192,8 +196,8 @@ class DestinationActor:
         # Senders waiting for work with an open association, and senders opening one.
         self._parked_open = 0
         self._connecting = 0
-        # Out-of-resources answers (A7xx) in a row: see _short.
-        self._short_failures = 0
+        # Failures for the destination's state in a row (A7xx, association lost): see _stalled.
+        self._stalled_failures = 0
         self._closing = False
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
@@ -466,9 +470,14 @@ class DestinationActor:
                 self._open.discard(assoc)
                 assoc.abort("delivery failed")
                 fd, claim = -1, fd
-                # A file we cannot read will not get better; a lost association may.
-                self._failed(entry, urgent, claim, str(exc), None,
-                             permanent=not isinstance(exc, OutboundError))
+                if not isinstance(exc, OutboundError):  # a file we cannot read: for good
+                    self._failed(entry, urgent, claim, str(exc), None, permanent=True)
+                    return None
+                # The association was lost or the destination stopped answering (a hung
+                # PACS): its state more than the instance's, as for A7xx.
+                counted = entry is None or self._stalled(entry, str(exc))
+                self._failed(entry, urgent, claim, str(exc), None, permanent=False,
+                             counted=counted)
                 return None
             fd, claim = -1, fd
             self._answered(entry, urgent, claim, path, part10, rsp, self.clock() - started)
@@ -558,28 +567,30 @@ class DestinationActor:
         reason = f"{self.destination} answered status 0x{status:04X}{comment}"
         counted = True
         if 0xA700 <= status <= 0xA7FF:
-            counted = self._short(entry, reason)
+            counted = self._stalled(entry, reason)
         self._failed(entry, None, fd, reason, status, permanent=permanent, counted=counted)
 
-    def _short(self, entry: _Entry, reason: str) -> bool:
-        """A7xx, refused out of resources (PS3.4 B.2.3): the state of the destination
-        (a full disk) more than of the instance. The whole queue waits, with the
-        back-off of an unreachable destination; and the refusal counts towards the
-        instance's attempts only if the destination took others since its last one
-        -- else a PACS full over a weekend would turn its queue into dead letters
-        in an hour (20 attempts), while one it refuses alone still ends there."""
-        self._short_failures += 1
-        delay = self.destination.retry.delay(self._short_failures, self.rng())
+    def _stalled(self, entry: _Entry, reason: str) -> bool:
+        """A delivery failed for the state of the destination more than of the
+        instance: refused out of resources (A7xx, PS3.4 B.2.3: a full disk), or the
+        association lost or unanswered mid-store (a PACS that hangs or restarts).
+        The whole queue waits, with the back-off of an unreachable destination; and
+        the failure counts towards the instance's attempts only if the destination
+        took others since its last one -- else a PACS full over a weekend, or hung
+        until someone restarts it, would turn its queue into dead letters in an hour
+        (20 attempts), while an instance that fails alone still ends there."""
+        self._stalled_failures += 1
+        delay = self.destination.retry.delay(self._stalled_failures, self.rng())
         self._down_until = max(self._down_until, self.clock() + delay)
         log.warning("destination %s: %s; its queue (%d waiting) waits %.1f s", self.destination,
                     reason, len(self._known), delay)
-        counted = entry.short_at >= 0 and self.stats.delivered > entry.short_at
-        entry.short_at = self.stats.delivered
+        counted = entry.stalled_at >= 0 and self.stats.delivered > entry.stalled_at
+        entry.stalled_at = self.stats.delivered
         return counted
 
     def _count_delivered(self, path: Path, part10: Part10, status: int) -> None:
         self.stats.delivered += 1
-        self._short_failures = 0
+        self._stalled_failures = 0
         self._emit("instance.forwarded", destination=self.name,
                    sop_instance_uid=part10.sop_instance_uid, status=status)
 

@@ -518,7 +518,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             async with asyncio.timeout(self.timeout):
                 await self._writable.wait()
         except TimeoutError:
-            detail = f"destination took no data for {self.timeout:.0f} s"
+            detail = f"destination took no data for {self.timeout:g} s"
             self.abort(detail)
             raise OutboundError(f"{self.label}: {detail}") from None
 
@@ -553,7 +553,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 async with asyncio.timeout(self.timeout):
                     await self._waiter
             except TimeoutError:
-                detail = f"no answer from the destination in {self.timeout:.0f} s"
+                detail = f"no answer from the destination in {self.timeout:g} s"
                 self.abort(detail)
                 raise OutboundError(f"{self.label}: {detail}") from None
             finally:

@@ -230,6 +230,54 @@ def test_out_of_resources_everywhere_never_empties_the_queue(tmp_path: Path) -> 
     assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 2
 
 
+def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
+    """A destination that accepts associations and never answers a C-STORE (a PACS
+    hung until someone restarts it): each store times out and the association is
+    aborted, the queue waits with the back-off, and no instance uses up its attempts
+    (3 here). The lost association used to count as the instance's failure, and the
+    whole queue went to dead letters after ``attempts`` timeouts each."""
+    import threading
+
+    from pynetdicom import AE, evt
+
+    hung, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def on_store(event: Any) -> int:
+        seen.append(event.request.AffectedSOPInstanceUID)
+        if len(seen) >= 7:  # more than the 2 x 3 attempts the old code allowed
+            hung.set()
+        release.wait(60)
+        return 0x0000
+
+    ae = AE(ae_title="STORESCP")
+    ae.add_supported_context(CT, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 2)
+        actor = DestinationActor(_destination(port, timeout=0.3), spool, share=1)
+        actor.on_event = lambda kind, fields: hung.set() if kind == "instance.dead" else None
+
+        async def run() -> None:
+            actor.start()
+            actor.scan()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, hung.wait, 60)
+            finally:
+                await actor.stop()
+
+        asyncio.run(run())
+    finally:
+        release.set()
+        server.shutdown()
+    assert actor.stats.dead == 0 and not (spool.root / "dead").exists()
+    assert len(seen) >= 7
+    assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 2
+
+
 def test_warning_counts_as_delivered(tmp_path: Path) -> None:
     port = free_port()
     server = _status_scp(0xB000, port)
