@@ -111,6 +111,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._lost = False
         self._ids = itertools.cycle(range(1, 65536))
         self.current_find: tuple[int, int] | None = None
+        # Armed by cancel(): aborts an operation the peer has not ended in time.
+        self._cancel_timer: asyncio.TimerHandle | None = None
         # Data sets are read into one buffer, reused for each READ_SIZE step: a fresh
         # 500 KB bytes object per instance cost page faults and munmap, more than the
         # copy itself. _flush makes sure nothing refers to it once a step is sent.
@@ -336,7 +338,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 if dimse.status_category(msg.status) is not dimse.StatusCategory.PENDING:
                     return
         finally:
-            self.current_find = None
+            self._operation_ended()
 
     async def get(self, ctx: NegotiatedContext, identifier: bytes, *,
                   priority: dimse.Priority = dimse.Priority.MEDIUM,
@@ -373,7 +375,13 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 if dimse.status_category(msg.status) is not dimse.StatusCategory.PENDING:
                     return
         finally:
-            self.current_find = None
+            self._operation_ended()
+
+    def _operation_ended(self) -> None:
+        self.current_find = None
+        if self._cancel_timer is not None:
+            self._cancel_timer.cancel()
+            self._cancel_timer = None
 
     async def fragments(self) -> AsyncIterator[tuple[bytes, bool]]:
         """The data set of the request just received, fragment by fragment (bounded
@@ -421,12 +429,28 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._flush()
 
     def cancel(self) -> None:
-        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND, C-MOVE or C-GET in progress."""
+        """C-CANCEL (PS3.7 §9.3.2.3) of the C-FIND, C-MOVE or C-GET in progress.
+
+        The peer answers it with its final response (Cancel, or whatever it had
+        come to). One that has not within ``timeout`` seconds -- it ignores C-CANCEL
+        and goes on sending matches or sub-operations -- is aborted, and the
+        operation ends with :class:`OutboundError`: else it would run on until the
+        router-wide operation limit, its output thrown away."""
         if self.current_find is None or not self.is_associated:
             return
         context_id, mid = self.current_find
         self.engine.send_message(context_id, dimse.CCancelRQ(message_id_being_responded_to=mid))
         self._flush()
+        if self._cancel_timer is None:
+            self._cancel_timer = asyncio.get_running_loop().call_later(
+                self.timeout, self._cancel_expired)
+
+    def _cancel_expired(self) -> None:
+        self._cancel_timer = None
+        if self.current_find is not None:
+            detail = f"no final response within {self.timeout:g} s of C-CANCEL"
+            log.warning("%s: %s: aborting", self.label, detail)
+            self.abort(detail)
 
     async def _read(self, limit: int) -> bytes:
         parts: list[bytes] = []

@@ -311,7 +311,15 @@ class _RetrieveProxy(_Relayed):
         """The upstream association failed. Before any sub-operation: refused, A702H.
         After some: failed (C001H, PS3.4 C.4.2.1.4 / C.4.3.1.4), keeping the counts
         the requestor was last told, every sub-operation still outstanding counted
-        as failed (nothing will do it now), and a comment saying how far it got."""
+        as failed (nothing will do it now), and a comment saying how far it got.
+        After a C-CANCEL (the upstream was aborted for not ending the operation, see
+        OutboundAssociation.cancel): Cancel, FE00H, what the requestor asked for,
+        with those counts (PS3.4 C.4.2.3.1, C.4.3.3.1: completed, failed and warning;
+        remaining, those not started)."""
+        if self.cancelled:
+            log.warning("%s %s %s", self.kind, self._outcome(), exc)
+            self._final(dimse.CANCEL, self._pending or _NO_COUNTS, None, None)
+            return
         if self._pending is None:
             self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
                         None, str(exc))

@@ -186,6 +186,105 @@ def test_cancel_reaches_the_upstream(tmp_path: Path, dcmtk: Dcmtk) -> None:
     assert sent["n"] < 1000
 
 
+def test_an_upstream_ignoring_cancel_is_aborted_and_the_requestor_gets_cancel(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """An upstream that goes on streaming matches after C-CANCEL: once its
+    ``timeout`` (1 s here) has passed since the cancel, the router aborts it and
+    answers Cancel (FE00H). It used to wait for the router-wide operation limit
+    (an hour by default), the matches thrown away and findscu waiting."""
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def on_find(event: Any) -> Any:
+        for n in range(100_000):  # deaf to C-CANCEL: never looks at event.is_cancelled
+            if stop.is_set():
+                break
+            match = pydicom.Dataset()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.SOPInstanceUID = f"1.2.3.{n}"
+            yield 0xFF00, match
+            time.sleep(0.01)
+        yield 0x0000, None
+
+    port, server = _find_scp("PACS", on_find)
+    router = _router_to(tmp_path, QUERY_ALL, port, "PACS", more="timeout = 1\n")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = _findscu_said(dcmtk, router.port, "--cancel", "1",
+                             "-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID")
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out
+        assert "Received Final Find Response (Cancel" in out, out
+        router.wait_for("no final response within 1 s of C-CANCEL: aborting")
+    finally:
+        stop.set()
+        router.stop()
+        server.shutdown()
+
+
+def test_a_move_upstream_ignoring_cancel_is_aborted_with_the_counts_so_far(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """A C-MOVE upstream that goes on after C-CANCEL is aborted once its ``timeout``
+    has passed, and the requestor gets Cancel (FE00H) with the counts it was last
+    told, not a failure and not an hour later."""
+    import threading
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+    sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=2, size_kb=4, seed=15)
+    instance = pydicom.dcmread(study[0])
+    stop = threading.Event()
+
+    def on_move(event: Any) -> Any:
+        yield "127.0.0.1", sink.port
+        yield 10_000
+        for _ in range(10_000):  # deaf to C-CANCEL
+            if stop.is_set():
+                return
+            yield 0xFF00, instance
+            time.sleep(0.02)
+
+    pacs = AE(ae_title="PYPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    pacs.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    pacs_port = free_port()
+    server = pacs.start_server(("127.0.0.1", pacs_port), block=False,
+                               evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
+    router = Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+        'ae_title = "PYPACS"\ntimeout = 1\n'
+        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {sink.port}\n'
+        'ae_title = "VIEWER_SCP"\n'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        done = subprocess.run([dcmtk.movescu, "-d", "-S", "--cancel", "2", "-aet", "VIEWER",
+                               "-aec", "ROUTER", "-aem", "VIEWER_SCP",
+                               "-k", "QueryRetrieveLevel=STUDY",
+                               "-k", f"StudyInstanceUID={instance.StudyInstanceUID}",
+                               "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=60, env=dcmtk_env())
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out
+        router.wait_for("no final response within 1 s of C-CANCEL: aborting")
+    finally:
+        stop.set()
+        router.stop()
+        server.shutdown()
+    final = out[out.index("Received Final Move Response"):]
+    assert "DIMSE Status                  : 0xfe00: Cancel" in final, final
+    # The counts of the last pending response came along (the cancel went after the
+    # second one, so at least one sub-operation was completed).
+    completed = int(final.split("Completed Suboperations       :")[1].split()[0])
+    assert completed >= 1, final
+
+
 def _two_upstreams(tmp_path: Path, orthanc: Orthanc, name: str, port: int,
                    aet: str) -> Router:
     """A router querying ``orthanc`` (as "pacs") and a second upstream, ``name``."""
