@@ -73,6 +73,20 @@ def _find_scp(ae_title: str, on_find: Callable[[Any], Any]) -> tuple[int, Any]:
                                    evt_handlers=[(evt.EVT_C_FIND, on_find)])
 
 
+def _move_scp(ae_title: str, on_move: Callable[[Any], Any]) -> tuple[int, Any]:
+    """A pynetdicom Study Root C-MOVE SCP on a free loopback port that sends CT in
+    explicit little endian, answering with ``on_move``: (its port, its server)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+    pacs = AE(ae_title=ae_title)
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    pacs.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    return port, pacs.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+
+
 QUERY_ALL = '[[rule]]\nname = "all queries"\n[rule.then]\nquery = ["pacs"]\n'
 RETRIEVE_ALL = '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n'
 
@@ -232,9 +246,6 @@ def test_a_move_upstream_ignoring_cancel_is_aborted_with_the_counts_so_far(
     import threading
     import time
 
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
-
     sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
     study = make_study(tmp_path / "study", n_series=1, n_instances=2, size_kb=4, seed=15)
     instance = pydicom.dcmread(study[0])
@@ -249,12 +260,7 @@ def test_a_move_upstream_ignoring_cancel_is_aborted_with_the_counts_so_far(
             yield 0xFF00, instance
             time.sleep(0.02)
 
-    pacs = AE(ae_title="PYPACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
-    pacs.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    pacs_port = free_port()
-    server = pacs.start_server(("127.0.0.1", pacs_port), block=False,
-                               evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+    pacs_port, server = _move_scp("PYPACS", on_move)
     (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
     router = Router(tmp_path, extra=(
         '[routing]\nrules = "rules.toml"\n'
@@ -785,9 +791,7 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
     PS3.7 Table 9.3-1; dcmjs-dimse sends none): the sub-operations still reach the
     requestor's destination. They went to unrouted/ while the requestor was told
     all of them were completed."""
-    from pynetdicom import AE, evt
     from pynetdicom.association import Association
-    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
 
 
     if originator == "none":
@@ -814,12 +818,7 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
         for path in study:
             yield 0xFF00, pydicom.dcmread(path)
 
-    pacs = AE(ae_title="PYPACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
-    pacs.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    pacs_port = free_port()
-    server = pacs.start_server(("127.0.0.1", pacs_port), block=False,
-                               evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+    pacs_port, server = _move_scp("PYPACS", on_move)
     (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
     router = Router(tmp_path, port=router_port, extra=(
         '[routing]\nrules = "rules.toml"\n'
