@@ -535,7 +535,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         identity = self._identity
         if identity is not None:
             for e in run[:-1]:
-                if identity.status is not None:
+                if identity.status:  # refused already; a 0 still walks the framing
                     break
                 identity.feed(e.data, last=False)
         if writer is not None and not self._store_error:

@@ -60,6 +60,7 @@ from router.dicom.uids import (
 )
 
 __all__ = [
+    "DataSetFraming",
     "HeaderIncomplete",
     "InstanceIdentity",
     "Part10",
@@ -760,13 +761,18 @@ class InstanceIdentity:
     inflate is C000H (a sender once sent plain bytes under the deflated syntax: they
     were acknowledged, and no destination could read them).
 
-    ``status`` is None until decided, then 0 or the failure, with ``reason``. A data
-    set in a transfer syntax this walk does not know, or whose UIDs are not within
-    its first :data:`IDENTITY_SEARCH_BYTES`, is let through (0): it cannot be told here.
+    A data set that is not whole (:class:`DataSetFraming`: cut off inside an element,
+    a sequence never closed, an item tag where none belongs) is C000H too, found
+    wherever it is; the framing of a deflated one is not walked past the identity.
+
+    ``status`` is None until decided, then 0 or the failure, with ``reason``; a
+    framing failure may turn a 0 into C000H up to the last fragment. A data set in
+    a transfer syntax this walk does not know, or whose UIDs are not within its
+    first :data:`IDENTITY_SEARCH_BYTES`, is let through (0): it cannot be told here.
     """
 
-    __slots__ = ("_head", "_implicit", "_inflated", "_inflater", "_little", "reason",
-                 "sop_class_uid", "sop_instance_uid", "status")
+    __slots__ = ("_framing", "_head", "_implicit", "_inflated", "_inflater", "_little",
+                 "reason", "sop_class_uid", "sop_instance_uid", "status")
 
     def __init__(self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> None:
         self.sop_class_uid = sop_class_uid
@@ -781,9 +787,18 @@ class InstanceIdentity:
             encoding = (False, True)  # deflated data sets are explicit VR LE inside
         self.status: int | None = None if encoding is not None else 0
         self._implicit, self._little = encoding or (False, True)
+        self._framing = (DataSetFraming(implicit=self._implicit, little=self._little)
+                         if encoding is not None and self._inflater is None else None)
 
     def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
         """The next fragment of the data set (``last``: the data set ends with it)."""
+        framing = self._framing
+        if framing is not None and not self.status:
+            framing.feed(data, last=last)
+            if framing.error is not None:
+                self._framing = None
+                self._fail(_CANNOT_UNDERSTAND, framing.error)
+                return
         if self.status is not None:
             return
         if self._inflater is not None:
@@ -838,6 +853,159 @@ class InstanceIdentity:
 
     def _fail(self, status: int, reason: str) -> None:
         self.status, self.reason, self._head = status, reason, None
+
+
+# What DataSetFraming expects next where it stands: elements (the data set, or an
+# undefined-length item, which a delimiter may end), or items (an undefined-length
+# sequence, which a delimiter ends).
+_ELEMENTS: Final = 0
+_ITEMS: Final = 1
+
+
+class DataSetFraming:
+    """Whether a data set arriving in fragments is whole: every element's header and
+    length (PS3.5 §7.1), and every undefined-length sequence and item closed by its
+    delimiter (§7.5), with nothing cut off at the end.
+
+    A C-STORE data set that stops inside an element, or whose sequence is never
+    closed, cannot be read by anyone (PS3.4 B.2.3: C000H, cannot understand), and
+    acknowledging it would have the sender delete what no destination can take.
+    The walk reads headers only: values with a defined length, defined-length
+    sequences and items included, are stepped over unread, so an image costs a few
+    dozen headers whatever its size; only undefined-length structures are entered.
+    ``feed`` each fragment in order; ``error`` is None or why it is not whole.
+    """
+
+    __slots__ = ("_carry", "_depth_limit", "_head", "_implicit", "_skip", "_stack",
+                 "_structs", "error")
+
+    def __init__(self, *, implicit: bool, little: bool) -> None:
+        self._implicit = implicit
+        self._structs = _structs(little)
+        # A whole element header in one unpack, for the data set's own elements (the
+        # walk's hot loop): tag and 4-byte length, or tag, VR, 2-byte length and the
+        # 4-byte length that follows a long VR's reserved bytes.
+        order = "<" if little else ">"
+        self._head = struct.Struct(order + ("HHI" if implicit else "HH2sHI")).unpack_from
+        self._carry = b""  # a header cut by the end of a fragment
+        self._skip = 0  # bytes of a value still to step over
+        # Open undefined-length structures, innermost last: (_ELEMENTS or _ITEMS,
+        # implicit VR inside). Empty: the data set's own elements.
+        self._stack: list[tuple[int, bool]] = []
+        self._depth_limit = _MAX_DEPTH
+        self.error: str | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._walk(memoryview(data).cast("B"))
+        except (DIMSEError, ValueError) as exc:
+            self.error = f"the data set does not parse: {exc}"
+            return
+        if last:
+            if self._skip or self._carry:
+                self.error = "the data set ends inside an element"
+            elif self._stack:
+                self.error = "the data set ends inside a sequence that is never closed"
+
+    def _walk(self, view: memoryview) -> None:
+        pos, end = 0, len(view)
+        while True:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+            if pos == end:
+                return
+            if not self._stack and not self._carry:
+                pos = self._top_level(view, pos, end)
+                if pos > end:  # the last value runs on into the next fragment
+                    self._skip, pos = pos - end, end
+                if pos == end:
+                    return
+            if self._carry:
+                # Complete the cut header from this fragment (headers are 8 or 12 bytes).
+                head = self._carry + bytes(view[pos : pos + 12 - len(self._carry)])
+                used = self._header(memoryview(head), 0)
+                if used < 0:
+                    if len(head) >= 12:
+                        raise ValueError("an element header that cannot be read")
+                    self._carry = head
+                    return
+                pos += used - len(self._carry)
+                self._carry = b""
+                continue
+            used = self._header(view, pos)
+            if used < 0:
+                self._carry = bytes(view[pos:])
+                return
+            pos += used
+
+    def _top_level(self, view: memoryview, pos: int, end: int) -> int:
+        """Step over the data set's own elements with a defined length from ``pos``:
+        where the first one that needs :meth:`_header` starts (a delimiter, an
+        undefined length, a header cut by ``end``), or where a value cut by ``end``
+        would end."""
+        head = self._head
+        if self._implicit:
+            while pos + 8 <= end:
+                group, _, length = head(view, pos)
+                if group == 0xFFFE or length == _UNDEFINED:
+                    break
+                pos += 8 + length
+            return pos
+        while pos + 12 <= end:
+            group, _, vr, short, long = head(view, pos)
+            if group == 0xFFFE:
+                break
+            if vr in _LONG_VRS:
+                if long == _UNDEFINED:
+                    break
+                pos += 12 + long
+            elif b"AA" <= vr <= b"ZZ":
+                pos += 8 + short
+            else:
+                break  # implicit VR inside explicit VR data: see _element_header
+        return pos
+
+    def _header(self, view: memoryview, pos: int) -> int:
+        """Take the header at ``pos``: how many bytes it was, or -1 if ``view`` ends
+        inside it. Sets what to skip and opens or closes structures."""
+        kind, implicit = self._stack[-1] if self._stack else (_ELEMENTS, self._implicit)
+        if kind == _ITEMS:
+            if pos + 8 > len(view):
+                return -1
+            group, element, length = self._structs[0].unpack_from(view, pos)
+            tag = group << 16 | element
+            if tag == _SEQUENCE_DELIMITER:
+                self._stack.pop()
+            elif tag != _ITEM:
+                raise ValueError(f"expected an item, found ({group:04X},{element:04X})")
+            elif length == _UNDEFINED:
+                self._open(_ELEMENTS, implicit)
+            else:
+                self._skip = length
+            return 8
+        try:
+            tag, vr, start, length = _element_header(view, pos, implicit, self._structs)
+        except HeaderIncomplete:
+            return -1
+        if tag == _ITEM_DELIMITER and self._stack:
+            self._stack.pop()  # the end of an undefined-length item
+        elif length == _UNDEFINED:
+            # A sequence, or encapsulated pixel data (PS3.5 A.4): items either way. The
+            # inside of an undefined-length UN is implicit VR little endian (§6.2.2).
+            self._open(_ITEMS, implicit or vr == b"UN")
+        else:
+            self._skip = length
+        return start - pos
+
+    def _open(self, kind: int, implicit: bool) -> None:
+        if len(self._stack) >= 2 * self._depth_limit:  # a sequence and its item per level
+            raise DIMSEError(f"sequences nested deeper than {self._depth_limit}",
+                             status=_CANNOT_UNDERSTAND)
+        self._stack.append((kind, implicit))
 
 
 def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int,

@@ -66,6 +66,9 @@ def _data_set(**elements: object) -> bytes:
     return body.getvalue()
 
 
+# A private OB element of 100 KB: what follows it is past the identity's 64 KiB.
+_BULK = struct.pack("<HHI", 0x0009, 0x1001, 100_000) + bytes(100_000)
+
 RELEASE_RQ = struct.pack(">BBI", 5, 0, 4) + bytes(4)
 ABORT = struct.pack(">BBI", 7, 0, 4) + bytes(4)
 
@@ -351,6 +354,23 @@ def test_a_peer_sending_requests_is_not_idle(idle_server: LoopServer) -> None:
                  id="garbage"),
     pytest.param(b"\x08\x00\x16\x00\xff\x00\x00\x00" + b"1.2" * 8, 0xC000,
                  "the data set ends inside an element", id="truncated"),
+    # Broken past the first 64 KiB, where the UIDs were found well-formed: such data
+    # sets used to be acknowledged, for every destination to refuse (or crash on).
+    pytest.param(_data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.7") + _BULK
+                 + struct.pack("<HHI", 0x7FE0, 0x0010, 200_000) + bytes(100_000), 0xC000,
+                 "the data set ends inside an element", id="truncated-late"),
+    pytest.param(_data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.7") + _BULK
+                 + struct.pack("<HHI", 0x0040, 0x0275, 0xFFFFFFFF)
+                 + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+                 + struct.pack("<HHI", 0x0040, 0x0009, 4) + b"SPS1", 0xC000,
+                 "the data set ends inside a sequence that is never closed",
+                 id="unclosed-sequence-late"),
+    pytest.param(_data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.7") + _BULK
+                 + struct.pack("<HHI", 0x0040, 0x0275, 0xFFFFFFFF)
+                 + struct.pack("<HHI", 0x0040, 0x0009, 4) + b"SPS1"
+                 + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), 0xC000,
+                 "the data set does not parse: expected an item, found (0040,0009)",
+                 id="no-item-late"),
 ])
 def test_a_data_set_that_is_not_the_instance_named_is_refused(
         server: LoopServer, no_tracebacks: None, data: bytes, status: int,
