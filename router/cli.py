@@ -27,7 +27,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from router import logline
-from router.config import Config, ConfigError, load_config
+from router.config import MAX_PDU, MIN_PDU, Config, ConfigError, load_config
 from router.dicom import dimse, uids
 from router.dicom.dataset import encode_dataset, part10_meta_bytes, read_part10_header
 from router.dicom.errors import ProtocolError
@@ -78,10 +78,21 @@ def _add_association_args(p: argparse.ArgumentParser, *, default_aec: str = "ANY
                    help="our (calling) AE title (default: %(default)s)")
     p.add_argument("-aec", "--called-aet", default=default_aec, metavar="AE",
                    help="peer (called) AE title (default: %(default)s)")
-    p.add_argument("--max-pdu", type=int, default=1 << 20, metavar="BYTES",
-                   help="largest PDU we accept (default: %(default)s)")
+    p.add_argument("--max-pdu", type=_max_pdu, default=1 << 20, metavar="BYTES",
+                   help=f"largest PDU we accept, {MIN_PDU} to {MAX_PDU} (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
                    help="association and DIMSE timeout in seconds (default: %(default)s)")
+
+
+def _max_pdu(text: str) -> int:
+    """--max-pdu: a PDU is held whole in memory as it arrives (router.config.MAX_PDU)."""
+    try:
+        size = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+    if not MIN_PDU <= size <= MAX_PDU:
+        raise argparse.ArgumentTypeError(f"expected {MIN_PDU} to {MAX_PDU} bytes, got {size}")
+    return size
 
 
 def _add_query_args(p: argparse.ArgumentParser, default_level: str) -> None:

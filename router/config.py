@@ -52,7 +52,7 @@ Every table and key is optional; an empty file is the embedded default::
                                 # every storage SOP class pydicom knows
     transfer_syntaxes = ["ExplicitVRLittleEndian", "JPEG2000Lossless"]
                                 # UIDs or keywords; default "any" (what the sender proposes)
-    max_pdu = 1048576           # largest PDU we receive: 0 (no limit) or 4096-4294967295
+    max_pdu = 1048576           # largest PDU we receive: 4096 to 16777216 bytes
 
     [spool]
     path = "/var/spool/dicom-router"
@@ -201,8 +201,12 @@ COMMAND_LINE: Final = "command line"
 _ADMIN_SOCKET_IN_SPOOL: Final = Path("run", "admin.sock")
 # sockaddr_un.sun_path is 108 bytes on Linux, NUL included (104 on the BSDs).
 _MAX_SOCKET_PATH: Final = 107
-_MAX_PDU: Final = 0xFFFF_FFFF
-_MIN_PDU: Final = 4096
+# A PDU is held whole in memory while it arrives (a P-DATA-TF's fragments are cut
+# from it), so our Maximum Length (PS3.8 D.1) bounds each association's memory:
+# 16 MiB at most, and never 0 (no limit), which lets a peer send an instance of any
+# size as one PDU. 1 MiB (the default) already makes reads big (DESIGN.md §4).
+MAX_PDU: Final = 16 << 20
+MIN_PDU: Final = 4096
 _UID_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 EMBEDDED_DEFAULT: Final = """\
@@ -223,7 +227,7 @@ port = 11112
 calling_ae = "any"            # or an allow list, e.g. ["CT1", "MR1"]
 sop_classes = "storage"       # every storage SOP class, or a list of UIDs or keywords
 transfer_syntaxes = "any"     # or a list of UIDs or keywords
-max_pdu = 1048576             # bytes; 0 = no limit
+max_pdu = 1048576             # bytes, 4096 to 16777216
 
 [spool]
 # path = "/var/spool/dicom-router"  # default: this as root, else
@@ -547,7 +551,7 @@ class Config:
       the requestor proposes. Of several acceptable ones, the requestor's first
       choice wins (``AcceptorPolicy.prefer_requestor_order``): we forward bytes
       and do not transcode, so the sender's preference is the one that matters.
-    - ``max_pdu``: our maximum PDU receive length (PS3.8 Annex D.1), 0 = none.
+    - ``max_pdu``: our maximum PDU receive length (PS3.8 Annex D.1), 4096 to 16 MiB.
     - ``artim_timeout`` (PS3.8 §9.1.5), ``idle_timeout`` (``None`` = never),
       ``drain_grace`` (SIGTERM grace before open associations are aborted),
       ``heartbeat_interval``, ``heartbeat_timeout``: seconds.
@@ -824,11 +828,11 @@ def _workers_problem(workers: object) -> str | None:
 
 
 def _max_pdu_problem(size: object) -> str | None:
-    if _is_int(size) and (size == 0 or _MIN_PDU <= size <= _MAX_PDU):
+    if _is_int(size) and MIN_PDU <= size <= MAX_PDU:
         return None
-    return (
-        f"expected 0 (no limit) or an integer from {_MIN_PDU} to {_MAX_PDU}, got {_show(size)}"
-    )
+    why = (" (0, no limit, would let a peer send a whole instance as one PDU, held in "
+           "memory)" if size == 0 else "")
+    return f"expected an integer from {MIN_PDU} to {MAX_PDU}{why}, got {_show(size)}"
 
 
 def _attempts_problem(value: object) -> str | None:

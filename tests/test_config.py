@@ -158,7 +158,7 @@ sop_classes = [
     "CTImageStorage",
 ]
 transfer_syntaxes = ["JPEG2000Lossless", "1.2.840.10008.1.2.1"]
-max_pdu = 0
+max_pdu = 16777216
 
 [spool]
 path = "spool"
@@ -193,7 +193,7 @@ def test_full_file(tmp_path: Path) -> None:
         admin_socket=Path("/run/dicom-router/admin.sock"),
         sop_classes=frozenset({CT, MR, PRIVATE_SOP}),
         transfer_syntaxes=(J2K_LOSSLESS, EVLE),
-        max_pdu=0,
+        max_pdu=16 << 20,
         artim_timeout=10.0,
         idle_timeout=None,  # 0 = never
         drain_grace=0.0,
@@ -466,15 +466,23 @@ ERRORS = [
     ),
     pytest.param(
         "[acceptance]\nmax_pdu = 1000\n",
-        "router.toml:2: [acceptance] max_pdu: expected 0 (no limit) or an integer from 4096 to "
-        "4294967295, got 1000",
+        "router.toml:2: [acceptance] max_pdu: expected an integer from 4096 to 16777216, "
+        "got 1000",
         id="max-pdu-small",
     ),
     pytest.param(
-        "[acceptance]\nmax_pdu = 4294967296\n",
-        "router.toml:2: [acceptance] max_pdu: expected 0 (no limit) or an integer from 4096 to "
-        "4294967295, got 4294967296",
+        "[acceptance]\nmax_pdu = 16777217\n",
+        "router.toml:2: [acceptance] max_pdu: expected an integer from 4096 to 16777216, "
+        "got 16777217",
         id="max-pdu-big",
+    ),
+    pytest.param(
+        # A PDU is held whole as it arrives: "no limit" let one peer fill the memory.
+        "[acceptance]\nmax_pdu = 0\n",
+        "router.toml:2: [acceptance] max_pdu: expected an integer from 4096 to 16777216 "
+        "(0, no limit, would let a peer send a whole instance as one PDU, held in memory), "
+        "got 0",
+        id="max-pdu-unlimited",
     ),
     pytest.param(
         "[timeouts]\nartim = 0\n",

@@ -226,3 +226,14 @@ def test_query_keys_a_query_may_hold_still_go_through() -> None:
     ds = cli._query(["StudyDate=20240101-20240131", "PatientName=Doe*", "0008,0061",
                      "0020,000D=1.2.3", "AccessionNumber"], "STUDY")
     assert ds.StudyDate == "20240101-20240131" and ds.StudyInstanceUID == "1.2.3"
+
+
+@pytest.mark.parametrize("size", ["0", "1000", "16777217", "lots"])
+def test_max_pdu_out_of_range_is_a_usage_error(size: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A PDU is held whole as it arrives: --max-pdu 0 (no limit) let a server send a
+    whole instance as one PDU. 4096 to 16 MiB, like the configuration's max_pdu."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["echo", "127.0.0.1", "9", "--max-pdu", size])
+    assert exited.value.code == 2
+    assert "argument --max-pdu: " in capsys.readouterr().err
