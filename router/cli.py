@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,7 +22,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -501,6 +502,9 @@ def get_contexts(
     return contexts, roles
 
 
+_PLAIN_UID: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     model = _MODELS[(args.model, "get")]
     # Storage classes for the sub-operations, with us as SCP (PS3.4 C.4.3).
@@ -510,7 +514,11 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     def on_store(rq: dimse.CStoreRQ, data: bytes, transfer_syntax: str) -> int:
         nonlocal received
-        path = args.out / f"{rq.affected_sop_instance_uid}.dcm"
+        uid = rq.affected_sop_instance_uid
+        # The server names the file: only a UID with a component on each side of
+        # every dot (no "..", no hidden ".dcm") becomes a file name as it is.
+        name = uid if len(uid) <= 64 and _PLAIN_UID.fullmatch(uid) else f"unnamed-{received + 1}"
+        path = args.out / f"{name}.dcm"
         tmp = path.with_suffix(".part")
         tmp.write_bytes(part10_meta_bytes(
             sop_class_uid=rq.affected_sop_class_uid,

@@ -237,3 +237,25 @@ def test_max_pdu_out_of_range_is_a_usage_error(size: str,
         cli.main(["echo", "127.0.0.1", "9", "--max-pdu", size])
     assert exited.value.code == 2
     assert "argument --max-pdu: " in capsys.readouterr().err
+
+
+def test_cli_get_names_no_file_after_a_uid_that_is_not_one(
+        serve: Callable[..., Server], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The server names the files: Affected SOP Instance UIDs "..", "." and "1..2" made
+    hidden files ("...dcm", "..dcm") or odd ones. Such instances are kept as
+    unnamed-N.dcm; a real UID still names its file."""
+    datasets = [late_class(KOS, SOPInstanceUID=uid) for uid in ("..", ".", "1..2")]
+    good = late_class(KOS)
+
+    def on_c_get(req: Request, token: CancelToken) -> list[Any]:
+        return [*datasets, good]
+
+    server = serve(Handlers(on_c_get=on_c_get))
+    out = tmp_path / "got"
+    code = cli.main(["get", "127.0.0.1", str(server.port), "-aec", "NETSCP", "--out", str(out),
+                     "--timeout", str(IO_TIMEOUT), "-k", "StudyInstanceUID=1.2.3"])
+    assert code == cli.EXIT_OK, capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{good.SOPInstanceUID}.dcm", "unnamed-1.dcm", "unnamed-2.dcm", "unnamed-3.dcm"]
+    assert [read_part10_header(out / f"unnamed-{n}.dcm").sop_instance_uid
+            for n in (1, 2, 3)] == ["..", ".", "1..2"]
