@@ -371,6 +371,13 @@ def test_a_peer_sending_requests_is_not_idle(idle_server: LoopServer) -> None:
                  + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), 0xC000,
                  "the data set does not parse: expected an item, found (0040,0009)",
                  id="no-item-late"),
+    # Sequences 200 deep (a sequence bomb): refused as it arrives; it was decoded by
+    # pydicom at commit and answered 0110H, a failure the sender may retry for ever.
+    pytest.param(_data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.7")
+                 + (struct.pack("<HHI", 0x0040, 0x0275, 0xFFFFFFFF)
+                    + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)) * 200, 0xC000,
+                 "the data set does not parse: sequences nested deeper than 64",
+                 id="sequence-bomb"),
 ])
 def test_a_data_set_that_is_not_the_instance_named_is_refused(
         server: LoopServer, no_tracebacks: None, data: bytes, status: int,
