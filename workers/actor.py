@@ -709,8 +709,8 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         self._query = None
         if size > MAX_IDENTIFIER:
-            self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND,
-                         f"identifier larger than {MAX_IDENTIFIER} bytes")
+            self._refuse_logged(ctx, msg, dimse.CANNOT_UNDERSTAND,
+                                f"identifier larger than {MAX_IDENTIFIER} bytes")
             return
         if isinstance(msg, dimse.CFindRQ):
             self._start_find(ctx, msg, b"".join(parts))
@@ -718,6 +718,15 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._start_move(ctx, msg, b"".join(parts))
         else:
             self._start_n(ctx, msg, b"".join(parts))
+
+    def _refuse_logged(self, ctx: NegotiatedContext, msg: Any, status: int,
+                       comment: str) -> None:
+        """Refuse a request, with the log line saying why (the callers of _refuse
+        that log their own, with more to say, call it directly)."""
+        log.warning("association %s: %s %d refused with 0x%04X: %s", self._who(),
+                    msg.command_field.name.replace("_", "-")[:-3], msg.message_id, status,
+                    comment)
+        self._refuse(ctx, msg, status, comment)
 
     def _refuse(self, ctx: NegotiatedContext, msg: Any, status: int,
                 comment: str) -> None:
@@ -847,10 +856,12 @@ class AssociationActor(asyncio.BufferedProtocol):
         try:
             identifier = decode_dataset(raw, ctx.transfer_syntax)
         except (ProtocolError, ValueError) as exc:
-            self._refuse(ctx, msg, dimse.CANNOT_UNDERSTAND, f"identifier does not decode: {exc}")
+            self._refuse_logged(ctx, msg, dimse.CANNOT_UNDERSTAND,
+                                f"identifier does not decode: {exc}")
             return
         if dispatcher is None:
-            self._refuse(ctx, msg, dimse.UNABLE_TO_PROCESS, "no retrieve rule matches this request")
+            self._refuse_logged(ctx, msg, dimse.UNABLE_TO_PROCESS,
+                                "no retrieve rule matches this request")
             return
         config = dispatcher.router.config
         # PS3.4 C.4.2.1.5: the destination must be known here, not only upstream.
@@ -956,8 +967,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         try:
             identifier = decode_dataset(raw, ctx.transfer_syntax)
         except (ProtocolError, ValueError) as exc:
-            self._find_respond(ctx, msg, dimse.CANNOT_UNDERSTAND, None,
-                               f"identifier does not decode: {exc}")
+            self._refuse_logged(ctx, msg, dimse.CANNOT_UNDERSTAND,
+                                f"identifier does not decode: {exc}")
             return
         decision = None
         if dispatcher is not None:

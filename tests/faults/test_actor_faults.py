@@ -432,6 +432,36 @@ def test_a_query_without_an_identifier_is_refused_at_once(
     released(sock)
 
 
+@pytest.mark.parametrize(("identifier", "said"), [
+    pytest.param(_data_set(QueryRetrieveLevel="STUDY", PatientID="x" * (1 << 20)),
+                 "identifier larger than 1048576 bytes", id="too-large"),
+    pytest.param(b"\x08\x00\x52\x00\xff\xff\x00\x00STUDY", "identifier does not decode: ",
+                 id="undecodable"),
+])
+def test_a_query_refused_for_its_identifier_says_why_in_the_log(
+        server: LoopServer, no_tracebacks: None, caplog: pytest.LogCaptureFixture,
+        identifier: bytes, said: str) -> None:
+    """C000H with the reason as Error Comment, and one log line naming the association
+    and the reason: there was none, and the operator could not tell why a viewer's
+    query failed."""
+    sock = associated(server.port, abstract=STUDY_FIND)
+    sock.sendall(p_data(command(AffectedSOPClassUID=STUDY_FIND, CommandField=0x0020,
+                                MessageID=9, Priority=0, CommandDataSetType=0x0000)))
+    step = 60_000  # fragments within the router's maximum PDU length
+    for start in range(0, len(identifier), step):
+        sock.sendall(p_data(identifier[start : start + step], is_command=False,
+                            last=start + step >= len(identifier)))
+    kind, body = read_pdu(sock)
+    assert kind == 0x04
+    answer = response(body)
+    assert (answer.MessageIDBeingRespondedTo, answer.Status) == (9, 0xC000)
+    assert str(answer.ErrorComment).startswith(said[:40])
+    released(sock)
+    lines = [r.getMessage() for r in caplog.records if "C-FIND 9 refused" in r.getMessage()]
+    assert len(lines) == 1 and f"refused with 0xC000: {said}" in lines[0], \
+        [r.getMessage() for r in caplog.records]
+
+
 def test_a_c_store_from_a_requestor_that_took_the_scp_role_only_is_refused(
         server: LoopServer, no_tracebacks: None) -> None:
     """PS3.7 D.3.3.4: with SCP/SCU role selection SCU=0, SCP=1 for CT accepted, the
