@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -502,9 +501,6 @@ def get_contexts(
     return contexts, roles
 
 
-_PLAIN_UID: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
-
-
 def cmd_get(args: argparse.Namespace) -> int:
     model = _MODELS[(args.model, "get")]
     # Storage classes for the sub-operations, with us as SCP (PS3.4 C.4.3).
@@ -517,7 +513,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         uid = rq.affected_sop_instance_uid
         # The server names the file: only a UID with a component on each side of
         # every dot (no "..", no hidden ".dcm") becomes a file name as it is.
-        name = uid if len(uid) <= 64 and _PLAIN_UID.fullmatch(uid) else f"unnamed-{received + 1}"
+        name = uid if uids.is_plain_uid(uid) else f"unnamed-{received + 1}"
         path = args.out / f"{name}.dcm"
         tmp = path.with_suffix(".part")
         tmp.write_bytes(part10_meta_bytes(

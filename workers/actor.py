@@ -772,7 +772,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         name = type(msg).__name__[:-2]
         label = f"{self._who()} #{msg.message_id}"
         ts = ctx.transfer_syntax
-        uid = None
+        uid = action_uid = None
         destination: Destination | None = None
         try:
             if isinstance(msg, dimse.NEventReportRQ):
@@ -816,38 +816,53 @@ class AssociationActor(asyncio.BufferedProtocol):
                         self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, why)
                         log.warning("association %s: %s refused: %s", self._who(), name, why)
                         return
-                    remember_commitment(self.spool.root, data, ts, self.stats.calling_ae)
+                    action_uid = remember_commitment(self.spool.root, data, ts,
+                                                     self.stats.calling_ae)
                 async with asyncio.timeout(self.settings.operation_timeout):
                     rsp, rsp_data = await relay_n_request(destination, msg, data, ts,
                                                           label=label, sop_class=sop_class)
         except OutboundError as exc:
+            self._forget_failed_action(action_uid)
             where = f"{destination.name if destination else '?'}: {exc}"
             log.warning("association %s: %s relay to %s", self._who(), name, where)
             self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, where)
             return
         except DIMSEError as exc:
+            self._forget_failed_action(action_uid)
             # A data set that cannot be read or converted for the other side (ours
             # or the upstream's answer): answered, never left waiting (PS3.7 10.1).
             log.warning("association %s: %s not relayed: %s", self._who(), name, exc)
             self._refuse(ctx, msg, exc.status, str(exc))
             return
         except TimeoutError:
+            self._forget_failed_action(action_uid)
             detail = f"no answer in {self.settings.operation_timeout:.0f} s"
             log.warning("association %s: %s relay: %s", self._who(), name, detail)
             self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, detail)
             return
         except OSError as exc:  # the commitment record in the spool (after TimeoutError)
+            self._forget_failed_action(action_uid)
             log.error("association %s: %s not relayed: %s", self._who(), name, exc)
             self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, str(exc))
             return
-        if uid is not None and dimse.status_category(rsp.status) is dimse.StatusCategory.SUCCESS:
-            forget_commitment(self.spool.root, uid)
+        if dimse.status_category(rsp.status) is dimse.StatusCategory.SUCCESS:
+            if uid is not None:  # the report is delivered
+                forget_commitment(self.spool.root, uid)
+        else:
+            self._forget_failed_action(action_uid)
         log.info("association %s: %s relayed to %s: status 0x%04X", self._who(), name,
                  destination.name, rsp.status)
         if self.engine.may_send_data:
             self.engine.send_message(ctx.context_id, dataclasses.replace(
                 rsp, message_id_being_responded_to=msg.message_id), rsp_data)
             self._after_engine()
+
+    def _forget_failed_action(self, action_uid: str | None) -> None:
+        """A relayed N-ACTION failed: its requestor hears so and will ask again. Its
+        commitment record goes: kept, it would wait for a report that is not coming
+        (for ever), or have one relayed for a request the requestor was told failed."""
+        if action_uid is not None:
+            forget_commitment(self.spool.root, action_uid)
 
     def _start_move(self, ctx: NegotiatedContext, msg: dimse.CMoveRQ | dimse.CGetRQ,
                     raw: bytes) -> None:

@@ -19,7 +19,8 @@ affected instance and data set included.
   requestor there, opens an association to the ``[[destination]]`` with that AE
   title (proposing the SCP role, PS3.4 J.3.3 / PS3.7 D.3.3.4), relays the report
   and answers the PACS with the requestor's status. The record is deleted once
-  the report has been delivered.
+  the report has been delivered, or when the N-ACTION itself failed (the
+  requestor was told so, and will ask again: a late report of it is not relayed).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from router.config import Destination
+from router.dicom import uids
 from router.dicom.dataset import decode_dataset, transcode
 from workers.outbound import OutboundError, open_association, proposal_syntaxes
 
@@ -115,8 +117,7 @@ def _transaction_uid(dataset: bytes | None, transfer_syntax: str) -> str | None:
         return None
     text = str(value or "").strip()
     # A UID (PS3.5 §9.1): it names a file here, so nothing else gets through.
-    return text if text and len(text) <= 64 and all(c.isdigit() or c == "." for c in text) \
-        else None
+    return text if uids.is_plain_uid(text) else None
 
 
 def _convert(data: bytes | None, source: str, target: str) -> bytes | None:

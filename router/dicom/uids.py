@@ -126,6 +126,15 @@ def _registry_uids() -> frozenset[str]:
 _KNOWN_VALID: Final = _registry_uids()
 
 
+_PLAIN_UID_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+def is_plain_uid(uid: str) -> bool:
+    """True if ``uid`` is a UID by the letter of PS3.5 §9.1 (digit components, none
+    empty, at most 64 characters): safe to name a file with ("..", "." are not)."""
+    return len(uid) <= 64 and _PLAIN_UID_RE.fullmatch(uid) is not None
+
+
 def is_valid_uid(uid: str) -> bool:
     """True if ``uid`` has the UID character repertoire and length, PS3.5 §9.1."""
     if uid in _KNOWN_VALID:  # SOP class and transfer syntax UIDs recur in every message

@@ -245,6 +245,40 @@ def test_commitment_from_a_requestor_the_result_cannot_reach_is_refused_up_front
     assert not list((router.spool / "commitments").glob("*.json"))
 
 
+@pytest.mark.parametrize("pacs_answers", [0x0110, None], ids=["refused", "down"])
+def test_a_commitment_request_that_fails_leaves_no_record(
+        tmp_path: Path, pacs_answers: int | None) -> None:
+    """The PACS refuses the N-ACTION, or cannot be reached: the modality hears so and
+    will ask again. The transaction's record went on waiting, for ever, for a report
+    that was not coming (and would have relayed one for a request the modality was
+    told had failed)."""
+    from pynetdicom import evt
+
+    def on_action(event: Any) -> tuple[int, None]:
+        return pacs_answers or 0, None
+
+    pacs_port, server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
+    if pacs_answers is None:
+        server.shutdown()  # nobody listens on its port now
+    router = Router(tmp_path, extra='[routing]\nstorage_commitment = "pacs"\n'
+                    + _destination("pacs", pacs_port, "PACS")
+                    + _destination("ct", free_port(), "CT1"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _associated("CT1", COMMITMENT, router.port)
+        status, _ = assoc.send_n_action(_commitment_request(generate_uid()), 1, COMMITMENT,
+                                        COMMITMENT_INSTANCE)
+        assoc.release()
+        router.wait_for("NAction relay" if pacs_answers is None
+                        else "NAction relayed to pacs: status 0x0110")
+    finally:
+        router.stop()
+        if pacs_answers is not None:
+            server.shutdown()
+    assert status.Status == 0x0110
+    assert not list((router.spool / "commitments").glob("*.json"))
+
+
 def test_an_mpps_relay_that_fails_names_the_ris(tmp_path: Path) -> None:
     """The RIS is down: the modality gets 0110H, and the log and the Error Comment
     name the RIS (they named only the modality's own association, which read as if
