@@ -346,8 +346,15 @@ def _pydicom_refusal(what: str) -> Iterator[None]:
     messages carry a whole traceback)."""
     try:
         yield
-    except (DIMSEError, OSError):
-        raise  # the disk's trouble (a full one is A700H), not the data set's
+    except DIMSEError:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the disk's trouble (a full one is A700H), not the data set's
+        # pydicom's own OSError ("No tag to read at file position ...", "... bytes
+        # available", for a data set that ends early): the data set's trouble.
+        raise DIMSEError(f"{what}: {first_line(exc)[:200]}",
+                         status=dimse.CANNOT_UNDERSTAND) from None
     except Exception as exc:  # pydicom raises many kinds on malformed data
         raise DIMSEError(f"{what}: {first_line(exc)[:200]}",
                          status=dimse.CANNOT_UNDERSTAND) from None

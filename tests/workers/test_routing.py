@@ -20,7 +20,7 @@ from router.dicom.errors import DIMSEError
 from rules import Changes
 from rules.changes import CopyOp, RemoveOp, SetOp
 from tests.helpers import pydicom_test_files
-from workers.routing import read_header
+from workers.routing import _pydicom_refusal, read_header
 
 TAGS = frozenset({
     0x00080005,  # SpecificCharacterSet
@@ -300,3 +300,19 @@ def test_a_data_set_pydicom_cannot_change_is_refused_c000_in_one_line(tmp_path: 
     assert info.value.status == 0xC000
     assert str(info.value).startswith("cannot apply the rule's changes: ")
     assert "\n" not in str(info.value)
+
+
+def test_pydicom_failing_on_the_data_set_is_c000_and_the_disk_failing_is_not() -> None:
+    """pydicom raises a bare OSError ("No tag to read at file position 274") for a
+    data set that ends early: that is the data set's trouble, C000H. It was taken
+    for the disk's and answered 0110H, which invites the sender to retry the same
+    bad instance for ever. An OSError with an errno is still the disk's."""
+    import errno
+
+    with pytest.raises(DIMSEError) as refused, _pydicom_refusal("cannot apply the changes"):
+        raise OSError("No tag to read at file position 274")
+    assert refused.value.status == 0xC000
+    assert str(refused.value) == "cannot apply the changes: No tag to read at file position 274"
+    with pytest.raises(OSError) as disk, _pydicom_refusal("cannot apply the changes"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert disk.value.errno == errno.ENOSPC and not isinstance(disk.value, DIMSEError)
