@@ -43,9 +43,12 @@ sender tasks, each with at most one outbound association
   association lost or unanswered in the middle of it, retries it after an
   exponential back-off with jitter (:class:`router.config.RetryPolicy`); after
   ``attempts`` such failures it goes to ``dead/``. Out of resources (A7xx) and
-  a lost or unanswered association also make the whole queue wait, and count
-  as a failure of the instance only if the destination took others since its
-  last one (``_stalled``): a PACS that is full or hung fails every instance.
+  a destination that stops answering mid-store (a timeout) also make the whole
+  queue wait, and count as a failure of the instance only if the destination
+  took others since its last one (``_stalled``): a PACS that is full or hung
+  fails every instance. An abort or a closed connection is the instance's
+  failure: a destination that aborts on what it cannot parse would otherwise
+  stall the queue behind it for good.
 - A destination that cannot be reached (refused, timed out, association
   rejected) backs off as a whole: every sender waits, and the instances keep
   their place and count no failure, however long that lasts.
@@ -196,7 +199,7 @@ class DestinationActor:
         # Senders waiting for work with an open association, and senders opening one.
         self._parked_open = 0
         self._connecting = 0
-        # Failures for the destination's state in a row (A7xx, association lost): see _stalled.
+        # Failures for the destination's state in a row (A7xx, no answer): see _stalled.
         self._stalled_failures = 0
         self._closing = False
         self._overflow = False  # queued instances on disk that _known does not hold
@@ -473,9 +476,12 @@ class DestinationActor:
                 if not isinstance(exc, OutboundError):  # a file we cannot read: for good
                     self._failed(entry, urgent, claim, str(exc), None, permanent=True)
                     return None
-                # The association was lost or the destination stopped answering (a hung
-                # PACS): its state more than the instance's, as for A7xx.
-                counted = entry is None or self._stalled(entry, str(exc))
+                # The destination stopped answering or taking data (a hung PACS): its
+                # state more than the instance's, as for A7xx. An abort or a closed
+                # connection counts as the instance's failure: a destination that
+                # aborts on one instance (it cannot parse it) must not stall the
+                # queue behind it, and such an instance ends in dead/.
+                counted = entry is None or not exc.stalled or self._stalled(entry, str(exc))
                 self._failed(entry, urgent, claim, str(exc), None, permanent=False,
                              counted=counted)
                 return None
@@ -572,8 +578,8 @@ class DestinationActor:
 
     def _stalled(self, entry: _Entry, reason: str) -> bool:
         """A delivery failed for the state of the destination more than of the
-        instance: refused out of resources (A7xx, PS3.4 B.2.3: a full disk), or the
-        association lost or unanswered mid-store (a PACS that hangs or restarts).
+        instance: refused out of resources (A7xx, PS3.4 B.2.3: a full disk), or no
+        answer mid-store within the destination's timeout (a PACS that hangs).
         The whole queue waits, with the back-off of an unreachable destination; and
         the failure counts towards the instance's attempts only if the destination
         took others since its last one -- else a PACS full over a weekend, or hung

@@ -85,9 +85,12 @@ class OutboundError(Exception):
     ``transient`` is False only for a permanent association rejection.
     """
 
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+    def __init__(self, message: str, *, transient: bool = True, stalled: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        #: The destination stopped answering or taking data (a wait timed out), rather
+        #: than refusing, aborting or closing: its state more than the request's.
+        self.stalled = stalled
 
 
 class OutboundAssociation(asyncio.BufferedProtocol):
@@ -544,7 +547,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         except TimeoutError:
             detail = f"destination took no data for {self.timeout:g} s"
             self.abort(detail)
-            raise OutboundError(f"{self.label}: {detail}") from None
+            raise OutboundError(f"{self.label}: {detail}", stalled=True) from None
 
     async def _next_command(self, during: str) -> CommandReceived:
         """The next usable DIMSE command from the destination. A command set that
@@ -579,7 +582,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             except TimeoutError:
                 detail = f"no answer from the destination in {self.timeout:g} s"
                 self.abort(detail)
-                raise OutboundError(f"{self.label}: {detail}") from None
+                raise OutboundError(f"{self.label}: {detail}", stalled=True) from None
             finally:
                 self._waiter = None
         event = self._events.popleft()

@@ -144,7 +144,14 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 def _status_scp(status: int, port: int, sop_classes: tuple[str, ...] | list[str] = (
         "1.2.840.10008.5.1.4.1.1.2",)) -> Any:
     """A pynetdicom SCP answering ``status``, for ``sop_classes`` (CT) in little
-    endian only."""
+    endian only; ``.seen``: the SOP Instance UIDs it was sent."""
+    return _scp(port, lambda event: status, sop_classes)
+
+
+def _scp(port: int, answer: Callable[[Any], int],
+         sop_classes: tuple[str, ...] | list[str] = ("1.2.840.10008.5.1.4.1.1.2",)) -> Any:
+    """A pynetdicom SCP for ``sop_classes`` (CT) in little endian only, whose C-STORE
+    handler is ``answer`` (after noting the instance in ``.seen``)."""
     from pynetdicom import AE, evt
 
     ae = AE(ae_title="STORESCP")
@@ -154,7 +161,7 @@ def _status_scp(status: int, port: int, sop_classes: tuple[str, ...] | list[str]
 
     def on_store(event: Any) -> int:
         seen.append(event.request.AffectedSOPInstanceUID)
-        return status
+        return answer(event)
 
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -238,23 +245,17 @@ def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
     whole queue went to dead letters after ``attempts`` timeouts each."""
     import threading
 
-    from pynetdicom import AE, evt
-
     hung, release = threading.Event(), threading.Event()
-    seen: list[str] = []
 
     def on_store(event: Any) -> int:
-        seen.append(event.request.AffectedSOPInstanceUID)
-        if len(seen) >= 7:  # more than the 2 x 3 attempts the old code allowed
+        if len(server.seen) >= 7:  # more than the 2 x 3 attempts the old code allowed
             hung.set()
         release.wait(60)
         return 0x0000
 
-    ae = AE(ae_title="STORESCP")
-    ae.add_supported_context(CT, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = _scp(port, on_store)
+    seen = server.seen
     try:
         spool = Spool(tmp_path / "spool", fsync=False)
         _queue(spool, "pacs", tmp_path, 2)
@@ -276,6 +277,31 @@ def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
     assert actor.stats.dead == 0 and not (spool.root / "dead").exists()
     assert len(seen) >= 7
     assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 2
+
+
+def test_instances_a_destination_aborts_on_end_in_dead_letters(tmp_path: Path) -> None:
+    """A destination that aborts the association on an instance (storescp does on a
+    data set it cannot parse) fails that instance: it counts towards its attempts
+    (3 here) and ends in dead/. Counted as a stalled destination instead, a queue
+    of such instances waited with ever longer back-offs and never emptied, and the
+    good instances behind them waited too."""
+    def on_store(event: Any) -> int:
+        event.assoc.abort()
+        return 0x0000
+
+    port = free_port()
+    server = _scp(port, on_store)
+    seen = server.seen
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 3)
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead == 3, timeout=30))
+    finally:
+        server.shutdown()
+    assert len(seen) == 9  # each of the three, three times
+    assert len(list((spool.root / "dead" / "pacs").glob("*.dcm"))) == 3
+    assert not list((spool.root / "queue" / "pacs").glob("*.dcm"))
 
 
 def test_warning_counts_as_delivered(tmp_path: Path) -> None:
