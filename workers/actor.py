@@ -1015,7 +1015,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                 retrieve_ae = self.stats.called_ae
         proxy = FindProxy(
             request, upstreams=upstreams, result_changes=decision.result_changes,
-            retrieve_ae_title=retrieve_ae,
+            retrieve_ae_title=retrieve_ae, writable=self.writable,
             respond=lambda status, data, comment: self._find_respond(
                 ctx, msg, status, data, comment))
         self._find = (ctx, msg, proxy)
@@ -1147,6 +1147,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         if self._closed:
             return
         self._closed = True
+        self._writable.set()  # nothing waits for a requestor that is gone
         self._discard_store()
         running = self._find
         if running is not None and isinstance(running[2], FindProxy | GetProxy):

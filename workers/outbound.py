@@ -75,6 +75,12 @@ READ_SIZE: Final = 1 << 20
 WRITE_HIGH_WATER: Final = 4 << 20
 WRITE_LOW_WATER: Final = 1 << 20
 RECV_BUFFER: Final = 1 << 16  # responses are small
+# Events read but not yet taken by the coroutine: past the high mark the socket is
+# no longer read (TCP flow control holds the peer) until they are down to the low
+# one. A C-FIND relay whose requestor reads slowly stops taking matches, and this
+# keeps the upstream's from piling up here instead.
+_EVENTS_HIGH: Final = 64
+_EVENTS_LOW: Final = 16
 # Buffers one writev takes (Linux IOV_MAX is 1024).
 _IOV_MAX: Final = 1024
 
@@ -112,6 +118,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = False
+        self._reading_paused = False
         self._ids = itertools.cycle(range(1, 65536))
         self.current_find: tuple[int, int] | None = None
         # Armed by cancel(): aborts an operation the peer has not ended in time.
@@ -586,6 +593,10 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             finally:
                 self._waiter = None
         event = self._events.popleft()
+        if self._reading_paused and len(self._events) <= _EVENTS_LOW:
+            self._reading_paused = False
+            if self.transport is not None and not self._lost:
+                self.transport.resume_reading()
         if isinstance(event, ReleaseRequested):
             # A peer may not release an association it did not request (PS3.8
             # §7.2): the engine answers it per the table; we just go on.
@@ -600,6 +611,10 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 break
             assert not isinstance(event, _Sentinel)
             self._events.append(event)
+        if len(self._events) > _EVENTS_HIGH and not self._reading_paused and \
+                self.transport is not None and not self._lost:
+            self.transport.pause_reading()
+            self._reading_paused = True
         self._flush()
         self._wake()
 

@@ -12,6 +12,9 @@ upstreams answer it (``RuleSet.evaluate_query``) and hands it to a
 - every pending response is passed back the moment it arrives (PS3.4 C.4.1.3:
   the SCU sees matches as they are found, never a collected list), its identifier
   forwarded as it came when the transfer syntaxes agree, re-encoded otherwise;
+- the upstreams are not read while the requestor has not taken what was sent
+  (TCP flow control end to end): a requestor that does not read cannot make
+  matches pile up in the worker's memory;
 - a rule's changes apply to the identifier before it goes upstream and to each
   match before it goes back (``applies_to = "query"`` / ``"result"``); without
   any, nothing is decoded;
@@ -37,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Final, Protocol
@@ -170,10 +173,14 @@ class FindProxy(_Relayed):
 
     def __init__(self, request: Request, *, upstreams: list[Destination], respond: Respond,
                  result_changes: Changes | None = None,
-                 retrieve_ae_title: str | None = None) -> None:
+                 retrieve_ae_title: str | None = None,
+                 writable: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(request)
         self.upstreams = upstreams
         self.respond = respond
+        # Waits while the requestor has not taken the matches sent so far: the
+        # upstream's are not read meanwhile (flow control, end to end).
+        self.writable = writable
         self.result_changes = result_changes
         self.retrieve_ae_title = retrieve_ae_title
         self.matches = 0
@@ -237,6 +244,8 @@ class FindProxy(_Relayed):
                 if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
                     if data is not None:
                         self._match(rsp.status, data, ctx.transfer_syntax)
+                        if self.writable is not None:
+                            await self.writable()
                     continue
                 final = (int(rsp.status), f"{destination.name}: {rsp.error_comment}"
                          if rsp.error_comment else

@@ -87,6 +87,16 @@ def _move_scp(ae_title: str, on_move: Callable[[Any], Any]) -> tuple[int, Any]:
                                    evt_handlers=[(evt.EVT_C_MOVE, on_move)])
 
 
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def _implicit(ds: pydicom.Dataset) -> bytes:
+    """``ds`` encoded in Implicit VR Little Endian, as on the wire."""
+    from router.dicom.dataset import encode_dataset
+
+    return encode_dataset(ds, "1.2.840.10008.1.2")
+
+
 QUERY_ALL = '[[rule]]\nname = "all queries"\n[rule.then]\nquery = ["pacs"]\n'
 RETRIEVE_ALL = '[[rule]]\nname = "from the PACS"\n[rule.then]\nretrieve = ["pacs"]\n'
 
@@ -234,6 +244,65 @@ def test_an_upstream_ignoring_cancel_is_aborted_and_the_requestor_gets_cancel(
         router.wait_for("no final response within 1 s of C-CANCEL: aborting")
     finally:
         stop.set()
+        router.stop()
+        server.shutdown()
+
+
+def test_a_requestor_that_does_not_read_holds_the_upstream_back(tmp_path: Path) -> None:
+    """A viewer that sends a C-FIND and stops reading: the router stops reading the
+    upstream's matches too (TCP flow control end to end) instead of piling them up
+    in the worker -- 10 KB a match, a worker grew to 1.1 GB in a minute. Here the
+    upstream offers 2,000 matches of 50 KB (100 MB); the worker must not grow by
+    more than what the sockets between hold."""
+    import socket
+    import threading
+
+    import psutil
+
+    from tests.faults.test_actor_faults import associate_rq, command, p_data
+
+    offered, stop = threading.Event(), threading.Event()
+
+    def on_find(event: Any) -> Any:
+        for n in range(2_000):  # pynetdicom queues them all at once, whoever reads
+            if stop.is_set():
+                break
+            match = pydicom.Dataset()
+            match.QueryRetrieveLevel = "STUDY"
+            match.StudyInstanceUID = f"1.2.3.{n}"
+            match.add_new(0x00091010, "OB", bytes(50_000))
+            yield 0xFF00, match
+        offered.set()
+        yield 0x0000, None
+
+    port, server = _find_scp("PACS", on_find)
+    router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
+    sock = socket.socket()
+    try:
+        router.wait_for("ready: 2 workers serving")
+        workers = psutil.Process(router.proc.pid).children()
+        before = sum(w.memory_info().rss for w in workers)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", router.port))
+        sock.sendall(associate_rq(abstract=STUDY_FIND))
+        assert sock.recv(1)[0] == 0x02  # A-ASSOCIATE-AC; the rest is never read
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        sock.sendall(p_data(command(AffectedSOPClassUID=STUDY_FIND, CommandField=0x0020,
+                                    MessageID=1, Priority=0, CommandDataSetType=0))
+                     + p_data(_implicit(query), is_command=False))
+        assert offered.wait(30)
+        grew = 0
+        for _ in range(40):  # 8 s: the old worker had taken the 100 MB in 1 or 2
+            grew = sum(w.memory_info().rss for w in workers) - before
+            if grew > 50 << 20 or stop.wait(0.2):
+                break
+        assert grew < 50 << 20, f"workers grew by {grew >> 20} MB"
+    finally:
+        stop.set()
+        sock.close()
         router.stop()
         server.shutdown()
 
