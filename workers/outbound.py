@@ -44,7 +44,7 @@ from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Buffer, Role
 from router.dicom.dataset import Part10, transcode
-from router.dicom.errors import ProtocolError
+from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.events import (
     NEED_DATA,
     AssociationAborted,
@@ -79,6 +79,9 @@ RECV_BUFFER: Final = 1 << 16  # responses are small
 # no longer read (TCP flow control holds the peer) until they are down to the low
 # one. A C-FIND relay whose requestor reads slowly stops taking matches, and this
 # keeps the upstream's from piling up here instead.
+# The largest data set converted to another transfer syntax for a destination that
+# does not take it as stored: conversion holds it in memory several times over.
+MAX_CONVERTED_BYTES: Final = 256 << 20
 _EVENTS_HIGH: Final = 64
 _EVENTS_LOW: Final = 16
 # Buffers one writev takes (Linux IOV_MAX is 1024).
@@ -247,8 +250,19 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         """
         converted: bytes | None = None
         if ctx.transfer_syntax != part10.transfer_syntax:
-            converted = transcode(_read_from(path, fd, part10.dataset_offset),
-                                  part10.transfer_syntax, ctx.transfer_syntax)
+            size = (os.fstat(fd).st_size if fd is not None else path.stat().st_size) \
+                - part10.dataset_offset
+            if size > MAX_CONVERTED_BYTES:
+                raise DIMSEError(
+                    f"{size >> 20} MiB is too large to convert to "
+                    f"{ctx.transfer_syntax} (at most {MAX_CONVERTED_BYTES >> 20} MiB): "
+                    f"{self.label} takes it in no syntax it is stored in",
+                    status=dimse.CANNOT_UNDERSTAND)
+            # Whole data sets in memory, decoded and encoded by pydicom: off the event
+            # loop, or a big one stalls every association of this worker (and its
+            # heartbeat: the supervisor killed it, again after each restart).
+            converted = await asyncio.get_running_loop().run_in_executor(
+                None, _converted, path, fd, part10, ctx.transfer_syntax)
         mid = next(self._ids)
         originator_ae, originator_id = move_originator or (None, None)
         rq = dimse.CStoreRQ(
@@ -748,6 +762,11 @@ async def open_association(destination: Destination,
     return await OutboundAssociation.open(destination.host, destination.port, request,
                                           timeout=destination.timeout,
                                           ssl_context=tls_context(destination), label=label)
+
+
+def _converted(path: Path, fd: int | None, part10: Part10, transfer_syntax: str) -> bytes:
+    return transcode(_read_from(path, fd, part10.dataset_offset), part10.transfer_syntax,
+                     transfer_syntax)
 
 
 def _read_from(path: Path, fd: int | None, offset: int) -> bytes:

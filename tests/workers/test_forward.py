@@ -334,6 +334,34 @@ def test_an_instance_in_another_native_syntax_is_converted(tmp_path: Path) -> No
     assert len(server.seen) == 1 and actor.stats.dead == 0
 
 
+def test_an_instance_too_large_to_convert_is_a_dead_letter_saying_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conversion holds the whole data set in memory, decoded: one past the limit
+    (1 MiB here, 256 MiB as shipped) is a dead letter that says why, and the one
+    within it still goes. A 1.2 GB instance converted on the event loop took 4.5 GB
+    and stalled the worker until the supervisor killed it, again at each restart."""
+    import workers.outbound
+
+    monkeypatch.setattr(workers.outbound, "MAX_CONVERTED_BYTES", 1 << 20)
+    port = free_port()
+    server = _status_scp(0x0000, port)  # accepts CT in little endian only
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        folder = spool.root / "queue" / "pacs"
+        folder.mkdir(parents=True)
+        for n, size_kb in ((1, 2048), (2, 512)):
+            make_ct(folder / f"0000000000000000000{n}-1-{n}.dcm", size_kb=size_kb, seed=n,
+                    transfer_syntax="1.2.840.10008.1.2.2")  # big endian: converted
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead + actor.stats.delivered == 2))
+    finally:
+        server.shutdown()
+    assert (actor.stats.delivered, actor.stats.dead) == (1, 1)
+    reason = json.loads(next((spool.root / "dead" / "pacs").glob("*.json")).read_text())
+    assert "MiB is too large to convert to 1.2.840.10008.1.2.1 (at most 1 MiB)" in \
+        reason["reason"], reason
+
+
 def test_an_unaccepted_compressed_syntax_is_a_permanent_dead_letter(tmp_path: Path) -> None:
     port = free_port()
     jpeg = next(p for p in pydicom_test_files() if p.name == "SC_rgb_jpeg_dcmtk.dcm")
