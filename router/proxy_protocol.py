@@ -41,6 +41,10 @@ _V2_FIXED: Final = 16
 _LOCAL, _PROXY = 0x0, 0x1
 _TCP4, _TCP6 = 0x11, 0x21
 _ADDRESS_SIZES: Final = {_TCP4: 12, _TCP6: 36}
+# Every family / transport byte the specification defines (section 2.2): UNSPEC,
+# TCP and UDP over IPv4 and IPv6, UNIX stream and datagram. Other values "must be
+# rejected as invalid by receivers".
+_FAMILIES: Final = frozenset({0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32})
 
 
 class ProxyProtocolError(Exception):
@@ -99,6 +103,8 @@ def parse_v2(fixed: bytes, block: bytes) -> ProxyHeader:
     if len(block) != v2_length(fixed):
         raise ProxyProtocolError("PROXY v2 address block of the wrong length")
     family = fixed[13]
+    if family not in _FAMILIES:
+        raise ProxyProtocolError(f"PROXY v2 header with unknown address family 0x{family:02X}")
     if fixed[12] & 0x0F == _LOCAL or family not in _ADDRESS_SIZES:
         # LOCAL: the balancer's own connection (health check); an unsupported family
         # (UNIX, UDP, unspecified) "must" be accepted with the real addresses.
@@ -158,6 +164,8 @@ async def read_proxy_header(sock: socket.socket) -> ProxyHeader:
         line += sock.recv(take)
         if end >= 0:
             return parse_v1(bytes(line))
+        if b"\n" in line:  # a bare LF: the line ended, but not as the protocol says
+            raise ProxyProtocolError("PROXY v1 line ends in LF without CR")
         if len(line) > V1_MAX_LENGTH:
             raise ProxyProtocolError(f"PROXY v1 line longer than {V1_MAX_LENGTH} bytes")
 

@@ -97,6 +97,15 @@ def test_v2_refused(fixed: bytes, why: str) -> None:
         v2_length(fixed)
 
 
+@pytest.mark.parametrize("family", [0x77, 0x13, 0x41])
+def test_v2_unknown_family_is_refused(family: int) -> None:
+    """Family bytes the specification does not define "must be rejected as invalid
+    by receivers" (2.2); 0x77 was taken like UNSPEC."""
+    header = v2(0x1, family, TCP4_BLOCK)
+    with pytest.raises(ProxyProtocolError, match=f"unknown address family 0x{family:02X}"):
+        parse_v2(header[:16], header[16:])
+
+
 def test_v2_address_block_too_short_for_its_family() -> None:
     header = v2(0x1, 0x21, TCP4_BLOCK)  # TCP6 says 36 bytes; 12 came
     with pytest.raises(ProxyProtocolError, match="too short for TCP6"):
@@ -155,6 +164,8 @@ def test_reader_takes_a_v2_header_and_nothing_after_it(cut: int) -> None:
 @pytest.mark.parametrize(("chunks", "why"), [
     ([ASSOCIATE], "no PROXY header: the connection starts with"),
     ([b"PROXY TCP4 " + b"1" * 120], "longer than 107"),
+    # Ended by a bare LF: it was reported as too long, once the PDU behind filled it.
+    ([b"PROXY TCP4 192.0.2.7 10.0.0.1 50123 104\n" + ASSOCIATE], "ends in LF without CR"),
     ([b"PROXY TCP4 192.0.2.7 10.0."], "connection closed in the PROXY header"),
     ([b""], "connection closed before a PROXY header"),
     ([V2_SIGNATURE + b"\x21\x11\x00\x0c" + TCP4_BLOCK[:5]], "closed in the PROXY header"),
