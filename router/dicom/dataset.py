@@ -227,11 +227,10 @@ def _swapped(
         new = DataElement(converted.tag, "SQ", Sequence(items))
         new.is_undefined_length = converted.is_undefined_length
         return new
+    # OW is "a stream of 16-bit words" swapped within each word (PS3.5 Table 6.2-1),
+    # whatever Bits Allocated says: so DCMTK converts 32-bit pixel data. (pydicom's
+    # rtdose_expb.dcm swaps the 32-bit values whole: DCMTK reads it otherwise.)
     size = _WORD_SIZES.get(vr)
-    if vr == "OW" and converted.tag == 0x7FE00010 and parent.get("BitsAllocated") in (32, 64):
-        # Pixel values wider than a word are swapped whole, as pydicom and
-        # DCMTK write them (pydicom's rtdose_expb.dcm is such a file).
-        size = parent.BitsAllocated // 8
     value = converted.value
     if size is None or not isinstance(value, bytes) or converted.is_undefined_length:
         return elem
