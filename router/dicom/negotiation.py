@@ -27,7 +27,7 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from router.dicom.errors import LocalProtocolError
 from router.dicom.pdu import (
@@ -328,17 +328,24 @@ def context_for_instance(contexts: Iterable[NegotiatedContext], sop_class: str,
     of ``sop_class`` held in ``transfer_syntax`` in: one in that syntax (sent as it
     is), else, for a native syntax, one in another native syntax, the instance then
     converted (PS3.5 10.1: Implicit VR Little Endian is what every node takes, not
-    every node takes what we hold)."""
-    other = None
+    every node takes what we hold). Among other native syntaxes, Explicit VR Little
+    Endian comes first, then Implicit, and the retired Explicit VR Big Endian
+    (PS3.5 A.3) only when nothing else is accepted."""
+    others: list[NegotiatedContext] = []
     for ctx in contexts:
         if ctx.abstract_syntax != sop_class:
             continue
         if ctx.transfer_syntax == transfer_syntax:
             return ctx
-        if other is None and is_uncompressed(ctx.transfer_syntax) \
-                and is_uncompressed(transfer_syntax):
-            other = ctx
-    return other
+        if is_uncompressed(ctx.transfer_syntax) and is_uncompressed(transfer_syntax):
+            others.append(ctx)
+    return min(others, key=lambda c: _CONVERSION_PREFERENCE.get(c.transfer_syntax, 3),
+               default=None)
+
+
+# Which native syntax to convert to, best first (see context_for_instance).
+_CONVERSION_PREFERENCE: Final = {"1.2.840.10008.1.2.1": 0, "1.2.840.10008.1.2": 1,
+                                 "1.2.840.10008.1.2.2": 2}
 
 
 def _negotiate_context(ctx: PresentationContextRQ, policy: AcceptorPolicy, *,

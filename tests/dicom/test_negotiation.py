@@ -25,6 +25,7 @@ from router.dicom.negotiation import (
     NegotiatedContext,
     accepted_contexts,
     build_request,
+    context_for_instance,
     negotiate,
     provider_check,
 )
@@ -806,3 +807,21 @@ def test_malformed_context_is_refused_alone() -> None:
         5: (PresentationContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED, None),
         7: (PresentationContextResult.ACCEPTANCE, "1.2.840.10008.1.2"),
     }
+
+
+def test_an_instance_is_converted_to_explicit_le_first_and_big_endian_last() -> None:
+    """PixelMed accepts Explicit VR Big Endian and Explicit VR Little Endian for a SOP
+    class (and refuses Implicit): an implicit instance went out in big endian, the
+    first native context accepted, a retired syntax (PS3.5 A.3) that peers read
+    worst. Explicit LE comes first, then Implicit LE, big endian only if alone."""
+    big = "1.2.840.10008.1.2.2"
+
+    def contexts(*syntaxes: str) -> list[NegotiatedContext]:
+        return [NegotiatedContext(context_id=2 * n + 1, abstract_syntax=CT, transfer_syntax=ts)
+                for n, ts in enumerate(syntaxes)]
+
+    assert context_for_instance(contexts(big, EXPLICIT), CT, IMPLICIT).transfer_syntax == EXPLICIT
+    assert context_for_instance(contexts(big, IMPLICIT), CT, EXPLICIT).transfer_syntax == IMPLICIT
+    assert context_for_instance(contexts(big), CT, IMPLICIT).transfer_syntax == big
+    assert context_for_instance(contexts(big, EXPLICIT), CT, big).transfer_syntax == big  # as held
+    assert context_for_instance(contexts(EXPLICIT), CT, "1.2.840.10008.1.2.4.50") is None
