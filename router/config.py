@@ -160,7 +160,7 @@ from typing import Any, Final, TypeGuard
 from router.dicom import uids
 from router.dicom.negotiation import AcceptorPolicy
 from router.tls import require_peer_certificates, server_context
-from rules.conditions import parse_network
+from rules.conditions import parse_networks
 
 __all__ = [
     "COMMAND_LINE",
@@ -1442,13 +1442,11 @@ class _Parser:
                 not all(isinstance(v, str) for v in value):
             raise self.fail(at, "expected a non-empty list of IP addresses or networks "
                                 f"(CIDR, strings), got {_show(value)}")
-        networks = []
-        for text in value:
-            try:
-                networks.append(parse_network(text))
-            except ValueError as exc:
-                raise self.fail(at, str(exc)) from None
-        return {"proxy_protocol": True, "proxy_from": tuple(networks)}
+        try:
+            networks = parse_networks(value)
+        except ValueError as exc:
+            raise self.fail(at, str(exc)) from None
+        return {"proxy_protocol": True, "proxy_from": networks}
 
     def listen_flags(self, listen: tuple[Listen, ...]) -> tuple[Listen, ...]:
         host, port = self.overrides.get("host"), self.overrides.get("port")

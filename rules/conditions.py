@@ -24,7 +24,7 @@ import functools
 import importlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
@@ -563,16 +563,21 @@ class AETitle(Condition):
         return held
 
 
-def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """An IP address or network (CIDR) as a rule or a listener's ``proxy_from`` gives
-    it; ValueError says what is wrong, with the network meant when host bits are set."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError as exc:
-        hint = ""
-        if "host bits set" in str(exc):
-            hint = f" (the network is {ipaddress.ip_network(text.strip(), strict=False)})"
-        raise ValueError(f"{exc}{hint}") from None
+def parse_networks(texts: Iterable[str],
+                   ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """IP addresses or networks (CIDR) as a rule's ``peer`` or a listener's
+    ``proxy_from`` gives them; ValueError says what is wrong with the first bad one,
+    with the network meant when host bits are set."""
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as exc:
+            hint = ""
+            if "host bits set" in str(exc):
+                hint = f" (the network is {ipaddress.ip_network(text.strip(), strict=False)})"
+            raise ValueError(f"{exc}{hint}") from None
+    return tuple(networks)
 
 
 @functools.lru_cache(maxsize=1024)

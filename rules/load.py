@@ -62,7 +62,7 @@ from rules.conditions import (
     canonical_tm,
     exponential_risk,
     has_wildcard,
-    parse_network,
+    parse_networks,
 )
 from rules.model import Problem, Rule, RuleError
 from rules.tags import (
@@ -553,13 +553,10 @@ class _FileCompiler:
         if texts is None:
             return self.fail(where, "peer: expected an IP address or network (CIDR) or a "
                                     f"non-empty list of them (strings), got {show(value)}")
-        networks = []
-        for text in texts:
-            try:
-                networks.append(parse_network(text))
-            except ValueError as exc:
-                return self.fail(where, f"peer: {exc}")
-        return Peer(networks)
+        try:
+            return Peer(parse_networks(texts))
+        except ValueError as exc:
+            return self.fail(where, f"peer: {exc}")
 
     def time(self, value: object, where: Where) -> Condition | _Bad:
         example = '{ days = ["mon", "fri"], from = "07:00", to = "19:00" }'
