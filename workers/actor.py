@@ -724,8 +724,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         """Refuse a request, with the log line saying why (the callers of _refuse
         that log their own, with more to say, call it directly)."""
         log.warning("association %s: %s %d refused with 0x%04X: %s", self._who(),
-                    msg.command_field.name.replace("_", "-")[:-3], msg.message_id, status,
-                    comment)
+                    _operation_name(msg), msg.message_id, status, comment)
         self._refuse(ctx, msg, status, comment)
 
     def _refuse(self, ctx: NegotiatedContext, msg: Any, status: int,
@@ -1201,5 +1200,6 @@ class AssociationActor(asyncio.BufferedProtocol):
 _Retrieval = dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ
 
 
-def _operation_name(msg: _Retrieval) -> str:
-    return {dimse.CFindRQ: "C-FIND", dimse.CMoveRQ: "C-MOVE", dimse.CGetRQ: "C-GET"}[type(msg)]
+def _operation_name(msg: dimse.DimseRequest) -> str:
+    """"C-FIND", "N-ACTION"...: the operation a request opens (its command field)."""
+    return msg.command_field.name.replace("_", "-").removesuffix("-RQ")
