@@ -75,13 +75,13 @@ READ_SIZE: Final = 1 << 20
 WRITE_HIGH_WATER: Final = 4 << 20
 WRITE_LOW_WATER: Final = 1 << 20
 RECV_BUFFER: Final = 1 << 16  # responses are small
+# The largest data set converted to another transfer syntax for a destination that
+# does not take it as stored: conversion holds it in memory several times over.
+MAX_CONVERTED_BYTES: Final = 256 << 20
 # Events read but not yet taken by the coroutine: past the high mark the socket is
 # no longer read (TCP flow control holds the peer) until they are down to the low
 # one. A C-FIND relay whose requestor reads slowly stops taking matches, and this
 # keeps the upstream's from piling up here instead.
-# The largest data set converted to another transfer syntax for a destination that
-# does not take it as stored: conversion holds it in memory several times over.
-MAX_CONVERTED_BYTES: Final = 256 << 20
 _EVENTS_HIGH: Final = 64
 _EVENTS_LOW: Final = 16
 # Buffers one writev takes (Linux IOV_MAX is 1024).

@@ -348,14 +348,11 @@ def _pydicom_refusal(what: str) -> Iterator[None]:
         yield
     except DIMSEError:
         raise
-    except OSError as exc:
-        if exc.errno is not None:
-            raise  # the disk's trouble (a full one is A700H), not the data set's
-        # pydicom's own OSError ("No tag to read at file position ...", "... bytes
-        # available", for a data set that ends early): the data set's trouble.
-        raise DIMSEError(f"{what}: {first_line(exc)[:200]}",
-                         status=dimse.CANNOT_UNDERSTAND) from None
     except Exception as exc:  # pydicom raises many kinds on malformed data
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk's trouble (a full one is A700H), not the data set's
+        # pydicom's own OSError too ("No tag to read at file position ...", for a
+        # data set that ends early): the data set's trouble.
         raise DIMSEError(f"{what}: {first_line(exc)[:200]}",
                          status=dimse.CANNOT_UNDERSTAND) from None
 

@@ -875,8 +875,7 @@ class DataSetFraming:
     ``feed`` each fragment in order; ``error`` is None or why it is not whole.
     """
 
-    __slots__ = ("_carry", "_depth_limit", "_head", "_implicit", "_skip", "_stack",
-                 "_structs", "error")
+    __slots__ = ("_carry", "_head", "_implicit", "_skip", "_stack", "_structs", "error")
 
     def __init__(self, *, implicit: bool, little: bool) -> None:
         self._implicit = implicit
@@ -891,7 +890,6 @@ class DataSetFraming:
         # Open undefined-length structures, innermost last: (_ELEMENTS or _ITEMS,
         # implicit VR inside). Empty: the data set's own elements.
         self._stack: list[tuple[int, bool]] = []
-        self._depth_limit = _MAX_DEPTH
         self.error: str | None = None
 
     def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
@@ -1001,8 +999,8 @@ class DataSetFraming:
         return start - pos
 
     def _open(self, kind: int, implicit: bool) -> None:
-        if len(self._stack) >= 2 * self._depth_limit:  # a sequence and its item per level
-            raise DIMSEError(f"sequences nested deeper than {self._depth_limit}",
+        if len(self._stack) >= 2 * _MAX_DEPTH:  # a sequence and its item per level
+            raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
                              status=_CANNOT_UNDERSTAND)
         self._stack.append((kind, implicit))
 
@@ -1099,7 +1097,7 @@ def _past_undefined(view: memoryview, start: int, *, implicit: bool, little: boo
 
 def _skip_items(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int) -> int:
     """Skip an undefined-length sequence's items up to and past its delimiter."""
-    tag_length = struct.Struct("<HHI" if little else ">HHI")
+    tag_length = _structs(little)[0]
     while True:
         if pos + 8 > len(view):
             raise HeaderIncomplete
