@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from workers.spool import is_live
+
 __all__ = ["MOVES_DIR", "end_move", "move_of", "register_move"]
 
 MOVES_DIR: Final = "moves"
@@ -97,15 +99,10 @@ def _live_record(path: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict):
         return None
     pid = record.get("pid")
-    if isinstance(pid, int) and pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        except PermissionError:
-            pass  # alive, another user's
+    if isinstance(pid, int) and pid > 0 and not is_live(pid):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
     return record
 
 

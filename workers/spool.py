@@ -399,7 +399,7 @@ class Spool:
         with os.scandir(self._tmp_fd) as entries:
             names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
         if dead_only:
-            live = functools.cache(_is_live)  # one question per pid, not per file
+            live = functools.cache(is_live)  # one question per pid, not per file
             names = [name for name in names if not live(_minter(name))]
         for name in names:
             try:
@@ -1246,10 +1246,10 @@ def _minter(name: str) -> int:
     return int(parts[1])
 
 
-def _is_live(pid: int) -> bool:
-    """Is ``pid`` (from :func:`_minter`) a live process? 0 says no. A pid reused by an
-    unrelated process says yes: its files then wait for the next start of the router
-    (the supervisor's recover)."""
+def is_live(pid: int) -> bool:
+    """Is ``pid`` (from :func:`_minter`, or a record's) a live process? 0 says no. A
+    pid reused by an unrelated process says yes: its files then wait for the next
+    start of the router (the supervisor's recover)."""
     if not 0 < pid < 1 << 31:  # 0 would ask about our own process group
         return False
     try:
