@@ -63,6 +63,15 @@ def _destination(port: int, **kw: Any) -> Destination:
     return Destination(**fields)
 
 
+def _queued_actor(tmp_path: Path, count: int, port: int,
+                  **destination: Any) -> tuple[Spool, DestinationActor]:
+    """A spool with ``count`` CTs queued for "pacs" (on ``port``, with ``destination``'s
+    fields), and the destination's actor, the only sender."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    _queue(spool, "pacs", tmp_path, count)
+    return spool, DestinationActor(_destination(port, **destination), spool, share=1)
+
+
 async def _run_until(actor: DestinationActor | list[DestinationActor], done: Callable[[], bool],
                      timeout: float = 30.0) -> None:
     """Run the actors until ``done()`` holds, checked on each of their events."""
@@ -110,9 +119,7 @@ def test_queue_delivered_byte_for_byte_to_storescp(tmp_path: Path, procs: Procs,
 def test_destination_down_then_up_receives_everything(tmp_path: Path, procs: Procs,
                                                       dcmtk: Dcmtk) -> None:
     port = free_port()
-    spool = Spool(tmp_path / "spool", fsync=False)
-    _queue(spool, "pacs", tmp_path, 4)
-    actor = DestinationActor(_destination(port), spool, share=1)
+    spool, actor = _queued_actor(tmp_path, 4, port)
     holder: dict[str, Any] = {}
 
     async def scenario() -> None:
@@ -177,9 +184,7 @@ def test_failures_end_in_dead_letters_with_the_reason(tmp_path: Path, status: in
     port = free_port()
     server = _status_scp(status, port)
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        _queue(spool, "pacs", tmp_path, 2)
-        actor = DestinationActor(_destination(port), spool, share=1)
+        spool, actor = _queued_actor(tmp_path, 2, port)
         asyncio.run(_run_until(actor, lambda: actor.stats.dead == 2))
     finally:
         server.shutdown()
@@ -213,9 +218,7 @@ def test_out_of_resources_everywhere_never_empties_the_queue(tmp_path: Path) -> 
         refused.set()
 
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        _queue(spool, "pacs", tmp_path, 2)
-        actor = DestinationActor(_destination(port), spool, share=1)
+        spool, actor = _queued_actor(tmp_path, 2, port)
         watcher = threading.Thread(target=watch)
         watcher.start()
 
@@ -257,9 +260,7 @@ def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
     server = _scp(port, on_store)
     seen = server.seen
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        _queue(spool, "pacs", tmp_path, 2)
-        actor = DestinationActor(_destination(port, timeout=0.3), spool, share=1)
+        spool, actor = _queued_actor(tmp_path, 2, port, timeout=0.3)
         actor.on_event = lambda kind, fields: hung.set() if kind == "instance.dead" else None
 
         async def run() -> None:
@@ -293,9 +294,7 @@ def test_instances_a_destination_aborts_on_end_in_dead_letters(tmp_path: Path) -
     server = _scp(port, on_store)
     seen = server.seen
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        _queue(spool, "pacs", tmp_path, 3)
-        actor = DestinationActor(_destination(port), spool, share=1)
+        spool, actor = _queued_actor(tmp_path, 3, port)
         asyncio.run(_run_until(actor, lambda: actor.stats.dead == 3, timeout=30))
     finally:
         server.shutdown()
@@ -308,9 +307,7 @@ def test_warning_counts_as_delivered(tmp_path: Path) -> None:
     port = free_port()
     server = _status_scp(0xB000, port)
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        _queue(spool, "pacs", tmp_path, 2)
-        actor = DestinationActor(_destination(port), spool, share=1)
+        spool, actor = _queued_actor(tmp_path, 2, port)
         asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 2))
     finally:
         server.shutdown()
