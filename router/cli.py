@@ -27,7 +27,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from router import logline
-from router.config import MAX_PDU, MIN_PDU, Config, ConfigError, load_config
+from router.config import MAX_PDU, MIN_PDU, Config, ConfigError, load_config, max_pdu_problem
 from router.dicom import dimse, uids
 from router.dicom.dataset import encode_dataset, part10_meta_bytes, read_part10_header
 from router.dicom.errors import ProtocolError
@@ -90,8 +90,9 @@ def _max_pdu(text: str) -> int:
         size = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
-    if not MIN_PDU <= size <= MAX_PDU:
-        raise argparse.ArgumentTypeError(f"expected {MIN_PDU} to {MAX_PDU} bytes, got {size}")
+    problem = max_pdu_problem(size)  # the configuration's max_pdu rule
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return size
 
 

@@ -384,7 +384,7 @@ class Destination:
             ("calling_ae", _ae_title_problem(self.calling_ae)),
             ("concurrency", None if _is_int(self.concurrency) and 1 <= self.concurrency <= 64
              else "expected 1 to 64"),
-            ("max_pdu", _max_pdu_problem(self.max_pdu)),
+            ("max_pdu", max_pdu_problem(self.max_pdu)),
             ("timeout", _seconds_problem(self.timeout, zero_ok=False)),
             ("idle", _seconds_problem(self.idle, zero_ok=True)),
             ("move_mode", None if self.move_mode in ("direct", "proxy")
@@ -601,7 +601,7 @@ class Config:
             *(("calling_ae_allow", _ae_title_problem(t)) for t in self.calling_ae_allow or ()),
             ("workers", _workers_problem(self.workers)),
             ("max_associations", _max_associations_problem(self.max_associations)),
-            ("max_pdu", _max_pdu_problem(self.max_pdu)),
+            ("max_pdu", max_pdu_problem(self.max_pdu)),
             ("artim_timeout", _seconds_problem(self.artim_timeout, zero_ok=False)),
             ("idle_timeout", None if self.idle_timeout is None
              else _seconds_problem(self.idle_timeout, zero_ok=False)),
@@ -827,7 +827,7 @@ def _workers_problem(workers: object) -> str | None:
     return f'expected an integer from 1 to {MAX_WORKERS} or "auto", got {_show(workers)}'
 
 
-def _max_pdu_problem(size: object) -> str | None:
+def max_pdu_problem(size: object) -> str | None:
     if _is_int(size) and MIN_PDU <= size <= MAX_PDU:
         return None
     why = (" (0, no limit, would let a peer send a whole instance as one PDU, held in "
@@ -1051,7 +1051,7 @@ class _Parser:
         calling = self.ae_titles(acceptance, at("calling_ae"), None)
         sop_classes = self.uids(acceptance, at("sop_classes"), "storage", "SOP class")
         syntaxes = self.uids(acceptance, at("transfer_syntaxes"), "any", "transfer syntax")
-        max_pdu = self.integer(acceptance, at("max_pdu"), 1_048_576, _max_pdu_problem)
+        max_pdu = self.integer(acceptance, at("max_pdu"), 1_048_576, max_pdu_problem)
 
         at = _At(table=("spool",))
         spool_path = self.spool_path(spool, at("path"))
@@ -1156,7 +1156,7 @@ class _Parser:
                 tls=tls,
                 tls_ca=tls_ca,
                 concurrency=self.integer(entry, at("concurrency"), 2, _concurrency_problem),
-                max_pdu=self.integer(entry, at("max_pdu"), 1_048_576, _max_pdu_problem),
+                max_pdu=self.integer(entry, at("max_pdu"), 1_048_576, max_pdu_problem),
                 timeout=self.seconds(entry, at("timeout"), 30.0, zero_ok=False),
                 idle=self.seconds(entry, at("idle"), 5.0, zero_ok=True),
                 retry=retry,
