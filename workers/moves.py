@@ -12,6 +12,13 @@ upstream (Destination.is_peer: its AE title or address; from anyone else it is a
 ordinary C-STORE, routed by the rules) reads it and relays the instance there,
 answering the upstream with the destination's status, so the upstream's own counts
 and failed-UID list, which the requestor gets relayed, are true end to end.
+
+A C-STORE without a Move Originator Message ID (the field is optional, PS3.7 Table
+9.3-1; dcmjs-dimse sends none) is taken into a move only when the instance lies
+within what the move asked for: the record keeps the move's unique key values
+(the StudyInstanceUIDs of a STUDY-level move, say). Anything else the upstream sends
+meanwhile -- an auto-routed study, a storescu borrowing its AE title -- is an
+ordinary C-STORE, routed by the rules.
 """
 
 from __future__ import annotations
@@ -25,23 +32,58 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
 from workers.spool import is_live
 
-__all__ = ["MOVES_DIR", "end_move", "move_of", "register_move"]
+__all__ = ["MOVES_DIR", "MoveScope", "end_move", "move_of", "move_scope", "register_move"]
 
 MOVES_DIR: Final = "moves"
 # A record older than this belongs to a move nobody waits for any more (a crash).
 _STALE_SECONDS: Final = 24 * 3600
 
+# The unique key of each Query/Retrieve Level (PS3.4 C.6.1.1.2-C.6.1.1.5 and
+# C.6.2.1.2-C.6.2.1.4): PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID.
+_LEVEL_KEYS: Final = {"PATIENT": 0x00100020, "STUDY": 0x0020000D,
+                      "SERIES": 0x0020000E, "IMAGE": 0x00080018}
 
-def register_move(spool: Path, destination: str, upstream: str) -> int:
+#: What a move asked for: the unique key tag of its level and the values asked
+#: (a C-MOVE may list several UIDs, PS3.4 C.4.2.2.1).
+MoveScope = tuple[int, frozenset[str]]
+
+
+def move_scope(identifier: Dataset) -> MoveScope | None:
+    """The scope of a C-MOVE with ``identifier``; None when it names no level or no
+    value of that level's unique key (then only sub-operations carrying the move's
+    message ID are taken into it)."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    tag = _LEVEL_KEYS.get(level)
+    if tag is None or tag not in identifier:
+        return None
+    value = identifier[tag].value
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    found = frozenset(v for v in (_key_text(v) for v in values) if v)
+    return (tag, found) if found else None
+
+
+def _key_text(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).strip(" \0")
+
+
+def register_move(spool: Path, destination: str, upstream: str,
+                  scope: MoveScope | None = None) -> int:
     """A message ID (1-65535) no other running move of this spool uses, recorded with
     the destination, the upstream (its ``[[destination]]`` name: only it may deliver
-    the sub-operations) and this process, whose death ends the move."""
+    the sub-operations), the move's ``scope`` (see the module docstring) and this
+    process, whose death ends the move."""
     folder = spool / MOVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     record = json.dumps({"destination": destination, "upstream": upstream,
-                         "pid": os.getpid()})
+                         "pid": os.getpid(),
+                         "scope": None if scope is None else [scope[0], sorted(scope[1])]})
     start = random.randrange(1, 65536)
     for offset in range(65535):
         mid = (start + offset - 1) % 65535 + 1
@@ -59,8 +101,9 @@ def register_move(spool: Path, destination: str, upstream: str) -> int:
     raise OSError("no free C-MOVE message ID: 65535 moves in progress")
 
 
-def move_of(spool: Path, message_id: int | None,
-            from_upstream: Callable[[str], bool]) -> tuple[str | None, int]:
+def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], bool],
+            instance_value: Callable[[int], str | None] | None = None,
+            ) -> tuple[str | None, int]:
     """Whose sub-operation a C-STORE is: the destination of the router's running
     move it belongs to (or None), and how many running moves could claim it.
     ``message_id`` is its Move Originator Message ID; ``from_upstream(name)`` says
@@ -71,9 +114,10 @@ def move_of(spool: Path, message_id: int | None,
     The Move Originator AE Title is not needed for that, nor trusted: some
     upstreams put their own there (pynetdicom's move SCP does). Both fields are
     optional in a C-STORE-RQ (PS3.7 Table 9.3-1): without a message ID, a C-STORE
-    from an upstream with exactly one proxied move running belongs to that move
-    (dcmjs-dimse sends none); with two or more, nothing says which: None, and the
-    rules route it."""
+    from a move's upstream belongs to it only if the instance is within the move's
+    scope, ``instance_value(tag)`` giving the instance's value of the scope's key
+    (asked only then; None: the C-STORE belongs to no move). If two running moves
+    could claim it, nothing says which: None, and the rules route it."""
     if message_id is not None:
         record = _live_record(spool / MOVES_DIR / f"{int(message_id)}.json")
         running = [] if record is None else [record]
@@ -85,8 +129,21 @@ def move_of(spool: Path, message_id: int | None,
         running = [r for r in map(_live_record, paths) if r is not None]
     running = [r for r in running
                if isinstance(r.get("upstream"), str) and from_upstream(r["upstream"])]
+    if message_id is None:
+        running = [r for r in running if _in_scope(r.get("scope"), instance_value)]
     destination = running[0].get("destination") if len(running) == 1 else None
     return (destination if isinstance(destination, str) else None), len(running)
+
+
+def _in_scope(scope: object, instance_value: Callable[[int], str | None] | None) -> bool:
+    """Whether the instance is within a record's ``scope``: [tag, [values]]."""
+    if instance_value is None or not isinstance(scope, list) or len(scope) != 2:
+        return False
+    tag, values = scope
+    if not isinstance(tag, int) or not isinstance(values, list):
+        return False
+    value = instance_value(tag)
+    return value is not None and value in values
 
 
 def _live_record(path: Path) -> dict[str, Any] | None:

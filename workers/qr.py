@@ -60,7 +60,7 @@ from router.dicom.dataset import (
 from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.negotiation import NegotiatedContext, context_for_instance
 from rules import Changes
-from workers.moves import end_move, register_move
+from workers.moves import MoveScope, end_move, move_scope, register_move
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
@@ -440,7 +440,8 @@ class MoveProxy(_RetrieveProxy):
             # Proxy mode: the upstream moves to this router, which relays each
             # sub-operation to the destination (workers/moves.py); the message ID
             # tells any worker whose they are.
-            message_id = register_move(self.spool, self.destination_name, self.upstream.name)
+            message_id = register_move(self.spool, self.destination_name, self.upstream.name,
+                                       self._scope())
             target = self.router_ae
         try:
             async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,
@@ -450,6 +451,14 @@ class MoveProxy(_RetrieveProxy):
         finally:
             if message_id is not None and self.spool is not None:
                 end_move(self.spool, message_id)
+
+    def _scope(self) -> MoveScope | None:
+        """What the upstream is asked to move (workers/moves.py): the identifier as
+        sent, after the query rules' changes."""
+        try:
+            return move_scope(decode_dataset(self.identifier, self.transfer_syntax))
+        except (ProtocolError, ValueError, TypeError):
+            return None  # the upstream will refuse it; nothing without its ID is taken
 
     def _outcome(self) -> str:
         return f"{self.label} to {self.move_destination} via {self.upstream.name}:"

@@ -45,6 +45,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from router.config import Config
@@ -142,11 +143,14 @@ class InstanceRouter:
                 return upstream is not None and upstream.is_peer(association.calling_ae,
                                                                  association.peer)
 
+            def instance_value(tag: int) -> str | None:
+                return self._key_value(path, writer, tag)
+
             destination, running = move_of(self.config.spool, move_message_id,
-                                           from_upstream)
+                                           from_upstream, instance_value)
             if destination is None and move_message_id is None and running > 1:
-                log.warning("C-STORE from %s names no Move Originator while %d of the "
-                            "moves it serves run: whose it is is unknown, routed by "
+                log.warning("C-STORE from %s names no Move Originator and is within %d "
+                            "of the moves it serves: whose it is is unknown, routed by "
                             "the rules", association.calling_ae, running)
             if destination is not None:
                 forward = Forward(destination=destination, changes=Changes(), transparent=True,
@@ -187,6 +191,22 @@ class InstanceRouter:
                 links.append(folder)
         return Placement(links=tuple(links), copies=tuple(copies),
                          note=Routed(decision=decision, status=dimse.SUCCESS))
+
+    @staticmethod
+    def _key_value(path: Path, writer: SpoolWriter, tag: int) -> str | None:
+        """The instance's value of the unique key ``tag`` (workers/moves.py: is it
+        within a move's scope?), None if it has none or it does not read."""
+        try:
+            header = read_header(path, writer.transfer_syntax, writer.dataset_offset,
+                                 frozenset((tag,)))
+            if header is None:
+                header = dcmread(path, stop_before_pixels=True, specific_tags=[tag])
+            value = header[tag].value if tag in header else None
+        except Exception:  # pydicom's errors are many. The rules' own read of the
+            return None     # header, next, answers a broken one.
+        if value is None or isinstance(value, (list, tuple, MultiValue)):
+            return None  # a key of an instance has one value
+        return str(value).strip(" \0") or None
 
     def _header(self, path: Path, transfer_syntax: str, offset: int) -> Dataset:
         if not self.rules.needs_dataset:

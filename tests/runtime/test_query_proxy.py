@@ -859,7 +859,11 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
     sub-operation may carry no Move Originator at all (both fields are optional,
     PS3.7 Table 9.3-1; dcmjs-dimse sends none): the sub-operations still reach the
     requestor's destination. They went to unrouted/ while the requestor was told
-    all of them were completed."""
+    all of them were completed.
+
+    Whatever else the upstream's host sends meanwhile, outside the move's study, is
+    routed by the rules (here: kept in unrouted/). It used to go to the move's
+    destination too, past the rules."""
     from pynetdicom.association import Association
 
 
@@ -874,7 +878,9 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
         monkeypatch.setattr(Association, "send_c_store", store_without_originator)
     sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
     study = make_study(tmp_path / "study", n_series=1, n_instances=5, size_kb=4, seed=14)
+    other = make_study(tmp_path / "other", n_series=1, n_instances=1, size_kb=4, seed=15)
     router_port = free_port()
+    pushed: list[subprocess.CompletedProcess[str]] = []
 
     def on_move(event: Any) -> Any:
         destination = event.move_destination
@@ -882,6 +888,11 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
                 ).strip() != "ROUTER":
             yield None, None
             return
+        # While the move runs: another study, from the upstream's host and AE title.
+        pushed.append(subprocess.run(
+            [dcmtk.storescu, "-aet", "PYPACS", "-aec", "ROUTER", "127.0.0.1",
+             str(router_port), str(other[0])],
+            capture_output=True, text=True, timeout=60, env=dcmtk_env()))
         yield "127.0.0.1", router_port
         yield len(study)
         for path in study:
@@ -905,7 +916,8 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
     assert responses[-1].number_of_completed_sub_operations == 5
     assert sorted(_uid(p) for p in received_files(sink.outdir)) == \
         sorted(_uid(p) for p in study)
-    assert not list((router.spool / "unrouted").glob("*"))
+    assert pushed and pushed[0].returncode == 0, pushed
+    assert [_uid(p) for p in (router.spool / "unrouted").glob("*")] == [_uid(other[0])]
 
 
 def test_rules_change_the_query_and_its_results(tmp_path: Path, dcmtk: Dcmtk,

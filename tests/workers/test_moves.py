@@ -6,18 +6,28 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from workers.moves import MOVES_DIR, end_move, move_of, register_move
+import pytest
+from pydicom.dataset import Dataset
+
+from workers.moves import MOVES_DIR, end_move, move_of, move_scope, register_move
+
+STUDY = 0x0020000D
+SERIES = 0x0020000E
 
 
-def move_destination_of(spool: Path, message_id: int | None, upstreams: set[str]) -> str | None:
-    """The move's destination, the association coming from one of ``upstreams``."""
-    return move_of(spool, message_id, upstreams.__contains__)[0]
+def move_destination_of(spool: Path, message_id: int | None, upstreams: set[str],
+                        instance: dict[int, str] | None = None) -> str | None:
+    """The move's destination, the association coming from one of ``upstreams``
+    with an instance whose unique keys are ``instance``."""
+    return move_of(spool, message_id, upstreams.__contains__,
+                   None if instance is None else instance.get)[0]
 
 
-def moves_from(spool: Path, upstreams: set[str]) -> int:
-    """How many running moves one of ``upstreams`` could be delivering for."""
-    return move_of(spool, None, upstreams.__contains__)[1]
+def moves_from(spool: Path, upstreams: set[str], instance: dict[int, str]) -> int:
+    """How many running moves one of ``upstreams`` could be delivering ``instance`` for."""
+    return move_of(spool, None, upstreams.__contains__, instance.get)[1]
 
 
 def test_a_sub_operation_is_found_by_its_message_id_from_its_upstream_only(
@@ -32,18 +42,70 @@ def test_a_sub_operation_is_found_by_its_message_id_from_its_upstream_only(
     assert move_destination_of(tmp_path, mid, {"pacs"}) is None
 
 
-def test_without_a_message_id_only_a_single_running_move_can_claim_it(tmp_path: Path) -> None:
-    assert move_destination_of(tmp_path, None, {"pacs"}) is None  # none runs
-    first = register_move(tmp_path, "viewer", "pacs")
-    register_move(tmp_path, "ai", "otherpacs")
-    assert move_destination_of(tmp_path, None, {"pacs"}) == "viewer"
-    assert move_destination_of(tmp_path, None, set()) is None
-    second = register_move(tmp_path, "workstation", "pacs")
-    assert moves_from(tmp_path, {"pacs"}) == 2
-    assert move_destination_of(tmp_path, None, {"pacs"}) is None  # whose?
+def test_with_its_message_id_an_instance_outside_the_moves_scope_is_still_its(
+        tmp_path: Path) -> None:
+    """The message ID is the standard's link (PS3.7 §9.3.1.1); the scope only
+    stands in for it when it is missing."""
+    mid = register_move(tmp_path, "viewer", "pacs", (STUDY, frozenset({"1.2.3"})))
+    assert move_destination_of(tmp_path, mid, {"pacs"}, {STUDY: "9.9.9"}) == "viewer"
+
+
+def test_without_a_message_id_only_a_running_move_whose_scope_has_it_claims_it(
+        tmp_path: Path) -> None:
+    """An upstream (or anyone calling from its host or with its AE title) sending
+    something else while a proxied move runs: that used to go to the move's
+    destination, past the rules."""
+    study = {STUDY: "1.2.3", SERIES: "1.2.3.4"}
+    assert move_destination_of(tmp_path, None, {"pacs"}, study) is None  # none runs
+    first = register_move(tmp_path, "viewer", "pacs", (STUDY, frozenset({"1.2.3", "5.6"})))
+    register_move(tmp_path, "ai", "otherpacs", (STUDY, frozenset({"1.2.3"})))
+    assert move_destination_of(tmp_path, None, {"pacs"}, study) == "viewer"
+    assert move_destination_of(tmp_path, None, {"pacs"}, {STUDY: "5.6"}) == "viewer"
+    assert move_destination_of(tmp_path, None, set(), study) is None
+    # Not what the move asked for; or no key to tell.
+    assert move_destination_of(tmp_path, None, {"pacs"}, {STUDY: "1.2.33"}) is None
+    assert move_destination_of(tmp_path, None, {"pacs"}, {SERIES: "1.2.3.4"}) is None
+    assert move_destination_of(tmp_path, None, {"pacs"}) is None
+    # A series-level move of another study from the same upstream runs beside it.
+    register_move(tmp_path, "ai", "pacs", (SERIES, frozenset({"7.7"})))
+    assert move_destination_of(tmp_path, None, {"pacs"}, study) == "viewer"
+    assert move_destination_of(tmp_path, None, {"pacs"}, {STUDY: "8", SERIES: "7.7"}) == "ai"
+    # Two moves of the same study to different places: whose is unknown.
+    second = register_move(tmp_path, "workstation", "pacs", (STUDY, frozenset({"1.2.3"})))
+    assert moves_from(tmp_path, {"pacs"}, study) == 2
+    assert move_destination_of(tmp_path, None, {"pacs"}, study) is None
     end_move(tmp_path, first)
-    assert move_destination_of(tmp_path, None, {"pacs"}) == "workstation"
+    assert move_destination_of(tmp_path, None, {"pacs"}, study) == "workstation"
     end_move(tmp_path, second)
+
+
+def test_a_move_without_a_scope_takes_only_what_carries_its_message_id(
+        tmp_path: Path) -> None:
+    mid = register_move(tmp_path, "viewer", "pacs")
+    assert move_destination_of(tmp_path, None, {"pacs"}, {STUDY: "1.2.3"}) is None
+    assert move_destination_of(tmp_path, mid, {"pacs"}, {STUDY: "1.2.3"}) == "viewer"
+
+
+@pytest.mark.parametrize(("level", "keys", "scope"), [
+    ("STUDY", {"StudyInstanceUID": "1.2.3"}, (STUDY, {"1.2.3"})),
+    ("STUDY", {"StudyInstanceUID": ["1.2.3", "4.5"]}, (STUDY, {"1.2.3", "4.5"})),
+    ("SERIES", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3"}, (SERIES, {"1.2.3"})),
+    ("IMAGE", {"SOPInstanceUID": "1.2.3.4"}, (0x00080018, {"1.2.3.4"})),
+    ("PATIENT", {"PatientID": "P1 "}, (0x00100020, {"P1"})),
+    ("STUDY", {"PatientID": "P1"}, None),  # the level's key is missing
+    ("STUDY", {"StudyInstanceUID": ""}, None),
+    ("FRAME", {"StudyInstanceUID": "1.2.3"}, None),
+    ("", {"StudyInstanceUID": "1.2.3"}, None),
+])
+def test_a_moves_scope_is_its_levels_unique_key(level: str, keys: dict[str, Any],
+                                                scope: tuple[int, set[str]] | None) -> None:
+    identifier = Dataset()
+    if level:
+        identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    found = move_scope(identifier)
+    assert (None if found is None else (found[0], set(found[1]))) == scope
 
 
 def test_the_move_of_a_dead_worker_takes_nothing_more_and_is_removed(tmp_path: Path) -> None:
