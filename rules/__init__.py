@@ -70,7 +70,9 @@ return key (universal matching): present, with the value ``""``.
 ``RuleSet.evaluate_query`` tests the rules with ``query`` in order, and the
 first that matches decides unless it has ``continue = true``; the upstreams
 of every acting rule are merged in the order first named. No rule matching
-gives no upstreams. ``evaluate_retrieve`` does the same with ``retrieve``.
+gives no upstreams. ``evaluate_retrieve`` does the same with ``retrieve``;
+a C-MOVE or C-GET asks those upstreams in that order until one retrieves
+something (workers/qr.py).
 For example::
 
     [[rule]]

@@ -895,7 +895,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                      self._who(), _operation_name(msg), msg.message_id)
             self._refuse(ctx, msg, dimse.UNABLE_TO_PROCESS, "no retrieve rule matches this request")
             return
-        upstream = config.destination(decision.upstreams[0])
+        upstreams = [config.destination(name) for name in decision.upstreams]
         level = str(identifier.get("QueryRetrieveLevel", "")).strip() or "?"
         request = Request(msg.affected_sop_class_uid, raw, ctx.transfer_syntax,
                           f"{self._who()} #{msg.message_id}", msg.priority,
@@ -906,7 +906,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                      level, msg.move_destination, decision.describe())
             assert requested is not None
             proxy = MoveProxy(
-                request, upstream=upstream, move_destination=msg.move_destination,
+                request, upstreams=upstreams, move_destination=msg.move_destination,
                 spool=self.spool.root,
                 router_ae=config.ae_title, destination_name=requested.name,
                 respond=lambda status, counts, data, comment: self._move_respond(
@@ -915,7 +915,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             log.info("association %s: C-GET %d (%s) -> %s", self._who(), msg.message_id,
                      level, decision.describe())
             proxy = GetProxy(
-                request, upstream=upstream, relay=self,
+                request, upstreams=upstreams, relay=self,
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         self._find = (ctx, msg, proxy)

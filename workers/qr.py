@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Final, Protocol
@@ -292,6 +292,27 @@ MoveRespond = Callable[[int, Counts, bytes | None, str | None], None]
 _NO_COUNTS: Final[Counts] = (None, None, None, None)
 
 
+@dataclass(frozen=True)
+class _Final:
+    """An upstream's final response to a C-MOVE or C-GET (or the router's in its
+    place): the requestor gets it, or the next upstream is asked."""
+
+    status: int
+    counts: Counts
+    data: bytes | None
+    comment: str | None
+    upstream: str = ""
+
+    def retrieved(self) -> bool:
+        """Some sub-operation was done (completed, failed or warning), or cancelled."""
+        if self.status == dimse.CANCEL:
+            return True
+        return any(c for c in self.counts[1:])
+
+    def failed(self) -> bool:
+        return dimse.status_category(self.status) is dimse.StatusCategory.FAILURE
+
+
 class _RetrieveProxy(_Relayed):
     """What the C-MOVE and C-GET relays share: one association to the upstream, the
     identifier in the transfer syntax it accepted, every response relayed as it comes
@@ -301,15 +322,21 @@ class _RetrieveProxy(_Relayed):
 
     kind: ClassVar[str]
 
-    def __init__(self, request: Request, *, upstream: Destination,
+    def __init__(self, request: Request, *, upstreams: Sequence[Destination],
                  respond: MoveRespond) -> None:
         super().__init__(request)
-        self.upstream = upstream
+        if not upstreams:
+            raise ValueError("a retrieve needs an upstream")
+        self.upstreams = list(upstreams)
+        self.upstream = self.upstreams[0]  # the one asked now
         self.respond = respond
         self._assoc: OutboundAssociation | None = None
         # The counts of the last pending response relayed: what the requestor was
         # told had been done when the upstream breaks off.
         self._pending: Counts | None = None
+        # The final response of the upstream asked now, held until run() knows
+        # whether it goes to the requestor or the next upstream is asked.
+        self._held: _Final | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -340,6 +367,44 @@ class _RetrieveProxy(_Relayed):
                           f"{done + remaining} sub-operations: {exc}")
 
     async def run(self) -> None:
+        """Ask the upstreams in the order the rules name them until one retrieves
+        something (PS3.4 C.4.2.3: completed, failed or warning sub-operations, or
+        any pending response, which the requestor has seen). One that fails before
+        any sub-operation, or ends with none (the study is not there), hands over to
+        the next. When none retrieved anything, a failure is the answer -- the
+        first, so an unreachable PACS never passes for an empty one -- else the
+        last empty success."""
+        failure: _Final | None = None
+        held: _Final | None = None
+        for n, upstream in enumerate(self.upstreams):
+            self.upstream, self._held = upstream, None
+            await self._run_upstream()
+            held = self._held
+            if held is None:  # cannot happen: every path ends in _final
+                held = _Final(dimse.UNABLE_TO_PROCESS, _NO_COUNTS, None,
+                              f"{upstream.name} gave no final response")
+            if self.cancelled or self._pending is not None or held.retrieved():
+                self._answer(held)
+                return
+            if failure is None and held.failed():
+                failure = held
+            if n + 1 < len(self.upstreams):
+                log.info("%s %s retrieved nothing: asking %s", self.kind, self._outcome(),
+                         self.upstreams[n + 1].name)
+        assert held is not None
+        self._answer(failure or held)
+
+    def _answer(self, final: _Final) -> None:
+        """The final response to the requestor (once)."""
+        if self.answered:
+            return
+        self.answered = True
+        comment = final.comment
+        if len(self.upstreams) > 1 and final.failed():
+            comment = f"{final.upstream}: {comment or 'failed'}"
+        self.respond(final.status, final.counts, final.data, comment)
+
+    async def _run_upstream(self) -> None:
         contexts, roles = self._contexts()
         try:
             assoc = await open_association(self.upstream, contexts, roles=roles,
@@ -388,13 +453,13 @@ class _RetrieveProxy(_Relayed):
 
     def _final(self, status: int, counts: Counts, data: bytes | None,
                comment: str | None) -> None:
-        if self.answered:
+        """The upstream asked now has ended the operation: logged, and held for run()."""
+        if self._held is not None or self.answered:
             return  # one final response only (a release that fails after it, say)
-        self.answered = True
+        self._held = _Final(status, counts, data, comment, self.upstream.name)
         log.info("%s %s status 0x%04X, counts %s%s", self.kind, self._outcome(), status,
                  "/".join("-" if c is None else str(c) for c in counts),
                  f" ({comment})" if comment else "")
-        self.respond(status, counts, data, comment)
 
     def _outcome(self) -> str:
         """The final log line's middle: which operation, and how it went."""
@@ -421,10 +486,10 @@ class MoveProxy(_RetrieveProxy):
 
     kind = "C-MOVE"
 
-    def __init__(self, request: Request, *, upstream: Destination, respond: MoveRespond,
-                 move_destination: str, spool: Path | None = None, router_ae: str = "",
-                 destination_name: str = "") -> None:
-        super().__init__(request, upstream=upstream, respond=respond)
+    def __init__(self, request: Request, *, upstreams: Sequence[Destination],
+                 respond: MoveRespond, move_destination: str, spool: Path | None = None,
+                 router_ae: str = "", destination_name: str = "") -> None:
+        super().__init__(request, upstreams=upstreams, respond=respond)
         self.move_destination = move_destination
         self.spool = spool
         self.router_ae = router_ae
@@ -499,9 +564,9 @@ class GetProxy(_RetrieveProxy):
 
     kind = "C-GET"
 
-    def __init__(self, request: Request, *, upstream: Destination, respond: MoveRespond,
-                 relay: StoreRelay) -> None:
-        super().__init__(request, upstream=upstream, respond=respond)
+    def __init__(self, request: Request, *, upstreams: Sequence[Destination],
+                 respond: MoveRespond, relay: StoreRelay) -> None:
+        super().__init__(request, upstreams=upstreams, respond=respond)
         self.relay = relay
         self.relayed = 0
         # (SOP class, transfer syntax) -> the requestor's context that serves it.

@@ -516,6 +516,67 @@ def test_movescu_through_the_router_delivers_the_study_with_counts(
         router.stop()
 
 
+def test_retrieve_asks_each_upstream_in_turn_until_one_has_the_study(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """``retrieve = ["down", "pacs", "archive"]``: a study only the archive holds is
+    moved (C-MOVE) and got (C-GET) from it, past an upstream that cannot be reached
+    and one that does not have it. Only the first named used to be asked: C-FIND
+    listed the archive's study, and retrieving it failed. A study nobody holds gets
+    the failure of the unreachable one, not an empty success."""
+    sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
+    viewer = {"viewer": ("VIEWER_SCP", "127.0.0.1", sink.port)}
+    pacs = start_orthanc(procs, tmp_path / "pacs", aet="PACS", modalities=viewer)
+    archive = start_orthanc(procs, tmp_path / "archive", aet="ARCHIVE", modalities=viewer)
+    pacs.upload(make_study(tmp_path / "recent", n_series=1, n_instances=2, size_kb=4,
+                           seed=21)[0])
+    study = make_study(tmp_path / "old", n_series=2, n_instances=2, size_kb=4, seed=22)
+    for path in study:
+        archive.upload(path)
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "anywhere"\n[rule.then]\nretrieve = ["down", "pacs", "archive"]\n')
+    router = Router(tmp_path, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "down"\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        'ae_title = "DOWN"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+        'ae_title = "PACS"\n'
+        f'[[destination]]\nname = "archive"\nhost = "127.0.0.1"\nport = {archive.dicom_port}\n'
+        'ae_title = "ARCHIVE"\n'
+        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {sink.port}\n'
+        'ae_title = "VIEWER_SCP"\n'))
+    got = tmp_path / "got"
+    got.mkdir()
+
+    def retrieve(tool: str, study_uid: str, *args: str) -> str:
+        done = subprocess.run([tool, "-v", "-S", "-aet", "VIEWER", "-aec", "ROUTER", *args,
+                               "-k", "QueryRetrieveLevel=STUDY",
+                               "-k", f"StudyInstanceUID={study_uid}",
+                               "127.0.0.1", str(router.port)],
+                              capture_output=True, text=True, timeout=120, env=dcmtk_env())
+        return done.stdout + done.stderr
+
+    try:
+        router.wait_for("ready: 2 workers serving")
+        moved = retrieve(dcmtk.movescu, uid, "-aem", "VIEWER_SCP")
+        fetched = retrieve(dcmtk.getscu, uid, "-od", str(got))
+        nowhere = retrieve(dcmtk.movescu, "1.2.3.999", "-aem", "VIEWER_SCP")
+        told = _moved(router.port, "1.2.3.999")[-1]
+        router.wait_for("retrieved nothing: asking archive")
+    finally:
+        router.stop()
+    assert "Received Final Move Response (Success)" in moved, moved
+    assert sorted(_uid(p) for p in received_files(sink.outdir)) == \
+        sorted(_uid(p) for p in study)
+    assert "Received C-GET Response (Success)" in fetched, fetched
+    assert "Number of Completed Suboperations : 4" in fetched, fetched
+    assert sorted(_uid(p) for p in got.iterdir()) == sorted(_uid(p) for p in study)
+    # Nowhere to be found, and one upstream could not be asked: that failure, named.
+    assert "Received Final Move Response (Refused: OutOfResourcesSubOperations)" in nowhere, \
+        nowhere
+    assert told.status == 0xA702 and told.error_comment.startswith("down: "), told
+
+
 def test_move_to_an_unknown_destination_is_refused_a801(tmp_path: Path, procs: Procs,
                                                         dcmtk: Dcmtk) -> None:
     _, _, router = _move_setup(tmp_path, procs, dcmtk)
