@@ -25,6 +25,7 @@ affected instance and data set included.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -36,7 +37,12 @@ from typing import Any, Final
 from router.config import Destination
 from router.dicom import uids
 from router.dicom.dataset import decode_dataset, transcode
-from workers.outbound import OutboundError, open_association, proposal_syntaxes
+from workers.outbound import (
+    OutboundAssociation,
+    OutboundError,
+    open_association,
+    proposal_syntaxes,
+)
 
 __all__ = ["COMMITMENTS_DIR", "forget_commitment", "relay_n_request", "remember_commitment",
            "requestor_of"]
@@ -44,6 +50,9 @@ __all__ = ["COMMITMENTS_DIR", "forget_commitment", "relay_n_request", "remember_
 log = logging.getLogger("workers.nservices")
 
 COMMITMENTS_DIR: Final = "commitments"
+
+# Releases under way of relays already answered (a task needs a strong reference).
+_releasing: set[asyncio.Task[None]] = set()
 
 
 async def relay_n_request(destination: Destination, rq: Any, dataset: bytes | None,
@@ -67,11 +76,27 @@ async def relay_n_request(destination: Destination, rq: Any, dataset: bytes | No
         data = _convert(dataset, transfer_syntax, ctx.transfer_syntax)
         relayed = dataclasses.replace(rq, message_id=assoc.next_message_id())
         rsp, rsp_data = await assoc.n_request(ctx, relayed, data)
-        await assoc.release()
-        return rsp, _convert(rsp_data, ctx.transfer_syntax, transfer_syntax)
-    finally:
+        answer = rsp, _convert(rsp_data, ctx.transfer_syntax, transfer_syntax)
+    except BaseException:  # a failure, a timeout's cancellation: nothing more to say
         if assoc.is_associated:
             assoc.abort("N-service relay ended")
+        raise
+    # The answer goes to the requestor now, the release after it. A performer may
+    # send its N-EVENT-REPORT as soon as it has answered the N-ACTION (PS3.4 J.3.3),
+    # some before they answer the A-RELEASE: waiting for the release here sent the
+    # modality the report of a commitment before the N-ACTION-RSP that accepted it.
+    task = asyncio.get_running_loop().create_task(_release(assoc))
+    _releasing.add(task)
+    task.add_done_callback(_releasing.discard)
+    return answer
+
+
+async def _release(assoc: OutboundAssociation) -> None:
+    try:
+        await assoc.release()
+    except Exception as exc:  # answered already: only the log can hear of it
+        log.warning("%s: release after the answer failed: %s", assoc.label, exc)
+        assoc.abort("release failed")
 
 
 def remember_commitment(spool: Path, dataset: bytes | None, transfer_syntax: str,

@@ -180,6 +180,76 @@ def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
     assert not list((router.spool / "commitments").glob("*.json"))  # delivered: forgotten
 
 
+def test_the_modality_hears_the_n_action_response_before_the_report(
+        tmp_path: Path) -> None:
+    """A PACS that sends its report (on an association of its own, PS3.4 J.3.3)
+    before it answers the router's A-RELEASE: the router waited for that release
+    before answering the N-ACTION, so the modality got the report of a commitment
+    before the response accepting it."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.pdu_primitives import A_RELEASE
+
+    router_port = free_port()
+    heard: list[str] = []
+    report_seen = threading.Event()
+
+    def on_report(event: Any) -> tuple[int, None]:
+        heard.append("report")
+        report_seen.set()
+        return 0x0000, None
+
+    modality = AE(ae_title="MODALITY")
+    modality.add_supported_context(COMMITMENT, scu_role=True, scp_role=True)
+    modality_port = free_port()
+    modality_server = modality.start_server(("127.0.0.1", modality_port), block=False,
+                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    actions: list[Dataset] = []
+
+    def on_action(event: Any) -> tuple[int, None]:
+        actions.append(event.action_information)
+        return 0x0000, None
+
+    def report_before_release(event: Any) -> None:
+        # Runs as the A-RELEASE-RQ arrives, before pynetdicom answers it.
+        if not isinstance(event.primitive, A_RELEASE) or event.primitive.result is not None \
+                or not actions:
+            return
+        info = actions.pop()
+        pacs_scu = AE(ae_title="PACS")
+        pacs_scu.add_requested_context(COMMITMENT)
+        assoc = pacs_scu.associate("127.0.0.1", router_port, ae_title="ROUTER",
+                                   ext_neg=[build_role(COMMITMENT, scp_role=True)])
+        assert assoc.is_established
+        report = Dataset()
+        report.TransactionUID = info.TransactionUID
+        report.ReferencedSOPSequence = info.ReferencedSOPSequence
+        assoc.send_n_event_report(report, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        assoc.release()
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(COMMITMENT)
+    pacs_port = free_port()
+    pacs_server = pacs.start_server(("127.0.0.1", pacs_port), block=False, evt_handlers=[
+        (evt.EVT_N_ACTION, on_action), (evt.EVT_ACSE_RECV, report_before_release)])
+    router = Router(tmp_path, port=router_port, extra=(
+        '[routing]\nstorage_commitment = "pacs"\n'
+        + _destination("pacs", pacs_port, "PACS")
+        + _destination("modality", modality_port, "MODALITY")))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _associated("MODALITY", COMMITMENT, router.port)
+        status, _ = assoc.send_n_action(_commitment_request(generate_uid()), 1, COMMITMENT,
+                                        COMMITMENT_INSTANCE)
+        heard.append(f"response 0x{status.Status:04X}")
+        assoc.release()
+        assert report_seen.wait(30), router.log()
+    finally:
+        router.stop()
+        pacs_server.shutdown()
+        modality_server.shutdown()
+    assert heard == ["response 0x0000", "report"]
+
+
 def test_an_n_create_whose_data_set_cannot_be_converted_is_answered(tmp_path: Path) -> None:
     """The RIS takes MPPS in Implicit VR LE only, so the router converts the modality's
     Explicit VR data set; this one's first element claims 255 bytes where 12 follow.
