@@ -8,6 +8,7 @@ The router runs as a subprocess (`dicom-router run`) with `[routing] mpps` and
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,25 @@ def _serving(ae_title: str, sop_class: str, event: Any, handler: Any) -> tuple[i
     port = free_port()
     return port, scp.start_server(("127.0.0.1", port), block=False,
                                   evt_handlers=[(event, handler)])
+
+
+def _modality(on_report: Callable[[Dataset], object],
+              report_seen: threading.Event) -> tuple[int, Any]:
+    """A pynetdicom modality's Storage Commitment SCU, serving the N-EVENT-REPORT on a
+    free loopback port: ``on_report`` gets each report's data set, then
+    ``report_seen`` is set. (Its port, its server, to shut down.)"""
+    from pynetdicom import AE, evt
+
+    def on_event_report(event: Any) -> tuple[int, None]:
+        on_report(event.event_information)
+        report_seen.set()
+        return 0x0000, None
+
+    modality = AE(ae_title="MODALITY")
+    modality.add_supported_context(COMMITMENT, scu_role=True, scp_role=True)
+    port = free_port()
+    return port, modality.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_N_EVENT_REPORT, on_event_report)])
 
 
 def _commitment_request(transaction: str) -> Dataset:
@@ -119,18 +139,9 @@ def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
     transaction = generate_uid()
     reported: list[Dataset] = []
     report_seen = threading.Event()
-
     # The modality: asks for commitment through the router and serves the report.
-    def on_report(event: Any) -> tuple[int, None]:
-        reported.append(event.event_information)
-        report_seen.set()
-        return 0x0000, None
-
-    modality = AE(ae_title="MODALITY")
-    modality.add_supported_context(COMMITMENT, scu_role=True, scp_role=True)
-    modality_port = free_port()
-    modality_server = modality.start_server(("127.0.0.1", modality_port), block=False,
-                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    modality_port, modality_server = _modality(lambda info: reported.append(info),
+                                               report_seen)
 
     # The PACS: answers the N-ACTION, then reports on an association of its own.
     def report_later(info: Dataset) -> None:
@@ -192,17 +203,7 @@ def test_the_modality_hears_the_n_action_response_before_the_report(
     router_port = free_port()
     heard: list[str] = []
     report_seen = threading.Event()
-
-    def on_report(event: Any) -> tuple[int, None]:
-        heard.append("report")
-        report_seen.set()
-        return 0x0000, None
-
-    modality = AE(ae_title="MODALITY")
-    modality.add_supported_context(COMMITMENT, scu_role=True, scp_role=True)
-    modality_port = free_port()
-    modality_server = modality.start_server(("127.0.0.1", modality_port), block=False,
-                                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    modality_port, modality_server = _modality(lambda _: heard.append("report"), report_seen)
     actions: list[Dataset] = []
 
     def on_action(event: Any) -> tuple[int, None]:
