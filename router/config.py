@@ -329,6 +329,10 @@ class Listen:
 _DESTINATION_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
+#: Seconds a queued instance may keep failing before it goes to dead letters.
+GIVE_UP_AFTER: Final = 259_200.0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When a failed delivery is tried again (DESIGN.md D4).
@@ -336,12 +340,19 @@ class RetryPolicy:
     The n-th retry waits ``min(max, initial * 2**(n-1))`` seconds, less a
     random jitter of up to a quarter, so that many queued instances (or many
     routers) do not retry in lock step. ``attempts`` failed deliveries that the
-    destination answered move the instance to the dead-letter folder.
+    destination answered move the instance to the dead-letter folder; so does
+    failing for ``give_up_after`` seconds since its first failure, whatever the
+    failures were: one refused A7xx while the destination took nothing else is
+    not counted (the destination may be full), and without this bound an
+    instance such a destination refuses for its own sake would be retried for
+    ever. Three days outlasts a weekend; a dead letter is kept and can be sent
+    again with ``dicom-router queue retry``.
     """
 
     initial: float = 2.0
     max: float = 300.0
     attempts: int = 20
+    give_up_after: float = GIVE_UP_AFTER
 
     def __post_init__(self) -> None:
         if _seconds_problem(self.initial, zero_ok=False) or _seconds_problem(
@@ -349,6 +360,9 @@ class RetryPolicy:
             raise ValueError(f"RetryPolicy: expected 0 < initial <= max, got {self!r}")
         if not _is_int(self.attempts) or self.attempts < 1:
             raise ValueError(f"RetryPolicy.attempts: expected >= 1, got {self.attempts!r}")
+        if _seconds_problem(self.give_up_after, zero_ok=False):
+            raise ValueError(f"RetryPolicy.give_up_after: expected > 0, got "
+                             f"{self.give_up_after!r}")
 
     def delay(self, failures: int, random: float) -> float:
         """Seconds to wait after ``failures`` consecutive failures (>= 1);
@@ -924,7 +938,7 @@ _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("routing",): ("rules", "unmatched", "mpps", "storage_commitment"),
     ("destination",): ("name", "host", "port", "ae_title", "calling_ae", "tls", "tls_ca",
                        "concurrency", "max_pdu", "timeout", "idle", "retry", "move_mode"),
-    ("destination", "retry"): ("initial", "max", "attempts"),
+    ("destination", "retry"): ("initial", "max", "attempts", "give_up_after"),
 }
 _TOP_LEVEL: Final = tuple(table[0] for table in _SCHEMA if len(table) == 1)
 _ARRAYS_OF_TABLES: Final = frozenset({("router", "listen"), ("destination",)})
@@ -1174,8 +1188,8 @@ class _Parser:
         """``retry = { initial, max, attempts }``; errors name "retry" and its key."""
         value = entry.get("retry", {})
         if not isinstance(value, dict):
-            raise self.fail(at, f"expected a table {{ initial, max, attempts }}, got "
-                                f"{_show(value)}")
+            raise self.fail(at, "expected a table { initial, max, attempts, give_up_after }, "
+                                f"got {_show(value)}")
         known = _SCHEMA[("destination", "retry")]
         for key in value:
             if key not in known:
@@ -1186,6 +1200,8 @@ class _Parser:
             "initial": _seconds_problem(value.get("initial", 2.0), zero_ok=False),
             "max": _seconds_problem(value.get("max", 300.0), zero_ok=False),
             "attempts": _attempts_problem(value.get("attempts", 20)),
+            "give_up_after": _seconds_problem(value.get("give_up_after", GIVE_UP_AFTER),
+                                              zero_ok=False),
         }
         for key, problem in problems.items():
             if problem is not None:
@@ -1197,7 +1213,8 @@ class _Parser:
                                 f"{_show(ceiling)}")
         attempts = value.get("attempts", 20)
         assert isinstance(attempts, int)
-        return RetryPolicy(initial=initial, max=ceiling, attempts=attempts)
+        return RetryPolicy(initial=initial, max=ceiling, attempts=attempts,
+                           give_up_after=float(value.get("give_up_after", GIVE_UP_AFTER)))
 
     def check_keys(self, table: Mapping[str, object], at: _At, known: Sequence[str]) -> None:
         for key, value in table.items():

@@ -290,6 +290,13 @@ ERRORS = [
     ),
     pytest.param(
         '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        "retry = { give_up_after = 0 }\n",
+        "router.toml:6: [[destination]] #1 retry: give_up_after: expected a number of seconds "
+        "> 0, got 0",
+        id="destination-retry-give-up-after-zero",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
         'move_mode = "via"\n',
         'router.toml:6: [[destination]] #1 move_mode: expected "direct" or "proxy", got "via"',
         id="destination-move-mode",

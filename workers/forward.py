@@ -88,7 +88,14 @@ from workers.outbound import (
     instance_contexts,
     open_association,
 )
-from workers.queue import move_to_dead, queue_folder, queued
+from workers.queue import (
+    failure_records,
+    forget_failures,
+    move_to_dead,
+    note_failure,
+    queue_folder,
+    queued,
+)
 from workers.spool import Spool
 
 __all__ = ["DestinationActor", "is_permanent_failure", "transparent_failure_status"]
@@ -127,6 +134,17 @@ def is_permanent_failure(status: int) -> bool:
                           dimse.INVALID_OBJECT_INSTANCE, dimse.DUPLICATE_SOP_INSTANCE))
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` for a log line: "3 d 2 h", "5 h 10 min", "42 s"."""
+    whole = int(seconds)
+    days, hours, minutes = whole // 86400, whole % 86400 // 3600, whole % 3600 // 60
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {whole % 60} s" if minutes else f"{whole} s"
+
+
 def transparent_failure_status() -> int:
     """What a transparently forwarded C-STORE is answered when the destination
     gives no status at all (unreachable, aborted): A700H, refused out of
@@ -138,6 +156,7 @@ def transparent_failure_status() -> int:
 class _Entry:
     name: str
     failures: int = 0
+    recorded: bool = False  # has a failure record on disk (workers/queue.py)
     # DestinationActor.stats.delivered when it last failed for the destination's state
     # (refused for want of resources, association lost or timed out): see _stalled.
     stalled_at: int = -1
@@ -171,7 +190,8 @@ class DestinationActor:
                  hand_off: Callable[[str], None] | None = None,
                  relay: Callable[[Path], Awaitable[tuple[int, str | None]]] | None = None,
                  rng: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.destination = destination
         self.spool = spool
         # 0: this worker has no association of its own for this destination: what it
@@ -185,11 +205,14 @@ class DestinationActor:
         self.on_event = on_event
         self.rng = rng
         self.clock = clock
+        self.wall_clock = wall_clock  # failure records outlive the process (workers/queue.py)
         self.stats = ForwardStats()
         self._ready: deque[_Entry] = deque()
         self._delayed: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
         self._known: set[str] = set()
+        # Queued instances with a failure record on disk from before (workers/queue.py).
+        self._recorded: set[str] = set()
         self._urgent: deque[_Urgent] = deque()
         self._wake = asyncio.Event()
         self._senders: list[asyncio.Task[None]] = []
@@ -252,6 +275,7 @@ class DestinationActor:
         if self.share == 0:
             return 0  # the workers with associations for it take up the queue
         before = len(self._known)
+        self._recorded = failure_records(self.spool.root, self.name)
         for name in queued(self.spool.root, self.name):
             self.enqueue(name)
             if self._overflow:
@@ -566,6 +590,9 @@ class DestinationActor:
                 self.spool.retire(queue_folder(self.name), entry.name, fd)
             self._unclaim(path, fd)
             self._known.discard(entry.name)
+            if entry.recorded or entry.name in self._recorded:
+                self._recorded.discard(entry.name)
+                forget_failures(self.spool.root, self.name, entry.name)
             self._count_delivered(path, part10, status)
             return
         permanent = is_permanent_failure(status)
@@ -616,10 +643,19 @@ class DestinationActor:
                     else answer or (transparent_failure_status(), reason))
             return
         assert entry is not None
-        entry.failures += counted
+        record = note_failure(self.spool.root, self.name, entry.name, counted=counted,
+                              reason=reason, now=self.wall_clock())
+        entry.recorded = True
+        entry.failures = max(entry.failures + counted, record.failures)
         attempts = self.destination.retry.attempts
-        if permanent or entry.failures >= attempts:
-            why = reason if permanent else f"{reason}; gave up after {entry.failures} attempts"
+        failing_for = self.wall_clock() - record.first
+        expired = failing_for >= self.destination.retry.give_up_after
+        if permanent or entry.failures >= attempts or expired:
+            why = (reason if permanent
+                   else f"{reason}; gave up after {entry.failures} attempts"
+                   if entry.failures >= attempts
+                   else f"{reason}; gave up: failing for {_duration(failing_for)} "
+                        f"(retry.give_up_after)")
             try:
                 move_to_dead(self.spool.root, self.name, entry.name, reason=why, status=status,
                              attempts=entry.failures, fsync=self.fsync)

@@ -3,6 +3,8 @@
 Layout (inside the spool root, beside ``tmp/``; see ``workers/spool.py``)::
 
     queue/<destination>/<stem>.dcm     waiting for delivery, oldest name first
+    queue/<destination>/<stem>.json    ... and its failures so far, if any:
+                                       {"failures", "first", "reason"}
     dead/<destination>/<stem>.dcm      given up on ...
     dead/<destination>/<stem>.json     ... and why: {"reason", "status", "attempts", "time"}
     unrouted/<stem>.dcm                no rule routed it
@@ -14,6 +16,13 @@ written (and made durable) before its instance moves, so a dead letter never lac
 reason, and a reason left without its instance (a crash between the two) is ignored
 and overwritten. A retry moves the instance back into the queue first and then drops
 its reason.
+
+A queued instance's failure record keeps its attempts across restarts (a router
+restarted daily would otherwise retry an instance the destination keeps refusing for
+ever) and when it first failed (``retry.give_up_after`` counts from then). Best
+effort: written without fsync, since a lost record only costs a few more attempts.
+A record whose instance is gone (delivered by another worker, purged) is garbage,
+removed when the queue is next taken up from disk.
 """
 
 from __future__ import annotations
@@ -31,9 +40,14 @@ from workers.spool import DEAD_DIR, QUEUE_DIR, SUFFIX, UNROUTED_DIR
 
 __all__ = [
     "DeadLetter",
+    "FailureRecord",
     "QueueSummary",
     "dead_letters",
+    "failure_record",
+    "failure_records",
+    "forget_failures",
     "move_to_dead",
+    "note_failure",
     "purge_dead",
     "queue_folder",
     "queued",
@@ -93,6 +107,72 @@ def queued(root: Path, destination: str) -> list[str]:
     return [e.name for e in _files(root / QUEUE_DIR / destination)]
 
 
+@dataclass(frozen=True, slots=True)
+class FailureRecord:
+    """A queued instance's failed deliveries so far."""
+
+    failures: int  # those that count towards retry.attempts
+    first: float  # time.time() of the first failure of any kind
+    reason: str  # the last one's
+
+
+def note_failure(root: Path, destination: str, name: str, *, counted: bool, reason: str,
+                 now: float) -> FailureRecord:
+    """Add one failed delivery (``counted`` towards the attempts or not) to the record
+    of the queued instance ``name``; the record as it now is."""
+    before = failure_record(root, destination, name)
+    record = FailureRecord(
+        failures=(before.failures if before else 0) + counted,
+        first=before.first if before else now, reason=reason)
+    path = _failure_path(root, destination, name)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(OSError):  # best effort: see the module docstring
+        tmp.write_text(json.dumps({"failures": record.failures, "first": record.first,
+                                   "reason": reason}), encoding="utf-8")
+        os.replace(tmp, path)
+    return record
+
+
+def failure_record(root: Path, destination: str, name: str) -> FailureRecord | None:
+    try:
+        raw = json.loads(_failure_path(root, destination, name).read_text("utf-8"))
+        failures, first = raw["failures"], raw["first"]
+        if not isinstance(failures, int) or not isinstance(first, int | float):
+            return None
+        return FailureRecord(max(failures, 0), float(first), str(raw.get("reason", "")))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def forget_failures(root: Path, destination: str, name: str) -> None:
+    with contextlib.suppress(OSError):
+        _failure_path(root, destination, name).unlink()
+
+
+def failure_records(root: Path, destination: str) -> set[str]:
+    """Names of the queued instances of ``destination`` that have a failure record;
+    records whose instance is gone are removed."""
+    folder = root / QUEUE_DIR / destination
+    try:
+        with os.scandir(folder) as entries:
+            stems = {e.name.removesuffix(_REASON_SUFFIX) for e in entries
+                     if e.name.endswith(_REASON_SUFFIX) and not e.name.startswith(".")}
+    except OSError:
+        return set()
+    names = set()
+    for stem in stems:
+        if (folder / f"{stem}{SUFFIX}").exists():
+            names.add(f"{stem}{SUFFIX}")
+        else:
+            with contextlib.suppress(OSError):
+                (folder / f"{stem}{_REASON_SUFFIX}").unlink()
+    return names
+
+
+def _failure_path(root: Path, destination: str, name: str) -> Path:
+    return root / QUEUE_DIR / destination / f"{name.removesuffix(SUFFIX)}{_REASON_SUFFIX}"
+
+
 def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
                  status: int | None, attempts: int, fsync: bool = True) -> Path:
     """Move a queued instance to the dead-letter folder with its reason; its new path."""
@@ -112,6 +192,7 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
     os.replace(root / QUEUE_DIR / destination / name, target)
     if fsync:
         _sync_dir(dead)
+    forget_failures(root, destination, name)
     return target
 
 

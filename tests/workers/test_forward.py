@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,21 @@ def _queue(spool: Spool, dest: str, tmp: Path, count: int, **kw: Any) -> list[Pa
         shutil.copyfile(src, target)
         out.append(target)
     return out
+
+
+def _run_until_set(actor: DestinationActor, event: threading.Event,
+                   timeout: float = 60.0) -> None:
+    """Run ``actor`` until ``event`` is set from another thread (an SCP's handler)."""
+    async def run() -> None:
+        actor.start()
+        actor.scan()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, event.wait, timeout)
+        finally:
+            await actor.stop()
+
+    asyncio.run(run())
+    assert event.is_set(), f"not set within {timeout} s"
 
 
 def _destination(port: int, **kw: Any) -> Destination:
@@ -206,38 +222,91 @@ def test_out_of_resources_everywhere_never_empties_the_queue(tmp_path: Path) -> 
     queue waits with the destination's back-off and no instance uses up its attempts
     (3 here), however many times it is refused; A7xx used to count like 0110H, and
     the default 20 attempts emptied the queue into dead letters in about an hour."""
-    import threading
-
     port = free_port()
-    server = _status_scp(0xA700, port)
     refused = threading.Event()
 
-    def watch() -> None:
-        while len(server.seen) < 10 and not refused.wait(0.05):
-            pass
-        refused.set()
+    def refuse(event: Any) -> int:
+        if len(server.seen) >= 10:
+            refused.set()
+        return 0xA700
 
+    server = _scp(port, refuse)
     try:
         spool, actor = _queued_actor(tmp_path, 2, port)
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-
-        async def run() -> None:
-            actor.start()
-            actor.scan()
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, refused.wait, 60)
-            finally:
-                await actor.stop()
-
-        asyncio.run(run())
-        refused.set()
-        watcher.join()
+        _run_until_set(actor, refused)
     finally:
         server.shutdown()
     assert len(server.seen) >= 10  # each of the two refused five times and more
     assert actor.stats.dead == 0 and not (spool.root / "dead").exists()
     assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 2
+
+
+def test_an_instance_refused_a7xx_alone_ends_in_dead_letters_after_give_up_after(
+        tmp_path: Path) -> None:
+    """Orthanc answers A700H for an instance it cannot index (no PatientID). Alone
+    in its queue, nothing says whether the destination is full or refuses that
+    instance, so no refusal counts: it was retried for ever. Now it goes to dead
+    letters once it has been failing for retry.give_up_after seconds."""
+    port = free_port()
+    server = _status_scp(0xA700, port)
+    try:
+        spool, actor = _queued_actor(tmp_path, 1, port, retry=RetryPolicy(
+            initial=0.05, max=0.1, attempts=3, give_up_after=0.5))
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead == 1))
+    finally:
+        server.shutdown()
+    (letter,) = (spool.root / "dead" / "pacs").glob("*.dcm")
+    reason = json.loads(letter.with_suffix(".json").read_text())
+    assert reason["status"] == 0xA700
+    assert "gave up: failing for 0 s (retry.give_up_after)" in reason["reason"], reason
+    assert reason["attempts"] == 0  # none counted: the instance was alone
+    assert len(server.seen) >= 2
+    assert not list((spool.root / "queue" / "pacs").iterdir())  # no record left behind
+
+
+def test_an_instances_failures_survive_a_restart(tmp_path: Path) -> None:
+    """Attempts were counted in memory only: a router restarted daily would retry an
+    instance its destination refuses (0110H) for ever, 19 of 20 attempts at a time."""
+    port = free_port()
+    third = threading.Event()
+
+    def refuse(event: Any) -> int:
+        if len(server.seen) >= 3:  # the first two refusals are recorded by now
+            third.set()
+        return 0x0110
+
+    server = _scp(port, refuse)
+    try:
+        spool, first = _queued_actor(tmp_path, 1, port, retry=RetryPolicy(
+            initial=0.05, max=0.1, attempts=10))
+        _run_until_set(first, third)
+        assert first.stats.dead == 0
+        (record,) = (spool.root / "queue" / "pacs").glob("*.json")
+        failures = json.loads(record.read_text())["failures"]
+        assert failures >= 2
+        # A new process, whose limit is one more: the next refusal is the last.
+        seen = len(server.seen)
+        again = DestinationActor(_destination(port, retry=RetryPolicy(
+            initial=0.05, max=0.1, attempts=failures + 1)), spool, share=1)
+        asyncio.run(_run_until(again, lambda: again.stats.dead == 1))
+    finally:
+        server.shutdown()
+    assert len(server.seen) == seen + 1
+    (letter,) = (spool.root / "dead" / "pacs").glob("*.dcm")
+    assert json.loads(letter.with_suffix(".json").read_text())["attempts"] == failures + 1
+
+
+def test_a_delivered_instance_leaves_no_failure_record(tmp_path: Path) -> None:
+    port = free_port()
+    answers = iter([0x0110, 0xA700])
+    server = _scp(port, lambda event: next(answers, 0x0000))
+    try:
+        spool, actor = _queued_actor(tmp_path, 1, port)
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert len(server.seen) == 3
+    assert not list((spool.root / "queue" / "pacs").iterdir())
 
 
 def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
@@ -246,8 +315,6 @@ def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
     aborted, the queue waits with the back-off, and no instance uses up its attempts
     (3 here). The lost association used to count as the instance's failure, and the
     whole queue went to dead letters after ``attempts`` timeouts each."""
-    import threading
-
     hung, release = threading.Event(), threading.Event()
 
     def on_store(event: Any) -> int:
@@ -262,16 +329,7 @@ def test_a_hung_destination_never_empties_the_queue(tmp_path: Path) -> None:
     try:
         spool, actor = _queued_actor(tmp_path, 2, port, timeout=0.3)
         actor.on_event = lambda kind, fields: hung.set() if kind == "instance.dead" else None
-
-        async def run() -> None:
-            actor.start()
-            actor.scan()
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, hung.wait, 60)
-            finally:
-                await actor.stop()
-
-        asyncio.run(run())
+        _run_until_set(actor, hung)
     finally:
         release.set()
         server.shutdown()
