@@ -804,7 +804,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
                     "destination": s.destination, "queued": s.queued,
                     "queued_bytes": s.queued_bytes, "oldest": s.oldest, "dead": s.dead,
                     "dead_letters": [{"name": d.name, "reason": d.reason, "status": d.status,
-                                      "attempts": d.attempts, "time": d.time}
+                                      "attempts": d.attempts, "time": d.time,
+                                      "sop_instance_uid": d.sop_instance_uid}
                                      for d in q.dead_letters(root, s.destination)],
                 } for s in summaries]}, indent=2))
             return EXIT_OK
@@ -818,8 +819,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
                   f"{oldest:>20} {s.dead:>6}{configured}")
         for letter in q.dead_letters(root, args.destination):
             status = "" if letter.status is None else f" status 0x{letter.status:04X}"
-            print(f"dead {letter.destination}/{letter.name}:{status} after {letter.attempts} "
-                  f"attempt(s): {letter.reason}")
+            uid = f" ({letter.sop_instance_uid})" if letter.sop_instance_uid else ""
+            print(f"dead {letter.destination}/{letter.name}{uid}:{status} after "
+                  f"{letter.attempts} attempt(s): {letter.reason}")
         return EXIT_OK
     if args.queue_command == "retry":
         target = args.target

@@ -53,6 +53,7 @@ from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair
 from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
 from rules import RuleError
+from workers.queue import queued_counts
 from workers.spool import Spool
 
 log = logging.getLogger("router.supervisor")
@@ -138,9 +139,12 @@ class Supervisor:
         log.info("dicom-router: %s", self.config.describe())
         raise_open_files_limit()
         report = Spool(self.config.spool, fsync=self.config.fsync).recover()
-        log.info("spool %s: %d instances waiting, %d partial instances discarded "
-                 "(never acknowledged), %d spare files deleted",
-                 self.config.spool, report.completed, report.removed_temporary,
+        queues = {dest: n for dest, n in queued_counts(self.config.spool).items() if n}
+        log.info("spool %s: %d instance(s) queued for delivery%s, %d received and not yet "
+                 "routed, %d partial instance(s) discarded (never acknowledged), %d spare "
+                 "file(s) deleted", self.config.spool, sum(queues.values()),
+                 f" ({', '.join(f'{d}: {n}' for d, n in sorted(queues.items()))})"
+                 if queues else "", report.completed, report.removed_temporary,
                  report.removed_spares)
         self.ctx = zmq.Context()
         self.sockets = control.bind_supervisor(self.ctx, self.run_dir,

@@ -157,6 +157,7 @@ class _Entry:
     name: str
     failures: int = 0
     recorded: bool = False  # has a failure record on disk (workers/queue.py)
+    uid: str | None = None  # its SOP Instance UID, once read: for the log and dead/
     # DestinationActor.stats.delivered when it last failed for the destination's state
     # (refused for want of resources, association lost or timed out): see _stalled.
     stalled_at: int = -1
@@ -445,6 +446,8 @@ class DestinationActor:
         try:
             try:
                 part10 = _identity(source, path)
+                if entry is not None:
+                    entry.uid = part10.sop_instance_uid
             except (DIMSEError, OSError) as exc:
                 fd, claim = -1, fd
                 self._failed(entry, urgent, claim, f"cannot read the queued file: {exc}",
@@ -574,8 +577,11 @@ class DestinationActor:
         status = int(rsp.status)
         category = dimse.status_category(status)
         ok = category in (dimse.StatusCategory.SUCCESS, dimse.StatusCategory.WARNING)
+        # A transparent send or a move's sub-operation goes from the file it is
+        # being received into: its name (a .part or a recycled .spare) says nothing.
         log.info("forward %s: %s %s status 0x%04X in %.0f ms%s", self.name,
-                 part10.sop_instance_uid, path.name, status, took * 1000,
+                 part10.sop_instance_uid, "as received" if urgent else path.name, status,
+                 took * 1000,
                  f" ({rsp.error_comment})" if rsp.error_comment else "")
         if urgent is not None:
             if not urgent.future.done():
@@ -658,7 +664,8 @@ class DestinationActor:
                         f"(retry.give_up_after)")
             try:
                 move_to_dead(self.spool.root, self.name, entry.name, reason=why, status=status,
-                             attempts=entry.failures, fsync=self.fsync)
+                             attempts=entry.failures, fsync=self.fsync,
+                             sop_instance_uid=entry.uid)
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -666,8 +673,8 @@ class DestinationActor:
                           exc)
             else:
                 self.stats.dead += 1
-                log.warning("forward %s: %s moved to dead/%s: %s", self.name, entry.name,
-                            self.name, why)
+                log.warning("forward %s: %s%s moved to dead/%s: %s", self.name, entry.name,
+                            f" ({entry.uid})" if entry.uid else "", self.name, why)
                 self._emit("instance.dead", destination=self.name, name=entry.name,
                            reason=why)
             self._unclaim(self.folder / entry.name, fd)
@@ -675,8 +682,9 @@ class DestinationActor:
             return
         delay = self.destination.retry.delay(max(entry.failures, 1), self.rng())
         self.stats.retried += 1
-        log.warning("forward %s: %s failed (%s); retry %d of %d in %.1f s%s", self.name,
-                    entry.name, reason, entry.failures, attempts - 1, delay,
+        log.warning("forward %s: %s%s failed (%s); retry %d of %d in %.1f s%s", self.name,
+                    entry.name, f" ({entry.uid})" if entry.uid else "", reason,
+                    entry.failures, attempts - 1, delay,
                     "" if counted else " (not counted: the destination takes nothing now)")
         self._unclaim(self.folder / entry.name, fd)
         heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))

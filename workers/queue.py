@@ -6,7 +6,8 @@ Layout (inside the spool root, beside ``tmp/``; see ``workers/spool.py``)::
     queue/<destination>/<stem>.json    ... and its failures so far, if any:
                                        {"failures", "first", "reason"}
     dead/<destination>/<stem>.dcm      given up on ...
-    dead/<destination>/<stem>.json     ... and why: {"reason", "status", "attempts", "time"}
+    dead/<destination>/<stem>.json     ... and why: {"reason", "status", "attempts", "time",
+                                       "sop_instance_uid"}
     unrouted/<stem>.dcm                no rule routed it
 
 The files are the state: nothing here is kept in memory, so ``dicom-router queue``
@@ -51,6 +52,7 @@ __all__ = [
     "purge_dead",
     "queue_folder",
     "queued",
+    "queued_counts",
     "retry_dead",
     "summarize",
 ]
@@ -69,6 +71,7 @@ class DeadLetter:
     status: int | None
     attempts: int
     time: float
+    sop_instance_uid: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,13 +177,16 @@ def _failure_path(root: Path, destination: str, name: str) -> Path:
 
 
 def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
-                 status: int | None, attempts: int, fsync: bool = True) -> Path:
-    """Move a queued instance to the dead-letter folder with its reason; its new path."""
+                 status: int | None, attempts: int, fsync: bool = True,
+                 sop_instance_uid: str | None = None) -> Path:
+    """Move a queued instance to the dead-letter folder with its reason (and its SOP
+    Instance UID, when it was read: the file name is the router's, not the
+    instance's); its new path."""
     dead = root / DEAD_DIR / destination
     dead.mkdir(parents=True, exist_ok=True)
     stem = name.removesuffix(SUFFIX)
     record = {"destination": destination, "reason": reason, "status": status,
-              "attempts": attempts, "time": time.time()}
+              "attempts": attempts, "time": time.time(), "sop_instance_uid": sop_instance_uid}
     tmp = dead / f".{stem}{_REASON_SUFFIX}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
@@ -206,12 +212,14 @@ def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLet
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads((folder / f"{stem}{_REASON_SUFFIX}").read_text("utf-8"))
             status = record.get("status")
+            uid = record.get("sop_instance_uid")
             yield DeadLetter(
                 destination=dest, name=entry.name, path=Path(entry.path),
                 reason=str(record.get("reason", "(no reason recorded)")),
                 status=status if isinstance(status, int) else None,
                 attempts=int(record.get("attempts", 0) or 0),
-                time=float(record.get("time", 0.0) or entry.stat().st_mtime))
+                time=float(record.get("time", 0.0) or entry.stat().st_mtime),
+                sop_instance_uid=uid if isinstance(uid, str) else None)
 
 
 def retry_dead(root: Path, destination: str | None = None, name: str | None = None) -> int:
@@ -263,6 +271,11 @@ def summarize(root: Path, destinations: list[str] | None = None) -> list[QueueSu
         out.append(QueueSummary(destination=dest, queued=len(files), queued_bytes=sum(sizes),
                                 oldest=oldest, dead=len(_files(root / DEAD_DIR / dest))))
     return out
+
+
+def queued_counts(root: Path) -> dict[str, int]:
+    """How many instances wait in each destination's queue (no file is stat'ed)."""
+    return {dest: len(_files(root / QUEUE_DIR / dest)) for dest in _folders(root, QUEUE_DIR)}
 
 
 def unrouted_count(root: Path) -> int:

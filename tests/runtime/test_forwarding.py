@@ -273,6 +273,9 @@ def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
         ls = router.command("queue", "ls")
         assert ls.returncode == 0 and "status 0xA900" in ls.stdout, ls.stdout + ls.stderr
         assert ls.stdout.count("dead pacs/") == 3
+        for path in files:  # each names its instance, not only the router's file name
+            assert f" ({_uid(path)}): status 0xA900" in ls.stdout, ls.stdout
+            router.wait_for(f" ({_uid(path)}) moved to dead/pacs")
         answers[0] = 0x0000
         retry = router.command("queue", "retry", "pacs")
         assert retry.returncode == 0 and "3 instance(s)" in retry.stdout, retry.stderr
@@ -327,6 +330,9 @@ def test_kill_9_of_the_whole_router_during_1000_instances_delivers_every_acknowl
     restarted = Router(tmp_path, port=router.port, extra=extra)
     try:
         restarted.wait_for("ready: 2 workers serving")
+        # The first lines say what waits (they used to count incoming/ only: "0 waiting").
+        restarted.wait_for(f"{pending} instance(s) queued for delivery"
+                           + (f" (pacs: {pending})," if pending else ","))
         if pending:
             restarted.wait_count("forward pacs:", pending, timeout=120)
     finally:

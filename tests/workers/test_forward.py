@@ -209,6 +209,8 @@ def test_failures_end_in_dead_letters_with_the_reason(tmp_path: Path, status: in
     assert len(letters) == 2
     for letter in letters:
         reason = json.loads(letter.with_suffix(".json").read_text())
+        # The file name is the router's: the record names the instance.
+        assert reason["sop_instance_uid"] == read_part10_header(letter).sop_instance_uid
         assert reason["status"] == status
         assert f"0x{status:04X}" in reason["reason"]
         assert reason["attempts"] == (1 if permanent else 3)
