@@ -1026,15 +1026,20 @@ class AssociationActor(asyncio.BufferedProtocol):
             async with asyncio.timeout(self.settings.operation_timeout):
                 await proxy.run()
         except TimeoutError:
-            # The router-wide limit (D7): stop the upstream's work, fail the request.
-            proxy.cancel()
+            # The router-wide limit (D7): the upstream association was aborted when
+            # run() was cancelled (its operation ends with it); fail the request.
             detail = (f"no final answer from upstream in "
                       f"{self.settings.operation_timeout:.0f} s")
             log.warning("association %s: %s", self._who(), detail)
-            if running is not None and not proxy.answered:
-                status = (dimse.REFUSED_OUT_OF_RESOURCES if isinstance(running[1], dimse.CFindRQ)
-                          else dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS)
-                self._refuse(running[0], running[1], status, detail)
+            if isinstance(proxy, FindProxy):
+                proxy.cancel()
+                if running is not None and not proxy.answered:
+                    self._refuse(running[0], running[1], dimse.REFUSED_OUT_OF_RESOURCES,
+                                 detail)
+            else:
+                # After sub-operations, C001H with their counts, not A702H (PS3.4
+                # C.4.2.1.5: that refusal says none could be performed).
+                proxy.expire(detail)
         finally:
             self._find = None
             self._sync_idle()

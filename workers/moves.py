@@ -37,9 +37,11 @@ from pydicom.multival import MultiValue
 
 from workers.spool import is_live
 
-__all__ = ["MOVES_DIR", "MoveScope", "end_move", "move_of", "move_scope", "register_move"]
+__all__ = ["MOVES_DIR", "MoveScope", "end_move", "move_of", "move_scope", "note_sub_operation",
+           "register_move", "sub_operations_of"]
 
 MOVES_DIR: Final = "moves"
+_RELAYED: Final = ".relayed"  # <message ID>.relayed: a byte per sub-operation relayed
 # A record older than this belongs to a move nobody waits for any more (a crash).
 _STALE_SECONDS: Final = 24 * 3600
 
@@ -81,9 +83,6 @@ def register_move(spool: Path, destination: str, upstream: str,
     process, whose death ends the move."""
     folder = spool / MOVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    record = json.dumps({"destination": destination, "upstream": upstream,
-                         "pid": os.getpid(),
-                         "scope": None if scope is None else [scope[0], sorted(scope[1])]})
     start = random.randrange(1, 65536)
     for offset in range(65535):
         mid = (start + offset - 1) % 65535 + 1
@@ -96,16 +95,20 @@ def register_move(spool: Path, destination: str, upstream: str,
                     path.unlink()
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(record)
+            fh.write(json.dumps({
+                "destination": destination, "upstream": upstream, "pid": os.getpid(),
+                "message_id": mid,
+                "scope": None if scope is None else [scope[0], sorted(scope[1])]}))
         return mid
     raise OSError("no free C-MOVE message ID: 65535 moves in progress")
 
 
 def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], bool],
             instance_value: Callable[[int], str | None] | None = None,
-            ) -> tuple[str | None, int]:
+            ) -> tuple[str | None, int, int | None]:
     """Whose sub-operation a C-STORE is: the destination of the router's running
-    move it belongs to (or None), and how many running moves could claim it.
+    move it belongs to (or None), how many running moves could claim it, and the
+    message ID of the one that does (for :func:`note_sub_operation`).
     ``message_id`` is its Move Originator Message ID; ``from_upstream(name)`` says
     whether the association comes from the upstream ``name`` (Destination.is_peer),
     asked only of the upstreams of running moves: only a move's own upstream may
@@ -132,7 +135,10 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
     if message_id is None:
         running = [r for r in running if _in_scope(r.get("scope"), instance_value)]
     destination = running[0].get("destination") if len(running) == 1 else None
-    return (destination if isinstance(destination, str) else None), len(running)
+    if not isinstance(destination, str):
+        return None, len(running), None
+    mid = running[0].get("message_id", message_id)
+    return destination, len(running), mid if isinstance(mid, int) else None
 
 
 def _in_scope(scope: object, instance_value: Callable[[int], str | None] | None) -> bool:
@@ -164,5 +170,29 @@ def _live_record(path: Path) -> dict[str, Any] | None:
 
 
 def end_move(spool: Path, message_id: int) -> None:
+    for suffix in (".json", _RELAYED):
+        with contextlib.suppress(OSError):
+            (spool / MOVES_DIR / f"{message_id}{suffix}").unlink()
+
+
+def note_sub_operation(spool: Path, message_id: int) -> None:
+    """One more sub-operation of the move ``message_id`` is being relayed (in any
+    worker): one byte appended to its tally, an atomic append whoever writes.
+    The move's proxy reads it when the upstream sends no pending responses (they
+    are optional): it then knows the move did something, and must not hand it to
+    another upstream that would send it all again."""
     with contextlib.suppress(OSError):
-        (spool / MOVES_DIR / f"{message_id}.json").unlink()
+        fd = os.open(spool / MOVES_DIR / f"{message_id}{_RELAYED}",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, b".")
+        finally:
+            os.close(fd)
+
+
+def sub_operations_of(spool: Path, message_id: int) -> int:
+    """How many sub-operations of the move ``message_id`` have been relayed so far."""
+    try:
+        return (spool / MOVES_DIR / f"{message_id}{_RELAYED}").stat().st_size
+    except OSError:
+        return 0

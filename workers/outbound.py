@@ -601,7 +601,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 async with asyncio.timeout(self.timeout):
                     await self._waiter
             except TimeoutError:
-                detail = f"no answer from the destination in {self.timeout:g} s"
+                detail = f"no answer in {self.timeout:g} s"
                 self.abort(detail)
                 raise OutboundError(f"{self.label}: {detail}", stalled=True) from None
             finally:
@@ -685,7 +685,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
 def _describe(event: Event) -> str:
     if isinstance(event, AssociationAborted):
         who = "we aborted" if event.local else ("the provider aborted" if event.provider
-                                                else "the destination aborted")
+                                                else "the peer aborted")
         detail = f": {event.detail}" if event.detail else ""
         return f"{who} (source {event.source}, reason {event.reason}){detail}"
     if isinstance(event, ConnectionClosed):

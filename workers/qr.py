@@ -60,7 +60,13 @@ from router.dicom.dataset import (
 from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.negotiation import NegotiatedContext, context_for_instance
 from rules import Changes
-from workers.moves import MoveScope, end_move, move_scope, register_move
+from workers.moves import (
+    MoveScope,
+    end_move,
+    move_scope,
+    register_move,
+    sub_operations_of,
+)
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
@@ -304,9 +310,7 @@ class _Final:
     upstream: str = ""
 
     def retrieved(self) -> bool:
-        """Some sub-operation was done (completed, failed or warning), or cancelled."""
-        if self.status == dimse.CANCEL:
-            return True
+        """Some sub-operation was done (completed, failed or warning)."""
         return any(c for c in self.counts[1:])
 
     def failed(self) -> bool:
@@ -345,26 +349,56 @@ class _RetrieveProxy(_Relayed):
 
     def _broken(self, exc: OutboundError) -> None:
         """The upstream association failed. Before any sub-operation: refused, A702H.
-        After some: failed (C001H, PS3.4 C.4.2.1.4 / C.4.3.1.4), keeping the counts
-        the requestor was last told, every sub-operation still outstanding counted
-        as failed (nothing will do it now), and a comment saying how far it got.
-        After a C-CANCEL (the upstream was aborted for not ending the operation, see
-        OutboundAssociation.cancel): Cancel, FE00H, what the requestor asked for,
-        with those counts (PS3.4 C.4.2.3.1, C.4.3.3.1: completed, failed and warning;
-        remaining, those not started)."""
+        After some: failed (C001H, PS3.4 C.4.2.1.4 / C.4.3.1.4), with the counts the
+        requestor was last told -- or, when the upstream sent no pending response
+        (they are optional), what this router saw relayed -- every sub-operation
+        still outstanding counted as failed (nothing will do it now), and a comment
+        saying how far it got. After a C-CANCEL (the upstream was aborted for not
+        ending the operation, see OutboundAssociation.cancel): Cancel, FE00H, what
+        the requestor asked for, with those counts (PS3.4 C.4.2.3.1, C.4.3.3.1:
+        completed, failed and warning; remaining, those not started)."""
         if self.cancelled:
             log.warning("%s %s %s", self.kind, self._outcome(), exc)
-            self._final(dimse.CANCEL, self._pending or _NO_COUNTS, None, None)
+        self._final(*self._cut_short(str(exc)))
+
+    def _cut_short(self, why: str) -> tuple[int, Counts, bytes | None, str | None]:
+        """The final response of an operation the router ended, not the upstream
+        (its association broke, or the operation limit ran out): see _broken."""
+        done_counts = self._pending
+        relayed = self._relayed()
+        if done_counts is None and relayed:
+            done_counts = self._relayed_counts()
+        if self.cancelled:
+            return dimse.CANCEL, done_counts or _NO_COUNTS, None, None
+        if done_counts is None and not relayed:
+            return (dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
+                    None, why)
+        remaining, completed, failed, warning = (c or 0 for c in done_counts or _NO_COUNTS)
+        done = max(completed + failed + warning, relayed)
+        of = f" of {done + remaining}" if remaining else ""
+        counts: Counts = (_NO_COUNTS if done_counts is None
+                          else (None, completed, failed + remaining, warning))
+        return (dimse.UNABLE_TO_PROCESS, counts, None,
+                f"{self.upstream.name} broke off after {done}{of} sub-operations: {why}")
+
+    def _relayed(self) -> int:
+        """Sub-operations of the upstream asked now that this router relayed."""
+        return 0
+
+    def _relayed_counts(self) -> Counts | None:
+        """(None, completed, failed, warning) of those, if this router knows them."""
+        return None
+
+    def expire(self, why: str) -> None:
+        """The router-wide operation limit ran out (the actor cancelled run() and so
+        aborted the upstream): the requestor's final response, as after a broken
+        association -- A702H if nothing was done, else C001H with the counts."""
+        if self.answered:
             return
-        if self._pending is None:
-            self._final(dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
-                        None, str(exc))
-            return
-        remaining, completed, failed, warning = (c or 0 for c in self._pending)
-        done = completed + failed + warning
-        self._final(dimse.UNABLE_TO_PROCESS, (None, completed, failed + remaining, warning),
-                    None, f"{self.upstream.name} broke off after {done} of "
-                          f"{done + remaining} sub-operations: {exc}")
+        self._held = None
+        self._final(*self._cut_short(why))
+        if self._held is not None:
+            self._answer(self._held)
 
     async def run(self) -> None:
         """Ask the upstreams in the order the rules name them until one retrieves
@@ -383,7 +417,12 @@ class _RetrieveProxy(_Relayed):
             if held is None:  # cannot happen: every path ends in _final
                 held = _Final(dimse.UNABLE_TO_PROCESS, _NO_COUNTS, None,
                               f"{upstream.name} gave no final response")
-            if self.cancelled or self._pending is not None or held.retrieved():
+            if self.cancelled and held.failed():
+                # Ended after the requestor's C-CANCEL (PS3.4 C.4.2.3.1): Cancel,
+                # whatever broke meanwhile; the next upstream is not asked.
+                held = _Final(dimse.CANCEL, held.counts, None, None, upstream.name)
+            if (self.cancelled or self._pending is not None or self._relayed()
+                    or held.retrieved()):
                 self._answer(held)
                 return
             if failure is None and held.failed():
@@ -400,7 +439,8 @@ class _RetrieveProxy(_Relayed):
             return
         self.answered = True
         comment = final.comment
-        if len(self.upstreams) > 1 and final.failed():
+        if len(self.upstreams) > 1 and final.failed() and not (
+                comment or "").startswith(final.upstream):
             comment = f"{final.upstream}: {comment or 'failed'}"
         self.respond(final.status, final.counts, final.data, comment)
 
@@ -415,6 +455,10 @@ class _RetrieveProxy(_Relayed):
             return
         self._assoc = assoc
         try:
+            if self.cancelled:  # while the association was being opened
+                self._final(dimse.CANCEL, _NO_COUNTS, None, None)
+                await assoc.release()
+                return
             ctx = assoc.context_for_model(self.model)
             if ctx is None:
                 self._final(dimse.SOP_CLASS_NOT_SUPPORTED, _NO_COUNTS, None,
@@ -448,6 +492,11 @@ class _RetrieveProxy(_Relayed):
         if dimse.status_category(rsp.status) is dimse.StatusCategory.PENDING:
             self._pending = counts
             self.respond(int(rsp.status), counts, raw, None)
+        elif rsp.status == dimse.CANCEL and not self.cancelled:
+            # Cancel answers a C-CANCEL (PS3.4 C.4.2.3.1, C.4.3.3.1); unasked, the
+            # upstream stopped short: a failure, and the next upstream may have it.
+            self._final(dimse.UNABLE_TO_PROCESS, counts, raw,
+                        f"{self.upstream.name} answered Cancel to a retrieve not cancelled")
         else:
             self._final(int(rsp.status), counts, raw, rsp.error_comment)
 
@@ -494,12 +543,12 @@ class MoveProxy(_RetrieveProxy):
         self.spool = spool
         self.router_ae = router_ae
         self.destination_name = destination_name
+        # Proxy mode: the running move's message ID, and what it relayed once ended.
+        self._message_id: int | None = None
+        self._moved_here = 0
 
     async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
                         identifier: bytes) -> None:
-        if self.cancelled:
-            self._final(dimse.CANCEL, _NO_COUNTS, None, None)
-            return
         target, message_id = self.move_destination, None
         if self.upstream.move_mode == "proxy" and self.spool is not None:
             # Proxy mode: the upstream moves to this router, which relays each
@@ -508,6 +557,7 @@ class MoveProxy(_RetrieveProxy):
             message_id = register_move(self.spool, self.destination_name, self.upstream.name,
                                        self._scope())
             target = self.router_ae
+        self._message_id, self._moved_here = message_id, 0
         try:
             async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,
                                               message_id=message_id):
@@ -515,7 +565,15 @@ class MoveProxy(_RetrieveProxy):
                 self._relay_response(rsp, data, ctx.transfer_syntax)
         finally:
             if message_id is not None and self.spool is not None:
+                self._moved_here = sub_operations_of(self.spool, message_id)
+                self._message_id = None
                 end_move(self.spool, message_id)
+
+    def _relayed(self) -> int:
+        # Proxy mode only: in direct mode the upstream's responses are all there is.
+        if self._message_id is not None and self.spool is not None:
+            return sub_operations_of(self.spool, self._message_id)
+        return self._moved_here
 
     def _scope(self) -> MoveScope | None:
         """What the upstream is asked to move (workers/moves.py): the identifier as
@@ -569,6 +627,11 @@ class GetProxy(_RetrieveProxy):
         super().__init__(request, upstreams=upstreams, respond=respond)
         self.relay = relay
         self.relayed = 0
+        # The sub-operations of the upstream asked now: how many, and the
+        # requestor's answers (completed, failed, warning), in case it breaks off
+        # without a pending response (see _cut_short).
+        self._seen = 0
+        self._tally = [0, 0, 0]
         # (SOP class, transfer syntax) -> the requestor's context that serves it.
         self._offered: dict[tuple[str, str], NegotiatedContext] = {}
 
@@ -589,27 +652,40 @@ class GetProxy(_RetrieveProxy):
         a native one any native one (the instance is then converted)."""
         return context_for_instance(self._offered.values(), sop_class, transfer_syntax)
 
+    def _relayed(self) -> int:
+        return self._seen
+
+    def _relayed_counts(self) -> Counts:
+        completed, failed, warning = self._tally
+        return None, completed, failed, warning
+
     async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
                         identifier: bytes) -> None:
+        self._seen, self._tally = 0, [0, 0, 0]
         async for msg, context_id, data in assoc.get(ctx, identifier, priority=self.priority):
             if isinstance(msg, dimse.CStoreRQ):
                 up_ctx = assoc.engine.contexts[context_id]
-                await self._sub_operation(assoc, context_id, msg, up_ctx.transfer_syntax,
-                                          self._inbound_for(up_ctx.abstract_syntax,
-                                                            up_ctx.transfer_syntax))
+                self._seen += 1
+                status = await self._sub_operation(
+                    assoc, context_id, msg, up_ctx.transfer_syntax,
+                    self._inbound_for(up_ctx.abstract_syntax, up_ctx.transfer_syntax))
+                category = dimse.status_category(status)
+                self._tally[0 if category is dimse.StatusCategory.SUCCESS else
+                            2 if category is dimse.StatusCategory.WARNING else 1] += 1
                 continue
             assert isinstance(msg, dimse.CGetRSP)
             self._relay_response(msg, data, ctx.transfer_syntax)
 
     async def _sub_operation(self, assoc: OutboundAssociation, context_id: int,
                              rq: dimse.CStoreRQ, transfer_syntax: str,
-                             inbound: NegotiatedContext | None) -> None:
+                             inbound: NegotiatedContext | None) -> int:
+        """Relay one C-STORE sub-operation; the status it was answered upstream."""
         if inbound is None:
             async for _ in assoc.fragments():
                 pass  # nowhere to send it: read and refuse
             assoc.reply_store(context_id, rq, dimse.SOP_CLASS_NOT_SUPPORTED,
                               "the requestor accepted no context for it")
-            return
+            return dimse.SOP_CLASS_NOT_SUPPORTED
         converted: bytes | None = None
         if inbound.transfer_syntax != transfer_syntax:
             # Another native syntax: the whole data set is needed to convert it.
@@ -620,7 +696,7 @@ class GetProxy(_RetrieveProxy):
             except ProtocolError as exc:
                 assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
                                   f"cannot convert it: {exc}")
-                return
+                return dimse.PROCESSING_FAILURE
         mid = self.relay.begin_store(inbound, rq)
         result = self.relay.store_result(mid)
         if converted is not None:
@@ -636,9 +712,10 @@ class GetProxy(_RetrieveProxy):
         except TimeoutError:
             assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
                               "the requestor did not answer the C-STORE")
-            return
+            return dimse.PROCESSING_FAILURE
         self.relayed += 1
         assoc.reply_store(context_id, rq, int(rsp.status), rsp.error_comment)
+        return int(rsp.status)
 
     def _outcome(self) -> str:
         return f"{self.label} via {self.upstream.name}: {self.relayed} instance(s) relayed,"

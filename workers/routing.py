@@ -64,7 +64,7 @@ from router.logline import first_line
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
-from workers.moves import move_of
+from workers.moves import move_of, note_sub_operation
 from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
@@ -146,13 +146,15 @@ class InstanceRouter:
             def instance_value(tag: int) -> str | None:
                 return self._key_value(path, writer, tag)
 
-            destination, running = move_of(self.config.spool, move_message_id,
-                                           from_upstream, instance_value)
+            destination, running, move = move_of(self.config.spool, move_message_id,
+                                                 from_upstream, instance_value)
             if destination is None and move_message_id is None and running > 1:
                 log.warning("C-STORE from %s names no Move Originator and is within %d "
                             "of the moves it serves: whose it is is unknown, routed by "
                             "the rules", association.calling_ae, running)
             if destination is not None:
+                if move is not None:
+                    note_sub_operation(self.config.spool, move)
                 forward = Forward(destination=destination, changes=Changes(), transparent=True,
                                   rules=(f"C-MOVE {move_message_id or '(no message ID)'}",))
                 decision = Decision(outcome="forward", forwards=(forward,),
