@@ -156,7 +156,6 @@ def transparent_failure_status() -> int:
 class _Entry:
     name: str
     failures: int = 0
-    recorded: bool = False  # has a failure record on disk (workers/queue.py)
     uid: str | None = None  # its SOP Instance UID, once read: for the log and dead/
     # DestinationActor.stats.delivered when it last failed for the destination's state
     # (refused for want of resources, association lost or timed out): see _stalled.
@@ -212,7 +211,8 @@ class DestinationActor:
         self._delayed: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
         self._known: set[str] = set()
-        # Queued instances with a failure record on disk from before (workers/queue.py).
+        # Queued instances with a failure record on disk (workers/queue.py): found by
+        # scan(), or written here.
         self._recorded: set[str] = set()
         self._urgent: deque[_Urgent] = deque()
         self._wake = asyncio.Event()
@@ -596,7 +596,7 @@ class DestinationActor:
                 self.spool.retire(queue_folder(self.name), entry.name, fd)
             self._unclaim(path, fd)
             self._known.discard(entry.name)
-            if entry.recorded or entry.name in self._recorded:
+            if entry.name in self._recorded:
                 self._recorded.discard(entry.name)
                 forget_failures(self.spool.root, self.name, entry.name)
             self._count_delivered(path, part10, status)
@@ -649,12 +649,13 @@ class DestinationActor:
                     else answer or (transparent_failure_status(), reason))
             return
         assert entry is not None
+        now = self.wall_clock()
         record = note_failure(self.spool.root, self.name, entry.name, counted=counted,
-                              reason=reason, now=self.wall_clock())
-        entry.recorded = True
+                              reason=reason, now=now)
+        self._recorded.add(entry.name)
         entry.failures = max(entry.failures + counted, record.failures)
         attempts = self.destination.retry.attempts
-        failing_for = self.wall_clock() - record.first
+        failing_for = now - record.first
         expired = failing_for >= self.destination.retry.give_up_after
         if permanent or entry.failures >= attempts or expired:
             why = (reason if permanent
@@ -679,6 +680,7 @@ class DestinationActor:
                            reason=why)
             self._unclaim(self.folder / entry.name, fd)
             self._known.discard(entry.name)
+            self._recorded.discard(entry.name)  # move_to_dead removed the record
             return
         delay = self.destination.retry.delay(max(entry.failures, 1), self.rng())
         self.stats.retried += 1

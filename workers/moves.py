@@ -37,8 +37,8 @@ from pydicom.multival import MultiValue
 
 from workers.spool import is_live
 
-__all__ = ["MOVES_DIR", "MoveScope", "end_move", "move_of", "move_scope", "note_sub_operation",
-           "register_move", "sub_operations_of"]
+__all__ = ["MOVES_DIR", "MoveScope", "end_move", "key_text", "move_of", "move_scope",
+           "note_sub_operation", "register_move", "sub_operations_of"]
 
 MOVES_DIR: Final = "moves"
 _RELAYED: Final = ".relayed"  # <message ID>.relayed: a byte per sub-operation relayed
@@ -65,11 +65,13 @@ def move_scope(identifier: Dataset) -> MoveScope | None:
         return None
     value = identifier[tag].value
     values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
-    found = frozenset(v for v in (_key_text(v) for v in values) if v)
+    found = frozenset(v for v in (key_text(v) for v in values) if v)
     return (tag, found) if found else None
 
 
-def _key_text(value: object) -> str:
+def key_text(value: object) -> str:
+    """A unique key's value as a move's scope holds it and an instance's is compared
+    with it: text, without the padding (space, or NUL for UIDs; PS3.5 §6.2)."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     return str(value).strip(" \0")
@@ -97,7 +99,6 @@ def register_move(spool: Path, destination: str, upstream: str,
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({
                 "destination": destination, "upstream": upstream, "pid": os.getpid(),
-                "message_id": mid,
                 "scope": None if scope is None else [scope[0], sorted(scope[1])]}))
         return mid
     raise OSError("no free C-MOVE message ID: 65535 moves in progress")
@@ -122,23 +123,24 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
     (asked only then; None: the C-STORE belongs to no move). If two running moves
     could claim it, nothing says which: None, and the rules route it."""
     if message_id is not None:
-        record = _live_record(spool / MOVES_DIR / f"{int(message_id)}.json")
-        running = [] if record is None else [record]
+        paths = [spool / MOVES_DIR / f"{int(message_id)}.json"]
     else:
         try:
             paths = list((spool / MOVES_DIR).glob("*.json"))
         except OSError:
             paths = []
-        running = [r for r in map(_live_record, paths) if r is not None]
-    running = [r for r in running
+    # (message ID: the record's file name, record)
+    running = [(int(path.stem), record) for path in paths if path.stem.isdigit()
+               and (record := _live_record(path)) is not None]
+    running = [(mid, r) for mid, r in running
                if isinstance(r.get("upstream"), str) and from_upstream(r["upstream"])]
     if message_id is None:
-        running = [r for r in running if _in_scope(r.get("scope"), instance_value)]
-    destination = running[0].get("destination") if len(running) == 1 else None
-    if not isinstance(destination, str):
+        running = [(mid, r) for mid, r in running
+                   if _in_scope(r.get("scope"), instance_value)]
+    if len(running) != 1 or not isinstance(running[0][1].get("destination"), str):
         return None, len(running), None
-    mid = running[0].get("message_id", message_id)
-    return destination, len(running), mid if isinstance(mid, int) else None
+    mid, record = running[0]
+    return record["destination"], 1, mid
 
 
 def _in_scope(scope: object, instance_value: Callable[[int], str | None] | None) -> bool:

@@ -64,7 +64,7 @@ from router.logline import first_line
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
-from workers.moves import move_of, note_sub_operation
+from workers.moves import key_text, move_of, note_sub_operation
 from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
@@ -143,6 +143,7 @@ class InstanceRouter:
                 return upstream is not None and upstream.is_peer(association.calling_ae,
                                                                  association.peer)
 
+            @functools.cache  # asked once per running move in scope: read once
             def instance_value(tag: int) -> str | None:
                 return self._key_value(path, writer, tag)
 
@@ -208,7 +209,7 @@ class InstanceRouter:
             return None     # header, next, answers a broken one.
         if value is None or isinstance(value, (list, tuple, MultiValue)):
             return None  # a key of an instance has one value
-        return str(value).strip(" \0") or None
+        return key_text(value) or None
 
     def _header(self, path: Path, transfer_syntax: str, offset: int) -> Dataset:
         if not self.rules.needs_dataset:
