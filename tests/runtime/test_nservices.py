@@ -42,16 +42,26 @@ def _associated(ae_title: str, sop_class: str, port: int) -> Any:
     return assoc
 
 
-def _serving(ae_title: str, sop_class: str, event: Any, handler: Any) -> tuple[int, Any]:
-    """A pynetdicom SCP of ``sop_class`` on a free loopback port, ``handler`` answering
-    ``event``: (its port, its server, to shut down)."""
+def _serving(ae_title: str, sop_class: str, *handlers: tuple[Any, Any]) -> tuple[int, Any]:
+    """A pynetdicom SCP of ``sop_class`` on a free loopback port with ``handlers``,
+    (event, handler) pairs: (its port, its server, to shut down)."""
     from pynetdicom import AE
 
     scp = AE(ae_title=ae_title)
     scp.add_supported_context(sop_class)
     port = free_port()
     return port, scp.start_server(("127.0.0.1", port), block=False,
-                                  evt_handlers=[(event, handler)])
+                                  evt_handlers=list(handlers))
+
+
+def _commitment_router(tmp_path: Path, pacs_port: int, modality_port: int,
+                       port: int | None = None) -> Router:
+    """The router relaying Storage Commitment to the PACS, and its results to the
+    modality, a [[destination]]."""
+    return Router(tmp_path, port=port, extra=(
+        '[routing]\nstorage_commitment = "pacs"\n'
+        + _destination("pacs", pacs_port, "PACS")
+        + _destination("modality", modality_port, "MODALITY")))
 
 
 def _modality(on_report: Callable[[Dataset], object],
@@ -164,11 +174,8 @@ def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
         threading.Thread(target=report_later, args=(event.action_information,)).start()
         return 0x0000, None
 
-    pacs_port, pacs_server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
-    router = Router(tmp_path, port=router_port, extra=(
-        '[routing]\nstorage_commitment = "pacs"\n'
-        + _destination("pacs", pacs_port, "PACS")
-        + _destination("modality", modality_port, "MODALITY")))
+    pacs_port, pacs_server = _serving("PACS", COMMITMENT, (evt.EVT_N_ACTION, on_action))
+    router = _commitment_router(tmp_path, pacs_port, modality_port, port=router_port)
     try:
         router.wait_for("ready: 2 workers serving")
         assoc = _associated("MODALITY", COMMITMENT, router.port)
@@ -227,15 +234,9 @@ def test_the_modality_hears_the_n_action_response_before_the_report(
         assoc.send_n_event_report(report, 1, COMMITMENT, COMMITMENT_INSTANCE)
         assoc.release()
 
-    pacs = AE(ae_title="PACS")
-    pacs.add_supported_context(COMMITMENT)
-    pacs_port = free_port()
-    pacs_server = pacs.start_server(("127.0.0.1", pacs_port), block=False, evt_handlers=[
-        (evt.EVT_N_ACTION, on_action), (evt.EVT_ACSE_RECV, report_before_release)])
-    router = Router(tmp_path, port=router_port, extra=(
-        '[routing]\nstorage_commitment = "pacs"\n'
-        + _destination("pacs", pacs_port, "PACS")
-        + _destination("modality", modality_port, "MODALITY")))
+    pacs_port, pacs_server = _serving("PACS", COMMITMENT, (evt.EVT_N_ACTION, on_action),
+                                      (evt.EVT_ACSE_RECV, report_before_release))
+    router = _commitment_router(tmp_path, pacs_port, modality_port, port=router_port)
     try:
         router.wait_for("ready: 2 workers serving")
         assoc = _associated("MODALITY", COMMITMENT, router.port)
@@ -298,7 +299,7 @@ def test_commitment_from_a_requestor_the_result_cannot_reach_is_refused_up_front
         asked.append(event.action_information.TransactionUID)
         return 0x0000, None
 
-    pacs_port, server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
+    pacs_port, server = _serving("PACS", COMMITMENT, (evt.EVT_N_ACTION, on_action))
     router = Router(tmp_path, extra='[routing]\nstorage_commitment = "pacs"\n'
                     + _destination("pacs", pacs_port, "PACS"))
     try:
@@ -328,7 +329,7 @@ def test_a_commitment_request_that_fails_leaves_no_record(
     def on_action(event: Any) -> tuple[int, None]:
         return pacs_answers or 0, None
 
-    pacs_port, server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
+    pacs_port, server = _serving("PACS", COMMITMENT, (evt.EVT_N_ACTION, on_action))
     if pacs_answers is None:
         server.shutdown()  # nobody listens on its port now
     router = Router(tmp_path, extra='[routing]\nstorage_commitment = "pacs"\n'
@@ -380,10 +381,8 @@ def test_a_commitment_result_from_anyone_but_the_pacs_is_refused(tmp_path: Path)
     def on_action(event: Any) -> tuple[int, None]:
         return 0x0000, None  # the PACS will report later (not in this test)
 
-    pacs_port, server = _serving("PACS", COMMITMENT, evt.EVT_N_ACTION, on_action)
-    router = Router(tmp_path, extra='[routing]\nstorage_commitment = "pacs"\n'
-                    + _destination("pacs", pacs_port, "PACS")
-                    + _destination("modality", free_port(), "MODALITY"))
+    pacs_port, server = _serving("PACS", COMMITMENT, (evt.EVT_N_ACTION, on_action))
+    router = _commitment_router(tmp_path, pacs_port, free_port())
     try:
         router.wait_for("ready: 2 workers serving")
         action = _commitment_request(generate_uid())

@@ -56,6 +56,19 @@ def _queue(spool: Spool, dest: str, tmp: Path, count: int, **kw: Any) -> list[Pa
     return out
 
 
+def _big_endian_queue(tmp_path: Path, port: int,
+                      sizes_kb: list[int]) -> tuple[Spool, DestinationActor]:
+    """A spool whose "pacs" queue holds big endian CTs of ``sizes_kb``, and the
+    destination's actor: the SCPs here take little endian only, so each is converted."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    folder = spool.root / "queue" / "pacs"
+    folder.mkdir(parents=True)
+    for n, size_kb in enumerate(sizes_kb, 1):
+        make_ct(folder / f"{n:020d}-1-{n}.dcm", size_kb=size_kb, seed=n,
+                transfer_syntax="1.2.840.10008.1.2.2")
+    return spool, DestinationActor(_destination(port), spool, share=1)
+
+
 def _run_until_set(actor: DestinationActor, event: threading.Event,
                    timeout: float = 60.0) -> None:
     """Run ``actor`` until ``event`` is set from another thread (an SCP's handler)."""
@@ -379,12 +392,7 @@ def test_an_instance_in_another_native_syntax_is_converted(tmp_path: Path) -> No
     port = free_port()
     server = _status_scp(0x0000, port)  # accepts CT in little endian only
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        folder = spool.root / "queue" / "pacs"
-        folder.mkdir(parents=True)
-        make_ct(folder / "00000000000000000001-1-1.dcm", size_kb=4,
-                transfer_syntax="1.2.840.10008.1.2.2")  # big endian: converted
-        actor = DestinationActor(_destination(port), spool, share=1)
+        _, actor = _big_endian_queue(tmp_path, port, [4])
         asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
     finally:
         server.shutdown()
@@ -403,13 +411,7 @@ def test_an_instance_too_large_to_convert_is_a_dead_letter_saying_so(
     port = free_port()
     server = _status_scp(0x0000, port)  # accepts CT in little endian only
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        folder = spool.root / "queue" / "pacs"
-        folder.mkdir(parents=True)
-        for n, size_kb in ((1, 2048), (2, 512)):
-            make_ct(folder / f"0000000000000000000{n}-1-{n}.dcm", size_kb=size_kb, seed=n,
-                    transfer_syntax="1.2.840.10008.1.2.2")  # big endian: converted
-        actor = DestinationActor(_destination(port), spool, share=1)
+        spool, actor = _big_endian_queue(tmp_path, port, [2048, 512])
         asyncio.run(_run_until(actor, lambda: actor.stats.dead + actor.stats.delivered == 2))
     finally:
         server.shutdown()
