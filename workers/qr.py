@@ -197,15 +197,17 @@ class FindProxy(_Relayed):
         outcomes = await asyncio.gather(*(self._query(d) for d in self.upstreams),
                                         return_exceptions=True)
         failures: list[tuple[int, str]] = []
-        completed = 0
+        answered: list[str] = []  # the upstreams whose matches are complete
+        failed: list[str] = []
         for destination, outcome in zip(self.upstreams, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                failures.append((dimse.REFUSED_OUT_OF_RESOURCES,
-                                 f"{destination.name}: {outcome}"))
-            elif outcome[0] in (dimse.SUCCESS, dimse.CANCEL):
-                completed += 1
+                outcome = (dimse.REFUSED_OUT_OF_RESOURCES, f"{destination.name}: {outcome}")
+            if outcome[0] in (dimse.SUCCESS, dimse.CANCEL):
+                answered.append(destination.name)
             else:
                 failures.append(outcome)
+                failed.append(f"{destination.name} (0x{outcome[0]:04X})")
+        completed = len(answered)
         if self.cancelled:
             status, comment = dimse.CANCEL, None
         elif not failures:
@@ -217,8 +219,11 @@ class FindProxy(_Relayed):
             status, comment = failures[0]
         for code, reason in failures:
             log.warning("C-FIND %s: upstream failed with 0x%04X: %s", self.label, code, reason)
-        log.info("C-FIND %s: %d match(es) from %s, status 0x%04X", self.label, self.matches,
-                 ", ".join(d.name for d in self.upstreams), status)
+        # A failed upstream is named as failed, never among the sources: the
+        # summary must not suggest its matches are in the list.
+        log.info("C-FIND %s: %d match(es) from %s%s, status 0x%04X", self.label,
+                 self.matches, ", ".join(answered) or "no upstream",
+                 f"; failed: {', '.join(failed)}" if failed else "", status)
         self.answered = True
         self.respond(status, None, comment)
 

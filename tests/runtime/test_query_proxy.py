@@ -439,6 +439,8 @@ def test_two_upstreams_one_down_is_a_failure_after_the_others_matches(
         done = _findscu_said(dcmtk, router.port, "-d", "-k", "QueryRetrieveLevel=STUDY",
                              "-k", "StudyInstanceUID", "-k", "PatientID")
         router.wait_for("upstream failed with 0xA700")
+        # The summary names the PACS that answered as the source, the other as failed.
+        router.wait_for("3 match(es) from pacs; failed: down (0xA700), status 0xA700")
     finally:
         router.stop()
     said = done.stdout + done.stderr
