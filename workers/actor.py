@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import datetime
 import functools
 import itertools
 import logging
-import re
 import socket
 import threading
 import time
@@ -78,6 +76,7 @@ from router.dicom.pdu import AAssociateAC, AAssociateRJ
 from router.net.client import rejected_answer, response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
+from workers.logcontext import serving
 from workers.nservices import (
     forget_commitment,
     relay_n_request,
@@ -105,7 +104,7 @@ from workers.spool import (
     status_for_error,
 )
 
-__all__ = ["ActorSettings", "AssociationActor", "AssociationLogFilter", "AssociationStats"]
+__all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
 
 log = logging.getLogger("workers.actor")
 
@@ -117,43 +116,6 @@ MAX_IDENTIFIER = 1 << 20
 # Largest data set whose routing (reading the attributes rules need) runs on the loop;
 # bigger ones are routed on the commit thread.
 LOOP_ROUTING_MAX_BYTES = 4 << 20
-
-#: The actor whose events are being handled: lines that other libraries log meanwhile
-#: (pydicom on a bad Specific Character Set, say) are named after its association by
-#: :class:`AssociationLogFilter`. Tasks it starts inherit it (asyncio copies the context).
-handling: contextvars.ContextVar[AssociationActor | None] = contextvars.ContextVar(
-    "handling", default=None)
-
-
-class AssociationLogFilter(logging.Filter):
-    """Prefix records of other libraries with the association being handled, keep a
-    captured Python warning on one line (no file path, no source line), and drop
-    the one that repeats what pydicom has just logged (its ``warn_and_log`` does
-    both: the same warning was two lines)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._pydicom_said = ""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        actor = handling.get()
-        if record.name == "pydicom":
-            self._pydicom_said = record.getMessage()
-        elif record.name == "py.warnings":
-            first_line = _WARNING_SOURCE.sub("", record.getMessage().split("\n", 1)[0])
-            said, self._pydicom_said = self._pydicom_said, ""
-            if said and first_line.endswith(f"Warning: {said}"):
-                return False
-            record.msg, record.args = first_line, None
-        if actor is not None and not record.name.startswith(("workers.", "router.")):
-            record.msg = f"association {actor._who()}: {record.getMessage()}"
-            record.args = None
-        return True
-
-
-# "/path/to/module.py:738: " before a captured warning's category.
-_WARNING_SOURCE = re.compile(r"^.*?:\d+: (?=\w+Warning)")
-
 
 def new_receive_buffer() -> memoryview:
     """A receive buffer for actors (RECV_BUFFER bytes; large reads are cheap)."""
@@ -306,11 +268,11 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._after_engine()
 
     def _run_mailbox(self) -> None:
-        token = handling.set(self)
+        token = serving.set(self._serving)
         try:
             self._run_events()
         finally:
-            handling.reset(token)
+            serving.reset(token)
 
     def _run_events(self) -> None:
         mailbox = self._mailbox
@@ -1195,6 +1157,10 @@ class AssociationActor(asyncio.BufferedProtocol):
         """What association conditions of the rules look at."""
         return AssociationInfo(calling_ae=self.stats.calling_ae,
                                called_ae=self.stats.called_ae, peer=self.stats.peer[0])
+
+    def _serving(self) -> str:
+        """The prefix of other libraries' lines logged while this actor works."""
+        return f"association {self._who()}"
 
     def _who(self) -> str:
         s = self.stats

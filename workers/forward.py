@@ -82,6 +82,7 @@ from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
+from workers.logcontext import serving
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
@@ -443,6 +444,9 @@ class DestinationActor:
                 self._failed(None, urgent, -1, f"cannot read the instance: {exc}", None,
                              permanent=True)
                 return assoc
+        # pydicom's lines meanwhile (converting it, say) name what is being sent.
+        who = f"destination {self.name}, {path.name}"
+        serving.set(lambda: who)  # this sender task's own context: no reset needed
         try:
             try:
                 part10 = _identity(source, path)

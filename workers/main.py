@@ -52,10 +52,10 @@ from rules.conditions import peer_address
 from workers.actor import (
     ActorSettings,
     AssociationActor,
-    AssociationLogFilter,
     new_receive_buffer,
 )
 from workers.forward import DestinationActor, transparent_failure_status
+from workers.logcontext import LibraryLogFilter
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter
 from workers.spool import TMP_DIR, GroupCommitter, RingCommitter, Spool
@@ -748,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     # any library's line named after the association it came from.
     logging.captureWarnings(True)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(AssociationLogFilter())
+        handler.addFilter(LibraryLogFilter())
     worker = Worker(config, worker_id=args.worker_id, channel_fd=args.channel_fd,
                     run_dir=args.run_dir, overrides=overrides,
                     rules=rules)

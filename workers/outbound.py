@@ -261,8 +261,9 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             # Whole data sets in memory, decoded and encoded by pydicom: off the event
             # loop, or a big one stalls every association of this worker (and its
             # heartbeat: the supervisor killed it, again after each restart).
-            converted = await asyncio.get_running_loop().run_in_executor(
-                None, _converted, path, fd, part10, ctx.transfer_syntax)
+            # (to_thread: in this task's context, so pydicom's lines name whom we serve)
+            converted = await asyncio.to_thread(
+                _converted, path, fd, part10, ctx.transfer_syntax)
         mid = next(self._ids)
         originator_ae, originator_id = move_originator or (None, None)
         rq = dimse.CStoreRQ(

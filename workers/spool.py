@@ -98,6 +98,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import enum
 import errno
 import fcntl
@@ -951,6 +952,10 @@ class GroupCommitter:
         except OSError as exc:
             future.set_exception(exc)
             return future
+        if route is not None and not isinstance(route, Placement):
+            # The rules run in the submitter's context, so what pydicom logs while
+            # they read the data set names the association (workers.logcontext).
+            route = _in_context(route, contextvars.copy_context())
         with self._lock:
             if self._closing:
                 writer._abandon()
@@ -1025,6 +1030,12 @@ class GroupCommitter:
 
 
 _Job = tuple[SpoolWriter, "concurrent.futures.Future[Placed]", "Router | Placement | None"]
+
+
+def _in_context(route: Router, context: contextvars.Context) -> Router:
+    def routed(writer: SpoolWriter, path: Path) -> Placement:
+        return context.run(route, writer, path)
+    return routed
 
 
 def _take_back(placed: Placed) -> None:

@@ -692,6 +692,47 @@ def test_a_value_with_a_newline_cannot_forge_a_log_line(tmp_path: Path) -> None:
     assert all("\\n2026-11-26 07:00:00,000" in line for line in lines), lines
 
 
+def test_pydicom_lines_name_the_association_or_the_destination(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """pydicom warns about an unknown Specific Character Set while the rules read
+    PatientName, and again while the instance is converted for a destination that
+    takes Implicit VR only. Every such line names whom it concerns: the association
+    for the rules, also for a data set over 4 MiB, whose rules run on the commit
+    thread (its lines were bare); the destination and the queued file for the
+    conversion (bare too)."""
+    from router.net.client import connect
+
+    sink = storescp_server(tmp_path, procs, aet="OLDPACS", args=["+xi", "+B"], dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "vip"\n[rule.when]\nPatientName = "VIP*"\n[rule.then]\n'
+        'forward = ["old"]\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("old", sink.port, "OLDPACS"))
+    small, big = tmp_path / "small.dcm", tmp_path / "big.dcm"
+    make_ct(small, size_kb=8, seed=1,
+            attrs={"SpecificCharacterSet": "ISO_IR 998", "PatientName": "VIP^A"})
+    make_ct(big, size_kb=6000, seed=2,
+            attrs={"SpecificCharacterSet": "ISO_IR 999", "PatientName": "VIP^B"})
+    try:
+        router.wait_for("ready: 1 workers serving")
+        with connect("127.0.0.1", router.port, calling_ae="MOD", called_ae="ROUTER",
+                     contexts=[("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])],
+                     ) as assoc:
+            assert assoc.store(small).status == 0x0000
+            assert assoc.store(big).status == 0x0000
+            assoc.release()
+        router.wait_count("forward old:", 2)
+    finally:
+        assert router.stop() == 0
+    lines = [line for line in router.log().splitlines() if "Unknown encoding" in line]
+    by_association = [line for line in lines if ": association w1-a1 MOD->ROUTER " in line]
+    by_destination = [line for line in lines if ": destination old, " in line]
+    assert sorted(lines) == sorted(by_association + by_destination), lines
+    for charset in ("ISO_IR 998", "ISO_IR 999"):
+        assert any(charset in line for line in by_association), lines
+        assert any(charset in line for line in by_destination), lines
+
+
 def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "x"\n[rule.when]\nModallity = "CT"\n[rule.then]\nforward = ["pacs"]\n')

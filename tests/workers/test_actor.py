@@ -159,16 +159,12 @@ def test_library_log_lines_name_the_association_being_handled(
     association sent it (the actor's own lines name it already)."""
     import logging
 
-    from workers.actor import AssociationLogFilter, handling
+    from workers.logcontext import LibraryLogFilter, serving
 
-    class Actor:
-        def _who(self) -> str:
-            return "w1-a7 VIEWER->ROUTER 10.0.0.9:4242"
-
-    caplog.handler.addFilter(AssociationLogFilter())
+    caplog.handler.addFilter(LibraryLogFilter())
     with caplog.at_level(logging.INFO):
         logging.getLogger("pydicom").warning("Unknown encoding '%s'", "GARBAGE")
-        token = handling.set(Actor())  # type: ignore[arg-type]
+        token = serving.set(lambda: "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242")
         try:
             logging.getLogger("pydicom").warning("Unknown encoding '%s'", "GARBAGE")
             logging.getLogger("workers.qr").info("C-FIND %s: 0 match(es)", "x")
@@ -176,7 +172,7 @@ def test_library_log_lines_name_the_association_being_handled(
                 "%s", "/x/pydicom/charset.py:738: UserWarning: Unknown encoding 'G'\n"
                 "  _warn_about_invalid_encoding(encoding)\n")
         finally:
-            handling.reset(token)
+            serving.reset(token)
     assert [r.getMessage() for r in caplog.records] == [
         "Unknown encoding 'GARBAGE'",
         "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242: Unknown encoding 'GARBAGE'",
@@ -193,9 +189,9 @@ def test_a_warning_pydicom_has_logged_is_not_logged_twice(
 
     from pydicom.valuerep import validate_value
 
-    from workers.actor import AssociationLogFilter
+    from workers.logcontext import LibraryLogFilter
 
-    caplog.handler.addFilter(AssociationLogFilter())
+    caplog.handler.addFilter(LibraryLogFilter())
     logging.captureWarnings(True)
     try:
         with caplog.at_level(logging.INFO), warnings.catch_warnings():
