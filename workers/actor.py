@@ -77,6 +77,7 @@ from router.net.client import rejected_answer, response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
 from workers.logcontext import serving
+from workers.moves import note_sub_operation_status
 from workers.nservices import (
     forget_commitment,
     relay_n_request,
@@ -627,6 +628,8 @@ class AssociationActor(asyncio.BufferedProtocol):
             # would take it as one. The destination failed to store it.
             comment = f"{routed.transparent} answered 0x{status:04X}, not a final status"
             status = dimse.PROCESSING_FAILURE
+        if routed.move is not None:
+            note_sub_operation_status(self.spool.root, routed.move, status)
         self._busy = False
         self._store_respond(ctx, msg, status, None, size, comment=comment, routed=routed)
         self._run_mailbox()

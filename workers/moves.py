@@ -29,19 +29,25 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from router.dicom import dimse
 from workers.spool import is_live
 
-__all__ = ["MOVES_DIR", "MoveScope", "end_move", "key_text", "move_of", "move_scope",
-           "note_sub_operation", "register_move", "sub_operations_of"]
+__all__ = ["MOVES_DIR", "MoveScope", "SubOperations", "end_move", "key_text", "move_of",
+           "move_scope", "note_sub_operation", "note_sub_operation_status", "register_move",
+           "sub_operations_of"]
 
 MOVES_DIR: Final = "moves"
-_RELAYED: Final = ".relayed"  # <message ID>.relayed: a byte per sub-operation relayed
+# <message ID>.relayed: a byte when a sub-operation is relayed, another when its
+# destination has answered, saying how.
+_RELAYED: Final = ".relayed"
+_STARTED, _COMPLETED, _FAILED, _WARNING = b".", b"c", b"f", b"w"
 # A record older than this belongs to a move nobody waits for any more (a crash).
 _STALE_SECONDS: Final = 24 * 3600
 
@@ -179,22 +185,57 @@ def end_move(spool: Path, message_id: int) -> None:
 
 def note_sub_operation(spool: Path, message_id: int) -> None:
     """One more sub-operation of the move ``message_id`` is being relayed (in any
-    worker): one byte appended to its tally, an atomic append whoever writes.
-    The move's proxy reads it when the upstream sends no pending responses (they
-    are optional): it then knows the move did something, and must not hand it to
-    another upstream that would send it all again."""
+    worker). The move's proxy reads the tally when the upstream sends no pending
+    responses (they are optional): it then knows the move did something, and must
+    not hand it to another upstream that would send it all again."""
+    _tally(spool, message_id, _STARTED, create=True)
+
+
+def note_sub_operation_status(spool: Path, message_id: int, status: int) -> None:
+    """The destination answered a relayed sub-operation of ``message_id`` with
+    ``status``: the counts of a move the upstream breaks off without pending
+    responses are then still the true ones (PS3.4 C.4.2.1.4)."""
+    category = dimse.status_category(status)
+    # Not created if missing: the move has ended meanwhile, and a tally made now
+    # would be left behind.
+    _tally(spool, message_id, _COMPLETED if category is dimse.StatusCategory.SUCCESS
+           else _WARNING if category is dimse.StatusCategory.WARNING else _FAILED,
+           create=False)
+
+
+def _tally(spool: Path, message_id: int, mark: bytes, *, create: bool) -> None:
+    # One byte appended: an atomic append, whichever worker writes (O_APPEND).
     with contextlib.suppress(OSError):
         fd = os.open(spool / MOVES_DIR / f"{message_id}{_RELAYED}",
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                     os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                     0o644)
         try:
-            os.write(fd, b".")
+            os.write(fd, mark)
         finally:
             os.close(fd)
 
 
-def sub_operations_of(spool: Path, message_id: int) -> int:
-    """How many sub-operations of the move ``message_id`` have been relayed so far."""
+@dataclass(frozen=True, slots=True)
+class SubOperations:
+    """The sub-operations of a proxied move relayed so far: how many started, and
+    the destination's answers to them by category; started but not answered ones
+    are in flight."""
+
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+    @property
+    def in_flight(self) -> int:
+        return max(0, self.started - self.completed - self.failed - self.warning)
+
+
+def sub_operations_of(spool: Path, message_id: int) -> SubOperations:
+    """The sub-operations of the move ``message_id`` relayed so far."""
     try:
-        return (spool / MOVES_DIR / f"{message_id}{_RELAYED}").stat().st_size
+        tally = (spool / MOVES_DIR / f"{message_id}{_RELAYED}").read_bytes()
     except OSError:
-        return 0
+        return SubOperations()
+    return SubOperations(started=tally.count(_STARTED), completed=tally.count(_COMPLETED),
+                         failed=tally.count(_FAILED), warning=tally.count(_WARNING))

@@ -62,6 +62,7 @@ from router.dicom.negotiation import NegotiatedContext, context_for_instance
 from rules import Changes
 from workers.moves import (
     MoveScope,
+    SubOperations,
     end_move,
     move_scope,
     register_move,
@@ -550,7 +551,7 @@ class MoveProxy(_RetrieveProxy):
         self.destination_name = destination_name
         # Proxy mode: the running move's message ID, and what it relayed once ended.
         self._message_id: int | None = None
-        self._moved_here = 0
+        self._moved_here = SubOperations()
 
     async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
                         identifier: bytes) -> None:
@@ -562,7 +563,7 @@ class MoveProxy(_RetrieveProxy):
             message_id = register_move(self.spool, self.destination_name, self.upstream.name,
                                        self._scope())
             target = self.router_ae
-        self._message_id, self._moved_here = message_id, 0
+        self._message_id, self._moved_here = message_id, SubOperations()
         try:
             async for rsp, data in assoc.move(ctx, identifier, target, priority=self.priority,
                                               message_id=message_id):
@@ -575,6 +576,15 @@ class MoveProxy(_RetrieveProxy):
                 end_move(self.spool, message_id)
 
     def _relayed(self) -> int:
+        return self._sub_operations().started
+
+    def _relayed_counts(self) -> Counts | None:
+        # The one in flight when the upstream broke off is failed: the upstream will
+        # not hear whether it arrived, and nothing says the destination kept it.
+        done = self._sub_operations()
+        return None, done.completed, done.failed + done.in_flight, done.warning
+
+    def _sub_operations(self) -> SubOperations:
         # Proxy mode only: in direct mode the upstream's responses are all there is.
         if self._message_id is not None and self.spool is not None:
             return sub_operations_of(self.spool, self._message_id)

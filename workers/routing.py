@@ -97,6 +97,7 @@ class Routed:
     status: int  # the C-STORE status to answer with (transparent: replaced later)
     comment: str | None = None  # Error Comment (0000,0902) for a refusal
     transparent: str | None = None  # destination of a transparent forward
+    move: int | None = None  # the proxied C-MOVE (message ID) this is a sub-operation of
 
     def describe(self) -> str:
         return self.decision.describe()
@@ -162,7 +163,7 @@ class InstanceRouter:
                                     rules=forward.rules)
                 return Placement(hold=True, note=Routed(decision=decision,
                                                         status=dimse.SUCCESS,
-                                                        transparent=destination))
+                                                        transparent=destination, move=move))
         header = self._header(path, writer.transfer_syntax, writer.dataset_offset)
         decision = self.rules.evaluate(association, header, self.clock())
         if decision.outcome == "reject":

@@ -187,6 +187,9 @@ def test_an_upstream_that_relayed_sub_operations_is_never_handed_over(
             final = responses[-1][0]
             assert final.Status == 0xC001, final
             assert "broke off after 2 sub-operations" in final.ErrorComment, final
+            # With no pending response, the counts are those the router relayed.
+            assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+                    final.NumberOfWarningSuboperations) == (2, 0, 0), final
             router.wait_count("forward viewer:", 2)
             got = [_uid(p) for p in received_files(sink.outdir)]
     finally:
@@ -302,3 +305,46 @@ def test_the_operation_limit_after_sub_operations_is_c001_with_the_counts(
     assert final.Status == 0xC001, final
     assert final.NumberOfCompletedSuboperations == 1, final
     assert "broke off after 1" in final.ErrorComment, final
+
+
+def test_a_broken_off_proxied_move_counts_what_the_destination_refused(
+        tmp_path: Path, no_pending: None) -> None:
+    """Proxy mode, no pending responses: the destination refuses the second of three
+    sub-operations (A700H), then the upstream aborts. The C001H used to carry no
+    counts at all; now it carries the destination's answers: 2 completed, 1 failed."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    stored: list[str] = []
+
+    def on_store(event: Any) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0xA700 if len(stored) == 2 else 0x0000
+
+    viewer = AE(ae_title="VIEWER_SCP")
+    viewer.supported_contexts = StoragePresentationContexts
+    viewer_port = free_port()
+    sink = viewer.start_server(("127.0.0.1", viewer_port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    study = make_study(tmp_path / "study", n_series=1, n_instances=4, size_kb=4, seed=35)
+    router_port = free_port()
+    port, server, _ = _upstream("UPA", study, abort_after=3,
+                                move_to=("127.0.0.1", router_port))
+    router = _router(tmp_path, [("a", port, "UPA", 'move_mode = "proxy"\n')],
+                     viewer=viewer_port, port=router_port)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _pynetdicom_requestor(router.port, get=False)
+        responses = list(assoc.send_c_move(
+            _query(str(pydicom.dcmread(study[0]).StudyInstanceUID)), "VIEWER_SCP",
+            STUDY_MOVE))
+        assoc.release()
+    finally:
+        router.stop()
+        server.shutdown()
+        sink.shutdown()
+    final = responses[-1][0]
+    assert final.Status == 0xC001, final
+    assert "broke off after 3 sub-operations" in final.ErrorComment, final
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+            final.NumberOfWarningSuboperations) == (2, 1, 0), final
+    assert sorted(stored) == sorted(_uid(p) for p in study[:3])
