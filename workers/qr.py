@@ -69,6 +69,7 @@ from workers.moves import (
     sub_operations_of,
 )
 from workers.outbound import (
+    MAX_CONVERTED_BYTES,
     OutboundAssociation,
     OutboundError,
     instance_syntaxes,
@@ -703,15 +704,37 @@ class GetProxy(_RetrieveProxy):
             return dimse.SOP_CLASS_NOT_SUPPORTED
         converted: bytes | None = None
         if inbound.transfer_syntax != transfer_syntax:
-            # Another native syntax: the whole data set is needed to convert it.
-            parts = [bytes(data) async for data, _ in assoc.fragments()]
+            # Another native syntax: the whole data set is needed to convert it, so
+            # its size is bounded as for a destination (MAX_CONVERTED_BYTES); past
+            # that the rest is read and dropped, never held.
+            parts: list[bytes] = []
+            size = 0
+            async for data, _ in assoc.fragments():
+                size += len(data)
+                if size <= MAX_CONVERTED_BYTES:
+                    parts.append(bytes(data))
+                else:
+                    parts.clear()
+            if size > MAX_CONVERTED_BYTES:
+                # The Error Comment holds 64 characters (LO): the log says the rest.
+                why = (f"too large to convert ({-(-size >> 20)} MiB, "
+                       f"at most {MAX_CONVERTED_BYTES >> 20} MiB)")
+                log.warning("%s %s sub-operation %s refused: %s to %s", self.kind,
+                            self.label, rq.affected_sop_instance_uid, why,
+                            inbound.transfer_syntax)
+                assoc.reply_store(context_id, rq, dimse.REFUSED_OUT_OF_RESOURCES, why)
+                return dimse.REFUSED_OUT_OF_RESOURCES
             try:
-                converted = transcode(b"".join(parts), transfer_syntax,
-                                      inbound.transfer_syntax)
+                # Off the event loop: a big one would stall every association of
+                # the worker meanwhile (to_thread keeps the log's association).
+                converted = await asyncio.to_thread(
+                    transcode, b"".join(parts), transfer_syntax, inbound.transfer_syntax)
             except ProtocolError as exc:
                 assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
                                   f"cannot convert it: {exc}")
                 return dimse.PROCESSING_FAILURE
+            finally:
+                parts.clear()
         mid = self.relay.begin_store(inbound, rq)
         result = self.relay.store_result(mid)
         if converted is not None:
