@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,7 +27,15 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from router import logline
-from router.config import MAX_PDU, MIN_PDU, Config, ConfigError, load_config, max_pdu_problem
+from router.config import (
+    MAX_PDU,
+    MIN_PDU,
+    Config,
+    ConfigError,
+    destination_name_problem,
+    load_config,
+    max_pdu_problem,
+)
 from router.dicom import dimse, uids
 from router.dicom.dataset import encode_dataset, part10_meta_bytes, read_part10_header
 from router.dicom.errors import ProtocolError
@@ -158,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     queue = sub.add_parser(
         "queue", help="what waits for each destination and what failed, with reasons",
         description="Read and change the delivery queues in the spool (found from the same "
-                    "--config/--spool as 'run'). Works whether the router runs or not.")
+                    "--config/--spool as 'run'). Works whether the router runs or not. "
+                    "DEST is a destination's name (configured, or with files in the "
+                    "spool). Exit codes: 0 done, 1 the spool could not be read or "
+                    "changed, 2 usage error (no such destination, no spool there).")
     qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
     ls = qsub.add_parser("ls", help="per destination: queued instances, bytes, oldest, dead "
                                     "letters with their reasons")
@@ -169,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry = qsub.add_parser("retry", help="move dead letters back into their queue",
                             description="With no argument every dead letter, else those of "
                                         "destination DEST, or the one instance named ID "
-                                        "(its file name in `queue ls`).")
+                                        "(its file name, or DEST/ID as `queue ls` "
+                                        "prints it).")
     _add_runtime_args(retry)
     retry.add_argument("target", nargs="?", default=None, metavar="DEST|ID")
     retry.add_argument("--timeout", type=float, default=5.0,
@@ -787,14 +799,40 @@ def cmd_queue(args: argparse.Namespace) -> int:
     workers/queue.py); after a retry, a running router is asked to look at its
     queues again, and told nothing if it is not running.
     """
-    import datetime
-
     from workers import queue as q
 
     config, _ = _runtime_config(args)
     root = config.spool
     names = [d.name for d in config.destinations]
+    if not root.is_dir():
+        raise UsageError(f"no spool at {root} (--spool, or [spool] path in --config)")
+
+    def destination(text: str) -> str:
+        """A destination named on the command line: configured, or with a queue or
+        dead letters in the spool. Never a path: '../queue/pacs' would reach the
+        instances still waiting, and '' every destination."""
+        known = q.known_destinations(root, names)
+        if text in known and destination_name_problem(text) is None:
+            return text
+        raise UsageError(f"no destination named {text!r} (known here: "
+                         f"{', '.join(known) or 'none'})")
+
+    try:
+        return _queue_action(args, config, root, names, destination)
+    except OSError as exc:  # the spool itself: permissions, not a directory, ...
+        print(f"dicom-router: queue {args.queue_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: list[str],
+                  destination: Callable[[str], str]) -> int:
+    import datetime
+
+    from workers import queue as q
+
     if args.queue_command == "ls":
+        if args.destination is not None:
+            destination(args.destination)
         summaries = q.summarize(root, names)
         if args.json:
             print(json.dumps({
@@ -825,10 +863,18 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.queue_command == "retry":
         target = args.target
-        destination = target if target in names or (root / "dead" / str(target)).is_dir() \
-            else None
-        name = None if target is None or destination is not None else target
-        moved = q.retry_dead(root, destination, name)
+        dest: str | None = None
+        name: str | None = None
+        if target is not None and "/" in target:
+            # DEST/ID, as `queue ls` prints a dead letter
+            dest_text, _, name = target.partition("/")
+            dest = destination(dest_text)
+        elif target is not None:
+            try:
+                dest = destination(target)
+            except UsageError:
+                name = target  # an instance's file name
+        moved = q.retry_dead(root, dest, name)
         if name is not None and moved == 0:
             # A destination with nothing dead is not an error (a nightly `queue retry
             # pacs` must not fail); a name that matches nothing is.
@@ -844,7 +890,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if not args.dead:
         raise UsageError("purge deletes dead letters only: say --dead (queued instances "
                          "are not purged by this command)")
-    purged = q.purge_dead(root, args.destination)
+    purged = q.purge_dead(root, destination(args.destination))
     print(f"{purged} dead letter(s) of {args.destination} deleted")
     return EXIT_OK
 

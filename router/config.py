@@ -181,6 +181,7 @@ __all__ = [
     "config_from_text",
     "default_spool_dir",
     "default_workers",
+    "destination_name_problem",
     "load_config",
     "parse_config",
     "read_config_text",
@@ -391,7 +392,7 @@ class Destination:
 
     def __post_init__(self) -> None:
         problems = [
-            ("name", _destination_name_problem(self.name)),
+            ("name", destination_name_problem(self.name)),
             ("host", _host_problem(self.host)),
             ("port", _port_problem(self.port) if self.port else None),
             ("ae_title", _ae_title_problem(self.ae_title)),
@@ -433,7 +434,8 @@ class Destination:
                    for info in infos)
 
 
-def _destination_name_problem(name: object) -> str | None:
+def destination_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a destination's name, or None."""
     # The name is a directory of the spool: no separators, no dot files, short.
     if isinstance(name, str) and _DESTINATION_NAME_RE.fullmatch(name):
         return None
@@ -1147,7 +1149,7 @@ class _Parser:
                     raise self.fail(at, f'"{required}" is missing (name, host, port and '
                                         "ae_title are required)")
             name = entry["name"]
-            if (problem := _destination_name_problem(name)) is not None:
+            if (problem := destination_name_problem(name)) is not None:
                 raise self.fail(at("name"), problem)
             assert isinstance(name, str)
             if any(d.name == name for d in out):

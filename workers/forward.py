@@ -90,6 +90,7 @@ from workers.outbound import (
     open_association,
 )
 from workers.queue import (
+    failure_record,
     failure_records,
     forget_failures,
     move_to_dead,
@@ -114,6 +115,9 @@ _FLOCK: Final = struct.Struct("hhqqi4x")
 # Claim bytes lie at 2**40 + a 40-bit hash of the destination's name: past the end
 # of any instance, one per destination.
 _CLAIM_BASE: Final = 1 << 40
+# A back-off that ends this close to now is over (the wall clock of the record and the
+# monotonic one of the schedule drift apart by a few milliseconds).
+_BACK_OFF_SLACK: Final = 0.01
 
 
 def claim_offset(destination: str) -> int:
@@ -161,6 +165,8 @@ class _Entry:
     # DestinationActor.stats.delivered when it last failed for the destination's state
     # (refused for want of resources, association lost or timed out): see _stalled.
     stalled_at: int = -1
+    recorded: bool = False  # it had a failure record on disk when last claimed
+    waited: float = 0.0  # the record's not_before this worker has waited for
 
 
 @dataclass(slots=True)
@@ -212,9 +218,6 @@ class DestinationActor:
         self._delayed: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
         self._known: set[str] = set()
-        # Queued instances with a failure record on disk (workers/queue.py): found by
-        # scan(), or written here.
-        self._recorded: set[str] = set()
         self._urgent: deque[_Urgent] = deque()
         self._wake = asyncio.Event()
         self._senders: list[asyncio.Task[None]] = []
@@ -277,7 +280,7 @@ class DestinationActor:
         if self.share == 0:
             return 0  # the workers with associations for it take up the queue
         before = len(self._known)
-        self._recorded = failure_records(self.spool.root, self.name)
+        failure_records(self.spool.root, self.name)  # removes those left by the dead
         for name in queued(self.spool.root, self.name):
             self.enqueue(name)
             if self._overflow:
@@ -434,6 +437,9 @@ class DestinationActor:
             if fd < 0:
                 self._known.discard(entry.name)
                 return assoc
+            if self._not_yet(entry):
+                self._unclaim(path, fd)
+                return assoc
             source = fd  # the data set is read from the claimed descriptor
         else:
             assert urgent is not None
@@ -571,6 +577,29 @@ class DestinationActor:
         os.close(fd)
         return -1
 
+    def _not_yet(self, entry: _Entry) -> bool:
+        """Read the failure record of ``entry``, just claimed (workers/queue.py): its
+        attempts are the record's, whoever made them -- none once it is gone, as after
+        a ``queue retry`` -- and while its back-off runs (another worker of the spool
+        failed it lately, see note_failure) it goes back to wait: True."""
+        record = failure_record(self.spool.root, self.name, entry.name)
+        if record is None:
+            # Gone since this worker saw it: retried from dead/, fresh attempts. (Never
+            # written -- a spool that takes no record -- the count here stands.)
+            if entry.recorded:
+                entry.failures, entry.recorded = 0, False
+            return False
+        entry.recorded, entry.failures = True, record.failures
+        if record.not_before == entry.waited:
+            return False  # waited for once: a wall clock that lags must not hold it again
+        # At most the longest back-off: a wall clock set back must not hold it for hours.
+        wait = min(record.not_before - self.wall_clock(), self.destination.retry.max)
+        entry.waited = record.not_before
+        if wait <= _BACK_OFF_SLACK:
+            return False
+        heapq.heappush(self._delayed, (self.clock() + wait, next(self._seq), entry))
+        return True
+
     def _unclaim(self, path: Path, fd: int) -> None:
         """End a claim: closing the descriptor drops its lock."""
         if fd >= 0:
@@ -600,8 +629,7 @@ class DestinationActor:
                 self.spool.retire(queue_folder(self.name), entry.name, fd)
             self._unclaim(path, fd)
             self._known.discard(entry.name)
-            if entry.name in self._recorded:
-                self._recorded.discard(entry.name)
+            if entry.recorded:  # only the claim's holder writes records: it is current
                 forget_failures(self.spool.root, self.name, entry.name)
             self._count_delivered(path, part10, status)
             return
@@ -653,14 +681,21 @@ class DestinationActor:
                     else answer or (transparent_failure_status(), reason))
             return
         assert entry is not None
-        now = self.wall_clock()
+        retry = self.destination.retry
+        failures = entry.failures + counted
+        delay = retry.delay(max(failures, 1), self.rng())
+        # Failures further apart than the longest back-off (twice, for the jitter and
+        # a queue that waited) and the time a store may take: the instance was not
+        # being tried in between, and that time does not count as failing.
         record = note_failure(self.spool.root, self.name, entry.name, counted=counted,
-                              reason=reason, now=now)
-        self._recorded.add(entry.name)
-        entry.failures = max(entry.failures + counted, record.failures)
-        attempts = self.destination.retry.attempts
-        failing_for = now - record.first
-        expired = failing_for >= self.destination.retry.give_up_after
+                              reason=reason, now=self.wall_clock(), retry_in=delay,
+                              max_gap=2 * retry.max + self.destination.timeout)
+        entry.recorded = record.written
+        entry.failures = record.failures if record.written else failures
+        entry.waited = record.not_before  # this worker's schedule waits for it below
+        attempts = retry.attempts
+        failing_for = record.failing
+        expired = failing_for >= retry.give_up_after
         if permanent or entry.failures >= attempts or expired:
             why = (reason if permanent
                    else f"{reason}; gave up after {entry.failures} attempts"
@@ -674,8 +709,14 @@ class DestinationActor:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.error("destination %s: cannot move %s to dead/: %s", self.name, entry.name,
-                          exc)
+                # It stays queued and is tried again, with the back-off: forgetting it
+                # would strand it until a restart.
+                log.error("forward %s: %s%s: cannot move it to dead/ (%s); it stays "
+                          "queued, tried again in %.1f s: %s", self.name, entry.name,
+                          f" ({entry.uid})" if entry.uid else "", exc, delay, why)
+                self._unclaim(self.folder / entry.name, fd)
+                heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
+                return
             else:
                 self.stats.dead += 1
                 log.warning("forward %s: %s%s moved to dead/%s: %s", self.name, entry.name,
@@ -684,16 +725,15 @@ class DestinationActor:
                            reason=why)
             self._unclaim(self.folder / entry.name, fd)
             self._known.discard(entry.name)
-            self._recorded.discard(entry.name)  # move_to_dead removed the record
             return
-        delay = self.destination.retry.delay(max(entry.failures, 1), self.rng())
         self.stats.retried += 1
-        log.warning("forward %s: %s%s failed (%s); retry %d of %d in %.1f s%s", self.name,
+        log.warning("forward %s: %s%s failed (%s); %s in %.1f s", self.name,
                     entry.name, f" ({entry.uid})" if entry.uid else "", reason,
-                    entry.failures, attempts - 1, delay,
-                    "" if counted else " (not counted: the destination takes nothing now)")
+                    f"retry {entry.failures} of {attempts - 1}" if counted else
+                    "not counted (the destination takes nothing now): retry", delay)
         self._unclaim(self.folder / entry.name, fd)
         heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
+        self._emit("instance.retry", destination=self.name, name=entry.name, reason=reason)
 
     def _put_back(self, entry: _Entry | None, urgent: _Urgent | None, fd: int,
                   reason: str) -> None:

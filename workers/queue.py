@@ -4,7 +4,8 @@ Layout (inside the spool root, beside ``tmp/``; see ``workers/spool.py``)::
 
     queue/<destination>/<stem>.dcm     waiting for delivery, oldest name first
     queue/<destination>/<stem>.json    ... and its failures so far, if any:
-                                       {"failures", "first", "reason"}
+                                       {"failures", "first", "last", "failing",
+                                        "not_before", "reason"}
     dead/<destination>/<stem>.dcm      given up on ...
     dead/<destination>/<stem>.json     ... and why: {"reason", "status", "attempts", "time",
                                        "sop_instance_uid"}
@@ -20,23 +21,29 @@ its reason.
 
 A queued instance's failure record keeps its attempts across restarts (a router
 restarted daily would otherwise retry an instance the destination keeps refusing for
-ever) and when it first failed (``retry.give_up_after`` counts from then). Best
-effort: written without fsync, since a lost record only costs a few more attempts.
-A record whose instance is gone (delivered by another worker, purged) is garbage,
-removed when the queue is next taken up from disk.
+ever), how long it has been failing (``retry.give_up_after`` is measured against that;
+see note_failure) and when its back-off ends, so that every worker sharing the queue
+keeps the same count and the same back-off. Best effort: written without fsync, since
+a lost record only costs a few more attempts. A record whose instance is gone
+(delivered, purged) is garbage, removed when the queue is next taken up from disk.
+Names given by an operator are checked to be destination names (router/config.py):
+a path must not reach outside the queues.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, TypeGuard
 
+from router.config import destination_name_problem
 from workers.spool import DEAD_DIR, QUEUE_DIR, SUFFIX, UNROUTED_DIR
 
 __all__ = [
@@ -47,6 +54,7 @@ __all__ = [
     "failure_record",
     "failure_records",
     "forget_failures",
+    "known_destinations",
     "move_to_dead",
     "note_failure",
     "purge_dead",
@@ -58,6 +66,7 @@ __all__ = [
 ]
 
 _REASON_SUFFIX: Final = ".json"
+_TMP: Final = ".tmp"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,34 +126,87 @@ class FailureRecord:
     failures: int  # those that count towards retry.attempts
     first: float  # time.time() of the first failure of any kind
     reason: str  # the last one's
+    last: float = 0.0  # time.time() of the last failure
+    failing: float = 0.0  # seconds it has been failing: see note_failure
+    not_before: float = 0.0  # time.time() before which it is not tried again
+
+    @property
+    def written(self) -> bool:
+        """False when the record could not be written (see note_failure)."""
+        return self.last >= 0
 
 
 def note_failure(root: Path, destination: str, name: str, *, counted: bool, reason: str,
-                 now: float) -> FailureRecord:
+                 now: float, retry_in: float, max_gap: float) -> FailureRecord:
     """Add one failed delivery (``counted`` towards the attempts or not) to the record
-    of the queued instance ``name``; the record as it now is."""
+    of the queued instance ``name``, to be tried again ``retry_in`` seconds from
+    ``now`` (a worker that takes the instance up earlier waits until then: every
+    worker of a spool keeps the same back-off); the record as it now is.
+
+    ``failing`` is the time ``retry.give_up_after`` is measured against: the time
+    between two failures counts only when they are at most ``max_gap`` seconds apart
+    (the instance was being retried all along). A longer gap means it was not tried
+    at all -- the destination could not be reached, the router was stopped -- and
+    that time is nobody's failure: a PACS down over a long weekend must not send
+    every instance that had failed once before into dead letters at its first
+    refusal after."""
     before = failure_record(root, destination, name)
+    failing = 0.0
+    if before is not None:
+        gap = now - (before.last or before.first)
+        failing = before.failing + (gap if 0 <= gap <= max_gap else 0.0)
     record = FailureRecord(
         failures=(before.failures if before else 0) + counted,
-        first=before.first if before else now, reason=reason)
+        first=before.first if before else now, reason=reason, last=now,
+        failing=failing, not_before=now + retry_in)
     path = _failure_path(root, destination, name)
     tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(OSError):  # best effort: see the module docstring
-        tmp.write_text(json.dumps({"failures": record.failures, "first": record.first,
-                                   "reason": reason}), encoding="utf-8")
+    try:  # best effort: see the module docstring
+        tmp.write_text(json.dumps({
+            "failures": record.failures, "first": record.first, "last": record.last,
+            "failing": record.failing, "not_before": record.not_before,
+            "reason": reason}), encoding="utf-8")
         os.replace(tmp, path)
+    except OSError:
+        return dataclasses.replace(record, last=-1.0)  # not written
     return record
+
+
+# Bounds of a record's numbers: a record that is not the router's (edited, corrupt)
+# is ignored rather than trusted with an infinite or absurd time.
+_MAX_FAILURES: Final = 1 << 31
+_MAX_TIME: Final = 1e11  # the year 5138
 
 
 def failure_record(root: Path, destination: str, name: str) -> FailureRecord | None:
     try:
         raw = json.loads(_failure_path(root, destination, name).read_text("utf-8"))
-        failures, first = raw["failures"], raw["first"]
-        if not isinstance(failures, int) or not isinstance(first, int | float):
+        if not isinstance(raw, dict):
             return None
-        return FailureRecord(max(failures, 0), float(first), str(raw.get("reason", "")))
+        failures = raw["failures"]
+        if not isinstance(failures, int) or isinstance(failures, bool) \
+                or not 0 <= failures < _MAX_FAILURES:
+            return None
+        times = [_time(raw.get(key, 0.0)) for key in ("first", "last", "failing",
+                                                      "not_before")]
+        if any(t is None for t in times) or "first" not in raw:
+            return None
+        first, last, failing, not_before = (float(t or 0.0) for t in times)
+        return FailureRecord(failures, first, str(raw.get("reason", "")), last=last,
+                             failing=failing, not_before=not_before)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+
+
+def _time(value: object) -> float | None:
+    """A record's time or duration: a finite number from 0 to _MAX_TIME, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of 400 digits
+        return None
+    return number if math.isfinite(number) and 0 <= number <= _MAX_TIME else None
 
 
 def forget_failures(root: Path, destination: str, name: str) -> None:
@@ -154,22 +216,23 @@ def forget_failures(root: Path, destination: str, name: str) -> None:
 
 def failure_records(root: Path, destination: str) -> set[str]:
     """Names of the queued instances of ``destination`` that have a failure record;
-    records whose instance is gone are removed."""
+    records whose instance is gone are removed, and so are records a killed worker
+    left half written."""
     folder = root / QUEUE_DIR / destination
     try:
         with os.scandir(folder) as entries:
-            stems = {e.name.removesuffix(_REASON_SUFFIX) for e in entries
-                     if e.name.endswith(_REASON_SUFFIX) and not e.name.startswith(".")}
+            names = [e.name for e in entries if e.name.endswith((_REASON_SUFFIX, _TMP))]
     except OSError:
         return set()
-    names = set()
-    for stem in stems:
-        if (folder / f"{stem}{SUFFIX}").exists():
-            names.add(f"{stem}{SUFFIX}")
-        else:
+    recorded = set()
+    for name in names:
+        stem = name.removesuffix(_REASON_SUFFIX)
+        if name.startswith(".") or not (folder / f"{stem}{SUFFIX}").exists():
             with contextlib.suppress(OSError):
-                (folder / f"{stem}{_REASON_SUFFIX}").unlink()
-    return names
+                (folder / name).unlink()
+        else:
+            recorded.add(f"{stem}{SUFFIX}")
+    return recorded
 
 
 def _failure_path(root: Path, destination: str, name: str) -> Path:
@@ -204,22 +267,42 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
 
 def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLetter]:
     """The dead letters of one destination (or all), oldest first."""
-    for dest in [destination] if destination else _folders(root, DEAD_DIR):
+    for dest in [_checked(destination)] if destination else _folders(root, DEAD_DIR):
         folder = root / DEAD_DIR / dest
         for entry in _files(folder):
             stem = entry.name.removesuffix(SUFFIX)
-            record: dict[str, Any] = {}
+            record: object = {}
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads((folder / f"{stem}{_REASON_SUFFIX}").read_text("utf-8"))
-            status = record.get("status")
-            uid = record.get("sop_instance_uid")
+            if not isinstance(record, dict):
+                record = {}  # not the router's: the letter is listed all the same
+            status, attempts, uid = (record.get(key) for key in (
+                "status", "attempts", "sop_instance_uid"))
+            when = _time(record.get("time"))
+            if not when:
+                with contextlib.suppress(OSError):
+                    when = entry.stat().st_mtime
             yield DeadLetter(
                 destination=dest, name=entry.name, path=Path(entry.path),
                 reason=str(record.get("reason", "(no reason recorded)")),
-                status=status if isinstance(status, int) else None,
-                attempts=int(record.get("attempts", 0) or 0),
-                time=float(record.get("time", 0.0) or entry.stat().st_mtime),
+                status=status if _is_int(status, 0xFFFF) else None,
+                attempts=attempts if _is_int(attempts, _MAX_FAILURES) else 0,
+                time=when or 0.0,
                 sop_instance_uid=uid if isinstance(uid, str) else None)
+
+
+def _is_int(value: object, most: int) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
+
+
+def _checked(destination: str) -> str:
+    """``destination`` if it names a queue folder (router/config.py's rule for
+    destination names), else ValueError: a path would reach outside the spool's
+    queues (``..``, ``/``), and an empty name would mean every destination."""
+    problem = destination_name_problem(destination)
+    if problem is not None:
+        raise ValueError(f"not a destination name: {problem}")
+    return destination
 
 
 def retry_dead(root: Path, destination: str | None = None, name: str | None = None) -> int:
@@ -232,6 +315,9 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
             continue
         queue = root / QUEUE_DIR / letter.destination
         queue.mkdir(parents=True, exist_ok=True)
+        # A failure record left in the queue (a crash while the letter was moved to
+        # dead/) would hand the retried instance its old attempts.
+        forget_failures(root, letter.destination, letter.name)
         try:
             os.replace(letter.path, queue / letter.name)
         except FileNotFoundError:
@@ -244,6 +330,7 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
 
 def purge_dead(root: Path, destination: str) -> int:
     """Delete the dead letters of ``destination``; how many went."""
+    _checked(destination)
     purged = 0
     for letter in list(dead_letters(root, destination)):
         with contextlib.suppress(FileNotFoundError):
@@ -254,10 +341,15 @@ def purge_dead(root: Path, destination: str) -> int:
     return purged
 
 
+def known_destinations(root: Path, configured: list[str] | None = None) -> list[str]:
+    """The configured destinations, then any other with a queue or dead letters."""
+    return list(dict.fromkeys([*(configured or []), *_folders(root, QUEUE_DIR),
+                               *_folders(root, DEAD_DIR)]))
+
+
 def summarize(root: Path, destinations: list[str] | None = None) -> list[QueueSummary]:
     """One summary per destination (configured ones plus any found on disk)."""
-    names = dict.fromkeys([*(destinations or []), *_folders(root, QUEUE_DIR),
-                           *_folders(root, DEAD_DIR)])
+    names = known_destinations(root, destinations)
     out = []
     for dest in names:
         files = _files(root / QUEUE_DIR / dest)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -578,3 +579,149 @@ def test_an_odd_length_data_set_goes_out_padded_and_arrives(tmp_path: Path, proc
     assert actor.stats.delivered == 1
     (got,) = received_files(scp.outdir)
     assert _dataset(got) == _dataset(source) + b"\x00"
+
+
+def test_time_the_destination_was_down_does_not_count_towards_give_up_after(
+        tmp_path: Path) -> None:
+    """An instance refused once (0110H), then a destination unreachable for longer than
+    give_up_after, then refused A700H once more: it used to go to dead letters at that
+    first refusal after the outage ("failing for" counted the outage). Failures
+    further apart than the longest back-off say it was not being tried: now it is
+    retried, and delivered."""
+    wall = [1_000_000.0]
+    answers = iter([0x0110, 0xA700])
+
+    def answer(event: Any) -> int:
+        status = next(answers, 0x0000)
+        if status == 0xA700:
+            wall[0] += 100  # the outage: 100 s without a try, give_up_after is 10
+        return status
+
+    port = free_port()
+    server = _scp(port, answer)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 1)
+        actor = DestinationActor(_destination(port, retry=RetryPolicy(
+            initial=0.05, max=0.1, attempts=5, give_up_after=10)), spool, share=1,
+            wall_clock=lambda: wall[0])
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered + actor.stats.dead == 1))
+    finally:
+        server.shutdown()
+    assert (actor.stats.delivered, actor.stats.dead) == (1, 0)
+    assert len(server.seen) == 3
+
+
+def test_two_workers_keep_one_back_off_and_a_retry_gives_fresh_attempts(
+        tmp_path: Path) -> None:
+    """Two workers share a queue and both take it up again (a `queue retry` makes them
+    rescan): each scheduled the instance with its own back-off, so tries came 0.3 s
+    apart with a 6 s back-off, and the one that had not dead-lettered it kept its
+    count, so after `queue retry` the instance got 2 tries of 3. Now the record on
+    disk holds the back-off and the count for both."""
+    from workers.queue import retry_dead
+
+    tries: list[float] = []
+    changed: list[Callable[[], None]] = []  # wakes the test's loop from the SCP's thread
+
+    def refuse(event: Any) -> int:
+        tries.append(time.monotonic())
+        for wake in changed:
+            wake()
+        return 0x0110
+
+    port = free_port()
+    server = _scp(port, refuse)
+    policy = RetryPolicy(initial=0.5, max=0.5, attempts=3)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    _queue(spool, "pacs", tmp_path, 1)
+    actors = [DestinationActor(_destination(port, retry=policy), spool, share=1,
+                               worker_id=w) for w in (1, 2)]
+
+    def dead() -> int:
+        return sum(a.stats.dead for a in actors)
+
+    async def run() -> None:
+        event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        changed.append(lambda: loop.call_soon_threadsafe(event.set))
+
+        async def until(done: Callable[[], bool]) -> None:
+            while not done():
+                event.clear()
+                await event.wait()
+
+        for actor in actors:
+            actor.on_event = lambda kind, fields: event.set()
+            actor.start()
+            actor.scan()
+        try:
+            async with asyncio.timeout(30):
+                await until(lambda: sum(a.stats.retried for a in actors) == 1)
+                for actor in actors:  # `queue retry pacs` with nothing dead: a rescan
+                    actor.scan()
+                await until(lambda: dead() == 1)
+                assert retry_dead(spool.root, "pacs") == 1
+                for actor in actors:
+                    actor.scan()
+                await until(lambda: dead() == 2)
+        finally:
+            for actor in actors:
+                await actor.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert len(tries) == 6, tries  # 3 attempts, then 3 fresh ones after the retry
+    for before, after in (tries[0:2], tries[1:3], tries[3:5], tries[4:6]):
+        assert after - before >= 0.5 * 0.75 - 0.05, tries  # the back-off, less its jitter
+    (letter,) = (spool.root / "dead" / "pacs").glob("*.json")
+    assert json.loads(letter.read_text())["attempts"] == 3
+
+
+def test_an_instance_that_cannot_go_to_dead_letters_stays_queued_and_is_retried(
+        tmp_path: Path) -> None:
+    """dead/pacs cannot be made (here: a file is in its way; in real life a full or
+    read-only disk): the instance refused A900H used to be forgotten until a restart,
+    in its queue but never tried again. Now it waits its back-off and is tried again;
+    the destination takes it the second time."""
+    answers = iter([0xA900])
+    port = free_port()
+    server = _scp(port, lambda event: next(answers, 0x0000))
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 1)
+        (spool.root / "dead").mkdir()
+        (spool.root / "dead" / "pacs").write_text("in the way")
+        actor = DestinationActor(_destination(port), spool, share=1)
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1, timeout=15))
+    finally:
+        server.shutdown()
+    assert len(server.seen) == 2 and actor.stats.dead == 0
+
+
+def test_failure_records_are_removed_whichever_worker_delivers(tmp_path: Path) -> None:
+    """Two workers, each instance refused once (0110H): the worker that delivered an
+    instance removed its record only if it had written it itself, and 33 of 40
+    records stayed until the next restart."""
+    refused: set[str] = set()
+
+    def answer(event: Any) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid in refused:
+            return 0x0000
+        refused.add(uid)
+        return 0x0110
+
+    port = free_port()
+    server = _scp(port, answer)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 20, size_kb=2)
+        actors = [DestinationActor(_destination(port), spool, share=1, worker_id=w)
+                  for w in (1, 2)]
+        asyncio.run(_run_until(actors, lambda: sum(a.stats.delivered for a in actors) == 20))
+    finally:
+        server.shutdown()
+    assert not list((spool.root / "queue" / "pacs").iterdir())
