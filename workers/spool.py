@@ -136,6 +136,9 @@ __all__ = [
     "status_for_error",
 ]
 
+# Buffers one writev may take (POSIX IOV_MAX; 1024 on Linux).
+_IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
 log = logging.getLogger("workers.spool")
 
 _T = TypeVar("_T")
@@ -686,20 +689,24 @@ class SpoolWriter:
                 raise ValueError(f"write to a {self._state.value} spool writer")
             return
         views = [f if f.ndim == 1 and f.itemsize == 1 else f.cast("B") for f in fragments]
-        total = sum(v.nbytes for v in views)
-        try:
-            written = os.writev(self._fd, views)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-        if written < total:  # a short write (signal, nearly full disk): finish one by one
-            for view in views:
-                if written >= view.nbytes:
-                    written -= view.nbytes
-                    continue
-                self._write_all(view[written:])
-                written = 0
-        self.bytes_written += total
+        # writev takes at most IOV_MAX buffers (EINVAL past it): a sender of tiny PDVs,
+        # one per element (CTN), has thousands arrive in one read.
+        for start in range(0, len(views), _IOV_MAX):
+            batch = views[start:start + _IOV_MAX]
+            total = sum(v.nbytes for v in batch)
+            try:
+                written = os.writev(self._fd, batch)
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            if written < total:  # a short write (signal, nearly full disk): one by one
+                for view in batch:
+                    if written >= view.nbytes:
+                        written -= view.nbytes
+                        continue
+                    self._write_all(view[written:])
+                    written = 0
+            self.bytes_written += total
 
     def close(self) -> int:
         """StoreSink: commit now (fsync, rename, directory fsync) and return the status.

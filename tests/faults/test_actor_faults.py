@@ -481,3 +481,35 @@ def test_a_c_store_from_a_requestor_that_took_the_scp_role_only_is_refused(
     actor = server.wait_closed(1)[0]
     assert (actor.stats.instances, actor.stats.failed) == (0, 1)
     assert not list(server.spool.root.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("fragment", [2, 4])
+def test_a_data_set_in_thousands_of_tiny_fragments_is_stored(
+        server: LoopServer, no_tracebacks: None, fragment: int) -> None:
+    """PS3.8 9.3.5 leaves the size of each PDV to the sender, and CTN's send_image
+    sends about one per element. Arriving together, more than 1,024 of them went to
+    one writev, which Linux refuses past IOV_MAX (EINVAL): 0110H, nothing kept.
+    Here 2-byte and 4-byte fragments, 100 PDVs to a P-DATA-TF, all sent at once."""
+    data = _data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.9", PatientID="TINY",
+                     ReferencedImageSequence=[_referenced(n) for n in range(150)])
+    pieces = [data[i:i + fragment] for i in range(0, len(data), fragment)]
+    assert len(pieces) > 1024 * 2
+    pdvs = [struct.pack(">IBB", len(piece) + 2, 1, 2 if n == len(pieces) - 1 else 0) + piece
+            for n, piece in enumerate(pieces)]
+    pdus = b"".join(
+        struct.pack(">BBI", 4, 0, sum(map(len, pdvs[k:k + 100]))) + b"".join(pdvs[k:k + 100])
+        for k in range(0, len(pdvs), 100))
+    sock = associated(server.port, abstract=CT)
+    sock.sendall(p_data(store_rq(1, "1.2.3.9")) + pdus)
+    kind, body = read_pdu(sock)
+    assert kind == 0x04 and response_status(body) == 0x0000
+    released(sock)
+    (stored,) = (server.spool.root / "incoming").iterdir()
+    assert stored.read_bytes().endswith(data)
+
+
+def _referenced(n: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = CT
+    item.ReferencedSOPInstanceUID = f"1.2.3.9.{n}"
+    return item

@@ -1034,3 +1034,16 @@ def test_retire_from_a_folder_made_again(spool: Spool, committer: GroupCommitter
     finally:
         os.close(fd)
     assert files(pacs) == []
+
+
+def test_write_many_takes_more_fragments_than_one_writev_may(spool: Spool) -> None:
+    """Linux's writev refuses more than IOV_MAX (1,024) buffers with EINVAL."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    buf = memoryview(bytearray(data))
+    pieces = [buf[i:i + 4] for i in range(0, len(buf), 4)]
+    assert len(pieces) > 3 * 1024
+    writer = begin(spool)
+    writer.write_many(pieces)
+    path = writer.finish()
+    assert path.read_bytes()[writer.dataset_offset:] == data
+    assert writer.bytes_written == len(data)
