@@ -227,7 +227,7 @@ port = 11112
 # called_ae = ["DICOM-ROUTER"]  # default: [router] ae_title; "any" answers to every title
 calling_ae = "any"            # or an allow list, e.g. ["CT1", "MR1"]
 sop_classes = "storage"       # every storage SOP class, or a list of UIDs or keywords
-transfer_syntaxes = "any"     # or a list of UIDs or keywords
+transfer_syntaxes = "any"     # every one of the standard (PS3.6), or a list of UIDs or keywords
 max_pdu = 1048576             # bytes, 4096 to 16777216
 
 [spool]

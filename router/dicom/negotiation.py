@@ -55,7 +55,12 @@ from router.dicom.pdu import (
     UserInformation,
     UserInformationSubItem,
 )
-from router.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_uncompressed
+from router.dicom.uids import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_standard_transfer_syntax,
+    is_uncompressed,
+)
 
 __all__ = [
     "DEFAULT_MAXIMUM_LENGTH",
@@ -412,9 +417,13 @@ def _is_uid(value: str) -> bool:
 def _choose_transfer_syntax(
     proposed: Sequence[str], ours: tuple[str, ...] | None, prefer_requestor: bool
 ) -> str | None:
-    """Exactly one transfer syntax per accepted context (PS3.8 §7.1.1.14)."""
+    """Exactly one transfer syntax per accepted context (PS3.8 §7.1.1.14). With no
+    list of ours, the requestor's first of the standard's: a private or unknown
+    transfer syntax names an encoding nobody here can read, so a data set in it
+    could be neither checked nor routed by its attributes (PS3.8 §9.3.3.2: the
+    acceptor accepts only what it supports)."""
     if ours is None:
-        return proposed[0] if proposed else None
+        return next((ts for ts in proposed if is_standard_transfer_syntax(ts)), None)
     if prefer_requestor:
         return next((ts for ts in proposed if ts in ours), None)
     return next((ts for ts in ours if ts in proposed), None)

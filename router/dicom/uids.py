@@ -126,6 +126,23 @@ def _registry_uids() -> frozenset[str]:
 _KNOWN_VALID: Final = _registry_uids()
 
 
+def _registry_transfer_syntaxes() -> frozenset[str]:
+    from pydicom._uid_dict import UID_dictionary
+
+    return frozenset(uid for uid, (_, kind, *_) in UID_dictionary.items()
+                     if kind == "Transfer Syntax")
+
+
+# The transfer syntaxes of the standard (PS3.6 Annex A, retired ones included).
+_TRANSFER_SYNTAXES: Final = _registry_transfer_syntaxes()
+
+
+def is_standard_transfer_syntax(uid: str) -> bool:
+    """True for a transfer syntax of the DICOM standard: one whose encoding the
+    router knows (PS3.5 Annex A), as opposed to a private or unknown UID."""
+    return uid in _TRANSFER_SYNTAXES
+
+
 _PLAIN_UID_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 
 

@@ -1169,6 +1169,28 @@ def test_b_c_echo(serve: Callable[..., Server], scu_ae: Callable[..., AE], statu
     assert (request.assoc.calling_ae, request.assoc.called_ae) == (SCU_AE, ROUTER_AE)
 
 
+def test_b_any_transfer_syntax_means_any_of_the_standard(
+        serve: Callable[..., Server], scu_ae: Callable[..., AE]) -> None:
+    """transfer_syntaxes = "any" took a private or unknown UID when it came first, and
+    stored whatever bytes came on it, unchecked and unroutable: now the first of the
+    standard's is chosen, and a context proposing none of them is refused (PS3.8
+    9.3.3.2, result 4: transfer syntaxes not supported)."""
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    policy = AcceptorPolicy(abstract_syntaxes={ct: None}, transfer_syntaxes=None)
+    server = serve(policy=policy)
+    ae = scu_ae()
+    ae.add_requested_context(ct, ["1.2.3.4.5"])
+    ae.add_requested_context(ct, ["1.2.3.4.5", str(pydicom.uid.JPEG2000Lossless),
+                                  str(pydicom.uid.ExplicitVRLittleEndian)])
+    assoc = associate(ae, server.port)
+    try:
+        results = {cx.context_id: (cx.result, cx.transfer_syntax[0] if cx.result == 0 else None)
+                   for cx in assoc.accepted_contexts + assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert results == {1: (0x04, None), 3: (0x00, str(pydicom.uid.JPEG2000Lossless))}
+
+
 def test_b_message_ids_at_the_ends_of_their_range(serve: Callable[..., Server],
                                                   scu_ae: Callable[..., AE]) -> None:
     """Message ID is a US: 0 and 65535 are as good as any (PS3.7 E.1)."""
