@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 from router.dicom import fsm
 from router.dicom.dimse import DimseMessage, decode_command, encode_command, peek_command
@@ -86,7 +87,7 @@ from router.dicom.pdu import (
     single_pdv_header,
 )
 
-__all__ = ["Association", "Role"]
+__all__ = ["MAX_ASSOCIATE_PDU_LENGTH", "Association", "Role"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -141,10 +142,20 @@ class _Incoming:
         self.data_context: int | None = None
 
 
+#: Largest A-ASSOCIATE (and other non-P-DATA) PDU taken. A real one is a few KB: 128
+#: presentation contexts of a dozen transfer syntaxes each, role selection for each,
+#: a user identity token of tens of KB still fit many times over. The peer is not
+#: associated yet, and anyone may connect: with 4 MiB, 300 connections that never
+#: finished their request held 1.2 GB. A larger length is refused at its header
+#: (A-ABORT, PS3.8 §9.3.8, before the body is waited for).
+MAX_ASSOCIATE_PDU_LENGTH: Final = 256 << 10
+
+
 class Association:
     """One side of one DICOM association, as a sans-I/O state machine."""
 
-    def __init__(self, role: Role, *, max_associate_pdu_length: int = 1 << 22) -> None:
+    def __init__(self, role: Role, *,
+                 max_associate_pdu_length: int = MAX_ASSOCIATE_PDU_LENGTH) -> None:
         self.role = role
         self.state = State.STA1
         self.request_pdu: AAssociateRQ | None = None
