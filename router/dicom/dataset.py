@@ -56,6 +56,7 @@ from router.dicom.uids import (
     is_encapsulated,
     is_implicit_vr,
     is_little_endian,
+    is_standard_transfer_syntax,
     is_valid_uid,
 )
 
@@ -105,6 +106,7 @@ _ITEM: Final = 0xFFFEE000
 _ITEM_DELIMITER: Final = 0xFFFEE00D
 _SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 _UNDEFINED: Final = 0xFFFFFFFF
+_PIXEL_DATA: Final = 0x7FE00010
 _MAX_DEPTH: Final = 64  # nesting of sequences we accept; real data stays far below
 
 PathOrBytes: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview
@@ -786,8 +788,11 @@ class InstanceIdentity:
             encoding = (False, True)  # deflated data sets are explicit VR LE inside
         self.status: int | None = None if encoding is not None else 0
         self._implicit, self._little = encoding or (False, True)
-        self._framing = (DataSetFraming(implicit=self._implicit, little=self._little)
-                         if encoding is not None and self._inflater is None else None)
+        self._framing = (DataSetFraming(
+            implicit=self._implicit, little=self._little,
+            encapsulated=(is_encapsulated(transfer_syntax)
+                          if is_standard_transfer_syntax(transfer_syntax) else None))
+            if encoding is not None and self._inflater is None else None)
 
     def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
         """The next fragment of the data set (``last``: the data set ends with it)."""
@@ -864,7 +869,11 @@ _ITEMS: Final = 1
 class DataSetFraming:
     """Whether a data set arriving in fragments is whole: every element's header and
     length (PS3.5 §7.1), and every undefined-length sequence and item closed by its
-    delimiter (§7.5), with nothing cut off at the end.
+    delimiter (§7.5), with nothing cut off at the end; no item tag among elements, no
+    VR the standard does not define (whose length field nobody agrees on), no element
+    twice in the data set (§7.1: "at most once"; readers disagree on which one
+    counts, the SOP Instance UID say), and Pixel Data encapsulated exactly when the
+    transfer syntax says so (PS3.5 §A.4; ``encapsulated``: None, not checked).
 
     A C-STORE data set that stops inside an element, or whose sequence is never
     closed, cannot be read by anyone (PS3.4 B.2.3: C000H, cannot understand), and
@@ -875,10 +884,14 @@ class DataSetFraming:
     ``feed`` each fragment in order; ``error`` is None or why it is not whole.
     """
 
-    __slots__ = ("_carry", "_head", "_implicit", "_skip", "_stack", "_structs", "error")
+    __slots__ = ("_carry", "_encapsulated", "_head", "_implicit", "_seen", "_skip", "_stack",
+                 "_structs", "error")
 
-    def __init__(self, *, implicit: bool, little: bool) -> None:
+    def __init__(self, *, implicit: bool, little: bool,
+                 encapsulated: bool | None = None) -> None:
         self._implicit = implicit
+        self._encapsulated = encapsulated
+        self._seen: set[int] = set()  # the data set's own tags so far
         self._structs = _structs(little)
         # A whole element header in one unpack, for the data set's own elements (the
         # walk's hot loop): tag and 4-byte length, or tag, VR, 2-byte length and the
@@ -944,27 +957,45 @@ class DataSetFraming:
         where the first one that needs :meth:`_header` starts (a delimiter, an
         undefined length, a header cut by ``end``), or where a value cut by ``end``
         would end."""
-        head = self._head
+        head, seen = self._head, self._seen
         if self._implicit:
             while pos + 8 <= end:
-                group, _, length = head(view, pos)
+                group, element, length = head(view, pos)
                 if group == 0xFFFE or length == _UNDEFINED:
                     break
+                self._own_element(group << 16 | element, length, seen)
                 pos += 8 + length
             return pos
         while pos + 12 <= end:
-            group, _, vr, short, long = head(view, pos)
+            group, element, vr, short, long = head(view, pos)
             if group == 0xFFFE:
                 break
             if vr in _LONG_VRS:
                 if long == _UNDEFINED:
                     break
+                self._own_element(group << 16 | element, long, seen)
                 pos += 12 + long
-            elif b"AA" <= vr <= b"ZZ":
+            elif vr in _KNOWN_VRS:
+                self._own_element(group << 16 | element, short, seen)
                 pos += 8 + short
             else:
-                break  # implicit VR inside explicit VR data: see _element_header
+                break  # implicit VR inside explicit VR, or unknown: see _header
         return pos
+
+    def _own_element(self, tag: int, length: int, seen: set[int]) -> None:
+        """An element of the data set itself (not of an item): seen once, and Pixel
+        Data with the length its transfer syntax calls for."""
+        if tag in seen:
+            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) occurs twice "
+                             "(PS3.5 7.1: at most once)")
+        seen.add(tag)
+        if tag == _PIXEL_DATA and self._encapsulated is not None \
+                and self._encapsulated != (length == _UNDEFINED):
+            raise ValueError("Pixel Data is " + (
+                "not encapsulated, as its compressed transfer syntax requires"
+                if self._encapsulated else
+                "encapsulated, which its native transfer syntax does not allow")
+                + " (PS3.5 A.4)")
 
     def _header(self, view: memoryview, pos: int) -> int:
         """Take the header at ``pos``: how many bytes it was, or -1 if ``view`` ends
@@ -988,9 +1019,21 @@ class DataSetFraming:
             tag, vr, start, length = _element_header(view, pos, implicit, self._structs)
         except HeaderIncomplete:
             return -1
-        if tag == _ITEM_DELIMITER and self._stack:
-            self._stack.pop()  # the end of an undefined-length item
-        elif length == _UNDEFINED:
+        if vr is not None and vr not in _KNOWN_VRS:
+            # Its length field is 2 bytes to some readers, 4 to others (DCMTK).
+            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has VR {vr!r}, which "
+                             "DICOM does not define (PS3.5 Table 6.2-1)")
+        if tag >> 16 == 0xFFFE:
+            if tag != _ITEM_DELIMITER:  # an item, a sequence delimiter: unreadable here
+                raise ValueError(f"an item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
+                                 "where an element belongs")
+            if self._stack:
+                self._stack.pop()  # the end of an undefined-length item
+            # (a stray one at top level is stepped over, as pydicom and DCMTK do)
+            return start - pos
+        if not self._stack:
+            self._own_element(tag, length, self._seen)
+        if length == _UNDEFINED:
             # A sequence, or encapsulated pixel data (PS3.5 A.4): items either way. The
             # inside of an undefined-length UN is implicit VR little endian (§6.2.2).
             self._open(_ITEMS, implicit or vr == b"UN")

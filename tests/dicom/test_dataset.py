@@ -869,7 +869,7 @@ def test_a_data_set_cut_anywhere_but_between_its_elements_is_not_whole(
 def test_what_is_wrong_is_said() -> None:
     ts = EXPLICIT_VR_LITTLE_ENDIAN
     raw = _nested(ts)
-    sq = struct.pack("<HH2sHI", 0x0040, 0x0100, b"SQ", 0, 0xFFFFFFFF)
+    sq = struct.pack("<HH2sHI", 0x0041, 0x0100, b"SQ", 0, 0xFFFFFFFF)
     assert _framing(raw + sq, ts, 7) == "the data set ends inside a sequence that is never closed"
     assert _framing(raw + sq + struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 2) + b"AB", ts,
                     100) == "the data set does not parse: expected an item, found (0010,0010)"
@@ -972,3 +972,59 @@ def test_a_deflated_data_set_is_told_as_it_inflates() -> None:
         refused = _identity(plain, deflated, cls, inst, size)
         assert refused.status == 0xC000, refused.reason
         assert refused.reason.startswith("the deflated data set does not inflate")
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+_CT = b"1.2.840.10008.5.1.4.1.1.2\x00"
+_BASE = (_explicit(0x00080016, b"UI", _CT) + _explicit(0x00080018, b"UI", b"1.2.3.4\x00")
+         + _explicit(0x00100020, b"LO", b"P1"))
+_ENCAPSULATED = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+                 + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+                 + struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"\xff\xd8\xff\xd9"
+                 + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+_NATIVE = _explicit(0x7FE00010, b"OW", bytes(8))
+
+
+@pytest.mark.parametrize(("tail", "transfer_syntax", "said"), [
+    # What dcmdump cannot read, or reads otherwise than the router's check did; all
+    # were acknowledged 0000H (an outside hostile campaign).
+    (struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"abcd", EXPLICIT_VR_LITTLE_ENDIAN,
+     "an item tag (FFFE,E000) where an element belongs"),
+    (struct.pack("<HHI", 0xFFFE, 0xE0DD, 0), EXPLICIT_VR_LITTLE_ENDIAN,
+     "an item tag (FFFE,E0DD) where an element belongs"),
+    (_explicit(0x00091001, b"ZZ", b"abcd"), EXPLICIT_VR_LITTLE_ENDIAN,
+     "(0009,1001) has VR b'ZZ', which DICOM does not define"),
+    (_explicit(0x00091001, b"B\x05", b"abcd"), EXPLICIT_VR_LITTLE_ENDIAN,
+     "(0009,1001) has VR b'B\\x05', which DICOM does not define"),
+    # Which SOP Instance UID is it? pydicom takes the last, the router's check the first.
+    (_explicit(0x00080018, b"UI", b"9.9.9.9\x00"), EXPLICIT_VR_LITTLE_ENDIAN,
+     "(0008,0018) occurs twice"),
+    (_ENCAPSULATED, EXPLICIT_VR_LITTLE_ENDIAN,
+     "Pixel Data is encapsulated, which its native transfer syntax does not allow"),
+    (_NATIVE, "1.2.840.10008.1.2.4.50",
+     "Pixel Data is not encapsulated, as its compressed transfer syntax requires"),
+])
+def test_a_data_set_readers_would_disagree_on_is_refused(tail: bytes, transfer_syntax: str,
+                                                         said: str) -> None:
+    for size in (3, 1000):
+        check = _identity(_BASE + tail, transfer_syntax, _CT.rstrip(b"\x00").decode(),
+                          "1.2.3.4", size)
+        assert check.status == 0xC000 and said in check.reason, (size, check.reason)
+
+
+@pytest.mark.parametrize(("tail", "transfer_syntax"), [
+    (_ENCAPSULATED, "1.2.840.10008.1.2.4.50"),
+    (_NATIVE, EXPLICIT_VR_LITTLE_ENDIAN),
+    (_NATIVE, "1.2.840.10008.1.2.1.99.1"),  # a private syntax: not checked
+    (struct.pack("<HHI", 0xFFFE, 0xE00D, 0), EXPLICIT_VR_LITTLE_ENDIAN),  # stepped over
+])
+def test_pixel_data_as_its_transfer_syntax_says_passes(tail: bytes,
+                                                       transfer_syntax: str) -> None:
+    check = _identity(_BASE + tail, transfer_syntax, _CT.rstrip(b"\x00").decode(), "1.2.3.4",
+                      1000)
+    assert check.status == 0, check.reason
