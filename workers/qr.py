@@ -752,8 +752,15 @@ class GetProxy(_RetrieveProxy):
                               "the requestor did not answer the C-STORE")
             return dimse.PROCESSING_FAILURE
         self.relayed += 1
-        assoc.reply_store(context_id, rq, int(rsp.status), rsp.error_comment)
-        return int(rsp.status)
+        status, comment = int(rsp.status), rsp.error_comment
+        if dimse.status_category(status) in (dimse.StatusCategory.PENDING,
+                                             dimse.StatusCategory.CANCEL):
+            # Not a C-STORE status (PS3.4 B.2.3): the upstream would count it as
+            # anything. The requestor did not say it stored the instance.
+            status, comment = (dimse.PROCESSING_FAILURE,
+                               f"the requestor answered 0x{status:04X}, not a final status")
+        assoc.reply_store(context_id, rq, status, comment)
+        return status
 
     def _outcome(self) -> str:
         return f"{self.label} via {self.upstream.name}: {self.relayed} instance(s) relayed,"

@@ -28,7 +28,8 @@ class _Requestor:
     """The requestor's side of the C-GET (workers.qr.StoreRelay): takes CT in
     Implicit VR only, answers every C-STORE Success, keeps each data set."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = dimse.SUCCESS) -> None:
+        self.status = status
         self.context = NegotiatedContext(context_id=3, abstract_syntax=CT,
                                          transfer_syntax=IMPLICIT, requestor_scp=True)
         self.stored: list[bytes] = []
@@ -55,7 +56,7 @@ class _Requestor:
                 message_id_being_responded_to=mid,
                 affected_sop_class_uid=CT,
                 affected_sop_instance_uid=self._rq[mid].affected_sop_instance_uid,
-                status=dimse.SUCCESS))
+                status=self.status))
 
     async def writable(self) -> None:
         return None
@@ -64,26 +65,18 @@ class _Requestor:
         return self._results[message_id]
 
 
-def test_a_sub_operation_too_large_to_convert_is_refused_upstream_not_held(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The upstream sends CT in Explicit VR only, the requestor takes Implicit VR only:
-    each instance is converted on the way, whole in memory. One past the limit (1 MiB
-    here, 256 MiB as shipped) used to be gathered whatever its size; now its fragments
-    are dropped as they come and the upstream hears A700H saying why, while the one
-    within the limit still reaches the requestor, converted."""
+def _relayed_get(paths: list[Path], requestor: _Requestor,
+                 ) -> tuple[list[tuple[int, str]], list[tuple[int, Any]]]:
+    """A C-GET of ``paths`` (one study) relayed from a pynetdicom C-GET SCP that sends
+    CT in Explicit VR only, to ``requestor``: what the upstream heard for each
+    sub-operation (status, Error Comment), and the responses the requestor got."""
     from pynetdicom import AE, evt
 
-    import workers.qr
-
-    monkeypatch.setattr(workers.qr, "MAX_CONVERTED_BYTES", 1 << 20)
-    big, small = tmp_path / "big.dcm", tmp_path / "small.dcm"
-    make_ct(big, size_kb=2048, seed=1)
-    make_ct(small, size_kb=256, seed=2)
     upstream_saw: list[tuple[int, str]] = []
 
     def on_get(event: Any) -> Any:
-        yield 2
-        for path in (big, small):
+        yield len(paths)
+        for path in paths:
             yield 0xFF00, pydicom.dcmread(path)
 
     def on_sub_operation_answer(event: Any) -> None:
@@ -101,9 +94,8 @@ def test_a_sub_operation_too_large_to_convert_is_refused_upstream_not_held(
         (evt.EVT_C_GET, on_get), (evt.EVT_DIMSE_RECV, on_sub_operation_answer)])
     query = pydicom.Dataset()
     query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = str(pydicom.dcmread(big).StudyInstanceUID)
+    query.StudyInstanceUID = str(pydicom.dcmread(paths[0]).StudyInstanceUID)
     responses: list[tuple[int, Any]] = []
-    requestor = _Requestor()
     proxy = GetProxy(
         Request(model=STUDY_GET, identifier=encode_dataset(query, EXPLICIT),
                 transfer_syntax=EXPLICIT, label="test"),
@@ -115,6 +107,24 @@ def test_a_sub_operation_too_large_to_convert_is_refused_upstream_not_held(
         asyncio.run(asyncio.wait_for(proxy.run(), 60))
     finally:
         server.shutdown()
+    return upstream_saw, responses
+
+
+def test_a_sub_operation_too_large_to_convert_is_refused_upstream_not_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream sends CT in Explicit VR only, the requestor takes Implicit VR only:
+    each instance is converted on the way, whole in memory. One past the limit (1 MiB
+    here, 256 MiB as shipped) used to be gathered whatever its size; now its fragments
+    are dropped as they come and the upstream hears A700H saying why, while the one
+    within the limit still reaches the requestor, converted."""
+    import workers.qr
+
+    monkeypatch.setattr(workers.qr, "MAX_CONVERTED_BYTES", 1 << 20)
+    big, small = tmp_path / "big.dcm", tmp_path / "small.dcm"
+    make_ct(big, size_kb=2048, seed=1)
+    make_ct(small, size_kb=256, seed=2)
+    requestor = _Requestor()
+    upstream_saw, responses = _relayed_get([big, small], requestor)
     assert [status for status, _ in upstream_saw] == [0xA700, 0x0000], upstream_saw
     assert upstream_saw[0][1] == "too large to convert (2 MiB, at most 1 MiB)", upstream_saw
     [stored] = requestor.stored
@@ -123,3 +133,14 @@ def test_a_sub_operation_too_large_to_convert_is_refused_upstream_not_held(
     final_status, (_, completed, failed, _) = responses[-1]
     assert (completed, failed) == (1, 1), responses
     assert final_status != dimse.SUCCESS
+
+
+def test_a_requestor_answering_pending_is_a_failure_upstream(tmp_path: Path) -> None:
+    """C-STORE has no Pending status (PS3.4 B.2.3): a requestor answering FF00H to a
+    relayed sub-operation had it passed upstream as is (pynetdicom logged 65280).
+    The upstream now hears 0110H, processing failure, saying why."""
+    path = tmp_path / "ct.dcm"
+    make_ct(path, size_kb=8, seed=3)
+    upstream_saw, responses = _relayed_get([path], _Requestor(status=0xFF00))
+    assert upstream_saw == [(0x0110, "the requestor answered 0xFF00, not a final status")]
+    assert responses[-1][1][2] == 1, responses  # one failed
