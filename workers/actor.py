@@ -211,6 +211,9 @@ class AssociationActor(asyncio.BufferedProtocol):
         # The C-FIND, C-MOVE or C-GET being answered by upstreams.
         self._find: tuple[NegotiatedContext, _Retrieval,
                           FindProxy | MoveProxy | GetProxy] | None = None
+        # Events held while a C-FIND, C-MOVE or C-GET runs: a further request (and
+        # what comes behind it) waits for its end, see _held.
+        self._deferred: deque[Event] = deque()
         # C-GET sub-operations sent to the requestor, waiting for its C-STORE-RSP.
         self._sub_operations: dict[int, asyncio.Future[dimse.CStoreRSP]] = {}
         self._sub_ids = itertools.cycle(range(1, 65536))
@@ -279,6 +282,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         mailbox = self._mailbox
         while mailbox and not self._busy:
             event = mailbox.popleft()
+            if self._find is not None and self._held(event):
+                continue
             if (isinstance(event, DataReceived) and not event.last and mailbox
                     and isinstance(mailbox[0], DataReceived) and self._query is None):
                 # Fragments that arrived together go to disk in one writev: a sender
@@ -289,9 +294,10 @@ class AssociationActor(asyncio.BufferedProtocol):
                 self._store_fragments(run)
                 continue
             self._handle(event)
-        if len(self._mailbox) > MAILBOX_HIGH_WATER:
+        waiting = len(self._mailbox) + len(self._deferred)
+        if waiting > MAILBOX_HIGH_WATER:
             self._backlogged = True
-        elif len(self._mailbox) < MAILBOX_HIGH_WATER // 2:
+        elif waiting < MAILBOX_HIGH_WATER // 2:
             self._backlogged = False
         self._sync_reading()
 
@@ -308,6 +314,38 @@ class AssociationActor(asyncio.BufferedProtocol):
         elif self._paused and not hold:
             self.transport.resume_reading()
             self._paused = False
+
+    def _held(self, event: Event) -> bool:
+        """Hold ``event`` while a C-FIND, C-MOVE or C-GET runs, if it is a further
+        request or comes behind one: True. No asynchronous operations are ever
+        negotiated, so the window is one operation (PS3.7 D.3.3.3); a peer that
+        sends another meanwhile has it served after, as DCMTK's SCPs do, in order.
+        What the running operation needs passes: its C-CANCEL, the requestor's
+        C-STORE-RSPs to a C-GET's sub-operations, and the end of the association."""
+        if isinstance(event, AssociationAborted | ConnectionClosed):
+            return False
+        if isinstance(event, CommandReceived) and (
+                isinstance(event.message, dimse.CCancelRQ)
+                or not dimse.is_request(event.message)):
+            return False
+        if not self._deferred:
+            if not isinstance(event, CommandReceived | CommandRejected):
+                return False
+            assert self._find is not None
+            log.warning("association %s: %s while %s %d runs (no asynchronous operations "
+                        "were negotiated): held until it ends", self._who(),
+                        _event_name(event), _operation_name(self._find[1]),
+                        self._find[1].message_id)
+        self._deferred.append(event)
+        return True
+
+    def _release_held(self) -> None:
+        """The running operation ended: what was held is handled, in order."""
+        if self._deferred and not self._closed:
+            self._mailbox.extendleft(reversed(self._deferred))
+            self._deferred.clear()
+            self._run_mailbox()
+            self._after_engine()
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -1008,6 +1046,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         finally:
             self._find = None
             self._sync_idle()
+            self._release_held()
 
     def _find_respond(self, ctx: NegotiatedContext, msg: dimse.CFindRQ, status: int,
                       data: bytes | None, comment: str | None) -> None:
@@ -1172,6 +1211,14 @@ class AssociationActor(asyncio.BufferedProtocol):
 
 
 _Retrieval = dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ
+
+
+def _event_name(event: CommandReceived | CommandRejected) -> str:
+    if isinstance(event, CommandRejected):
+        return "a request it could not read"
+    msg = event.message
+    name = msg.command_field.name.replace("_", "-").removesuffix("-RQ")
+    return f"{name} {getattr(msg, 'message_id', '')}".rstrip()
 
 
 def _operation_name(msg: dimse.DimseRequest) -> str:

@@ -1117,3 +1117,76 @@ def test_an_upstream_that_cancels_unasked_is_a_failure(tmp_path: Path, dcmtk: Dc
     finally:
         router.stop()
         server.shutdown()
+
+
+def test_a_second_query_while_one_runs_waits_its_turn(tmp_path: Path) -> None:
+    """No asynchronous operations are negotiated (PS3.7 D.3.3.3: a window of one), yet
+    a peer sends a second C-FIND, then a C-CANCEL of the first, in one write. Both ran
+    at once and the actor kept track of the second only: the cancel was ignored (the
+    first got all its matches and 0000H), and when the peer went away the first went
+    on pulling matches for nobody. Now the second waits for the first to end; the
+    cancel reaches the first (FE00H); then the second is answered whole."""
+    import socket
+
+    from tests.faults.test_actor_faults import associate_rq, command, p_data, read_pdu
+
+    def on_find(event: Any) -> Any:
+        patient = str(event.identifier.PatientID)
+        for n in range(5000 if patient == "LONG" else 3):
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            match = pydicom.Dataset()
+            match.QueryRetrieveLevel = "STUDY"
+            match.PatientID = patient
+            match.StudyInstanceUID = f"1.2.3.{n}"
+            yield 0xFF00, match
+
+    port, server = _find_scp("PACS", on_find)
+    router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
+
+    def find(message_id: int, patient: str) -> bytes:
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = patient
+        query.StudyInstanceUID = ""
+        return (p_data(command(AffectedSOPClassUID=STUDY_FIND, CommandField=0x0020,
+                               MessageID=message_id, Priority=0, CommandDataSetType=0x0000))
+                + p_data(_implicit(query), is_command=False))
+
+    cancel = p_data(command(CommandField=0x0FFF, MessageIDBeingRespondedTo=1,
+                            CommandDataSetType=0x0101))
+    answers: list[tuple[int, int]] = []  # (message ID responded to, status), in order
+    try:
+        router.wait_for("ready: 2 workers serving")
+        with socket.create_connection(("127.0.0.1", router.port), timeout=30) as sock:
+            sock.sendall(associate_rq(abstract=STUDY_FIND))
+            assert read_pdu(sock)[0] == 0x02
+            sock.sendall(find(1, "LONG") + find(2, "SHORT") + cancel)
+            finals = 0
+            while finals < 2:
+                kind, body = read_pdu(sock)
+                assert kind == 0x04, hex(kind)
+                if not body[5] & 1:  # a PDV of the identifier, not of a command
+                    continue
+                rsp = _command_of(body)
+                answers.append((int(rsp.MessageIDBeingRespondedTo), int(rsp.Status)))
+                finals += int(rsp.Status) not in (0xFF00, 0xFF01)
+        router.wait_for("held until it ends")
+    finally:
+        router.stop()
+        server.shutdown()
+    first_final = next(i for i, (mid, status) in enumerate(answers)
+                       if mid == 1 and status not in (0xFF00, 0xFF01))
+    assert answers[first_final] == (1, 0xFE00), answers
+    assert all(mid == 1 for mid, _ in answers[:first_final + 1]), answers
+    assert answers[first_final + 1:] == [(2, 0xFF00)] * 3 + [(2, 0x0000)], answers
+    assert first_final < 5000
+
+
+def _command_of(body: bytes) -> pydicom.Dataset:
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    return read_dataset(BytesIO(body[6:]), is_implicit_VR=True, is_little_endian=True)
