@@ -365,12 +365,13 @@ class AssociationActor(asyncio.BufferedProtocol):
             # Unless an A-ABORT came behind the A-RELEASE-RQ: then it is aborted.
             if self.engine.may_answer_release:
                 self.stats.outcome = "released"
+                self._discard_store("the peer released the association")
                 self.engine.release_response()
         elif isinstance(event, AssociationAborted):
             self.stats.outcome = f"aborted: {event.detail}"
-            self._discard_store()
+            self._discard_store(self.stats.outcome)
         elif isinstance(event, ConnectionClosed):
-            self._discard_store()
+            self._discard_store("the connection closed")
             if self.transport is not None:
                 self.transport.close()
 
@@ -1059,8 +1060,16 @@ class AssociationActor(asyncio.BufferedProtocol):
             error_comment=dimse.error_comment(comment or "")), data)
         self._after_engine()
 
-    def _discard_store(self) -> None:
-        """The association ended mid data set: nothing was acknowledged, drop it."""
+    def _discard_store(self, why: str | None = None) -> None:
+        """The association ended mid data set (``why``): nothing was acknowledged,
+        drop it, and say so -- the sender still has it, but an operator looking for
+        the instance must find why it is not here."""
+        if why is not None and self._store is not None:
+            msg = self._store[1]
+            self.stats.failed += 1
+            log.warning("association %s: C-STORE %d %s discarded before its data set "
+                        "ended: %s", self._who(), msg.message_id,
+                        msg.affected_sop_instance_uid, why)
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -1144,7 +1153,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             return
         self.stats.outcome = f"aborted: {detail}"
         self.engine.abort(detail)
-        self._discard_store()
+        self._discard_store(self.stats.outcome)
         self._after_engine()
         if self.transport is not None:
             self.transport.close()

@@ -528,3 +528,21 @@ def test_an_association_request_too_long_to_be_real_is_aborted_at_its_header(
     assert kind == 0x07, hex(kind)  # Sta2 + Evt19: AA-1 (PS3.8 Table 9-10)
     actor = server.wait_closed(1)[0]
     assert "exceeds the limit 262144" in actor.stats.outcome, actor.stats.outcome
+
+
+def test_a_release_in_the_middle_of_a_c_store_says_what_it_dropped(
+        server: LoopServer, caplog: pytest.LogCaptureFixture, no_tracebacks: None) -> None:
+    """C-STORE-RQ, half its data set, then A-RELEASE-RQ: released, nothing kept (the
+    sender was never told it was), but the only line was "closed: released, 0
+    instances": an operator looking for the instance could not tell it ever came."""
+    data = _data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.10", PatientID="HALF")
+    sock = associated(server.port, abstract=CT)
+    sock.sendall(p_data(store_rq(7, "1.2.3.10"))
+                 + p_data(data[:20], is_command=False, last=False))
+    released(sock)
+    actor = server.wait_closed(1)[0]
+    assert actor.stats.failed == 1 and actor.stats.instances == 0
+    said = [r.getMessage() for r in caplog.records if "discarded" in r.getMessage()]
+    assert len(said) == 1 and "C-STORE 7 1.2.3.10 discarded before its data set ended: " \
+        "the peer released the association" in said[0], said
+    assert not any((server.spool.root / "incoming").iterdir())
