@@ -107,6 +107,9 @@ _ITEM_DELIMITER: Final = 0xFFFEE00D
 _SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
 _UNDEFINED: Final = 0xFFFFFFFF
 _PIXEL_DATA: Final = 0x7FE00010
+# Standard elements a data set holds at its top level, at most (DataSetFraming): the
+# whole data dictionary has some 5,000; a CT has about 150.
+_MAX_OWN_ELEMENTS: Final = 16384
 _MAX_DEPTH: Final = 64  # nesting of sequences we accept; real data stays far below
 
 PathOrBytes: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview
@@ -870,9 +873,9 @@ class DataSetFraming:
     """Whether a data set arriving in fragments is whole: every element's header and
     length (PS3.5 §7.1), and every undefined-length sequence and item closed by its
     delimiter (§7.5), with nothing cut off at the end; no item tag among elements, no
-    VR the standard does not define (whose length field nobody agrees on), no element
-    twice in the data set (§7.1: "at most once"; readers disagree on which one
-    counts, the SOP Instance UID say), and Pixel Data encapsulated exactly when the
+    VR the standard does not define (whose length field nobody agrees on), no standard
+    element twice in the data set (§7.1: "at most once"; readers disagree on which
+    one counts, the SOP Instance UID say), and Pixel Data encapsulated exactly when the
     transfer syntax says so (PS3.5 §A.4; ``encapsulated``: None, not checked).
 
     A C-STORE data set that stops inside an element, or whose sequence is never
@@ -983,12 +986,18 @@ class DataSetFraming:
         return pos
 
     def _own_element(self, tag: int, length: int, seen: set[int]) -> None:
-        """An element of the data set itself (not of an item): seen once, and Pixel
-        Data with the length its transfer syntax calls for."""
-        if tag in seen:
-            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) occurs twice "
-                             "(PS3.5 7.1: at most once)")
-        seen.add(tag)
+        """An element of the data set itself (not of an item): a standard one seen
+        once, and Pixel Data with the length its transfer syntax calls for."""
+        if not tag & 0x10000:  # an even group: the standard's (PS3.5 7.1)
+            # A repeated private element is left alone: DCMTK warns and reads on.
+            if tag in seen:
+                raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) occurs twice "
+                                 "(PS3.5 7.1: at most once)")
+            if len(seen) >= _MAX_OWN_ELEMENTS:
+                # The set costs memory per element: bounded, far past real data sets.
+                raise ValueError(f"more than {_MAX_OWN_ELEMENTS} standard elements in the "
+                                 "data set itself")
+            seen.add(tag)
         if tag == _PIXEL_DATA and self._encapsulated is not None \
                 and self._encapsulated != (length == _UNDEFINED):
             raise ValueError("Pixel Data is " + (
@@ -1027,9 +1036,11 @@ class DataSetFraming:
             if tag != _ITEM_DELIMITER:  # an item, a sequence delimiter: unreadable here
                 raise ValueError(f"an item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
                                  "where an element belongs")
-            if self._stack:
-                self._stack.pop()  # the end of an undefined-length item
-            # (a stray one at top level is stepped over, as pydicom and DCMTK do)
+            if not self._stack:
+                # pydicom stops reading the data set there, other readers go on.
+                raise ValueError("an item delimiter (FFFE,E00D) among the data set's "
+                                 "own elements")
+            self._stack.pop()  # the end of an undefined-length item
             return start - pos
         if not self._stack:
             self._own_element(tag, length, self._seen)

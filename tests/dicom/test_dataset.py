@@ -874,9 +874,9 @@ def test_what_is_wrong_is_said() -> None:
     assert _framing(raw + sq + struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", 2) + b"AB", ts,
                     100) == "the data set does not parse: expected an item, found (0010,0010)"
     assert _framing(raw[:-3], ts, 1000) == "the data set ends inside an element"
-    # A stray item delimiter at top level is stepped over as pydicom does; inside an
-    # undefined-length item it ends the item.
-    assert _framing(raw + struct.pack("<HHI", 0xFFFE, 0xE00D, 0), ts, 3) is None
+    # A stray item delimiter at top level: pydicom stops reading there, others go on.
+    assert "an item delimiter (FFFE,E00D) among" in (
+        _framing(raw + struct.pack("<HHI", 0xFFFE, 0xE00D, 0), ts, 3) or "")
     # Nesting past the limit (a sequence bomb) is refused, not walked for ever.
     bomb = (sq + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)) * 200
     assert "nested deeper than" in (_framing(raw + bomb, ts, 4096) or "")
@@ -1004,6 +1004,13 @@ _NATIVE = _explicit(0x7FE00010, b"OW", bytes(8))
     # Which SOP Instance UID is it? pydicom takes the last, the router's check the first.
     (_explicit(0x00080018, b"UI", b"9.9.9.9\x00"), EXPLICIT_VR_LITTLE_ENDIAN,
      "(0008,0018) occurs twice"),
+    # pydicom stops at it: PatientID and the rest would be invisible to it.
+    (struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + _explicit(0x00100010, b"PN", b"AB"),
+     EXPLICIT_VR_LITTLE_ENDIAN, "an item delimiter (FFFE,E00D) among"),
+    # Zero-length elements of distinct tags, 8 bytes each: the set of tags seen is
+    # bounded, not 10 times the data.
+    (b"".join(_explicit(0x00120000 | n, b"LO", b"") for n in range(20000)),
+     EXPLICIT_VR_LITTLE_ENDIAN, "more than 16384 standard elements"),
     (_ENCAPSULATED, EXPLICIT_VR_LITTLE_ENDIAN,
      "Pixel Data is encapsulated, which its native transfer syntax does not allow"),
     (_NATIVE, "1.2.840.10008.1.2.4.50",
@@ -1021,7 +1028,9 @@ def test_a_data_set_readers_would_disagree_on_is_refused(tail: bytes, transfer_s
     (_ENCAPSULATED, "1.2.840.10008.1.2.4.50"),
     (_NATIVE, EXPLICIT_VR_LITTLE_ENDIAN),
     (_NATIVE, "1.2.840.10008.1.2.1.99.1"),  # a private syntax: not checked
-    (struct.pack("<HHI", 0xFFFE, 0xE00D, 0), EXPLICIT_VR_LITTLE_ENDIAN),  # stepped over
+    # A private element twice: DCMTK warns and reads on, so do we.
+    (_explicit(0x00091001, b"LO", b"AB") + _explicit(0x00091001, b"LO", b"CD"),
+     EXPLICIT_VR_LITTLE_ENDIAN),
 ])
 def test_pixel_data_as_its_transfer_syntax_says_passes(tail: bytes,
                                                        transfer_syntax: str) -> None:
