@@ -112,6 +112,10 @@ log = logging.getLogger("workers.actor")
 RECV_BUFFER = 1 << 20
 # Events waiting behind a pending commit before we stop reading the socket.
 MAILBOX_HIGH_WATER = 256
+# What a peer may send while a C-FIND, C-MOVE or C-GET runs, held for after it
+# (AssociationActor._held): a request or two; far more is not waiting its turn.
+MAX_HELD_EVENTS = 64
+MAX_HELD_BYTES = 4 << 20
 # Largest C-FIND identifier taken (queries are a few hundred bytes).
 MAX_IDENTIFIER = 1 << 20
 # Largest data set whose routing (reading the attributes rules need) runs on the loop;
@@ -214,6 +218,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         # Events held while a C-FIND, C-MOVE or C-GET runs: a further request (and
         # what comes behind it) waits for its end, see _held.
         self._deferred: deque[Event] = deque()
+        self._deferred_bytes = 0
+        self._cancelled_held: set[int] = set()  # message IDs: see _cancel_held
         # C-GET sub-operations sent to the requestor, waiting for its C-STORE-RSP.
         self._sub_operations: dict[int, asyncio.Future[dimse.CStoreRSP]] = {}
         self._sub_ids = itertools.cycle(range(1, 65536))
@@ -294,10 +300,9 @@ class AssociationActor(asyncio.BufferedProtocol):
                 self._store_fragments(run)
                 continue
             self._handle(event)
-        waiting = len(self._mailbox) + len(self._deferred)
-        if waiting > MAILBOX_HIGH_WATER:
+        if len(self._mailbox) > MAILBOX_HIGH_WATER:
             self._backlogged = True
-        elif waiting < MAILBOX_HIGH_WATER // 2:
+        elif len(self._mailbox) < MAILBOX_HIGH_WATER // 2:
             self._backlogged = False
         self._sync_reading()
 
@@ -336,14 +341,37 @@ class AssociationActor(asyncio.BufferedProtocol):
                         "were negotiated): held until it ends", self._who(),
                         _event_name(event), _operation_name(self._find[1]),
                         self._find[1].message_id)
+        if not self.engine.may_send_data:
+            return True  # aborted already: nothing more is served
+        # Reading goes on (the running operation's C-CANCEL and C-STORE-RSPs must get
+        # through), so what is held is bounded here: past it, the peer is not
+        # waiting its turn at all, and the association is aborted.
+        self._deferred_bytes += len(event.data) if isinstance(event, DataReceived) else 0
+        if len(self._deferred) >= MAX_HELD_EVENTS or self._deferred_bytes > MAX_HELD_BYTES:
+            self.abort(f"more than {MAX_HELD_EVENTS} messages or {MAX_HELD_BYTES >> 20} MiB "
+                       "sent while an operation runs (no asynchronous operations were "
+                       "negotiated)")
+            return True
         self._deferred.append(event)
         return True
+
+    def _cancel_held(self, message_id: int) -> None:
+        """A C-CANCEL of a held C-FIND, C-MOVE or C-GET: when its turn comes it is
+        answered Cancel, FE00H (PS3.7 9.3.2.3), and never started (nothing is asked
+        upstream for nobody). Its answer keeps its place: one operation at a time."""
+        if any(isinstance(e, CommandReceived)
+               and isinstance(e.message, dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ)
+               and e.message.message_id == message_id for e in self._deferred):
+            log.info("association %s: C-CANCEL of held request %d: it will not start",
+                     self._who(), message_id)
+            self._cancelled_held.add(message_id)
 
     def _release_held(self) -> None:
         """The running operation ended: what was held is handled, in order."""
         if self._deferred and not self._closed:
             self._mailbox.extendleft(reversed(self._deferred))
             self._deferred.clear()
+            self._deferred_bytes = 0
             self._run_mailbox()
             self._after_engine()
 
@@ -472,6 +500,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                 log.info("association %s: C-CANCEL of %s %d", self._who(),
                          _operation_name(running[1]), msg.message_id_being_responded_to)
                 running[2].cancel()
+            else:
+                self._cancel_held(msg.message_id_being_responded_to)
         elif dimse.is_request(msg):
             self._unsupported(ctx, msg)
 
@@ -716,7 +746,10 @@ class AssociationActor(asyncio.BufferedProtocol):
             self._refuse_logged(ctx, msg, dimse.CANNOT_UNDERSTAND,
                                 f"identifier larger than {MAX_IDENTIFIER} bytes")
             return
-        if isinstance(msg, dimse.CFindRQ):
+        if msg.message_id in self._cancelled_held:
+            self._cancelled_held.discard(msg.message_id)
+            self._refuse(ctx, msg, dimse.CANCEL, "cancelled before it started")
+        elif isinstance(msg, dimse.CFindRQ):
             self._start_find(ctx, msg, b"".join(parts))
         elif isinstance(msg, dimse.CMoveRQ | dimse.CGetRQ):
             self._start_move(ctx, msg, b"".join(parts))
@@ -1166,6 +1199,12 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._closed = True
         self._writable.set()  # nothing waits for a requestor that is gone
         self._discard_store()
+        for event in self._deferred:  # held behind an operation: never served
+            if isinstance(event, CommandReceived):
+                self.stats.failed += isinstance(event.message, dimse.CStoreRQ)
+                log.warning("association %s: %s not served: the association ended while "
+                            "it was held", self._who(), _event_name(event))
+        self._deferred.clear()
         running = self._find
         if running is not None and isinstance(running[2], FindProxy | GetProxy):
             # Nobody is left to read the matches, or to store what a C-GET relays on

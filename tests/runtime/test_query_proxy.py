@@ -1119,19 +1119,22 @@ def test_an_upstream_that_cancels_unasked_is_a_failure(tmp_path: Path, dcmtk: Dc
         server.shutdown()
 
 
-def test_a_second_query_while_one_runs_waits_its_turn(tmp_path: Path) -> None:
-    """No asynchronous operations are negotiated (PS3.7 D.3.3.3: a window of one), yet
-    a peer sends a second C-FIND, then a C-CANCEL of the first, in one write. Both ran
-    at once and the actor kept track of the second only: the cancel was ignored (the
-    first got all its matches and 0000H), and when the peer went away the first went
-    on pulling matches for nobody. Now the second waits for the first to end; the
-    cancel reaches the first (FE00H); then the second is answered whole."""
+def _pipelined_finds(tmp_path: Path, *, cancel: tuple[int, ...],
+                     echoes: int = 0) -> tuple[list[tuple[int, int]], list[str], str]:
+    """A peer that negotiated no asynchronous operations sends, in one write, C-FIND 1
+    (5,000 matches upstream), C-FIND 2 (3 matches), a C-CANCEL of each of ``cancel``
+    and ``echoes`` C-ECHOs: the (message ID, status) of each response it gets until
+    both finds have ended or the association does, the PatientIDs the upstream was
+    asked for, and the router's log."""
     import socket
 
-    from tests.faults.test_actor_faults import associate_rq, command, p_data, read_pdu
+    from tests.faults.test_actor_faults import ECHO_RQ, associate_rq, command, p_data, read_pdu
+
+    asked: list[str] = []
 
     def on_find(event: Any) -> Any:
         patient = str(event.identifier.PatientID)
+        asked.append(patient)
         for n in range(5000 if patient == "LONG" else 3):
             if event.is_cancelled:
                 yield 0xFE00, None
@@ -1154,19 +1157,22 @@ def test_a_second_query_while_one_runs_waits_its_turn(tmp_path: Path) -> None:
                                MessageID=message_id, Priority=0, CommandDataSetType=0x0000))
                 + p_data(_implicit(query), is_command=False))
 
-    cancel = p_data(command(CommandField=0x0FFF, MessageIDBeingRespondedTo=1,
-                            CommandDataSetType=0x0101))
-    answers: list[tuple[int, int]] = []  # (message ID responded to, status), in order
+    cancels = b"".join(p_data(command(CommandField=0x0FFF, MessageIDBeingRespondedTo=mid,
+                                      CommandDataSetType=0x0101)) for mid in cancel)
+    answers: list[tuple[int, int]] = []
     try:
         router.wait_for("ready: 2 workers serving")
         with socket.create_connection(("127.0.0.1", router.port), timeout=30) as sock:
             sock.sendall(associate_rq(abstract=STUDY_FIND))
             assert read_pdu(sock)[0] == 0x02
-            sock.sendall(find(1, "LONG") + find(2, "SHORT") + cancel)
+            sock.sendall(find(1, "LONG") + find(2, "SHORT") + cancels
+                         + p_data(ECHO_RQ) * echoes)
             finals = 0
             while finals < 2:
                 kind, body = read_pdu(sock)
-                assert kind == 0x04, hex(kind)
+                if kind != 0x04:
+                    answers.append((0, kind))  # the association ended
+                    break
                 if not body[5] & 1:  # a PDV of the identifier, not of a command
                     continue
                 rsp = _command_of(body)
@@ -1176,12 +1182,46 @@ def test_a_second_query_while_one_runs_waits_its_turn(tmp_path: Path) -> None:
     finally:
         router.stop()
         server.shutdown()
-    first_final = next(i for i, (mid, status) in enumerate(answers)
-                       if mid == 1 and status not in (0xFF00, 0xFF01))
-    assert answers[first_final] == (1, 0xFE00), answers
-    assert all(mid == 1 for mid, _ in answers[:first_final + 1]), answers
-    assert answers[first_final + 1:] == [(2, 0xFF00)] * 3 + [(2, 0x0000)], answers
-    assert first_final < 5000
+    return answers, asked, router.log()
+
+
+def _final_of(answers: list[tuple[int, int]], message_id: int) -> int:
+    return next(i for i, (mid, status) in enumerate(answers)
+                if mid == message_id and status not in (0xFF00, 0xFF01))
+
+
+def test_a_second_query_while_one_runs_waits_its_turn(tmp_path: Path) -> None:
+    """No asynchronous operations are negotiated (PS3.7 D.3.3.3: a window of one), yet
+    a peer sends a second C-FIND, then a C-CANCEL of the first, in one write. Both ran
+    at once and the actor kept track of the second only: the cancel was ignored (the
+    first got all its matches and 0000H), and when the peer went away the first went
+    on pulling matches for nobody. Now the second waits for the first to end; the
+    cancel reaches the first (FE00H); then the second is answered whole."""
+    answers, _, _ = _pipelined_finds(tmp_path, cancel=(1,))
+    first = _final_of(answers, 1)
+    assert answers[first] == (1, 0xFE00), answers
+    assert all(mid == 1 for mid, _ in answers[:first + 1]), answers
+    assert answers[first + 1:] == [(2, 0xFF00)] * 3 + [(2, 0x0000)], answers
+    assert first < 5000
+
+
+def test_a_cancel_of_a_held_query_keeps_it_from_starting(tmp_path: Path) -> None:
+    """The C-CANCEL names the query that waits, then the running one: the waiting one
+    was not cancelled (it was not the running one) and later ran in full. Now it is
+    answered Cancel in its turn, and the upstream is never asked for it."""
+    answers, asked, _ = _pipelined_finds(tmp_path, cancel=(2, 1))
+    first = _final_of(answers, 1)
+    assert answers[first] == (1, 0xFE00), answers
+    assert answers[first + 1:] == [(2, 0xFE00)], answers
+    assert "SHORT" not in asked, asked
+
+
+def test_a_peer_flooding_requests_while_one_runs_is_aborted(tmp_path: Path) -> None:
+    """Held requests are bounded: 100 C-ECHOs sent behind a running C-FIND are not a
+    peer waiting its turn, and the association is aborted, saying why."""
+    answers, _, log = _pipelined_finds(tmp_path, cancel=(), echoes=100)
+    assert answers[-1] == (0, 0x07), answers[-5:]
+    assert "sent while an operation runs" in log
 
 
 def _command_of(body: bytes) -> pydicom.Dataset:
