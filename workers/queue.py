@@ -67,6 +67,7 @@ __all__ = [
 
 _REASON_SUFFIX: Final = ".json"
 _TMP: Final = ".tmp"
+_STALE_TMP_SECONDS: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,9 +226,16 @@ def failure_records(root: Path, destination: str) -> set[str]:
     except OSError:
         return set()
     recorded = set()
+    now = time.time()
     for name in names:
         stem = name.removesuffix(_REASON_SUFFIX)
-        if name.startswith(".") or not (folder / f"{stem}{SUFFIX}").exists():
+        if name.startswith("."):
+            # Half written by a killed worker -- or being written by a live one now:
+            # only an old one is garbage.
+            with contextlib.suppress(OSError):
+                if now - (folder / name).stat().st_mtime > _STALE_TMP_SECONDS:
+                    (folder / name).unlink()
+        elif not (folder / f"{stem}{SUFFIX}").exists():
             with contextlib.suppress(OSError):
                 (folder / name).unlink()
         else:
@@ -267,7 +275,7 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
 
 def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLetter]:
     """The dead letters of one destination (or all), oldest first."""
-    for dest in [_checked(destination)] if destination else _folders(root, DEAD_DIR):
+    for dest in [_checked(destination)] if destination else known_destinations(root):
         folder = root / DEAD_DIR / dest
         for entry in _files(folder):
             stem = entry.name.removesuffix(SUFFIX)
@@ -342,9 +350,11 @@ def purge_dead(root: Path, destination: str) -> int:
 
 
 def known_destinations(root: Path, configured: list[str] | None = None) -> list[str]:
-    """The configured destinations, then any other with a queue or dead letters."""
-    return list(dict.fromkeys([*(configured or []), *_folders(root, QUEUE_DIR),
-                               *_folders(root, DEAD_DIR)]))
+    """The configured destinations, then any other with a queue or dead letters (a
+    folder whose name no destination could have is not one: put there by hand)."""
+    return [name for name in dict.fromkeys([*(configured or []), *_folders(root, QUEUE_DIR),
+                                            *_folders(root, DEAD_DIR)])
+            if destination_name_problem(name) is None]
 
 
 def summarize(root: Path, destinations: list[str] | None = None) -> list[QueueSummary]:

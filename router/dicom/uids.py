@@ -138,9 +138,16 @@ _TRANSFER_SYNTAXES: Final = _registry_transfer_syntaxes()
 
 
 def is_standard_transfer_syntax(uid: str) -> bool:
-    """True for a transfer syntax of the DICOM standard: one whose encoding the
-    router knows (PS3.5 Annex A), as opposed to a private or unknown UID."""
-    return uid in _TRANSFER_SYNTAXES
+    """True for a transfer syntax of the DICOM standard (PS3.5 Annex A), as opposed
+    to a private or unknown UID. The standard gives every one of them a UID under
+    1.2.840.10008.1.2 (PS3.6 Annex A), newer ones than pydicom's dictionary knows
+    included (JPEG XL, 1.2.840.10008.1.2.4.110-112, say): all Explicit VR Little
+    Endian but the four native ones the router knows by name."""
+    return uid in _TRANSFER_SYNTAXES or (
+        uid.startswith(_TRANSFER_SYNTAX_ROOT) and is_plain_uid(uid))
+
+
+_TRANSFER_SYNTAX_ROOT: Final = "1.2.840.10008.1.2."
 
 
 _PLAIN_UID_RE: Final = re.compile(r"[0-9]+(?:\.[0-9]+)*")

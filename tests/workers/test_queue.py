@@ -5,6 +5,7 @@ Found by an outside campaign against the failure records."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,9 +145,23 @@ def test_records_left_half_written_or_without_instance_are_removed(tmp_path: Pat
     root, _ = _spool(tmp_path)
     queue = root / "queue" / "pacs"
     (queue / ".queued-pacs.json.tmp").write_text('{"failu')
+    os.utime(queue / ".queued-pacs.json.tmp", (1, 1))  # left by a worker killed long ago
+    (queue / ".other.json.tmp").write_text('{"failu')  # another worker writes it now
     (queue / "gone.json").write_text('{"failures": 1, "first": 1}')
     assert failure_records(root, "pacs") == {"queued-pacs.dcm"}
-    assert sorted(p.name for p in queue.iterdir()) == ["queued-pacs.dcm", "queued-pacs.json"]
+    assert sorted(p.name for p in queue.iterdir()) == [
+        ".other.json.tmp", "queued-pacs.dcm", "queued-pacs.json"]
+
+
+def test_a_folder_no_destination_could_have_is_left_out(tmp_path: Path) -> None:
+    """`queue ls --json` ended in a traceback on a folder put in dead/ by hand."""
+    root, config = _spool(tmp_path)
+    (root / "dead" / "old pacs").mkdir()
+    (root / "dead" / "old pacs" / "x.dcm").write_bytes(b"x")
+    listed = _queue_cmd(config, "ls", "--json")
+    assert listed.returncode == 0, listed
+    assert [d["destination"] for d in json.loads(listed.stdout)["destinations"]] == [
+        "pacs", "ai"]
 
 
 def test_dead_letters_of_a_name_that_is_a_path_are_refused(tmp_path: Path) -> None:
