@@ -691,12 +691,9 @@ class AssociationActor(asyncio.BufferedProtocol):
             status, comment = await dispatcher.send_now(routed.transparent, placed.held)
         finally:
             writer.release()
-        if dimse.status_category(status) in (dimse.StatusCategory.PENDING,
-                                             dimse.StatusCategory.CANCEL):
-            # Not a final C-STORE status (PS3.4 B.2.3): relayed as is, the sender
-            # would take it as one. The destination failed to store it.
-            comment = f"{routed.transparent} answered 0x{status:04X}, not a final status"
-            status = dimse.PROCESSING_FAILURE
+        # Relayed as is, a status that is not final would be taken for one: the
+        # destination failed to store it.
+        status, comment = dimse.final_store_status(status, comment, routed.transparent)
         if routed.move is not None:
             note_sub_operation_status(self.spool.root, routed.move, status)
         self._busy = False
@@ -1265,10 +1262,9 @@ def _event_name(event: CommandReceived | CommandRejected) -> str:
     if isinstance(event, CommandRejected):
         return "a request it could not read"
     msg = event.message
-    name = msg.command_field.name.replace("_", "-").removesuffix("-RQ")
-    return f"{name} {getattr(msg, 'message_id', '')}".rstrip()
+    return f"{_operation_name(msg)} {getattr(msg, 'message_id', '')}".rstrip()
 
 
-def _operation_name(msg: dimse.DimseRequest) -> str:
+def _operation_name(msg: dimse.DimseMessage) -> str:
     """"C-FIND", "N-ACTION"...: the operation a request opens (its command field)."""
     return msg.command_field.name.replace("_", "-").removesuffix("-RQ")

@@ -61,6 +61,7 @@ from router.dicom.events import (
 from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRQ, PresentationContextResult
+from workers.spool import IOV_MAX
 
 __all__ = ["OutboundAssociation", "OutboundError", "instance_contexts", "instance_syntaxes",
            "open_association",
@@ -84,8 +85,6 @@ MAX_CONVERTED_BYTES: Final = 256 << 20
 # keeps the upstream's from piling up here instead.
 _EVENTS_HIGH: Final = 64
 _EVENTS_LOW: Final = 16
-# Buffers one writev takes (Linux IOV_MAX is 1024).
-_IOV_MAX: Final = 1024
 
 
 class OutboundError(Exception):
@@ -662,7 +661,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         """writev as much of ``chunks`` as the socket takes now; the rest."""
         pending = list(chunks)
         while pending:
-            batch = min(len(pending), _IOV_MAX)
+            batch = min(len(pending), IOV_MAX)
             try:
                 sent = os.writev(self._fd, pending[:batch])
             except OSError:

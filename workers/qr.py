@@ -752,13 +752,9 @@ class GetProxy(_RetrieveProxy):
                               "the requestor did not answer the C-STORE")
             return dimse.PROCESSING_FAILURE
         self.relayed += 1
-        status, comment = int(rsp.status), rsp.error_comment
-        if dimse.status_category(status) in (dimse.StatusCategory.PENDING,
-                                             dimse.StatusCategory.CANCEL):
-            # Not a C-STORE status (PS3.4 B.2.3): the upstream would count it as
-            # anything. The requestor did not say it stored the instance.
-            status, comment = (dimse.PROCESSING_FAILURE,
-                               f"the requestor answered 0x{status:04X}, not a final status")
+        # The requestor did not say it stored the instance unless its status is final.
+        status, comment = dimse.final_store_status(int(rsp.status), rsp.error_comment,
+                                                   "the requestor")
         assoc.reply_store(context_id, rq, status, comment)
         return status
 

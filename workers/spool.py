@@ -125,6 +125,7 @@ from workers import uring
 __all__ = [
     "DEAD_DIR",
     "INCOMING_DIR",
+    "IOV_MAX",
     "QUEUE_DIR",
     "UNROUTED_DIR",
     "GroupCommitter",
@@ -136,8 +137,8 @@ __all__ = [
     "status_for_error",
 ]
 
-# Buffers one writev may take (POSIX IOV_MAX; 1024 on Linux).
-_IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+#: Buffers one writev or sendmsg may take (POSIX IOV_MAX; 1024 on Linux).
+IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 log = logging.getLogger("workers.spool")
 
@@ -691,8 +692,8 @@ class SpoolWriter:
         views = [f if f.ndim == 1 and f.itemsize == 1 else f.cast("B") for f in fragments]
         # writev takes at most IOV_MAX buffers (EINVAL past it): a sender of tiny PDVs,
         # one per element (CTN), has thousands arrive in one read.
-        for start in range(0, len(views), _IOV_MAX):
-            batch = views[start:start + _IOV_MAX]
+        for start in range(0, len(views), IOV_MAX):
+            batch = views[start:start + IOV_MAX]
             total = sum(v.nbytes for v in batch)
             try:
                 written = os.writev(self._fd, batch)

@@ -118,6 +118,7 @@ __all__ = [
     "decode_command",
     "encode_command",
     "error_comment",
+    "final_store_status",
     "is_request",
     "status_category",
 ]
@@ -241,6 +242,16 @@ def status_category(status: int) -> StatusCategory:
     if status in _WARNING_CODES or 0xB000 <= status <= 0xBFFF:
         return StatusCategory.WARNING
     return StatusCategory.FAILURE
+
+
+def final_store_status(status: int, comment: str | None,
+                       answered_by: str) -> tuple[int, str | None]:
+    """A C-STORE status relayed to the one that sent the instance: Pending and Cancel
+    are no final C-STORE status (PS3.4 B.2.3), and a sender would take them for
+    anything; they become 0110H (processing failure), saying who answered what."""
+    if status_category(status) in (StatusCategory.PENDING, StatusCategory.CANCEL):
+        return PROCESSING_FAILURE, f"{answered_by} answered 0x{status:04X}, not a final status"
+    return status, comment
 
 
 # --- Command elements, PS3.7 Table E.1-1 and (retired) Table E.2-1 ----------
