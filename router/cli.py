@@ -32,7 +32,6 @@ from router.config import (
     MIN_PDU,
     Config,
     ConfigError,
-    destination_name_problem,
     load_config,
     max_pdu_problem,
 )
@@ -811,8 +810,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         """A destination named on the command line: configured, or with a queue or
         dead letters in the spool. Never a path: '../queue/pacs' would reach the
         instances still waiting, and '' every destination."""
-        known = q.known_destinations(root, names)
-        if text in known and destination_name_problem(text) is None:
+        known = q.known_destinations(root, names)  # every one a destination name
+        if text in known:
             return text
         raise UsageError(f"no destination named {text!r} (known here: "
                          f"{', '.join(known) or 'none'})")

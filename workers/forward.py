@@ -168,6 +168,11 @@ class _Entry:
     recorded: bool = False  # it had a failure record on disk when last claimed
     waited: float = 0.0  # the record's not_before this worker has waited for
 
+    @property
+    def shown(self) -> str:
+        """For the log: its file name, and its SOP Instance UID once read."""
+        return f"{self.name} ({self.uid})" if self.uid else self.name
+
 
 @dataclass(slots=True)
 class _Urgent:
@@ -597,7 +602,7 @@ class DestinationActor:
         entry.waited = record.not_before
         if wait <= _BACK_OFF_SLACK:
             return False
-        heapq.heappush(self._delayed, (self.clock() + wait, next(self._seq), entry))
+        self._wait(entry, wait)
         return True
 
     def _unclaim(self, path: Path, fd: int) -> None:
@@ -711,29 +716,32 @@ class DestinationActor:
             except OSError as exc:
                 # It stays queued and is tried again, with the back-off: forgetting it
                 # would strand it until a restart.
-                log.error("forward %s: %s%s: cannot move it to dead/ (%s); it stays "
-                          "queued, tried again in %.1f s: %s", self.name, entry.name,
-                          f" ({entry.uid})" if entry.uid else "", exc, delay, why)
+                log.error("forward %s: %s: cannot move it to dead/ (%s); it stays "
+                          "queued, tried again in %.1f s: %s", self.name, entry.shown, exc,
+                          delay, why)
                 self._unclaim(self.folder / entry.name, fd)
-                heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
+                self._wait(entry, delay)
                 return
             else:
                 self.stats.dead += 1
-                log.warning("forward %s: %s%s moved to dead/%s: %s", self.name, entry.name,
-                            f" ({entry.uid})" if entry.uid else "", self.name, why)
+                log.warning("forward %s: %s moved to dead/%s: %s", self.name, entry.shown,
+                            self.name, why)
                 self._emit("instance.dead", destination=self.name, name=entry.name,
                            reason=why)
             self._unclaim(self.folder / entry.name, fd)
             self._known.discard(entry.name)
             return
         self.stats.retried += 1
-        log.warning("forward %s: %s%s failed (%s); %s in %.1f s", self.name,
-                    entry.name, f" ({entry.uid})" if entry.uid else "", reason,
-                    f"retry {entry.failures} of {attempts - 1}" if counted else
+        log.warning("forward %s: %s failed (%s); %s in %.1f s", self.name, entry.shown,
+                    reason, f"retry {entry.failures} of {attempts - 1}" if counted else
                     "not counted (the destination takes nothing now): retry", delay)
         self._unclaim(self.folder / entry.name, fd)
-        heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
+        self._wait(entry, delay)
         self._emit("instance.retry", destination=self.name, name=entry.name, reason=reason)
+
+    def _wait(self, entry: _Entry, delay: float) -> None:
+        """Schedule ``entry`` to be taken up again ``delay`` seconds from now."""
+        heapq.heappush(self._delayed, (self.clock() + delay, next(self._seq), entry))
 
     def _put_back(self, entry: _Entry | None, urgent: _Urgent | None, fd: int,
                   reason: str) -> None:

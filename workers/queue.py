@@ -185,8 +185,7 @@ def failure_record(root: Path, destination: str, name: str) -> FailureRecord | N
         if not isinstance(raw, dict):
             return None
         failures = raw["failures"]
-        if not isinstance(failures, int) or isinstance(failures, bool) \
-                or not 0 <= failures < _MAX_FAILURES:
+        if not _is_int(failures, _MAX_FAILURES - 1):
             return None
         times = [_time(raw.get(key, 0.0)) for key in ("first", "last", "failing",
                                                       "not_before")]
@@ -275,7 +274,7 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
 
 def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLetter]:
     """The dead letters of one destination (or all), oldest first."""
-    for dest in [_checked(destination)] if destination else known_destinations(root):
+    for dest in [_checked(destination)] if destination else _destinations(root, DEAD_DIR):
         folder = root / DEAD_DIR / dest
         for entry in _files(folder):
             stem = entry.name.removesuffix(SUFFIX)
@@ -352,9 +351,13 @@ def purge_dead(root: Path, destination: str) -> int:
 def known_destinations(root: Path, configured: list[str] | None = None) -> list[str]:
     """The configured destinations, then any other with a queue or dead letters (a
     folder whose name no destination could have is not one: put there by hand)."""
-    return [name for name in dict.fromkeys([*(configured or []), *_folders(root, QUEUE_DIR),
-                                            *_folders(root, DEAD_DIR)])
-            if destination_name_problem(name) is None]
+    return list(dict.fromkeys([*(configured or []), *_destinations(root, QUEUE_DIR),
+                               *_destinations(root, DEAD_DIR)]))
+
+
+def _destinations(root: Path, top: str) -> list[str]:
+    """The folders of ``top`` (queue/ or dead/) named as a destination may be."""
+    return [name for name in _folders(root, top) if destination_name_problem(name) is None]
 
 
 def summarize(root: Path, destinations: list[str] | None = None) -> list[QueueSummary]:

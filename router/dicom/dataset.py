@@ -960,13 +960,13 @@ class DataSetFraming:
         where the first one that needs :meth:`_header` starts (a delimiter, an
         undefined length, a header cut by ``end``), or where a value cut by ``end``
         would end."""
-        head, seen = self._head, self._seen
+        head = self._head
         if self._implicit:
             while pos + 8 <= end:
                 group, element, length = head(view, pos)
                 if group == 0xFFFE or length == _UNDEFINED:
                     break
-                self._own_element(group << 16 | element, length, seen)
+                self._own_element(group << 16 | element, length)
                 pos += 8 + length
             return pos
         while pos + 12 <= end:
@@ -976,18 +976,19 @@ class DataSetFraming:
             if vr in _LONG_VRS:
                 if long == _UNDEFINED:
                     break
-                self._own_element(group << 16 | element, long, seen)
+                self._own_element(group << 16 | element, long)
                 pos += 12 + long
             elif vr in _KNOWN_VRS:
-                self._own_element(group << 16 | element, short, seen)
+                self._own_element(group << 16 | element, short)
                 pos += 8 + short
             else:
                 break  # implicit VR inside explicit VR, or unknown: see _header
         return pos
 
-    def _own_element(self, tag: int, length: int, seen: set[int]) -> None:
+    def _own_element(self, tag: int, length: int) -> None:
         """An element of the data set itself (not of an item): a standard one seen
         once, and Pixel Data with the length its transfer syntax calls for."""
+        seen = self._seen
         if not tag & 0x10000:  # an even group: the standard's (PS3.5 7.1)
             # A repeated private element is left alone: DCMTK warns and reads on.
             if tag in seen:
@@ -1043,7 +1044,7 @@ class DataSetFraming:
             self._stack.pop()  # the end of an undefined-length item
             return start - pos
         if not self._stack:
-            self._own_element(tag, length, self._seen)
+            self._own_element(tag, length)
         if length == _UNDEFINED:
             # A sequence, or encapsulated pixel data (PS3.5 A.4): items either way. The
             # inside of an undefined-length UN is implicit VR little endian (§6.2.2).
