@@ -151,6 +151,21 @@ def _pynetdicom_requestor(port: int, *, get: bool) -> Any:
     return assoc
 
 
+def _moved(port: int, study_uid: str) -> Any:
+    """The final response to a Study Root C-MOVE of ``study_uid`` to VIEWER_SCP, asked
+    of the router on ``port`` by a pynetdicom requestor."""
+    assoc = _pynetdicom_requestor(port, get=False)
+    responses = list(assoc.send_c_move(_query(study_uid), "VIEWER_SCP", STUDY_MOVE))
+    assoc.release()
+    return responses[-1][0]
+
+
+def _counts(final: Any) -> tuple[int, int, int]:
+    """Completed, failed and warning sub-operations of a final C-MOVE response."""
+    return (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
+            final.NumberOfWarningSuboperations)
+
+
 def _query(study_uid: str) -> pydicom.Dataset:
     query = pydicom.Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -181,15 +196,11 @@ def test_an_upstream_that_relayed_sub_operations_is_never_handed_over(
             assert "Received C-GET Response (Failed: UnableToProcess" in said, said
             assert "Number of Completed Suboperations : 2" in said, said
         else:
-            assoc = _pynetdicom_requestor(router.port, get=False)
-            responses = list(assoc.send_c_move(_query(study_uid), "VIEWER_SCP", STUDY_MOVE))
-            assoc.release()
-            final = responses[-1][0]
+            final = _moved(router.port, study_uid)
             assert final.Status == 0xC001, final
             assert "broke off after 2 sub-operations" in final.ErrorComment, final
             # With no pending response, the counts are those the router relayed.
-            assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
-                    final.NumberOfWarningSuboperations) == (2, 0, 0), final
+            assert _counts(final) == (2, 0, 0), final
             router.wait_count("forward viewer:", 2)
             got = [_uid(p) for p in received_files(sink.outdir)]
     finally:
@@ -333,18 +344,12 @@ def test_a_broken_off_proxied_move_counts_what_the_destination_refused(
                      viewer=viewer_port, port=router_port)
     try:
         router.wait_for("ready: 2 workers serving")
-        assoc = _pynetdicom_requestor(router.port, get=False)
-        responses = list(assoc.send_c_move(
-            _query(str(pydicom.dcmread(study[0]).StudyInstanceUID)), "VIEWER_SCP",
-            STUDY_MOVE))
-        assoc.release()
+        final = _moved(router.port, str(pydicom.dcmread(study[0]).StudyInstanceUID))
     finally:
         router.stop()
         server.shutdown()
         sink.shutdown()
-    final = responses[-1][0]
     assert final.Status == 0xC001, final
     assert "broke off after 3 sub-operations" in final.ErrorComment, final
-    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations,
-            final.NumberOfWarningSuboperations) == (2, 1, 0), final
+    assert _counts(final) == (2, 1, 0), final
     assert sorted(stored) == sorted(_uid(p) for p in study[:3])
