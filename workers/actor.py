@@ -70,7 +70,7 @@ from router.dicom.negotiation import (
     LOCAL_LIMIT_EXCEEDED,
     AcceptorPolicy,
     NegotiatedContext,
-    negotiate,
+    negotiate_explained,
 )
 from router.dicom.pdu import AAssociateAC, AAssociateRJ
 from router.net.client import rejected_answer, response_for
@@ -411,13 +411,14 @@ class AssociationActor(asyncio.BufferedProtocol):
             log.warning("association %s: worker %d has %d associations open "
                         "([router] max_associations): rejected, transient", self._who(),
                         self.settings.worker_id, self.settings.max_associations or 0)
-            answer = LOCAL_LIMIT_EXCEEDED
+            answer, why = LOCAL_LIMIT_EXCEEDED, ""
         else:
-            answer = negotiate(rq, self.settings.policy)
+            answer, why = negotiate_explained(rq, self.settings.policy)
         if isinstance(answer, AAssociateRJ):
             self.stats.outcome = (f"rejected (result {int(answer.result)} source "
                                   f"{int(answer.source)} reason {answer.reason})")
-            log.info("association %s rejected: %s", self._who(), self.stats.outcome)
+            log.info("association %s rejected: %s%s", self._who(), self.stats.outcome,
+                     f": {why}" if why else "")
             self.engine.reject(answer)
             return
         contexts = self.engine.accept(answer)

@@ -66,12 +66,14 @@ __all__ = [
     "DEFAULT_MAXIMUM_LENGTH",
     "LOCAL_LIMIT_EXCEEDED",
     "MAX_PRESENTATION_CONTEXTS",
+    "MINIMUM_PEER_MAXIMUM_LENGTH",
     "AcceptorPolicy",
     "NegotiatedContext",
     "accepted_contexts",
     "build_request",
     "context_for_instance",
     "negotiate",
+    "negotiate_explained",
     "provider_check",
 ]
 
@@ -89,6 +91,15 @@ MAX_PRESENTATION_CONTEXTS = MAX_PRESENTATION_CONTEXT_ITEMS
 LOCAL_LIMIT_EXCEEDED = AAssociateRJ(result=RejectResult.REJECTED_TRANSIENT,
                                     source=RejectSource.SERVICE_PROVIDER_PRESENTATION,
                                     reason=PRESENTATION_LOCAL_LIMIT_EXCEEDED)
+
+# The smallest maximum PDU length (PS3.8 Annex D.1) we accept from a requestor.
+# PS3.8 sets no floor, but a P-DATA-TF whose PDV item (4-byte length, context ID,
+# control header) must fit in fewer than 7 bytes carries no data at all, and one
+# of a few dozen bytes turns every answer we send (C-FIND matches, C-GET
+# sub-operations) into a flood of PDUs that are mostly headers. 256 keeps the
+# headers under 5 %; real implementations offer 4 KiB or more (DCMTK's tools
+# accept nothing under 4096).
+MINIMUM_PEER_MAXIMUM_LENGTH = 256
 
 _UINT32_MAX = 0xFFFF_FFFF
 _UINT16_MAX = 0xFFFF
@@ -231,7 +242,15 @@ def provider_check(rq: AAssociateRQ) -> AAssociateRJ | None:
 
 
 def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssociateRJ:
-    """The acceptor user's answer to an A-ASSOCIATE indication.
+    """The acceptor user's answer to an A-ASSOCIATE indication; see
+    :func:`negotiate_explained`."""
+    return negotiate_explained(rq, policy)[0]
+
+
+def negotiate_explained(rq: AAssociateRQ,
+                        policy: AcceptorPolicy) -> tuple[AAssociateAC | AAssociateRJ, str]:
+    """The acceptor user's answer to an A-ASSOCIATE indication, with why it is a
+    rejection, in words for the log ("" for an acceptance).
 
     Checked in this order, the first failure giving a permanent rejection with
     source "service-user" (PS3.8 §9.3.4, Table 9-21):
@@ -242,7 +261,9 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
        -> called-AE-title-not-recognized;
     3. calling AE title not one of ``policy.calling_ae_titles``
        -> calling-AE-title-not-recognized;
-    4. every presentation context gets one result (PS3.8 §7.1.1.14: "a one to
+    4. a maximum PDU length (other than 0, no limit) under
+       :data:`MINIMUM_PEER_MAXIMUM_LENGTH` -> no-reason-given;
+    5. every presentation context gets one result (PS3.8 §7.1.1.14: "a one to
        one correspondence"), see :func:`_negotiate_context`; when none is
        accepted and ``policy.reject_if_no_context`` -> no-reason-given.
 
@@ -256,14 +277,22 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
     nor is user identity (D.3.3.7: no positive response is given).
     """
     if rq.application_context_name != DICOM_APPLICATION_CONTEXT:
-        return _user_reject(RejectReason.USER_APPLICATION_CONTEXT_NOT_SUPPORTED)
+        return (_user_reject(RejectReason.USER_APPLICATION_CONTEXT_NOT_SUPPORTED),
+                f"application context {rq.application_context_name!r} is not DICOM's")
     if policy.ae_titles is not None and _ae(rq.called_ae_title) not in policy.ae_titles:
-        return _user_reject(RejectReason.USER_CALLED_AE_NOT_RECOGNIZED)
+        return (_user_reject(RejectReason.USER_CALLED_AE_NOT_RECOGNIZED),
+                f"called AE title {_ae(rq.called_ae_title)!r} is not ours")
     if (
         policy.calling_ae_titles is not None
         and _ae(rq.calling_ae_title) not in policy.calling_ae_titles
     ):
-        return _user_reject(RejectReason.USER_CALLING_AE_NOT_RECOGNIZED)
+        return (_user_reject(RejectReason.USER_CALLING_AE_NOT_RECOGNIZED),
+                f"calling AE title {_ae(rq.calling_ae_title)!r} is not allowed")
+    maximum = rq.user_information.maximum_length
+    if maximum is not None and 0 < maximum.maximum_length < MINIMUM_PEER_MAXIMUM_LENGTH:
+        return (_user_reject(RejectReason.USER_NO_REASON),
+                f"maximum PDU length {maximum.maximum_length} is under "
+                f"{MINIMUM_PEER_MAXIMUM_LENGTH} bytes")
 
     results: list[PresentationContextAC] = []
     seen_ids: set[int] = set()
@@ -295,7 +324,7 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
         if result.result is PresentationContextResult.ACCEPTANCE
     }
     if not accepted_abstract and policy.reject_if_no_context:
-        return _user_reject(RejectReason.USER_NO_REASON)
+        return _user_reject(RejectReason.USER_NO_REASON), _none_accepted(rq, results)
 
     items: list[UserInformationSubItem] = [
         MaximumLength(maximum_length=policy.maximum_length),
@@ -324,7 +353,21 @@ def negotiate(rq: AAssociateRQ, policy: AcceptorPolicy) -> AAssociateAC | AAssoc
         application_context_name=rq.application_context_name,
         presentation_contexts=tuple(results),
         user_information=UserInformation(items=tuple(items)),
-    )
+    ), ""
+
+
+def _none_accepted(rq: AAssociateRQ, results: Sequence[PresentationContextAC]) -> str:
+    """Why no presentation context was accepted, naming the first refused one."""
+    if not rq.presentation_contexts:
+        return "no presentation context proposed"
+    first, result = rq.presentation_contexts[0], results[0].result
+    why = {
+        PresentationContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED: "SOP class not accepted",
+        PresentationContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED:
+            "none of its transfer syntaxes accepted",
+    }.get(result, "refused")
+    return (f"none of {len(rq.presentation_contexts)} presentation contexts accepted "
+            f"(first: {first.abstract_syntax}, {why})")
 
 
 def context_for_instance(contexts: Iterable[NegotiatedContext], sop_class: str,

@@ -71,7 +71,7 @@ from router.dicom.negotiation import (
     MAX_PRESENTATION_CONTEXTS,
     AcceptorPolicy,
     NegotiatedContext,
-    negotiate,
+    negotiate_explained,
 )
 from router.dicom.pdu import AAssociateAC, AAssociateRJ, AAssociateRQ
 from router.net.client import (
@@ -347,16 +347,16 @@ class AssociationHandler:
         if self.over_limit:
             log.warning("association %s: %d associations already open (max_associations)",
                         info, self.server.max_associations)
-            answer = LOCAL_LIMIT_EXCEEDED
+            answer, why = LOCAL_LIMIT_EXCEEDED, ""
         else:
-            answer = negotiate(rq, self.server.policy)
+            answer, why = negotiate_explained(rq, self.server.policy)
             if not isinstance(answer, AAssociateRJ) and self.handlers.on_requested:
                 answer = self.handlers.on_requested(info) or answer
         if isinstance(answer, AAssociateRJ):
             self.stats["outcome"] = (f"rejected (result {int(answer.result)}, source "
                                      f"{int(answer.source)}, reason {answer.reason})")
-            log.info("association %s rejected: result %d source %d reason %d", info,
-                     answer.result, answer.source, answer.reason)
+            log.info("association %s rejected: result %d source %d reason %d%s", info,
+                     answer.result, answer.source, answer.reason, f": {why}" if why else "")
             self.assoc.reject(answer)
             self.conn.flush()
             if self.handlers.on_rejected:

@@ -21,12 +21,14 @@ from router.dicom.errors import LocalProtocolError
 from router.dicom.negotiation import (
     DEFAULT_MAXIMUM_LENGTH,
     MAX_PRESENTATION_CONTEXTS,
+    MINIMUM_PEER_MAXIMUM_LENGTH,
     AcceptorPolicy,
     NegotiatedContext,
     accepted_contexts,
     build_request,
     context_for_instance,
     negotiate,
+    negotiate_explained,
     provider_check,
 )
 from router.dicom.pdu import (
@@ -417,6 +419,56 @@ def test_rejection_checks_come_in_order() -> None:
         RejectReason.USER_APPLICATION_CONTEXT_NOT_SUPPORTED)
     assert rejected(negotiate(make_rq(called="X", calling="Y"), policy)).reason == (
         RejectReason.USER_CALLED_AE_NOT_RECOGNIZED)
+
+
+@pytest.mark.parametrize(("maximum", "ok"), [
+    (0, True),  # PS3.8 D.1: 0 is "no maximum"
+    (1, False),
+    (6, False),  # a PDV item's own header fills it: no data would ever fit
+    (7, False),
+    (MINIMUM_PEER_MAXIMUM_LENGTH - 1, False),
+    (MINIMUM_PEER_MAXIMUM_LENGTH, True),
+    (4096, True),
+    (0xFFFF_FFFF, True),
+])
+def test_tiny_peer_maximum_length_rejected(maximum: int, ok: bool) -> None:
+    rq = dataclasses.replace(make_rq(), user_information=UserInformation(
+        items=(MaximumLength(maximum_length=maximum),)))
+    answer, why = negotiate_explained(rq, AcceptorPolicy())
+    if ok:
+        assert isinstance(answer, AAssociateAC) and why == ""
+    else:
+        assert answer == AAssociateRJ(result=RejectResult.REJECTED_PERMANENT,
+                                      source=RejectSource.SERVICE_USER,
+                                      reason=int(RejectReason.USER_NO_REASON))
+        assert why == (f"maximum PDU length {maximum} is under "
+                       f"{MINIMUM_PEER_MAXIMUM_LENGTH} bytes")
+
+
+def test_no_maximum_length_item_is_no_limit() -> None:
+    rq = dataclasses.replace(make_rq(), user_information=UserInformation(items=()))
+    assert isinstance(negotiate(rq, AcceptorPolicy()), AAssociateAC)
+
+
+@pytest.mark.parametrize(("rq_kwargs", "policy_kwargs", "why"), [
+    ({"application_context": "1.2.3"}, {}, "application context '1.2.3' is not DICOM's"),
+    ({"called": "OTHER"}, {"ae_titles": frozenset({"ROUTER"})},
+     "called AE title 'OTHER' is not ours"),
+    ({"calling": "INTRUDER"}, {"calling_ae_titles": frozenset({"CT1"})},
+     "calling AE title 'INTRUDER' is not allowed"),
+    ({"contexts": [(1, MR, (IMPLICIT,)), (3, CT, (IMPLICIT,))]},
+     {"abstract_syntaxes": {VERIFICATION: None}},
+     f"none of 2 presentation contexts accepted (first: {MR}, SOP class not accepted)"),
+    ({"contexts": [(1, CT, (JPEG,))]}, {"transfer_syntaxes": (IMPLICIT,)},
+     f"none of 1 presentation contexts accepted (first: {CT}, "
+     "none of its transfer syntaxes accepted)"),
+    ({"contexts": []}, {}, "no presentation context proposed"),
+])
+def test_rejections_say_why(rq_kwargs: dict[str, Any], policy_kwargs: dict[str, Any],
+                            why: str) -> None:
+    answer, said = negotiate_explained(make_rq(**rq_kwargs), AcceptorPolicy(**policy_kwargs))
+    assert isinstance(answer, AAssociateRJ)
+    assert said == why
 
 
 def test_no_context_accepted_but_not_rejecting() -> None:

@@ -483,6 +483,35 @@ def test_past_max_associations_newcomers_get_a_transient_rejection(
         assert router.stop() == 0
 
 
+@pytest.mark.parametrize("max_pdu", [1, 100])
+def test_a_peer_with_a_tiny_maximum_pdu_length_is_rejected_and_told_why(
+        tmp_path: Path, max_pdu: int) -> None:
+    """pynetdicom proposing a maximum PDU length of 1 or 100 bytes: A-ASSOCIATE-RJ
+    (permanent, service-user, no-reason-given), and the log line says why. At 1 byte
+    no PDV would ever fit; at 100 every C-FIND match or C-GET sub-operation we sent
+    would be cut into PDUs that are more header than data."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    router = Router(tmp_path, workers=1)
+    ae = AE(ae_title="TINY")
+    ae.add_requested_context(Verification)
+    received: list[object] = []
+    try:
+        router.wait_for("ready: 1 workers serving")
+        assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER", max_pdu=max_pdu,
+                             evt_handlers=[(evt.EVT_PDU_RECV,
+                                            lambda e: received.append(e.pdu))])
+        assert not assoc.is_established
+        [rj] = received  # read the PDU: see test_b_rejected_by_us for why
+        assert type(rj).__name__ == "A_ASSOCIATE_RJ"
+        assert (rj.result, rj.source, rj.reason_diagnostic) == (1, 1, 1)  # type: ignore[attr-defined]
+        router.wait_for(f"rejected: rejected (result 1 source 1 reason 1): maximum PDU "
+                        f"length {max_pdu} is under 256 bytes")
+    finally:
+        assert router.stop() == 0
+
+
 def test_connections_held_while_the_workers_channels_are_full_are_handed_off(
         router: Router) -> None:
     """Both workers stopped (SIGSTOP) for a second while 700 peers ask to associate:
