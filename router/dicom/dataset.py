@@ -47,6 +47,7 @@ from pydicom.tag import BaseTag
 
 from router.dicom.errors import DIMSEError, LocalProtocolError
 from router.dicom.uids import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLEMENTATION_CLASS_UID,
@@ -732,6 +733,9 @@ def read_top_level(
 _SOP_CLASS_UID: Final = 0x00080016
 _SOP_INSTANCE_UID: Final = 0x00080018
 _IDENTITY_TAGS: Final = frozenset((_SOP_CLASS_UID, _SOP_INSTANCE_UID))
+#: How much of a deflated data set :class:`InstanceIdentity` inflates and walks.
+DEFLATED_WALK_BYTES: Final = 256 * 1024 * 1024
+_INFLATE_CHUNK: Final = 1024 * 1024
 #: How much of a data set's start :class:`InstanceIdentity` keeps looking for its UIDs.
 #: They are in group 0008, before anything big but a rare Language Code Sequence.
 IDENTITY_SEARCH_BYTES: Final = 64 * 1024
@@ -760,14 +764,16 @@ class InstanceIdentity:
     C000H (Cannot understand). DCMTK's storescp answers the same. Acknowledging such
     a data set would have the router keep, and forward, what the sender did not mean.
 
-    A deflated data set (PS3.5 A.5) is inflated as it comes, at most
-    :data:`IDENTITY_SEARCH_BYTES` of it, and told the same way; one that does not
-    inflate is C000H (a sender once sent plain bytes under the deflated syntax: they
-    were acknowledged, and no destination could read them).
+    A deflated data set (PS3.5 A.5) is inflated as it comes, a chunk at a time, and
+    told and walked like any other; one that does not inflate, or whose deflate
+    stream stops short, is C000H (a sender once sent plain bytes under the deflated
+    syntax: they were acknowledged, and no destination could read them). Past
+    :data:`DEFLATED_WALK_BYTES` inflated, it is no longer walked (a small deflate
+    stream can inflate to gigabytes: the walk would cost the worker seconds).
 
     A data set that is not whole (:class:`DataSetFraming`: cut off inside an element,
-    a sequence never closed, an item tag where none belongs) is C000H too, found
-    wherever it is; the framing of a deflated one is not walked past the identity.
+    a sequence never closed, an item tag where none belongs, a standard element twice)
+    is C000H too, found wherever it is.
 
     ``status`` is None until decided, then 0 or the failure, with ``reason``; a
     framing failure may turn a 0 into C000H up to the last fragment. A data set in
@@ -786,19 +792,52 @@ class InstanceIdentity:
         self._inflater = None
         self._inflated = 0
         encoding = walkable_encoding(transfer_syntax)
+        encapsulated = (is_encapsulated(transfer_syntax)
+                        if is_standard_transfer_syntax(transfer_syntax) else None)
         if encoding is None and is_deflated(transfer_syntax):
             self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             encoding = (False, True)  # deflated data sets are explicit VR LE inside
+            # Deflated explicit VR LE carries native pixel data; the JPIP ones none.
+            encapsulated = (False if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+                            else None)
         self.status: int | None = None if encoding is not None else 0
         self._implicit, self._little = encoding or (False, True)
-        self._framing = (DataSetFraming(
-            implicit=self._implicit, little=self._little,
-            encapsulated=(is_encapsulated(transfer_syntax)
-                          if is_standard_transfer_syntax(transfer_syntax) else None))
-            if encoding is not None and self._inflater is None else None)
+        self._framing = (DataSetFraming(implicit=self._implicit, little=self._little,
+                                        encapsulated=encapsulated)
+                         if encoding is not None else None)
 
     def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
         """The next fragment of the data set (``last``: the data set ends with it)."""
+        if self._inflater is None:
+            self._walk(data, last=last)
+            return
+        inflater = self._inflater
+        while self._framing is not None and not self.status:
+            if self._inflated >= DEFLATED_WALK_BYTES:
+                self._framing = None  # no longer walked (see the class's text)
+                if self.status is None:
+                    self.status = 0
+                return
+            try:
+                out = inflater.decompress(data, _INFLATE_CHUNK)
+            except zlib.error as exc:
+                self._fail(_CANNOT_UNDERSTAND, f"the deflated data set does not inflate: {exc}")
+                return
+            data = inflater.unconsumed_tail
+            self._inflated += len(out)
+            # Every byte given is inflated before the next fragment is (a full chunk
+            # may leave output inside zlib with no input left: ask again).
+            more = bool(data) or len(out) == _INFLATE_CHUNK
+            if last and not more and not inflater.eof:
+                self._framing = None
+                self._fail(_CANNOT_UNDERSTAND, "the deflated data set is cut off "
+                                               "(its deflate stream does not end)")
+                return
+            self._walk(out, last=last and not more)
+            if not more:
+                return
+
+    def _walk(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
         framing = self._framing
         if framing is not None and not self.status:
             framing.feed(data, last=last)
@@ -808,16 +847,6 @@ class InstanceIdentity:
                 return
         if self.status is not None:
             return
-        if self._inflater is not None:
-            if self._inflated >= IDENTITY_SEARCH_BYTES:  # (a max_length of 0 is no limit)
-                self.status = 0
-                return
-            try:
-                data = self._inflater.decompress(data, IDENTITY_SEARCH_BYTES - self._inflated)
-            except zlib.error as exc:
-                self._fail(_CANNOT_UNDERSTAND, f"the deflated data set does not inflate: {exc}")
-                return
-            self._inflated += len(data)
         if self._head is None:
             buf: bytes | bytearray | memoryview = data  # the usual case: no copy
         else:

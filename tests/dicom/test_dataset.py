@@ -6,6 +6,7 @@ folder (never pydicom's get_testdata_files(), which tries to download).
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -972,6 +973,69 @@ def test_a_deflated_data_set_is_told_as_it_inflates() -> None:
         refused = _identity(plain, deflated, cls, inst, size)
         assert refused.status == 0xC000, refused.reason
         assert refused.reason.startswith("the deflated data set does not inflate")
+
+
+def _deflate(plain: bytes) -> bytes:
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return squeeze.compress(plain) + squeeze.flush()
+
+
+def test_a_deflated_data_set_is_walked_whole() -> None:
+    """The framing walk runs on the inflated data set, to its end: a second SOP
+    Instance UID, an item tag among elements, or a data set cut off inside an
+    element, all far past the identity, are C000H as they are in explicit VR LE.
+    Before, a deflated data set was inflated only up to its UIDs."""
+    deflated = DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    ct = read_part10_header(TEST_FILES / "CT_small.dcm")
+    plain = (TEST_FILES / "CT_small.dcm").read_bytes()[ct.dataset_offset :]
+    cls, inst = ct.sop_class_uid, ct.sop_instance_uid
+    # 200 KB of a private element first, so the faults lie far past the identity.
+    filler = _explicit(0x7FE10010, b"OB", os.urandom(200_000))
+    for tail, said in [
+        (_explicit(0x00080018, b"UI", b"1.2.3.4\x00"), "(0008,0018)"),
+        (struct.pack("<HHI", 0xFFFE, 0xE000, 4) + b"abcd", "an item tag (FFFE,E000)"),
+        (_explicit(0x7FE20010, b"OB", b"abcdef")[:-2], "ends inside"),
+    ]:
+        raw = _deflate(plain + filler + tail)
+        assert _identity(_deflate(plain + filler), deflated, cls, inst, 1000).status == 0
+        for size in (7, 4096, len(raw)):
+            refused = _identity(raw, deflated, cls, inst, size)
+            assert refused.status == 0xC000, (said, size)
+            assert said in refused.reason, refused.reason
+
+
+def test_a_deflate_stream_cut_off_is_refused() -> None:
+    """The deflate stream itself stops short (the data set inflated so far is whole
+    at an element boundary): C000H, the rest of the data set was never sent."""
+    ct = read_part10_header(TEST_FILES / "CT_small.dcm")
+    plain = (TEST_FILES / "CT_small.dcm").read_bytes()[ct.dataset_offset :]
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    cut = squeeze.compress(plain) + squeeze.flush(zlib.Z_SYNC_FLUSH)  # no final block
+    assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(cut) == plain
+    refused = _identity(cut, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+                        ct.sop_class_uid, ct.sop_instance_uid, 500)
+    assert refused.status == 0xC000
+    assert refused.reason == "the deflated data set is cut off (its deflate stream does not end)"
+    # A pad byte after the stream's end is allowed (PS3.5 A.5).
+    padded = _deflate(plain) + b"\0"
+    assert _identity(padded, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+                     ct.sop_class_uid, ct.sop_instance_uid, 500).status == 0
+
+
+def test_a_deflate_bomb_is_walked_no_further_than_its_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DEFLATED_WALK_BYTES inflated the walk stops (0: not told): a few MB of
+    deflate can inflate to gigabytes, which the worker would inflate on its loop."""
+    import router.dicom.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "DEFLATED_WALK_BYTES", 4 << 20)
+    ct = read_part10_header(TEST_FILES / "CT_small.dcm")
+    plain = (TEST_FILES / "CT_small.dcm").read_bytes()[ct.dataset_offset :]
+    # Cut off after 16 MiB of zeros: past the bound, so never found.
+    raw = _deflate(plain + _explicit(0x7FE10010, b"OB", bytes(16 << 20))[:-1])
+    check = _identity(raw, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+                      ct.sop_class_uid, ct.sop_instance_uid, 1 << 16)
+    assert check.status == 0
 
 
 def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:

@@ -562,6 +562,54 @@ def test_a_connection_reset_before_it_is_served_is_logged_with_its_peer(
     assert closed and not [line for line in closed if "?:0" in line], closed
 
 
+def test_a_deflated_data_set_giving_its_uid_twice_is_refused(
+        router: Router, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends a file in Deflated Explicit VR Little Endian (PS3.5 A.5), as it
+    is, whose data set gives (0008,0018) a second time after 100 KB of private data.
+    Readers disagree on which value counts, so the router answers C000H and keeps
+    nothing, as it does for the same data set not deflated. The deflated data set was
+    walked only as far as its first UIDs, and acknowledged."""
+    import struct
+    import zlib
+
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import CTImageStorage
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    source, twice = tmp_path / "ct.dcm", tmp_path / "twice.dcm"
+    make_ct(source, size_kb=24, seed=3)
+    header = read_part10_header(source)
+    assert header.transfer_syntax == pydicom.uid.ExplicitVRLittleEndian
+    body = source.read_bytes()[header.dataset_offset :]
+    other = b"1.2.3.4.5.6\0"
+    body += (struct.pack("<HH2sHI", 0x0009, 0x1001, b"OB", 0, 100_000) + bytes(100_000)
+             + struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", len(other)) + other)
+    meta = pydicom.dcmread(source, stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    head = BytesIO()
+    write_file_meta_info(head, meta, enforce_standard=True)
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = squeeze.compress(body) + squeeze.flush()
+    twice.write_bytes(bytes(128) + b"DICM" + head.getvalue() + deflated
+                      + b"\0" * (len(deflated) % 2))
+    ae = AE(ae_title="DEFLATER")
+    ae.add_requested_context(CTImageStorage, pydicom.uid.DeflatedExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(twice).Status) == 0xC000
+        assert int(assoc.send_c_store(source).Status) == 0x0000
+    finally:
+        assoc.release()
+    router.wait_for("(0008,0018) occurs twice (PS3.5 7.1: at most once)")
+    assert [read_part10_header(p).sop_instance_uid for p in _spooled(router)] == \
+        [header.sop_instance_uid]
+
+
 def test_a_data_set_naming_another_instance_is_refused_like_storescp_does(
         router: Router, procs: Procs, dcmtk: Dcmtk, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
