@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -153,15 +154,33 @@ def test_peer_gone_mid_instance_leaves_nothing(server: LoopServer, tmp_path: Pat
     assert not list(server.spool.tmp.iterdir())
 
 
+@pytest.fixture
+def library_filter(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., None]]:
+    """Install a LibraryLogFilter on caplog's handler, removed after the test: pytest
+    keeps one capture handler for the session, and a filter left on it would prefix
+    (or drop) the next test's records too."""
+    from workers.logcontext import LibraryLogFilter
+
+    added: list[LibraryLogFilter] = []
+
+    def install(**kwargs: Any) -> None:
+        added.append(LibraryLogFilter(**kwargs))
+        caplog.handler.addFilter(added[-1])
+
+    yield install
+    for one in added:
+        caplog.handler.removeFilter(one)
+
+
 def test_library_log_lines_name_the_association_being_handled(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, library_filter: Callable[..., None]) -> None:
     """pydicom warning about a query's character set, say: the operator must know which
     association sent it (the actor's own lines name it already)."""
     import logging
 
-    from workers.logcontext import LibraryLogFilter, serving
+    from workers.logcontext import serving
 
-    caplog.handler.addFilter(LibraryLogFilter())
+    library_filter()
     with caplog.at_level(logging.INFO):
         logging.getLogger("pydicom").warning("Unknown encoding '%s'", "GARBAGE")
         token = serving.set(lambda: "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242")
@@ -180,8 +199,67 @@ def test_library_log_lines_name_the_association_being_handled(
         "association w1-a7 VIEWER->ROUTER 10.0.0.9:4242: UserWarning: Unknown encoding 'G'"]
 
 
+def test_a_library_line_repeated_for_one_association_is_said_once_a_minute(
+        caplog: pytest.LogCaptureFixture, library_filter: Callable[..., None]) -> None:
+    """A bad Specific Character Set under a rule reading eight attributes: pydicom
+    warns once per value, twelve lines for one instance. The same line for the same
+    association is said once within REPEAT_WINDOW; another association, or a minute
+    later, says it again; our own lines are never dropped."""
+    import logging
+
+    from workers.logcontext import REPEAT_WINDOW, serving
+
+    now = [100.0]
+    library_filter(clock=lambda: now[0])
+    pydicom_log, ours = logging.getLogger("pydicom"), logging.getLogger("workers.actor")
+    with caplog.at_level(logging.INFO):
+        for who in ("association w1-a1", "association w1-a2", "association w1-a1"):
+            token = serving.set(lambda who=who: who)
+            try:
+                for _ in range(8):
+                    pydicom_log.warning("Failed to decode byte string with encoding 'x'")
+                    ours.info("C-STORE done")
+            finally:
+                serving.reset(token)
+        now[0] += REPEAT_WINDOW
+        token = serving.set(lambda: "association w1-a1")
+        try:
+            pydicom_log.warning("Failed to decode byte string with encoding 'x'")
+        finally:
+            serving.reset(token)
+    said = [r.getMessage() for r in caplog.records]
+    warned = [line for line in said if "Failed" in line]
+    assert warned == [f"association w1-a{n}: Failed to decode byte string with encoding 'x'"
+                      for n in (1, 2, 1)], said
+    assert said.count("C-STORE done") == 24
+
+
+def test_a_warning_with_a_newline_in_its_value_is_one_line_said_once(
+        caplog: pytest.LogCaptureFixture, library_filter: Callable[..., None]) -> None:
+    """A Specific Character Set of 'ISO_IR 999\\nX': pydicom logged it, then the
+    captured warning repeated it cut at the newline ("Unknown encoding 'ISO_IR 999"),
+    which the dedupe did not recognise: two lines, one of them wrong."""
+    import logging
+    import warnings
+
+    library_filter()
+    logging.captureWarnings(True)
+    try:
+        with caplog.at_level(logging.INFO), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            text = "Unknown encoding 'ISO_IR 999\nX' - using default encoding instead"
+            logging.getLogger("pydicom").warning(text)
+            warnings.warn(text, UserWarning, stacklevel=1)
+            warnings.warn("another\nwarning", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Unknown encoding 'ISO_IR 999\nX' - using default encoding instead",
+        "UserWarning: another\nwarning"]
+
+
 def test_a_warning_pydicom_has_logged_is_not_logged_twice(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, library_filter: Callable[..., None]) -> None:
     """pydicom's warn_and_log logs a warning and warns it too; with warnings captured
     into the log (as workers do) that was the same line twice."""
     import logging
@@ -189,9 +267,7 @@ def test_a_warning_pydicom_has_logged_is_not_logged_twice(
 
     from pydicom.valuerep import validate_value
 
-    from workers.logcontext import LibraryLogFilter
-
-    caplog.handler.addFilter(LibraryLogFilter())
+    library_filter()
     logging.captureWarnings(True)
     try:
         with caplog.at_level(logging.INFO), warnings.catch_warnings():
