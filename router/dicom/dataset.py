@@ -892,32 +892,45 @@ class InstanceIdentity:
 
 
 # What DataSetFraming expects next where it stands: elements (the data set, or an
-# undefined-length item, which a delimiter may end), or items (an undefined-length
-# sequence, which a delimiter ends).
+# item of a sequence), items (a sequence), or fragments (encapsulated pixel data:
+# items whose values are not elements, PS3.5 A.4).
 _ELEMENTS: Final = 0
 _ITEMS: Final = 1
+_FRAGMENTS: Final = 2
+_NO_LIMIT: Final = 1 << 62
+
+
+@functools.cache
+def _sequence_tags() -> frozenset[int]:
+    """The standard's sequence attributes: in implicit VR only the dictionary tells
+    a defined-length sequence from any other value."""
+    from pydicom.datadict import DicomDictionary
+
+    return frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 
 
 class DataSetFraming:
     """Whether a data set arriving in fragments is whole: every element's header and
-    length (PS3.5 §7.1), and every undefined-length sequence and item closed by its
-    delimiter (§7.5), with nothing cut off at the end; no item tag among elements, no
-    VR the standard does not define (whose length field nobody agrees on), no standard
-    element twice in the data set (§7.1: "at most once"; readers disagree on which
-    one counts, the SOP Instance UID say), and Pixel Data encapsulated exactly when the
-    transfer syntax says so (PS3.5 §A.4; ``encapsulated``: None, not checked).
+    length (PS3.5 §7.1), every sequence and item closed by its delimiter or filled
+    to its defined length exactly, nothing inside one running past its end (§7.5),
+    with nothing cut off at the end; no item tag among elements, no VR the standard
+    does not define (whose length field nobody agrees on), no standard element twice
+    in the data set (§7.1: "at most once"; readers disagree on which one counts, the
+    SOP Instance UID say), and Pixel Data encapsulated exactly when the transfer
+    syntax says so (PS3.5 §A.4; ``encapsulated``: None, not checked).
 
     A C-STORE data set that stops inside an element, or whose sequence is never
     closed, cannot be read by anyone (PS3.4 B.2.3: C000H, cannot understand), and
     acknowledging it would have the sender delete what no destination can take.
-    The walk reads headers only: values with a defined length, defined-length
-    sequences and items included, are stepped over unread, so an image costs a few
-    dozen headers whatever its size; only undefined-length structures are entered.
+    The walk reads headers only: values are stepped over unread, so an image costs a
+    few dozen headers whatever its size. Sequences are entered, defined length or
+    not (in implicit VR, those the data dictionary names: a private one is a value
+    like any other), and so are their items; encapsulated fragments are not.
     ``feed`` each fragment in order; ``error`` is None or why it is not whole.
     """
 
-    __slots__ = ("_carry", "_encapsulated", "_head", "_implicit", "_seen", "_skip", "_stack",
-                 "_structs", "error")
+    __slots__ = ("_carry", "_encapsulated", "_head", "_implicit", "_offset", "_seen",
+                 "_sequences", "_skip", "_stack", "_structs", "error")
 
     def __init__(self, *, implicit: bool, little: bool,
                  encapsulated: bool | None = None) -> None:
@@ -925,6 +938,7 @@ class DataSetFraming:
         self._encapsulated = encapsulated
         self._seen: set[int] = set()  # the data set's own tags so far
         self._structs = _structs(little)
+        self._sequences = _sequence_tags() if implicit else frozenset()
         # A whole element header in one unpack, for the data set's own elements (the
         # walk's hot loop): tag and 4-byte length, or tag, VR, 2-byte length and the
         # 4-byte length that follows a long VR's reserved bytes.
@@ -932,9 +946,11 @@ class DataSetFraming:
         self._head = struct.Struct(order + ("HHI" if implicit else "HH2sHI")).unpack_from
         self._carry = b""  # a header cut by the end of a fragment
         self._skip = 0  # bytes of a value still to step over
-        # Open undefined-length structures, innermost last: (_ELEMENTS or _ITEMS,
-        # implicit VR inside). Empty: the data set's own elements.
-        self._stack: list[tuple[int, bool]] = []
+        self._offset = 0  # where in the data set the next fragment starts
+        # Open sequences and items, innermost last: (_ELEMENTS, _ITEMS or _FRAGMENTS,
+        # implicit VR inside, the offset nothing inside may pass, whether that offset
+        # is its own defined end). Empty: the data set's own elements.
+        self._stack: list[tuple[int, bool, int, bool]] = []
         self.error: str | None = None
 
     def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
@@ -949,18 +965,30 @@ class DataSetFraming:
             if self._skip or self._carry:
                 self.error = "the data set ends inside an element"
             elif self._stack:
-                self.error = "the data set ends inside a sequence that is never closed"
+                self.error = ("the data set ends inside a sequence that is never closed"
+                              if not self._stack[0][3] else
+                              "the data set ends inside a sequence or item whose length "
+                              "runs past its end")
 
     def _walk(self, view: memoryview) -> None:
         pos, end = 0, len(view)
+        base = self._offset  # where view[0] is in the data set
+        self._offset += end
+        stack = self._stack
         while True:
             if self._skip:
                 step = min(self._skip, end - pos)
                 self._skip -= step
                 pos += step
+            while stack and stack[-1][2] == base + pos and not self._carry:
+                # The defined end of the innermost structure with one.
+                if not stack[-1][3]:
+                    raise ValueError("a sequence or item without its delimiter at the "
+                                     "defined end of the item around it")
+                stack.pop()
             if pos == end:
                 return
-            if not self._stack and not self._carry:
+            if not stack and not self._carry:
                 pos = self._top_level(view, pos, end)
                 if pos > end:  # the last value runs on into the next fragment
                     self._skip, pos = pos - end, end
@@ -969,7 +997,7 @@ class DataSetFraming:
             if self._carry:
                 # Complete the cut header from this fragment (headers are 8 or 12 bytes).
                 head = self._carry + bytes(view[pos : pos + 12 - len(self._carry)])
-                used = self._header(memoryview(head), 0)
+                used = self._header(memoryview(head), 0, base + pos - len(self._carry))
                 if used < 0:
                     if len(head) >= 12:
                         raise ValueError("an element header that cannot be read")
@@ -978,24 +1006,26 @@ class DataSetFraming:
                 pos += used - len(self._carry)
                 self._carry = b""
                 continue
-            used = self._header(view, pos)
+            used = self._header(view, pos, base + pos)
             if used < 0:
                 self._carry = bytes(view[pos:])
                 return
             pos += used
 
     def _top_level(self, view: memoryview, pos: int, end: int) -> int:
-        """Step over the data set's own elements with a defined length from ``pos``:
-        where the first one that needs :meth:`_header` starts (a delimiter, an
-        undefined length, a header cut by ``end``), or where a value cut by ``end``
-        would end."""
+        """Step over the data set's own elements from ``pos`` that are plain values
+        with a defined length: where the first one that needs :meth:`_header` starts
+        (a delimiter, a sequence, an undefined length, a header cut by ``end``), or
+        where a value cut by ``end`` would end."""
         head = self._head
         if self._implicit:
+            sequences = self._sequences
             while pos + 8 <= end:
                 group, element, length = head(view, pos)
-                if group == 0xFFFE or length == _UNDEFINED:
+                tag = group << 16 | element
+                if group == 0xFFFE or length == _UNDEFINED or tag in sequences:
                     break
-                self._own_element(group << 16 | element, length)
+                self._own_element(tag, length)
                 pos += 8 + length
             return pos
         while pos + 12 <= end:
@@ -1003,7 +1033,7 @@ class DataSetFraming:
             if group == 0xFFFE:
                 break
             if vr in _LONG_VRS:
-                if long == _UNDEFINED:
+                if long == _UNDEFINED or vr == b"SQ":
                     break
                 self._own_element(group << 16 | element, long)
                 pos += 12 + long
@@ -1036,21 +1066,40 @@ class DataSetFraming:
                 "encapsulated, which its native transfer syntax does not allow")
                 + " (PS3.5 A.4)")
 
-    def _header(self, view: memoryview, pos: int) -> int:
-        """Take the header at ``pos``: how many bytes it was, or -1 if ``view`` ends
-        inside it. Sets what to skip and opens or closes structures."""
-        kind, implicit = self._stack[-1] if self._stack else (_ELEMENTS, self._implicit)
-        if kind == _ITEMS:
+    def _header(self, view: memoryview, pos: int, at: int) -> int:
+        """Take the header at ``pos`` (``at`` in the data set): how many bytes it was,
+        or -1 if ``view`` ends inside it. Sets what to skip and opens or closes
+        structures."""
+        stack = self._stack
+        kind, implicit, limit, defined = (stack[-1] if stack
+                                          else (_ELEMENTS, self._implicit, _NO_LIMIT, False))
+        if kind != _ELEMENTS:
             if pos + 8 > len(view):
                 return -1
             group, element, length = self._structs[0].unpack_from(view, pos)
             tag = group << 16 | element
+            if at + 8 > limit:
+                raise ValueError(f"({group:04X},{element:04X}) runs past the end of its "
+                                 "sequence")
             if tag == _SEQUENCE_DELIMITER:
-                self._stack.pop()
+                if not defined:
+                    stack.pop()
+                elif at + 8 != limit:
+                    # At its very end, DCMTK reads it as the end (and so do we);
+                    # before, readers disagree on where the sequence ends.
+                    raise ValueError("a sequence delimiter before the end of its "
+                                     "defined length")
             elif tag != _ITEM:
                 raise ValueError(f"expected an item, found ({group:04X},{element:04X})")
             elif length == _UNDEFINED:
-                self._open(_ELEMENTS, implicit)
+                if kind == _FRAGMENTS:
+                    raise ValueError("an encapsulated fragment of undefined length "
+                                     "(PS3.5 A.4)")
+                self._open(_ELEMENTS, implicit, limit, False)
+            elif at + 8 + length > limit:
+                raise ValueError("an item runs past the end of its sequence")
+            elif kind == _ITEMS and length:
+                self._open(_ELEMENTS, implicit, at + 8 + length, True)
             else:
                 self._skip = length
             return 8
@@ -1062,31 +1111,44 @@ class DataSetFraming:
             # Its length field is 2 bytes to some readers, 4 to others (DCMTK).
             raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has VR {vr!r}, which "
                              "DICOM does not define (PS3.5 Table 6.2-1)")
+        value_at = at + start - pos
         if tag >> 16 == 0xFFFE:
             if tag != _ITEM_DELIMITER:  # an item, a sequence delimiter: unreadable here
                 raise ValueError(f"an item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) "
                                  "where an element belongs")
-            if not self._stack:
+            if not stack:
                 # pydicom stops reading the data set there, other readers go on.
                 raise ValueError("an item delimiter (FFFE,E00D) among the data set's "
                                  "own elements")
-            self._stack.pop()  # the end of an undefined-length item
+            if not defined:
+                stack.pop()  # the end of an undefined-length item
+            elif at + 8 != limit:
+                raise ValueError("an item delimiter before the end of its item's "
+                                 "defined length")
             return start - pos
-        if not self._stack:
+        if value_at + (0 if length == _UNDEFINED else length) > limit:
+            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of "
+                             "its item")
+        if not stack:
             self._own_element(tag, length)
+        sequence = vr == b"SQ" or (vr is None and tag in self._sequences)
         if length == _UNDEFINED:
-            # A sequence, or encapsulated pixel data (PS3.5 A.4): items either way. The
-            # inside of an undefined-length UN is implicit VR little endian (§6.2.2).
-            self._open(_ITEMS, implicit or vr == b"UN")
+            # A sequence, or encapsulated pixel data (PS3.5 A.4). The inside of an
+            # undefined-length UN is implicit VR little endian (§6.2.2), a sequence's.
+            fragments = vr in (b"OB", b"OW") or (vr is None and tag == _PIXEL_DATA)
+            self._open(_FRAGMENTS if fragments else _ITEMS, implicit or vr == b"UN",
+                       limit, False)
+        elif sequence and length:
+            self._open(_ITEMS, implicit, value_at + length, True)
         else:
             self._skip = length
         return start - pos
 
-    def _open(self, kind: int, implicit: bool) -> None:
+    def _open(self, kind: int, implicit: bool, limit: int, defined: bool) -> None:
         if len(self._stack) >= 2 * _MAX_DEPTH:  # a sequence and its item per level
             raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
                              status=_CANNOT_UNDERSTAND)
-        self._stack.append((kind, implicit))
+        self._stack.append((kind, implicit, limit, defined))
 
 
 def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int,

@@ -1088,6 +1088,96 @@ def test_a_data_set_readers_would_disagree_on_is_refused(tail: bytes, transfer_s
         assert check.status == 0xC000 and said in check.reason, (size, check.reason)
 
 
+def _item(body: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body) if length is None else length) + body
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+_REF = _explicit(0x00081150, b"UI", _CT) + _explicit(0x00081155, b"UI", b"1.2.3.5\x00")
+_REF_IMPLICIT = _implicit(0x00081150, _CT) + _implicit(0x00081155, b"1.2.3.5\x00")
+_PATIENT = _explicit(0x00100020, b"LO", b"P1")
+_SEQUENCE_DELIMITATION = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+@pytest.mark.parametrize(("tail", "implicit", "said"), [
+    # Inside defined-length sequences and items (PS3.5 7.5.1), stepped over unread
+    # before: each was acknowledged, and dcmdump cannot read one of them.
+    (_explicit(0x00081140, b"SQ", _item(_REF, len(_REF) - 10) + _REF[-10:]) + _PATIENT,
+     False, "(0008,1155) runs past the end of its item"),
+    (_explicit(0x00081140, b"SQ", _REF) + _PATIENT, False,
+     "expected an item, found (0008,1150)"),
+    (_explicit(0x00081140, b"SQ", _item(_REF + _item(b"abcd"))) + _PATIENT, False,
+     "an item tag (FFFE,E000) where an element belongs"),
+    (_explicit(0x00081140, b"SQ", _item(_REF, len(_REF) + 8)) + _PATIENT, False,
+     "an item runs past the end of its sequence"),
+    # An undefined-length sequence inside a defined-length item, its delimiter missing.
+    (_explicit(0x00081140, b"SQ", _item(
+        struct.pack("<HH2sHI", 0x0008, 0x1199, b"SQ", 0, 0xFFFFFFFF) + _item(_REF))),
+     False, "without its delimiter at the defined end"),
+    # Implicit VR: the data dictionary says (0008,1140) is a sequence.
+    (_implicit(0x00081140, _REF_IMPLICIT) + _implicit(0x00100020, b"P1"), True,
+     "expected an item, found (0008,1150)"),
+    (_implicit(0x00081140, _item(_REF_IMPLICIT, 20) + _REF_IMPLICIT[20:])
+     + _implicit(0x00100020, b"P1"), True, "(0008,1150) runs past the end of its item"),
+])
+def test_what_is_inside_a_defined_length_sequence_is_walked(
+        tmp_path: Path, tail: bytes, implicit: bool, said: str) -> None:
+    """The walk enters defined-length sequences and their items: what dcmdump (DCMTK)
+    cannot read there is C000H, in fragments of every size."""
+    syntax = IMPLICIT_VR_LITTLE_ENDIAN if implicit else EXPLICIT_VR_LITTLE_ENDIAN
+    base = (_implicit(0x00080016, _CT) + _implicit(0x00080018, b"1.2.3.4\x00")
+            if implicit else _BASE[: -len(_PATIENT)])
+    for size in (3, 7, 1000):
+        check = _identity(base + tail, syntax, _CT.rstrip(b"\x00").decode(), "1.2.3.4", size)
+        assert check.status == 0xC000 and said in check.reason, (size, check.reason)
+    if DCMDUMP:
+        assert _dcmdump(tmp_path, base + tail, syntax).returncode != 0
+
+
+@pytest.mark.parametrize(("tail", "implicit"), [
+    (_explicit(0x00081140, b"SQ", _item(_REF) + _item(_REF)) + _PATIENT, False),
+    (_explicit(0x00081140, b"SQ", b"") + _PATIENT, False),
+    (_explicit(0x00081140, b"SQ", _item(b"") + _item(_REF)) + _PATIENT, False),
+    # Nested: a defined-length sequence in a defined-length item, ending together.
+    (_explicit(0x00081140, b"SQ", _item(_explicit(0x00081199, b"SQ", _item(_REF)))), False),
+    # An undefined-length sequence closed inside a defined-length item.
+    (_explicit(0x00081140, b"SQ", _item(
+        struct.pack("<HH2sHI", 0x0008, 0x1199, b"SQ", 0, 0xFFFFFFFF) + _item(_REF)
+        + _SEQUENCE_DELIMITATION)) + _PATIENT, False),
+    # A sequence delimiter at the very end of a defined-length sequence: DCMTK reads
+    # it as the end ("for re-encoding"), and so do we.
+    (_explicit(0x00081140, b"SQ", _item(_REF) + _SEQUENCE_DELIMITATION) + _PATIENT, False),
+    (_implicit(0x00081140, _item(_REF_IMPLICIT)) + _implicit(0x00100020, b"P1"), True),
+    # A private tag in implicit VR is a value like any other: not walked.
+    (_implicit(0x00091010, _REF_IMPLICIT) + _implicit(0x00100020, b"P1"), True),
+])
+def test_well_formed_defined_length_sequences_pass(tmp_path: Path, tail: bytes,
+                                                   implicit: bool) -> None:
+    syntax = IMPLICIT_VR_LITTLE_ENDIAN if implicit else EXPLICIT_VR_LITTLE_ENDIAN
+    base = (_implicit(0x00080016, _CT) + _implicit(0x00080018, b"1.2.3.4\x00")
+            if implicit else _BASE[: -len(_PATIENT)])
+    for size in (3, 7, 1000):
+        check = _identity(base + tail, syntax, _CT.rstrip(b"\x00").decode(), "1.2.3.4", size)
+        assert check.status == 0, (size, check.reason)
+    if DCMDUMP:
+        result = _dcmdump(tmp_path, base + tail, syntax)
+        assert result.returncode == 0 and "E:" not in result.stderr, result.stderr
+
+
+def _dcmdump(tmp_path: Path, data_set: bytes, transfer_syntax: str,
+             ) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "walked.dcm"
+    path.write_bytes(part10_meta_bytes(sop_class_uid=_CT.rstrip(b"\x00").decode(),
+                                       sop_instance_uid="1.2.3.4",
+                                       transfer_syntax=transfer_syntax) + data_set)
+    assert DCMDUMP is not None
+    return subprocess.run([DCMDUMP, str(path)], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
 @pytest.mark.parametrize(("tail", "transfer_syntax"), [
     (_ENCAPSULATED, "1.2.840.10008.1.2.4.50"),
     (_NATIVE, EXPLICIT_VR_LITTLE_ENDIAN),
