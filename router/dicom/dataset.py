@@ -1041,7 +1041,7 @@ class DataSetFraming:
                 self._own_element(group << 16 | element, short)
                 pos += 8 + short
             else:
-                break  # implicit VR inside explicit VR, or unknown: see _header
+                break  # no VR, or an unknown one: see _header
         return pos
 
     def _own_element(self, tag: int, length: int) -> None:
@@ -1111,6 +1111,12 @@ class DataSetFraming:
             # Its length field is 2 bytes to some readers, 4 to others (DCMTK).
             raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has VR {vr!r}, which "
                              "DICOM does not define (PS3.5 Table 6.2-1)")
+        if vr is None and not implicit and tag >> 16 != 0xFFFE:
+            # pydicom reads on in implicit VR; DCMTK cannot, and the file we would
+            # spool is labelled with the explicit syntax it is not in (PS3.5 7.1.2).
+            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has no VR (bytes "
+                             f"{bytes(view[pos + 4 : pos + 6])!r}): the data set is not "
+                             "in the explicit VR its transfer syntax says")
         value_at = at + start - pos
         if tag >> 16 == 0xFFFE:
             if tag != _ITEM_DELIMITER:  # an item, a sequence delimiter: unreadable here

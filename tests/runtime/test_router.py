@@ -562,6 +562,61 @@ def test_a_connection_reset_before_it_is_served_is_logged_with_its_peer(
     assert closed and not [line for line in closed if "?:0" in line], closed
 
 
+def test_a_data_set_not_in_its_contexts_transfer_syntax_is_refused(
+        router: Router, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends files as they are, on an Explicit VR Little Endian (or JPEG
+    Baseline, or Deflated) context, whose data sets are Implicit VR: pydicom's own
+    SC_rgb_jpeg.dcm, and a CT and its deflated copy labelled so. The router answered
+    0000H, spooled them under the explicit syntax, and forwarded what no DCMTK-based
+    destination can parse (an outside conformance campaign): now C000H, nothing kept
+    (PS3.5 10: a message's data set is in its context's transfer syntax)."""
+    import zlib
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
+
+    from tests.helpers.data import pydicom_test_files
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    source = tmp_path / "ct.dcm"
+    make_ct(source, size_kb=24, seed=4)
+    ds = pydicom.dcmread(source)
+    ds_implicit = BytesIO()
+    out = pydicom.filebase.DicomFileLike(ds_implicit)
+    out.is_little_endian, out.is_implicit_VR = True, True
+    pydicom.filewriter.write_dataset(out, ds)
+    mislabelled = {}
+    for syntax, body in ((pydicom.uid.ExplicitVRLittleEndian, ds_implicit.getvalue()),
+                         (pydicom.uid.DeflatedExplicitVRLittleEndian,
+                          zlib.compress(ds_implicit.getvalue())[2:-4])):
+        meta = ds.file_meta
+        meta.TransferSyntaxUID = syntax
+        head = BytesIO()
+        write_file_meta_info(head, meta, enforce_standard=True)
+        path = tmp_path / f"{syntax}.dcm"
+        path.write_bytes(bytes(128) + b"DICM" + head.getvalue() + body + b"\0" * (len(body) % 2))
+        mislabelled[syntax] = path
+    [jpeg] = [p for p in pydicom_test_files() if p.name == "SC_rgb_jpeg.dcm"]
+    ae = AE(ae_title="MISLABEL")
+    for syntax in (pydicom.uid.ExplicitVRLittleEndian,
+                   pydicom.uid.DeflatedExplicitVRLittleEndian):
+        ae.add_requested_context(CTImageStorage, syntax)
+    ae.add_requested_context(SecondaryCaptureImageStorage, pydicom.uid.JPEGBaseline8Bit)
+    assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+    assert assoc.is_established
+    try:
+        answers = [int(assoc.send_c_store(path).Status)
+                   for path in (*mislabelled.values(), jpeg, source)]
+    finally:
+        assoc.release()
+    assert answers == [0xC000, 0xC000, 0xC000, 0x0000]
+    router.wait_count("the data set is not in the explicit VR its transfer syntax says", 3)
+    assert [read_part10_header(p).sop_instance_uid for p in _spooled(router)] == \
+        [read_part10_header(source).sop_instance_uid]
+
+
 def test_a_deflated_data_set_giving_its_uid_twice_is_refused(
         router: Router, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """pynetdicom sends a file in Deflated Explicit VR Little Endian (PS3.5 A.5), as it
