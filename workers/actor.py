@@ -999,6 +999,10 @@ class AssociationActor(asyncio.BufferedProtocol):
         if not self.engine.may_send_data:
             return
         remaining, completed, failed, warning = counts
+        if status == dimse.CANCEL:
+            # PS3.4 C.4.2.3.1, C.4.3.3.1: a Cancel response "shall contain" the
+            # completed, failed and warning counts, 0 when nothing was done.
+            completed, failed, warning = completed or 0, failed or 0, warning or 0
         rsp_type = dimse.CMoveRSP if isinstance(msg, dimse.CMoveRQ) else dimse.CGetRSP
         self.engine.send_message(ctx.context_id, rsp_type(
             message_id_being_responded_to=msg.message_id,

@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Final, Protocol
 
@@ -735,7 +735,9 @@ class GetProxy(_RetrieveProxy):
                 return dimse.PROCESSING_FAILURE
             finally:
                 parts.clear()
-        mid = self.relay.begin_store(inbound, rq)
+        # PS3.4 C.4.3.1.2: every C-STORE sub-operation carries the C-GET's priority,
+        # whatever the upstream put on its own.
+        mid = self.relay.begin_store(inbound, replace(rq, priority=self.priority))
         result = self.relay.store_result(mid)
         if converted is not None:
             self.relay.store_data(inbound, converted, True)

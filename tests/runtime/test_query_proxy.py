@@ -756,7 +756,10 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
         tmp_path: Path) -> None:
     """The upstream (pynetdicom) sends CT only in Explicit VR LE; the requestor (also
     pynetdicom) takes CT only in Implicit VR LE. The router proposes both upstream and
-    converts each instance on the way: the same elements and pixel values arrive."""
+    converts each instance on the way: the same elements and pixel values arrive.
+    Each sub-operation carries the C-GET's priority, HIGH (PS3.4 C.4.3.1.2), not the
+    upstream's LOW (pynetdicom's own for its sub-operations): an outside conformance
+    campaign found the upstream's relayed."""
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
@@ -776,11 +779,13 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
                                evt_handlers=[(evt.EVT_C_GET, on_get)])
     router = _router_to(tmp_path, RETRIEVE_ALL, port, "EXPLPACS")
     received: list[pydicom.Dataset] = []
+    priorities: list[int] = []
 
     def on_store(event: Any) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         received.append(ds)
+        priorities.append(int(event.request.Priority))
         return 0x0000
 
     viewer = AE(ae_title="VIEWER")
@@ -796,13 +801,15 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
         statuses = [int(status.Status) for status, _ in
-                    assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+                    assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet,
+                                     priority=1)]
         assoc.release()
         assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
     finally:
         router.stop()
         server.shutdown()
     assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(_uid(p) for p in study)
+    assert priorities == [1] * len(study)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in received}
     for src in study:
         got = by_uid[_uid(src)]

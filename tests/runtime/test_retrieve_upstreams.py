@@ -290,6 +290,12 @@ def test_a_cancel_before_the_upstream_answers_is_answered_cancel(
         pacs.shutdown()
         hung.close()
     assert responses and responses[-1][0].Status == 0xFE00, responses
+    # PS3.4 C.4.2.3.1, C.4.3.3.1: Cancel "shall contain" the completed, failed and
+    # warning counts (an outside conformance campaign found them missing).
+    final = responses[-1][0]
+    counts = [final.get(f"Number{of}Suboperations") for of in ("OfCompleted", "OfFailed",
+                                                               "OfWarning")]
+    assert None not in counts, final
     assert late_requests == [] and pacs_requests == []
 
 
