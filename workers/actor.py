@@ -220,6 +220,10 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._deferred: deque[Event] = deque()
         self._deferred_bytes = 0
         self._cancelled_held: set[int] = set()  # message IDs: see _cancel_held
+        # Relayed N-requests (MPPS, Storage Commitment) not answered yet, and whether
+        # the peer's A-RELEASE-RQ waits for them.
+        self._relaying = 0
+        self._release_waiting = False
         # C-GET sub-operations sent to the requestor, waiting for its C-STORE-RSP.
         self._sub_operations: dict[int, asyncio.Future[dimse.CStoreRSP]] = {}
         self._sub_ids = itertools.cycle(range(1, 65536))
@@ -329,6 +333,13 @@ class AssociationActor(asyncio.BufferedProtocol):
         C-STORE-RSPs to a C-GET's sub-operations, and the end of the association."""
         if isinstance(event, AssociationAborted | ConnectionClosed):
             return False
+        if isinstance(event, ReleaseRequested):
+            # Answered once the operation has sent its last response (PS3.8 Sta8: the
+            # acceptor may still send P-DATA before the A-RELEASE-RP), as DCMTK's
+            # SCPs and pynetdicom do; it was answered at once, and the requestor
+            # never got its C-FIND matches or its C-MOVE's final response.
+            self._deferred.append(event)
+            return True
         if isinstance(event, CommandReceived) and (
                 isinstance(event.message, dimse.CCancelRQ)
                 or not dimse.is_request(event.message)):
@@ -354,6 +365,13 @@ class AssociationActor(asyncio.BufferedProtocol):
             return True
         self._deferred.append(event)
         return True
+
+    def _answer_release(self) -> None:
+        # Unless an A-ABORT came behind the A-RELEASE-RQ: then it is aborted.
+        if self.engine.may_answer_release:
+            self.stats.outcome = "released"
+            self._discard_store("the peer released the association")
+            self.engine.release_response()
 
     def _cancel_held(self, message_id: int) -> None:
         """A C-CANCEL of a held C-FIND, C-MOVE or C-GET: when its turn comes it is
@@ -390,11 +408,12 @@ class AssociationActor(asyncio.BufferedProtocol):
             if self.engine.may_answer_association:
                 self._requested(event)
         elif isinstance(event, ReleaseRequested):
-            # Unless an A-ABORT came behind the A-RELEASE-RQ: then it is aborted.
-            if self.engine.may_answer_release:
-                self.stats.outcome = "released"
-                self._discard_store("the peer released the association")
-                self.engine.release_response()
+            if self._relaying:
+                # Relayed N-requests still to be answered: the A-RELEASE-RP waits for
+                # them (PS3.8 Sta8 may still send P-DATA), as the requestor does.
+                self._release_waiting = True
+            else:
+                self._answer_release()
         elif isinstance(event, AssociationAborted):
             self.stats.outcome = f"aborted: {event.detail}"
             self._discard_store(self.stats.outcome)
@@ -795,7 +814,19 @@ class AssociationActor(asyncio.BufferedProtocol):
         return None
 
     def _start_n(self, ctx: NegotiatedContext, msg: Any, data: bytes | None) -> None:
-        self.loop.create_task(self._run_n(ctx, msg, data))
+        self._relaying += 1
+        self.loop.create_task(self._run_n_counted(ctx, msg, data))
+
+    async def _run_n_counted(self, ctx: NegotiatedContext, msg: Any,
+                             data: bytes | None) -> None:
+        try:
+            await self._run_n(ctx, msg, data)
+        finally:
+            self._relaying -= 1
+            if not self._relaying and self._release_waiting:
+                self._release_waiting = False
+                self._answer_release()
+                self._after_engine()
 
     async def _run_n(self, ctx: NegotiatedContext, msg: Any, data: bytes | None) -> None:
         dispatcher = self._dispatcher()

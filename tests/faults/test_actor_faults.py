@@ -107,6 +107,19 @@ def associated(port: int, abstract: str = VERIFICATION) -> socket.socket:
     return sock
 
 
+def answers_until_not_data(port: int, abstract: str, payload: bytes) -> list[tuple[int, bytes]]:
+    """Associate on ``abstract``, send ``payload`` in one write, and read every PDU
+    (type, body) up to and including the first that is not a P-DATA-TF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(associate_rq(abstract=abstract))
+        assert read_pdu(sock)[0] == 0x02, "A-ASSOCIATE-AC"
+        sock.sendall(payload)
+        pdus = [read_pdu(sock)]
+        while pdus[-1][0] == 0x04:
+            pdus.append(read_pdu(sock))
+    return pdus
+
+
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     header = _read(sock, 6)
     if not header:

@@ -141,6 +141,43 @@ def test_mpps_n_create_and_n_set_reach_the_ris(tmp_path: Path) -> None:
     assert [(u, ds.PerformedProcedureStepStatus) for u, ds in updates] == [(uid, "COMPLETED")]
 
 
+def test_a_release_sent_behind_an_n_create_waits_for_its_answer(tmp_path: Path) -> None:
+    """An MPPS N-CREATE and an A-RELEASE-RQ in one write, the RIS answering after a
+    while: the A-RELEASE-RP came at once and the N-CREATE-RSP never reached the
+    modality. Now the response comes first, then the A-RELEASE-RP."""
+    import time
+
+    from pynetdicom import evt
+
+    from tests.faults.test_actor_faults import (
+        RELEASE_RQ,
+        _data_set,
+        answers_until_not_data,
+        command,
+        p_data,
+    )
+
+    def on_create(event: Any) -> tuple[int, Dataset]:
+        time.sleep(0.5)  # a slow RIS (the peer's own pace, not a wait for the test)
+        return 0x0000, event.attribute_list
+
+    ris_port, server = _serving("RIS", MPPS, (evt.EVT_N_CREATE, on_create))
+    router = Router(tmp_path, extra='[routing]\nmpps = "ris"\n'
+                    + _destination("ris", ris_port, "RIS"))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        pdus = answers_until_not_data(router.port, MPPS, p_data(command(
+            AffectedSOPClassUID=MPPS, CommandField=0x0140, MessageID=3,
+            CommandDataSetType=0x0000, AffectedSOPInstanceUID=generate_uid()))
+            + p_data(_data_set(PatientID="P1"), is_command=False) + RELEASE_RQ)
+        router.wait_for("closed: released")
+    finally:
+        router.stop()
+        server.shutdown()
+    seen = [kind for kind, _ in pdus]
+    assert seen[0] == 0x04 and seen[-1] == 0x06, seen
+
+
 def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
         tmp_path: Path) -> None:
     from pynetdicom import AE, build_role, evt

@@ -1192,6 +1192,46 @@ def _pipelined_finds(tmp_path: Path, *, cancel: tuple[int, ...],
     return answers, asked, router.log()
 
 
+def test_a_release_sent_behind_a_query_waits_for_its_answers(tmp_path: Path) -> None:
+    """A C-FIND and an A-RELEASE-RQ in one write (an outside conformance campaign): the
+    A-RELEASE-RP came at once, and the requestor never got its matches. Now every
+    match and the final response come first, then the A-RELEASE-RP, as DCMTK's
+    dcmqrscp and pynetdicom answer (PS3.8 Sta8: P-DATA may still be sent)."""
+    from tests.faults.test_actor_faults import (
+        RELEASE_RQ,
+        answers_until_not_data,
+        command,
+        p_data,
+    )
+
+    def on_find(event: Any) -> Any:
+        for n in range(3):
+            match = pydicom.Dataset()
+            match.QueryRetrieveLevel = "STUDY"
+            match.StudyInstanceUID = f"1.2.3.{n}"
+            yield 0xFF00, match
+
+    port, server = _find_scp("PACS", on_find)
+    router = _router_to(tmp_path, QUERY_ALL, port, "PACS")
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    try:
+        router.wait_for("ready: 2 workers serving")
+        pdus = answers_until_not_data(router.port, STUDY_FIND, p_data(command(
+            AffectedSOPClassUID=STUDY_FIND, CommandField=0x0020, MessageID=1, Priority=0,
+            CommandDataSetType=0x0000)) + p_data(_implicit(query), is_command=False)
+            + RELEASE_RQ)
+        router.wait_for("closed: released")
+    finally:
+        router.stop()
+        server.shutdown()
+    # Each response's status (commands only, not the matches' identifiers), then the RP.
+    seen = [int(_command_of(body).Status) if kind == 0x04 else kind
+            for kind, body in pdus if kind != 0x04 or body[5] & 1]
+    assert seen == [0xFF00, 0xFF00, 0xFF00, 0x0000, 0x06], seen
+
+
 def _final_of(answers: list[tuple[int, int]], message_id: int) -> int:
     return next(i for i, (mid, status) in enumerate(answers)
                 if mid == message_id and status not in (0xFF00, 0xFF01))
