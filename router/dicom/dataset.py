@@ -818,6 +818,12 @@ class InstanceIdentity:
                 if self.status is None:
                     self.status = 0
                 return
+            if inflater.eof:
+                # What follows the end of the deflate stream is padding (PS3.5 A.5);
+                # zlib, asked again, would take it a byte per call.
+                if last:
+                    self._walk(b"", last=True)
+                return
             try:
                 out = inflater.decompress(data, _INFLATE_CHUNK)
             except zlib.error as exc:
@@ -827,7 +833,7 @@ class InstanceIdentity:
             self._inflated += len(out)
             # Every byte given is inflated before the next fragment is (a full chunk
             # may leave output inside zlib with no input left: ask again).
-            more = bool(data) or len(out) == _INFLATE_CHUNK
+            more = not inflater.eof and (bool(data) or len(out) == _INFLATE_CHUNK)
             if last and not more and not inflater.eof:
                 self._framing = None
                 self._fail(_CANNOT_UNDERSTAND, "the deflated data set is cut off "
