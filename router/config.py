@@ -773,6 +773,9 @@ def parse_config(
         found = re.search(r"at line (\d+)", str(exc))
         line = int(found[1]) if found else None
         raise ConfigError(source, "", f"invalid TOML: {exc}", line) from exc
+    except RecursionError as exc:  # tomllib recurses into nested tables and arrays
+        raise ConfigError(source, "", "invalid TOML: tables or arrays nested too "
+                                      "deeply") from exc
     return _Parser(source, text, base_dir, overrides or {}).config(data)
 
 

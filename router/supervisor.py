@@ -543,6 +543,11 @@ class Supervisor:
             snapshot, config, _ = Snapshot.read(self.config_path, overrides=self.overrides)
         except (ConfigError, RuleError) as exc:
             return self._reload_refused(" / ".join(str(exc).splitlines()), serving)
+        except Exception as exc:
+            # A reload must never take the running router down: a parser failing in a
+            # way nobody foresaw (a RecursionError once) is a refused reload too.
+            return self._reload_refused(f"cannot read the configuration: "
+                                        f"{type(exc).__name__}: {exc}", serving)
         # The sockets stay as they are; the workers take new TLS certificates, though.
         if (_addresses(config) != _addresses(self.config)
                 or config.workers != self.config.workers):

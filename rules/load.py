@@ -89,6 +89,8 @@ APPLIES_TO: Final = ("query", "result")
 CHANGE_OPS: Final = ("set", "remove", "copy", "replace")
 ASSOCIATION_KEYS: Final = ("calling_ae", "called_ae", "peer", "time")
 COMBINATORS: Final = ("all", "any", "not")
+#: How deep all/any/not may nest in a rule's conditions.
+MAX_NESTING: Final = 32
 OPERATORS: Final = ("equals", "wildcard", "regex", "in", "min", "max", "present")
 TIME_KEYS: Final = ("days", "from", "to")
 _OPERATOR_LIST: Final = "equals, wildcard, regex, in, min, max or present"
@@ -408,6 +410,13 @@ class _FileCompiler:
             self.problems.append(Problem(file=self.file, line=line,
                                          message=f"not valid TOML: {exc}"))
             return []
+        except RecursionError:
+            # tomllib parses nested tables and arrays recursively: a few hundred
+            # levels of `not = { not = ...` ran it out of stack, a traceback at start
+            # and, on reload, the end of the supervisor.
+            self.problems.append(Problem(file=self.file, line=0, message=(
+                "not valid TOML: tables or arrays nested too deeply")))
+            return []
         for key in data:
             if key != "rule":
                 self.problems.append(Problem(
@@ -507,6 +516,11 @@ class _FileCompiler:
             return self.peer(value, where)
         if key == "time":
             return self.time(value, where)
+        if key in COMBINATORS and sum(w in COMBINATORS for w in where) > MAX_NESTING:
+            # Conditions are compiled and evaluated recursively: bounded well inside
+            # Python's stack, far past any rule a person writes.
+            return self.fail(where, f"{key}: conditions nested more than {MAX_NESTING} "
+                                    "levels deep")
         if key in ("all", "any"):
             if not isinstance(value, list) or not value:
                 return self.fail(where, f"{key}: expected a non-empty list of condition tables, "

@@ -695,6 +695,13 @@ ERRORS = [
         "router.toml:3: invalid TOML: Cannot overwrite a value (at line 3, column 12)",
         id="toml-duplicate-key",
     ),
+    # A RecursionError in tomllib (an outside campaign): a traceback at start, and the
+    # end of the supervisor on reload.
+    pytest.param(
+        "[router]\nworkers = " + "[" * 2000 + "]" * 2000 + "\n",
+        "router.toml: invalid TOML: tables or arrays nested too deeply",
+        id="toml-nested-too-deep",
+    ),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import rules
 from rules import Problem, RuleError, RuleSet
-from tests.rules.support import NOW, dataset, one_rule, problems
+from tests.rules.support import NOW, dataset, one_rule, problems, ruleset
 
 R = '[[rule]]\nname = "r"\n'
 
@@ -341,6 +341,26 @@ CASES = [
 @pytest.mark.parametrize(("text", "expected"), CASES)
 def test_validation_error(text: str, expected: str) -> None:
     assert problems(text, destinations={"pacs", "ai", "p"}) == [expected]
+
+
+def _nested(levels: int) -> str:
+    condition = 'PatientID = "x"'
+    for _ in range(levels):
+        condition = f"not = {{ {condition} }}"
+    return one_rule(condition)
+
+
+def test_deeply_nested_rules_are_one_problem_not_a_crash() -> None:
+    """An outside campaign: 400 levels of `not = { not = ...` ran tomllib out of stack,
+    a RecursionError that `rules check` printed as a traceback and a reload turned into
+    the end of the supervisor, workers and all. Now each is one problem."""
+    ruleset(_nested(32))
+    assert problems(_nested(33)) == [
+        'rules.toml:4: rule "r": not: conditions nested more than 32 levels deep']
+    assert problems(_nested(400)) == [
+        "rules.toml: not valid TOML: tables or arrays nested too deeply"]
+    assert problems(one_rule("PatientID = " + "[" * 2000 + "]" * 2000)) == [
+        "rules.toml: not valid TOML: tables or arrays nested too deeply"]
 
 
 def test_rule_error_str_and_problem_fields() -> None:
