@@ -62,6 +62,7 @@ BOOT_ERROR = 3  # workers.main.BOOT_ERROR
 _RESPAWN_MIN, _RESPAWN_MAX = 0.1, 30.0
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the back-off
 _MAX_WAITING = 1024  # connections held while no worker takes them (see _watch)
+_STALL_FORGIVEN = 1.0  # seconds the loop may wake late before it counts as its own stall
 
 
 @dataclass(slots=True)
@@ -122,6 +123,7 @@ class Supervisor:
         # Connections accepted while no worker is ready (start-up, all workers
         # restarting): handed off as soon as one says hello, closed past a bound.
         self.waiting: deque[tuple[socket.socket, tuple[Any, ...], int, float]] = deque()
+        self._turn_started = time.monotonic()  # when the loop last came out of its poll
         self.announced_ready = False
         # While connections wait: the channels watched for room (POLLOUT), the
         # listeners not polled (a full hold leaves newcomers in the kernel's backlog),
@@ -207,11 +209,15 @@ class Supervisor:
             timeout = self._next_timer()
             try:
                 wait_ms = None if timeout is None else int(max(timeout, 0) * 1000) + 1
+                due = None if timeout is None else time.monotonic() + max(timeout, 0)
                 ready = dict(poller.poll(wait_ms))
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EINTR:
                     continue
                 raise
+            if due is not None:
+                self._forgive_own_stall(time.monotonic() - due)
+            self._turn_started = time.monotonic()
             # zmq.Poller reports plain sockets by file number.
             if self._wake_r.fileno() in ready:
                 with contextlib.suppress(BlockingIOError):
@@ -252,9 +258,29 @@ class Supervisor:
             deadlines.append(self.waiting[0][3] + self.config.artim_timeout)
         return min(deadlines) - now if deadlines else None
 
+    def _forgive_own_stall(self, late: float) -> None:
+        """The poll came back ``late`` seconds after it was due: the supervisor itself
+        did not run meanwhile (SIGSTOP, a VM paused or migrated, heavy swapping). The
+        workers did, and their heartbeats wait unread: that time is not held against
+        them. It was, and on SIGCONT every healthy worker was killed for "no heartbeat
+        for 13 s", its associations aborted (an outside campaign)."""
+        if late < _STALL_FORGIVEN:
+            return
+        # It did not run for at least ``late``, maybe since long before: what it has
+        # not read proves nothing against the workers, who get a fresh start.
+        log.warning("the supervisor did not run for %.1f s or more (stopped, or the "
+                    "machine stalled): worker heartbeats are judged afresh from now", late)
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.proc is not None:
+                slot.last_heartbeat = max(slot.last_heartbeat, now)
+
     def _timers(self) -> bool:
         """Run what is due; True when the supervisor should exit."""
         now = time.monotonic()
+        # Stopped while handling what the poll returned, not in the poll itself.
+        self._forgive_own_stall(now - self._turn_started)
+        self._turn_started = now
         if self.watchdog_at is not None and now >= self.watchdog_at:
             # From the loop itself, draining included: a loop that stops turning
             # stops the pings, and systemd restarts the router.

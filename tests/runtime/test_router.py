@@ -335,6 +335,37 @@ def test_worker_that_stops_heartbeating_is_replaced(router: Router) -> None:
     assert new[0] != pids[0] and new[1] == pids[1]
 
 
+def test_a_supervisor_stopped_longer_than_the_heartbeat_timeout_keeps_its_workers(
+        router: Router) -> None:
+    """SIGSTOP the supervisor for 5 s (heartbeat_timeout 3 s here) with a pynetdicom
+    association open: the workers go on serving, and on SIGCONT the supervisor, which
+    read their heartbeats late, killed them both and aborted the association (an
+    outside campaign; a VM paused or migrated does the same). Now it knows it did not
+    run, and the workers and the association live on."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    router.wait_for("ready: 2 workers serving")
+    pids = [w["pid"] for w in router.status()["workers"]]  # type: ignore[index, union-attr]
+    ae = AE(ae_title="PATIENT")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+    assert assoc.is_established
+    at = len(router.lines)
+    os.kill(router.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5.0)  # how long the supervisor stays stopped, not a wait for an event
+        assert assoc.send_c_echo().Status == 0x0000  # the workers serve meanwhile
+    finally:
+        os.kill(router.proc.pid, signal.SIGCONT)
+    router.wait_for("the supervisor did not run for", start=at)
+    echo = assoc.send_c_echo()
+    assert "Status" in echo and echo.Status == 0x0000, router.log()
+    assoc.release()
+    assert [w["pid"] for w in router.status()["workers"]] == pids  # type: ignore[index, union-attr]
+    assert router.count("sent no heartbeat") == 0, router.log()
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
     """Wait for a process that is not our child to exit (pidfd: no polling)."""
     try:
