@@ -167,7 +167,10 @@ missing. Several operations in one change table apply in the order written.
 Loading checks, each a :class:`Problem` (``file:line: rule "name": ...``):
 TOML syntax; unknown keys at every level (with a did-you-mean); missing or
 duplicate names; keywords and tags; operators and their values; regexes
-(and replacement templates); addresses and networks; days and times;
+(and replacement templates; a pattern that may backtrack exponentially, such as
+a repeat, an optional part or alternatives starting alike inside a repeat, is
+refused: :func:`rules.conditions.exponential_risk`); conditions nested more
+than 32 levels deep; addresses and networks; days and times;
 destinations of forward, query and retrieve (unless ``destinations`` is
 None); contradictory actions (forward with reject or drop, reject with drop,
 transparent without exactly one destination, with continue, with change or

@@ -257,39 +257,70 @@ def _glob_find(piece: str, text: str, start: int, end: int) -> int:
 
 
 def exponential_risk(pattern: str) -> str | None:
-    """Why a regular expression may take exponential time on some values (a repeat
-    inside a repeat: ``(a+)+``, ``(a*)*``, ``(\\w+\\s?)*``), or None. Python's ``re``
-    backtracks, cannot be interrupted, and a rule runs on the worker's event loop:
-    one hostile value would stall every association on it. Possessive repeats and
-    atomic groups (``a++``, ``(?>a+)``) do not backtrack and are allowed."""
+    """Why a regular expression may take exponential time on some values, or None.
+    Python's ``re`` backtracks, cannot be interrupted, and a rule runs on the worker's
+    event loop: one hostile value would stall every association on it until the
+    supervisor killed the worker, and the sender, answered nothing, would send it
+    again. Inside a repeat, anything that gives the engine two ways to match the same
+    text is refused: another repeat (``(a+)+``, ``(\\w+\\s?)*``, ``(\\d{2}){3}``), an
+    optional part (``(a?){25}``), alternatives that may match nothing or start alike
+    (``(a|a)*``, ``(a|ab)*``). Alternatives that each start with their
+    own literal character (``(CT|MR)+``) are allowed, and so are possessive repeats and
+    atomic groups (``a++``, ``(?>a|a)*``), which do not backtrack."""
     try:
         parsed = re_parser.parse(pattern)
     except re.error:
         return None  # compiling says what is wrong
-    return _nested_repeat(list(parsed), inside_repeat=False)
+    ignore_case = bool(parsed.state.flags & re.IGNORECASE)
+    return _ambiguous_repeat(list(parsed), inside_repeat=False, ignore_case=ignore_case)
 
 
-def _nested_repeat(items: list[Any], *, inside_repeat: bool) -> str | None:
+def _ambiguous_repeat(items: list[Any], *, inside_repeat: bool,
+                      ignore_case: bool) -> str | None:
     for op, arg in items:
         name, inside, children = str(op), inside_repeat, []
         if name in ("MAX_REPEAT", "MIN_REPEAT"):
-            _, high, sub = arg
-            unbounded = high == re_parser.MAXREPEAT or high > 1
-            if inside_repeat and unbounded:
+            low, high, sub = arg
+            repeats = high == re_parser.MAXREPEAT or high > 1
+            if inside_repeat and repeats:
                 return "it repeats a repeat, which can take exponential time on some values"
-            children, inside = [sub], inside_repeat or unbounded
+            if inside_repeat and low == 0:
+                return ("it has an optional part inside a repeat, which can take "
+                        "exponential time on some values")
+            children, inside = [sub], inside_repeat or repeats
         elif name == "SUBPATTERN":
             children = [arg[-1]]
         elif name == "BRANCH":
             children = arg[1]
+            if inside_repeat and not _distinct_starts(children, ignore_case):
+                return ("it repeats alternatives that may match nothing or start with the "
+                        "same character, which can take exponential time on some values")
         elif name in ("ASSERT", "ASSERT_NOT"):
             children = [arg[1]]
         # POSSESSIVE_REPEAT and ATOMIC_GROUP: no backtracking into them, not walked.
         for child in children:
-            found = _nested_repeat(list(child), inside_repeat=inside)
+            found = _ambiguous_repeat(list(child), inside_repeat=inside,
+                                      ignore_case=ignore_case)
             if found:
                 return found
     return None
+
+
+def _distinct_starts(alternatives: list[Any], ignore_case: bool) -> bool:
+    """Each alternative starts with a literal character of its own: at any point of
+    the text at most one of them can go on."""
+    seen: set[int] = set()
+    for alternative in alternatives:
+        items = list(alternative)
+        if not items or str(items[0][0]) != "LITERAL":
+            return False
+        char = items[0][1]
+        if ignore_case:
+            char = ord(chr(char).lower())
+        if char in seen:
+            return False
+        seen.add(char)
+    return True
 
 
 def has_wildcard(text: str) -> bool:

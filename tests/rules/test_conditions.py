@@ -367,6 +367,13 @@ def test_a_hostile_value_against_many_stars_takes_no_time() -> None:
     ("^(a+)+$", True), ("(a*)*", True), (r"(\w+\s?)*$", True), ("(x|y+)+", True),
     ("(?:ab{2,})+", True), ("^a+$", False), ("(?i)^chest", False), ("(ab)+", False),
     ("(a{1})+", False), ("(a++)+", False), ("(?>a+)+", False), ("^(?=a+)b", False),
+    # Past the repeat-in-a-repeat check (an outside campaign): each stalled a worker
+    # until the supervisor killed it, with some 40 characters of value.
+    ("(a|a)*$", True), ("(?:a|a?)+$", True), ("(a?){25}a{25}", True), ("(a|ab)*c", True),
+    ("(?i)(ct|CT)+", True),
+    # Alternatives that each start with a character of their own, and character sets.
+    ("(CT|MR)+$", False), ("^(CHEST|CHIN)+$", False), (r"(\d|x)+", False),
+    ("(?>a|a)*", False),
 ])
 def test_regexes_that_can_take_exponential_time_are_told(pattern: str, risky: bool) -> None:
     assert (exponential_risk(pattern) is not None) is risky
