@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import heapq
@@ -435,9 +436,15 @@ class DestinationActor:
             path = self.folder / entry.name
             try:
                 fd = self._claim(path)
-            except OSError as exc:  # EACCES: a file the router may not open for writing
+            except OSError as exc:
+                # EACCES, EPERM: a file the router may not open for writing, which no
+                # retry will change. Anything else is this machine's trouble of the
+                # moment (EMFILE, EROFS, EIO), not the instance's nor the destination's:
+                # retried, not counted. It once went to dead/ as "permanent", never
+                # sent, whenever the move to dead/ did not fail the same way.
+                mine = exc.errno in (errno.EACCES, errno.EPERM)
                 self._failed(entry, None, -1, f"cannot claim the queued file: {exc}", None,
-                             permanent=True)
+                             permanent=mine, counted=mine)
                 return assoc
             if fd < 0:
                 self._known.discard(entry.name)

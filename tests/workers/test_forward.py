@@ -537,18 +537,56 @@ def test_claims_exclude_senders_of_one_destination_not_of_two(tmp_path: Path) ->
     b._unclaim(path_b, fd_b)
 
 
-def test_a_queued_file_that_cannot_be_claimed_goes_to_dead_letters(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A queued file the router cannot open to claim it (in real life: put there by
-    hand, read-only to the router's user): one line of reason in dead/, and the sender
-    goes on. The tests run as root, which opens read-only files anyway, so the open is
-    made to fail another way: claiming a regular file as a directory (ENOTDIR)."""
+def _failing_open(monkeypatch: pytest.MonkeyPatch, error: int, times: int) -> list[int]:
+    """Make the claim's open of a queued file fail ``times`` times with ``error`` (the
+    tests run as root, which opens read-only files anyway); how many it failed."""
     import os
 
     import workers.forward
 
-    monkeypatch.setattr(workers.forward, "_CLAIM_FLAGS",
-                        workers.forward._CLAIM_FLAGS | os.O_DIRECTORY)
+    failed: list[int] = []
+    real_open = os.open
+
+    def open_queued(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags == workers.forward._CLAIM_FLAGS and len(failed) < times:
+            failed.append(error)
+            raise OSError(error, os.strerror(error), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(workers.forward.os, "open", open_queued)
+    return failed
+
+
+@pytest.mark.parametrize("error", ["EMFILE", "EROFS", "EIO"])
+def test_a_claim_failing_for_this_machines_trouble_is_retried_not_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str) -> None:
+    """Out of descriptors, a spool remounted read-only, a disk error: the claim fails
+    for a while, the instance is the same. It was failed as permanent and moved to
+    dead/ unsent whenever the move itself did not fail the same way (an outside
+    campaign). Now it waits its back-off, uncounted, and is delivered."""
+    import errno
+
+    failed = _failing_open(monkeypatch, getattr(errno, error), 2)
+    port = free_port()
+    server = _status_scp(0x0000, port)
+    try:
+        spool, actor = _queued_actor(tmp_path, 1, port, retry=RetryPolicy(
+            initial=0.05, max=0.1, attempts=2))
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert len(failed) == 2 and actor.stats.dead == 0 and len(server.seen) == 1
+    assert not (spool.root / "dead").exists()
+
+
+def test_a_queued_file_that_cannot_be_claimed_goes_to_dead_letters(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued file the router may not open to claim it (EACCES: put there by hand,
+    read-only to the router's user): one line of reason in dead/, and the sender
+    goes on."""
+    import errno
+
+    _failing_open(monkeypatch, errno.EACCES, 1)
     spool = Spool(tmp_path / "spool", fsync=False)
     (path,) = _queue(spool, "pacs", tmp_path, 1)
     actor = DestinationActor(_destination(free_port()), spool, share=1)
