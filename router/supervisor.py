@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -124,6 +125,7 @@ class Supervisor:
         # restarting): handed off as soon as one says hello, closed past a bound.
         self.waiting: deque[tuple[socket.socket, tuple[Any, ...], int, float]] = deque()
         self._turn_started = time.monotonic()  # when the loop last came out of its poll
+        self._spool_lock = -1  # see _lock_spool
         self.announced_ready = False
         # While connections wait: the channels watched for room (POLLOUT), the
         # listeners not polled (a full hold leaves newcomers in the kernel's backlog),
@@ -139,6 +141,10 @@ class Supervisor:
 
     def run(self) -> int:
         log.info("dicom-router: %s", self.config.describe())
+        if not self._lock_spool():
+            # Not 2: the other router may be on its way out (a restart), and a service
+            # manager should try again.
+            return 1
         raise_open_files_limit()
         report = Spool(self.config.spool, fsync=self.config.fsync).recover()
         queues = {dest: n for dest, n in queued_counts(self.config.spool).items() if n}
@@ -173,6 +179,29 @@ class Supervisor:
         finally:
             self._close()
         return self.exit_code
+
+    def _lock_spool(self) -> bool:
+        """Take the spool for this router alone: False if another router has it.
+
+        Two routers on one spool wreck each other: the second deleted the first's
+        spare files, bound its control sockets over the first's (status, reload and
+        heartbeats of restarted workers then went to the wrong supervisor), and each
+        delivered the other's queues (an outside campaign ran one by hand beside the
+        systemd unit). An flock on the spool folder itself, not on a file in it that
+        a clean-up could remove; released by the kernel however this process ends,
+        and not inherited by the workers (close-on-exec)."""
+        self.config.spool.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.config.spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            log.error("spool %s is in use by another dicom-router: two routers must "
+                      "not share a spool (give this one its own [spool] path)",
+                      self.config.spool)
+            return False
+        self._spool_lock = fd  # held until the process ends
+        return True
 
     def _listen(self) -> None:
         for spec in self.config.listen:

@@ -26,6 +26,7 @@ from router.dicom.dataset import read_part10_header
 from tests.helpers import Procs
 from tests.helpers.data import make_ct, make_study
 from tests.helpers.dcmtk import Dcmtk, dcmtk_env, storescp_server
+from tests.helpers.net import free_port
 from tests.helpers.router import Router, leftovers
 from workers.spool import FRESH_SPARES
 
@@ -364,6 +365,27 @@ def test_a_supervisor_stopped_longer_than_the_heartbeat_timeout_keeps_its_worker
     assoc.release()
     assert [w["pid"] for w in router.status()["workers"]] == pids  # type: ignore[index, union-attr]
     assert router.count("sent no heartbeat") == 0, router.log()
+
+
+def test_a_second_router_on_the_same_spool_is_refused(router: Router, tmp_path: Path) -> None:
+    """`dicom-router run` by hand beside the running one, on its spool (an outside
+    campaign): it started, deleted the first's spare files, took over its control
+    sockets (status and reload of the first failed from then on) and its restarted
+    workers' heartbeats. Now it exits 1 at once, saying why, and the first runs on."""
+    router.wait_for("ready: 2 workers serving")
+    spares = sorted((router.spool / "tmp").glob("*.spare"))
+    second = tmp_path / "second.toml"  # the same, but for the port
+    second.write_text(router.config.read_text().replace(
+        f"port = {router.port}", f"port = {free_port()}"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "router.cli", "run", "--config", str(second)],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"spool {router.spool} is in use by another dicom-router" in proc.stdout + proc.stderr
+    assert "worker 1 started" not in proc.stdout + proc.stderr
+    assert sorted((router.spool / "tmp").glob("*.spare")) == spares
+    assert len(router.status()["workers"]) == 2  # type: ignore[arg-type]
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
