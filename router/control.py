@@ -55,6 +55,7 @@ Sockets, all ``ipc://`` under one run directory (:class:`Endpoints`)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -706,6 +707,22 @@ class SupervisorSockets:
     def close(self) -> None:
         for sock in (self.control, self.broadcast, self.admin):
             sock.close()
+
+    def rebind(self) -> None:
+        """Bind again where the socket files were removed (``run_dir`` deleted under
+        the running router): connected workers are cut off and reconnect on their
+        own (ZeroMQ), new ones and the CLI can connect again."""
+        Path(self.endpoints.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sock, endpoint in ((self.control, self.endpoints.control),
+                               (self.broadcast, self.endpoints.broadcast),
+                               (self.admin, self.endpoints.admin)):
+            path = _ipc_path(endpoint)
+            if path is None or Path(path).exists():
+                continue
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.unbind(endpoint)
+            sock.bind(endpoint)
 
 
 def bind_supervisor(

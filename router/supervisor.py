@@ -63,6 +63,7 @@ BOOT_ERROR = 3  # workers.main.BOOT_ERROR
 _RESPAWN_MIN, _RESPAWN_MAX = 0.1, 30.0
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the back-off
 _MAX_WAITING = 1024  # connections held while no worker takes them (see _watch)
+_RUN_DIR_CHECK = 5.0  # seconds between looks for a removed run folder
 _STALL_FORGIVEN = 1.0  # seconds the loop may wake late before it counts as its own stall
 
 
@@ -126,6 +127,7 @@ class Supervisor:
         self.waiting: deque[tuple[socket.socket, tuple[Any, ...], int, float]] = deque()
         self._turn_started = time.monotonic()  # when the loop last came out of its poll
         self._spool_lock = -1  # see _lock_spool
+        self._run_dir_checked = 0.0  # see _restore_run_dir
         self.announced_ready = False
         # While connections wait: the channels watched for room (POLLOUT), the
         # listeners not polled (a full hold leaves newcomers in the kernel's backlog),
@@ -310,6 +312,9 @@ class Supervisor:
         # Stopped while handling what the poll returned, not in the poll itself.
         self._forgive_own_stall(now - self._turn_started)
         self._turn_started = now
+        if now >= self._run_dir_checked + _RUN_DIR_CHECK:
+            self._run_dir_checked = now
+            self._restore_run_dir()
         if self.watchdog_at is not None and now >= self.watchdog_at:
             # From the loop itself, draining included: a loop that stops turning
             # stops the pings, and systemd restarts the router.
@@ -353,7 +358,26 @@ class Supervisor:
 
     # ------------------------------------------------------------- workers
 
+    def _restore_run_dir(self) -> None:
+        """Put back ``<spool>/run/`` if something removed it under the running router
+        (a clean-up job, an rm -rf of the spool): its sockets, which status, reload
+        and restarted workers connect to, and the configuration snapshot a worker
+        starts from. Without them a worker that died was replaced by one that could
+        not start ("cannot read config-1.msgpack"), and the router stopped with exit
+        code 2, which systemd does not restart (an outside campaign)."""
+        snapshot = snapshot_path(self.run_dir, self.generation)
+        if snapshot.exists():
+            return
+        log.warning("%s was removed under the running router: making it again",
+                    self.run_dir)
+        try:
+            self.sockets.rebind()
+            self.snapshot.write(self.run_dir, self.generation)
+        except (OSError, zmq.ZMQError) as exc:
+            log.error("cannot make %s again: %s", self.run_dir, exc)
+
     def _spawn(self, slot: WorkerSlot) -> None:
+        self._restore_run_dir()
         sup_end, worker_end = channel_pair()
         fd = worker_end.fileno()
         argv = [sys.executable, "-m", "workers.main", "--worker-id", str(slot.worker_id),

@@ -388,6 +388,27 @@ def test_a_second_router_on_the_same_spool_is_refused(router: Router, tmp_path: 
     assert len(router.status()["workers"]) == 2  # type: ignore[arg-type]
 
 
+def test_a_run_folder_removed_under_the_router_is_made_again(router: Router) -> None:
+    """rm -rf <spool>/run while the router runs (an outside campaign; a clean-up job
+    does it too): status and reload failed from then on, and a worker that died was
+    replaced by one that could not read its configuration, which stopped the router
+    with exit code 2. Now the folder, its sockets and the snapshot are made again:
+    status answers, and a killed worker is replaced and serves."""
+    import shutil
+
+    router.wait_for("ready: 2 workers serving")
+    pids = [w["pid"] for w in router.status()["workers"]]  # type: ignore[index, union-attr]
+    shutil.rmtree(router.spool / "run")
+    router.wait_for("was removed under the running router: making it again")
+    assert len(router.status()["workers"]) == 2  # type: ignore[arg-type]
+    at = len(router.lines)
+    os.kill(int(pids[0]), signal.SIGKILL)  # type: ignore[call-overload]
+    router.wait_for("worker 1 ready", start=at)
+    workers = router.status()["workers"]
+    assert [w["pid"] for w in workers][1] == pids[1]  # type: ignore[index, union-attr]
+    assert router.proc.poll() is None
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
     """Wait for a process that is not our child to exit (pidfd: no polling)."""
     try:
