@@ -170,7 +170,9 @@ duplicate names; keywords and tags; operators and their values; regexes
 (and replacement templates; a pattern that may backtrack exponentially, such as
 a repeat, an optional part or alternatives starting alike inside a repeat, is
 refused: :func:`rules.conditions.exponential_risk`); conditions nested more
-than 32 levels deep; addresses and networks; days and times;
+than 32 levels deep; changes of a forwarded copy's SOPClassUID or
+SOPInstanceUID (its identity: every destination would refuse it); reject
+statuses PS3.7 Annex C does not define as failures; addresses and networks; days and times;
 destinations of forward, query and retrieve (unless ``destinations`` is
 None); contradictory actions (forward with reject or drop, reject with drop,
 transparent without exactly one destination, with continue, with change or

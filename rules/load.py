@@ -89,6 +89,8 @@ APPLIES_TO: Final = ("query", "result")
 CHANGE_OPS: Final = ("set", "remove", "copy", "replace")
 ASSOCIATION_KEYS: Final = ("calling_ae", "called_ae", "peer", "time")
 COMBINATORS: Final = ("all", "any", "not")
+# What a forwarded copy's changes may not touch.
+_IDENTITY: Final = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID"}
 #: How deep all/any/not may nest in a rule's conditions.
 MAX_NESTING: Final = 32
 OPERATORS: Final = ("equals", "wildcard", "regex", "in", "min", "max", "present")
@@ -330,16 +332,16 @@ def _temporal_text(value: dt.date | dt.time) -> str:
 def failure_status_problem(status: object) -> str | None:
     """Why ``status`` cannot be a rule's ``reject`` status, or None.
 
-    Failures in PS3.7 Annex C (and PS3.4's service statuses) are 01xx and
-    02xx (except the warnings 0107H and 0116H), Axxx and Cxxx."""
+    Failures in PS3.7 Annex C (and PS3.4's service statuses) are the 01xx and
+    02xx codes Annex C defines (:data:`_GENERAL_FAILURES`), Axxx and Cxxx."""
     if not _is_number(status) or not isinstance(status, int):
         return f"expected a status number such as 0xA700, got {show(status)}"
     if not 0 <= status <= 0xFFFF:
         return f"{status} is not a 16-bit status"
     s = f"0x{status:04X}"
-    hint = ("; failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 (out of resources), "
-            "0xA900 (data set does not match SOP class), 0xC000 (cannot understand) or "
-            "0x0124 (not authorized)")
+    hint = ("; failures are Axxx, Cxxx and the 01xx and 02xx codes of Annex C, e.g. "
+            "0xA700 (out of resources), 0xA900 (data set does not match SOP class), "
+            "0xC000 (cannot understand) or 0x0124 (not authorized)")
     if status == 0:
         return f"{s} is the success status, not a failure status{hint}"
     if status in (0xFF00, 0xFF01, 0xFE00):
@@ -347,10 +349,17 @@ def failure_status_problem(status: object) -> str | None:
                f"not a failure status{hint}"
     if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
         return f"{s} is a warning status, not a failure status (PS3.7 Annex C){hint}"
-    if (0x0100 <= status <= 0x02FF or 0xA000 <= status <= 0xAFFF
-            or 0xC000 <= status <= 0xCFFF):
+    if status in _GENERAL_FAILURES or 0xA000 <= status <= 0xAFFF or 0xC000 <= status <= 0xCFFF:
         return None
     return f"{s} is not a failure status of PS3.7 Annex C{hint}"
+
+
+# The failure codes of PS3.7 Annex C.1-C.5 in 01xx and 02xx; the others of those
+# ranges are not defined, and a modality makes of them what it will (storescu: "Unknown
+# Status: 0x1ff").
+_GENERAL_FAILURES: Final = frozenset((
+    0x0105, 0x0106, 0x0110, 0x0111, 0x0112, 0x0113, 0x0114, 0x0115, 0x0117, 0x0118,
+    0x0119, 0x0120, 0x0121, 0x0122, 0x0123, 0x0124, 0x0210, 0x0211, 0x0212, 0x0213))
 
 
 def template_problem(pattern: re.Pattern[str], template: str) -> str | None:
@@ -968,14 +977,24 @@ class _FileCompiler:
         ops: list[Operation] = []
         for key, value in table.items():
             at = (*where, key)
+            made: list[Operation] = []
             if key == "set":
-                ops.extend(self.set_ops(value, at))
+                made = self.set_ops(value, at)
             elif key == "remove":
-                ops.extend(self.remove_ops(value, at))
+                made = self.remove_ops(value, at)
             elif key == "copy":
-                ops.extend(self.copy_ops(value, at))
+                made = self.copy_ops(value, at)
             elif key == "replace":
-                ops.extend(self.replace_ops(value, at))
+                made = self.replace_ops(value, at)
+            for op in made if forward is not None else ():
+                tag = op.target if isinstance(op, CopyOp) else op.tag
+                if tag in _IDENTITY:
+                    # The copy is sent as the instance its file meta and C-STORE-RQ
+                    # name; changed or gone, every destination refuses it (A900H,
+                    # C000H, or no presentation context), and each copy ends in dead/.
+                    self.fail(at, f"{key}: {_IDENTITY[tag]} is the instance's identity "
+                                  "(PS3.4 B.2.3): a forwarded copy cannot change it")
+            ops.extend(made)
         if len(self.problems) > before:
             return BAD
         assert target is None or isinstance(target, str)

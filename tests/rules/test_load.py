@@ -13,6 +13,10 @@ from rules import Problem, RuleError, RuleSet
 from tests.rules.support import NOW, dataset, one_rule, problems, ruleset
 
 R = '[[rule]]\nname = "r"\n'
+# How a refused reject status ends (rules.load.failure_status_problem).
+_HINT = ("; failures are Axxx, Cxxx and the 01xx and 02xx codes of Annex C, e.g. 0xA700 "
+         "(out of resources), 0xA900 (data set does not match SOP class), 0xC000 (cannot "
+         "understand) or 0x0124 (not authorized)")
 
 
 def _change(body: str) -> str:
@@ -237,32 +241,36 @@ CASES = [
                  "drop = true, query or retrieve", id="no-action"),
     pytest.param(one_rule('', 'reject = 0x0000'),
                  'rules.toml:6: rule "r": reject: 0x0000 is the success status, not a failure '
-                 "status; failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 (out of "
-                 "resources), 0xA900 (data set does not match SOP class), 0xC000 (cannot "
-                 "understand) or 0x0124 (not authorized)", id="reject-success"),
+                 "status" + _HINT, id="reject-success"),
     pytest.param(one_rule('', 'reject = 0xB000'),
                  'rules.toml:6: rule "r": reject: 0xB000 is a warning status, not a failure '
-                 "status (PS3.7 Annex C); failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 "
-                 "(out of resources), 0xA900 (data set does not match SOP class), 0xC000 "
-                 "(cannot understand) or 0x0124 (not authorized)", id="reject-warning"),
+                 "status (PS3.7 Annex C)" + _HINT, id="reject-warning"),
     pytest.param(one_rule('', 'reject = 0x0107'),
                  'rules.toml:6: rule "r": reject: 0x0107 is a warning status, not a failure '
-                 "status (PS3.7 Annex C); failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 "
-                 "(out of resources), 0xA900 (data set does not match SOP class), 0xC000 "
-                 "(cannot understand) or 0x0124 (not authorized)", id="reject-warning-0107"),
+                 "status (PS3.7 Annex C)" + _HINT, id="reject-warning-0107"),
     pytest.param(one_rule('', 'reject = 0xFF00'),
                  'rules.toml:6: rule "r": reject: 0xFF00 is a pending status, not a failure '
-                 "status; failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 (out of "
-                 "resources), 0xA900 (data set does not match SOP class), 0xC000 (cannot "
-                 "understand) or 0x0124 (not authorized)", id="reject-pending"),
+                 "status" + _HINT, id="reject-pending"),
     pytest.param(one_rule('', 'reject = 0x1234'),
                  'rules.toml:6: rule "r": reject: 0x1234 is not a failure status of PS3.7 Annex '
-                 "C; failures are 01xx, 02xx, Axxx and Cxxx, e.g. 0xA700 (out of resources), "
-                 "0xA900 (data set does not match SOP class), 0xC000 (cannot understand) or "
-                 "0x0124 (not authorized)", id="reject-not-a-status"),
+                 "C" + _HINT, id="reject-not-a-status"),
+    # An outside campaign: 0x01FF reached storescu as "Unknown Status: 0x1ff".
+    pytest.param(one_rule('', 'reject = 0x01FF'),
+                 'rules.toml:6: rule "r": reject: 0x01FF is not a failure status of PS3.7 Annex '
+                 "C" + _HINT, id="reject-undefined-01xx"),
     pytest.param(one_rule('', 'reject = "A700"'),
                  'rules.toml:6: rule "r": reject: expected a status number such as 0xA700, '
                  'got "A700"', id="reject-type"),
+    # An outside campaign: each copy was refused by its destination and ended in dead/.
+    pytest.param(_change('remove = ["SOPInstanceUID"]'),
+                 'rules.toml:5: rule "r": remove: SOPInstanceUID is the instance\'s identity '
+                 "(PS3.4 B.2.3): a forwarded copy cannot change it", id="remove-identity"),
+    pytest.param(_change('set = { SOPClassUID = "1.2.3.4" }'),
+                 'rules.toml:5: rule "r": set: SOPClassUID is the instance\'s identity '
+                 "(PS3.4 B.2.3): a forwarded copy cannot change it", id="set-identity"),
+    pytest.param(_change('copy = { SOPInstanceUID = "StudyInstanceUID" }'),
+                 'rules.toml:5: rule "r": copy: SOPInstanceUID is the instance\'s identity '
+                 "(PS3.4 B.2.3): a forwarded copy cannot change it", id="copy-identity"),
     pytest.param(_change('set = { SeriesNumber = "abc" }'),
                  'rules.toml:5: rule "r": set: SeriesNumber (IS) needs an integer, got "abc"',
                  id="set-integer-string"),
