@@ -19,7 +19,7 @@ from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DSfloat
+from pydicom.valuerep import DSfloat, PersonName
 
 from rules.tags import BINARY_VRS, INTEGER_VRS, REAL_VRS, TEXT_VRS
 
@@ -220,6 +220,14 @@ def _holds(ds: Dataset, tags: set[int]) -> bool:
     return all(any(e is not None and _encodes(t, e) for e in encodings) for t in texts)
 
 
+def _as_text(value: object) -> object:
+    """A text value as plain ``str`` (a Person Name without the encodings it was
+    made with), one or several; anything else as it is."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [_as_text(v) for v in value]
+    return str(value) if isinstance(value, (str, PersonName)) else value
+
+
 def _encodes(text: str, encoding: str) -> bool:
     try:
         text.encode(encoding)
@@ -249,8 +257,17 @@ class Changes:
             op.apply(ds)
         touched = {_target(op) for op in self.operations}
         if SPECIFIC_CHARACTER_SET not in touched and not _holds(ds, touched):
+            # The values the operations wrote are text already. decode() would first
+            # encode a Person Name among them in the old set ("Ёлкин" in ISO_IR 100:
+            # "?????"), then decode that: they are taken out and put back as text.
+            written = {tag: (ds[tag].VR, _as_text(ds[tag].value)) for tag in touched
+                       if tag in ds and ds[tag].VR in CHARSET_VRS}
+            for tag in written:
+                del ds[tag]
             ds.decode()  # every text value to str, read in the set declared until now
             ds.SpecificCharacterSet = UTF8_CHARACTER_SET
+            for tag, (vr, value) in written.items():
+                ds.add_new(tag, vr, value)
 
     @property
     def tags(self) -> frozenset[int]:

@@ -242,6 +242,28 @@ def test_a_real_latin1_file_given_cyrillic_keeps_its_french_names() -> None:
     assert name.encode() in raw and name.encode("latin-1") not in raw
 
 
+@pytest.mark.parametrize(("file", "change", "expected"), [
+    ("chrFren.dcm", 'set = { PatientName = "Ёлкин^Иван" }', {"PatientName": "Ёлкин^Иван"}),
+    ("chrRuss.dcm", 'set = { PatientName = "Müller^Jörg", OtherPatientNames = "山田^太郎" }',
+     {"PatientName": "Müller^Jörg", "OtherPatientNames": "山田^太郎"}),
+    ("chrH31.dcm", 'replace = { PatientName = { pattern = "^Y", with = "XY" } }\n'
+                   'set = { InstitutionName = "Zürich" }',
+     {"PatientName": "XYamada^Tarou=山田^太郎=やまだ^たろう", "InstitutionName": "Zürich"}),
+])
+@pytest.mark.filterwarnings("error::UserWarning")  # "Failed to encode ... iso8859" too
+def test_person_names_written_by_a_change_survive_the_switch_to_utf8(
+        file: str, change: str, expected: dict[str, str]) -> None:
+    """An outside campaign: a Person Name a change wrote, when the data set had to
+    become UTF-8, was first encoded in the old set ("Ёлкин^Иван" in ISO_IR 100 gave
+    "?????^????"; the JIS name's ideographic groups "??^??"), silently, on the copy of
+    one destination. Real files of pydicom's charset_files, written and read back."""
+    ds = pydicom.dcmread(TEST_FILES.parent / "charset_files" / file)
+    _changes(change).apply(ds)
+    _, back = _written(ds)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert {k: str(back.get(k)) for k in expected} == expected
+
+
 def test_replace_and_copy_are_fitted_too() -> None:
     ds = dataset(PatientName="Doe^John", StudyDescription="Kopf")
     changed = _applied('replace = { StudyDescription = { pattern = "Kopf", with = "Schädel" } }',
