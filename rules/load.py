@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import os
 import re
 import tomllib
 from collections.abc import Collection, Iterable, Sequence
@@ -125,12 +126,22 @@ BAD: Final = _Bad()
 
 def expand(paths: Sequence[Path]) -> tuple[list[Path], list[Problem]]:
     """The rule files named by ``paths``: files as given, folders as every
-    ``*.toml`` file inside (not recursive) in sorted name order."""
+    ``*.toml`` file inside (not recursive) in sorted name order, but hidden ones
+    (``.name.toml``: an editor's or a copy's leftover, which sorted first). A link
+    in a folder to a file that is gone is a problem: skipped, its rules would just
+    vanish from the rules in force, without a word (an outside campaign)."""
     files: list[Path] = []
     problems: list[Problem] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(f for f in path.glob("*.toml") if f.is_file()))
+            for f in sorted(path.glob("*.toml")):
+                if f.name.startswith("."):
+                    continue
+                if f.is_file():
+                    files.append(f)
+                elif f.is_symlink() and not f.exists():
+                    problems.append(Problem(file=str(f), line=0, message=(
+                        f"a symbolic link to {os.readlink(f)}, which does not exist")))
         elif path.exists():
             files.append(path)
         else:

@@ -470,6 +470,22 @@ def test_folder_loads_toml_files_in_name_order(tmp_path: Path) -> None:
         ("10-first.toml", 1), ("10-first.toml", 4), ("20-second.toml", 1)]
 
 
+def test_a_folders_hidden_files_are_left_and_a_dangling_link_is_a_problem(
+        tmp_path: Path) -> None:
+    """An outside campaign: a leftover .10-ct.toml (drop = true) was loaded, ahead of
+    every other file; and a rule file that is a link to a file since removed was
+    skipped without a word, its rules gone from the rules in force."""
+    (tmp_path / "10-ct.toml").write_text('[[rule]]\nname = "ct"\nthen.drop = true\n')
+    (tmp_path / ".10-ct.toml").write_text('[[rule]]\nname = "old"\nthen.drop = true\n')
+    assert [r.name for r in RuleSet.load([tmp_path], destinations=None).rules] == ["ct"]
+    (tmp_path / "20-mr.toml").symlink_to(tmp_path / "gone.toml")
+    with pytest.raises(RuleError) as refused:
+        RuleSet.load([tmp_path], destinations=None)
+    assert [str(p) for p in refused.value.problems] == [
+        f"{tmp_path / '20-mr.toml'}: a symbolic link to {tmp_path / 'gone.toml'}, which "
+        "does not exist"]
+
+
 def test_files_and_folders_together(tmp_path: Path) -> None:
     folder = tmp_path / "d"
     folder.mkdir()
