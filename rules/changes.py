@@ -10,6 +10,7 @@ target's VR): it leaves the data set as it was.
 from __future__ import annotations
 
 import copy as _copy
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,14 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DSfloat, PersonName
 
-from rules.tags import BINARY_VRS, INTEGER_VRS, REAL_VRS, TEXT_VRS
+from rules.tags import (
+    BINARY_VRS,
+    INTEGER_RANGES,
+    INTEGER_VRS,
+    REAL_VRS,
+    TEXT_VRS,
+    value_problem,
+)
 
 Scalar: TypeAlias = str | int | float
 #: A value as given in the rule file: one value, several (a tuple), or empty (None).
@@ -69,17 +77,28 @@ def coerce(value: object, vr: str) -> object:
 
 
 def _coerce_one(item: object, vr: str) -> object:
+    # A value the target's VR cannot hold (PS3.5 Table 6.2-1: a name copied into a
+    # date, 200 characters into an LO) fails: the target stays as it was.
     if vr in TEXT_VRS or vr not in INTEGER_VRS | REAL_VRS:
-        return item.rstrip(_STRIP) if isinstance(item, str) else str(item)
+        text = item.rstrip(_STRIP) if isinstance(item, str) else str(item)
+        return _FAIL if text and value_problem(vr, text) else text
     try:
         if vr in INTEGER_VRS:
             number = float(str(item).strip()) if isinstance(item, str) else float(item)  # type: ignore[arg-type]
-            return int(number) if number.is_integer() else _FAIL
+            if not number.is_integer():
+                return _FAIL
+            low, high = INTEGER_RANGES[vr]
+            return int(number) if low <= number <= high else _FAIL
         if isinstance(item, str):
-            float(item)  # a decimal string stays as written
-            return item.strip()
-        number = float(item)  # type: ignore[arg-type]
+            text = item.strip()
+            if vr == "DS":  # a decimal string stays as written, if DICOM can write it so
+                return _FAIL if value_problem("DS", text) else text
+            number = float(text)
+        else:
+            number = float(item)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
+        return _FAIL
+    if not math.isfinite(number):
         return _FAIL
     return DSfloat(number, auto_format=True) if vr == "DS" else number
 

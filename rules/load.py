@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -77,6 +78,7 @@ from rules.tags import (
     Attribute,
     NameProblem,
     resolve,
+    value_problem,
 )
 
 RULE_KEYS: Final = ("name", "description", "when", "then")
@@ -1111,19 +1113,20 @@ class _FileCompiler:
                     return wrong({"DA": 'a date as "20240131" or 2024-01-31',
                                   "TM": 'a time as "073000"',
                                   "DT": 'a date-time as "20240131073000"'}[vr])
-                return value
-            if vr == "IS":
-                return value if re.fullmatch(r"\s*[+-]?\d+\s*", value) else wrong("an integer")
-            if vr == "DS":
-                try:
-                    float(value)
-                except ValueError:
-                    return wrong("a decimal number")
-                return value
-            if vr in INTEGER_VRS:
+                if vr == "DA":  # written as DICOM writes it: 2024-01-31 is no DA
+                    value = canonical_da(value) or value
+            elif (vr in INTEGER_VRS - {"IS"}
+                  or (vr == "IS" and not re.fullmatch(r"\s*[+-]?\d+\s*", value))):
                 return wrong("an integer")
-            if vr in REAL_VRS:
+            elif vr in REAL_VRS - {"DS"}:
                 return wrong("a number")
+            # What pydicom's check lets through: a backslash, control characters,
+            # 20241399, 1_000, nan, a Person Name of six components (a campaign).
+            problem = value_problem(vr, value) if value else None
+            if problem is not None:
+                return self.fail(where, f"set: {of}: {problem}, got {show(value)}")
+            if vr in ("IS", "DS", "DA", "TM", "DT"):
+                return value
             problem = _vr_problem(vr, value)
             if problem is not None:
                 return self.fail(where, f"set: {of}: {problem}")
@@ -1131,6 +1134,11 @@ class _FileCompiler:
         assert isinstance(value, int | float)
         if vr in TEXT_VRS:
             return wrong(f'a string (write "{value}")')
+        if isinstance(value, float) and not math.isfinite(value):
+            return wrong("a finite number")
+        if vr in ("IS", "DS") and value_problem(vr, str(value)) is not None \
+                and not (vr == "DS" and isinstance(value, float)):
+            return wrong(f"a number of at most {12 if vr == 'IS' else 16} characters")
         if vr in INTEGER_VRS:
             if isinstance(value, float):
                 return wrong("an integer")

@@ -8,6 +8,7 @@ private tags are allowed. :func:`resolve` turns either into an
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import re
 from collections.abc import Iterable
@@ -139,3 +140,59 @@ def suggestion(word: str, extra: Iterable[str] = ()) -> str:
         return f" (did you mean {folded[word.lower()]!r}?)"
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ------------------------------------------------------------------ values
+
+# PS3.5 Table 6.2-1: most string VRs' maximum length in characters (PN: per group).
+_MAX_LENGTHS: Final = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12,
+                       "LO": 64, "LT": 10240, "PN": 64, "SH": 16, "ST": 1024, "TM": 14,
+                       "UI": 64}
+# Text VRs whose value may hold a backslash and the format controls (PS3.5 6.1.3).
+_FREE_TEXT: Final = frozenset({"LT", "ST", "UT"})
+_DS: Final = re.compile(r" *[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)? *")
+_IS: Final = re.compile(r" *[+-]?\d+ *")
+_DA: Final = re.compile(r"\d{8}")
+_TM: Final = re.compile(r"([01]\d|2[0-3])(?:[0-5]\d(?:(?:[0-5]\d|60)(?:\.\d{1,6})?)?)?")
+_CS: Final = re.compile(r"[A-Z0-9 _]*")
+
+
+def value_problem(vr: str, text: str) -> str | None:
+    """Why ``text`` cannot be one value of ``vr`` as PS3.5 Table 6.2-1 defines it
+    (length, characters, form), or None. What pydicom's own check lets through: a
+    backslash (it makes two values), control characters, a DA of 20241399, a DS of
+    1_000 or nan, a Person Name of six components."""
+    if "\\" in text and vr not in _FREE_TEXT:
+        return "a backslash separates values (give a list for several)"
+    allowed = "\t\n\r\f\x1b" if vr in _FREE_TEXT else "\x1b"
+    if any(ord(c) < 0x20 and c not in allowed for c in text) or "\x7f" in text:
+        return "control characters are not allowed in it"
+    limit = _MAX_LENGTHS.get(vr)
+    if vr == "PN":
+        groups = text.split("=")
+        if len(groups) > 3 or any(len(g.split("^")) > 5 for g in groups):
+            return "a Person Name has at most 3 groups of at most 5 components"
+        if any(len(g) > 64 for g in groups):
+            return "a Person Name group is at most 64 characters"
+    elif limit is not None and len(text) > limit:
+        return f"at most {limit} characters"
+    if vr == "DS" and not _DS.fullmatch(text):
+        return "not a decimal number as DICOM writes one (digits, sign, point, exponent)"
+    if vr == "IS":
+        if not _IS.fullmatch(text):
+            return "not an integer"
+        low, high = INTEGER_RANGES["IS"]
+        if not low <= int(text) <= high:
+            return f"not an integer from {low} to {high}"
+    if vr == "DA":
+        try:
+            ok = bool(_DA.fullmatch(text)) and dt.datetime.strptime(text, "%Y%m%d") is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            return "not a date as YYYYMMDD"
+    if vr == "TM" and text.strip() and not _TM.fullmatch(text.strip()):
+        return "not a time as HHMMSS.FFFFFF"
+    if vr == "CS" and not _CS.fullmatch(text):
+        return "a code string holds upper-case letters, digits, space and underscore only"
+    return None

@@ -127,6 +127,27 @@ def test_replace_skips_missing_and_keeps_numbers_numbers() -> None:
     assert ds.SeriesNumber == 30
 
 
+def test_a_date_given_with_dashes_is_written_as_dicom_writes_it() -> None:
+    ds = _applied('set = { StudyDate = "2024-01-31" }', dataset())
+    assert ds.StudyDate == "20240131"
+
+
+@pytest.mark.parametrize(("change", "source"), [
+    ('copy = { ContentDate = "PatientName" }', {"PatientName": "CompressedSamples^CT1"}),
+    ('copy = { PatientID = "ImageComments" }', {"ImageComments": "x" * 200}),
+    ('replace = { PatientID = { pattern = "^", with = "' + "y" * 60 + '" } }',
+     {"PatientID": "12345"}),
+])
+def test_a_value_that_cannot_take_the_targets_vr_leaves_it_as_it_was(
+        change: str, source: dict[str, str]) -> None:
+    """An outside campaign: copy and replace wrote "CompressedSamples^CT1" as a date and
+    200 characters into a 64-character LO. The target is now left as it was."""
+    before = dataset(**{"ContentDate": "20240101", "PatientID": "P1", **source})
+    after = _applied(change, before)
+    target = "ContentDate" if "ContentDate" in change else "PatientID"
+    assert after.get(target) == before.get(target)
+
+
 def test_operations_apply_in_order() -> None:
     change = ('set = { PatientID = "new" }\ncopy = { OtherPatientIDs = "PatientID" }\n'
               'remove = "PatientID"')

@@ -290,11 +290,35 @@ CASES = [
                  'rules.toml:5: rule "r": set: StudyDate (DA) needs a date, got 07:00:00',
                  id="set-time-for-date"),
     pytest.param(_change('set = { Modality = "ct" }'),
-                 "rules.toml:5: rule \"r\": set: Modality (CS): Invalid value for VR CS: 'ct'",
+                 'rules.toml:5: rule "r": set: Modality (CS): a code string holds upper-case '
+                 'letters, digits, space and underscore only, got "ct"',
                  id="set-invalid-for-vr"),
     pytest.param(_change('set = { PatientID = "' + "x" * 65 + '" }'),
-                 'rules.toml:5: rule "r": set: PatientID (LO): The value length (65) exceeds '
-                 "the maximum length of 64 allowed for VR LO", id="set-too-long"),
+                 'rules.toml:5: rule "r": set: PatientID (LO): at most 64 characters, got "'
+                 + "x" * 65 + '"', id="set-too-long"),
+    # Past pydicom's own check (an outside campaign): each reached the destination.
+    pytest.param(_change('set = { StudyDate = "20241399" }'),
+                 'rules.toml:5: rule "r": set: StudyDate (DA): not a date as YYYYMMDD, got '
+                 '"20241399"', id="set-impossible-date"),
+    pytest.param(_change('set = { SliceThickness = "1_000" }'),
+                 'rules.toml:5: rule "r": set: SliceThickness (DS): not a decimal number as '
+                 'DICOM writes one (digits, sign, point, exponent), got "1_000"',
+                 id="set-ds-underscore"),
+    pytest.param(_change('set = { SliceLocation = "1.000000000000000000000001" }'),
+                 'rules.toml:5: rule "r": set: SliceLocation (DS): at most 16 characters, got '
+                 '"1.000000000000000000000001"', id="set-ds-too-long"),
+    pytest.param(_change('set = { SliceThickness = nan }'),
+                 'rules.toml:5: rule "r": set: SliceThickness (DS) needs a finite number, got '
+                 "nan", id="set-ds-nan"),
+    pytest.param(_change('set = { PatientID = "A\\\\B" }'),
+                 'rules.toml:5: rule "r": set: PatientID (LO): a backslash separates values '
+                 '(give a list for several), got "A\\B"', id="set-backslash"),
+    pytest.param(_change('set = { PatientID = "a\\nb" }'),
+                 'rules.toml:5: rule "r": set: PatientID (LO): control characters are not '
+                 'allowed in it, got "a\nb"', id="set-newline"),
+    pytest.param(_change('set = { PatientName = "a^b^c^d^e^f" }'),
+                 'rules.toml:5: rule "r": set: PatientName (PN): a Person Name has at most 3 '
+                 'groups of at most 5 components, got "a^b^c^d^e^f"', id="set-pn-components"),
     pytest.param(_change('set = { ReferencedSeriesSequence = "x" }'),
                  'rules.toml:5: rule "r": set: cannot set ReferencedSeriesSequence: its VR SQ '
                  "holds a sequence", id="set-sequence"),
