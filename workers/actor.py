@@ -427,17 +427,19 @@ class AssociationActor(asyncio.BufferedProtocol):
         self.stats.calling_ae, self.stats.called_ae = rq.calling_ae_title, rq.called_ae_title
         answer: AAssociateAC | AAssociateRJ
         if self.over_limit:
-            log.warning("association %s: worker %d has %d associations open "
-                        "([router] max_associations): rejected, transient", self._who(),
-                        self.settings.worker_id, self.settings.max_associations or 0)
-            answer, why = LOCAL_LIMIT_EXCEEDED, ""
+            # One line, with the association's closing one: a flood of newcomers
+            # was three lines each.
+            answer, why = LOCAL_LIMIT_EXCEEDED, (
+                f"worker {self.settings.worker_id} has {self.settings.max_associations or 0} "
+                "associations open, its share of [router] max_associations: transient")
         else:
             answer, why = negotiate_explained(rq, self.settings.policy)
         if isinstance(answer, AAssociateRJ):
             self.stats.outcome = (f"rejected (result {int(answer.result)} source "
                                   f"{int(answer.source)} reason {answer.reason})")
-            log.info("association %s rejected: %s%s", self._who(), self.stats.outcome,
-                     f": {why}" if why else "")
+            log.log(logging.WARNING if answer is LOCAL_LIMIT_EXCEEDED else logging.INFO,
+                    "association %s rejected: %s%s", self._who(), self.stats.outcome,
+                    f": {why}" if why else "")
             self.engine.reject(answer)
             return
         contexts = self.engine.accept(answer)

@@ -545,8 +545,12 @@ def test_past_max_associations_newcomers_get_a_transient_rejection(
         said = refused.stdout + refused.stderr
         assert refused.returncode != 0, said
         assert "Rejected Transient" in said and "Local Limit Exceeded" in said, said
-        assert router.count("rejected, transient") == 1
-        assert router.count(" rejected: rejected (result 2 source 3 reason 2)") == 1
+        assert router.count(" rejected: rejected (result 2 source 3 reason 2): worker 1 has "
+                            "2 associations open, its share of [router] max_associations: "
+                            "transient") == 1
+        # One line and the association's closing one: it was three.
+        router.wait_count("ECHOSCU->ROUTER", 2)
+        assert len([line for line in router.lines if "ECHOSCU->ROUTER" in line]) == 2
         held.pop().release()
         router.wait_count("HOLDER->ROUTER", 3)  # accepted, accepted, closed
         served = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
