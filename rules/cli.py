@@ -193,7 +193,9 @@ def _test(args: argparse.Namespace, destinations: frozenset[str] | None) -> int:
     for path in _instances(args.instances):
         print()
         try:
-            dataset = pydicom.dcmread(path, stop_before_pixels=True)
+            # Pixel Data there, as the router sees it (workers.routing.read_header),
+            # but not read unless a rule reads its value.
+            dataset = pydicom.dcmread(path, defer_size=1024)
         except Exception as exc:  # any file at all may be given: report it, go on
             print(f"{path}: cannot read it as DICOM: {exc}")
             code = EXIT_UNREADABLE

@@ -112,6 +112,10 @@ _PIXEL_DATA: Final = 0x7FE00010
 # whole data dictionary has some 5,000; a CT has about 150.
 _MAX_OWN_ELEMENTS: Final = 16384
 _MAX_DEPTH: Final = 64  # nesting of sequences we accept; real data stays far below
+# Bulk data VRs (PS3.5 Table 6.2-1) whose value read_top_level gives only up to
+# MAX_WANTED_BULK bytes: past that, the element is there with an empty value.
+_BULK_VRS: Final = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"))
+MAX_WANTED_BULK: Final = 64 * 1024
 
 PathOrBytes: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview
 
@@ -717,7 +721,9 @@ def read_top_level(
     asked for, so a rule that looks at Modality never touches pixel data (D5).
     Sequences are skipped by their lengths or, when undefined, by walking their
     items to the delimiter (PS3.5 §7.5); a wanted tag that is a sequence is
-    returned with its raw bytes only when its length is defined. Raises
+    returned with its raw bytes only when its length is defined. Wanted bulk data
+    (encapsulated Pixel Data, or an OB/OW/... value over :data:`MAX_WANTED_BULK`)
+    is returned with an empty value: it is there, which is what a rule can ask. Raises
     :class:`HeaderIncomplete` when ``buf`` ends first (read more and call again)
     and :class:`~router.dicom.errors.DIMSEError` (C000H) when it does not parse.
     Tags absent from the data set are absent from the result.
@@ -1178,17 +1184,28 @@ def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, 
             return start
         if top is not None and tag > top[1]:
             return pos
+        # Where this element goes if it is wanted at top level, else None.
+        found = top[2] if top is not None and tag in top[0] else None
         if length == _UNDEFINED:
-            if top is not None and tag in top[0]:
+            bulk = vr in (b"OB", b"OW") or (vr is None and tag == _PIXEL_DATA)
+            if found is not None and not bulk:
                 raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length")
             pos = _past_undefined(view, start, implicit=implicit or vr == b"UN", little=little,
                                   depth=depth)
+            if found is not None:  # encapsulated pixel data: there, its fragments never read
+                found[tag] = (None if vr is None else vr.decode("ascii"), b"")
             continue
-        if top is not None and tag in top[0]:
-            if start + length > limit:
-                raise HeaderIncomplete
-            top[2][tag] = (None if vr is None else vr.decode("ascii"),
-                           bytes(view[start : start + length]))
+        if found is not None:
+            bulk = vr in _BULK_VRS if vr is not None else tag == _PIXEL_DATA
+            if bulk and length > MAX_WANTED_BULK:
+                # A rule asks whether it is there: the value is not copied (a native
+                # image of hundreds of MB into the commit thread's memory).
+                found[tag] = (None if vr is None else vr.decode("ascii"), b"")
+            else:
+                if start + length > limit:
+                    raise HeaderIncomplete
+                found[tag] = (None if vr is None else vr.decode("ascii"),
+                              bytes(view[start : start + length]))
         pos = start + length
 
 

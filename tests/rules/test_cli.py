@@ -141,6 +141,17 @@ def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 # ------------------------------------------------------------------- test
 
 
+def test_dry_run_sees_pixel_data_as_the_router_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`rules test` read files without their pixel data, so a rule testing
+    "(7FE0,0010)" said "missing" where the running router matched (a campaign)."""
+    rules = tmp_path / "images.toml"
+    rules.write_text('[[rule]]\nname = "images"\n[rule.when]\n'
+                     '"(7FE0,0010)" = { present = true }\n[rule.then]\ndrop = true\n')
+    assert _run("test", str(rules), str(MR_SMALL), "--calling-ae", "MR1") == 0
+    assert f'  rule "images" ({rules}:1): matched' in capsys.readouterr().out.splitlines()
+
+
 def test_dry_run_forward_with_changes(rules_file: Path, config_file: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     code = _run("test", str(rules_file), str(CT_SMALL), "--calling-ae", "CT1",

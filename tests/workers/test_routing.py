@@ -88,6 +88,30 @@ def _part10(path: Path, transfer_syntax: str, big: int) -> None:
 WANTED = frozenset({0x00080060, 0x00100010})
 
 
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small.dcm",
+                                  "examples_rgb_color.dcm"])
+def test_pixel_data_asked_for_is_there_compressed_or_not(name: str) -> None:
+    """A rule `"(7FE0,0010)" = { present = true }` (an outside campaign): encapsulated
+    Pixel Data has an undefined length, so the fast read gave up and pydicom, which
+    stops before pixel data, said it was missing: every compressed image went the
+    other way. It is now there, with an empty value when it is encapsulated or over
+    MAX_WANTED_BULK (never copied), and the element after it is still found."""
+    from rules import RuleSet
+    from tests.rules.support import ASSOC, NOW
+
+    [path] = [p for p in pydicom_test_files() if p.name == name]
+    part10 = read_part10_header(path)
+    header = read_header(path, part10.transfer_syntax, part10.dataset_offset,
+                         frozenset({0x7FE00010, 0xFFFAFFFA}))
+    assert header is not None and 0x7FE00010 in header
+    if name != "MR_small.dcm":  # encapsulated, or 230 KB native: not copied
+        assert not header[0x7FE00010].value
+    rules = RuleSet.from_text('[[rule]]\nname = "images"\n[rule.when]\n'
+                              '"(7FE0,0010)" = { present = true }\n[rule.then]\n'
+                              'forward = "a"\n', destinations=None)
+    assert [f.destination for f in rules.evaluate(ASSOC, header, NOW).forwards] == ["a"]
+
+
 def test_a_deflated_header_is_read_without_pydicom(tmp_path: Path) -> None:
     path = tmp_path / "deflated.dcm"
     _part10(path, "1.2.840.10008.1.2.1.99", 100_000)
