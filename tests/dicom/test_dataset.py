@@ -1062,6 +1062,24 @@ def test_a_deflate_bomb_is_walked_no_further_than_its_bound(
     assert check.status == 0
 
 
+def test_the_deflated_walk_is_bounded_in_headers_not_only_bytes() -> None:
+    """A review: 256 MiB of 8-byte elements deflate to 391 KB, one PDV, and the walk of
+    them took 8.5 s on the worker's loop (its heartbeats with it). The bound is now
+    8 MiB inflated, some 1 M headers: counted here, not timed."""
+    from router.dicom.dataset import DEFLATED_WALK_BYTES
+
+    assert DEFLATED_WALK_BYTES <= 8 << 20
+    ct = read_part10_header(TEST_FILES / "CT_small.dcm")
+    plain = (TEST_FILES / "CT_small.dcm").read_bytes()[ct.dataset_offset :]
+    tiny = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 0)  # 8 bytes, no value
+    raw = _deflate(plain + tiny * (32 << 20 >> 3))  # 32 MiB of them
+    check = InstanceIdentity(DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, ct.sop_class_uid,
+                             ct.sop_instance_uid)
+    check.feed(raw, last=True)  # one PDV
+    assert check.status == 0
+    assert check._inflated <= DEFLATED_WALK_BYTES + (1 << 20)
+
+
 def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
     if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
         return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
