@@ -202,8 +202,31 @@ class Supervisor:
                       "not share a spool (give this one its own [spool] path)",
                       self.config.spool)
             return False
+        except OSError as exc:  # ENOLCK: a filesystem without flock (some NFS mounts)
+            os.close(fd)
+            log.warning("spool %s cannot be locked (%s): nothing stops a second router "
+                        "on it", self.config.spool, exc.strerror or exc)
+            return True
+        if self._spool_lock >= 0:
+            os.close(self._spool_lock)
         self._spool_lock = fd  # held until the process ends
         return True
+
+    def _spool_relocked(self) -> bool:
+        """The spool folder was removed and made again (see _restore_run_dir): the
+        lock is on the folder that is gone, and a second router would lock the new
+        one unopposed. Lock the new one; False if another router has it already."""
+        if self._spool_lock < 0:
+            return True
+        try:
+            held, now = os.fstat(self._spool_lock), os.stat(self.config.spool)
+        except OSError:
+            return True  # gone right now: the next look takes it again
+        if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            return True
+        log.warning("spool %s was made again under the running router: locking it "
+                    "again", self.config.spool)
+        return self._lock_spool()
 
     def _listen(self) -> None:
         for spec in self.config.listen:
@@ -366,15 +389,17 @@ class Supervisor:
         not start ("cannot read config-1.msgpack"), and the router stopped with exit
         code 2, which systemd does not restart (an outside campaign)."""
         snapshot = snapshot_path(self.run_dir, self.generation)
-        if snapshot.exists():
-            return
-        log.warning("%s was removed under the running router: making it again",
-                    self.run_dir)
-        try:
-            self.sockets.rebind()
-            self.snapshot.write(self.run_dir, self.generation)
-        except (OSError, zmq.ZMQError) as exc:
-            log.error("cannot make %s again: %s", self.run_dir, exc)
+        if not snapshot.exists():
+            log.warning("%s was removed under the running router: making it again",
+                        self.run_dir)
+            try:
+                self.sockets.rebind()
+                self.snapshot.write(self.run_dir, self.generation)
+            except (OSError, zmq.ZMQError) as exc:
+                log.error("cannot make %s again: %s", self.run_dir, exc)
+        if not self._spool_relocked():
+            log.error("another dicom-router took spool %s while it was being made "
+                      "again: stop one of them", self.config.spool)
 
     def _spawn(self, slot: WorkerSlot) -> None:
         self._restore_run_dir()

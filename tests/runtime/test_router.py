@@ -367,6 +367,18 @@ def test_a_supervisor_stopped_longer_than_the_heartbeat_timeout_keeps_its_worker
     assert router.count("sent no heartbeat") == 0, router.log()
 
 
+def _second_router_on_its_spool(router: Router, tmp_path: Path,
+                                 ) -> subprocess.CompletedProcess[str]:
+    """`dicom-router run` of ``router``'s configuration on another port, to its end."""
+    second = tmp_path / "second.toml"  # the same, but for the port
+    second.write_text(router.config.read_text().replace(
+        f"port = {router.port}", f"port = {free_port()}"))
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", "run", "--config", str(second)],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
 def test_a_second_router_on_the_same_spool_is_refused(router: Router, tmp_path: Path) -> None:
     """`dicom-router run` by hand beside the running one, on its spool (an outside
     campaign): it started, deleted the first's spare files, took over its control
@@ -374,13 +386,7 @@ def test_a_second_router_on_the_same_spool_is_refused(router: Router, tmp_path: 
     workers' heartbeats. Now it exits 1 at once, saying why, and the first runs on."""
     router.wait_for("ready: 2 workers serving")
     spares = sorted((router.spool / "tmp").glob("*.spare"))
-    second = tmp_path / "second.toml"  # the same, but for the port
-    second.write_text(router.config.read_text().replace(
-        f"port = {router.port}", f"port = {free_port()}"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "router.cli", "run", "--config", str(second)],
-        capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = _second_router_on_its_spool(router, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"spool {router.spool} is in use by another dicom-router" in proc.stdout + proc.stderr
     assert "worker 1 started" not in proc.stdout + proc.stderr
@@ -407,6 +413,21 @@ def test_a_run_folder_removed_under_the_router_is_made_again(router: Router) -> 
     workers = router.status()["workers"]
     assert [w["pid"] for w in workers][1] == pids[1]  # type: ignore[index, union-attr]
     assert router.proc.poll() is None
+
+
+def test_a_spool_removed_and_made_again_is_locked_again(router: Router,
+                                                        tmp_path: Path) -> None:
+    """A review: the one-router-per-spool lock was held on the folder's inode, so once
+    the spool was removed (and made again by the router itself) a second router
+    locked the new folder unopposed. The supervisor now locks it again."""
+    import shutil
+
+    router.wait_for("ready: 2 workers serving")
+    shutil.rmtree(router.spool)
+    router.wait_for("was made again under the running router: locking it again")
+    proc = _second_router_on_its_spool(router, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "is in use by another dicom-router" in proc.stdout + proc.stderr
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
