@@ -224,6 +224,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         # the peer's A-RELEASE-RQ waits for them.
         self._relaying = 0
         self._release_waiting = False
+        self._releasing = False  # a release came while a C-GET ran: see _end_get_for_release
         # C-GET sub-operations sent to the requestor, waiting for its C-STORE-RSP.
         self._sub_operations: dict[int, asyncio.Future[dimse.CStoreRSP]] = {}
         self._sub_ids = itertools.cycle(range(1, 65536))
@@ -339,6 +340,9 @@ class AssociationActor(asyncio.BufferedProtocol):
             # SCPs and pynetdicom do; it was answered at once, and the requestor
             # never got its C-FIND matches or its C-MOVE's final response.
             self._deferred.append(event)
+            if (self._find is not None and isinstance(self._find[2], GetProxy)
+                    and not self._releasing):
+                self._end_get_for_release()
             return True
         if isinstance(event, CommandReceived) and (
                 isinstance(event.message, dimse.CCancelRQ)
@@ -365,6 +369,23 @@ class AssociationActor(asyncio.BufferedProtocol):
             return True
         self._deferred.append(event)
         return True
+
+    def _end_get_for_release(self) -> None:
+        """A-RELEASE-RQ while a C-GET runs: the requestor, in Sta7, may send no
+        P-DATA (PS3.8 Table 9-10: Evt9 only in Sta6 and Sta8), so it can answer no
+        more C-STORE sub-operation (its C-STORE-RSP would be Evt10 in our Sta8:
+        AA-8, an abort). The C-GET is cancelled: no sub-operation starts, those
+        waiting for their answer fail, and it ends Cancel (FE00H) with its counts,
+        before the A-RELEASE-RP (a review found a held release ending in an abort)."""
+        assert self._find is not None
+        self._releasing = True
+        log.info("association %s: A-RELEASE-RQ while C-GET %d runs: its sub-operations "
+                 "stop (the requestor can answer none now) and it ends", self._who(),
+                 self._find[1].message_id)
+        self._find[2].cancel()
+        for future in self._sub_operations.values():
+            if not future.done():
+                future.set_exception(OutboundError("the requestor released the association"))
 
     def _answer_release(self) -> None:
         # Unless an A-ABORT came behind the A-RELEASE-RQ: then it is aborted.
@@ -997,6 +1018,8 @@ class AssociationActor(asyncio.BufferedProtocol):
     def begin_store(self, ctx: NegotiatedContext, rq: dimse.CStoreRQ) -> int:
         if not self.engine.may_send_data:
             raise OutboundError("the requestor's association ended")
+        if self._releasing:
+            raise OutboundError("the requestor released the association")
         mid = next(self._sub_ids)
         self.engine.send_message(ctx.context_id, dimse.CStoreRQ(
             message_id=mid, affected_sop_class_uid=rq.affected_sop_class_uid,

@@ -110,8 +110,13 @@ def associated(port: int, abstract: str = VERIFICATION) -> socket.socket:
 def answers_until_not_data(port: int, abstract: str, payload: bytes) -> list[tuple[int, bytes]]:
     """Associate on ``abstract``, send ``payload`` in one write, and read every PDU
     (type, body) up to and including the first that is not a P-DATA-TF."""
+    return answers_from(port, associate_rq(abstract=abstract), payload)
+
+
+def answers_from(port: int, rq: bytes, payload: bytes) -> list[tuple[int, bytes]]:
+    """:func:`answers_until_not_data` with the A-ASSOCIATE-RQ ``rq`` as given."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(associate_rq(abstract=abstract))
+        sock.sendall(rq)
         assert read_pdu(sock)[0] == 0x02, "A-ASSOCIATE-AC"
         sock.sendall(payload)
         pdus = [read_pdu(sock)]

@@ -819,6 +819,52 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
         same_content(got, src)
 
 
+def test_a_release_sent_behind_a_c_get_ends_it_then_releases(tmp_path: Path) -> None:
+    """A C-GET and an A-RELEASE-RQ in one write (a review of the held release): the
+    requestor, in Sta7, may send no C-STORE-RSP, so holding the release while the
+    router sent sub-operations ended in an abort or a timeout. The C-GET now stops
+    its sub-operations and ends (Cancel, with its counts), then the A-RELEASE-RP."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from router.dicom.negotiation import build_request
+    from router.dicom.pdu import encode_pdu
+
+    study = make_study(tmp_path / "study", n_series=1, n_instances=20, size_kb=64, seed=6)
+
+    def on_get(event: Any) -> Any:
+        yield len(study)
+        for path in study:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, pydicom.dcmread(path)
+
+    pacs = AE(ae_title="GETPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    pacs.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    router = _router_to(tmp_path, RETRIEVE_ALL, port, "GETPACS")
+    get = StudyRootQueryRetrieveInformationModelGet
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    rq = encode_pdu(build_request(
+        calling_ae_title="VIEWER", called_ae_title="ROUTER",
+        contexts=[(get, [pydicom.uid.ImplicitVRLittleEndian]),
+                  (CTImageStorage, [pydicom.uid.ImplicitVRLittleEndian])],
+        roles={CTImageStorage: (False, True)}))
+    pdus = _request_then_release(router, server, rq, get, 0x0010, query)
+    assert pdus[-1][0] == 0x06, [kind for kind, _ in pdus]  # A-RELEASE-RP, not an abort
+    commands = [_command_of(body) for kind, body in pdus if kind == 0x04 and body[5] & 1]
+    finals = [c for c in commands if int(c.CommandField) == 0x8010
+              and int(c.Status) not in (0xFF00, 0xFF01)]
+    assert len(finals) == 1 and int(finals[0].Status) == 0xFE00, finals
+    assert "NumberOfCompletedSuboperations" in finals[0]
+
+
 def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
         tmp_path: Path) -> None:
     import threading
@@ -1192,17 +1238,32 @@ def _pipelined_finds(tmp_path: Path, *, cancel: tuple[int, ...],
     return answers, asked, router.log()
 
 
+def _request_then_release(router: Router, server: Any, rq: bytes, abstract: str,
+                          field: int, identifier: pydicom.Dataset) -> list[tuple[int, bytes]]:
+    """Associate with ``rq``, then send a request (``field``) with ``identifier`` and an
+    A-RELEASE-RQ in one write: every PDU answered up to the first that is not data.
+    Stops the router and the upstream ``server``."""
+    from tests.faults.test_actor_faults import RELEASE_RQ, answers_from, command, p_data
+
+    try:
+        router.wait_for("ready: 2 workers serving")
+        pdus = answers_from(router.port, rq, p_data(command(
+            AffectedSOPClassUID=abstract, CommandField=field, MessageID=1, Priority=0,
+            CommandDataSetType=0x0000)) + p_data(_implicit(identifier), is_command=False)
+            + RELEASE_RQ)
+        router.wait_for("closed: released")
+    finally:
+        router.stop()
+        server.shutdown()
+    return pdus
+
+
 def test_a_release_sent_behind_a_query_waits_for_its_answers(tmp_path: Path) -> None:
     """A C-FIND and an A-RELEASE-RQ in one write (an outside conformance campaign): the
     A-RELEASE-RP came at once, and the requestor never got its matches. Now every
     match and the final response come first, then the A-RELEASE-RP, as DCMTK's
     dcmqrscp and pynetdicom answer (PS3.8 Sta8: P-DATA may still be sent)."""
-    from tests.faults.test_actor_faults import (
-        RELEASE_RQ,
-        answers_until_not_data,
-        command,
-        p_data,
-    )
+    from tests.faults.test_actor_faults import associate_rq
 
     def on_find(event: Any) -> Any:
         for n in range(3):
@@ -1216,16 +1277,8 @@ def test_a_release_sent_behind_a_query_waits_for_its_answers(tmp_path: Path) -> 
     query = pydicom.Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = ""
-    try:
-        router.wait_for("ready: 2 workers serving")
-        pdus = answers_until_not_data(router.port, STUDY_FIND, p_data(command(
-            AffectedSOPClassUID=STUDY_FIND, CommandField=0x0020, MessageID=1, Priority=0,
-            CommandDataSetType=0x0000)) + p_data(_implicit(query), is_command=False)
-            + RELEASE_RQ)
-        router.wait_for("closed: released")
-    finally:
-        router.stop()
-        server.shutdown()
+    pdus = _request_then_release(router, server, associate_rq(abstract=STUDY_FIND),
+                                 STUDY_FIND, 0x0020, query)
     # Each response's status (commands only, not the matches' identifiers), then the RP.
     seen = [int(_command_of(body).Status) if kind == 0x04 else kind
             for kind, body in pdus if kind != 0x04 or body[5] & 1]
