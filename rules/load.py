@@ -1136,9 +1136,8 @@ class _FileCompiler:
             return wrong(f'a string (write "{value}")')
         if isinstance(value, float) and not math.isfinite(value):
             return wrong("a finite number")
-        if vr in ("IS", "DS") and value_problem(vr, str(value)) is not None \
-                and not (vr == "DS" and isinstance(value, float)):
-            return wrong(f"a number of at most {12 if vr == 'IS' else 16} characters")
+        if vr == "DS" and isinstance(value, int) and value_problem(vr, str(value)):
+            return wrong("a number of at most 16 characters")  # (floats are fitted)
         if vr in INTEGER_VRS:
             if isinstance(value, float):
                 return wrong("an integer")

@@ -150,10 +150,12 @@ _MAX_LENGTHS: Final = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26,
                        "UI": 64}
 # Text VRs whose value may hold a backslash and the format controls (PS3.5 6.1.3).
 _FREE_TEXT: Final = frozenset({"LT", "ST", "UT"})
-_DS: Final = re.compile(r" *[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)? *")
-_IS: Final = re.compile(r" *[+-]?\d+ *")
-_DA: Final = re.compile(r"\d{8}")
-_TM: Final = re.compile(r"([01]\d|2[0-3])(?:[0-5]\d(?:(?:[0-5]\d|60)(?:\.\d{1,6})?)?)?")
+# (re.ASCII: \d is 0-9 only, not the Arabic-Indic and other Unicode digits.)
+_DS: Final = re.compile(r" *[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)? *", re.ASCII)
+_IS: Final = re.compile(r" *[+-]?\d+ *", re.ASCII)
+_DA: Final = re.compile(r"\d{8}", re.ASCII)
+_TM: Final = re.compile(r"([01]\d|2[0-3])(?:[0-5]\d(?:(?:[0-5]\d|60)(?:\.\d{1,6})?)?)?",
+                        re.ASCII)
 _CS: Final = re.compile(r"[A-Z0-9 _]*")
 
 

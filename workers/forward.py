@@ -103,6 +103,10 @@ from workers.spool import Spool
 
 __all__ = ["DestinationActor", "is_permanent_failure", "transparent_failure_status"]
 
+# Why a queued file cannot be claimed that no retry changes (see _deliver).
+_CLAIM_NEVER: Final = frozenset((errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR,
+                                 errno.ENOTDIR, errno.ENAMETOOLONG))
+
 log = logging.getLogger("workers.forward")
 
 # Presentation contexts one association may carry (PS3.8 §9.3.2.2: odd IDs 1-255).
@@ -437,12 +441,14 @@ class DestinationActor:
             try:
                 fd = self._claim(path)
             except OSError as exc:
-                # EACCES, EPERM: a file the router may not open for writing, which no
+                # A file the router may not open for writing, or not a file it can
+                # open at all (a link: ELOOP under O_NOFOLLOW; a folder), which no
                 # retry will change. Anything else is this machine's trouble of the
                 # moment (EMFILE, EROFS, EIO), not the instance's nor the destination's:
                 # retried, not counted. It once went to dead/ as "permanent", never
                 # sent, whenever the move to dead/ did not fail the same way.
-                mine = exc.errno in (errno.EACCES, errno.EPERM)
+                mine = exc.errno in _CLAIM_NEVER
+
                 self._failed(entry, None, -1, f"cannot claim the queued file: {exc}", None,
                              permanent=mine, counted=mine)
                 return assoc

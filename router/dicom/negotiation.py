@@ -98,7 +98,7 @@ LOCAL_LIMIT_EXCEEDED = AAssociateRJ(result=RejectResult.REJECTED_TRANSIENT,
 # of a few dozen bytes turns every answer we send (C-FIND matches, C-GET
 # sub-operations) into a flood of PDUs that are mostly headers. 256 keeps the
 # headers under 5 %; real implementations offer 4 KiB or more (DCMTK's tools
-# accept nothing under 4096).
+# cannot be told to offer less: their --max-pdu takes 4096 to 131072).
 MINIMUM_PEER_MAXIMUM_LENGTH = 256
 
 _UINT32_MAX = 0xFFFF_FFFF

@@ -316,6 +316,13 @@ CASES = [
     pytest.param(_change('set = { PatientID = "a\\nb" }'),
                  'rules.toml:5: rule "r": set: PatientID (LO): control characters are not '
                  'allowed in it, got "a\nb"', id="set-newline"),
+    pytest.param(_change('set = { SliceThickness = "\u0661\u0662" }'),
+                 'rules.toml:5: rule "r": set: SliceThickness (DS): not a decimal number as '
+                 'DICOM writes one (digits, sign, point, exponent), got "\u0661\u0662"',
+                 id="set-ds-arabic-indic-digits"),
+    pytest.param(_change('set = { InstanceNumber = 3000000000 }'),
+                 'rules.toml:5: rule "r": set: InstanceNumber (IS) needs an integer from '
+                 "-2147483648 to 2147483647, got 3000000000", id="set-is-range"),
     pytest.param(_change('set = { PatientName = "a^b^c^d^e^f" }'),
                  'rules.toml:5: rule "r": set: PatientName (PN): a Person Name has at most 3 '
                  'groups of at most 5 components, got "a^b^c^d^e^f"', id="set-pn-components"),

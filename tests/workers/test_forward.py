@@ -579,14 +579,15 @@ def test_a_claim_failing_for_this_machines_trouble_is_retried_not_dead(
     assert not (spool.root / "dead").exists()
 
 
+@pytest.mark.parametrize("error", ["EACCES", "ELOOP", "EISDIR"])
 def test_a_queued_file_that_cannot_be_claimed_goes_to_dead_letters(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str) -> None:
     """A queued file the router may not open to claim it (EACCES: put there by hand,
-    read-only to the router's user): one line of reason in dead/, and the sender
-    goes on."""
+    read-only to the router's user; ELOOP: a link, opened with O_NOFOLLOW; EISDIR):
+    one line of reason in dead/, and the sender goes on. No retry changes them."""
     import errno
 
-    _failing_open(monkeypatch, errno.EACCES, 1)
+    _failing_open(monkeypatch, getattr(errno, error), 1)
     spool = Spool(tmp_path / "spool", fsync=False)
     (path,) = _queue(spool, "pacs", tmp_path, 1)
     actor = DestinationActor(_destination(free_port()), spool, share=1)
