@@ -266,7 +266,8 @@ def exponential_risk(pattern: str) -> str | None:
     optional part (``(a?){25}``), alternatives that may match nothing or start alike
     (``(a|a)*``, ``(a|ab)*``). Alternatives that each start with their
     own literal character (``(CT|MR)+``) are allowed, and so are possessive repeats and
-    atomic groups (``a++``, ``(?>a|a)*``), which do not backtrack."""
+    atomic groups (``a++``, ``(?>a|a)*``), which nothing backtracks into; what is
+    inside them is checked on its own (``(?>(a|a)*$)`` is refused)."""
     try:
         parsed = re_parser.parse(pattern)
     except re.error:
@@ -297,7 +298,13 @@ def _ambiguous_repeat(items: list[Any], *, inside_repeat: bool,
                         "same character, which can take exponential time on some values")
         elif name in ("ASSERT", "ASSERT_NOT"):
             children = [arg[1]]
-        # POSSESSIVE_REPEAT and ATOMIC_GROUP: no backtracking into them, not walked.
+        elif name == "GROUPREF_EXISTS":  # (?(1)yes|no)
+            children = [arg[1]] + ([arg[2]] if arg[2] is not None else [])
+        elif name in ("ATOMIC_GROUP", "POSSESSIVE_REPEAT"):
+            # Nothing outside backtracks into them, but what is inside backtracks
+            # while it matches: walked as if at top level (a review: (?>(a|a)*$)).
+            children = [arg if name == "ATOMIC_GROUP" else arg[2]]
+            inside = False
         for child in children:
             found = _ambiguous_repeat(list(child), inside_repeat=inside,
                                       ignore_case=ignore_case)

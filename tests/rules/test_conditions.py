@@ -373,7 +373,10 @@ def test_a_hostile_value_against_many_stars_takes_no_time() -> None:
     ("(?i)(ct|CT)+", True),
     # Alternatives that each start with a character of their own, and character sets.
     ("(CT|MR)+$", False), ("^(CHEST|CHIN)+$", False), (r"(\d|x)+", False),
-    ("(?>a|a)*", False),
+    ("(?>a|a)*", False), ("(a|a)++", False),
+    # What is inside an atomic group, a possessive repeat or a conditional still
+    # backtracks while it matches (a review of this check).
+    ("(?>(a|a)*$)", True), ("(?:(a|a)*$)++", True), ("(a)?(?(1)(a|a)*$|b)", True),
 ])
 def test_regexes_that_can_take_exponential_time_are_told(pattern: str, risky: bool) -> None:
     assert (exponential_risk(pattern) is not None) is risky
