@@ -10,6 +10,7 @@ target's VR): it leaves the data set as it was.
 from __future__ import annotations
 
 import copy as _copy
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ from rules.tags import (
 Scalar: TypeAlias = str | int | float
 #: A value as given in the rule file: one value, several (a tuple), or empty (None).
 SetValue: TypeAlias = Scalar | tuple[Scalar, ...] | None
+
+log = logging.getLogger("rules.changes")
 
 _FAIL: Final = object()
 _STRIP: Final = " \x00"
@@ -103,6 +106,19 @@ def _coerce_one(item: object, vr: str) -> object:
     return DSfloat(number, auto_format=True) if vr == "DS" else number
 
 
+def _not_made(what: str, label: str, value: object, vr: str) -> None:
+    """Say that an operation left ``label`` as it was: the value it would write is one
+    ``vr`` cannot hold (a prefixed accession number past SH's 16 characters, say).
+    Silent, the copy went out unchanged and nobody knew (a review)."""
+    items, _ = _items(value)
+    why = next((p for p in (value_problem(vr, str(i).rstrip(_STRIP)) for i in items
+                            if isinstance(i, str | PersonName)) if p),
+               f"not a {vr} value")
+    shown = repr(value if not isinstance(value, list) else "\\".join(map(str, value)))
+    log.warning("change not made: %s %s would be %s: %s (PS3.5 Table 6.2-1)", what,
+                label, shown[:80] + ("..." if len(shown) > 80 else ""), why)
+
+
 def _show(value: SetValue) -> str:
     if value is None:
         return "<empty>"
@@ -134,7 +150,9 @@ class SetOp:
                     ds.add_new(self.tag, existing.VR, converted)
                     return
         converted = coerce(value, vr)
-        if converted is not _FAIL:
+        if converted is _FAIL:
+            _not_made("set", self.label, value, vr)
+        else:
             ds.add_new(self.tag, vr, converted)
 
     def describe(self) -> str:
@@ -178,7 +196,9 @@ class CopyOp:
             existing = ds.get(self.target)
             vr = existing.VR if existing is not None else source.VR
         value = coerce(source.value, vr)
-        if value is not _FAIL:
+        if value is _FAIL:
+            _not_made(f"copy of {self.source_label} to", self.target_label, source.value, vr)
+        else:
             ds.add_new(self.target, vr, value)
 
     def describe(self) -> str:
@@ -206,7 +226,9 @@ class ReplaceOp:
         if changed == texts:
             return
         value = coerce(changed if multi else changed[0], elem.VR)
-        if value is not _FAIL:
+        if value is _FAIL:
+            _not_made("replace in", self.label, changed if multi else changed[0], elem.VR)
+        else:
             elem.value = value
 
     def describe(self) -> str:

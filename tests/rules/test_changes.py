@@ -132,20 +132,32 @@ def test_a_date_given_with_dashes_is_written_as_dicom_writes_it() -> None:
     assert ds.StudyDate == "20240131"
 
 
-@pytest.mark.parametrize(("change", "source"), [
-    ('copy = { ContentDate = "PatientName" }', {"PatientName": "CompressedSamples^CT1"}),
-    ('copy = { PatientID = "ImageComments" }', {"ImageComments": "x" * 200}),
-    ('replace = { PatientID = { pattern = "^", with = "' + "y" * 60 + '" } }',
-     {"PatientID": "12345"}),
+@pytest.mark.parametrize(("change", "source", "said"), [
+    ('copy = { ContentDate = "PatientName" }', {"PatientName": "CompressedSamples^CT1"},
+     "change not made: copy of PatientName to ContentDate would be "
+     "'CompressedSamples^CT1': at most 8 characters"),
+    ('copy = { PatientID = "ImageComments" }', {"ImageComments": "x" * 200},
+     "change not made: copy of ImageComments to PatientID would be 'xxx"),
+    ('replace = { AccessionNumber = { pattern = "^", with = "SITEA-" } }',
+     {"AccessionNumber": "RIS2024000123"},
+     "change not made: replace in AccessionNumber would be 'SITEA-RIS2024000123': at "
+     "most 16 characters"),
 ])
 def test_a_value_that_cannot_take_the_targets_vr_leaves_it_as_it_was(
-        change: str, source: dict[str, str]) -> None:
+        caplog: pytest.LogCaptureFixture, change: str, source: dict[str, str],
+        said: str) -> None:
     """An outside campaign: copy and replace wrote "CompressedSamples^CT1" as a date and
-    200 characters into a 64-character LO. The target is now left as it was."""
+    200 characters into a 64-character LO. The target is now left as it was, and a
+    line says so (a review: a site prefix that makes an accession number too long for
+    SH must not vanish without a word)."""
     before = dataset(**{"ContentDate": "20240101", "PatientID": "P1", **source})
-    after = _applied(change, before)
-    target = "ContentDate" if "ContentDate" in change else "PatientID"
+    with caplog.at_level("WARNING", logger="rules.changes"):
+        after = _applied(change, before)
+    target = next(t for t in ("ContentDate", "PatientID", "AccessionNumber")
+                  if f"{t} =" in change)
     assert after.get(target) == before.get(target)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "rules.changes"]
+    assert line.startswith(said), line
 
 
 def test_operations_apply_in_order() -> None:
