@@ -792,13 +792,14 @@ class InstanceIdentity:
     """
 
     __slots__ = ("_framing", "_head", "_implicit", "_inflated", "_inflater", "_little",
-                 "reason", "sop_class_uid", "sop_instance_uid", "status")
+                 "_unordered", "reason", "sop_class_uid", "sop_instance_uid", "status")
 
     def __init__(self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> None:
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.reason = ""
         self._head: bytearray | None = None
+        self._unordered = False  # see _identify
         self._inflater = None
         self._inflated = 0
         encoding = walkable_encoding(transfer_syntax)
@@ -868,11 +869,20 @@ class InstanceIdentity:
         else:
             self._head += data
             buf = self._head
+        self._identify(buf, last=last)
+
+    def _identify(self, buf: bytes | bytearray | memoryview, *, last: bool) -> None:
+        """Look for the UIDs in ``buf``, the data set's start so far. Elements come in
+        ascending order (PS3.5 7.1), so the walk stops past (0008,0018); once it finds
+        them missing so, it looks at every element instead (``_unordered``): some
+        writers put a module first, and DCMTK reads such data sets (storescp stores
+        them). They were refused "no SOP Class UID", which was not so."""
         found: dict[int, tuple[str | None, bytes]] = {}
+        last_wanted = 0xFFFFFFFF if self._unordered else _SOP_INSTANCE_UID
         try:
             end = _skip_elements(memoryview(buf).cast("B"), 0, implicit=self._implicit,
                                  little=self._little, depth=0,
-                                 top=(_IDENTITY_TAGS, _SOP_INSTANCE_UID, found))
+                                 top=(_IDENTITY_TAGS, last_wanted, found))
             if end == len(buf) and not last and len(found) < 2:
                 raise HeaderIncomplete  # the fragment ended before the walk got past them
         except HeaderIncomplete:
@@ -882,15 +892,19 @@ class InstanceIdentity:
                 self.status = 0
                 self._head = None
             elif self._head is None:
-                self._head = bytearray(data)
+                self._head = bytearray(buf)
             return
         except (DIMSEError, ValueError) as exc:
             self._fail(_CANNOT_UNDERSTAND, f"the data set does not parse: {exc}")
             return
-        self._head = None
         sop_class, sop_instance = (
             found[tag][1].rstrip(b"\0 ").decode("ascii", "replace") if tag in found else None
             for tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID))
+        if (sop_class is None or sop_instance is None) and not self._unordered:
+            self._unordered = True
+            self._identify(buf, last=last)
+            return
+        self._head = None
         if sop_class is None or sop_instance is None:
             missing = "SOP Class UID" if sop_class is None else "SOP Instance UID"
             self._fail(_CANNOT_UNDERSTAND, f"the data set has no {missing}")
@@ -964,9 +978,10 @@ class DataSetFraming:
         self._skip = 0  # bytes of a value still to step over
         self._offset = 0  # where in the data set the next fragment starts
         # Open sequences and items, innermost last: (_ELEMENTS, _ITEMS or _FRAGMENTS,
-        # implicit VR inside, the offset nothing inside may pass, whether that offset
-        # is its own defined end). Empty: the data set's own elements.
-        self._stack: list[tuple[int, bool, int, bool]] = []
+        # implicit VR inside, its byte order's structs, the offset nothing inside may
+        # pass, whether that offset is its own defined end). Empty: the data set's own
+        # elements.
+        self._stack: list[tuple[int, bool, _Structs, int, bool]] = []
         self.error: str | None = None
 
     def feed(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
@@ -982,7 +997,7 @@ class DataSetFraming:
                 self.error = "the data set ends inside an element"
             elif self._stack:
                 self.error = ("the data set ends inside a sequence that is never closed"
-                              if not self._stack[0][3] else
+                              if not self._stack[0][4] else
                               "the data set ends inside a sequence or item whose length "
                               "runs past its end")
 
@@ -996,9 +1011,9 @@ class DataSetFraming:
                 step = min(self._skip, end - pos)
                 self._skip -= step
                 pos += step
-            while stack and stack[-1][2] == base + pos and not self._carry:
+            while stack and stack[-1][3] == base + pos and not self._carry:
                 # The defined end of the innermost structure with one.
-                if not stack[-1][3]:
+                if not stack[-1][4]:
                     raise ValueError("a sequence or item without its delimiter at the "
                                      "defined end of the item around it")
                 stack.pop()
@@ -1087,12 +1102,12 @@ class DataSetFraming:
         or -1 if ``view`` ends inside it. Sets what to skip and opens or closes
         structures."""
         stack = self._stack
-        kind, implicit, limit, defined = (stack[-1] if stack
-                                          else (_ELEMENTS, self._implicit, _NO_LIMIT, False))
+        kind, implicit, structs, limit, defined = (
+            stack[-1] if stack else (_ELEMENTS, self._implicit, self._structs, _NO_LIMIT, False))
         if kind != _ELEMENTS:
             if pos + 8 > len(view):
                 return -1
-            group, element, length = self._structs[0].unpack_from(view, pos)
+            group, element, length = structs[0].unpack_from(view, pos)
             tag = group << 16 | element
             if at + 8 > limit:
                 raise ValueError(f"({group:04X},{element:04X}) runs past the end of its "
@@ -1111,16 +1126,16 @@ class DataSetFraming:
                 if kind == _FRAGMENTS:
                     raise ValueError("an encapsulated fragment of undefined length "
                                      "(PS3.5 A.4)")
-                self._open(_ELEMENTS, implicit, limit, False)
+                self._open(_ELEMENTS, implicit, structs, limit, False)
             elif at + 8 + length > limit:
                 raise ValueError("an item runs past the end of its sequence")
             elif kind == _ITEMS and length:
-                self._open(_ELEMENTS, implicit, at + 8 + length, True)
+                self._open(_ELEMENTS, implicit, structs, at + 8 + length, True)
             else:
                 self._skip = length
             return 8
         try:
-            tag, vr, start, length = _element_header(view, pos, implicit, self._structs)
+            tag, vr, start, length = _element_header(view, pos, implicit, structs)
         except HeaderIncomplete:
             return -1
         if vr is not None and vr not in _KNOWN_VRS:
@@ -1156,21 +1171,23 @@ class DataSetFraming:
         sequence = vr == b"SQ" or (vr is None and tag in self._sequences)
         if length == _UNDEFINED:
             # A sequence, or encapsulated pixel data (PS3.5 A.4). The inside of an
-            # undefined-length UN is implicit VR little endian (§6.2.2), a sequence's.
+            # undefined-length UN is a sequence's in implicit VR little endian
+            # whatever the transfer syntax (PS3.5 6.2.2, CP-246): big endian too.
             fragments = vr in (b"OB", b"OW") or (vr is None and tag == _PIXEL_DATA)
             self._open(_FRAGMENTS if fragments else _ITEMS, implicit or vr == b"UN",
-                       limit, False)
+                       _structs(True) if vr == b"UN" else structs, limit, False)
         elif sequence and length:
-            self._open(_ITEMS, implicit, value_at + length, True)
+            self._open(_ITEMS, implicit, structs, value_at + length, True)
         else:
             self._skip = length
         return start - pos
 
-    def _open(self, kind: int, implicit: bool, limit: int, defined: bool) -> None:
+    def _open(self, kind: int, implicit: bool, structs: _Structs, limit: int,
+              defined: bool) -> None:
         if len(self._stack) >= 2 * _MAX_DEPTH:  # a sequence and its item per level
             raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
                              status=_CANNOT_UNDERSTAND)
-        self._stack.append((kind, implicit, limit, defined))
+        self._stack.append((kind, implicit, structs, limit, defined))
 
 
 def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, depth: int,
@@ -1236,8 +1253,11 @@ def top_level_spans(view: memoryview, *, implicit: bool,
     return spans
 
 
+_Structs: TypeAlias = tuple[struct.Struct, struct.Struct, struct.Struct]
+
+
 @functools.cache
-def _structs(little: bool) -> tuple[struct.Struct, struct.Struct, struct.Struct]:
+def _structs(little: bool) -> _Structs:
     order = "<" if little else ">"
     return struct.Struct(order + "HHI"), struct.Struct(order + "H"), struct.Struct(order + "I")
 

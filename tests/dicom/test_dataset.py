@@ -1130,6 +1130,53 @@ def test_a_data_set_readers_would_disagree_on_is_refused(tail: bytes, transfer_s
         assert check.status == 0xC000 and said in check.reason, (size, check.reason)
 
 
+@pytest.mark.parametrize("order", ["patient-first", "date-first", "uid-last"])
+def test_elements_out_of_order_before_the_uids_are_not_taken_for_missing_uids(
+        order: str) -> None:
+    """An outside false-positive hunt: a data set with the Patient module written before
+    group 0008 (some writers go module by module), or its SOP Instance UID appended
+    last, was refused C000H "no SOP Class UID": the walk stopped at the first tag past
+    (0008,0018). DCMTK reads them (warning "not in ascending tag order") and storescp
+    stores them. The UIDs are now looked for everywhere once the ordered walk misses
+    them; a data set that truly lacks them is still C000H."""
+    cls, inst = _explicit(0x00080016, b"UI", _CT), _explicit(0x00080018, b"UI", b"1.2.3.4\x00")
+    date = _explicit(0x00080020, b"DA", b"20240131")
+    body = {"patient-first": _PATIENT + cls + inst + date,
+            "date-first": date + cls + inst + _PATIENT,
+            "uid-last": cls + date + _PATIENT + inst}[order]
+    for size in (3, 1000):
+        check = _identity(body, EXPLICIT_VR_LITTLE_ENDIAN, _CT.rstrip(b"\x00").decode(),
+                          "1.2.3.4", size)
+        assert check.status == 0, (size, check.reason)
+        other = _identity(body, EXPLICIT_VR_LITTLE_ENDIAN, _CT.rstrip(b"\x00").decode(),
+                          "9.9.9", size)
+        assert other.status == 0xA900, other.reason
+    missing = _identity(_PATIENT + cls + date, EXPLICIT_VR_LITTLE_ENDIAN,
+                        _CT.rstrip(b"\x00").decode(), "1.2.3.4", 1000)
+    assert (missing.status, missing.reason) == (0xC000, "the data set has no SOP Instance UID")
+
+
+def test_an_undefined_length_un_in_big_endian_is_read_as_implicit_little_endian() -> None:
+    """PS3.5 6.2.2 (CP-246): the value of an undefined-length UN is implicit VR little
+    endian whatever the transfer syntax. In Explicit VR Big Endian the walk kept the
+    big-endian byte order inside and refused it ("expected an item, found
+    (FEFF,00E0)"); dcmdump reads it (an outside false-positive hunt)."""
+    def big(tag: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+            return struct.pack(">HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+        return struct.pack(">HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+    inner = _item(_implicit(0x00091011, b"ABCD"))  # implicit VR little endian inside
+    un = (struct.pack(">HH2sHI", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF) + inner
+          + _SEQUENCE_DELIMITATION)
+    body = (big(0x00080016, b"UI", _CT) + big(0x00080018, b"UI", b"1.2.3.4\x00")
+            + big(0x00090010, b"LO", b"ACME") + un + big(0x00100020, b"LO", b"P1"))
+    for size in (3, 1000):
+        check = _identity(body, EXPLICIT_VR_BIG_ENDIAN, _CT.rstrip(b"\x00").decode(),
+                          "1.2.3.4", size)
+        assert check.status == 0, (size, check.reason)
+
+
 def _item(body: bytes, length: int | None = None) -> bytes:
     return struct.pack("<HHI", 0xFFFE, 0xE000, len(body) if length is None else length) + body
 
