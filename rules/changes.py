@@ -238,7 +238,8 @@ class ReplaceOp:
 Operation: TypeAlias = SetOp | RemoveOp | CopyOp | ReplaceOp
 
 
-def _target(op: Operation) -> int:
+def target_tag(op: Operation) -> int:
+    """The attribute ``op`` writes (or removes)."""
     return op.target if isinstance(op, CopyOp) else op.tag
 
 
@@ -296,7 +297,7 @@ class Changes:
         """
         for op in self.operations:
             op.apply(ds)
-        touched = {_target(op) for op in self.operations}
+        touched = {target_tag(op) for op in self.operations}
         if SPECIFIC_CHARACTER_SET not in touched and not _holds(ds, touched):
             # The values the operations wrote are text already. decode() would first
             # encode a Person Name among them in the old set ("Ёлкин" in ISO_IR 100:
@@ -315,7 +316,7 @@ class Changes:
         """Every attribute the operations read or write (top level), and (0008,0005),
         which :meth:`apply` may rewrite."""
         return frozenset({SPECIFIC_CHARACTER_SET,
-                          *(_target(op) for op in self.operations),
+                          *(target_tag(op) for op in self.operations),
                           *(op.source for op in self.operations if isinstance(op, CopyOp))})
 
     def describe(self) -> list[str]:

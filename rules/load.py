@@ -38,6 +38,7 @@ from rules.changes import (
     ReplaceOp,
     SetOp,
     SetValue,
+    target_tag,
 )
 from rules.conditions import (
     DAY_NAMES,
@@ -1000,7 +1001,7 @@ class _FileCompiler:
             elif key == "replace":
                 made = self.replace_ops(value, at)
             for op in made if forward is not None else ():
-                tag = op.target if isinstance(op, CopyOp) else op.tag
+                tag = target_tag(op)
                 if tag in _IDENTITY:
                     # The copy is sent as the instance its file meta and C-STORE-RQ
                     # name; changed or gone, every destination refuses it (A900H,

@@ -448,7 +448,6 @@ class DestinationActor:
                 # retried, not counted. It once went to dead/ as "permanent", never
                 # sent, whenever the move to dead/ did not fail the same way.
                 mine = exc.errno in _CLAIM_NEVER
-
                 self._failed(entry, None, -1, f"cannot claim the queued file: {exc}", None,
                              permanent=mine, counted=mine)
                 return assoc

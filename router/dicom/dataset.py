@@ -1173,7 +1173,7 @@ class DataSetFraming:
             # A sequence, or encapsulated pixel data (PS3.5 A.4). The inside of an
             # undefined-length UN is a sequence's in implicit VR little endian
             # whatever the transfer syntax (PS3.5 6.2.2, CP-246): big endian too.
-            fragments = vr in (b"OB", b"OW") or (vr is None and tag == _PIXEL_DATA)
+            fragments = _encapsulated(tag, vr)
             self._open(_FRAGMENTS if fragments else _ITEMS, implicit or vr == b"UN",
                        _structs(True) if vr == b"UN" else structs, limit, False)
         elif sequence and length:
@@ -1207,27 +1207,32 @@ def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, 
             return pos
         # Where this element goes if it is wanted at top level, else None.
         found = top[2] if top is not None and tag in top[0] else None
+        vr_name = None if found is None or vr is None else vr.decode("ascii")
         if length == _UNDEFINED:
-            bulk = vr in (b"OB", b"OW") or (vr is None and tag == _PIXEL_DATA)
-            if found is not None and not bulk:
+            if found is not None and not _encapsulated(tag, vr):
                 raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length")
             pos = _past_undefined(view, start, implicit=implicit or vr == b"UN", little=little,
                                   depth=depth)
             if found is not None:  # encapsulated pixel data: there, its fragments never read
-                found[tag] = (None if vr is None else vr.decode("ascii"), b"")
+                found[tag] = (vr_name, b"")
             continue
         if found is not None:
             bulk = vr in _BULK_VRS if vr is not None else tag == _PIXEL_DATA
             if bulk and length > MAX_WANTED_BULK:
                 # A rule asks whether it is there: the value is not copied (a native
                 # image of hundreds of MB into the commit thread's memory).
-                found[tag] = (None if vr is None else vr.decode("ascii"), b"")
+                found[tag] = (vr_name, b"")
             else:
                 if start + length > limit:
                     raise HeaderIncomplete
-                found[tag] = (None if vr is None else vr.decode("ascii"),
-                              bytes(view[start : start + length]))
+                found[tag] = (vr_name, bytes(view[start : start + length]))
         pos = start + length
+
+
+def _encapsulated(tag: int, vr: bytes | None) -> bool:
+    """An undefined-length value that holds fragments, not a sequence's items: OB or
+    OW (PS3.5 A.4), or Pixel Data where no VR is written."""
+    return vr in (b"OB", b"OW") or (vr is None and tag == _PIXEL_DATA)
 
 
 def top_level_spans(view: memoryview, *, implicit: bool,
