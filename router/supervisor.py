@@ -54,6 +54,7 @@ from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair
 from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
 from rules import RuleError
+from workers import order
 from workers.queue import queued_counts
 from workers.spool import Spool
 
@@ -149,6 +150,10 @@ class Supervisor:
             return 1
         raise_open_files_limit()
         report = Spool(self.config.spool, fsync=self.config.fsync).recover()
+        stale = order.sweep(self.config.spool)
+        if stale:
+            log.info("spool %s: %d stale order marker(s) removed (their instances had left "
+                     "the queue)", self.config.spool, stale)
         queues = {dest: n for dest, n in queued_counts(self.config.spool).items() if n}
         log.info("spool %s: %d instance(s) queued for delivery%s, %d received and not yet "
                  "routed, %d partial instance(s) discarded (never acknowledged), %d spare "

@@ -84,6 +84,7 @@ from router.dicom import dimse, uids
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
 from workers.logcontext import serving
+from workers.order import marker_path, older_version
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
@@ -123,6 +124,10 @@ _CLAIM_BASE: Final = 1 << 40
 # A back-off that ends this close to now is over (the wall clock of the record and the
 # monotonic one of the schedule drift apart by a few milliseconds).
 _BACK_OFF_SLACK: Final = 0.01
+# A newer version of an instance whose older one another sender is delivering checks
+# again after this long, doubled each time, up to _HELD_MOST (seconds).
+_HELD_FIRST: Final = 0.025
+_HELD_MOST: Final = 5.0
 
 
 def claim_offset(destination: str) -> int:
@@ -172,6 +177,7 @@ class _Entry:
     stalled_at: int = -1
     recorded: bool = False  # it had a failure record on disk when last claimed
     waited: float = 0.0  # the record's not_before this worker has waited for
+    held: int = 0  # times it waited for an older version of its instance (workers/order.py)
 
     @property
     def shown(self) -> str:
@@ -243,6 +249,9 @@ class DestinationActor:
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
         self._pairs: dict[tuple[str, str], None] = {}
+        # Queued names -> entries holding newer versions of the same instance, waiting
+        # for them to leave the queue (workers/order.py).
+        self._behind: dict[str, list[_Entry]] = {}
         self._claim_lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET,
                                        claim_offset(destination.name), 1, 0)
 
@@ -453,6 +462,9 @@ class DestinationActor:
                 return assoc
             if fd < 0:
                 self._known.discard(entry.name)
+                # Another sender has it (or it is gone): what waits for it checks
+                # again shortly, since this worker will not see it end.
+                self._release_behind(entry.name, later=True)
                 return assoc
             if self._not_yet(entry):
                 self._unclaim(path, fd)
@@ -480,6 +492,12 @@ class DestinationActor:
                 self._failed(entry, urgent, claim, f"cannot read the queued file: {exc}",
                              None, permanent=True)
                 return assoc
+            if entry is not None:
+                older = older_version(self.spool.root, self.name, entry.name,
+                                      part10.sop_instance_uid)
+                if older is not None:
+                    self._hold_behind(entry, older)
+                    return assoc  # the finally ends our claim
             pair = (part10.sop_class_uid, part10.transfer_syntax)
             if assoc is None or not assoc.is_associated or pair not in assoc.proposed:
                 if assoc is not None:
@@ -643,9 +661,11 @@ class DestinationActor:
         if ok:
             with contextlib.suppress(FileNotFoundError):
                 # Still holding the claim (see _claim); the file may live on as a spare.
-                self.spool.retire(queue_folder(self.name), entry.name, fd)
+                self.spool.retire(queue_folder(self.name), entry.name, fd, marker=marker_path(
+                    self.spool.root, self.name, entry.name, part10.sop_instance_uid))
             self._unclaim(path, fd)
             self._known.discard(entry.name)
+            self._release_behind(entry.name)
             if entry.recorded:  # only the claim's holder writes records: it is current
                 forget_failures(self.spool.root, self.name, entry.name)
             self._count_delivered(path, part10, status)
@@ -742,6 +762,7 @@ class DestinationActor:
                            reason=why)
             self._unclaim(self.folder / entry.name, fd)
             self._known.discard(entry.name)
+            self._release_behind(entry.name)
             return
         self.stats.retried += 1
         log.warning("forward %s: %s failed (%s); %s in %.1f s", self.name, entry.shown,
@@ -750,6 +771,31 @@ class DestinationActor:
         self._unclaim(self.folder / entry.name, fd)
         self._wait(entry, delay)
         self._emit("instance.retry", destination=self.name, name=entry.name, reason=reason)
+
+    def _hold_behind(self, entry: _Entry, older: str) -> None:
+        """``entry`` holds a newer version of an instance than the queued file
+        ``older`` (workers/order.py): it waits until this worker has seen ``older``
+        leave the queue, and ``older`` is taken up first if this worker did not
+        have it yet (another worker received it)."""
+        entry.held += 1
+        log.info("forward %s: %s waits for %s, an older version of the instance, to be "
+                 "delivered first", self.name, entry.shown, older)
+        self._behind.setdefault(older, []).append(entry)
+        if older not in self._known:
+            self._known.add(older)
+            self._ready.appendleft(_Entry(older))
+            self._wake.set()
+
+    def _release_behind(self, name: str, *, later: bool = False) -> None:
+        """``name`` left this worker's schedule: what waited for it goes again -- at
+        once if it left the queue, or (``later``) after a short wait that grows when
+        another sender has it, since its end will not be seen here."""
+        for entry in self._behind.pop(name, ()):
+            if later:
+                self._wait(entry, min(_HELD_FIRST * 2 ** entry.held, _HELD_MOST))
+            else:
+                self._ready.appendleft(entry)
+                self._wake.set()
 
     def _wait(self, entry: _Entry, delay: float) -> None:
         """Schedule ``entry`` to be taken up again ``delay`` seconds from now."""

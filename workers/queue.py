@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Final, TypeGuard
 
 from router.config import destination_name_problem
+from workers import order
 from workers.spool import DEAD_DIR, QUEUE_DIR, SUFFIX, UNROUTED_DIR
 
 __all__ = [
@@ -269,6 +270,8 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
     if fsync:
         _sync_dir(dead)
     forget_failures(root, destination, name)
+    if sop_instance_uid is not None:
+        order.unmark(root, destination, name, sop_instance_uid)
     return target
 
 
@@ -329,6 +332,10 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
             os.replace(letter.path, queue / letter.name)
         except FileNotFoundError:
             continue  # someone else retried or purged it meanwhile
+        if letter.sop_instance_uid is not None:
+            # In the order of its versions again (workers/order.py): a newer version
+            # still queued waits for it.
+            order.mark(root, letter.destination, letter.name, letter.sop_instance_uid)
         with contextlib.suppress(FileNotFoundError):
             (letter.path.parent / (letter.name.removesuffix(SUFFIX) + _REASON_SUFFIX)).unlink()
         moved += 1

@@ -55,6 +55,9 @@ The full layout::
     <root>/incoming/<stem>.dcm          committed with no router (library use)
     <root>/queue/<destination>/<stem>.dcm   waiting for delivery (workers/forward.py)
     <root>/dead/<destination>/<stem>.dcm    delivery gave up; <stem>.json says why
+    <root>/order/<destination>/<xx>/<hash>.<stem>.dcm
+                                        a queued file's order marker, a hard link
+                                        (workers/order.py)
     <root>/unrouted/<stem>.dcm          no rule routed it ([routing] unmatched = "keep")
 
 Spare files: a delivered instance's file is not always deleted. :meth:`Spool.retire`
@@ -120,7 +123,7 @@ from typing import BinaryIO, Final, TypeVar
 from router.dicom.dataset import part10_meta_bytes
 from router.dicom.dimse import PROCESSING_FAILURE, REFUSED_OUT_OF_RESOURCES, SUCCESS
 from router.dicom.errors import DIMSEError, LocalProtocolError
-from workers import uring
+from workers import order, uring
 
 __all__ = [
     "DEAD_DIR",
@@ -149,6 +152,7 @@ INCOMING_DIR: Final = "incoming"
 QUEUE_DIR: Final = "queue"
 DEAD_DIR: Final = "dead"
 UNROUTED_DIR: Final = "unrouted"
+_QUEUE_PREFIX: Final = QUEUE_DIR + "/"
 TMP_SUFFIX: Final = ".part"
 SPARE_SUFFIX: Final = ".spare"
 SUFFIX: Final = ".dcm"
@@ -262,6 +266,7 @@ class Placed:
     placement: Placement
     paths: tuple[Path, ...] = ()
     held: Path | None = None
+    markers: tuple[Path, ...] = ()  # the files' order markers (workers/order.py)
 
     @property
     def path(self) -> Path | None:
@@ -501,8 +506,9 @@ class Spool:
         writer.dataset_offset = len(meta)
         return writer
 
-    def retire(self, folder: str, name: str, fd: int) -> None:
-        """Remove the delivered file ``folder/name`` (open as ``fd``) from its folder.
+    def retire(self, folder: str, name: str, fd: int, *, marker: Path | None = None) -> None:
+        """Remove the delivered file ``folder/name`` (open as ``fd``) from its folder,
+        then its order ``marker`` if it has one (workers/order.py).
 
         If it has no other link (no other destination still waits for it) and is at
         most :data:`SPARE_MAX_BYTES`, it becomes one of this process's spare files
@@ -514,15 +520,20 @@ class Spool:
         duplicates there), or it is a leftover in ``tmp/`` that recover() deletes.
         """
         st = os.fstat(fd)
-        if st.st_nlink == 1 and st.st_size <= SPARE_MAX_BYTES and len(self._spares) < SPARES:
+        links = st.st_nlink
+        if marker is not None and order.is_link_of(marker, st):
+            links -= 1  # the marker goes below, after the file: see workers/order.py
+        if links == 1 and st.st_size <= SPARE_MAX_BYTES and len(self._spares) < SPARES:
             spare = _mint_stem() + SPARE_SUFFIX
             with self._dir_lock:
                 before = self._syncs_started.get(folder, 0)
             self._in(folder, lambda fd: os.rename(name, spare, src_dir_fd=fd,
                                                   dst_dir_fd=self._tmp_fd))
             self._spares.append((spare, st.st_size, folder, before))
-            return
-        self._in(folder, lambda fd: os.unlink(name, dir_fd=fd))
+        else:
+            self._in(folder, lambda fd: os.unlink(name, dir_fd=fd))
+        if marker is not None:
+            order.remove(marker)
 
     def _in(self, folder: str, call: Callable[[int], _T]) -> _T:
         """``call(descriptor of folder)`` (``tmp`` too); on ENOENT, once more if
@@ -653,6 +664,7 @@ class SpoolWriter:
         self.dataset_offset = 0
         self.bytes_written = 0
         self.path: Path | None = None
+        self.markers: tuple[Path, ...] = ()  # order markers its commit made
         self._fd = fd
         self._tmp_name = tmp_name or stem + TMP_SUFFIX
         # Bytes a reused spare file held before (see Spool.retire): what lies past our
@@ -843,6 +855,12 @@ class SpoolWriter:
                 _discard(self._fd, self._tmp_name, spool._tmp_fd)
             raise
         self._state = _State.DONE
+        # Before the acknowledgement: the versions of one instance are delivered in the
+        # order they were acknowledged (workers/order.py).
+        self.markers = tuple(
+            marker for folder, _ in made if folder.startswith(_QUEUE_PREFIX)
+            for marker in [order.mark(spool.root, folder[len(_QUEUE_PREFIX):], self.name,
+                                      self.sop_instance_uid)] if marker is not None)
         if renamed:
             # Unlocked only after the rename: recover() never sees it unlocked in tmp/.
             with contextlib.suppress(OSError):
@@ -1016,7 +1034,7 @@ class GroupCommitter:
                 future.set_exception(exc)
                 continue
             folders |= touched
-            result = Placed(placement=placement, paths=paths,
+            result = Placed(placement=placement, paths=paths, markers=writer.markers,
                             held=writer.tmp_path if placement.hold else None)
             if not touched:  # dropped, rejected or held: no directory to make durable
                 future.set_result(result)
@@ -1049,7 +1067,7 @@ def _in_context(route: Router, context: contextvars.Context) -> Router:
 def _take_back(placed: Placed) -> None:
     """A folder fsync failed: its renames and links may not be durable, and nothing
     was acknowledged, so remove the files the commit made."""
-    for path in placed.paths:
+    for path in (*placed.paths, *placed.markers):
         with contextlib.suppress(OSError):
             path.unlink()
 
@@ -1135,6 +1153,7 @@ class RingCommitter:
             if ring is None:  # nothing to wait for
                 paths, _ = writer._publish(placement)
                 future.set_result(Placed(placement=placement, paths=paths,
+                                         markers=writer.markers,
                                          held=writer.tmp_path if placement.hold else None))
                 return future
         except OSError as exc:  # the writer has cleaned up
@@ -1195,7 +1214,7 @@ class RingCommitter:
         except Exception as exc:
             job.future.set_exception(exc)
             return
-        job.result = Placed(placement=job.placement, paths=paths, held=None)
+        job.result = Placed(placement=job.placement, paths=paths, markers=writer.markers)
         job.folders = set(touched)
         for folder in touched:
             renamed.setdefault(folder, []).append(job)

@@ -1071,3 +1071,48 @@ def test_a_changed_value_outside_the_character_set_arrives_readable(
         assert dump.returncode == 0 and "W:" not in dump.stderr, dump.stderr
         assert "[Müller^Jürgen]" in dump.stdout and "[Москва]" in dump.stdout, dump.stdout
     assert f"[{name}]" in dcmtk.run("dcmdump", "+U8", str(got[_uid(french)])).stdout
+
+
+def test_versions_of_an_instance_received_while_the_destination_is_down_arrive_in_order(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """A workstation sends an instance, then corrects it twice (same SOP Instance UID),
+    each over its own association, while the PACS is down: the workers hold the
+    versions between them. When the PACS (pynetdicom) comes back, the version it keeps
+    last must be the last one acknowledged."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    port = free_port()
+    router = _forward_all(tmp_path, "pacs", port, "PACS",
+                          more="retry = { initial = 0.5, max = 1, attempts = 20 }\n"
+                               "concurrency = 4\n")
+    uid = pydicom.uid.generate_uid()
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def store(event: Any) -> int:
+        with lock:
+            taken.append(str(event.dataset.SeriesDescription))
+        return 0x0000
+
+    server = None
+    try:
+        router.wait_for("ready: 2 workers serving")
+        for label in ("v1", "v2", "v3"):
+            path = tmp_path / f"{label}.dcm"
+            make_ct(path, size_kb=16, sop_instance_uid=uid, attrs={"SeriesDescription": label})
+            _send(dcmtk, router, "WORKSTATION", [path])
+        router.wait_for("cannot connect to 127.0.0.1")
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        server = ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, store)])
+        router.wait_count(f"forward pacs: {uid} ", 3, timeout=60)  # each delivery
+    finally:
+        assert router.stop() == 0
+        if server is not None:
+            server.shutdown()
+    assert taken == ["v1", "v2", "v3"], router.log()
+    assert not queued(router.spool, "pacs")

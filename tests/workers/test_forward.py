@@ -764,3 +764,132 @@ def test_failure_records_are_removed_whichever_worker_delivers(tmp_path: Path) -
     finally:
         server.shutdown()
     assert not list((spool.root / "queue" / "pacs").iterdir())
+
+
+# --- the versions of one instance (workers/order.py) ----------------------------------
+
+
+def _commit_versions(spool: Spool, tmp: Path, versions: list[str],
+                     uid: str = "1.2.826.0.1.3680043.8.498.4242") -> list[str]:
+    """Commit one CT per label in ``versions``, all with SOP Instance UID ``uid`` and
+    the label as Series Description, into queue/pacs/ as a worker's commit does (order
+    markers included); their queue names, oldest first."""
+    from workers.spool import GroupCommitter, Placement
+
+    names = []
+    with GroupCommitter(spool) as committer:
+        for n, label in enumerate(versions):
+            src = tmp / f"version{n}.dcm"
+            make_ct(src, size_kb=2, sop_instance_uid=uid, attrs={"SeriesDescription": label})
+            header = read_part10_header(src)
+            writer = spool.begin(sop_class_uid=CT, sop_instance_uid=uid,
+                                 transfer_syntax=header.transfer_syntax, calling_ae="MODALITY",
+                                 called_ae="ROUTER", association_id=f"A{n}")
+            writer.write(memoryview(_dataset(src)))
+            placed = committer.submit(writer, Placement(links=("queue/pacs",))).result(10)
+            assert placed.path is not None
+            names.append(placed.path.name)
+    return names
+
+
+def _versions_scp(port: int, refuse_first: str) -> tuple[Any, list[str]]:
+    """An SCP that refuses the first store of version ``refuse_first`` (0110H, to be
+    retried) and takes the rest; and the versions it took, in order."""
+    taken: list[str] = []
+    refused: list[str] = []
+
+    def answer(event: Any) -> int:
+        label = str(event.dataset.SeriesDescription)
+        if label == refuse_first and not refused:
+            refused.append(label)
+            return 0x0110
+        taken.append(label)
+        return 0x0000
+
+    return _scp(port, answer), taken
+
+
+def test_a_newer_version_waits_while_the_older_one_is_retried(tmp_path: Path) -> None:
+    """A workstation sends an instance, then a corrected version with the same SOP
+    Instance UID. The first delivery of the old version fails and waits for its retry:
+    the new one went meanwhile, the old one after it, and the PACS kept the old one."""
+    port = free_port()
+    server, taken = _versions_scp(port, refuse_first="old")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    _commit_versions(spool, tmp_path, ["old", "new"])
+    actor = DestinationActor(_destination(port, retry=RetryPolicy(
+        initial=0.2, max=0.2, attempts=5)), spool, share=2)
+    try:
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 2))
+    finally:
+        server.shutdown()
+    assert taken == ["old", "new"]
+    assert not list((spool.root / "queue" / "pacs").iterdir())
+    assert not [p for p in (spool.root / "order").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("each_knows_its_own", [True, False])
+def test_two_workers_deliver_the_versions_of_an_instance_in_order(
+        tmp_path: Path, each_knows_its_own: bool) -> None:
+    """Two versions received by two workers (each enqueues its own), or both taken up
+    from disk by both (a restart after an outage): the older one's first delivery fails,
+    and still the destination gets the newer version last."""
+    port = free_port()
+    server, taken = _versions_scp(port, refuse_first="v1")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    names = _commit_versions(spool, tmp_path, ["v1", "v2", "v3"])
+    policy = RetryPolicy(initial=0.2, max=0.2, attempts=5)
+    one, two = (DestinationActor(_destination(port, retry=policy), spool, share=1,
+                                 worker_id=w) for w in (1, 2))
+
+    async def run() -> None:
+        changed = asyncio.Event()
+        for actor in (one, two):
+            actor.on_event = lambda kind, fields: changed.set()
+            actor.start()
+        if each_knows_its_own:
+            one.enqueue(names[0])
+            two.enqueue(names[1])
+            two.enqueue(names[2])
+        else:
+            one.scan()
+            two.scan()
+        try:
+            async with asyncio.timeout(30):
+                while one.stats.delivered + two.stats.delivered < 3:
+                    changed.clear()
+                    await changed.wait()
+        finally:
+            await one.stop()
+            await two.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert taken == ["v1", "v2", "v3"]
+    assert not list((spool.root / "queue" / "pacs").iterdir())
+
+
+def test_a_newer_version_goes_once_the_older_one_is_a_dead_letter(tmp_path: Path) -> None:
+    port = free_port()
+    taken: list[str] = []
+
+    def answer(event: Any) -> int:
+        label = str(event.dataset.SeriesDescription)
+        if label == "old":
+            return 0xA900  # does not match the SOP class: for good
+        taken.append(label)
+        return 0x0000
+
+    server = _scp(port, answer)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    old, _ = _commit_versions(spool, tmp_path, ["old", "new"])
+    actor = DestinationActor(_destination(port), spool, share=1)
+    try:
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert taken == ["new"] and actor.stats.dead == 1
+    assert (spool.root / "dead" / "pacs" / old).exists()
+    assert not [p for p in (spool.root / "order").rglob("*") if p.is_file()]

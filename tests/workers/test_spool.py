@@ -32,10 +32,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from router.dicom.dataset import read_part10_header
+from router.dicom.dataset import part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError, LocalProtocolError
 from tests.helpers import make_ct, missing, pydicom_test_files, run_tool, to_bytes
 from tests.helpers.dcmtk import which_binary
+from workers import order
 from workers.spool import GroupCommitter, Placement, Spool, SpoolWriter, status_for_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -656,9 +657,14 @@ def test_placement_links_share_one_inode_and_copies_are_their_own(
     placed = committer.submit(writer, lambda w, path: placement).result(timeout=WAIT)
     a, b, c = (spool.root / "queue" / d / writer.name for d in "abc")
     assert placed.paths == (a, b, c) and placed.placement is placement
-    assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 2
+    # One inode for a and b: their two links, and each queue's order marker.
+    assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 4
     assert a.read_bytes()[writer.dataset_offset:] == data
     assert c.read_bytes() == b"a changed copy" and c.stat().st_ino != a.stat().st_ino
+    for queued in (a, b, c):
+        marker = order.marker_path(spool.root, queued.parent.name, writer.name,
+                                   writer.sop_instance_uid)
+        assert marker.stat().st_ino == queued.stat().st_ino
     assert files(spool.tmp) == []
 
 
@@ -734,11 +740,17 @@ def committed_to(spool: Spool, committer: GroupCommitter, data: bytes, folder: s
 
 
 def retire(spool: Spool, path: Path) -> None:
+    """Retire a delivered queued file as workers/forward.py does: with its order marker."""
+    identity = part10_from_meta(path.read_bytes()[:2048])
+    assert identity is not None
+    marker = order.marker_path(spool.root, path.parent.name, path.name,
+                               identity.sop_instance_uid)
     fd = os.open(path, os.O_RDONLY)
     try:
-        spool.retire(str(path.parent.relative_to(spool.root)), path.name, fd)
+        spool.retire(str(path.parent.relative_to(spool.root)), path.name, fd, marker=marker)
     finally:
         os.close(fd)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("second_size_kb", [64, 8, 200])

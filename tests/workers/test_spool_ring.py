@@ -112,7 +112,8 @@ class Journal:
 
         def link(src: Any, dst: Any, **kwargs: Any) -> None:
             real_link(src, dst, **kwargs)
-            self.events.append(("link", os.stat(dst, dir_fd=kwargs["dst_dir_fd"]).st_ino))
+            # An order marker is linked by path (workers/order.py).
+            self.events.append(("link", os.stat(dst, dir_fd=kwargs.get("dst_dir_fd")).st_ino))
 
         def rename(src: Any, dst: Any, **kwargs: Any) -> None:
             real_rename(src, dst, **kwargs)
@@ -274,7 +275,12 @@ def test_routers_and_copies_go_to_the_thread_drops_and_holds_settle_at_once(
 
     run(body)
     assert "fsync" not in journal.kinds()  # the ring was never asked: all went elsewhere
-    assert sorted(p.parent.name for p in all_files(spool.root)) == ["a", "b", "r"]
+    made = all_files(spool.root)
+    queued = [p for p in made if p.relative_to(spool.root).parts[0] == "queue"]
+    assert sorted(p.parent.name for p in queued) == ["a", "b", "r"]
+    # Each queued file has its order marker (workers/order.py), and nothing else is left.
+    assert sorted(p.relative_to(spool.root).parts[:2] for p in made if p not in queued) == [
+        ("order", "a"), ("order", "b"), ("order", "r")]
 
 
 def test_without_fsync_commits_settle_inside_submit(tmp_path: Path) -> None:
@@ -337,7 +343,7 @@ def test_a_spare_is_reused_after_a_ring_commit_made_its_leaving_durable(
         assert first.path is not None
         fd = os.open(first.path, os.O_RDONLY)
         try:
-            spool.retire("queue/a", first.path.name, fd)
+            spool.retire("queue/a", first.path.name, fd, marker=first.markers[0])
         finally:
             os.close(fd)
         (spare,) = spool.tmp.iterdir()
