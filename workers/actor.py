@@ -77,7 +77,7 @@ from router.net.client import rejected_answer, response_for
 from router.net.connection import ack_now
 from rules import AssociationInfo
 from workers.logcontext import serving
-from workers.moves import note_sub_operation_status
+from workers.moves import Originator, note_sub_operation_status
 from workers.nservices import (
     forget_commitment,
     relay_n_request,
@@ -731,7 +731,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                            dispatcher: Dispatcher) -> None:
         assert routed.transparent is not None and placed.held is not None
         try:
-            status, comment = await dispatcher.send_now(routed.transparent, placed.held)
+            status, comment = await dispatcher.send_now(routed.transparent, placed.held,
+                                                        routed.originator)
         finally:
             writer.release()
         # Relayed as is, a status that is not final would be taken for one: the
@@ -998,6 +999,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                 request, upstreams=upstreams, move_destination=msg.move_destination,
                 spool=self.spool.root,
                 router_ae=config.ae_title, destination_name=requested.name,
+                originator=Originator(self.stats.calling_ae, msg.message_id, msg.priority),
                 respond=lambda status, counts, data, comment: self._move_respond(
                     ctx, msg, status, counts, data, comment))
         else:

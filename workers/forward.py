@@ -84,6 +84,7 @@ from router.dicom import dimse, uids
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
 from workers.logcontext import serving
+from workers.moves import Originator
 from workers.order import marker_path, older_version
 from workers.outbound import (
     OutboundAssociation,
@@ -191,6 +192,7 @@ class _Urgent:
 
     path: Path
     future: asyncio.Future[tuple[int, str | None]]
+    originator: Originator | None = None  # a relayed C-MOVE sub-operation's requestor
 
 
 @dataclass(slots=True, kw_only=True)
@@ -211,7 +213,8 @@ class DestinationActor:
                  worker_id: int = 0, fsync: bool = True,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  hand_off: Callable[[str], None] | None = None,
-                 relay: Callable[[Path], Awaitable[tuple[int, str | None]]] | None = None,
+                 relay: Callable[[Path, Originator | None],
+                                 Awaitable[tuple[int, str | None]]] | None = None,
                  rng: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
@@ -317,19 +320,23 @@ class DestinationActor:
         if self._senders:
             self.start()
 
-    async def send_now(self, path: Path) -> tuple[int, str | None]:
+    async def send_now(self, path: Path,
+                       originator: Originator | None = None) -> tuple[int, str | None]:
         """Send ``path`` at once, ahead of the queue; the destination's status
         (or A700H and why, if it gave none). For transparent forwarding: through a
-        worker that has associations for the destination when this one has none."""
+        worker that has associations for the destination when this one has none.
+        A relayed C-MOVE sub-operation names its requestor, ``originator``, as Move
+        Originator and has its priority (workers/moves.py)."""
         if self.share == 0 and self.relay is not None:
-            return await self.relay(path)
-        return await self.send_here(path)
+            return await self.relay(path, originator)
+        return await self.send_here(path, originator)
 
-    async def send_here(self, path: Path) -> tuple[int, str | None]:
+    async def send_here(self, path: Path,
+                        originator: Originator | None = None) -> tuple[int, str | None]:
         """:meth:`send_now` over this worker's own associations."""
         future: asyncio.Future[tuple[int, str | None]] = \
             asyncio.get_running_loop().create_future()
-        self._urgent.append(_Urgent(path, future))
+        self._urgent.append(_Urgent(path, future, originator))
         self._wake.set()
         if not self._senders:
             self.start()
@@ -534,8 +541,14 @@ class DestinationActor:
                              answer=unsendable)
                 return assoc
             started = self.clock()
+            originator = None if urgent is None else urgent.originator
             try:
-                rsp = await assoc.store(path, part10, ctx, fd=source)
+                rsp = await assoc.store(
+                    path, part10, ctx, fd=source,
+                    move_originator=None if originator is None else (
+                        originator.ae_title, originator.message_id),
+                    priority=dimse.Priority.MEDIUM if originator is None
+                    else originator.priority)
             except DIMSEError as exc:  # it cannot be converted: nothing was sent
                 fd, claim = -1, fd
                 self._failed(entry, urgent, claim, str(exc), None, permanent=True,

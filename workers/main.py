@@ -56,6 +56,7 @@ from workers.actor import (
 )
 from workers.forward import DestinationActor, transparent_failure_status
 from workers.logcontext import LibraryLogFilter
+from workers.moves import Originator
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter
 from workers.spool import TMP_DIR, GroupCommitter, RingCommitter, Spool
@@ -274,7 +275,8 @@ class Worker:
                 return target
         return None
 
-    async def _send_elsewhere(self, destination: str, path: Path) -> tuple[int, str | None]:
+    async def _send_elsewhere(self, destination: str, path: Path,
+                              originator: Originator | None = None) -> tuple[int, str | None]:
         """A transparent send for a destination this worker has no association for:
         another worker that has one sends the held file (it is in the shared spool)
         and answers with the destination's status, so the destination never sees
@@ -288,7 +290,7 @@ class Worker:
         target = self._senders_of(destination)
         forwarder = self.forwarders.get(destination)
         if target is None and forwarder is not None:
-            return await forwarder.send_here(path)
+            return await forwarder.send_here(path, originator)
         if target is None:
             return transparent_failure_status(), f"destination {destination} is gone"
         self.relay_ids += 1
@@ -298,7 +300,8 @@ class Worker:
         message = control.ActorMessage.between(
             control.ActorAddress(worker_id=self.worker_id, actor_id=temp),
             control.ActorAddress(worker_id=target, actor_id="worker"), "send",
-            {"destination": destination, "path": str(path)})
+            {"destination": destination, "path": str(path),
+             "originator": None if originator is None else originator.to_record()})
         try:
             # Delivered here if a reload made this worker a sender meanwhile.
             unreachable = self._send_actor(message)
@@ -321,7 +324,8 @@ class Worker:
             # Only a file held in the spool is ever sent for another worker.
             status, comment = dimse.PROCESSING_FAILURE, f"not a held spool file: {path!r}"
         else:
-            status, comment = await forwarder.send_here(Path(path))
+            status, comment = await forwarder.send_here(
+                Path(path), Originator.from_record(message.body.get("originator")))
         self._send_actor(message.reply("sent", {"status": status, "comment": comment}))
 
     def _sent_elsewhere(self, message: control.ActorMessage) -> None:

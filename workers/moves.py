@@ -13,6 +13,12 @@ ordinary C-STORE, routed by the rules) reads it and relays the instance there,
 answering the upstream with the destination's status, so the upstream's own counts
 and failed-UID list, which the requestor gets relayed, are true end to end.
 
+The record also keeps the requestor's AE title, C-MOVE message ID and priority
+(:class:`Originator`): the relayed sub-operations carry them as Move Originator AE
+Title and Message ID (PS3.7 §9.3.1.1: the AE that invoked the C-MOVE the C-STORE is a
+sub-operation of, which for the destination is the requestor, not this router) and
+as their priority (PS3.4 C.4.2.1.2: the C-MOVE's, the same for all of them).
+
 A C-STORE without a Move Originator Message ID (the field is optional, PS3.7 Table
 9.3-1; dcmjs-dimse sends none) is taken into a move only when the instance lies
 within what the move asked for: the record keeps the move's unique key values
@@ -39,9 +45,9 @@ from pydicom.multival import MultiValue
 from router.dicom import dimse
 from workers.spool import is_live
 
-__all__ = ["MOVES_DIR", "MoveScope", "SubOperations", "end_move", "key_text", "move_of",
-           "move_scope", "note_sub_operation", "note_sub_operation_status", "register_move",
-           "sub_operations_of"]
+__all__ = ["MOVES_DIR", "MoveScope", "Originator", "SubOperations", "end_move", "key_text",
+           "move_of", "move_scope", "note_sub_operation", "note_sub_operation_status",
+           "originator_of", "register_move", "sub_operations_of"]
 
 MOVES_DIR: Final = "moves"
 # <message ID>.relayed: a byte when a sub-operation is relayed, another when its
@@ -59,6 +65,32 @@ _LEVEL_KEYS: Final = {"PATIENT": 0x00100020, "STUDY": 0x0020000D,
 #: What a move asked for: the unique key tag of its level and the values asked
 #: (a C-MOVE may list several UIDs, PS3.4 C.4.2.2.1).
 MoveScope = tuple[int, frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Originator:
+    """Who invoked a C-MOVE and how: what its C-STORE sub-operations carry as Move
+    Originator AE Title and Message ID (PS3.7 §9.3.1.1) and as priority (PS3.4
+    C.4.2.1.2)."""
+
+    ae_title: str
+    message_id: int
+    priority: dimse.Priority = dimse.Priority.MEDIUM
+
+    def to_record(self) -> list[object]:
+        """As a move record or a message between workers holds it (JSON, msgpack)."""
+        return [self.ae_title, self.message_id, int(self.priority)]
+
+    @classmethod
+    def from_record(cls, value: object) -> Originator | None:
+        """The inverse of :meth:`to_record`; None for anything it did not make."""
+        if not (isinstance(value, list) and len(value) == 3):
+            return None
+        ae, mid, priority = value
+        if not (isinstance(ae, str) and type(mid) is int and 0 <= mid <= 0xFFFF
+                and type(priority) is int and priority in tuple(dimse.Priority)):
+            return None
+        return cls(ae, mid, dimse.Priority(priority))
 
 
 def move_scope(identifier: Dataset) -> MoveScope | None:
@@ -84,11 +116,11 @@ def key_text(value: object) -> str:
 
 
 def register_move(spool: Path, destination: str, upstream: str,
-                  scope: MoveScope | None = None) -> int:
+                  scope: MoveScope | None = None, originator: Originator | None = None) -> int:
     """A message ID (1-65535) no other running move of this spool uses, recorded with
     the destination, the upstream (its ``[[destination]]`` name: only it may deliver
-    the sub-operations), the move's ``scope`` (see the module docstring) and this
-    process, whose death ends the move."""
+    the sub-operations), the move's ``scope`` (see the module docstring), the
+    requestor's ``originator`` and this process, whose death ends the move."""
     folder = spool / MOVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     start = random.randrange(1, 65536)
@@ -105,7 +137,8 @@ def register_move(spool: Path, destination: str, upstream: str,
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({
                 "destination": destination, "upstream": upstream, "pid": os.getpid(),
-                "scope": None if scope is None else [scope[0], sorted(scope[1])]}))
+                "scope": None if scope is None else [scope[0], sorted(scope[1])],
+                "originator": None if originator is None else originator.to_record()}))
         return mid
     raise OSError("no free C-MOVE message ID: 65535 moves in progress")
 
@@ -147,6 +180,13 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
         return None, len(running), None
     mid, record = running[0]
     return record["destination"], 1, mid
+
+
+def originator_of(spool: Path, message_id: int) -> Originator | None:
+    """The requestor of the running move ``message_id`` (see :func:`register_move`);
+    None if it ended or recorded none."""
+    record = _live_record(spool / MOVES_DIR / f"{int(message_id)}.json")
+    return None if record is None else Originator.from_record(record.get("originator"))
 
 
 def _in_scope(scope: object, instance_value: Callable[[int], str | None] | None) -> bool:

@@ -236,6 +236,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
 
     async def store(self, path: Path, part10: Part10, ctx: NegotiatedContext, *,
                     move_originator: tuple[str, int] | None = None,
+                    priority: dimse.Priority = dimse.Priority.MEDIUM,
                     fd: int | None = None) -> dimse.CStoreRSP:
         """C-STORE the data set of ``path``; the response. As it is on disk (D5) when
         ``ctx`` has its transfer syntax, else decoded and encoded in ``ctx``'s (see
@@ -269,6 +270,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             message_id=mid,
             affected_sop_class_uid=part10.sop_class_uid,
             affected_sop_instance_uid=part10.sop_instance_uid,
+            priority=priority,
             move_originator_application_entity_title=originator_ae,
             move_originator_message_id=originator_id)
         self._require_associated()

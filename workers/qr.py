@@ -62,6 +62,7 @@ from router.dicom.negotiation import NegotiatedContext, context_for_instance
 from rules import Changes
 from workers.moves import (
     MoveScope,
+    Originator,
     SubOperations,
     end_move,
     move_scope,
@@ -544,9 +545,12 @@ class MoveProxy(_RetrieveProxy):
 
     def __init__(self, request: Request, *, upstreams: Sequence[Destination],
                  respond: MoveRespond, move_destination: str, spool: Path | None = None,
-                 router_ae: str = "", destination_name: str = "") -> None:
+                 router_ae: str = "", destination_name: str = "",
+                 originator: Originator | None = None) -> None:
         super().__init__(request, upstreams=upstreams, respond=respond)
         self.move_destination = move_destination
+        # The requestor: what the relayed sub-operations carry (workers/moves.py).
+        self.originator = originator
         self.spool = spool
         self.router_ae = router_ae
         self.destination_name = destination_name
@@ -562,7 +566,7 @@ class MoveProxy(_RetrieveProxy):
             # sub-operation to the destination (workers/moves.py); the message ID
             # tells any worker whose they are.
             message_id = register_move(self.spool, self.destination_name, self.upstream.name,
-                                       self._scope())
+                                       self._scope(), self.originator)
             target = self.router_ae
         self._message_id, self._moved_here = message_id, SubOperations()
         try:

@@ -64,7 +64,7 @@ from router.logline import first_line
 from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
-from workers.moves import key_text, move_of, note_sub_operation
+from workers.moves import Originator, key_text, move_of, note_sub_operation, originator_of
 from workers.queue import queue_folder
 from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
@@ -98,6 +98,7 @@ class Routed:
     comment: str | None = None  # Error Comment (0000,0902) for a refusal
     transparent: str | None = None  # destination of a transparent forward
     move: int | None = None  # the proxied C-MOVE (message ID) this is a sub-operation of
+    originator: Originator | None = None  # its requestor, whom the relayed copy names
 
     def describe(self) -> str:
         return self.decision.describe()
@@ -155,15 +156,18 @@ class InstanceRouter:
                             "of the moves it serves: whose it is is unknown, routed by "
                             "the rules", association.calling_ae, running)
             if destination is not None:
+                originator = None
                 if move is not None:
                     note_sub_operation(self.config.spool, move)
+                    originator = originator_of(self.config.spool, move)
                 forward = Forward(destination=destination, changes=Changes(), transparent=True,
                                   rules=(f"C-MOVE {move_message_id or '(no message ID)'}",))
                 decision = Decision(outcome="forward", forwards=(forward,),
                                     rules=forward.rules)
                 return Placement(hold=True, note=Routed(decision=decision,
                                                         status=dimse.SUCCESS,
-                                                        transparent=destination, move=move))
+                                                        transparent=destination, move=move,
+                                                        originator=originator))
         header = self._header(path, writer.transfer_syntax, writer.dataset_offset)
         decision = self.rules.evaluate(association, header, self.clock())
         if decision.outcome == "reject":
@@ -453,9 +457,11 @@ class Dispatcher:
             if actor is not None:
                 actor.enqueue(path.name)
 
-    async def send_now(self, destination: str, path: Path) -> tuple[int, str | None]:
-        """Transparent forwarding: the destination's status for ``path``."""
+    async def send_now(self, destination: str, path: Path,
+                       originator: Originator | None = None) -> tuple[int, str | None]:
+        """Transparent forwarding: the destination's status for ``path`` (a relayed
+        C-MOVE sub-operation: sent as one of ``originator``'s move)."""
         actor = self.destinations.get(destination)
         if actor is None:  # removed by a reload since the rule matched
             return dimse.REFUSED_OUT_OF_RESOURCES, f"destination {destination} is gone"
-        return await actor.send_now(path)
+        return await actor.send_now(path, originator)

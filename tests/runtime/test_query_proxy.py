@@ -903,16 +903,40 @@ def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
         server.shutdown()
 
 
+def _proxied_move_setup(tmp_path: Path, procs: Procs, on_store: Callable[[Any], int], *,
+                        seed: int, viewer: str = "") -> tuple[list[Path], Any, Router]:
+    """Orthanc holding a study of 6 CTs, as the proxy-mode upstream "pacs" of a router
+    whose "viewer" (more keys: ``viewer``) is a pynetdicom SCP answering ``on_store``:
+    the study, the viewer's server and the router (starting)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    router_port = free_port()
+    scp = AE(ae_title="VIEWER_SCP")
+    scp.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    viewer_port = free_port()
+    viewer_server = scp.start_server(("127.0.0.1", viewer_port), block=False,
+                                     evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    pacs = start_orthanc(procs, tmp_path / "pacs",
+                         modalities={"router": ("ROUTER", "127.0.0.1", router_port)})
+    study = make_study(tmp_path / "study", n_series=2, n_instances=3, size_kb=8, seed=seed)
+    for path in study:
+        pacs.upload(path)
+    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
+    router = Router(tmp_path, port=router_port, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+        f'ae_title = "{pacs.aet}"\nmove_mode = "proxy"\n'
+        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {viewer_port}\n'
+        'ae_title = "VIEWER_SCP"\n' + viewer))
+    return study, viewer_server, router
+
+
 def test_proxied_move_the_upstream_does_not_know_the_destination(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """move_mode = "proxy": Orthanc knows only the router; the router receives the
     sub-operations (in either worker) and relays each to the requestor's destination,
     so the counts Orthanc reports -- and the router relays -- are end to end."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-
-
-    router_port = free_port()
     received: list[str] = []
     refuse = {"uid": ""}
 
@@ -923,24 +947,8 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
         received.append(uid)
         return 0x0000
 
-    viewer = AE(ae_title="VIEWER_SCP")
-    viewer.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    viewer_port = free_port()
-    viewer_server = viewer.start_server(("127.0.0.1", viewer_port), block=False,
-                                        evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    pacs = start_orthanc(procs, tmp_path / "pacs",
-                         modalities={"router": ("ROUTER", "127.0.0.1", router_port)})
-    study = make_study(tmp_path / "study", n_series=2, n_instances=3, size_kb=8, seed=11)
-    for path in study:
-        pacs.upload(path)
+    study, viewer_server, router = _proxied_move_setup(tmp_path, procs, on_store, seed=11)
     uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
-    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
-    router = Router(tmp_path, port=router_port, extra=(
-        '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
-        f'ae_title = "{pacs.aet}"\nmove_mode = "proxy"\n'
-        f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {viewer_port}\n'
-        'ae_title = "VIEWER_SCP"\n'))
     try:
         router.wait_for("ready: 2 workers serving")
         responses = []
@@ -965,6 +973,49 @@ def test_proxied_move_the_upstream_does_not_know_the_destination(
     assert second[-1].status != 0x0000 and second[-1].status != 0xFF00, hex(second[-1].status)
     assert _uid(study[4]) not in received[6:]
     assert not list((router.spool / "moves").glob("*.json"))  # the moves are over: forgotten
+
+
+def test_relayed_sub_operations_name_the_requestor_and_carry_its_priority(
+        tmp_path: Path, procs: Procs) -> None:
+    """Proxy mode: a C-STORE the router relays for a requestor's C-MOVE is a
+    sub-operation of the requestor's move, so it names the requestor as Move
+    Originator, with its C-MOVE's message ID (PS3.7 §9.3.1.1), and has the C-MOVE's
+    priority (PS3.4 C.4.2.1.2). They went out with none and MEDIUM: a viewer that
+    ties what arrives to the move it asked for could not. The viewer has one
+    association in all, so the worker without it relays through the other one."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    seen: list[tuple[str, int, int]] = []
+
+    def on_store(event: Any) -> int:
+        rq = event.request
+        seen.append((str(rq.MoveOriginatorApplicationEntityTitle or "").strip(),
+                     rq.MoveOriginatorMessageID, rq.Priority))
+        return 0x0000
+
+    study, viewer_server, router = _proxied_move_setup(tmp_path, procs, on_store, seed=12,
+                                                       viewer="concurrency = 1\n")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        requestor = AE(ae_title="WORKSTATION7")
+        requestor.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+        assoc = requestor.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        try:
+            statuses = [int(status.Status) for status, _ in assoc.send_c_move(
+                query, "VIEWER_SCP", StudyRootQueryRetrieveInformationModelMove,
+                msg_id=4242, priority=1)]
+        finally:
+            assoc.release()
+    finally:
+        router.stop()
+        viewer_server.shutdown()
+    assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    assert seen == [("WORKSTATION7", 4242, 1)] * 6
 
 
 @pytest.mark.parametrize("originator", ["upstreams-own-ae", "none"])

@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from workers.moves import MOVES_DIR, end_move, move_of, move_scope, register_move
+from router.dicom import dimse
+from workers.moves import (
+    MOVES_DIR,
+    Originator,
+    end_move,
+    move_of,
+    move_scope,
+    originator_of,
+    register_move,
+)
 
 STUDY = 0x0020000D
 SERIES = 0x0020000E
@@ -119,3 +128,18 @@ def test_the_move_of_a_dead_worker_takes_nothing_more_and_is_removed(tmp_path: P
     path.write_text(json.dumps({**record, "pid": int(dead.stdout)}))
     assert move_destination_of(tmp_path, mid, {"pacs"}) is None
     assert not path.exists()
+
+
+def test_a_move_keeps_its_requestor_for_the_relayed_sub_operations(tmp_path: Path) -> None:
+    requestor = Originator("WORKSTATION7", 4242, dimse.Priority.HIGH)
+    mid = register_move(tmp_path, "viewer", "pacs", None, requestor)
+    assert originator_of(tmp_path, mid) == requestor
+    assert originator_of(tmp_path, register_move(tmp_path, "viewer", "pacs")) is None
+    end_move(tmp_path, mid)
+    assert originator_of(tmp_path, mid) is None
+
+
+@pytest.mark.parametrize("value", [None, "AE", [], ["AE", 1], ["AE", 70000, 0], ["AE", 1, 3],
+                                   [1, 1, 0], ["AE", True, 0], ["AE", "1", 0]])
+def test_an_originator_the_router_did_not_write_is_none(value: Any) -> None:
+    assert Originator.from_record(value) is None
