@@ -262,10 +262,12 @@ def exponential_risk(pattern: str) -> str | None:
     event loop: one hostile value would stall every association on it until the
     supervisor killed the worker, and the sender, answered nothing, would send it
     again. Inside a repeat, anything that gives the engine two ways to match the same
-    text is refused: another repeat (``(a+)+``, ``(\\w+\\s?)*``, ``(\\d{2}){3}``), an
+    text is refused: another repeat (``(a+)+``, ``(\\w+\\s?)*``, ``(\\d{2,3})*``), an
     optional part (``(a?){25}``), alternatives that may match nothing or start alike
     (``(a|a)*``, ``(a|ab)*``). Alternatives that each start with their
-    own literal character (``(CT|MR)+``) are allowed, and so are possessive repeats and
+    own literal character (``(CT|MR)+``) are allowed, and so are a repeat of one
+    character set followed by a character outside it (``^(\\d+\\.)*\\d+$``, a UID), a
+    fixed count (``(\\d{2}){3}``), possessive repeats and
     atomic groups (``a++``, ``(?>a|a)*``), which nothing backtracks into; what is
     inside them is checked on its own (``(?>(a|a)*$)`` is refused)."""
     try:
@@ -278,14 +280,19 @@ def exponential_risk(pattern: str) -> str | None:
 
 def _ambiguous_repeat(items: list[Any], *, inside_repeat: bool,
                       ignore_case: bool) -> str | None:
-    for op, arg in items:
+    for index, (op, arg) in enumerate(items):
         name, inside, children = str(op), inside_repeat, []
         if name in ("MAX_REPEAT", "MIN_REPEAT"):
             low, high, sub = arg
             repeats = high == re_parser.MAXREPEAT or high > 1
-            if inside_repeat and repeats:
+            # Two ways to split the text are impossible when the count is fixed
+            # (``(\d{2}){3}``: what is inside is checked below), or when it repeats one
+            # character of a set and the next character must be one outside it
+            # (``(\d+\.)*``, ``(\w+\s)*``: a UID's parts, words).
+            plain = low == high or _delimited(list(sub), items[index + 1:], ignore_case)
+            if inside_repeat and repeats and not plain:
                 return "it repeats a repeat, which can take exponential time on some values"
-            if inside_repeat and low == 0:
+            if inside_repeat and low == 0 and not plain:
                 return ("it has an optional part inside a repeat, which can take "
                         "exponential time on some values")
             children, inside = [sub], inside_repeat or repeats
@@ -311,6 +318,82 @@ def _ambiguous_repeat(items: list[Any], *, inside_repeat: bool,
             if found:
                 return found
     return None
+
+
+def _delimited(repeated: list[Any], after: list[Any], ignore_case: bool) -> bool:
+    """``repeated`` is one character of a set, and the first of ``after`` is a
+    character that must be there and cannot be one of that set: where the repeat
+    ends is never in doubt."""
+    if len(repeated) != 1 or not after or str(after[0][0]) not in ("LITERAL", "IN"):
+        return False
+    delimiter = _characters(after[0])
+    item = repeated[0]
+    return delimiter is not None and str(item[0]) in ("LITERAL", "NOT_LITERAL", "IN") and \
+        not any(_may_match(item, char, ignore_case) for char in delimiter)
+
+
+def _characters(item: tuple[Any, Any]) -> list[str] | None:
+    """The characters a LITERAL or IN item matches, if they are few enough to list;
+    None otherwise (a negated set, a wide range, a category other than spaces)."""
+    op, arg = str(item[0]), item[1]
+    if op == "LITERAL":
+        return [chr(arg)]
+    chars: list[str] = []
+    for kind, value in arg:
+        kind = str(kind)
+        if kind == "LITERAL":
+            chars.append(chr(value))
+        elif kind == "RANGE" and value[1] - value[0] < 1024:
+            chars.extend(map(chr, range(value[0], value[1] + 1)))
+        elif kind == "CATEGORY" and str(value) == "CATEGORY_SPACE":
+            chars.extend(_whitespace())
+        else:
+            return None
+    return chars
+
+
+@functools.cache
+def _whitespace() -> tuple[str, ...]:
+    """What ``\\s`` matches in a str pattern: str.isspace(), all below U+3001."""
+    return tuple(c for c in map(chr, range(0x3001)) if c.isspace())
+
+
+# What re's categories match in a str pattern (Unicode), for _may_match.
+_CATEGORIES: Final[dict[str, Callable[[str], bool]]] = {
+    "CATEGORY_DIGIT": str.isdecimal,
+    "CATEGORY_WORD": lambda c: c.isalnum() or c == "_",
+    "CATEGORY_SPACE": str.isspace,
+}
+
+
+def _may_match(item: tuple[Any, Any], char: str, ignore_case: bool) -> bool:
+    """Whether the one-character item (LITERAL, NOT_LITERAL or IN) may match ``char``;
+    True when in doubt."""
+    forms = {char, char.lower(), char.upper()} if ignore_case else {char}
+    op, arg = str(item[0]), item[1]
+    if op == "LITERAL":
+        return chr(arg) in forms
+    if op == "NOT_LITERAL":
+        return any(form != chr(arg) for form in forms)
+    negated = bool(arg) and str(arg[0][0]) == "NEGATE"
+    matched = False
+    for kind, value in arg[1:] if negated else arg:
+        kind = str(kind)
+        if kind == "LITERAL":
+            matched = chr(value) in forms
+        elif kind == "RANGE":
+            matched = any(value[0] <= ord(form) <= value[1] for form in forms)
+        elif kind == "CATEGORY":
+            name = str(value)
+            test = _CATEGORIES.get(name.replace("CATEGORY_NOT_", "CATEGORY_"))
+            if test is None:
+                return True
+            matched = any(test(form) != name.startswith("CATEGORY_NOT_") for form in forms)
+        else:
+            return True
+        if matched:
+            break
+    return matched != negated
 
 
 def _distinct_starts(alternatives: list[Any], ignore_case: bool) -> bool:

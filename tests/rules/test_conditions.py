@@ -377,6 +377,16 @@ def test_a_hostile_value_against_many_stars_takes_no_time() -> None:
     # What is inside an atomic group, a possessive repeat or a conditional still
     # backtracks while it matches (a review of this check).
     ("(?>(a|a)*$)", True), ("(?:(a|a)*$)++", True), ("(a)?(?(1)(a|a)*$|b)", True),
+    # A repeat inside a repeat is safe when the next character must be one it cannot
+    # take, or when its count is fixed: UIDs, words, dates were refused.
+    (r"^(\d+\.)*\d+$", False), (r"^1\.2\.840\.(\d+\.)+\d+$", False), (r"(\w+\s)*$", False),
+    (r"([^.]+\.)+$", False), (r"([A-Z0-9]+-)+$", False), (r"(\d*\.)*$", False),
+    (r"(\d{2}){3}", False), (r"(a?b)*$", False), (r"([^\s]+\s)*$", False),
+    # ... and not when it could take the next character, or nothing comes next.
+    (r"(\d+\d)*$", True), (r"(\w+\.?)*$", True), (r"(\w+[.\d])*$", True),
+    (r"(?i)(a+A)*$", True), (r"(\d+\.\d+)*$", True), (r"(.+\.)*$", True),
+    (r"([^a]+b)*$", True), (r"(\D+1)*$", False), (r"(\S+\s)*$", False), (r"(\s+\S)*$", True),
+    (r"((a+){2})*$", True), (r"(\d{2,3}){3}", True),
 ])
 def test_regexes_that_can_take_exponential_time_are_told(pattern: str, risky: bool) -> None:
     assert (exponential_risk(pattern) is not None) is risky
