@@ -353,6 +353,8 @@ def negotiate_explained(rq: AAssociateRQ,
         application_context_name=rq.application_context_name,
         presentation_contexts=tuple(results),
         user_information=UserInformation(items=tuple(items)),
+        # PS3.8 Table 9-17: bytes 11-74 go back as the RQ had them (not tested there).
+        echoed=rq.fixed_fields,
     ), ""
 
 

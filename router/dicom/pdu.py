@@ -664,6 +664,10 @@ class AAssociateRQ:
     user_information: UserInformation
     # Items of unknown type met in the variable field (kept, ignored).
     unknown_items: tuple[UnknownItem, ...] = field(default=())
+    # Bytes 11-74 as received (the AE title fields, padding included, and 32 reserved
+    # bytes), which the A-ASSOCIATE-AC sends back unchanged (Table 9-17); None when
+    # not decoded from the wire.
+    fixed_fields: bytes | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check_ae_title(self.called_ae_title, "A-ASSOCIATE-RQ.called_ae_title")
@@ -677,6 +681,9 @@ class AAssociateAC:
 
     Table 9-17 says those fields are not tested on receipt, so they are only
     required to be printable (0-16 characters, no leading/trailing spaces).
+    ``echoed``, if given, is what bytes 11-74 are sent as instead: the RQ's
+    (:attr:`AAssociateRQ.fixed_fields`), which Table 9-17 has the AC send with
+    values identical to those received.
     """
 
     protocol_version: int = 1
@@ -686,6 +693,7 @@ class AAssociateAC:
     presentation_contexts: tuple[PresentationContextAC, ...]
     user_information: UserInformation
     unknown_items: tuple[UnknownItem, ...] = field(default=())
+    echoed: bytes | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for attr in ("called_ae_title", "calling_ae_title"):
@@ -699,6 +707,9 @@ class AAssociateAC:
                     f"A-ASSOCIATE-AC.{attr} must be 0-16 printable ISO 646 characters "
                     f"without leading/trailing spaces, got {value!r}"
                 )
+        if self.echoed is not None and len(self.echoed) != _ECHOED_BYTES:
+            _fail_value(f"A-ASSOCIATE-AC.echoed must be {_ECHOED_BYTES} bytes, "
+                        f"got {len(self.echoed)}")
         _check_associate(self, "A-ASSOCIATE-AC", PresentationContextAC, _AC_ITEM_TYPES)
 
 
@@ -826,6 +837,8 @@ _U32 = struct.Struct(">I")
 _TWO_U16 = struct.Struct(">HH")
 _FOUR_U8 = struct.Struct(">BBBB")
 _ASSOCIATE_FIXED = struct.Struct(">HH16s16s32x")  # version, reserved, called, calling
+# Bytes 11-74 of an A-ASSOCIATE-RQ/AC: called and calling AE title fields, 32 reserved.
+_ECHOED_BYTES = 64
 
 _ASSOCIATE_FIXED_LENGTH = 68  # PDU-length of an A-ASSOCIATE with an empty variable field
 _ASSOCIATE_VARIABLE_OFFSET = 6 + _ASSOCIATE_FIXED_LENGTH
@@ -941,12 +954,15 @@ def _encode_associate(pdu: AAssociateRQ | AAssociateAC) -> bytes:
     else:
         pdu_type = 0x02
         contexts = [_encode_context_ac(ctx) for ctx in pdu.presentation_contexts]
-    fixed = _ASSOCIATE_FIXED.pack(
-        pdu.protocol_version,
-        0,
-        _ascii(pdu.called_ae_title).ljust(16, b" "),
-        _ascii(pdu.calling_ae_title).ljust(16, b" "),
-    )
+    if isinstance(pdu, AAssociateAC) and pdu.echoed is not None:
+        fixed = _U16.pack(pdu.protocol_version) + b"\0\0" + pdu.echoed
+    else:
+        fixed = _ASSOCIATE_FIXED.pack(
+            pdu.protocol_version,
+            0,
+            _ascii(pdu.called_ae_title).ljust(16, b" "),
+            _ascii(pdu.calling_ae_title).ljust(16, b" "),
+        )
     body = b"".join(
         (
             fixed,
@@ -1525,6 +1541,7 @@ def _decode_associate(mv: memoryview, pdu_type: int, name: str) -> AAssociateRQ 
                 presentation_contexts=tuple(rq_contexts),
                 user_information=user_information,
                 unknown_items=tuple(unknown),
+                fixed_fields=bytes(mv[10:10 + _ECHOED_BYTES]),
             )
         return AAssociateAC(
             protocol_version=protocol_version,

@@ -350,6 +350,25 @@ REJECTIONS = [
 ]
 
 
+@pytest.mark.parametrize("called", [AE.ljust(16).encode(), b"  " + AE.ljust(14).encode()])
+def test_the_ac_sends_back_the_rq_fixed_fields_as_received(rig: Rig, called: bytes) -> None:
+    """PS3.8 Table 9-17: bytes 11-74 of the A-ASSOCIATE-AC (the AE title fields and 32
+    reserved bytes) are sent with the values received in the A-ASSOCIATE-RQ. They
+    were made again from the titles, padding and reserved bytes lost."""
+    raw = bytearray(encode_pdu(request()))
+    raw[10:26] = called  # leading spaces: not significant (PS3.5 AE), kept as received
+    raw[42:74] = bytes(range(1, 33))  # "shall be sent with 00H", "not tested" on receipt
+    with raw_connect(rig.port) as sock:
+        sock.sendall(bytes(raw))
+        ac = read_pdu(sock)
+        assert ac[0] == 0x02, ac[:10]
+        assert ac[10:74] == raw[10:74]
+        assert ac[6:10] == b"\x00\x01\x00\x00"  # protocol version; reserved, sent as 0
+        sock.sendall(RELEASE_RQ)
+        assert read_pdu(sock)[0] == 0x06
+    rig.rec.next_closed()
+
+
 @pytest.mark.parametrize(("rq", "expected"), REJECTIONS)
 def test_rejection_bytes_then_close_after_artim(
     rig: Rig, rq: AAssociateRQ, expected: tuple[int, int, int]
