@@ -85,7 +85,7 @@ from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
 from router.dicom.errors import DIMSEError
 from workers.logcontext import serving
 from workers.moves import Originator
-from workers.order import marker_path, older_version
+from workers.order import sweep_destination, versions
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
@@ -129,6 +129,8 @@ _BACK_OFF_SLACK: Final = 0.01
 # again after this long, doubled each time, up to _HELD_MOST (seconds).
 _HELD_FIRST: Final = 0.025
 _HELD_MOST: Final = 5.0
+# Seconds between two sweeps of a destination's stale order markers (workers/order.py).
+_SWEEP_EVERY: Final = 600.0
 
 
 def claim_offset(destination: str) -> int:
@@ -179,6 +181,7 @@ class _Entry:
     recorded: bool = False  # it had a failure record on disk when last claimed
     waited: float = 0.0  # the record's not_before this worker has waited for
     held: int = 0  # times it waited for an older version of its instance (workers/order.py)
+    marker: Path | None = None  # its order marker, found when it was claimed
 
     @property
     def shown(self) -> str:
@@ -255,6 +258,7 @@ class DestinationActor:
         # Queued names -> entries holding newer versions of the same instance, waiting
         # for them to leave the queue (workers/order.py).
         self._behind: dict[str, list[_Entry]] = {}
+        self._sweep_after = 0.0  # when the queue may next be swept of stale markers
         self._claim_lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET,
                                        claim_offset(destination.name), 1, 0)
 
@@ -499,12 +503,19 @@ class DestinationActor:
                 self._failed(entry, urgent, claim, f"cannot read the queued file: {exc}",
                              None, permanent=True)
                 return assoc
+            # Never ahead of an older version of the instance (workers/order.py).
+            found = versions(self.spool.root, self.name, path.name, part10.sop_instance_uid)
             if entry is not None:
-                older = older_version(self.spool.root, self.name, entry.name,
-                                      part10.sop_instance_uid)
-                if older is not None:
-                    self._hold_behind(entry, older)
+                entry.marker = found.own
+                if found.older is not None:
+                    self._hold_behind(entry, found.older)
                     return assoc  # the finally ends our claim
+            elif found.older is not None:
+                # A transparent send or a relayed sub-operation: its sender is told to
+                # try again (A700H) once the queued version has gone.
+                self._failed(None, urgent, -1, f"an older version is queued for {self.name}",
+                             None, permanent=False)
+                return assoc
             pair = (part10.sop_class_uid, part10.transfer_syntax)
             if assoc is None or not assoc.is_associated or pair not in assoc.proposed:
                 if assoc is not None:
@@ -674,8 +685,8 @@ class DestinationActor:
         if ok:
             with contextlib.suppress(FileNotFoundError):
                 # Still holding the claim (see _claim); the file may live on as a spare.
-                self.spool.retire(queue_folder(self.name), entry.name, fd, marker=marker_path(
-                    self.spool.root, self.name, entry.name, part10.sop_instance_uid))
+                self.spool.retire(queue_folder(self.name), entry.name, fd,
+                                  marker=entry.marker)
             self._unclaim(path, fd)
             self._known.discard(entry.name)
             self._release_behind(entry.name)
@@ -746,8 +757,15 @@ class DestinationActor:
         attempts = retry.attempts
         failing_for = record.failing
         expired = failing_for >= retry.give_up_after
-        if permanent or entry.failures >= attempts or expired:
+        # A newer version of the instance waits behind this one (workers/order.py): it
+        # is what the destination must end with, so this one, which failed, gives way
+        # (kept in dead/) rather than hold the correction back for all its retries.
+        newer = None if permanent or entry.uid is None or entry.marker is None else \
+            versions(self.spool.root, self.name, entry.name, entry.uid).newer
+        if permanent or newer is not None or entry.failures >= attempts or expired:
             why = (reason if permanent
+                   else f"{reason}; superseded by {newer}, a newer version of the "
+                        f"instance, queued behind it" if newer is not None
                    else f"{reason}; gave up after {entry.failures} attempts"
                    if entry.failures >= attempts
                    else f"{reason}; gave up: failing for {_duration(failing_for)} "
@@ -791,8 +809,9 @@ class DestinationActor:
         leave the queue, and ``older`` is taken up first if this worker did not
         have it yet (another worker received it)."""
         entry.held += 1
-        log.info("forward %s: %s waits for %s, an older version of the instance, to be "
-                 "delivered first", self.name, entry.shown, older)
+        log.log(logging.INFO if entry.held == 1 else logging.DEBUG,
+                "forward %s: %s waits for %s, an older version of the instance, to be "
+                "delivered first", self.name, entry.shown, older)
         self._behind.setdefault(older, []).append(entry)
         if older not in self._known:
             self._known.add(older)
@@ -805,10 +824,17 @@ class DestinationActor:
         another sender has it, since its end will not be seen here."""
         for entry in self._behind.pop(name, ()):
             if later:
-                self._wait(entry, min(_HELD_FIRST * 2 ** entry.held, _HELD_MOST))
+                self._wait(entry, min(_HELD_FIRST * 2 ** min(entry.held, 16), _HELD_MOST))
             else:
                 self._ready.appendleft(entry)
                 self._wake.set()
+        if not self._known and self.clock() >= self._sweep_after:
+            # Markers of files that left the queue otherwise (removed by hand, a
+            # crash) keep their data on disk: gone once the queue has run dry.
+            self._sweep_after = self.clock() + _SWEEP_EVERY
+            if swept := sweep_destination(self.spool.root, self.name):
+                log.info("destination %s: %d stale order marker(s) removed", self.name,
+                         swept)
 
     def _wait(self, entry: _Entry, delay: float) -> None:
         """Schedule ``entry`` to be taken up again ``delay`` seconds from now."""

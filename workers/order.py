@@ -14,21 +14,30 @@ version arriving last is the usual outcome, not a rare one.
 So each queued file gets an *order marker*, a hard link (a directory entry, no new
 inode) made at the commit, before the instance is acknowledged::
 
-    <root>/order/<destination>/<bucket>/<hash>.<stem>.dcm
+    <root>/order/<destination>/<bucket>/<hash>.<key>.<stem>.dcm
 
 ``<hash>`` is 16 hex digits of a BLAKE2b hash of the SOP Instance UID, ``<bucket>``
-its first two, so a bucket lists about 1/256 of the queue. A sender that has claimed
-a queued file lists the bucket before sending it (:func:`older_version`): a marker of
-the same hash with a smaller stem (stems sort by arrival, see workers/spool.py) whose
-queued file still exists means an older version is still to be delivered, and the
-newer one waits for it. A marker whose queued file is gone (a crash between the two
-removals, a file removed by hand) is stale, and is removed when seen.
+its first two, so a bucket lists about 1/256 of the queue. ``<key>`` is the time of
+the commit in nanoseconds (20 digits): the order of the acknowledgements, which is
+not that of the stems (a stem is minted when the C-STORE begins, and a big instance
+begun first may be acknowledged last). A sender that has claimed a queued file lists
+the bucket before sending it (:func:`versions`): a marker of the same hash with a
+smaller key whose queued file still exists means an older version is still to be
+delivered, and the newer one waits for it. A marker whose queued file is gone (a
+crash between the two removals, a file removed by hand) is stale, and is removed
+when seen, by :func:`sweep` at start-up and by :func:`sweep_destination` once a
+destination's queue is empty.
 
 Markers are removed after the queued file leaves the queue (delivered, or moved to
 ``dead/``), so that a crash in between leaves a stale marker, never a queued file
 without its marker. They are not fsync'd: after a power loss a file may be queued
 without its marker and is then delivered in queue order alone. A 64-bit hash that two
-UIDs share only makes one of them wait for the other.
+UIDs share only makes one of them wait for the other. A stale marker keeps its
+file's data on disk until it is removed.
+
+Cost, measured on this project's ext4: making a marker 6 us, removing one 3 us;
+listing a bucket at a claim 2-17 us while the queue holds up to a few thousand
+instances, about 170 us at a 100,000-instance backlog, 1.6 ms at a million.
 
 Everything here is best effort: a marker that cannot be made or removed costs the
 order of that instance, never its delivery. Calls block and own no thread.
@@ -41,25 +50,30 @@ import errno
 import hashlib
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 __all__ = [
     "ORDER_DIR",
+    "Versions",
     "is_link_of",
+    "key_of_stem",
     "mark",
-    "marker_path",
-    "older_version",
     "remove",
     "sweep",
+    "sweep_destination",
     "uid_hash",
     "unmark",
+    "versions",
 ]
 
 log = logging.getLogger("workers.order")
 
 ORDER_DIR: Final = "order"
 _HASH_CHARS: Final = 16
+_KEY_CHARS: Final = 20
 _QUEUE_DIR: Final = "queue"
 
 
@@ -73,16 +87,25 @@ def _bucket(root: Path, destination: str, digest: str) -> Path:
     return root / ORDER_DIR / destination / digest[:2]
 
 
-def marker_path(root: Path, destination: str, name: str, uid: str) -> Path:
-    digest = uid_hash(uid)
-    return _bucket(root, destination, digest) / f"{digest}.{name}"
+def _split(marker: str) -> tuple[str, str, str] | None:
+    """(hash, key, queued name) of a marker's name; None if it is not one."""
+    digest, dot, rest = marker.partition(".")
+    key, dot2, name = rest.partition(".")
+    if not (dot and dot2 and len(digest) == _HASH_CHARS and len(key) == _KEY_CHARS
+            and key.isdigit() and name):
+        return None
+    return digest, key, name
 
 
-def mark(root: Path, destination: str, name: str, uid: str) -> Path | None:
-    """Make the order marker of ``queue/<destination>/<name>``, of SOP Instance ``uid``;
-    its path, or None if it could not be made (said in the log)."""
+def mark(root: Path, destination: str, name: str, uid: str,
+         key: str | None = None) -> Path | None:
+    """Make the order marker of ``queue/<destination>/<name>``, of SOP Instance
+    ``uid``, acknowledged now (or at ``key``); its path, or None if it could not be
+    made (said in the log)."""
     queued = root / _QUEUE_DIR / destination / name
-    marker = marker_path(root, destination, name, uid)
+    digest = uid_hash(uid)
+    marker = _bucket(root, destination, digest) / \
+        f"{digest}.{key or f'{time.time_ns():0{_KEY_CHARS}d}'}.{name}"
     try:
         try:
             os.link(queued, marker, follow_symlinks=False)
@@ -100,9 +123,60 @@ def mark(root: Path, destination: str, name: str, uid: str) -> Path | None:
     return marker
 
 
+def key_of_stem(name: str) -> str | None:
+    """The key a queued file's stem gives it (the time its C-STORE began): for a
+    file queued again (``queue retry``), whose commit is long past."""
+    key = name[:_KEY_CHARS]
+    return key if key.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Versions:
+    """What a queued file's bucket says of the versions of its instance."""
+
+    own: Path | None = None  # its own marker
+    older: str | None = None  # the oldest older version still queued (its file name)
+    newer: str | None = None  # a newer version still queued
+
+
+def versions(root: Path, destination: str, name: str, uid: str) -> Versions:
+    """The marker of queued file ``name`` (SOP Instance ``uid``) of ``destination``
+    and the other versions of its instance still queued there. ``name`` need not be
+    queued (a transparent send): then every queued version is older."""
+    digest = uid_hash(uid)
+    bucket = _bucket(root, destination, digest)
+    try:
+        names = os.listdir(bucket)
+    except OSError:
+        return Versions()
+    found = [(parts[1], parts[2], marker) for marker in names
+             if marker.startswith(digest) and (parts := _split(marker)) is not None]
+    own = next(((key, marker) for key, queued, marker in found if queued == name), None)
+    older: str | None = None
+    newer: str | None = None
+    queue = root / _QUEUE_DIR / destination
+    for key, queued, marker in sorted(found):
+        if queued == name:
+            continue
+        is_older = own is None or (key, queued) < (own[0], name)
+        if (older is not None if is_older else newer is not None):
+            continue
+        if not os.path.lexists(queue / queued):
+            with contextlib.suppress(OSError):  # stale: its file left the queue
+                os.unlink(bucket / marker)
+            continue
+        if is_older:
+            older = queued
+        else:
+            newer = queued
+    return Versions(None if own is None else bucket / own[1], older, newer)
+
+
 def unmark(root: Path, destination: str, name: str, uid: str) -> None:
     """Remove the order marker of ``<name>``, which has left ``destination``'s queue."""
-    remove(marker_path(root, destination, name, uid))
+    marker = versions(root, destination, name, uid).own
+    if marker is not None:
+        remove(marker)
 
 
 def remove(marker: Path) -> None:
@@ -124,56 +198,41 @@ def is_link_of(marker: Path, st: os.stat_result) -> bool:
     return (own.st_ino, own.st_dev) == (st.st_ino, st.st_dev)
 
 
-def older_version(root: Path, destination: str, name: str, uid: str) -> str | None:
-    """The oldest queued file of ``destination`` that holds an older version of SOP
-    Instance ``uid`` than ``name`` does; None if there is none (or it cannot be told)."""
-    digest = uid_hash(uid)
-    bucket = _bucket(root, destination, digest)
-    prefix = digest + "."
-    try:
-        names = os.listdir(bucket)
-    except OSError:
-        return None
-    older = sorted(marker[len(prefix):] for marker in names
-                   if marker.startswith(prefix) and marker[len(prefix):] < name)
-    queue = root / _QUEUE_DIR / destination
-    for candidate in older:
-        if os.path.lexists(queue / candidate):
-            return candidate
-        with contextlib.suppress(OSError):  # stale: its file left the queue
-            os.unlink(bucket / (prefix + candidate))
-    return None
-
-
 def sweep(root: Path) -> int:
     """Remove the stale markers of every destination (at start-up, while no worker
     runs): those whose queued file is gone, which would otherwise keep its data on
     disk. How many went."""
-    removed = 0
-    top = root / ORDER_DIR
     try:
-        destinations = os.listdir(top)
+        destinations = os.listdir(root / ORDER_DIR)
     except FileNotFoundError:
         return 0
-    for destination in destinations:
-        queue = root / _QUEUE_DIR / destination
+    return sum(sweep_destination(root, destination) for destination in destinations)
+
+
+def sweep_destination(root: Path, destination: str) -> int:
+    """:func:`sweep` for one destination; safe while its queue is being written and
+    delivered (a marker is made after its file is queued, removed after it left)."""
+    removed = 0
+    top = root / ORDER_DIR / destination
+    queue = root / _QUEUE_DIR / destination
+    try:
+        buckets = os.listdir(top)
+    except OSError:
+        return 0
+    for bucket in buckets:
         try:
-            buckets = os.listdir(top / destination)
+            markers = os.listdir(top / bucket)
         except OSError:
             continue
-        for bucket in buckets:
-            try:
-                markers = os.listdir(top / destination / bucket)
-            except OSError:
+        for marker in markers:
+            parts = _split(marker)
+            if parts is not None and os.path.lexists(queue / parts[2]):
                 continue
-            for marker in markers:
-                if os.path.lexists(queue / marker[_HASH_CHARS + 1:]):
-                    continue
-                try:
-                    os.unlink(top / destination / bucket / marker)
-                    removed += 1
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        log.warning("stale order marker %s/%s/%s not removed: %s",
-                                    destination, bucket, marker, exc)
+            try:
+                os.unlink(top / bucket / marker)
+                removed += 1
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("stale order marker %s/%s/%s not removed: %s",
+                                destination, bucket, marker, exc)
     return removed

@@ -335,7 +335,9 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
         if letter.sop_instance_uid is not None:
             # In the order of its versions again (workers/order.py): a newer version
             # still queued waits for it.
-            order.mark(root, letter.destination, letter.name, letter.sop_instance_uid)
+            # Its place is when it was received: not after what came since.
+            order.mark(root, letter.destination, letter.name, letter.sop_instance_uid,
+                       order.key_of_stem(letter.name))
         with contextlib.suppress(FileNotFoundError):
             (letter.path.parent / (letter.name.removesuffix(SUFFIX) + _REASON_SUFFIX)).unlink()
         moved += 1

@@ -792,33 +792,34 @@ def _commit_versions(spool: Spool, tmp: Path, versions: list[str],
     return names
 
 
-def _versions_scp(port: int, refuse_first: str) -> tuple[Any, list[str]]:
-    """An SCP that refuses the first store of version ``refuse_first`` (0110H, to be
-    retried) and takes the rest; and the versions it took, in order."""
+def _versions_scp(port: int, slow: str = "", refuse: str = "",
+                  status: int = 0x0110) -> tuple[Any, list[str]]:
+    """An SCP that answers version ``slow`` after 0.5 s (still in flight when the
+    others are claimed), refuses every store of version ``refuse`` with ``status``
+    and takes the rest; and the versions it took, in the order it took them."""
     taken: list[str] = []
-    refused: list[str] = []
 
     def answer(event: Any) -> int:
         label = str(event.dataset.SeriesDescription)
-        if label == refuse_first and not refused:
-            refused.append(label)
-            return 0x0110
+        if label == refuse:
+            return status
+        if label == slow:
+            time.sleep(0.5)
         taken.append(label)
         return 0x0000
 
     return _scp(port, answer), taken
 
 
-def test_a_newer_version_waits_while_the_older_one_is_retried(tmp_path: Path) -> None:
+def test_a_newer_version_waits_while_the_older_one_is_in_flight(tmp_path: Path) -> None:
     """A workstation sends an instance, then a corrected version with the same SOP
-    Instance UID. The first delivery of the old version fails and waits for its retry:
-    the new one went meanwhile, the old one after it, and the PACS kept the old one."""
+    Instance UID. Two senders of one worker took one each: the new one was answered
+    first, the old one after it, and the PACS kept the old one."""
     port = free_port()
-    server, taken = _versions_scp(port, refuse_first="old")
+    server, taken = _versions_scp(port, slow="old")
     spool = Spool(tmp_path / "spool", fsync=False)
     _commit_versions(spool, tmp_path, ["old", "new"])
-    actor = DestinationActor(_destination(port, retry=RetryPolicy(
-        initial=0.2, max=0.2, attempts=5)), spool, share=2)
+    actor = DestinationActor(_destination(port), spool, share=2)
     try:
         asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 2))
     finally:
@@ -831,16 +832,15 @@ def test_a_newer_version_waits_while_the_older_one_is_retried(tmp_path: Path) ->
 @pytest.mark.parametrize("each_knows_its_own", [True, False])
 def test_two_workers_deliver_the_versions_of_an_instance_in_order(
         tmp_path: Path, each_knows_its_own: bool) -> None:
-    """Two versions received by two workers (each enqueues its own), or both taken up
-    from disk by both (a restart after an outage): the older one's first delivery fails,
-    and still the destination gets the newer version last."""
+    """Three versions received by two workers (each enqueues its own), or taken up
+    from disk by both (a restart after an outage): the oldest one is slow to be
+    answered, and still the destination gets the newest version last."""
     port = free_port()
-    server, taken = _versions_scp(port, refuse_first="v1")
+    server, taken = _versions_scp(port, slow="v1")
     spool = Spool(tmp_path / "spool", fsync=False)
     names = _commit_versions(spool, tmp_path, ["v1", "v2", "v3"])
-    policy = RetryPolicy(initial=0.2, max=0.2, attempts=5)
-    one, two = (DestinationActor(_destination(port, retry=policy), spool, share=1,
-                                 worker_id=w) for w in (1, 2))
+    one, two = (DestinationActor(_destination(port), spool, share=1, worker_id=w)
+                for w in (1, 2))
 
     async def run() -> None:
         changed = asyncio.Event()
@@ -871,6 +871,30 @@ def test_two_workers_deliver_the_versions_of_an_instance_in_order(
     assert not list((spool.root / "queue" / "pacs").iterdir())
 
 
+@pytest.mark.parametrize("status", [0x0110, 0xA700])
+def test_a_failed_older_version_gives_way_to_the_newer_one(tmp_path: Path,
+                                                          status: int) -> None:
+    """The PACS refused the original (the usual reason to send a correction): the
+    correction waited for all of the original's retries -- with A700H, which counts
+    no attempt while nothing else is delivered, for the whole give_up_after (3 days)
+    (a review). The failed original now goes to dead/, superseded, and the
+    correction goes at once."""
+    port = free_port()
+    server, taken = _versions_scp(port, refuse="old", status=status)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    old, _ = _commit_versions(spool, tmp_path, ["old", "new"])
+    actor = DestinationActor(_destination(port, retry=RetryPolicy(
+        initial=1, max=2, attempts=20)), spool, share=1)
+    try:
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert taken == ["new"] and actor.stats.dead == 1
+    letter = json.loads((spool.root / "dead" / "pacs" / old).with_suffix(".json").read_text())
+    assert "superseded by" in letter["reason"] and f"0x{status:04X}" in letter["reason"]
+    assert not [p for p in (spool.root / "order").rglob("*") if p.is_file()]
+
+
 def test_a_newer_version_goes_once_the_older_one_is_a_dead_letter(tmp_path: Path) -> None:
     port = free_port()
     taken: list[str] = []
@@ -893,3 +917,68 @@ def test_a_newer_version_goes_once_the_older_one_is_a_dead_letter(tmp_path: Path
     assert taken == ["new"] and actor.stats.dead == 1
     assert (spool.root / "dead" / "pacs" / old).exists()
     assert not [p for p in (spool.root / "order").rglob("*") if p.is_file()]
+
+
+def test_a_transparent_send_never_overtakes_an_older_version_still_queued(
+        tmp_path: Path) -> None:
+    """A correction sent through a transparent rule while the original waits in the
+    queue for the same destination went ahead of it (a review): the PACS got the
+    original last. Its sender is now told to try again (A700H) meanwhile."""
+    port = free_port()
+    server, taken = _versions_scp(port)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    _commit_versions(spool, tmp_path, ["old"])
+    make_ct(tmp_path / "held.dcm", size_kb=2, sop_instance_uid="1.2.826.0.1.3680043.8.498.4242",
+            attrs={"SeriesDescription": "new"})
+    actor = DestinationActor(_destination(port), spool, share=1)
+
+    async def run() -> tuple[int, str | None]:
+        delivered = asyncio.Event()
+        actor.on_event = lambda kind, fields: delivered.set() if kind == \
+            "instance.forwarded" else None
+        actor.scan()
+        try:
+            answer = await actor.send_now(tmp_path / "held.dcm")  # taken before the queue
+            async with asyncio.timeout(30):
+                await delivered.wait()
+            return answer
+        finally:
+            await actor.stop()
+
+    try:
+        status, comment = asyncio.run(run())
+    finally:
+        server.shutdown()
+    assert status == 0xA700 and comment == "an older version is queued for pacs"
+    assert taken == ["old"]
+
+
+def test_stale_markers_go_once_the_queue_has_run_dry(tmp_path: Path) -> None:
+    """Queued files removed by hand (the way to drop a backlog) kept their data on
+    disk through their order markers until the next start (a review)."""
+    port = free_port()
+    server, _ = _versions_scp(port)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    first, _ = _commit_versions(spool, tmp_path, ["a", "b"])
+    (spool.root / "queue" / "pacs" / first).unlink()  # by hand
+    actor = DestinationActor(_destination(port), spool, share=1)
+    try:
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert not [p for p in (spool.root / "order").rglob("*") if p.is_file()]
+
+
+def test_a_newer_version_held_for_long_is_still_delivered(tmp_path: Path) -> None:
+    """Each check again doubled the wait: after 1024 of them (85 minutes of another
+    worker sending a huge older version) 2 ** n overflowed, the sender died and the
+    newer version was never delivered (a review)."""
+    from workers.forward import _Entry
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    actor = DestinationActor(_destination(free_port()), spool, share=1)
+    entry = _Entry("newer.dcm", held=5000)
+    actor._behind["older.dcm"] = [entry]
+    actor._release_behind("older.dcm", later=True)
+    ((due, _, again),) = actor._delayed
+    assert again is entry and due - actor.clock() <= 5.0

@@ -661,10 +661,11 @@ def test_placement_links_share_one_inode_and_copies_are_their_own(
     assert a.stat().st_ino == b.stat().st_ino and a.stat().st_nlink == 4
     assert a.read_bytes()[writer.dataset_offset:] == data
     assert c.read_bytes() == b"a changed copy" and c.stat().st_ino != a.stat().st_ino
+    assert len(placed.markers) == 3
     for queued in (a, b, c):
-        marker = order.marker_path(spool.root, queued.parent.name, writer.name,
-                                   writer.sop_instance_uid)
-        assert marker.stat().st_ino == queued.stat().st_ino
+        marker = order.versions(spool.root, queued.parent.name, writer.name,
+                                writer.sop_instance_uid).own
+        assert marker in placed.markers and marker.stat().st_ino == queued.stat().st_ino
     assert files(spool.tmp) == []
 
 
@@ -743,8 +744,9 @@ def retire(spool: Spool, path: Path) -> None:
     """Retire a delivered queued file as workers/forward.py does: with its order marker."""
     identity = part10_from_meta(path.read_bytes()[:2048])
     assert identity is not None
-    marker = order.marker_path(spool.root, path.parent.name, path.name,
-                               identity.sop_instance_uid)
+    marker = order.versions(spool.root, path.parent.name, path.name,
+                            identity.sop_instance_uid).own
+    assert marker is not None
     fd = os.open(path, os.O_RDONLY)
     try:
         spool.retire(str(path.parent.relative_to(spool.root)), path.name, fd, marker=marker)
