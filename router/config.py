@@ -159,7 +159,7 @@ from typing import Any, Final, TypeGuard
 
 from router.dicom import uids
 from router.dicom.negotiation import AcceptorPolicy
-from router.tls import require_peer_certificates, server_context
+from router.tls import EncryptedKeyError, require_peer_certificates, server_context
 from rules.conditions import parse_networks
 
 __all__ = [
@@ -712,27 +712,36 @@ class Config:
 # ---------------------------------------------------------------------------
 
 
-def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = None) -> Config:
+def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = None,
+                check_files: bool = True) -> Config:
     """Read ``path`` (``None``: :data:`EMBEDDED_DEFAULT`) and apply command-line overrides.
 
     ``overrides`` are the ``run``/``status`` flags by name: ``port``, ``host``
     (int, str: replace the listeners with one), ``workers`` (int or
     ``"auto"``), ``spool`` (str or Path, relative to the working directory).
     ``None`` values are ignored, so argparse defaults can be passed straight
-    through. Raises :class:`ConfigError`.
+    through. ``check_files``: read the TLS files it names, to refuse what cannot be
+    used; False for a process that does not use them (``status``, ``queue``: an
+    operator may not read the private key) or that runs what the supervisor checked
+    (a worker: a key replaced on disk since must not keep it from starting, and
+    stop the router; it is read when a TLS association needs it). Raises
+    :class:`ConfigError`.
     """
-    return config_from_text(read_config_text(path), path, overrides=overrides)
+    return config_from_text(read_config_text(path), path, overrides=overrides,
+                            check_files=check_files)
 
 
 def config_from_text(text: str, path: Path | None, *,
-                     overrides: Mapping[str, object] | None = None) -> Config:
+                     overrides: Mapping[str, object] | None = None,
+                     check_files: bool = True) -> Config:
     """The configuration ``text`` read from ``path`` (``None``: the embedded default),
     named after it in errors, its relative paths resolved against its folder; see
     :func:`load_config`. Raises :class:`ConfigError`."""
     if path is None:
-        return parse_config(text, EMBEDDED_SOURCE, overrides=overrides)
+        return parse_config(text, EMBEDDED_SOURCE, overrides=overrides,
+                            check_files=check_files)
     return parse_config(text, str(path), base_dir=path.absolute().parent,
-                        overrides=overrides)
+                        overrides=overrides, check_files=check_files)
 
 
 def read_config_text(path: Path | None) -> str:
@@ -759,6 +768,7 @@ def parse_config(
     *,
     base_dir: Path | None = None,
     overrides: Mapping[str, object] | None = None,
+    check_files: bool = True,
 ) -> Config:
     """Parse TOML ``text``; ``source`` names it in errors and in ``Config.source``.
 
@@ -776,12 +786,17 @@ def parse_config(
     except RecursionError as exc:  # tomllib recurses into nested tables and arrays
         raise ConfigError(source, "", "invalid TOML: tables or arrays nested too "
                                       "deeply") from exc
-    return _Parser(source, text, base_dir, overrides or {}).config(data)
+    return _Parser(source, text, base_dir, overrides or {}, check_files).config(data)
 
 
 # ---------------------------------------------------------------------------
 # Checks shared by the parser and Config.__post_init__: a message or None
 # ---------------------------------------------------------------------------
+
+
+def _tls_why(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason for ``exc`` (an error made by hand has none)."""
+    return str(getattr(exc, "reason", None) or exc.strerror or exc)
 
 
 def _show(value: object) -> str:
@@ -1030,9 +1045,11 @@ class _Parser:
     """Walks the parsed TOML once, validating as it builds a :class:`Config`."""
 
     def __init__(
-        self, source: str, text: str, base_dir: Path | None, overrides: Mapping[str, object]
+        self, source: str, text: str, base_dir: Path | None, overrides: Mapping[str, object],
+        check_files: bool = True,
     ) -> None:
         self.source = source
+        self.check_files = check_files
         self.text = text
         self.base_dir = base_dir
         self.overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -1165,6 +1182,10 @@ class _Parser:
             tls_ca = self.path(entry, at("tls_ca"))
             if tls_ca is not None and not tls:
                 raise self.fail(at("tls_ca"), "tls_ca is set but tls is false")
+            if tls_ca is not None and self.check_files:
+                # Else each delivery failed on it, unseen until someone looked.
+                self.readable({"tls_ca": tls_ca}, at)
+                self.trusted(ssl.create_default_context(), tls_ca, at("tls_ca"))
             retry = self.retry(entry, at("retry"))
             out.append(Destination(
                 name=name,
@@ -1429,27 +1450,39 @@ class _Parser:
         for name in ("tls_cert", "tls_key"):
             if paths[name] is None:
                 raise self.fail(where("tls"), f"tls = true needs {name} (a PEM file)")
+        cert, private, ca = paths["tls_cert"], paths["tls_key"], paths["tls_ca"]
+        assert cert is not None and private is not None
+        if self.check_files:
+            self.readable(paths, where)
+            try:
+                context = server_context(cert, private)
+            except EncryptedKeyError:
+                raise self.fail(where("tls_key"), f"{private} is encrypted, and the router "
+                                                  "cannot ask for its pass phrase: give it the "
+                                                  "key unencrypted, readable by its account "
+                                                  "only") from None
+            except ssl.SSLError as exc:
+                raise self.fail(where("tls_key"), f"{cert} and {private} are not a PEM "
+                                                  f"certificate and its private key "
+                                                  f"({_tls_why(exc)})") from None
+            if ca is not None:
+                self.trusted(context, ca, where("tls_ca"))
+        return {"tls": True, "tls_cert": cert, "tls_key": private, "tls_ca": ca}
+
+    def readable(self, paths: Mapping[str, Path | None], where: _At) -> None:
         for name, path in paths.items():
             if path is not None:
                 try:
                     path.open("rb").close()
                 except OSError as exc:
                     raise self.fail(where(name), f"cannot read {path}: {exc.strerror}") from None
-        cert, private, ca = paths["tls_cert"], paths["tls_key"], paths["tls_ca"]
-        assert cert is not None and private is not None
+
+    def trusted(self, context: ssl.SSLContext, ca: Path, at: _At) -> None:
+        """Check ``tls_ca`` by loading it into ``context``."""
         try:
-            context = server_context(cert, private)
+            require_peer_certificates(context, ca)
         except ssl.SSLError as exc:
-            why = exc.reason or exc.strerror or exc
-            raise self.fail(where("tls_key"), f"{cert} and {private} are not a PEM certificate "
-                                              f"and its private key ({why})") from None
-        if ca is not None:
-            try:
-                require_peer_certificates(context, ca)
-            except ssl.SSLError as exc:
-                raise self.fail(where("tls_ca"), f"{ca} holds no PEM CA certificate "
-                                                 f"({exc.reason or exc})") from None
-        return {"tls": True, "tls_cert": cert, "tls_key": private, "tls_ca": ca}
+            raise self.fail(at, f"{ca} holds no PEM certificate ({_tls_why(exc)})") from None
 
     def listen_proxy(self, entry: Mapping[str, object], where: _At) -> dict[str, Any]:
         """A listener's proxy_protocol and proxy_from (addresses or CIDR networks)."""

@@ -77,8 +77,10 @@ class Snapshot:
         return config, self._rules(config)
 
     def _config(self, overrides: Mapping[str, object] | None) -> Config:
+        # The supervisor read the TLS files it names; a worker reads them when used
+        # (a key replaced on disk since must not keep a restarted worker from starting).
         return config_from_text(self.text, None if self.path is None else Path(self.path),
-                                overrides=overrides)
+                                overrides=overrides, check_files=False)
 
     def _rules(self, config: Config, problems: list[Problem] | None = None) -> RuleSet:
         if config.rules is None:

@@ -16,7 +16,16 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-__all__ = ["require_peer_certificates", "server_context"]
+__all__ = ["EncryptedKeyError", "require_peer_certificates", "server_context"]
+
+
+class EncryptedKeyError(ValueError):
+    """The private key is encrypted: nobody is there to give its pass phrase."""
+
+
+def _no_pass_phrase() -> bytes:
+    # Without a callback OpenSSL asks for it on the terminal: start-up hung there.
+    raise EncryptedKeyError("the private key is encrypted")
 
 
 def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
@@ -24,7 +33,7 @@ def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLCont
     file that cannot be read or used."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=cert, keyfile=key)
+    context.load_cert_chain(certfile=cert, keyfile=key, password=_no_pass_phrase)
     if ca is not None:
         require_peer_certificates(context, ca)
     return context
@@ -33,6 +42,8 @@ def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLCont
 def require_peer_certificates(context: ssl.SSLContext, ca: Path) -> None:
     """Make ``context`` admit only peers with a certificate from the CAs in ``ca``."""
     context.load_verify_locations(cafile=ca)
-    if not context.get_ca_certs():
-        raise ssl.SSLError(f"{ca}: no CA certificate in it")
+    # Any certificate, not only CA ones: a modality's self-signed certificate,
+    # pinned, is a common way to admit it (OpenSSL accepts it as a trust anchor).
+    if not context.cert_store_stats()["x509"]:
+        raise ssl.SSLError(f"{ca}: no certificate in it")
     context.verify_mode = ssl.CERT_REQUIRED

@@ -379,7 +379,11 @@ class DestinationActor:
                         self._open.discard(assoc)
                         assoc = None
                     continue
-                assoc = await self._deliver(job, assoc, label)
+                try:
+                    assoc = await self._deliver(job, assoc, label)
+                except Exception:
+                    self._give_back(job)
+                    raise
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -835,6 +839,17 @@ class DestinationActor:
             if swept := sweep_destination(self.spool.root, self.name):
                 log.info("destination %s: %d stale order marker(s) removed", self.name,
                          swept)
+
+    def _give_back(self, job: _Entry | _Urgent) -> None:
+        """A delivery failed in a way nothing foresaw (its sender restarts): the
+        instance is tried again after the back-off -- it stayed in ``_known``, so no
+        scan would take it up again -- and a transparent sender is told to retry."""
+        if isinstance(job, _Urgent):
+            if not job.future.done():
+                job.future.set_result((transparent_failure_status(),
+                                       "the router failed to send it"))
+        else:
+            self._wait(job, self.destination.retry.delay(max(job.failures, 1), self.rng()))
 
     def _wait(self, entry: _Entry, delay: float) -> None:
         """Schedule ``entry`` to be taken up again ``delay`` seconds from now."""

@@ -761,9 +761,14 @@ async def open_association(destination: Destination,
     request = build_request(calling_ae_title=destination.calling_ae,
                             called_ae_title=destination.ae_title, contexts=contexts,
                             maximum_length=destination.max_pdu, roles=roles or None)
+    try:
+        context = tls_context(destination)
+    except (OSError, ValueError) as exc:  # tls_ca changed on disk since it was checked
+        raise OutboundError(f"{destination}: cannot use tls_ca {destination.tls_ca}: "
+                            f"{exc}") from None
     return await OutboundAssociation.open(destination.host, destination.port, request,
                                           timeout=destination.timeout,
-                                          ssl_context=tls_context(destination), label=label)
+                                          ssl_context=context, label=label)
 
 
 def _converted(path: Path, fd: int | None, part10: Part10, transfer_syntax: str) -> bytes:

@@ -127,3 +127,75 @@ def test_a_renewed_certificate_takes_effect_on_reload(tmp_path: Path, dcmtk: Dcm
         assert router.count("change on restart only") == 0
     finally:
         router.stop()
+
+
+def test_a_key_broken_on_disk_does_not_stop_the_router_when_a_worker_restarts(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """A restarted worker read the TLS files again and, on a key no longer matching
+    its certificate (a renewal half done), could not start: that stopped the whole
+    router, plain port included, with exit 2, which the systemd unit does not restart
+    (an outside campaign). The worker now runs what the supervisor checked."""
+    import signal
+
+    key, cert = _certificate(tmp_path, "router")
+    other_key, _ = _certificate(tmp_path, "other")
+    router, _ = _tls_router(tmp_path, key, cert)
+    try:
+        key.write_bytes(other_key.read_bytes())
+        workers = router.status()["workers"]
+        assert isinstance(workers, list)
+        pid = next(int(w["pid"]) for w in workers if w["worker_id"] == 1)
+        os.kill(pid, signal.SIGKILL)
+        router.wait_count("worker 1 ready", 2)
+        assert _echo(dcmtk, router.port).returncode == 0  # the plain listener serves
+        assert router.proc.poll() is None and router.count("stopping the router") == 0
+    finally:
+        assert router.stop() == 0
+
+
+def test_a_pinned_self_signed_modality_certificate_admits_it(tmp_path: Path,
+                                                             dcmtk: Dcmtk) -> None:
+    """tls_ca holding the modality's own self-signed certificate (CA:FALSE), the
+    usual way to admit one node, was refused as "no PEM CA certificate", after a
+    traceback (an outside campaign)."""
+    key, cert = _certificate(tmp_path, "router")
+    modality_key, modality = tmp_path / "modality.key", tmp_path / "modality.pem"
+    subprocess.run([_openssl(), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(modality_key), "-out", str(modality), "-days", "2", "-subj",
+                    "/CN=modality", "-addext", "basicConstraints=critical,CA:FALSE"],
+                   check=True, capture_output=True, timeout=60)
+    router, port = _tls_router(tmp_path, key, cert, ca=modality)
+    try:
+        assert _echo(dcmtk, port, "+tls", modality_key, modality, "+cf", cert).returncode == 0
+    finally:
+        router.stop()
+
+
+def test_tls_files_that_cannot_be_used_stop_start_up_with_one_line(tmp_path: Path) -> None:
+    """An encrypted key made start-up ask for its pass phrase on the terminal (and
+    hang), a garbage CA file gave a traceback, and a destination's tls_ca was never
+    checked: each delivery then failed unseen (an outside campaign)."""
+    from router.config import ConfigError, load_config
+
+    key, cert = _certificate(tmp_path, "router")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run([_openssl(), "rsa", "-in", str(key), "-aes128", "-passout", "pass:x",
+                    "-out", str(encrypted)], check=True, capture_output=True, timeout=60)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    listen = '[[router.listen]]\nport = 11112\ntls = true\ntls_cert = "{}"\ntls_key = "{}"\n'
+    destination = ('[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\n'
+                   'ae_title = "PACS"\ntls = true\ntls_ca = "{}"\n')
+    for text, expected in [
+        (listen.format(cert, encrypted), f"tls_key: {encrypted} is encrypted"),
+        (listen.format(cert, key) + f'tls_ca = "{garbage}"\n',
+         f"tls_ca: {garbage} holds no PEM certificate"),
+        (destination.format(garbage), f"tls_ca: {garbage} holds no PEM certificate"),
+        (destination.format(tmp_path / "missing.pem"), "tls_ca: cannot read"),
+    ]:
+        config = tmp_path / "router.toml"
+        config.write_text(text)
+        with pytest.raises(ConfigError) as raised:
+            load_config(config)
+        assert expected in str(raised.value) and "\n" not in str(raised.value)
+        load_config(config, check_files=False)  # status and queue do not read them

@@ -982,3 +982,29 @@ def test_a_newer_version_held_for_long_is_still_delivered(tmp_path: Path) -> Non
     actor._release_behind("older.dcm", later=True)
     ((due, _, again),) = actor._delayed
     assert again is entry and due - actor.clock() <= 5.0
+
+
+def test_an_instance_whose_sender_failed_unforeseen_is_still_delivered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that raised what nothing foresaw (a destination's tls_ca gone, say)
+    was restarted, but the instance it held stayed known and scheduled nowhere:
+    never delivered until the router restarted (an outside campaign)."""
+    import workers.outbound as outbound
+
+    real, calls = outbound.tls_context, []
+
+    def fails_once(destination: Destination) -> Any:
+        calls.append(destination.name)
+        if len(calls) == 1:
+            raise RuntimeError("something nobody foresaw")
+        return real(destination)
+
+    monkeypatch.setattr(outbound, "tls_context", fails_once)
+    port = free_port()
+    server = _status_scp(0x0000, port)
+    try:
+        _, actor = _queued_actor(tmp_path, 1, port)
+        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1))
+    finally:
+        server.shutdown()
+    assert len(calls) == 2 and len(server.seen) == 1
