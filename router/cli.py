@@ -833,7 +833,9 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
     if args.queue_command == "ls":
         if args.destination is not None:
             destination(args.destination)
-        summaries = q.summarize(root, names)
+        # DEST: that destination's line and dead letters only, in text and JSON alike.
+        summaries = [s for s in q.summarize(root, names)
+                     if args.destination in (None, s.destination)]
         if args.json:
             print(json.dumps({
                 "spool": str(root),

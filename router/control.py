@@ -705,8 +705,17 @@ class SupervisorSockets:
     admin: zmq.Socket[Any]
 
     def close(self) -> None:
-        for sock in (self.control, self.broadcast, self.admin):
+        """Close the sockets and remove their files: a CLI that finds the admin
+        socket file takes the router for running, and waited out its timeout to
+        say "stale socket?" after every clean stop."""
+        for sock, endpoint in ((self.control, self.endpoints.control),
+                               (self.broadcast, self.endpoints.broadcast),
+                               (self.admin, self.endpoints.admin)):
             sock.close()
+            path = _ipc_path(endpoint)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     def rebind(self) -> None:
         """Bind again where the socket files were removed (``run_dir`` deleted under
@@ -826,6 +835,10 @@ class WorkerSockets:
         for sock in (*self._peers.values(), self.control, self.broadcast, self.inbox):
             sock.close()
         self._peers.clear()
+        path = _ipc_path(self.endpoints.actor(self.worker_id))
+        if path is not None:  # its inbox's file (see SupervisorSockets.close)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def connect_worker(ctx: zmq.Context[Any], endpoints: Endpoints, worker_id: int) -> WorkerSockets:

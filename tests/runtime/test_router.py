@@ -168,6 +168,12 @@ def test_sigterm_drains_and_exits_0(router: Router, dcmtk: Dcmtk) -> None:
     done = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
     assert done.returncode == 0
     assert router.stop() == 0
+    # Its socket files go with it: `status` after a clean stop waited out its whole
+    # timeout on the admin socket file left behind, to say "stale socket?".
+    assert not [p.name for p in (router.spool / "run").iterdir() if p.is_socket()]
+    started = time.monotonic()
+    status = router.command("status", "--timeout", "20")
+    assert status.returncode != 0 and time.monotonic() - started < 10, status
     assert "all workers stopped" in router.log()
 
 

@@ -168,3 +168,14 @@ def test_dead_letters_of_a_name_that_is_a_path_are_refused(tmp_path: Path) -> No
     root, _ = _spool(tmp_path)
     with pytest.raises(ValueError, match="not a destination name"):
         list(dead_letters(root, "../queue/pacs"))
+
+
+def test_queue_ls_dest_lists_that_destination_only(tmp_path: Path) -> None:
+    """`queue ls pacs --json` printed every destination with its dead letters (an
+    outside campaign); the text listing printed every destination's line too."""
+    _, config = _spool(tmp_path)
+    listed = _queue_cmd(config, "ls", "pacs", "--json")
+    assert listed.returncode == 0, listed
+    assert [d["destination"] for d in json.loads(listed.stdout)["destinations"]] == ["pacs"]
+    text = _queue_cmd(config, "ls", "pacs").stdout
+    assert "\npacs " in text and "\nai " not in text and "dead-ai" not in text
