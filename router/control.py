@@ -704,13 +704,17 @@ class SupervisorSockets:
     broadcast: zmq.Socket[Any]
     admin: zmq.Socket[Any]
 
+    def _bound(self) -> tuple[tuple[zmq.Socket[Any], str], ...]:
+        """Each socket with the endpoint it is bound to."""
+        return ((self.control, self.endpoints.control),
+                (self.broadcast, self.endpoints.broadcast),
+                (self.admin, self.endpoints.admin))
+
     def close(self) -> None:
         """Close the sockets and remove their files: a CLI that finds the admin
         socket file takes the router for running, and waited out its timeout to
         say "stale socket?" after every clean stop."""
-        for sock, endpoint in ((self.control, self.endpoints.control),
-                               (self.broadcast, self.endpoints.broadcast),
-                               (self.admin, self.endpoints.admin)):
+        for sock, endpoint in self._bound():
             sock.close()
             path = _ipc_path(endpoint)
             if path is not None:
@@ -722,9 +726,7 @@ class SupervisorSockets:
         the running router): connected workers are cut off and reconnect on their
         own (ZeroMQ), new ones and the CLI can connect again."""
         Path(self.endpoints.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sock, endpoint in ((self.control, self.endpoints.control),
-                               (self.broadcast, self.endpoints.broadcast),
-                               (self.admin, self.endpoints.admin)):
+        for sock, endpoint in self._bound():
             path = _ipc_path(endpoint)
             if path is None or Path(path).exists():
                 continue

@@ -476,10 +476,9 @@ class DestinationActor:
                              permanent=mine, counted=mine)
                 return assoc
             if fd < 0:
-                self._known.discard(entry.name)
                 # Another sender has it (or it is gone): what waits for it checks
                 # again shortly, since this worker will not see it end.
-                self._release_behind(entry.name, later=True)
+                self._left(entry.name, later=True)
                 return assoc
             if self._not_yet(entry):
                 self._unclaim(path, fd)
@@ -556,14 +555,9 @@ class DestinationActor:
                              answer=unsendable)
                 return assoc
             started = self.clock()
-            originator = None if urgent is None else urgent.originator
             try:
-                rsp = await assoc.store(
-                    path, part10, ctx, fd=source,
-                    move_originator=None if originator is None else (
-                        originator.ae_title, originator.message_id),
-                    priority=dimse.Priority.MEDIUM if originator is None
-                    else originator.priority)
+                rsp = await assoc.store(path, part10, ctx, fd=source,
+                                        originator=None if urgent is None else urgent.originator)
             except DIMSEError as exc:  # it cannot be converted: nothing was sent
                 fd, claim = -1, fd
                 self._failed(entry, urgent, claim, str(exc), None, permanent=True,
@@ -692,8 +686,7 @@ class DestinationActor:
                 self.spool.retire(queue_folder(self.name), entry.name, fd,
                                   marker=entry.marker)
             self._unclaim(path, fd)
-            self._known.discard(entry.name)
-            self._release_behind(entry.name)
+            self._left(entry.name)
             if entry.recorded:  # only the claim's holder writes records: it is current
                 forget_failures(self.spool.root, self.name, entry.name)
             self._count_delivered(path, part10, status)
@@ -796,8 +789,7 @@ class DestinationActor:
                 self._emit("instance.dead", destination=self.name, name=entry.name,
                            reason=why)
             self._unclaim(self.folder / entry.name, fd)
-            self._known.discard(entry.name)
-            self._release_behind(entry.name)
+            self._left(entry.name)
             return
         self.stats.retried += 1
         log.warning("forward %s: %s failed (%s); %s in %.1f s", self.name, entry.shown,
@@ -822,10 +814,11 @@ class DestinationActor:
             self._ready.appendleft(_Entry(older))
             self._wake.set()
 
-    def _release_behind(self, name: str, *, later: bool = False) -> None:
-        """``name`` left this worker's schedule: what waited for it goes again -- at
-        once if it left the queue, or (``later``) after a short wait that grows when
-        another sender has it, since its end will not be seen here."""
+    def _left(self, name: str, *, later: bool = False) -> None:
+        """``name`` left this worker's schedule: forgotten, and what waited for it
+        goes again -- at once if it left the queue, or (``later``) after a short wait
+        that grows when another sender has it, since its end will not be seen here."""
+        self._known.discard(name)
         for entry in self._behind.pop(name, ()):
             if later:
                 self._wait(entry, min(_HELD_FIRST * 2 ** min(entry.held, 16), _HELD_MOST))

@@ -74,7 +74,7 @@ log = logging.getLogger("workers.order")
 ORDER_DIR: Final = "order"
 _HASH_CHARS: Final = 16
 _KEY_CHARS: Final = 20
-_QUEUE_DIR: Final = "queue"
+_QUEUE_DIR: Final = "queue"  # workers.spool.QUEUE_DIR (spool imports this module)
 
 
 def uid_hash(uid: str) -> str:

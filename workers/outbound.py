@@ -61,6 +61,7 @@ from router.dicom.events import (
 from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRQ, PresentationContextResult
+from workers.moves import Originator
 from workers.spool import IOV_MAX
 
 __all__ = ["OutboundAssociation", "OutboundError", "instance_contexts", "instance_syntaxes",
@@ -235,8 +236,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                                      if c.requestor_scu), sop_class, transfer_syntax)
 
     async def store(self, path: Path, part10: Part10, ctx: NegotiatedContext, *,
-                    move_originator: tuple[str, int] | None = None,
-                    priority: dimse.Priority = dimse.Priority.MEDIUM,
+                    originator: Originator | None = None,
                     fd: int | None = None) -> dimse.CStoreRSP:
         """C-STORE the data set of ``path``; the response. As it is on disk (D5) when
         ``ctx`` has its transfer syntax, else decoded and encoded in ``ctx``'s (see
@@ -265,14 +265,15 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             converted = await asyncio.to_thread(
                 _converted, path, fd, part10, ctx.transfer_syntax)
         mid = next(self._ids)
-        originator_ae, originator_id = move_originator or (None, None)
+        # A relayed C-MOVE sub-operation names the requestor's move (workers/moves.py).
         rq = dimse.CStoreRQ(
             message_id=mid,
             affected_sop_class_uid=part10.sop_class_uid,
             affected_sop_instance_uid=part10.sop_instance_uid,
-            priority=priority,
-            move_originator_application_entity_title=originator_ae,
-            move_originator_message_id=originator_id)
+            priority=dimse.Priority.MEDIUM if originator is None else originator.priority,
+            move_originator_application_entity_title=(
+                None if originator is None else originator.ae_title),
+            move_originator_message_id=None if originator is None else originator.message_id)
         self._require_associated()
         self.engine.send_message(ctx.context_id, rq)
         self._flush()

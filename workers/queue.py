@@ -333,9 +333,8 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
         except FileNotFoundError:
             continue  # someone else retried or purged it meanwhile
         if letter.sop_instance_uid is not None:
-            # In the order of its versions again (workers/order.py): a newer version
-            # still queued waits for it.
-            # Its place is when it was received: not after what came since.
+            # In the order of its versions again (workers/order.py), at the time it
+            # was received, not now: a newer version still queued waits for it.
             order.mark(root, letter.destination, letter.name, letter.sop_instance_uid,
                        order.key_of_stem(letter.name))
         with contextlib.suppress(FileNotFoundError):

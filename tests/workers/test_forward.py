@@ -979,7 +979,7 @@ def test_a_newer_version_held_for_long_is_still_delivered(tmp_path: Path) -> Non
     actor = DestinationActor(_destination(free_port()), spool, share=1)
     entry = _Entry("newer.dcm", held=5000)
     actor._behind["older.dcm"] = [entry]
-    actor._release_behind("older.dcm", later=True)
+    actor._left("older.dcm", later=True)
     ((due, _, again),) = actor._delayed
     assert again is entry and due - actor.clock() <= 5.0
 
