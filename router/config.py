@@ -90,7 +90,15 @@ Every table and key is optional; an empty file is the embedded default::
     port = 104
     ae_title = "PACS"           # the destination's (called) AE title
     calling_ae = "DICOM-ROUTER" # ours on this association; default [router] ae_title
-    tls = false                 # DICOM over TLS (PS3.15 B.1); tls_ca = CA bundle file
+    tls = false                 # DICOM over TLS (PS3.15 B.1); with tls = true, optional:
+    # tls_ca = "pacs-ca.pem"    #   trust these CAs (or the node's own certificate), not
+                                #   the system's trust store
+    # tls_cert = "router.pem"   #   our certificate and its key (PEM), for a node that
+    # tls_key = "router.key"    #   requires one (mutual TLS)
+    # tls_server_name = "pacs.example.org"  # the name its certificate carries, when
+                                #   host is an address the certificate does not name
+    # tls_check_hostname = false  # tls_ca alone decides (a pinned certificate that
+                                #   names no host); needs tls_ca
     concurrency = 2             # outbound associations, in total over all workers
     max_pdu = 1048576           # largest PDU we accept from it
     timeout = 30                # seconds for connect, negotiation and each response
@@ -159,7 +167,7 @@ from typing import Any, Final, TypeGuard
 
 from router.dicom import uids
 from router.dicom.negotiation import AcceptorPolicy
-from router.tls import EncryptedKeyError, require_peer_certificates, server_context
+from router.tls import EncryptedKeyError, client_context, require_peer_certificates, server_context
 from rules.conditions import parse_networks
 
 __all__ = [
@@ -383,6 +391,13 @@ class Destination:
     calling_ae: str = DEFAULT_AE_TITLE
     tls: bool = False
     tls_ca: Path | None = None
+    # Ours, for a node that requires a client certificate (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # The name its certificate must carry, when that is not ``host`` (say a PACS
+    # reached by IP address whose certificate names it by DNS name); also sent as SNI.
+    tls_server_name: str | None = None
+    tls_check_hostname: bool = True
     concurrency: int = 2
     max_pdu: int = 1_048_576
     timeout: float = 30.0
@@ -397,6 +412,14 @@ class Destination:
             ("port", _port_problem(self.port) if self.port else None),
             ("ae_title", _ae_title_problem(self.ae_title)),
             ("calling_ae", _ae_title_problem(self.calling_ae)),
+            ("tls_cert", None if (self.tls_cert is None) == (self.tls_key is None)
+             else "tls_cert and tls_key go together"),
+            ("tls_server_name", None if self.tls_server_name is None
+             else _host_problem(self.tls_server_name)),
+            ("tls", None if self.tls or (self.tls_ca is None and self.tls_cert is None
+                                          and self.tls_server_name is None
+                                          and self.tls_check_hostname)
+             else "TLS settings are given but tls is false"),
             ("concurrency", None if _is_int(self.concurrency) and 1 <= self.concurrency <= 64
              else "expected 1 to 64"),
             ("max_pdu", max_pdu_problem(self.max_pdu)),
@@ -957,6 +980,7 @@ _SCHEMA: Final[dict[tuple[str, ...], tuple[str, ...]]] = {
     ("logging",): ("level",),
     ("routing",): ("rules", "unmatched", "mpps", "storage_commitment"),
     ("destination",): ("name", "host", "port", "ae_title", "calling_ae", "tls", "tls_ca",
+                       "tls_cert", "tls_key", "tls_server_name", "tls_check_hostname",
                        "concurrency", "max_pdu", "timeout", "idle", "retry", "move_mode"),
     ("destination", "retry"): ("initial", "max", "attempts", "give_up_after"),
 }
@@ -1178,14 +1202,6 @@ class _Parser:
             host = self.string(entry, at("host"), "")
             if (problem := _host_problem(host)) is not None:
                 raise self.fail(at("host"), problem)
-            tls = self.boolean(entry, at("tls"), False)
-            tls_ca = self.path(entry, at("tls_ca"))
-            if tls_ca is not None and not tls:
-                raise self.fail(at("tls_ca"), "tls_ca is set but tls is false")
-            if tls_ca is not None and self.check_files:
-                # Else each delivery failed on it, unseen until someone looked.
-                self.readable({"tls_ca": tls_ca}, at)
-                self.trusted(ssl.create_default_context(), tls_ca, at("tls_ca"))
             retry = self.retry(entry, at("retry"))
             out.append(Destination(
                 name=name,
@@ -1193,8 +1209,7 @@ class _Parser:
                 port=self.integer(entry, at("port"), 104, _port_problem),
                 ae_title=self.ae_title(entry, at("ae_title"), ""),
                 calling_ae=self.ae_title(entry, at("calling_ae"), ae_title),
-                tls=tls,
-                tls_ca=tls_ca,
+                **self.destination_tls(entry, at),
                 concurrency=self.integer(entry, at("concurrency"), 2, _concurrency_problem),
                 max_pdu=self.integer(entry, at("max_pdu"), 1_048_576, max_pdu_problem),
                 timeout=self.seconds(entry, at("timeout"), 30.0, zero_ok=False),
@@ -1454,20 +1469,64 @@ class _Parser:
         assert cert is not None and private is not None
         if self.check_files:
             self.readable(paths, where)
-            try:
-                context = server_context(cert, private)
-            except EncryptedKeyError:
-                raise self.fail(where("tls_key"), f"{private} is encrypted, and the router "
-                                                  "cannot ask for its pass phrase: give it the "
-                                                  "key unencrypted, readable by its account "
-                                                  "only") from None
-            except ssl.SSLError as exc:
-                raise self.fail(where("tls_key"), f"{cert} and {private} are not a PEM "
-                                                  f"certificate and its private key "
-                                                  f"({_tls_why(exc)})") from None
+            context = self.key_pair(lambda: server_context(cert, private), cert, private,
+                                    where("tls_key"))
             if ca is not None:
                 self.trusted(context, ca, where("tls_ca"))
         return {"tls": True, "tls_cert": cert, "tls_key": private, "tls_ca": ca}
+
+    def destination_tls(self, entry: Mapping[str, object], at: _At) -> dict[str, Any]:
+        """A destination's tls settings, its files checked by loading them: else each
+        delivery failed on them, unseen until someone looked at the queue."""
+        tls = self.boolean(entry, at("tls"), False)
+        paths = {key: self.path(entry, at(key)) for key in ("tls_ca", "tls_cert", "tls_key")}
+        server_name = entry.get("tls_server_name")
+        if server_name is not None and (problem := _host_problem(server_name)) is not None:
+            raise self.fail(at("tls_server_name"), problem)
+        check_hostname = self.boolean(entry, at("tls_check_hostname"), True)
+        given = [key for key in ("tls_ca", "tls_cert", "tls_key", "tls_server_name",
+                                 "tls_check_hostname") if key in entry]
+        if not tls:
+            if given:
+                raise self.fail(at(given[0]), f"{given[0]} is set but tls is false")
+            return {}
+        ca, cert, private = paths["tls_ca"], paths["tls_cert"], paths["tls_key"]
+        if (cert is None) != (private is None):
+            missing = "tls_key" if private is None else "tls_cert"
+            raise self.fail(at("tls_key" if cert is None else "tls_cert"),
+                            f"{missing} is missing: a client certificate needs tls_cert "
+                            "and tls_key (PEM files)")
+        if not check_hostname and ca is None:
+            raise self.fail(at("tls_check_hostname"),
+                            "tls_check_hostname = false needs tls_ca: without a host name "
+                            "to check, a certificate any public CA issued to anybody "
+                            "would be accepted")
+        if not check_hostname and server_name is not None:
+            raise self.fail(at("tls_server_name"), "tls_server_name is the host name to "
+                                                   "check, but tls_check_hostname is false")
+        if self.check_files:
+            self.readable(paths, at)
+            if ca is not None:
+                self.trusted(ssl.create_default_context(), ca, at("tls_ca"))
+            self.key_pair(lambda: client_context(ca=ca, cert=cert, key=private,
+                                                 check_hostname=check_hostname),
+                          cert, private, at("tls_key"))
+        return {"tls": True, "tls_ca": ca, "tls_cert": cert, "tls_key": private,
+                "tls_server_name": server_name, "tls_check_hostname": check_hostname}
+
+    def key_pair(self, load: Callable[[], ssl.SSLContext], cert: Path | None,
+                 private: Path | None, at: _At) -> ssl.SSLContext:
+        """The context ``load`` makes with certificate ``cert`` and key ``private``,
+        or a one-line failure at ``at`` saying what is wrong with them."""
+        try:
+            return load()
+        except EncryptedKeyError:
+            raise self.fail(at, f"{private} is encrypted, and the router cannot ask for its "
+                                "pass phrase: give it the key unencrypted, readable by its "
+                                "account only") from None
+        except ssl.SSLError as exc:
+            raise self.fail(at, f"{cert} and {private} are not a PEM certificate and its "
+                                f"private key ({_tls_why(exc)})") from None
 
     def readable(self, paths: Mapping[str, Path | None], where: _At) -> None:
         for name, path in paths.items():

@@ -1,10 +1,15 @@
-"""TLS contexts for DICOM listeners (PS3.15 Annex B, Secure Transport Connection
-Profiles; the BCP 195 profile that DCMTK proposes by default).
+"""TLS contexts for DICOM listeners and destinations (PS3.15 Annex B, Secure Transport
+Connection Profiles; the BCP 195 profile that DCMTK proposes by default).
 
 A listener with ``tls = true`` presents ``tls_cert`` (a PEM chain, ours first) with
 ``tls_key``; with ``tls_ca`` set it also asks every peer for a certificate and
 accepts only one that chains to those CAs (mutual authentication, as PS3.15's
 profiles foresee for node authentication). TLS 1.2 is the floor (BCP 195).
+
+A destination with ``tls = true`` checks the node's certificate against ``tls_ca``
+(else the system's trust store) and its host name, or ``tls_server_name`` when the
+router reaches it by an address its certificate does not name; with ``tls_cert``
+and ``tls_key`` it presents a certificate of its own, for a node that requires one.
 
 The configuration check builds the context once, so that a missing file, a key
 that does not match its certificate or a CA file without certificates stops
@@ -16,7 +21,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-__all__ = ["EncryptedKeyError", "require_peer_certificates", "server_context"]
+__all__ = ["EncryptedKeyError", "client_context", "require_peer_certificates",
+           "server_context"]
 
 
 class EncryptedKeyError(ValueError):
@@ -47,3 +53,24 @@ def require_peer_certificates(context: ssl.SSLContext, ca: Path) -> None:
     if not context.cert_store_stats()["x509"]:
         raise ssl.SSLError(f"{ca}: no certificate in it")
     context.verify_mode = ssl.CERT_REQUIRED
+
+
+def client_context(*, ca: Path | None = None, cert: Path | None = None,
+                   key: Path | None = None, check_hostname: bool = True) -> ssl.SSLContext:
+    """A client-side context for one destination; ``OSError``/``ssl.SSLError`` (or
+    :class:`EncryptedKeyError`) on a file that cannot be read or used.
+
+    ``ca`` replaces the system's trust store. Any certificate in it is a trust
+    anchor, a server's own one too: pinning the PACS's certificate is how many
+    sites trust a node whose CA they do not run (OpenSSL's partial chains)."""
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca is not None:
+        if not context.cert_store_stats()["x509"]:
+            raise ssl.SSLError(f"{ca}: no certificate in it")
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    # Verification stays on without a host name to check: tls_ca then decides alone.
+    context.check_hostname = check_hostname
+    if cert is not None and key is not None:
+        context.load_cert_chain(certfile=cert, keyfile=key, password=_no_pass_phrase)
+    return context

@@ -283,6 +283,43 @@ ERRORS = [
     ),
     pytest.param(
         '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'tls_server_name = "pacs.example.org"\n',
+        "router.toml:6: [[destination]] #1 tls_server_name: tls_server_name is set but tls "
+        "is false",
+        id="destination-server-name-without-tls",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'tls = true\ntls_cert = "router.pem"\n',
+        "router.toml:7: [[destination]] #1 tls_cert: tls_key is missing: a client "
+        "certificate needs tls_cert and tls_key (PEM files)",
+        id="destination-client-certificate-without-key",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        "tls = true\ntls_check_hostname = false\n",
+        "router.toml:7: [[destination]] #1 tls_check_hostname: tls_check_hostname = false "
+        "needs tls_ca: without a host name to check, a certificate any public CA issued to "
+        "anybody would be accepted",
+        id="destination-no-hostname-check-without-ca",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'tls = true\ntls_ca = "ca.pem"\ntls_check_hostname = false\n'
+        'tls_server_name = "pacs"\n',
+        "router.toml:9: [[destination]] #1 tls_server_name: tls_server_name is the host name "
+        "to check, but tls_check_hostname is false",
+        id="destination-server-name-unchecked",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'tls = true\ntls_server_name = "pacs example"\n',
+        "router.toml:7: [[destination]] #1 tls_server_name: expected a host name or IP "
+        'address, got "pacs example"',
+        id="destination-server-name-blank",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
         "retry = { initial = 10, max = 5 }\n",
         "router.toml:6: [[destination]] #1 retry: max: expected at least initial (10.0), "
         "got 5.0",

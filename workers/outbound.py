@@ -61,6 +61,7 @@ from router.dicom.events import (
 from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
 from router.dicom.pdu import AAssociateRQ, PresentationContextResult
+from router.tls import client_context
 from workers.moves import Originator
 from workers.spool import IOV_MAX
 
@@ -121,6 +122,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = False
+        self._tls_error: str | None = None
         self._reading_paused = False
         self._ids = itertools.cycle(range(1, 65536))
         self.current_find: tuple[int, int] | None = None
@@ -138,6 +140,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
     @classmethod
     async def open(cls, host: str, port: int, request: AAssociateRQ, *, timeout: float,
                    ssl_context: ssl.SSLContext | None = None,
+                   server_hostname: str | None = None,
                    label: str = "") -> OutboundAssociation:
         """Connect and negotiate; raises :class:`OutboundError` if that fails."""
         loop = asyncio.get_running_loop()
@@ -146,11 +149,15 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: protocol, host, port, ssl=ssl_context,
-                                       server_hostname=host if ssl_context else None),
+                                       server_hostname=(server_hostname or host) if ssl_context
+                                       else None),
                 timeout)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (
                 exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
+            if isinstance(exc, ssl.SSLError) and (
+                    hint := _TLS_HINTS.get(getattr(exc, "reason", None) or "")):
+                reason += f" ({hint})"
             raise OutboundError(f"cannot connect to {host}:{port}: {reason}") from exc
         event = await protocol._next_event()
         if isinstance(event, AssociationEstablished):
@@ -163,7 +170,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 f"{label} rejected the association ({'permanent' if permanent else 'transient'}"
                 f", source {int(rj.source)}, reason {int(rj.reason)})", transient=not permanent)
         raise OutboundError(f"{label}: association failed during negotiation: "
-                            f"{_describe(event)}")
+                            f"{protocol._why(event)}")
 
     # ---------------------------------------------------------------- protocol
 
@@ -194,6 +201,11 @@ class OutboundAssociation(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if isinstance(exc, ssl.SSLError):
+            # An alert from the peer (say, TLS 1.3's "certificate required", which
+            # comes after the handshake): without it the log said only that the
+            # connection closed.
+            self._tls_error = getattr(exc, "reason", None) or str(exc)
         if self.engine.state is not State.STA1:
             with contextlib.suppress(ProtocolError):
                 self.engine.receive_data(b"")
@@ -202,6 +214,15 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         if not self._events or not isinstance(self._events[-1], ConnectionClosed):
             self._events.append(ConnectionClosed())
         self._wake()
+
+    def _why(self, event: Event) -> str:
+        """What ``event`` (the end of the association) was, with the TLS alert that
+        ended it, if one did, and what that alert usually means."""
+        why = _describe(event)
+        if self._tls_error is None:
+            return why
+        hint = _TLS_HINTS.get(self._tls_error.upper())
+        return f"{why}; TLS: {self._tls_error}" + (f" ({hint})" if hint else "")
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -416,7 +437,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         while True:
             event = await self._next_event()
             if not isinstance(event, DataReceived):
-                raise OutboundError(f"{self.label}: {_describe(event)} inside a data set")
+                raise OutboundError(f"{self.label}: {self._why(event)} inside a data set")
             yield bytes(event.data), event.last
             if event.last:
                 return
@@ -485,7 +506,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         while True:
             event = await self._next_event()
             if not isinstance(event, DataReceived):
-                raise OutboundError(f"{self.label}: {_describe(event)} inside a data set")
+                raise OutboundError(f"{self.label}: {self._why(event)} inside a data set")
             size += len(event.data)
             if size > limit:
                 self.abort(f"a data set larger than {limit} bytes")
@@ -582,7 +603,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             if isinstance(event, CommandReceived):
                 return event
             if not isinstance(event, CommandRejected):
-                raise OutboundError(f"{self.label}: {_describe(event)} {during}")
+                raise OutboundError(f"{self.label}: {self._why(event)} {during}")
             if event.has_dataset:
                 await self._drain()
 
@@ -590,7 +611,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         while True:
             event = await self._next_event()
             if not isinstance(event, DataReceived):
-                raise OutboundError(f"{self.label}: {_describe(event)}")
+                raise OutboundError(f"{self.label}: {self._why(event)}")
             if event.last:
                 return
 
@@ -685,6 +706,18 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+# OpenSSL's names of the alerts a server sends about the client's certificate.
+_TLS_HINTS: Final = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "it requires a client certificate: set tls_cert "
+                                         "and tls_key",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "it may require a client certificate: set tls_cert "
+                                     "and tls_key",
+    "TLSV1_ALERT_UNKNOWN_CA": "it does not trust our certificate's issuer",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "it refused our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it finds our certificate expired",
+}
+
+
 def _describe(event: Event) -> str:
     if isinstance(event, AssociationAborted):
         who = "we aborted" if event.local else ("the provider aborted" if event.provider
@@ -697,12 +730,34 @@ def _describe(event: Event) -> str:
 
 
 def tls_context(destination: Destination) -> ssl.SSLContext | None:
-    """The client TLS context for ``destination`` (PS3.15 B.1), None without TLS: the
-    system's trust store, or ``tls_ca`` when set, with host name checking."""
+    """The client TLS context for ``destination`` (PS3.15 B.1), None without TLS.
+
+    Kept while its files are unchanged: loading the system's trust store costs
+    milliseconds, each association again; a renewed certificate is taken at once."""
     if not destination.tls:
         return None
-    return ssl.create_default_context(
-        cafile=str(destination.tls_ca) if destination.tls_ca is not None else None)
+    files = (destination.tls_ca, destination.tls_cert, destination.tls_key)
+    key = (destination, tuple(_signature(path) for path in files))
+    context = _TLS_CONTEXTS.get(key)
+    if context is None:
+        context = client_context(ca=destination.tls_ca, cert=destination.tls_cert,
+                                 key=destination.tls_key,
+                                 check_hostname=destination.tls_check_hostname)
+        if len(_TLS_CONTEXTS) >= 64:  # old configurations and renewed files
+            _TLS_CONTEXTS.clear()
+        _TLS_CONTEXTS[key] = context
+    return context
+
+
+_TLS_CONTEXTS: dict[tuple[Destination, tuple[tuple[int, int, int] | None, ...]],
+                    ssl.SSLContext] = {}
+
+
+def _signature(path: Path | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    info = path.stat()
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def proposal_syntaxes(transfer_syntax: str) -> list[str]:
@@ -764,12 +819,16 @@ async def open_association(destination: Destination,
                             maximum_length=destination.max_pdu, roles=roles or None)
     try:
         context = tls_context(destination)
-    except (OSError, ValueError) as exc:  # tls_ca changed on disk since it was checked
-        raise OutboundError(f"{destination}: cannot use tls_ca {destination.tls_ca}: "
+    except (OSError, ValueError) as exc:  # a TLS file changed on disk since it was checked
+        files = ", ".join(str(path) for path in (destination.tls_ca, destination.tls_cert,
+                                                 destination.tls_key) if path is not None)
+        raise OutboundError(f"{destination}: cannot use its TLS files ({files}): "
                             f"{exc}") from None
+    server_name = destination.tls_server_name or destination.host
     return await OutboundAssociation.open(destination.host, destination.port, request,
                                           timeout=destination.timeout,
-                                          ssl_context=context, label=label)
+                                          ssl_context=context, label=label,
+                                          server_hostname=server_name)
 
 
 def _converted(path: Path, fd: int | None, part10: Part10, transfer_syntax: str) -> bytes:

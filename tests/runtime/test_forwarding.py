@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from tests.helpers.dcmtk import dcmtk_env
 from tests.helpers.net import free_port
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.router import Router, leftovers
+from tests.helpers.tls import certificate
 from workers.queue import queued
 
 pytestmark = pytest.mark.interop
@@ -754,24 +754,11 @@ def test_rules_check_names_file_and_line(tmp_path: Path) -> None:
 def test_destination_over_tls(tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """tls = true: the router verifies the destination's certificate against tls_ca
     (PS3.15 B.1, the BCP 195 profile DCMTK uses by default) and forwards over TLS."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("openssl missing under CI (scripts/setup --system installs it)")
-        pytest.skip("openssl not installed")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    key, cert = certificate(tmp_path, "127.0.0.1")
     sink = storescp_server(tmp_path, procs, aet="SECURE", args=["+B", "+tls", str(key),
                                                                 str(cert), "-ic"], dcmtk=dcmtk)
     # Another CA: the same server must not be trusted through it.
-    other_key, other = tmp_path / "other-key.pem", tmp_path / "other.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(other_key), "-out", str(other), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    _, other = certificate(tmp_path, "other")
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "all"\n[rule.then]\nforward = ["secure", "impostor"]\n')
     extra = ('[routing]\nrules = "rules.toml"\n' + _destination("secure", sink.port, "SECURE")

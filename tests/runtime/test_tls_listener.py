@@ -5,7 +5,6 @@ openssl tool for each test."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,27 +15,14 @@ from tests.helpers.data import make_ct
 from tests.helpers.dcmtk import Dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.router import Router
+from tests.helpers.tls import certificate, openssl
 
 pytestmark = pytest.mark.interop
 
 
-def _openssl() -> str:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("openssl missing under CI (scripts/setup --system installs it)")
-        pytest.skip("openssl not installed")
-    return openssl
-
-
 def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key: (key, certificate)."""
-    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
-    subprocess.run([_openssl(), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return key, cert
+    return certificate(folder, name)
 
 
 def _tls_router(tmp_path: Path, key: Path, cert: Path, ca: Path | None = None
@@ -159,11 +145,7 @@ def test_a_pinned_self_signed_modality_certificate_admits_it(tmp_path: Path,
     usual way to admit one node, was refused as "no PEM CA certificate", after a
     traceback (an outside campaign)."""
     key, cert = _certificate(tmp_path, "router")
-    modality_key, modality = tmp_path / "modality.key", tmp_path / "modality.pem"
-    subprocess.run([_openssl(), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(modality_key), "-out", str(modality), "-days", "2", "-subj",
-                    "/CN=modality", "-addext", "basicConstraints=critical,CA:FALSE"],
-                   check=True, capture_output=True, timeout=60)
+    modality_key, modality = certificate(tmp_path, "modality", san=None)
     router, port = _tls_router(tmp_path, key, cert, ca=modality)
     try:
         assert _echo(dcmtk, port, "+tls", modality_key, modality, "+cf", cert).returncode == 0
@@ -179,10 +161,11 @@ def test_tls_files_that_cannot_be_used_stop_start_up_with_one_line(tmp_path: Pat
 
     key, cert = _certificate(tmp_path, "router")
     encrypted = tmp_path / "encrypted.key"
-    subprocess.run([_openssl(), "rsa", "-in", str(key), "-aes128", "-passout", "pass:x",
+    subprocess.run([openssl(), "rsa", "-in", str(key), "-aes128", "-passout", "pass:x",
                     "-out", str(encrypted)], check=True, capture_output=True, timeout=60)
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
+    other_key, _ = _certificate(tmp_path, "other")
     listen = '[[router.listen]]\nport = 11112\ntls = true\ntls_cert = "{}"\ntls_key = "{}"\n'
     destination = ('[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\n'
                    'ae_title = "PACS"\ntls = true\ntls_ca = "{}"\n')
@@ -192,6 +175,15 @@ def test_tls_files_that_cannot_be_used_stop_start_up_with_one_line(tmp_path: Pat
          f"tls_ca: {garbage} holds no PEM certificate"),
         (destination.format(garbage), f"tls_ca: {garbage} holds no PEM certificate"),
         (destination.format(tmp_path / "missing.pem"), "tls_ca: cannot read"),
+        # The router's client certificate, for a destination that requires one.
+        (destination.format(cert) + f'tls_cert = "{cert}"\ntls_key = "{encrypted}"\n',
+         f"tls_key: {encrypted} is encrypted"),
+        (destination.format(cert) + f'tls_cert = "{cert}"\ntls_key = "{other_key}"\n',
+         f"tls_key: {cert} and {other_key} are not a PEM certificate and its private key"),
+        (destination.format(cert) + f'tls_cert = "{garbage}"\ntls_key = "{key}"\n',
+         f"tls_key: {garbage} and {key} are not a PEM certificate and its private key"),
+        (destination.format(cert) + f'tls_cert = "{cert}"\ntls_key = "{tmp_path / "k"}"\n',
+         "tls_key: cannot read"),
     ]:
         config = tmp_path / "router.toml"
         config.write_text(text)
