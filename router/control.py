@@ -357,6 +357,8 @@ class Heartbeat(Message):
     instances_failed: int = 0
     instances_forwarded: int = 0
     queued: int = 0  # instances its destination actors hold for delivery
+    # Whose: a heartbeat a dead worker left unread must not count for its successor.
+    pid: int = 0
 
 
 @_message("association.opened")

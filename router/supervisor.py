@@ -44,7 +44,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -62,6 +62,8 @@ log = logging.getLogger("router.supervisor")
 
 BOOT_ERROR = 3  # workers.main.BOOT_ERROR
 _RESPAWN_MIN, _RESPAWN_MAX = 0.1, 30.0
+# What the status counts per worker slot (see WorkerSlot.count).
+_COUNTS: Final = ("served", "stored", "failed", "forwarded")
 _STABLE_AFTER = 10.0  # a worker that lived this long resets the back-off
 _MAX_WAITING = 1024  # connections held while no worker takes them (see _watch)
 _RUN_DIR_CHECK = 5.0  # seconds between looks for a removed run folder
@@ -88,12 +90,25 @@ class WorkerSlot:
     handoffs_taken: int = 0
     rss: int = 0
     cpu_percent: float = 0.0
-    served_total: int = 0
     restarts: int = 0
     backoff: float = _RESPAWN_MIN
     respawn_at: float | None = None
-    totals: dict[str, int] = field(default_factory=lambda: {
-        "associations": 0, "instances": 0, "failed": 0, "forwarded": 0, "queued": 0})
+    # Counts since the worker process started, from its heartbeats, and those of the
+    # processes that held this slot before it (a restart must not lose them).
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
+    earlier: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
+    queued: int = 0
+
+    def count(self, key: str) -> int:
+        """``key`` of :data:`_COUNTS` since the router started."""
+        return self.earlier[key] + self.totals[key]
+
+    def retire(self) -> None:
+        """Its process is gone: keep what it counted."""
+        for key in _COUNTS:
+            self.earlier[key] += self.totals[key]
+        self.totals = dict.fromkeys(_COUNTS, 0)
+        self.queued = 0
 
     @property
     def load(self) -> int:
@@ -440,6 +455,7 @@ class Supervisor:
             lived = time.monotonic() - slot.started
             slot.proc = None
             slot.ready = False
+            slot.retire()
             if slot.channel is not None:
                 if slot.channel in self.watched:
                     self.poller.unregister(slot.channel)
@@ -492,23 +508,22 @@ class Supervisor:
                 self._retry_waiting()
             elif isinstance(message, control.Heartbeat):
                 self._heartbeat(slot, message)
-            elif isinstance(message, control.AssociationClosed):
-                slot.totals["associations"] += 1
-            elif isinstance(message, control.InstanceStored):
-                slot.totals["instances"] += 1
+            elif isinstance(message, control.AssociationClosed | control.InstanceStored):
+                pass  # counted in the heartbeats, which are exact
 
     @staticmethod
     def _heartbeat(slot: WorkerSlot, message: control.Heartbeat) -> None:
+        if message.pid and message.pid != slot.pid:
+            return  # its dead predecessor's, left unread in the queue
         slot.last_heartbeat = time.monotonic()
         slot.open_associations = message.open_associations
         # More than it was given: a heartbeat its dead predecessor left in the queue.
         slot.handoffs_taken = min(message.handoffs_taken, slot.handed_off)
         slot.rss, slot.cpu_percent = message.rss, message.cpu_percent
-        slot.served_total = message.served_total
-        slot.totals["instances"] = message.instances_stored
-        slot.totals["failed"] = message.instances_failed
-        slot.totals["forwarded"] = message.instances_forwarded
-        slot.totals["queued"] = message.queued
+        slot.totals = {"served": message.served_total, "stored": message.instances_stored,
+                       "failed": message.instances_failed,
+                       "forwarded": message.instances_forwarded}
+        slot.queued = message.queued
 
     def _slot_for(self, identity: bytes) -> WorkerSlot | None:
         for slot in self.slots:
@@ -701,10 +716,10 @@ class Supervisor:
                 "worker_id": s.worker_id, "pid": s.pid or 0, "ready": s.ready,
                 "uptime": round(now - s.started, 1) if s.proc else 0.0,
                 "open_associations": s.open_associations, "rss": s.rss,
-                "cpu_percent": s.cpu_percent, "served_total": s.served_total,
-                "restarts": s.restarts, "instances_stored": s.totals["instances"],
-                "instances_failed": s.totals["failed"],
-                "instances_forwarded": s.totals["forwarded"], "queued": s.totals["queued"],
+                "cpu_percent": s.cpu_percent, "served_total": s.count("served"),
+                "restarts": s.restarts, "instances_stored": s.count("stored"),
+                "instances_failed": s.count("failed"),
+                "instances_forwarded": s.count("forwarded"), "queued": s.queued,
             } for s in self.slots]
             return control.Reply.success({
                 "pid": os.getpid(), "uptime": round(now - self.started, 1),

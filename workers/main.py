@@ -576,7 +576,7 @@ class Worker:
                 served_total=self.served, instances_stored=self.instances_stored,
                 instances_failed=self.instances_failed,
                 instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
-                queued=sum(f.depth for f in self.forwarders.values())))
+                queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid()))
             self._restock()
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
 

@@ -51,6 +51,7 @@ __all__ = [
     "DeadLetter",
     "FailureRecord",
     "QueueSummary",
+    "counts",
     "dead_letters",
     "failure_record",
     "failure_records",
@@ -384,6 +385,14 @@ def summarize(root: Path, destinations: list[str] | None = None) -> list[QueueSu
         out.append(QueueSummary(destination=dest, queued=len(files), queued_bytes=sum(sizes),
                                 oldest=oldest, dead=len(_files(root / DEAD_DIR / dest))))
     return out
+
+
+def counts(root: Path, destinations: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """Queued and dead instances of each destination (configured ones plus any found
+    on disk), counted on disk: the spool's own answer, whichever worker holds them."""
+    return {dest: {"queued": len(_files(root / QUEUE_DIR / dest)),
+                   "dead": len(_files(root / DEAD_DIR / dest))}
+            for dest in known_destinations(root, destinations)}
 
 
 def queued_counts(root: Path) -> dict[str, int]:

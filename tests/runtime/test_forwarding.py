@@ -1026,6 +1026,42 @@ def test_status_counts_stored_and_forwarded_instances(tmp_path: Path, procs: Pro
         router.stop()
 
 
+def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """Both workers held parts of the shared queue, some files twice after a restart:
+    the total said 9 queued for 6 files; and a restarted worker's stored instances
+    dropped out of the counts. The queue now comes from the spool, and the counts of
+    a slot's earlier processes stay."""
+    router = _forward_all(tmp_path, "pacs", free_port(), "PACS")  # nothing listens
+    try:
+        router.wait_for("ready: 2 workers serving")
+        for i in range(2):
+            _send(dcmtk, router, f"MOD{i}", _study(tmp_path / f"s{i}", 3, modality="CT",
+                                                    description="x", seed=50 + i))
+        deadline = time.monotonic() + 10
+        while True:  # the counts ride in heartbeats (every 0.2 s here)
+            workers = router.status()["workers"]
+            assert isinstance(workers, list)
+            if sum(w["instances_stored"] for w in workers) == 6 \
+                    or time.monotonic() > deadline:
+                break
+        busiest = max(workers, key=lambda w: w["instances_stored"])
+        os.kill(busiest["pid"], signal.SIGKILL)
+        router.wait_count(f"worker {busiest['worker_id']} ready", 2)
+        router.wait_for("queued instance(s) taken up from disk")
+        status = router.status()
+        workers = status["workers"]
+        assert isinstance(workers, list)
+        assert sum(w["instances_stored"] for w in workers) == 6
+        assert status["queues"] == {"pacs": {"queued": 6, "dead": 0}}
+        table = router.command("status").stdout
+        total = next(line for line in table.splitlines() if line.startswith(" total"))
+        assert total.split()[3:7] == ["6", "0", "0", "6"], table
+        assert "queues: pacs 6 queued; unrouted: 0" in table
+    finally:
+        router.stop()
+
+
 def test_a_changed_value_outside_the_character_set_arrives_readable(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """A rule that sets a name with umlauts and a description in Cyrillic: one instance
