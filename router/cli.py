@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("target", nargs="?", default=None, metavar="DEST|ID")
     retry.add_argument("--timeout", type=float, default=5.0,
                        help="seconds to wait for the running router")
+    retry.add_argument("--superseded", action="store_true",
+                       help="also the letters a newer version of their instance "
+                            "superseded (kept otherwise: sent after it, the old version "
+                            "would replace the correction at the destination)")
     purge = qsub.add_parser("purge", help="delete a destination's dead letters",
                             description="Delete the dead letters of DEST (--dead is required: "
                                         "queued instances are never purged by this command).")
@@ -818,12 +822,17 @@ def cmd_queue(args: argparse.Namespace) -> int:
     queues again, and told nothing if it is not running.
     """
     from workers import queue as q
+    from workers.spool import DEAD_DIR, QUEUE_DIR, UNROUTED_DIR
 
     config, _ = _runtime_config(args)
     root = config.spool
     names = [d.name for d in config.destinations]
     if not root.is_dir():
         raise UsageError(f"no spool at {root} (--spool, or [spool] path in --config)")
+    if not any((root / folder).is_dir() for folder in (QUEUE_DIR, DEAD_DIR, UNROUTED_DIR)):
+        # Else a mistyped --spool listed nothing and said all was well.
+        raise UsageError(f"{root} is not a router spool (no {QUEUE_DIR}/, {DEAD_DIR}/ or "
+                         f"{UNROUTED_DIR}/ in it): --spool, or [spool] path in --config")
 
     def destination(text: str) -> str:
         """A destination named on the command line: configured, or with a queue or
@@ -863,7 +872,8 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
                     "queued_bytes": s.queued_bytes, "oldest": s.oldest, "dead": s.dead,
                     "dead_letters": [{"name": d.name, "reason": d.reason, "status": d.status,
                                       "attempts": d.attempts, "time": d.time,
-                                      "sop_instance_uid": d.sop_instance_uid}
+                                      "sop_instance_uid": d.sop_instance_uid,
+                                      "superseded_by": d.superseded_by}
                                      for d in q.dead_letters(root, s.destination)],
                 } for s in summaries]}, indent=2))
             return EXIT_OK
@@ -888,19 +898,29 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
         if target is not None and "/" in target:
             # DEST/ID, as `queue ls` prints a dead letter
             dest_text, _, name = target.partition("/")
-            dest = destination(dest_text)
+            if dest_text:
+                dest = destination(dest_text)
+            if not dest_text or not name or "/" in name:
+                raise UsageError(f"no dead letter matches {target!r}: expected DEST, ID "
+                                 "or DEST/ID as `queue ls` prints them, not a path")
         elif target is not None:
             try:
                 dest = destination(target)
             except UsageError:
                 name = target  # an instance's file name
-        moved = q.retry_dead(root, dest, name)
-        if name is not None and moved == 0:
+        retried = q.retry_dead(root, dest, name, superseded=args.superseded)
+        moved = retried.moved
+        if name is not None and moved == 0 and not retried.kept:
             # A destination with nothing dead is not an error (a nightly `queue retry
             # pacs` must not fail); a name that matches nothing is.
             raise UsageError(f"no dead letter matches {target!r} (a destination or an "
                              "instance file name, see `queue ls`)")
         print(f"{moved} instance(s) moved back to their queue")
+        for letter in retried.kept:
+            print(f"kept {letter.destination}/{letter.name}: superseded by "
+                  f"{letter.superseded_by}, a newer version of the instance, which may "
+                  "be delivered by now; sent again, this old version would replace it "
+                  "(--superseded sends it all the same)")
         try:
             _admin(args, "rescan", config)
         except RouterNotRunning:

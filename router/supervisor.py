@@ -176,6 +176,14 @@ class Supervisor:
                  f" ({', '.join(f'{d}: {n}' for d, n in sorted(queues.items()))})"
                  if queues else "", report.completed, report.removed_temporary,
                  report.removed_spares)
+        configured = {d.name for d in self.config.destinations}
+        for dest, count in sorted(queues.items()):
+            if dest not in configured:
+                # A destination renamed or removed from the file: nothing would ever
+                # say that its instances wait there for nobody.
+                log.warning("spool %s: %d instance(s) queued for destination %s, which is "
+                            "not configured: they wait there until it is again",
+                            self.config.spool, count, dest)
         self.ctx = zmq.Context()
         self.sockets = control.bind_supervisor(self.ctx, self.run_dir,
                                                admin_path=self.config.admin_socket)

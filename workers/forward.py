@@ -770,7 +770,7 @@ class DestinationActor:
             try:
                 move_to_dead(self.spool.root, self.name, entry.name, reason=why, status=status,
                              attempts=entry.failures, fsync=self.fsync,
-                             sop_instance_uid=entry.uid)
+                             sop_instance_uid=entry.uid, superseded_by=newer)
             except FileNotFoundError:
                 pass
             except OSError as exc:

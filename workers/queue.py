@@ -51,6 +51,7 @@ __all__ = [
     "DeadLetter",
     "FailureRecord",
     "QueueSummary",
+    "Retried",
     "counts",
     "dead_letters",
     "failure_record",
@@ -84,6 +85,9 @@ class DeadLetter:
     attempts: int
     time: float
     sop_instance_uid: str | None = None
+    # The newer version of the instance queued behind it when it failed: sending it
+    # again after that one may leave the destination with the old version.
+    superseded_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,15 +254,18 @@ def _failure_path(root: Path, destination: str, name: str) -> Path:
 
 def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
                  status: int | None, attempts: int, fsync: bool = True,
-                 sop_instance_uid: str | None = None) -> Path:
+                 sop_instance_uid: str | None = None, superseded_by: str | None = None,
+                 ) -> Path:
     """Move a queued instance to the dead-letter folder with its reason (and its SOP
     Instance UID, when it was read: the file name is the router's, not the
-    instance's); its new path."""
+    instance's; and the newer version queued behind it, if one was); its new path."""
     dead = root / DEAD_DIR / destination
     dead.mkdir(parents=True, exist_ok=True)
     stem = name.removesuffix(SUFFIX)
     record = {"destination": destination, "reason": reason, "status": status,
               "attempts": attempts, "time": time.time(), "sop_instance_uid": sop_instance_uid}
+    if superseded_by is not None:
+        record["superseded_by"] = superseded_by
     tmp = dead / f".{stem}{_REASON_SUFFIX}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
@@ -287,8 +294,8 @@ def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLet
                 record = json.loads((folder / f"{stem}{_REASON_SUFFIX}").read_text("utf-8"))
             if not isinstance(record, dict):
                 record = {}  # not the router's: the letter is listed all the same
-            status, attempts, uid = (record.get(key) for key in (
-                "status", "attempts", "sop_instance_uid"))
+            status, attempts, uid, newer = (record.get(key) for key in (
+                "status", "attempts", "sop_instance_uid", "superseded_by"))
             when = _time(record.get("time"))
             if not when:
                 with contextlib.suppress(OSError):
@@ -299,7 +306,8 @@ def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLet
                 status=status if _is_int(status, 0xFFFF) else None,
                 attempts=attempts if _is_int(attempts, _MAX_FAILURES) else 0,
                 time=when or 0.0,
-                sop_instance_uid=uid if isinstance(uid, str) else None)
+                sop_instance_uid=uid if isinstance(uid, str) else None,
+                superseded_by=newer if isinstance(newer, str) else None)
 
 
 def _is_int(value: object, most: int) -> TypeGuard[int]:
@@ -316,13 +324,29 @@ def _checked(destination: str) -> str:
     return destination
 
 
-def retry_dead(root: Path, destination: str | None = None, name: str | None = None) -> int:
+@dataclass(frozen=True, slots=True)
+class Retried:
+    """What :func:`retry_dead` did."""
+
+    moved: int
+    # Superseded letters left in dead/ (see DeadLetter.superseded_by).
+    kept: tuple[DeadLetter, ...] = ()
+
+
+def retry_dead(root: Path, destination: str | None = None, name: str | None = None, *,
+               superseded: bool = False) -> Retried:
     """Move dead letters back into their queue (all, one destination's, or the one
-    named ``name``, with or without ``.dcm``); how many moved."""
+    named ``name``, with or without ``.dcm``). Superseded ones stay unless
+    ``superseded``: the newer version behind each may be delivered by now, and the
+    old one sent after it would replace the correction at the destination."""
     moved = 0
+    kept = []
     wanted = None if name is None else name.removesuffix(SUFFIX) + SUFFIX
     for letter in list(dead_letters(root, destination)):
         if wanted is not None and letter.name != wanted:
+            continue
+        if letter.superseded_by is not None and not superseded:
+            kept.append(letter)
             continue
         queue = root / QUEUE_DIR / letter.destination
         queue.mkdir(parents=True, exist_ok=True)
@@ -341,7 +365,7 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
         with contextlib.suppress(FileNotFoundError):
             (letter.path.parent / (letter.name.removesuffix(SUFFIX) + _REASON_SUFFIX)).unlink()
         moved += 1
-    return moved
+    return Retried(moved, tuple(kept))
 
 
 def purge_dead(root: Path, destination: str) -> int:

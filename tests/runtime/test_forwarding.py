@@ -1062,6 +1062,22 @@ def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
         router.stop()
 
 
+def test_a_queue_of_a_destination_no_longer_configured_is_said_at_start(
+        tmp_path: Path) -> None:
+    """A destination renamed in the file left its queue behind, and nothing said so."""
+    queue = tmp_path / "spool" / "queue" / "old-pacs"
+    queue.mkdir(parents=True)
+    make_ct(queue / "01795708644429803112-1-0.dcm", size_kb=4, seed=3)
+    router = Router(tmp_path)
+    try:
+        router.wait_for("1 instance(s) queued for destination old-pacs, which is not "
+                        "configured: they wait there until it is again")
+        router.wait_for("ready: 2 workers serving")
+        assert "queues: old-pacs 1 queued" in router.command("status").stdout
+    finally:
+        router.stop()
+
+
 def test_a_changed_value_outside_the_character_set_arrives_readable(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """A rule that sets a name with umlauts and a description in Cyrillic: one instance

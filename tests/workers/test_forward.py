@@ -32,6 +32,7 @@ from tests.helpers import (
 )
 from tests.helpers.net import free_port
 from workers.forward import DestinationActor, is_permanent_failure
+from workers.queue import retry_dead
 from workers.spool import Spool
 
 pytestmark = pytest.mark.interop
@@ -658,7 +659,6 @@ def test_two_workers_keep_one_back_off_and_a_retry_gives_fresh_attempts(
     apart with a 6 s back-off, and the one that had not dead-lettered it kept its
     count, so after `queue retry` the instance got 2 tries of 3. Now the record on
     disk holds the back-off and the count for both."""
-    from workers.queue import retry_dead
 
     tries: list[float] = []
     changed: list[Callable[[], None]] = []  # wakes the test's loop from the SCP's thread
@@ -700,7 +700,7 @@ def test_two_workers_keep_one_back_off_and_a_retry_gives_fresh_attempts(
                 for actor in actors:  # `queue retry pacs` with nothing dead: a rescan
                     actor.scan()
                 await until(lambda: dead() == 1)
-                assert retry_dead(spool.root, "pacs") == 1
+                assert retry_dead(spool.root, "pacs").moved == 1
                 for actor in actors:
                     actor.scan()
                 await until(lambda: dead() == 2)
@@ -893,6 +893,11 @@ def test_a_failed_older_version_gives_way_to_the_newer_one(tmp_path: Path,
     letter = json.loads((spool.root / "dead" / "pacs" / old).with_suffix(".json").read_text())
     assert "superseded by" in letter["reason"] and f"0x{status:04X}" in letter["reason"]
     assert not [p for p in (spool.root / "order").rglob("*") if p.is_file()]
+    # The correction is delivered: `queue retry` keeps the original, which would
+    # replace it at the destination.
+    retried = retry_dead(spool.root, "pacs")
+    assert retried.moved == 0 and [k.name for k in retried.kept] == [old]
+    assert retried.kept[0].superseded_by is not None
 
 
 def test_a_newer_version_goes_once_the_older_one_is_a_dead_letter(tmp_path: Path) -> None:

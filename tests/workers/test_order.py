@@ -102,7 +102,7 @@ def test_a_dead_letter_leaves_the_order_and_a_retried_one_keeps_its_place(
     assert _markers(tmp_path) == [new]
     # `queue retry`: the older version is queued again where it was received (its
     # stem), not now: still ahead of the newer one.
-    assert retry_dead(tmp_path, "pacs") == 1
+    assert retry_dead(tmp_path, "pacs").moved == 1
     assert order.versions(tmp_path, "pacs", new, UID).older == old
 
 

@@ -88,6 +88,43 @@ def test_a_spool_that_is_not_there_is_said_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
                            str(tmp_path / "typo")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no spool at" in done.stderr, done
+    # A folder that is there but holds no spool listed nothing, and exit 0.
+    (tmp_path / "home").mkdir()
+    done = subprocess.run([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
+                           str(tmp_path / "home")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is not a router spool" in done.stderr, done
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "pacs/", "pacs/../../x.dcm"])
+def test_a_path_given_to_retry_is_said_to_be_one(tmp_path: Path, target: str) -> None:
+    """`queue retry /etc/passwd` answered "no destination named ''"."""
+    root, config = _spool(tmp_path)
+    before = _files(root)
+    done = _queue_cmd(config, "retry", target)
+    assert done.returncode == 2 and "not a path" in done.stderr, done
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert _files(root) == before
+
+
+def test_retry_keeps_a_superseded_letter_unless_told(tmp_path: Path) -> None:
+    """A letter a newer version superseded was sent again by `queue retry`, after the
+    newer one had been delivered: the destination ended with the old version."""
+    root, config = _spool(tmp_path)
+    (root / "dead" / "pacs" / "old.dcm").write_bytes(b"v1")
+    (root / "dead" / "pacs" / "old.json").write_text(json.dumps(
+        {"reason": "0110H; superseded by new.dcm", "superseded_by": "new.dcm"}))
+    done = _queue_cmd(config, "retry", "pacs")
+    assert done.returncode == 0, done
+    assert "1 instance(s) moved back" in done.stdout  # dead-pacs.dcm
+    assert "kept pacs/old.dcm: superseded by new.dcm" in done.stdout
+    assert (root / "dead" / "pacs" / "old.dcm").exists()
+    letters = json.loads(_queue_cmd(config, "ls", "pacs", "--json").stdout)
+    assert letters["destinations"][0]["dead_letters"][0]["superseded_by"] == "new.dcm"
+    done = _queue_cmd(config, "retry", "pacs/old.dcm")  # named: kept all the same
+    assert done.returncode == 0 and "kept pacs/old.dcm" in done.stdout, done
+    done = _queue_cmd(config, "retry", "pacs/old.dcm", "--superseded")
+    assert done.returncode == 0 and "1 instance(s) moved back" in done.stdout, done
+    assert (root / "queue" / "pacs" / "old.dcm").exists()
 
 
 @pytest.mark.parametrize("reason", [
@@ -120,7 +157,7 @@ def test_a_retried_dead_letter_does_not_inherit_a_failure_record(tmp_path: Path)
     root, _ = _spool(tmp_path)
     (root / "queue" / "pacs" / "dead-pacs.json").write_text(
         '{"failures": 19, "first": 1000, "reason": "0110H"}')
-    assert retry_dead(root, "pacs") == 1
+    assert retry_dead(root, "pacs").moved == 1
     assert (root / "queue" / "pacs" / "dead-pacs.dcm").exists()
     assert failure_record(root, "pacs", "dead-pacs.dcm") is None
 
