@@ -53,6 +53,7 @@ from router.config import Config, ConfigError
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
 from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
+from router.tls import expiry_problem
 from rules import RuleError
 from workers import order
 from workers.queue import queued_counts
@@ -159,6 +160,7 @@ class Supervisor:
 
     def run(self) -> int:
         log.info("dicom-router: %s", self.config.describe())
+        self._check_certificates()
         if not self._lock_spool():
             # Not 2: the other router may be on its way out (a restart), and a service
             # manager should try again.
@@ -694,11 +696,21 @@ class Supervisor:
         self.generation += 1
         prune(self.run_dir, keep=self.generation - 1)
         self._tell_workers(control.Reload(generation=self.generation, snapshot=str(written)))
+        self._check_certificates()
         log.info("configuration generation %d loaded from %s", self.generation,
                  config.source)
         if serving:
             self.notifier.ready(self._status_line())
         return None
+
+    def _check_certificates(self) -> None:
+        """Say which of our certificates (listeners', destinations' client ones) have
+        expired, are not valid yet or expire soon."""
+        ours = [(f"port {listen.port}", listen.tls_cert) for listen in self.config.listen]
+        ours += [(f"destination {d.name}", d.tls_cert) for d in self.config.destinations]
+        for where, cert in ours:
+            if cert is not None and (problem := expiry_problem(cert)) is not None:
+                log.warning("TLS certificate of %s: %s", where, problem)
 
     def _reload_refused(self, why: str, serving: bool) -> str:
         """Say a reload was refused (log, and systemd's STATUS=); the reply's reason."""

@@ -19,10 +19,14 @@ start-up (or a reload) with one line, not the first TLS association.
 from __future__ import annotations
 
 import ssl
+import time
 from pathlib import Path
 
-__all__ = ["EncryptedKeyError", "client_context", "require_peer_certificates",
-           "server_context"]
+__all__ = ["EXPIRY_WARNING_DAYS", "EncryptedKeyError", "client_context", "expiry_problem",
+           "require_peer_certificates", "server_context"]
+
+# A certificate that expires sooner than this is said at start and on each reload.
+EXPIRY_WARNING_DAYS = 30
 
 
 class EncryptedKeyError(ValueError):
@@ -74,3 +78,31 @@ def client_context(*, ca: Path | None = None, cert: Path | None = None,
     if cert is not None and key is not None:
         context.load_cert_chain(certfile=cert, keyfile=key, password=_no_pass_phrase)
     return context
+
+
+def expiry_problem(cert: Path, now: float | None = None) -> str | None:
+    """What is wrong with the validity of the first certificate in ``cert`` (expired,
+    not valid yet, expiring within :data:`EXPIRY_WARNING_DAYS`), or None.
+
+    OpenSSL loads an expired certificate of our own without a word, and the peers
+    then refuse every handshake: the router says it at start instead. The standard
+    library reads a certificate file only through this private helper of CPython's
+    (stable since Python 3.3); without it nothing is said."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None
+    now = time.time() if now is None else now
+    when = time.strftime("%Y-%m-%d", time.gmtime(not_after))
+    if now >= not_after:
+        return f"{cert} expired on {when}: peers will refuse it"
+    if now < not_before:
+        return (f"{cert} is not valid before "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(not_before))} UTC: peers will "
+                "refuse it until then")
+    days = (not_after - now) / 86400
+    if days < EXPIRY_WARNING_DAYS:
+        return f"{cert} expires on {when}, in {days:.0f} day(s): renew it"
+    return None

@@ -40,6 +40,7 @@ import functools
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -47,7 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 from router.config import Destination
 from router.dicom import dimse, uids
@@ -197,6 +198,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._view = receive_buffer if receive_buffer is not None else new_receive_buffer()
         self._mailbox: deque[Event] = deque()
         self._busy = False  # a C-STORE is waiting for its commit
+        # How the peer came: " over TLSv1.3, certificate CN=..." (its open lines say it).
+        self._tls = ""
         self._paused = False  # reading paused (see _sync_reading)
         self._backlogged = False  # the mailbox is past MAILBOX_HIGH_WATER
         self._writer: SpoolWriter | None = None
@@ -246,6 +249,9 @@ class AssociationActor(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         if peer and not self.proxied:
             self.stats.peer = (str(peer[0]), int(peer[1]))
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            self._tls = f" over {tls.version() or 'TLS'}, {_certificate_said(tls)}"
         self.engine.connection_made()
         self._after_engine()
 
@@ -459,13 +465,13 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.stats.outcome = (f"rejected (result {int(answer.result)} source "
                                   f"{int(answer.source)} reason {answer.reason})")
             log.log(logging.WARNING if answer is LOCAL_LIMIT_EXCEEDED else logging.INFO,
-                    "association %s rejected: %s%s", self._who(), self.stats.outcome,
-                    f": {why}" if why else "")
+                    "association %s%s rejected: %s%s", self._who(), self._tls,
+                    self.stats.outcome, f": {why}" if why else "")
             self.engine.reject(answer)
             return
         contexts = self.engine.accept(answer)
-        log.info("association %s accepted: %d of %d contexts", self._who(), len(contexts),
-                 len(rq.presentation_contexts))
+        log.info("association %s%s accepted: %d of %d contexts", self._who(), self._tls,
+                 len(contexts), len(rq.presentation_contexts))
         self._emit("association.opened")
 
     def _command(self, event: CommandReceived) -> None:
@@ -1319,6 +1325,22 @@ class AssociationActor(asyncio.BufferedProtocol):
 
 
 _Retrieval = dimse.CFindRQ | dimse.CMoveRQ | dimse.CGetRQ
+
+
+def _certificate_said(tls: ssl.SSLObject) -> str:
+    """The peer's certificate subject, as the log names it: which modality came in
+    is the first question when a TLS port is shared (PS3.15 B.1 node authentication)."""
+    cert = tls.getpeercert()  # empty unless the listener verified one (tls_ca)
+    if not cert:
+        return "no client certificate checked"
+    names = cast(tuple[tuple[tuple[str, str], ...], ...], cert.get("subject", ()))
+    subject = ", ".join(f"{_SUBJECT_KEYS[key]}={value}" for rdn in names
+                        for key, value in rdn if key in _SUBJECT_KEYS)
+    return f"certificate {subject or 'without a subject name'}"
+
+
+_SUBJECT_KEYS: Final = {"commonName": "CN", "organizationName": "O",
+                        "organizationalUnitName": "OU"}
 
 
 def _event_name(event: CommandReceived | CommandRejected) -> str:

@@ -388,7 +388,8 @@ class Worker:
             spec = self._listener(port)
             self.adopting += 1
             self.loop.create_task(self._adopt(
-                sock, peer, context, proxy=spec if spec and spec.proxy_protocol else None))
+                sock, peer, context, proxy=spec if spec and spec.proxy_protocol else None,
+                port=port))
 
     def _listener(self, port: int) -> Listen | None:
         """This configuration's listener on ``port`` (after ``--port``, the first)."""
@@ -431,18 +432,22 @@ class Worker:
 
     async def _adopt(self, sock: socket.socket, peer: tuple[str, int],
                      context: ssl.SSLContext | None = None, *,
-                     proxy: Listen | None = None) -> None:
+                     proxy: Listen | None = None, port: int = 0) -> None:
         made: list[AssociationActor] = []
 
         def factory() -> AssociationActor:
             if not made:
                 self.adopting -= 1  # counted as an actor from here
             limit = self.settings.max_associations
+            # Connections still in their TLS handshake (no transport yet) do not count:
+            # a peer that stalls handshakes must not fill the limit for ARTIM.
+            over = limit is not None and len(self.actors) >= limit and sum(
+                actor.transport is not None for actor in self.actors) >= limit
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
                                      receive_buffer=self.receive_buffer,
                                      dispatcher=lambda: self.dispatcher,
-                                     over_limit=limit is not None and len(self.actors) >= limit,
+                                     over_limit=over,
                                      peer=peer, proxied=proxy is not None)
             self.actors.add(actor)
             made.append(actor)
@@ -466,8 +471,10 @@ class Worker:
                 log.info("worker %d: connection lost before it was served: %s",
                          self.worker_id, exc)
             else:
-                log.warning("worker %d: TLS handshake with %s:%d failed: %s", self.worker_id,
-                            *peer, exc or type(exc).__name__)
+                why = "no handshake within ARTIM" if isinstance(exc, TimeoutError) \
+                    else exc or type(exc).__name__
+                log.warning("worker %d: TLS handshake with %s:%d on port %d failed: %s",
+                            self.worker_id, *peer, port, why)
             sock.close()
             for actor in made:
                 if actor.transport is None:  # never connected: it will not close itself

@@ -24,17 +24,18 @@ def openssl() -> str:
 
 
 def certificate(folder: Path, name: str, *, san: str | None = "IP:127.0.0.1",
-                ca: bool = False) -> tuple[Path, Path]:
+                ca: bool = False, days: int = 2) -> tuple[Path, Path]:
     """A self-signed certificate with subject CN=``name`` and its key: (key,
-    certificate). ``san`` is its subjectAltName (None: none, the CN alone names it);
-    ``ca`` makes it a CA that :func:`issued` can sign with."""
+    certificate), valid from now for ``days``. ``san`` is its subjectAltName (None:
+    none, the CN alone names it); ``ca`` makes it a CA that :func:`issued` can sign
+    with."""
     key, cert = folder / f"{name}.key", folder / f"{name}.pem"
     extensions = ["-addext", f"subjectAltName={san}"] if san else []
     extensions += ["-addext", f"basicConstraints=critical,CA:{'TRUE' if ca else 'FALSE'}"]
     if ca:
         extensions += ["-addext", "keyUsage=critical,keyCertSign,cRLSign"]
     subprocess.run([openssl(), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+                    str(key), "-out", str(cert), "-days", str(days), "-subj", f"/CN={name}",
                     *extensions], check=True, capture_output=True, timeout=60)
     return key, cert
 

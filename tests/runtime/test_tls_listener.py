@@ -94,6 +94,52 @@ def test_tls_ca_admits_only_peers_with_a_certificate_from_it(tmp_path: Path,
         router.stop()
 
 
+def test_the_log_says_how_a_peer_came_and_why_a_handshake_failed(tmp_path: Path,
+                                                                 dcmtk: Dcmtk) -> None:
+    """A shared TLS port: which modality came in (its certificate's subject) and over
+    what; a failed handshake names the port; our certificate about to expire is said
+    at start. None of that was logged."""
+    key, cert = _certificate(tmp_path, "router")
+    modality_key, modality = _certificate(tmp_path, "modality")
+    router, port = _tls_router(tmp_path, key, cert, ca=modality)
+    try:
+        router.wait_for(f"TLS certificate of port {port}: {cert} expires on")
+        assert _echo(dcmtk, port, "+tls", modality_key, modality, "+cf", cert).returncode == 0
+        router.wait_for("over TLSv1.3, certificate CN=modality accepted")
+        assert _echo(dcmtk, port, "+tla", "+cf", cert).returncode != 0
+        router.wait_for("TLS handshake with 127.0.0.1:")
+        line = next(li for li in router.lines if "TLS handshake with" in li)
+        assert f"on port {port} failed" in line, line
+    finally:
+        router.stop()
+
+
+def test_stalled_handshakes_do_not_fill_max_associations(tmp_path: Path,
+                                                         dcmtk: Dcmtk) -> None:
+    """Connections that never finish their TLS handshake counted as associations
+    until ARTIM: a few of them and a modality was answered "try later"."""
+    import socket
+
+    key, cert = _certificate(tmp_path, "router")
+    port = free_port()
+    router = Router(tmp_path, router_extra="max_associations = 2\n", extra=(
+        f'[[router.listen]]\nhost = "127.0.0.1"\nport = {port}\ntls = true\n'
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\n'))
+    stalled = []
+    try:
+        router.wait_for("ready: 2 workers serving")
+        # Two in each worker, whose share of the limit is one; accepted and handed
+        # off in order, they are adopted before the echo is.
+        for _ in range(4):
+            stalled.append(socket.create_connection(("127.0.0.1", port)))
+        assert _echo(dcmtk, port, "+tla", "+cf", cert).returncode == 0
+        assert router.count("max_associations") == 0
+    finally:
+        for sock in stalled:
+            sock.close()
+        router.stop()
+
+
 def test_a_renewed_certificate_takes_effect_on_reload(tmp_path: Path, dcmtk: Dcmtk) -> None:
     key, cert = _certificate(tmp_path, "router")
     new_key, renewed = _certificate(tmp_path, "renewed")
