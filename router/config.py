@@ -435,6 +435,14 @@ class Destination:
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{', TLS' if self.tls else ''})"
 
+    def link(self) -> tuple[object, ...]:
+        """What an open association to it was made with: one opened with other
+        values (before a reload) is not used again. A reload that turns TLS on must
+        not leave instances going out in plain text on a busy association."""
+        return (self.host, self.port, self.ae_title, self.calling_ae, self.max_pdu,
+                self.tls, self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name,
+                self.tls_check_hostname)
+
     def is_peer(self, calling_ae: str, address: str) -> bool:
         """Whether an association calling from ``calling_ae`` at ``address`` is this
         node: its AE title, or an address its host name resolves to (a PACS may call
@@ -859,6 +867,16 @@ def _host_problem(host: object) -> str | None:
         return f"expected a host name or IP address (a string), got {_show(host)}"
     if not host or any(c.isspace() for c in host) or not host.isprintable():
         return f"expected a host name or IP address, got {_show(host)}"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            # What the resolver and TLS's server name will do with it: an empty
+            # label ("pacs..org") or one over 63 characters failed each connection.
+            host.encode("idna")
+        except UnicodeError:
+            return (f"expected a host name or IP address, got {_show(host)} (an empty "
+                    "label, or one longer than 63 characters)")
     return None
 
 
@@ -1483,6 +1501,9 @@ class _Parser:
         server_name = entry.get("tls_server_name")
         if server_name is not None and (problem := _host_problem(server_name)) is not None:
             raise self.fail(at("tls_server_name"), problem)
+        if isinstance(server_name, str):
+            # The absolute form names the same host; certificates never carry the dot.
+            server_name = server_name.rstrip(".") or server_name
         check_hostname = self.boolean(entry, at("tls_check_hostname"), True)
         given = [key for key in ("tls_ca", "tls_cert", "tls_key", "tls_server_name",
                                  "tls_check_hostname") if key in entry]
@@ -1507,10 +1528,13 @@ class _Parser:
         if self.check_files:
             self.readable(paths, at)
             if ca is not None:
-                self.trusted(ssl.create_default_context(), ca, at("tls_ca"))
-            self.key_pair(lambda: client_context(ca=ca, cert=cert, key=private,
-                                                 check_hostname=check_hostname),
-                          cert, private, at("tls_key"))
+                # A context without the system's trust store: counting its
+                # certificates must count tls_ca's alone (a CRL file holds none).
+                self.trusted(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ca, at("tls_ca"))
+            if cert is not None:
+                self.key_pair(lambda: client_context(ca=ca, cert=cert, key=private,
+                                                     check_hostname=check_hostname),
+                              cert, private, at("tls_key"))
         return {"tls": True, "tls_ca": ca, "tls_cert": cert, "tls_key": private,
                 "tls_server_name": server_name, "tls_check_hostname": check_hostname}
 

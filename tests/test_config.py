@@ -26,6 +26,7 @@ from router.config import (
     ConfigError,
     Listen,
     cgroup_cpu_limit,
+    config_from_text,
     default_spool_dir,
     default_workers,
     load_config,
@@ -209,6 +210,15 @@ def test_full_file(tmp_path: Path) -> None:
     )
 
 
+def test_a_tls_server_name_in_its_absolute_form_is_the_same_name() -> None:
+    """"pacs.example.org." failed every host name check: certificates never carry
+    the root's dot."""
+    config = config_from_text(
+        '[[destination]]\nname = "a"\nhost = "10.1.2.3"\nport = 104\nae_title = "PACS"\n'
+        'tls = true\ntls_server_name = "pacs.example.org."\n', None)
+    assert config.destinations[0].tls_server_name == "pacs.example.org"
+
+
 def test_keywords_for_any() -> None:
     config = parse(
         """\
@@ -317,6 +327,20 @@ ERRORS = [
         "router.toml:7: [[destination]] #1 tls_server_name: expected a host name or IP "
         'address, got "pacs example"',
         id="destination-server-name-blank",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'
+        'tls = true\ntls_server_name = "pacs..example.org"\n',
+        "router.toml:7: [[destination]] #1 tls_server_name: expected a host name or IP "
+        'address, got "pacs..example.org" (an empty label, or one longer than 63 characters)',
+        id="destination-server-name-empty-label",
+    ),
+    pytest.param(
+        '[[destination]]\nname = "a"\nhost = "pacs..example.org"\nport = 104\n'
+        'ae_title = "PACS"\n',
+        "router.toml:3: [[destination]] #1 host: expected a host name or IP "
+        'address, got "pacs..example.org" (an empty label, or one longer than 63 characters)',
+        id="destination-host-empty-label",
     ),
     pytest.param(
         '[[destination]]\nname = "a"\nhost = "h"\nport = 104\nae_title = "PACS"\n'

@@ -318,9 +318,11 @@ class DestinationActor:
         return found
 
     def update(self, destination: Destination, share: int) -> None:
-        """A reload changed its settings: new associations use them."""
+        """A reload changed its settings: new associations use them, and one opened
+        with other connection settings is released after its current instance."""
         self.destination = destination
         self.share = max(0, share)
+        self._wake.set()  # an idle sender holding an outdated association lets it go
         if self._senders:
             self.start()
 
@@ -450,8 +452,9 @@ class DestinationActor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
-            if assoc is not None and not assoc.is_associated:
-                return None
+            if assoc is not None and (not assoc.is_associated
+                                      or assoc.link != self.destination.link()):
+                return None  # gone, or opened with what a reload has changed since
         return None
 
     async def _deliver(self, job: _Entry | _Urgent, assoc: OutboundAssociation | None,
@@ -520,7 +523,8 @@ class DestinationActor:
                              None, permanent=False)
                 return assoc
             pair = (part10.sop_class_uid, part10.transfer_syntax)
-            if assoc is None or not assoc.is_associated or pair not in assoc.proposed:
+            if assoc is None or not assoc.is_associated or pair not in assoc.proposed \
+                    or assoc.link != self.destination.link():
                 if assoc is not None:
                     await assoc.release()
                     self._open.discard(assoc)

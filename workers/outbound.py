@@ -123,6 +123,10 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._writable.set()
         self._lost = False
         self._tls_error: str | None = None
+        self._tls_hint: str | None = None
+        self.client_certificate = False
+        # Destination.link() of what it was opened for (see open_association).
+        self.link: tuple[object, ...] = ()
         self._reading_paused = False
         self._ids = itertools.cycle(range(1, 65536))
         self.current_find: tuple[int, int] | None = None
@@ -140,23 +144,31 @@ class OutboundAssociation(asyncio.BufferedProtocol):
     @classmethod
     async def open(cls, host: str, port: int, request: AAssociateRQ, *, timeout: float,
                    ssl_context: ssl.SSLContext | None = None,
-                   server_hostname: str | None = None,
+                   server_hostname: str | None = None, client_certificate: bool = False,
                    label: str = "") -> OutboundAssociation:
-        """Connect and negotiate; raises :class:`OutboundError` if that fails."""
+        """Connect and negotiate; raises :class:`OutboundError` if that fails.
+        ``client_certificate``: ``ssl_context`` presents one (for the log's hints)."""
         loop = asyncio.get_running_loop()
         label = label or f"{request.called_ae_title}@{host}:{port}"
         protocol = cls(request, timeout=timeout, label=label)
+        protocol.client_certificate = client_certificate
+        name = (server_hostname or host) if ssl_context else None
+        if ssl_context is not None:
+            try:  # before connecting: asyncio leaves the socket open when this fails
+                ssl_context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
+            except (UnicodeError, ValueError) as exc:
+                raise OutboundError(f"cannot use {name!r} as the TLS server name: "
+                                    f"{exc}") from None
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: protocol, host, port, ssl=ssl_context,
-                                       server_hostname=(server_hostname or host) if ssl_context
-                                       else None),
+                                       server_hostname=name),
                 timeout)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (
+            reason = ("timed out" + (" connecting or in the TLS handshake" if ssl_context
+                                     else "")) if isinstance(exc, TimeoutError) else (
                 exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
-            if isinstance(exc, ssl.SSLError) and (
-                    hint := _TLS_HINTS.get(getattr(exc, "reason", None) or "")):
+            if isinstance(exc, ssl.SSLError) and (hint := _tls_hint(exc, client_certificate)):
                 reason += f" ({hint})"
             raise OutboundError(f"cannot connect to {host}:{port}: {reason}") from exc
         event = await protocol._next_event()
@@ -206,6 +218,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             # comes after the handshake): without it the log said only that the
             # connection closed.
             self._tls_error = getattr(exc, "reason", None) or str(exc)
+            self._tls_hint = _tls_hint(exc, self.client_certificate)
         if self.engine.state is not State.STA1:
             with contextlib.suppress(ProtocolError):
                 self.engine.receive_data(b"")
@@ -221,7 +234,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         why = _describe(event)
         if self._tls_error is None:
             return why
-        hint = _TLS_HINTS.get(self._tls_error.upper())
+        hint = self._tls_hint
         return f"{why}; TLS: {self._tls_error}" + (f" ({hint})" if hint else "")
 
     def pause_writing(self) -> None:
@@ -710,12 +723,25 @@ class OutboundAssociation(asyncio.BufferedProtocol):
 _TLS_HINTS: Final = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "it requires a client certificate: set tls_cert "
                                          "and tls_key",
-    "SSLV3_ALERT_HANDSHAKE_FAILURE": "it may require a client certificate: set tls_cert "
-                                     "and tls_key",
     "TLSV1_ALERT_UNKNOWN_CA": "it does not trust our certificate's issuer",
     "SSLV3_ALERT_BAD_CERTIFICATE": "it refused our certificate",
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it finds our certificate expired",
+    "WRONG_VERSION_NUMBER": "is that port TLS? It did not answer as a TLS server",
 }
+
+
+def _tls_hint(exc: ssl.SSLError, presented: bool) -> str | None:
+    """What a TLS failure usually means, for the log line (``presented``: we sent a
+    client certificate); None if nothing useful."""
+    reason = getattr(exc, "reason", None) or ""
+    if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":
+        # TLS 1.2's catch-all: no version or cipher suite in common (a node on the
+        # retired AES profile, PS3.15 B.3), or a client certificate it wanted.
+        common = ("no TLS version or cipher suite in common (the router speaks BCP 195: "
+                  "TLS 1.2 and later)")
+        return common if presented else (f"{common}, or it requires a client certificate: "
+                                         "tls_cert and tls_key")
+    return _TLS_HINTS.get(reason)
 
 
 def _describe(event: Event) -> str:
@@ -737,20 +763,18 @@ def tls_context(destination: Destination) -> ssl.SSLContext | None:
     if not destination.tls:
         return None
     files = (destination.tls_ca, destination.tls_cert, destination.tls_key)
-    key = (destination, tuple(_signature(path) for path in files))
-    context = _TLS_CONTEXTS.get(key)
-    if context is None:
-        context = client_context(ca=destination.tls_ca, cert=destination.tls_cert,
-                                 key=destination.tls_key,
-                                 check_hostname=destination.tls_check_hostname)
-        if len(_TLS_CONTEXTS) >= 64:  # old configurations and renewed files
-            _TLS_CONTEXTS.clear()
-        _TLS_CONTEXTS[key] = context
+    key = (destination.link(), tuple(_signature(path) for path in files))
+    kept = _TLS_CONTEXTS.get(destination.name)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    context = client_context(ca=destination.tls_ca, cert=destination.tls_cert,
+                             key=destination.tls_key,
+                             check_hostname=destination.tls_check_hostname)
+    _TLS_CONTEXTS[destination.name] = (key, context)  # one per destination: bounded
     return context
 
 
-_TLS_CONTEXTS: dict[tuple[Destination, tuple[tuple[int, int, int] | None, ...]],
-                    ssl.SSLContext] = {}
+_TLS_CONTEXTS: dict[str, tuple[object, ssl.SSLContext]] = {}
 
 
 def _signature(path: Path | None) -> tuple[int, int, int] | None:
@@ -822,13 +846,15 @@ async def open_association(destination: Destination,
     except (OSError, ValueError) as exc:  # a TLS file changed on disk since it was checked
         files = ", ".join(str(path) for path in (destination.tls_ca, destination.tls_cert,
                                                  destination.tls_key) if path is not None)
-        raise OutboundError(f"{destination}: cannot use its TLS files ({files}): "
-                            f"{exc}") from None
+        raise OutboundError(f"cannot use its TLS files ({files}): {exc}") from None
     server_name = destination.tls_server_name or destination.host
-    return await OutboundAssociation.open(destination.host, destination.port, request,
-                                          timeout=destination.timeout,
-                                          ssl_context=context, label=label,
-                                          server_hostname=server_name)
+    assoc = await OutboundAssociation.open(destination.host, destination.port, request,
+                                           timeout=destination.timeout,
+                                           ssl_context=context, label=label,
+                                           server_hostname=server_name,
+                                           client_certificate=destination.tls_cert is not None)
+    assoc.link = destination.link()
+    return assoc
 
 
 def _converted(path: Path, fd: int | None, part10: Part10, transfer_syntax: str) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["certificate", "issued", "openssl"]
+__all__ = ["certificate", "issued", "openssl", "revocation_list"]
 
 
 def openssl() -> str:
@@ -55,3 +55,21 @@ def issued(folder: Path, name: str, authority: tuple[Path, Path], *,
                     "-days", "2", "-extfile", str(extensions)],
                    check=True, capture_output=True, timeout=60)
     return key, cert
+
+
+def revocation_list(folder: Path, authority: tuple[Path, Path]) -> Path:
+    """An empty CRL that ``authority`` (a CA from :func:`certificate`) signed: a PEM
+    file with no certificate in it."""
+    work = folder / "crl-ca"
+    work.mkdir(exist_ok=True)
+    (work / "index.txt").write_text("")
+    (work / "crlnumber").write_text("01\n")
+    config = work / "ca.cnf"
+    config.write_text(f"[ca]\ndefault_ca = here\n[here]\ndatabase = {work / 'index.txt'}\n"
+                      f"crlnumber = {work / 'crlnumber'}\ndefault_md = sha256\n"
+                      "default_crl_days = 2\n")
+    crl = folder / "crl.pem"
+    subprocess.run([openssl(), "ca", "-gencrl", "-keyfile", str(authority[0]), "-cert",
+                    str(authority[1]), "-out", str(crl), "-config", str(config)],
+                   check=True, capture_output=True, timeout=60)
+    return crl

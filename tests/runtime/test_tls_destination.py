@@ -156,3 +156,58 @@ def test_orthanc_with_dicom_tls_requiring_our_certificate(tmp_path: Path, procs:
         assert server.sop_instance_uids() == uids
     finally:
         server.kill()
+
+
+def test_a_reload_that_turns_tls_on_sends_nothing_more_in_plain_text(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """A reload that moved a destination to its TLS port left the open association
+    in use: under steady traffic every later instance went out in plain text to the
+    old port (an outside campaign). An association opened with other connection
+    settings is now released, idle or busy."""
+    key, cert = certificate(tmp_path, "pacs")
+    plain = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk, args=["+B"])
+    secure = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk, args=[
+        "+B", "+tls", str(key), str(cert), "-ic"])
+    before = ('[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {}\n'
+              'ae_title = "PACS"\nidle = 60\ntimeout = 10\nconcurrency = 1\n')
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + before.format(plain.port))
+    files = _study(tmp_path / "study", 2)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, files[:1])
+        router.wait_count("forward pacs:", 1)  # its association stays open (idle = 60)
+        router.write_config(workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                            + before.format(secure.port) + f'tls = true\ntls_ca = "{cert}"\n')
+        assert router.command("reload").returncode == 0
+        router.wait_for("configuration generation 2 loaded")
+        _send(dcmtk, router, files[1:])
+        router.wait_count("forward pacs:", 2)
+    finally:
+        router.stop()
+    assert _datasets(received_files(plain.outdir)) == _datasets(files[:1])
+    assert _datasets(received_files(secure.outdir)) == _datasets(files[1:])
+
+
+def test_a_node_on_a_profile_the_router_does_not_speak_is_said_so(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """storescp on PS3.15's retired AES profile (TLS_RSA_WITH_AES_128_CBC_SHA, which
+    BCP 195 excludes): the log said to set a client certificate, which was set."""
+    router_key, router_cert = certificate(tmp_path, "router")
+    key, cert = certificate(tmp_path, "pacs")
+    old = storescp_server(tmp_path, procs, aet="OLD", dcmtk=dcmtk, args=[
+        "+tls", str(key), str(cert), "+pa", "-ic"])
+    router = _router(tmp_path, [_destination("old", old.port, "OLD", tls_ca=str(cert),
+                                             tls_cert=str(router_cert),
+                                             tls_key=str(router_key))], ["old"])
+    try:
+        _send(dcmtk, router, _study(tmp_path / "study", 1))
+        router.wait_for("destination old (OLD@127.0.0.1")
+        line = next(li for li in router.lines if "destination old (OLD@" in li)
+    finally:
+        router.stop()
+    assert "no TLS version or cipher suite in common" in line, line
+    assert "client certificate" not in line, line
+    assert _queued(router, "old") == 1

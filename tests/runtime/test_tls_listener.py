@@ -15,7 +15,7 @@ from tests.helpers.data import make_ct
 from tests.helpers.dcmtk import Dcmtk
 from tests.helpers.net import free_port
 from tests.helpers.router import Router
-from tests.helpers.tls import certificate, openssl
+from tests.helpers.tls import certificate, openssl, revocation_list
 
 pytestmark = pytest.mark.interop
 
@@ -212,6 +212,7 @@ def test_tls_files_that_cannot_be_used_stop_start_up_with_one_line(tmp_path: Pat
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     other_key, _ = _certificate(tmp_path, "other")
+    crl = revocation_list(tmp_path, certificate(tmp_path, "ca", san=None, ca=True))
     listen = '[[router.listen]]\nport = 11112\ntls = true\ntls_cert = "{}"\ntls_key = "{}"\n'
     destination = ('[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\n'
                    'ae_title = "PACS"\ntls = true\ntls_ca = "{}"\n')
@@ -221,6 +222,8 @@ def test_tls_files_that_cannot_be_used_stop_start_up_with_one_line(tmp_path: Pat
          f"tls_ca: {garbage} holds no PEM certificate"),
         (destination.format(garbage), f"tls_ca: {garbage} holds no PEM certificate"),
         (destination.format(tmp_path / "missing.pem"), "tls_ca: cannot read"),
+        # No certificate in it (a CRL): it was blamed on tls_key, "None and None".
+        (destination.format(crl), f"tls_ca: {crl} holds no PEM certificate"),
         # The router's client certificate, for a destination that requires one.
         (destination.format(cert) + f'tls_cert = "{cert}"\ntls_key = "{encrypted}"\n',
          f"tls_key: {encrypted} is encrypted"),

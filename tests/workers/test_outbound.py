@@ -1,12 +1,23 @@
-"""workers.outbound.instance_contexts: what an association for queued instances proposes.
+"""workers.outbound: what an association for queued instances proposes, and how
+opening one fails.
 
 End to end with DCMTK's storescp (it picks Explicit VR LE from any list that has it) in
-tests/runtime/test_forwarding.py; here the proposal's shape and its bound.
+tests/runtime/test_forwarding.py, over TLS in tests/runtime/test_tls_destination.py;
+here the proposal's shape and its bound.
 """
 
 from __future__ import annotations
 
-from workers.outbound import instance_contexts
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+
+from router.config import Destination
+from router.dicom.negotiation import build_request
+from workers.outbound import OutboundAssociation, OutboundError, instance_contexts, open_association
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
 ILE, ELE, EBE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"
@@ -35,3 +46,34 @@ def test_over_the_limit_the_latest_pairs_are_kept_whole() -> None:
     assert contexts[-2:] == [("1.2.3.69", [ELE]), ("1.2.3.69", [ILE])]
     assert contexts[0] == ("1.2.3.6", [ELE])
     assert len(instance_contexts([(CT, EBE), (MR, ELE)], limit=3)) == 2
+
+
+def test_a_server_name_tls_cannot_use_fails_before_connecting() -> None:
+    """A name with an empty label raised UnicodeError inside asyncio after the TCP
+    connect: the sender crashed and restarted every 2 s, and each try left a silent
+    connection open that held up a PACS doing one handshake at a time (an outside
+    campaign). The configuration refuses such names now; the sender checks too."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    request = build_request(calling_ae_title="ROUTER", called_ae_title="PACS",
+                            contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])])
+    try:
+        with pytest.raises(OutboundError, match="as the TLS server name"):
+            asyncio.run(OutboundAssociation.open(
+                "127.0.0.1", server.getsockname()[1], request, timeout=5,
+                ssl_context=ssl.create_default_context(), server_hostname="pacs..example.org"))
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+    finally:
+        server.close()
+
+
+def test_tls_files_gone_are_said_once_per_line(tmp_path: Path) -> None:
+    """The log line named the destination twice: the forwarder names it already."""
+    destination = Destination(name="pacs", host="127.0.0.1", port=104, ae_title="PACS",
+                              tls=True, tls_ca=tmp_path / "gone.pem")
+    with pytest.raises(OutboundError) as raised:
+        asyncio.run(open_association(destination, [(CT, [ELE])], label="pacs#1.0"))
+    assert str(raised.value).startswith(f"cannot use its TLS files ({tmp_path / 'gone.pem'})")
