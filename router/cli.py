@@ -78,9 +78,11 @@ class RouterNotRunning(Exception):
 # ---------------------------------------------------------------- arguments
 
 
-def _add_association_args(p: argparse.ArgumentParser, *, default_aec: str = "ANY-SCP") -> None:
-    p.add_argument("host", help="peer host name or address")
-    p.add_argument("port", type=int, help="peer TCP port")
+def _add_association_args(p: argparse.ArgumentParser, *, default_aec: str = "ANY-SCP",
+                          peer_optional: bool = False) -> None:
+    more = {"nargs": "?", "default": None} if peer_optional else {}
+    p.add_argument("host", help="peer host name or address", **more)  # type: ignore[arg-type]
+    p.add_argument("port", type=int, help="peer TCP port", **more)  # type: ignore[arg-type]
     p.add_argument("-aet", "--calling-aet", default="DICOM-ROUTER", metavar="AE",
                    help="our (calling) AE title (default: %(default)s)")
     p.add_argument("-aec", "--called-aet", default=default_aec, metavar="AE",
@@ -212,9 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     scp.add_argument("--output", type=Path, default=None, metavar="DIR",
                      help="also write each received instance as a Part 10 file into DIR")
 
-    echo = sub.add_parser("echo", help="C-ECHO a peer (verification)")
-    _add_association_args(echo)
+    echo = sub.add_parser(
+        "echo", help="C-ECHO a peer (verification), or a configured destination",
+        description="C-ECHO HOST PORT, or with --destination NAME a destination of the "
+                    "configuration (--config), exactly as the router reaches it: its "
+                    "address, AE titles, PDU size, timeout and TLS settings.")
+    _add_association_args(echo, peer_optional=True)
     echo.add_argument("-r", "--repeat", type=int, default=1, help="number of C-ECHOs")
+    echo.add_argument("--destination", "-d", metavar="NAME", default=None,
+                      help="a [[destination]] of --config, instead of HOST PORT")
+    echo.add_argument("--config", "-c", type=Path, default=None, metavar="FILE",
+                      help="the configuration that defines --destination")
 
     send = sub.add_parser("send", help="C-STORE files or folders to a peer")
     _add_association_args(send)
@@ -301,6 +311,12 @@ def _open(args: argparse.Namespace, contexts: Sequence[tuple[str, Sequence[str]]
 
 def cmd_echo(args: argparse.Namespace) -> int:
     ts = (uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN)
+    if args.destination is not None:
+        if args.host is not None:
+            raise UsageError("give HOST PORT or --destination NAME, not both")
+        return _echo_destination(args)
+    if args.host is None or args.port is None:
+        raise UsageError("echo needs HOST and PORT (or --destination NAME)")
     with _open(args, [(uids.VERIFICATION_SOP_CLASS, ts)]) as assoc:
         for _ in range(args.repeat):
             status = assoc.echo()
@@ -308,6 +324,50 @@ def cmd_echo(args: argparse.Namespace) -> int:
             if status != dimse.SUCCESS:
                 return EXIT_FAILED
     return EXIT_OK
+
+
+def _echo_destination(args: argparse.Namespace) -> int:
+    """C-ECHO a configured destination over the router's own outbound code, TLS
+    included: what a failed forward would meet, before any instance waits on it."""
+    import asyncio
+
+    from workers.outbound import OutboundError, open_association
+
+    try:  # the TLS files are read: they are what is being tested
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise ConfigUsageError(str(exc)) from None
+    destination = next((d for d in config.destinations if d.name == args.destination), None)
+    if destination is None:
+        known = ", ".join(d.name for d in config.destinations) or "none"
+        raise UsageError(f"no destination named {args.destination!r} in "
+                         f"{config.source} (known: {known})")
+    ts = [uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN]
+
+    async def echo() -> int:
+        assoc = await open_association(destination, [(uids.VERIFICATION_SOP_CLASS, ts)],
+                                       label=f"echo {destination.name}")
+        try:
+            ctx = assoc.context_for_model(uids.VERIFICATION_SOP_CLASS)
+            if ctx is None:
+                print(f"C-ECHO {destination}: verification not accepted")
+                return EXIT_FAILED
+            for _ in range(args.repeat):
+                rsp, _ = await assoc.n_request(ctx, dimse.CEchoRQ(
+                    message_id=assoc.next_message_id(),
+                    affected_sop_class_uid=uids.VERIFICATION_SOP_CLASS), None)
+                print(f"C-ECHO {destination}: status 0x{rsp.status:04X}")
+                if rsp.status != dimse.SUCCESS:
+                    return EXIT_FAILED
+        finally:
+            await assoc.release()
+        return EXIT_OK
+
+    try:
+        return asyncio.run(echo())
+    except OutboundError as exc:
+        print(f"dicom-router: C-ECHO {destination}: {exc}", file=sys.stderr)
+        return EXIT_NETWORK
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -82,6 +82,16 @@ def test_a_destination_that_requires_a_client_certificate_gets_ours(
         router.stop()
     assert _datasets(received_files(sink.outdir)) == _datasets(files)  # once each
     assert _queued(router, "anonymous") == 3 and _queued(router, "mutual") == 0
+    # `dicom-router echo --destination` tests a destination as the router reaches it.
+    good = router.command("echo", "--destination", "mutual")
+    assert good.returncode == 0 and "C-ECHO mutual (SECURE@127.0.0.1" in good.stdout, good
+    assert "status 0x0000" in good.stdout
+    bad = router.command("echo", "--destination", "anonymous")
+    assert bad.returncode == 3, bad
+    assert "requires a client certificate: set tls_cert and tls_key" in bad.stderr, bad
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    unknown = router.command("echo", "--destination", "nosuch")
+    assert unknown.returncode == 2 and "known: mutual, anonymous" in unknown.stderr, unknown
 
 
 def test_server_name_and_pinned_certificates(tmp_path: Path, procs: Procs,
