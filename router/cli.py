@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -21,7 +22,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -80,17 +81,26 @@ class RouterNotRunning(Exception):
 
 def _add_association_args(p: argparse.ArgumentParser, *, default_aec: str = "ANY-SCP",
                           peer_optional: bool = False) -> None:
+    # With peer_optional (echo --destination), the flags default to None there: a
+    # flag given overrides the destination's setting, one not given leaves it.
     more = {"nargs": "?", "default": None} if peer_optional else {}
     p.add_argument("host", help="peer host name or address", **more)  # type: ignore[arg-type]
     p.add_argument("port", type=int, help="peer TCP port", **more)  # type: ignore[arg-type]
-    p.add_argument("-aet", "--calling-aet", default="DICOM-ROUTER", metavar="AE",
-                   help="our (calling) AE title (default: %(default)s)")
-    p.add_argument("-aec", "--called-aet", default=default_aec, metavar="AE",
-                   help="peer (called) AE title (default: %(default)s)")
-    p.add_argument("--max-pdu", type=_max_pdu, default=1 << 20, metavar="BYTES",
-                   help=f"largest PDU we accept, {MIN_PDU} to {MAX_PDU} (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                   help="association and DIMSE timeout in seconds (default: %(default)s)")
+    p.add_argument("-aet", "--calling-aet", metavar="AE",
+                   help=f"our (calling) AE title (default: {_DEFAULTS['calling_aet']})")
+    p.add_argument("-aec", "--called-aet", metavar="AE",
+                   help=f"peer (called) AE title (default: {default_aec})")
+    p.add_argument("--max-pdu", type=_max_pdu, metavar="BYTES",
+                   help=f"largest PDU we accept, {MIN_PDU} to {MAX_PDU} (default: "
+                        f"{_DEFAULTS['max_pdu']})")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help=f"association and DIMSE timeout in seconds (default: "
+                        f"{_DEFAULTS['timeout']:g})")
+    p.set_defaults(**({} if peer_optional else {**_DEFAULTS, "called_aet": default_aec}))
+
+
+_DEFAULTS: Final[dict[str, Any]] = {"calling_aet": "DICOM-ROUTER", "max_pdu": 1 << 20,
+                                    "timeout": 30.0}
 
 
 def _max_pdu(text: str) -> int:
@@ -317,6 +327,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return _echo_destination(args)
     if args.host is None or args.port is None:
         raise UsageError("echo needs HOST and PORT (or --destination NAME)")
+    for key, value in {**_DEFAULTS, "called_aet": "ANY-SCP"}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     with _open(args, [(uids.VERIFICATION_SOP_CLASS, ts)]) as assoc:
         for _ in range(args.repeat):
             status = assoc.echo()
@@ -342,6 +355,13 @@ def _echo_destination(args: argparse.Namespace) -> int:
         known = ", ".join(d.name for d in config.destinations) or "none"
         raise UsageError(f"no destination named {args.destination!r} in "
                          f"{config.source} (known: {known})")
+    given = {field: value for field, value in (
+        ("calling_ae", args.calling_aet), ("ae_title", args.called_aet),
+        ("max_pdu", args.max_pdu), ("timeout", args.timeout)) if value is not None}
+    try:  # what the engineer asks to try instead of the file's value
+        destination = dataclasses.replace(destination, **given)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     ts = [uids.EXPLICIT_VR_LITTLE_ENDIAN, uids.IMPLICIT_VR_LITTLE_ENDIAN]
 
     async def echo() -> int:
@@ -882,17 +902,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
     queues again, and told nothing if it is not running.
     """
     from workers import queue as q
-    from workers.spool import DEAD_DIR, QUEUE_DIR, UNROUTED_DIR
+    from workers.spool import DEAD_DIR, INCOMING_DIR, QUEUE_DIR, TMP_DIR, UNROUTED_DIR
 
     config, _ = _runtime_config(args)
     root = config.spool
     names = [d.name for d in config.destinations]
     if not root.is_dir():
         raise UsageError(f"no spool at {root} (--spool, or [spool] path in --config)")
-    if not any((root / folder).is_dir() for folder in (QUEUE_DIR, DEAD_DIR, UNROUTED_DIR)):
-        # Else a mistyped --spool listed nothing and said all was well.
-        raise UsageError(f"{root} is not a router spool (no {QUEUE_DIR}/, {DEAD_DIR}/ or "
-                         f"{UNROUTED_DIR}/ in it): --spool, or [spool] path in --config")
+    if not any((root / folder).is_dir() for folder in (
+            QUEUE_DIR, DEAD_DIR, UNROUTED_DIR, INCOMING_DIR, TMP_DIR)):
+        # Else a mistyped --spool listed nothing and said all was well. (A router
+        # makes incoming/ and tmp/ at its first start, queue/ at its first instance.)
+        raise UsageError(f"{root} is not a router spool (no {QUEUE_DIR}/, {INCOMING_DIR}/ "
+                         f"or {UNROUTED_DIR}/ in it): --spool, or [spool] path in --config")
 
     def destination(text: str) -> str:
         """A destination named on the command line: configured, or with a queue or

@@ -104,5 +104,6 @@ def expiry_problem(cert: Path, now: float | None = None) -> str | None:
                 "refuse it until then")
     days = (not_after - now) / 86400
     if days < EXPIRY_WARNING_DAYS:
-        return f"{cert} expires on {when}, in {days:.0f} day(s): renew it"
+        left = f"in {days:.0f} day(s)" if days >= 1 else "within a day"
+        return f"{cert} expires on {when}, {left}: renew it"
     return None

@@ -171,16 +171,19 @@ class AssociationActor(asyncio.BufferedProtocol):
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         receive_buffer: memoryview | None = None,
         dispatcher: Callable[[], Dispatcher | None] | None = None,
-        over_limit: bool = False,
+        over_limit: Callable[[], bool] | None = None,
         peer: tuple[str, int] | None = None,
         proxied: bool = False,
     ) -> None:
         self.settings = settings
         # ``peer`` came from a PROXY protocol header: the socket's peer is the balancer.
         self.proxied = proxied
-        # Adopted while the worker already had its share of associations open: the
-        # request is read and rejected (see _requested), never served.
-        self.over_limit = over_limit
+        # Connected while the worker already had its share of associations open: the
+        # request is read and rejected (see _requested), never served. Asked when the
+        # connection is made, after any TLS handshake: asked at adoption, handshakes
+        # under way either filled the limit (stalled ones) or were let past it.
+        self._over_limit = over_limit
+        self.over_limit = False
         # Read at each commit: a reload swaps the worker's dispatcher, and an
         # instance is routed by the rules current when its data set completed.
         self.dispatcher = dispatcher
@@ -198,7 +201,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._view = receive_buffer if receive_buffer is not None else new_receive_buffer()
         self._mailbox: deque[Event] = deque()
         self._busy = False  # a C-STORE is waiting for its commit
-        # How the peer came: " over TLSv1.3, certificate CN=..." (its open lines say it).
+        # How the peer came: " over TLSv1.3 (certificate CN=...)" (its open lines say it).
         self._tls = ""
         self._paused = False  # reading paused (see _sync_reading)
         self._backlogged = False  # the mailbox is past MAILBOX_HIGH_WATER
@@ -251,7 +254,8 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.stats.peer = (str(peer[0]), int(peer[1]))
         tls = transport.get_extra_info("ssl_object")
         if tls is not None:
-            self._tls = f" over {tls.version() or 'TLS'}, {_certificate_said(tls)}"
+            self._tls = f" over {tls.version() or 'TLS'} ({_certificate_said(tls)})"
+        self.over_limit = self._over_limit is not None and self._over_limit()
         self.engine.connection_made()
         self._after_engine()
 

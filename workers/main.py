@@ -438,16 +438,11 @@ class Worker:
         def factory() -> AssociationActor:
             if not made:
                 self.adopting -= 1  # counted as an actor from here
-            limit = self.settings.max_associations
-            # Connections still in their TLS handshake (no transport yet) do not count:
-            # a peer that stalls handshakes must not fill the limit for ARTIM.
-            over = limit is not None and len(self.actors) >= limit and sum(
-                actor.transport is not None for actor in self.actors) >= limit
             actor = AssociationActor(self.settings, self.spool, self.committer,
                                      on_closed=self._actor_closed, on_event=self._actor_event,
                                      receive_buffer=self.receive_buffer,
                                      dispatcher=lambda: self.dispatcher,
-                                     over_limit=over,
+                                     over_limit=self._over_limit,
                                      peer=peer, proxied=proxy is not None)
             self.actors.add(actor)
             made.append(actor)
@@ -471,8 +466,11 @@ class Worker:
                 log.info("worker %d: connection lost before it was served: %s",
                          self.worker_id, exc)
             else:
-                why = "no handshake within ARTIM" if isinstance(exc, TimeoutError) \
-                    else exc or type(exc).__name__
+                # asyncio ends a handshake past its timeout (ARTIM) with
+                # ConnectionAbortedError; some failures carry no message at all.
+                why = (f"no handshake within ARTIM ({self.config.artim_timeout:g} s)"
+                       if isinstance(exc, TimeoutError | ConnectionAbortedError)
+                       else str(exc) or type(exc).__name__)
                 log.warning("worker %d: TLS handshake with %s:%d on port %d failed: %s",
                             self.worker_id, *peer, port, why)
             sock.close()
@@ -482,6 +480,14 @@ class Worker:
         finally:
             if not made:  # it never became an actor: no longer being adopted either
                 self.adopting -= 1
+
+    def _over_limit(self) -> bool:
+        """Whether this worker has more connections than its share of max_associations,
+        asked by each as it is made. Connections still in their TLS handshake (no
+        transport yet) do not count: stalled ones must not fill the limit for ARTIM."""
+        limit = self.settings.max_associations
+        return limit is not None and len(self.actors) > limit and sum(
+            actor.transport is not None for actor in self.actors) > limit
 
     def _actor_closed(self, actor: AssociationActor) -> None:
         self.actors.discard(actor)

@@ -808,3 +808,24 @@ def test_a_data_set_naming_another_instance_is_refused_like_storescp_does(
     assert [read_part10_header(p).sop_instance_uid for p in spooled] == \
         [read_part10_header(good).sop_instance_uid]
     assert spooled[0].read_bytes().endswith(_dataset(good))
+
+
+def test_echo_destination_uses_its_settings_and_the_flags_given(tmp_path: Path) -> None:
+    """`echo --destination` ignored -aec, -aet, --timeout and --max-pdu: an engineer
+    who gave -aec believed that AE title tested (a review). The router answers its
+    own AE title only: the destination's wrong one is rejected, -aec fixes it."""
+    port = free_port()
+    router = Router(tmp_path, port=port, extra=(
+        f'[[destination]]\nname = "self"\nhost = "127.0.0.1"\nport = {port}\n'
+        'ae_title = "WRONG"\n'))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        wrong = router.command("echo", "--destination", "self")
+        assert wrong.returncode == 3 and "rejected the association" in wrong.stderr, wrong
+        right = router.command("echo", "--destination", "self", "-aec", "ROUTER",
+                               "-aet", "ENGINEER", "--timeout", "5", "-r", "2")
+        assert right.returncode == 0, right
+        assert right.stdout.count("C-ECHO self (ROUTER@127.0.0.1") == 2, right.stdout
+        router.wait_for("ENGINEER->ROUTER")
+    finally:
+        router.stop()

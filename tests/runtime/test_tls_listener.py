@@ -105,7 +105,7 @@ def test_the_log_says_how_a_peer_came_and_why_a_handshake_failed(tmp_path: Path,
     try:
         router.wait_for(f"TLS certificate of port {port}: {cert} expires on")
         assert _echo(dcmtk, port, "+tls", modality_key, modality, "+cf", cert).returncode == 0
-        router.wait_for("over TLSv1.3, certificate CN=modality accepted")
+        router.wait_for("over TLSv1.3 (certificate CN=modality) accepted")
         assert _echo(dcmtk, port, "+tla", "+cf", cert).returncode != 0
         router.wait_for("TLS handshake with 127.0.0.1:")
         line = next(li for li in router.lines if "TLS handshake with" in li)
@@ -134,8 +134,57 @@ def test_stalled_handshakes_do_not_fill_max_associations(tmp_path: Path,
             stalled.append(socket.create_connection(("127.0.0.1", port)))
         assert _echo(dcmtk, port, "+tla", "+cf", cert).returncode == 0
         assert router.count("max_associations") == 0
+        # One closed before its handshake; the others end at ARTIM, said so.
+        stalled.pop().close()
+        router.wait_count("no handshake within ARTIM (2 s)", 3)
+        failed = [line for line in router.lines if "TLS handshake with" in line]
+        assert len(failed) == 4 and not any(line.endswith("failed: ") for line in failed)
     finally:
         for sock in stalled:
+            sock.close()
+        router.stop()
+
+
+def test_max_associations_holds_for_handshakes_that_end_together(tmp_path: Path) -> None:
+    """Counted when the handshake ends, the limit let through every connection that
+    finished its handshake while others were still in theirs: four associations at
+    once with max_associations = 1 (a review). And stalled handshakes must not fill
+    it either."""
+    import socket
+    import ssl
+
+    from router.dicom.negotiation import build_request
+    from router.dicom.pdu import encode_pdu
+
+    key, cert = _certificate(tmp_path, "router")
+    port = free_port()
+    router = Router(tmp_path, workers=1, router_extra="max_associations = 1\n", extra=(
+        f'[[router.listen]]\nhost = "127.0.0.1"\nport = {port}\ntls = true\n'
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\n'))
+    context = ssl.create_default_context(cafile=str(cert))
+    request = encode_pdu(build_request(
+        calling_ae_title="MOD1", called_ae_title="ROUTER",
+        contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])]))
+
+    def associate(sock: socket.socket) -> int:
+        """Handshake on ``sock``, send an A-ASSOCIATE-RQ: the answer's PDU type."""
+        tls = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        opened.append(tls)
+        tls.sendall(request)
+        return tls.recv(1)[0]
+
+    opened: list[socket.socket] = []
+    try:
+        router.wait_for("ready: 1 workers serving")
+        waiting = [socket.create_connection(("127.0.0.1", port), timeout=10)
+                   for _ in range(3)]
+        opened += waiting
+        assert associate(socket.create_connection(("127.0.0.1", port), timeout=10)) == 0x02
+        # The first association stays open: the others, handshaking meanwhile, are
+        # over the limit once connected.
+        assert [associate(sock) for sock in waiting] == [0x03, 0x03, 0x03]
+    finally:
+        for sock in opened:
             sock.close()
         router.stop()
 

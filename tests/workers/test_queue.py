@@ -93,6 +93,14 @@ def test_a_spool_that_is_not_there_is_said_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
                            str(tmp_path / "home")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not a router spool" in done.stderr, done
+    # The spool of a router that has queued nothing yet is one (a nightly retry).
+    (tmp_path / "fresh" / "incoming").mkdir(parents=True)
+    (tmp_path / "fresh" / "tmp").mkdir()
+    for args in (["ls"], ["retry"]):
+        done = subprocess.run([sys.executable, "-m", "router.cli", "queue", *args, "--spool",
+                               str(tmp_path / "fresh")], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "pacs/", "pacs/../../x.dcm"])
