@@ -79,7 +79,13 @@ class RouterNotRunning(Exception):
 # ---------------------------------------------------------------- arguments
 
 
-def _add_association_args(p: argparse.ArgumentParser, *, default_aec: str = "ANY-SCP",
+# The association flags' defaults (see _add_association_args).
+_DEFAULTS: Final[dict[str, Any]] = {"calling_aet": "DICOM-ROUTER", "called_aet": "ANY-SCP",
+                                    "max_pdu": 1 << 20, "timeout": 30.0}
+
+
+def _add_association_args(p: argparse.ArgumentParser, *,
+                          default_aec: str = _DEFAULTS["called_aet"],
                           peer_optional: bool = False) -> None:
     # With peer_optional (echo --destination), the flags default to None there: a
     # flag given overrides the destination's setting, one not given leaves it.
@@ -97,10 +103,6 @@ def _add_association_args(p: argparse.ArgumentParser, *, default_aec: str = "ANY
                    help=f"association and DIMSE timeout in seconds (default: "
                         f"{_DEFAULTS['timeout']:g})")
     p.set_defaults(**({} if peer_optional else {**_DEFAULTS, "called_aet": default_aec}))
-
-
-_DEFAULTS: Final[dict[str, Any]] = {"calling_aet": "DICOM-ROUTER", "max_pdu": 1 << 20,
-                                    "timeout": 30.0}
 
 
 def _max_pdu(text: str) -> int:
@@ -327,7 +329,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return _echo_destination(args)
     if args.host is None or args.port is None:
         raise UsageError("echo needs HOST and PORT (or --destination NAME)")
-    for key, value in {**_DEFAULTS, "called_aet": "ANY-SCP"}.items():
+    for key, value in _DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     with _open(args, [(uids.VERIFICATION_SOP_CLASS, ts)]) as assoc:
@@ -350,11 +352,12 @@ def _echo_destination(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         raise ConfigUsageError(str(exc)) from None
-    destination = next((d for d in config.destinations if d.name == args.destination), None)
-    if destination is None:
+    try:
+        destination = config.destination(args.destination)
+    except KeyError:
         known = ", ".join(d.name for d in config.destinations) or "none"
         raise UsageError(f"no destination named {args.destination!r} in "
-                         f"{config.source} (known: {known})")
+                         f"{config.source} (known: {known})") from None
     given = {field: value for field, value in (
         ("calling_ae", args.calling_aet), ("ae_title", args.called_aet),
         ("max_pdu", args.max_pdu), ("timeout", args.timeout)) if value is not None}

@@ -435,6 +435,12 @@ class Destination:
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{', TLS' if self.tls else ''})"
 
+    @property
+    def tls_files(self) -> tuple[Path, ...]:
+        """The TLS files it names: its CA bundle, our certificate and key."""
+        return tuple(path for path in (self.tls_ca, self.tls_cert, self.tls_key)
+                     if path is not None)
+
     def link(self) -> tuple[object, ...]:
         """What an open association to it was made with: one opened with other
         values (before a reload) is not used again. A reload that turns TLS on must

@@ -52,11 +52,16 @@ def server_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLCont
 def require_peer_certificates(context: ssl.SSLContext, ca: Path) -> None:
     """Make ``context`` admit only peers with a certificate from the CAs in ``ca``."""
     context.load_verify_locations(cafile=ca)
-    # Any certificate, not only CA ones: a modality's self-signed certificate,
-    # pinned, is a common way to admit it (OpenSSL accepts it as a trust anchor).
+    _require_loaded(context, ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+
+
+def _require_loaded(context: ssl.SSLContext, ca: Path) -> None:
+    """SSLError unless loading ``ca`` into ``context`` gave it a certificate."""
+    # Any certificate, not only CA ones: a node's self-signed certificate, pinned,
+    # is a common way to trust it (OpenSSL accepts it as a trust anchor).
     if not context.cert_store_stats()["x509"]:
         raise ssl.SSLError(f"{ca}: no certificate in it")
-    context.verify_mode = ssl.CERT_REQUIRED
 
 
 def client_context(*, ca: Path | None = None, cert: Path | None = None,
@@ -70,8 +75,7 @@ def client_context(*, ca: Path | None = None, cert: Path | None = None,
     context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca is not None:
-        if not context.cert_store_stats()["x509"]:
-            raise ssl.SSLError(f"{ca}: no certificate in it")
+        _require_loaded(context, ca)
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     # Verification stays on without a host name to check: tls_ca then decides alone.
     context.check_hostname = check_hostname

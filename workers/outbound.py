@@ -122,8 +122,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = False
-        self._tls_error: str | None = None
-        self._tls_hint: str | None = None
+        # The TLS alert that ended the connection, with what it usually means.
+        self._tls_failure: str | None = None
         self.client_certificate = False
         # Destination.link() of what it was opened for (see open_association).
         self.link: tuple[object, ...] = ()
@@ -217,8 +217,9 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             # An alert from the peer (say, TLS 1.3's "certificate required", which
             # comes after the handshake): without it the log said only that the
             # connection closed.
-            self._tls_error = getattr(exc, "reason", None) or str(exc)
-            self._tls_hint = _tls_hint(exc, self.client_certificate)
+            hint = _tls_hint(exc, self.client_certificate)
+            self._tls_failure = (f"TLS: {getattr(exc, 'reason', None) or exc}"
+                                 + (f" ({hint})" if hint else ""))
         if self.engine.state is not State.STA1:
             with contextlib.suppress(ProtocolError):
                 self.engine.receive_data(b"")
@@ -232,10 +233,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         """What ``event`` (the end of the association) was, with the TLS alert that
         ended it, if one did, and what that alert usually means."""
         why = _describe(event)
-        if self._tls_error is None:
-            return why
-        hint = self._tls_hint
-        return f"{why}; TLS: {self._tls_error}" + (f" ({hint})" if hint else "")
+        return why if self._tls_failure is None else f"{why}; {self._tls_failure}"
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -762,8 +760,7 @@ def tls_context(destination: Destination) -> ssl.SSLContext | None:
     milliseconds, each association again; a renewed certificate is taken at once."""
     if not destination.tls:
         return None
-    files = (destination.tls_ca, destination.tls_cert, destination.tls_key)
-    key = (destination.link(), tuple(_signature(path) for path in files))
+    key = (destination.link(), tuple(_signature(path) for path in destination.tls_files))
     kept = _TLS_CONTEXTS.get(destination.name)
     if kept is not None and kept[0] == key:
         return kept[1]
@@ -777,9 +774,7 @@ def tls_context(destination: Destination) -> ssl.SSLContext | None:
 _TLS_CONTEXTS: dict[str, tuple[object, ssl.SSLContext]] = {}
 
 
-def _signature(path: Path | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
+def _signature(path: Path) -> tuple[int, int, int]:
     info = path.stat()
     return (info.st_ino, info.st_size, info.st_mtime_ns)
 
@@ -844,14 +839,12 @@ async def open_association(destination: Destination,
     try:
         context = tls_context(destination)
     except (OSError, ValueError) as exc:  # a TLS file changed on disk since it was checked
-        files = ", ".join(str(path) for path in (destination.tls_ca, destination.tls_cert,
-                                                 destination.tls_key) if path is not None)
+        files = ", ".join(map(str, destination.tls_files))
         raise OutboundError(f"cannot use its TLS files ({files}): {exc}") from None
-    server_name = destination.tls_server_name or destination.host
     assoc = await OutboundAssociation.open(destination.host, destination.port, request,
                                            timeout=destination.timeout,
                                            ssl_context=context, label=label,
-                                           server_hostname=server_name,
+                                           server_hostname=destination.tls_server_name,
                                            client_certificate=destination.tls_cert is not None)
     assoc.link = destination.link()
     return assoc
