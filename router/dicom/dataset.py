@@ -369,17 +369,16 @@ def _check_framing(
     ended is returned.
     """
     view = memoryview(buf).cast("B")
-    tag_length = struct.Struct("<HHI" if little else ">HHI")
-    short_length = struct.Struct("<H" if little else ">H")
-    long_length = struct.Struct("<I" if little else ">I")
 
     def fail(message: str, offset: int) -> DIMSEError:
         return DIMSEError(
             f"malformed dataset at offset {offset}: {message}", status=_CANNOT_UNDERSTAND
         )
 
-    def header(pos: int, limit: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    def header(pos: int, limit: int, implicit: bool,
+               little: bool) -> tuple[int, bytes | None, int, int]:
         # -> (tag, VR or None, value length, header length)
+        tag_length, short_length, long_length = _structs(little)
         if limit - pos < 8:
             raise fail(f"{limit - pos} bytes left, too few for an element header", pos)
         group, element, length = tag_length.unpack_from(view, pos)
@@ -395,11 +394,12 @@ def _check_framing(
             return tag, vr, short_length.unpack_from(view, pos + 6)[0], 8
         return tag, None, length, 8  # implicit VR inside explicit VR data
 
-    def elements(pos: int, limit: int, depth: int, implicit: bool, *, in_item: bool) -> int:
+    def elements(pos: int, limit: int, depth: int, implicit: bool, little: bool, *,
+                 in_item: bool) -> int:
         # Elements from pos to limit; in an undefined-length item, up to and
         # including its item delimiter. Returns the offset after them.
         while pos < limit:
-            tag, vr, length, size = header(pos, limit, implicit)
+            tag, vr, length, size = header(pos, limit, implicit, little)
             if tag == _ITEM_DELIMITER:
                 if in_item:
                     return pos + 8
@@ -410,8 +410,11 @@ def _check_framing(
                 return pos
             start = pos + size
             if length == _UNDEFINED:
-                inner_implicit = implicit or vr == b"UN"
-                pos = items(start, limit, depth + 1, inner_implicit, undefined=True)
+                # An undefined-length UN holds implicit VR little endian items
+                # whatever the transfer syntax (PS3.5 §6.2.2, CP-246).
+                un = vr == b"UN"
+                pos = items(start, limit, depth + 1, implicit or un, little or un,
+                            undefined=True)
                 continue
             if length > limit - start:
                 raise fail(
@@ -420,24 +423,25 @@ def _check_framing(
                     pos,
                 )
             if vr == b"SQ":
-                items(start, start + length, depth + 1, implicit, undefined=False)
+                items(start, start + length, depth + 1, implicit, little, undefined=False)
             pos = start + length
         if in_item:
             raise fail("undefined-length item without an item delimitation item", limit)
         return pos
 
-    def items(pos: int, limit: int, depth: int, implicit: bool, *, undefined: bool) -> int:
+    def items(pos: int, limit: int, depth: int, implicit: bool, little: bool, *,
+              undefined: bool) -> int:
         # Items of a sequence, or fragments of encapsulated pixel data.
         if depth > _MAX_DEPTH:
             raise fail(f"sequences nested deeper than {_MAX_DEPTH}", pos)
         while pos < limit:
-            tag, _, length, _ = header(pos, limit, True)
+            tag, _, length, _ = header(pos, limit, True, little)
             if tag == _SEQUENCE_DELIMITER:
                 return pos + 8
             if tag != _ITEM:
                 raise fail(f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})", pos)
             if length == _UNDEFINED:
-                pos = elements(pos + 8, limit, depth, implicit, in_item=True)
+                pos = elements(pos + 8, limit, depth, implicit, little, in_item=True)
                 continue
             if length > limit - pos - 8:
                 raise fail(f"item length {length} overruns the {limit - pos - 8} bytes left", pos)
@@ -446,7 +450,7 @@ def _check_framing(
             raise fail("undefined-length sequence without a sequence delimitation item", limit)
         return pos
 
-    return elements(0, len(view), 0, implicit, in_item=False)
+    return elements(0, len(view), 0, implicit, little, in_item=False)
 
 
 # --- Part 10 files ----------------------------------------------------------
@@ -1211,7 +1215,8 @@ def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, 
         if length == _UNDEFINED:
             if found is not None and not _encapsulated(tag, vr):
                 raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length")
-            pos = _past_undefined(view, start, implicit=implicit or vr == b"UN", little=little,
+            un = vr == b"UN"  # implicit VR little endian items (PS3.5 §6.2.2)
+            pos = _past_undefined(view, start, implicit=implicit or un, little=little or un,
                                   depth=depth)
             if found is not None:  # encapsulated pixel data: there, its fragments never read
                 found[tag] = (vr_name, b"")
@@ -1247,8 +1252,9 @@ def top_level_spans(view: memoryview, *, implicit: bool,
     while pos < len(view):
         tag, vr, start, length = _element_header(view, pos, implicit, structs)
         if length == _UNDEFINED:
-            end = _past_undefined(view, start, implicit=implicit or vr == b"UN",
-                                  little=little, depth=0)
+            un = vr == b"UN"  # implicit VR little endian items (PS3.5 §6.2.2)
+            end = _past_undefined(view, start, implicit=implicit or un, little=little or un,
+                                  depth=0)
         else:
             end = start + length
             if end > len(view):

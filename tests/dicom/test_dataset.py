@@ -31,6 +31,7 @@ from router.dicom.dataset import (
     part10_from_meta,
     part10_meta_bytes,
     read_part10_header,
+    read_top_level,
     top_level_spans,
 )
 from router.dicom.errors import DIMSEError, LocalProtocolError
@@ -1161,20 +1162,49 @@ def test_an_undefined_length_un_in_big_endian_is_read_as_implicit_little_endian(
     endian whatever the transfer syntax. In Explicit VR Big Endian the walk kept the
     big-endian byte order inside and refused it ("expected an item, found
     (FEFF,00E0)"); dcmdump reads it (an outside false-positive hunt)."""
+    body = _big_endian_with_un()
+    for size in (3, 1000):
+        check = _identity(body, EXPLICIT_VR_BIG_ENDIAN, _CT.rstrip(b"\x00").decode(),
+                          "1.2.3.4", size)
+        assert check.status == 0, (size, check.reason)
+
+
+def test_the_walkers_past_the_reception_read_an_undefined_length_un_as_it_does() -> None:
+    """The reception's framing check read a big-endian undefined-length UN as PS3.5
+    6.2.2 says; the walks after it kept big endian inside and refused the data set the
+    reception had acknowledged: the rules' header read (read_top_level, then pydicom,
+    which fails on it too), the spans a change rewrites (top_level_spans) and the
+    framing check before decoding. One walk, one reading."""
+    body = _big_endian_with_un()
+    found = read_top_level(body, implicit=False, little=False, tags=frozenset({0x00100020}))
+    assert found == {0x00100020: ("LO", b"P1")}
+    spans = top_level_spans(memoryview(body), implicit=False, little=False)
+    assert [(tag, vr) for tag, vr, _, _ in spans] == [
+        (0x00080016, "UI"), (0x00080018, "UI"), (0x00090010, "LO"), (0x00091010, "UN"),
+        (0x00100020, "LO")]
+    assert spans[-1][3] == len(body) and spans[3][3] == spans[4][2]
+    try:
+        decode_dataset(body, EXPLICIT_VR_BIG_ENDIAN)
+    except DIMSEError as exc:
+        # pydicom reads its items big endian and fails past our check; that check
+        # itself must not be what refuses it.
+        assert "malformed dataset at offset" not in str(exc), exc
+
+
+def _big_endian_with_un() -> bytes:
+    """A data set in Explicit VR Big Endian with an undefined-length UN whose items are
+    implicit VR little endian (PS3.5 6.2.2), as DCMTK reads it (CP-246)."""
     def big(tag: int, vr: bytes, value: bytes) -> bytes:
         if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
             return struct.pack(">HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
         return struct.pack(">HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
-    inner = _item(_implicit(0x00091011, b"ABCD"))  # implicit VR little endian inside
+    inner = _item(_implicit(0x00091011, b"ABCD"), 0xFFFFFFFF) + struct.pack(
+        "<HHI", 0xFFFE, 0xE00D, 0)  # implicit VR little endian inside, undefined length
     un = (struct.pack(">HH2sHI", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF) + inner
           + _SEQUENCE_DELIMITATION)
-    body = (big(0x00080016, b"UI", _CT) + big(0x00080018, b"UI", b"1.2.3.4\x00")
+    return (big(0x00080016, b"UI", _CT) + big(0x00080018, b"UI", b"1.2.3.4\x00")
             + big(0x00090010, b"LO", b"ACME") + un + big(0x00100020, b"LO", b"P1"))
-    for size in (3, 1000):
-        check = _identity(body, EXPLICIT_VR_BIG_ENDIAN, _CT.rstrip(b"\x00").decode(),
-                          "1.2.3.4", size)
-        assert check.status == 0, (size, check.reason)
 
 
 def _item(body: bytes, length: int | None = None) -> bytes:
