@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from router.logline import OneLineFormatter
+from router.logline import OneLineFormatter, Throttle
 
 
 def _formatted(message: str, *args: object) -> str:
@@ -33,3 +33,45 @@ def test_a_newline_in_peer_text_cannot_start_a_line_of_its_own() -> None:
 def test_printable_text_and_tabs_are_left_alone() -> None:
     assert _formatted("C-STORE %s\tstatus 0x%04X", "1.2.3", 0) == \
         "WARNING tests.logline: C-STORE 1.2.3\tstatus 0x0000\n"
+
+
+def test_throttle_lets_a_burst_through_per_address_and_counts_the_rest() -> None:
+    budget = Throttle(burst=3, period=60.0)
+    said = [budget.allow("failed TLS handshakes on port 2762", "10.0.0.7", t)
+            for t in range(10)]
+    assert said == [True] * 3 + [False] * 7
+    # Another address, or another failure, has its own budget.
+    assert budget.allow("failed TLS handshakes on port 2762", "10.0.0.8", 10.0)
+    assert budget.allow("connections without a good PROXY header on port 11113",
+                        "10.0.0.7", 10.0)
+    assert budget.due(59.0) == []  # nothing held back is said before its period ends
+    assert budget.due(60.0) == [("failed TLS handshakes on port 2762", "10.0.0.7", 7, 60.0)]
+    assert budget.due(61.0) == []  # said once
+    # A new period: a new burst.
+    assert budget.allow("failed TLS handshakes on port 2762", "10.0.0.7", 61.0)
+
+
+def test_throttle_says_what_it_held_when_a_period_ends_on_a_new_line() -> None:
+    budget = Throttle(burst=1, period=10.0)
+    assert budget.allow("x", "a", 0.0)
+    assert not budget.allow("x", "a", 1.0)
+    assert budget.allow("x", "a", 30.0)  # the old period ended: its count is due
+    assert budget.due(30.0) == [("x", "a", 1, 10.0)]
+
+
+def test_throttle_at_its_key_bound_counts_new_addresses_together() -> None:
+    """A scan from thousands of addresses: memory stays bounded and nothing held back
+    goes unsaid; what does not fit is counted under one key."""
+    budget = Throttle(burst=1, period=60.0, keys=4)
+    said = [budget.allow("x", f"10.0.0.{i}", 1.0) for i in range(10)]
+    assert said == [True] * 4 + [True] + [False] * 5  # four own keys, then one shared
+    assert len(budget._windows) == 5
+    assert budget.due(2.0, everything=True) == [("x", Throttle.OTHERS, 5, 1.0)]
+    assert budget.due(3.0) == [] and not budget._windows
+
+
+def test_throttle_on_stop_says_everything_held() -> None:
+    budget = Throttle(burst=1, period=60.0)
+    for t in range(4):
+        budget.allow("x", "a", float(t))
+    assert budget.due(5.0, everything=True) == [("x", "a", 3, 5.0)]

@@ -157,6 +157,9 @@ class Worker:
         self.gone: set[int] = set()
         # Server TLS contexts by listener port, loaded at first use (see _server_tls).
         self.tls_contexts: dict[int, ssl.SSLContext] = {}
+        # Lines about connections that never became associations, which anyone who
+        # can connect can cause at will: a few per address a minute, then counted.
+        self.log_budget = logline.Throttle()
         self.generation = 0
         self.stopping = False
         self.restocking: asyncio.Task[None] | None = None
@@ -198,6 +201,7 @@ class Worker:
         for task in tasks:
             task.add_done_callback(self._essential_ended)
         await self.done.wait()
+        self._say_held(everything=True)
         for task in tasks:
             task.cancel()
         for forwarder in self.forwarders.values():
@@ -415,8 +419,11 @@ class Worker:
         balancer = peer_address(peer[0])
         if spec.proxy_from and (balancer is None
                                 or not any(balancer in net for net in spec.proxy_from)):
-            log.warning("worker %d: connection from %s:%d closed: port %d takes connections "
-                        "from its proxy_from balancers only", self.worker_id, *peer, spec.port)
+            if self._may_log(f"connections refused on port {spec.port} (not a proxy_from "
+                             "balancer)", peer):
+                log.warning("worker %d: connection from %s:%d closed: port %d takes "
+                            "connections from its proxy_from balancers only",
+                            self.worker_id, *peer, spec.port)
             return None
         sock.setblocking(False)
         try:
@@ -425,8 +432,10 @@ class Worker:
         except (ProxyProtocolError, TimeoutError) as exc:
             why = exc if isinstance(exc, ProxyProtocolError) else \
                 f"no PROXY header in {self.config.artim_timeout:g} s"
-            log.warning("worker %d: connection from %s:%d closed: %s", self.worker_id, *peer,
-                        why)
+            if self._may_log(f"connections without a good PROXY header on port {spec.port}",
+                             peer):
+                log.warning("worker %d: connection from %s:%d closed: %s", self.worker_id,
+                            *peer, why)
             return None
         return header.source or peer
 
@@ -471,8 +480,9 @@ class Worker:
                 why = (f"no handshake within ARTIM ({self.config.artim_timeout:g} s)"
                        if isinstance(exc, TimeoutError | ConnectionAbortedError)
                        else str(exc) or type(exc).__name__)
-                log.warning("worker %d: TLS handshake with %s:%d on port %d failed: %s",
-                            self.worker_id, *peer, port, why)
+                if self._may_log(f"failed TLS handshakes on port {port}", peer):
+                    log.warning("worker %d: TLS handshake with %s:%d on port %d failed: %s",
+                                self.worker_id, *peer, port, why)
             sock.close()
             for actor in made:
                 if actor.transport is None:  # never connected: it will not close itself
@@ -591,7 +601,18 @@ class Worker:
                 instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
                 queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid()))
             self._restock()
+            self._say_held()
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
+
+    def _say_held(self, *, everything: bool = False) -> None:
+        """One line for each address whose lines the log budget held back."""
+        for what, who, held, seconds in self.log_budget.due(time.monotonic(),
+                                                            everything=everything):
+            log.warning("worker %d: %d more %s from %s in the last %.0f s, not logged one "
+                        "by one", self.worker_id, held, what, who, seconds)
+
+    def _may_log(self, what: str, peer: tuple[str, int]) -> bool:
+        return self.log_budget.allow(what, peer[0], time.monotonic())
 
     async def _receive(self, sock: Any, what: str,
                        handle: Callable[[control.Message], None]) -> None:

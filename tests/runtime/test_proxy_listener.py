@@ -100,3 +100,33 @@ def test_a_header_from_outside_proxy_from_is_refused(tmp_path: Path) -> None:
         router.wait_for("HOSTILE->ROUTER 192.0.2.7:50123")
     finally:
         assert router.stop() == 0
+
+
+def test_refused_connections_are_said_a_few_times_per_address_then_counted(
+        tmp_path: Path) -> None:
+    """A health check or a scanner aimed at the PROXY port, in a loop: one WARNING per
+    connection buried the log. Five per address and kind, then one line with how many
+    more (said here as the router stops)."""
+    proxy_port = free_port()
+    router = _router(tmp_path, proxy_port, 'proxy_from = ["127.0.0.2"]\n')
+
+    def refused(source: str, first: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=10,
+                                      source_address=(source, 0)) as sock:
+            sock.sendall(first)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(4096):  # until the router closes it
+                    pass
+
+    try:
+        for _ in range(8):
+            refused("127.0.0.1", V1 + associate_rq())  # not a proxy_from balancer
+            refused("127.0.0.2", associate_rq())  # a balancer, but no PROXY header
+    finally:
+        assert router.stop() == 0
+    assert router.count("takes connections from its proxy_from balancers only") == 5
+    assert router.count("closed: no PROXY header") == 5
+    assert router.count(f"3 more connections refused on port {proxy_port} (not a proxy_from "
+                        "balancer) from 127.0.0.1 in the last") == 1, router.log()
+    assert router.count(f"3 more connections without a good PROXY header on port "
+                        f"{proxy_port} from 127.0.0.2 in the last") == 1, router.log()

@@ -145,6 +145,42 @@ def test_stalled_handshakes_do_not_fill_max_associations(tmp_path: Path,
         router.stop()
 
 
+def test_failed_handshakes_from_one_address_are_said_a_few_times_then_counted(
+        tmp_path: Path) -> None:
+    """Plain DICOM at a TLS port in a loop (a modality set up wrong, a scan) was one
+    WARNING per connection: 900 of them, and the line a site looks for scrolled away.
+    A few per address, then one line with how many more, here said as the router
+    stops; another address's first failures are still logged."""
+    import socket
+
+    key, cert = _certificate(tmp_path, "router")
+    port = free_port()
+    router = Router(tmp_path, workers=1, extra=(
+        f'[[router.listen]]\nhost = "127.0.0.1"\nport = {port}\ntls = true\n'
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\n'))
+
+    def plain(source: str) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                      source_address=(source, 0)) as sock:
+            sock.sendall(b"\x01\x00\x00\x00\x00\x44" + bytes(68))  # a plain RQ's start
+            while sock.recv(4096):  # until the router closes it: the failure is handled
+                pass
+
+    try:
+        router.wait_for("ready: 1 workers serving")
+        for _ in range(12):
+            plain("127.0.0.1")
+        plain("127.0.0.2")
+        router.wait_for("TLS handshake with 127.0.0.2:")
+    finally:
+        assert router.stop() == 0
+    failed = [line for line in router.lines if "TLS handshake with 127.0.0.1:" in line]
+    assert len(failed) == 5, "\n".join(failed)
+    assert router.count(f"7 more failed TLS handshakes on port {port} from 127.0.0.1 "
+                        "in the last") == 1, router.log()
+    assert router.count("from 127.0.0.2 in the last") == 0
+
+
 def test_max_associations_holds_for_handshakes_that_end_together(tmp_path: Path) -> None:
     """Counted when the handshake ends, the limit let through every connection that
     finished its handshake while others were still in theirs: four associations at
