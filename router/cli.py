@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status", help="workers of the running router (pid, uptime, associations, RSS, CPU)",
         description="Ask the running router (found from the same --config/--spool as "
-                    "'run') for its workers and totals.")
+                    "'run') for its workers and totals, and count each destination's "
+                    "queue and dead letters in the spool. With no router answering, "
+                    "the queues are still counted and printed; exit 3.")
     _add_runtime_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
@@ -818,17 +820,22 @@ def _admin(args: argparse.Namespace, name: str,
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from workers import queue as q
-
     config, _ = _runtime_config(args)
-    result = _admin(args, "status", config)
-    # The queues from the spool itself: the workers each know a part of a shared
-    # queue, some parts twice, and their sum said 600 for 300 files.
     try:
-        result["queues"] = q.counts(config.spool, [d.name for d in config.destinations])
-        result["unrouted"] = q.unrouted_count(config.spool)
-    except OSError as exc:
-        result["queues_error"] = f"cannot read the spool {config.spool}: {exc.strerror}"
+        result = _admin(args, "status", config)
+    except RouterNotRunning as exc:
+        # What waits in the spool is what an operator asks first when the router is
+        # down: the queues are counted from the files, without it.
+        down: dict[str, Any] = {"running": False, "error": str(exc)}
+        _count_queues(config, down)
+        if args.json:
+            print(json.dumps(down, indent=2))
+        else:
+            print(_queue_line(down))
+        print(f"dicom-router status: {exc}", file=sys.stderr)
+        return EXIT_NETWORK
+    result["running"] = True
+    _count_queues(config, result)
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
@@ -857,14 +864,30 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{sum(c['queued'] for c in queues.values()):>7} {totals['rss'] / 1e6:>7.1f}")
     print("served, stored/failed (instances received), fwd (delivered): since the router "
           "started; queued: a worker's share in memory, the total from the spool")
-    if "queues_error" in result:
-        print(f"queues: {result['queues_error']}")
-    else:
-        print("queues: " + (", ".join(
-            f"{name} {c['queued']} queued" + (f", {c['dead']} dead" if c["dead"] else "")
-            for name, c in queues.items()) or "no destination")
-              + f"; unrouted: {result.get('unrouted', 0)}")
+    print(_queue_line(result))
     return EXIT_OK
+
+
+def _count_queues(config: Config, result: dict[str, Any]) -> None:
+    """The queues from the spool itself into ``result``: the workers each know a part
+    of a shared queue, some parts twice, and their sum said 600 for 300 files."""
+    from workers import queue as q
+
+    try:
+        result["queues"] = q.counts(config.spool, [d.name for d in config.destinations])
+        result["unrouted"] = q.unrouted_count(config.spool)
+    except OSError as exc:
+        result["queues_error"] = f"cannot read the spool {config.spool}: {exc.strerror}"
+
+
+def _queue_line(result: dict[str, Any]) -> str:
+    if "queues_error" in result:
+        return f"queues: {result['queues_error']}"
+    queues: dict[str, dict[str, int]] = result["queues"]
+    return "queues: " + (", ".join(
+        f"{name} {c['queued']} queued" + (f", {c['dead']} dead" if c["dead"] else "")
+        for name, c in queues.items()) or "no destination") + \
+        f"; unrouted: {result.get('unrouted', 0)}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -1060,6 +1060,16 @@ def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
         assert "queues: pacs 6 queued; unrouted: 0" in table
     finally:
         router.stop()
+    # Stopped (or crashed): status says so, exit 3, and still what waits in the spool,
+    # which is what an operator asks first then.
+    down = router.command("status")
+    assert down.returncode == 3 and "no router answering" in down.stderr, down
+    assert down.stdout == "queues: pacs 6 queued; unrouted: 0\n", down
+    down = router.command("status", "--json")
+    assert down.returncode == 3, down
+    assert json.loads(down.stdout) | {"error": ""} == {
+        "running": False, "error": "", "queues": {"pacs": {"queued": 6, "dead": 0}},
+        "unrouted": 0}
 
 
 def test_a_queue_of_a_destination_no_longer_configured_is_said_at_start(
