@@ -17,7 +17,7 @@ inode) made at the commit, before the instance is acknowledged::
     <root>/order/<destination>/<bucket>/<hash>.<key>.<stem>.dcm
 
 ``<hash>`` is 16 hex digits of a BLAKE2b hash of the SOP Instance UID, ``<bucket>``
-its first two, so a bucket lists about 1/256 of the queue. ``<key>`` is the time of
+its first three, so a bucket lists about 1/4,096 of the queue. ``<key>`` is the time of
 the commit in nanoseconds (20 digits): the order of the acknowledgements, which is
 not that of the stems (a stem is minted when the C-STORE begins, and a big instance
 begun first may be acknowledged last). A sender that has claimed a queued file lists
@@ -36,8 +36,14 @@ UIDs share only makes one of them wait for the other. A stale marker keeps its
 file's data on disk until it is removed.
 
 Cost, measured on this project's ext4: making a marker 6 us, removing one 3 us;
-listing a bucket at a claim 2-17 us while the queue holds up to a few thousand
-instances, about 170 us at a 100,000-instance backlog, 1.6 ms at a million.
+listing a bucket at a claim costs about 0.5 us per marker in it. With 256 buckets
+(two hex digits, the layout before) that was 170 us at a 100,000-instance backlog
+and 2 ms at a million, per claim: after a weekend's outage of a big site's PACS, the
+catch-up spent more on this than on sending. With 4,096 buckets it is about 15 us and
+120 us; the empty buckets a big queue leaves cost 4 KiB each (16 MiB at most per
+destination). More buckets would cost more of that than they save. Buckets of two
+digits, from a spool of an earlier version, are moved into the new ones by
+:func:`sweep` at start-up.
 
 Everything here is best effort: a marker that cannot be made or removed costs the
 order of that instance, never its delivery. Calls block and own no thread.
@@ -83,8 +89,12 @@ def uid_hash(uid: str) -> str:
                            digest_size=_HASH_CHARS // 2).hexdigest()
 
 
+_BUCKET_CHARS: Final = 3
+_OLD_BUCKET_CHARS: Final = 2  # the layout of versions before 2026-11
+
+
 def _bucket(root: Path, destination: str, digest: str) -> Path:
-    return root / ORDER_DIR / destination / digest[:2]
+    return root / ORDER_DIR / destination / digest[:_BUCKET_CHARS]
 
 
 def _split(marker: str) -> tuple[str, str, str] | None:
@@ -201,12 +211,38 @@ def is_link_of(marker: Path, st: os.stat_result) -> bool:
 def sweep(root: Path) -> int:
     """Remove the stale markers of every destination (at start-up, while no worker
     runs): those whose queued file is gone, which would otherwise keep its data on
-    disk. How many went."""
+    disk. How many went. Markers in buckets of the earlier layout are moved into
+    this one's first (no worker looks there)."""
     try:
         destinations = os.listdir(root / ORDER_DIR)
     except FileNotFoundError:
         return 0
+    for destination in destinations:
+        _move_old_buckets(root / ORDER_DIR / destination)
     return sum(sweep_destination(root, destination) for destination in destinations)
+
+
+def _move_old_buckets(top: Path) -> None:
+    try:
+        buckets = [b for b in os.listdir(top) if len(b) == _OLD_BUCKET_CHARS]
+    except OSError:
+        return
+    for bucket in buckets:
+        old = top / bucket
+        try:
+            for marker in os.listdir(old):
+                if _split(marker) is None:
+                    continue  # not ours: left where it is, and the bucket with it
+                new = top / marker[:_BUCKET_CHARS]
+                new.mkdir(exist_ok=True)
+                os.replace(old / marker, new / marker)
+            with contextlib.suppress(OSError):  # not empty: sweep_destination's to judge
+                old.rmdir()
+        except OSError as exc:
+            # Best effort, as all of this: a marker left behind is stale to
+            # sweep_destination at worst, and its instance goes in queue order alone.
+            log.warning("order markers in %s not moved to this version's buckets: %s",
+                        old, exc)
 
 
 def sweep_destination(root: Path, destination: str) -> int:

@@ -3,6 +3,7 @@ of an instance, stale markers, the sweeps, and dead letters in and out."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -116,3 +117,29 @@ def test_a_marker_that_cannot_be_made_costs_the_order_not_the_instance(
     assert order.versions(tmp_path, "pacs", path.name, UID) == order.Versions()
     assert path.exists() and os.stat(path).st_nlink == 1
     assert "order marker of pacs/01-1-1.dcm" in caplog.text and "queue order alone" in caplog.text
+
+
+def test_markers_of_the_earlier_layout_are_moved_at_start_up(tmp_path: Path) -> None:
+    """256 buckets made a claim list ~4,000 markers at a million-instance backlog (2 ms
+    each); there are 4,096 now. A spool from the earlier version has its markers in
+    two-digit buckets: sweep moves them, and the versions they order keep their
+    order; a stale one among them goes."""
+    old = _queued(tmp_path, "01-1-1.dcm", UID, key=1000)
+    new = _queued(tmp_path, "02-1-2.dcm", UID, key=2000)
+    gone = _queued(tmp_path, "00-1-0.dcm", OTHER)
+    top = tmp_path / "order" / "pacs"
+    markers = list(top.rglob("*.dcm"))
+    assert len(markers) == 3 and all(len(m.parent.name) == 3 for m in markers)
+    for marker in markers:  # as the earlier version laid them out
+        legacy = top / marker.name[:2]
+        legacy.mkdir(exist_ok=True)
+        marker.rename(legacy / marker.name)
+        with contextlib.suppress(OSError):
+            marker.parent.rmdir()
+    gone.unlink()
+    assert order.versions(tmp_path, "pacs", new.name, UID).older is None  # not seen there
+    assert order.sweep(tmp_path) == 1  # the stale one
+    assert all(len(p.name) == 3 for p in top.iterdir())  # the two-digit buckets are gone
+    assert order.versions(tmp_path, "pacs", new.name, UID).older == old.name
+    assert order.versions(tmp_path, "pacs", old.name, UID).newer == new.name
+    assert _markers(tmp_path) == ["01-1-1.dcm", "02-1-2.dcm"]
