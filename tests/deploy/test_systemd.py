@@ -286,6 +286,47 @@ def test_the_io_uring_check_sees_a_filter_that_drops_it(line: str, systemd_analy
 def test_sample_files_are_the_installed_ones() -> None:
     """deploy/README.md copies these; keep the list there and here the same."""
     readme = (DEPLOY / "README.md").read_text()
-    for name in ("dicom-router.service", "router.toml", "rules.toml"):
+    for name in ("dicom-router.service", "router.toml", "rules.toml",
+                 "dicom-router-metrics.service", "dicom-router-metrics.timer"):
         assert (DEPLOY / "systemd" / name).is_file()
         assert f"systemd/{name}" in readme, f"deploy/README.md does not install {name}"
+
+
+METRICS = DEPLOY / "systemd" / "dicom-router-metrics.service"
+METRICS_TIMER = DEPLOY / "systemd" / "dicom-router-metrics.timer"
+
+
+def test_systemd_analyze_verify_accepts_the_metrics_units(systemd_analyze: str,
+                                                          tmp_path: Path) -> None:
+    ours = Path(sys.executable).with_name("dicom-router")
+    for source in (METRICS, METRICS_TIMER):
+        (tmp_path / source.name).write_text(
+            source.read_text().replace(INSTALLED_BINARY, str(ours)))
+    done = subprocess.run([systemd_analyze, "verify", str(tmp_path / METRICS_TIMER.name),
+                           str(tmp_path / METRICS.name)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0 and not done.stderr.strip() and not done.stdout.strip(), (
+        f"systemd-analyze verify: exit {done.returncode}\n{done.stdout}{done.stderr}")
+
+
+def test_the_metrics_unit_writes_where_it_may(unit: dict[str, list[tuple[str, str]]]) -> None:
+    """Its command parses as `status --prometheus FILE` with the router's own argparse,
+    for the router's configuration, as the router's user, and FILE is in the one folder
+    ProtectSystem=strict leaves it writable."""
+    metrics = parse_unit(METRICS.read_text())
+    argv = exec_argv(one(metrics, "ExecStart"))
+    assert argv[0] == INSTALLED_BINARY
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "status" and args.prometheus
+    assert args.config == exec_argv_config(unit)
+    assert one(metrics, "User") == one(unit, "User")
+    assert one(metrics, "ProtectSystem") == "strict"
+    assert Path(args.prometheus).parent == Path(one(metrics, "ReadWritePaths"))
+    assert one(metrics, "Type") == "oneshot"
+    timer = parse_unit(METRICS_TIMER.read_text())
+    assert seconds(one(timer, "OnUnitActiveSec", "Timer")) == 60
+
+
+def exec_argv_config(unit: dict[str, list[tuple[str, str]]]) -> Path:
+    args = build_parser().parse_args(exec_argv(one(unit, "ExecStart"))[1:])
+    return Path(args.config)

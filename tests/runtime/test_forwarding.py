@@ -1058,8 +1058,23 @@ def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
         total = next(line for line in table.splitlines() if line.startswith(" total"))
         assert total.split()[3:7] == ["6", "0", "0", "6"], table
         assert "queues: pacs 6 queued; unrouted: 0" in table
+        # The same figures for Prometheus (node_exporter's textfile collector), read
+        # by prometheus-client's parser.
+        prom = tmp_path / "dicom_router.prom"
+        assert router.command("status", "--prometheus", str(prom)).returncode == 0
+        got = _prometheus(prom)
+        assert got["dicom_router_up"] == 1
+        assert got['dicom_router_queued_instances{destination="pacs"}'] == 6
+        assert sum(v for k, v in got.items()
+                   if k.startswith("dicom_router_instances_stored_total{")) == 6
+        assert got[f'dicom_router_worker_restarts_total{{worker="{busiest["worker_id"]}"}}'] == 1
     finally:
         router.stop()
+    down = router.command("status", "--prometheus", str(prom))
+    assert down.returncode == 3 and _prometheus(prom) == {
+        "dicom_router_up": 0, 'dicom_router_queued_instances{destination="pacs"}': 6,
+        'dicom_router_dead_letters{destination="pacs"}': 0,
+        "dicom_router_unrouted_instances": 0, "dicom_router_spool_readable": 1}
     # Stopped (or crashed): status says so, exit 3, and still what waits in the spool,
     # which is what an operator asks first then.
     down = router.command("status")
@@ -1070,6 +1085,15 @@ def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
     assert json.loads(down.stdout) | {"error": ""} == {
         "running": False, "error": "", "queues": {"pacs": {"queued": 6, "dead": 0}},
         "unrouted": 0}
+
+
+def _prometheus(path: Path) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                      + "}" if s.labels else ""): s.value
+            for family in text_string_to_metric_families(path.read_text())
+            for s in family.samples}
 
 
 def test_a_queue_of_a_destination_no_longer_configured_is_said_at_start(
