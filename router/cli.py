@@ -486,7 +486,8 @@ def cmd_find(args: argparse.Namespace) -> int:
                 n += 1
                 print(f"# result {n}")
                 print(identifier)
-        print(f"C-FIND: {n} results, final status 0x{status:04X}")
+        print(f"C-FIND: {n} results, final status 0x{status:04X}"
+              + _comment(assoc.final_comment))
     return EXIT_OK if status == dimse.SUCCESS else EXIT_FAILED
 
 
@@ -497,12 +498,21 @@ def cmd_move(args: argparse.Namespace) -> int:
     with _open(args, [(model, ts)]) as assoc:
         for rsp in assoc.move(_query(args.key, args.level), args.dest, model=model):
             last = rsp
-            print(f"C-MOVE status 0x{rsp.status:04X} remaining "
-                  f"{rsp.number_of_remaining_sub_operations} completed "
-                  f"{rsp.number_of_completed_sub_operations} failed "
-                  f"{rsp.number_of_failed_sub_operations} warning "
-                  f"{rsp.number_of_warning_sub_operations}")
+            # Counts a response does not carry (PS3.7 C.4.2.1.6: optional in a final
+            # one) are left out, not printed as None.
+            counts = [f"{name} {value}" for name, value in (
+                ("remaining", rsp.number_of_remaining_sub_operations),
+                ("completed", rsp.number_of_completed_sub_operations),
+                ("failed", rsp.number_of_failed_sub_operations),
+                ("warning", rsp.number_of_warning_sub_operations)) if value is not None]
+            print(f"C-MOVE status 0x{rsp.status:04X}"
+                  + (f" {' '.join(counts)}" if counts else "")
+                  + _comment(rsp.error_comment))
     return EXIT_OK if last is not None and last.status == dimse.SUCCESS else EXIT_FAILED
+
+
+def _comment(text: str | None) -> str:
+    return f" ({text})" if text else ""
 
 
 # Storage SOP classes `get` offers to receive (PS3.4 B.5), most common first:
@@ -636,7 +646,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         for rsp in assoc.get(_query(args.key, args.level), model=model):
             last = rsp
     print(f"C-GET: {received} instances received into {args.out}, final status "
-          f"0x{last.status if last else 0xFFFF:04X}")
+          f"0x{last.status if last else 0xFFFF:04X}"
+          + _comment(last.error_comment if last else None))
     return EXIT_OK if last is not None and last.status == dimse.SUCCESS else EXIT_FAILED
 
 

@@ -195,6 +195,28 @@ class FindProxy(_Relayed):
         self.matches = 0
         self._seen: set[object] = set()
         self._open: list[OutboundAssociation] = []
+        # What the upstreams are asked, and the unique key added to it for the merge.
+        self._asked, self._added_key = self._with_unique_key()
+
+    def _with_unique_key(self) -> tuple[bytes, str | None]:
+        """With several upstreams, a study found in both is passed on once, known by
+        its unique key (PS3.4 C.6 unique keys). A requestor that did not ask for that
+        key (PatientName alone) got no value to know it by, and matches that returned
+        the same values were taken for one: 11 studies came back as 4, with Success.
+        The upstreams are asked for the key (universal matching, PS3.4 C.2.2.2.3) and
+        it is removed from each match before it is passed on."""
+        if len(self.upstreams) < 2:
+            return self.identifier, None
+        try:
+            ds = decode_dataset(self.identifier, self.transfer_syntax)
+        except DIMSEError:
+            return self.identifier, None  # passed on as it came; the upstreams judge it
+        level = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
+        keyword = _LEVEL_KEYS.get(level)
+        if keyword is None or keyword in ds:
+            return self.identifier, None
+        setattr(ds, keyword, "")
+        return encode_dataset(ds, self.transfer_syntax), keyword
 
     async def run(self) -> None:
         outcomes = await asyncio.gather(*(self._query(d) for d in self.upstreams),
@@ -216,8 +238,12 @@ class FindProxy(_Relayed):
         elif not failures:
             status, comment = dimse.SUCCESS, None
         elif completed:
-            status, reason = failures[0]
-            comment = f"{len(failures)} of {len(self.upstreams)} upstreams failed: {reason}"
+            # Names and statuses, which fit an Error Comment (LO, 64 characters): the
+            # first failure's reason did not ("... does not support 1.2.840.10008.5.1.",
+            # cut inside a UID); the reasons are in the log line below.
+            status = failures[0][0]
+            comment = f"{len(failures)} of {len(self.upstreams)} upstreams failed: " \
+                f"{', '.join(failed)}"
         else:
             status, comment = failures[0]
         for code, reason in failures:
@@ -249,8 +275,7 @@ class FindProxy(_Relayed):
             if ctx is None:
                 return (dimse.SOP_CLASS_NOT_SUPPORTED,
                         f"{destination.name} does not support {self.model}")
-            identifier = transcode(self.identifier, self.transfer_syntax,
-                                   ctx.transfer_syntax)
+            identifier = transcode(self._asked, self.transfer_syntax, ctx.transfer_syntax)
             if self.cancelled:
                 return dimse.CANCEL, ""
             final = (dimse.UNABLE_TO_PROCESS, f"{destination.name}: no final response")
@@ -287,10 +312,14 @@ class FindProxy(_Relayed):
         if self.retrieve_ae_title is not None:
             raw = _retrieve_through(raw, self.transfer_syntax, self.retrieve_ae_title)
         if len(self.upstreams) > 1:
-            key = unique_key(decode_dataset(raw, self.transfer_syntax), raw)
+            ds = decode_dataset(raw, self.transfer_syntax)
+            key = unique_key(ds, raw)
             if key in self._seen:
                 return
             self._seen.add(key)
+            if self._added_key is not None and self._added_key in ds:
+                delattr(ds, self._added_key)  # not asked for by the requestor
+                raw = encode_dataset(ds, self.transfer_syntax)
         self.matches += 1
         self.respond(status, raw, None)
 

@@ -293,6 +293,9 @@ class ClientAssociation:
     ) -> None:
         self._conn = conn
         self._assoc = conn.assoc
+        #: The Error Comment (0000,0902) of the last C-FIND/C-MOVE/C-GET's final
+        #: response, if it had one: what the peer says about a failure or warning.
+        self.final_comment: str | None = None
         self.dimse_timeout = dimse_timeout
         self.on_store = on_store
         self.on_request = on_request
@@ -650,6 +653,8 @@ class ClientAssociation:
                 rsp = self._receive(message_id)
                 done = dimse.status_category(rsp.message.status) \
                     is not dimse.StatusCategory.PENDING
+                if done:
+                    self.final_comment = getattr(rsp.message, "error_comment", None)
                 yield rsp
                 if done:
                     return

@@ -8,6 +8,7 @@ the router must be what it gets from Orthanc directly.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -374,8 +375,12 @@ def test_two_upstreams_are_merged_without_duplicates(
     second = start_orthanc(procs, tmp_path / "orthanc2", aet="ORTHANC2")
     shared = make_study(tmp_path / "shared", n_series=1, n_instances=2, size_kb=4,
                         patient_id="P1", seed=1)
-    only_second = make_study(tmp_path / "second", n_series=1, n_instances=2, size_kb=4,
-                             patient_id="P2", seed=2)
+    only_second = [*make_study(tmp_path / "second", n_series=1, n_instances=2, size_kb=4,
+                               patient_id="P2", seed=2),
+                   *make_study(tmp_path / "third", n_series=1, n_instances=1, size_kb=4,
+                               patient_id="P1", seed=3),
+                   *make_study(tmp_path / "fourth", n_series=1, n_instances=1, size_kb=4,
+                               patient_id="P1", seed=4)]
     for path in shared:
         orthanc_server.upload(path)
         second.upload(path)
@@ -383,18 +388,31 @@ def test_two_upstreams_are_merged_without_duplicates(
         second.upload(path)
     router = _two_upstreams(tmp_path, orthanc_server, "pacs2", second.dicom_port, second.aet)
     args = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID"]
+    # Without the unique key: the two studies of P1 return the same values. They were
+    # taken for one study (an outside campaign: 11 studies came back as 4, Success).
+    keyless = ["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID"]
     try:
         router.wait_for("ready: 2 workers serving")
         merged = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "merged", *args)
+        merged_keyless = _findscu(dcmtk, router.port, "ROUTER", tmp_path / "keyless",
+                                  *keyless)
     finally:
         router.stop()
     second_direct = _findscu(dcmtk, second.dicom_port, second.aet, tmp_path / "d2", *args)
-    # The second PACS has both studies; whichever copy of the shared one came second is
-    # dropped. (Retrieve AE Title says which PACS answered first, so it is left out.)
+    # The second PACS has all four studies; whichever copy of the shared one came
+    # second is dropped. (Retrieve AE Title says which PACS answered first, so it is
+    # left out.)
     def studies(matches: list[dict[str, str]]) -> list[tuple[str, str]]:
         return sorted((m["(0010,0020)"], m["(0020,000D)"]) for m in matches)
 
-    assert len(merged) == 2 and studies(merged) == studies(second_direct)
+    assert len(merged) == 4 and studies(merged) == studies(second_direct)
+    # The key the router asked for to merge them is not passed on: not asked for.
+    assert sorted(m["(0010,0020)"] for m in merged_keyless) == ["P1", "P1", "P1", "P2"]
+    assert not [m for m in merged_keyless if "(0020,000D)" in m], merged_keyless
+    direct_keyless = _findscu(dcmtk, second.dicom_port, second.aet, tmp_path / "d3", *keyless)
+    for m in [*merged_keyless, *direct_keyless]:
+        m.pop("(0008,0054)", None)
+    assert merged_keyless == direct_keyless
 
 
 def test_matches_name_the_router_as_retrieve_ae_when_it_retrieves_too(
@@ -441,12 +459,21 @@ def test_two_upstreams_one_down_is_a_failure_after_the_others_matches(
         router.wait_for("upstream failed with 0xA700")
         # The summary names the PACS that answered as the source, the other as failed.
         router.wait_for("3 match(es) from pacs; failed: down (0xA700), status 0xA700")
+        # Our own find tool says what the router said of it (it printed the status only).
+        ours = subprocess.run(
+            [sys.executable, "-m", "router.cli", "find", "127.0.0.1", str(router.port),
+             "-aet", "VIEWER", "-aec", "ROUTER", "-L", "STUDY", "-k", "StudyInstanceUID"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert ours.returncode == 1, ours
+        assert ours.stdout.splitlines()[-1] == (
+            "C-FIND: 3 results, final status 0xA700 (1 of 2 upstreams failed: down "
+            "(0xA700))"), ours.stdout
     finally:
         router.stop()
     said = done.stdout + done.stderr
     assert said.count("Received Find Response ") == 3, said
     assert said.count("0xff00: Pending") == 3, said
-    assert "0xa700: Refused" in said and "[1 of 2 upstreams failed: down: cannot" in said, said
+    assert "0xa700: Refused" in said and "[1 of 2 upstreams failed: down (0xA700)]" in said, said
 
 
 def _moved(port: int, study_uid: str) -> list[Any]:
