@@ -926,8 +926,18 @@ def _queue_line(result: dict[str, Any]) -> str:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    result = _admin(args, "reload")
-    print(f"reloaded: configuration generation {result.get('generation')}")
+    config, _ = _runtime_config(args)
+    # The router re-reads the file it was started with: another file given here was
+    # checked, then "reloaded: ..." said while the router went on with its own.
+    running = _admin(args, "status", config).get("config")
+    if args.config is not None and isinstance(running, str) and Path(running).exists() \
+            and not Path(running).samefile(args.config):
+        raise UsageError(f"the router on this spool runs on {running}, not on {args.config}: "
+                         f"reload re-reads {running}; to run on {args.config}, restart it "
+                         "with that file")
+    result = _admin(args, "reload", config)
+    print(f"reloaded: configuration generation {result.get('generation')}"
+          + (f"; {result['warning']}" if result.get("warning") else ""))
     return EXIT_OK
 
 

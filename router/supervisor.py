@@ -129,6 +129,8 @@ class Supervisor:
         self.config_path = config_path
         self.overrides = overrides
         self.generation = 1
+        # What the last accepted reload did not change until a restart (see _reload).
+        self.reload_warning: str | None = None
         self.run_dir = config.spool / "run"
         self.slots = [WorkerSlot(worker_id=i) for i in range(1, config.workers + 1)]
         self.listeners: list[socket.socket] = []
@@ -669,7 +671,9 @@ class Supervisor:
                                          flags=zmq.NOBLOCK)
 
     def _reload(self) -> str | None:
-        """Load the configuration file again; the reason it was refused, or None."""
+        """Load the configuration file again; the reason it was refused, or None
+        (``reload_warning`` then says what it does not change until a restart)."""
+        self.reload_warning = None
         serving = self.announced_ready and self.draining_until is None
         if serving:
             self.notifier.reloading()
@@ -682,10 +686,25 @@ class Supervisor:
             # way nobody foresaw (a RecursionError once) is a refused reload too.
             return self._reload_refused(f"cannot read the configuration: "
                                         f"{type(exc).__name__}: {exc}", serving)
+        # The spool holds the queue, the lock and the admin socket: moved under a
+        # running router, every operator command (status, reload, queue) looked in the
+        # new place and found no router, while it went on in the old one.
+        for what, old, new in (("[spool] path", self.config.spool, config.spool),
+                               ("admin_socket", self.config.admin_socket,
+                                config.admin_socket)):
+            if old != new:
+                return self._reload_refused(
+                    f"{what} changed from {old} to {new}: it moves with a restart only "
+                    f"(the running router's queue and control socket are in {old})",
+                    serving)
         # The sockets stay as they are; the workers take new TLS certificates, though.
-        if (_addresses(config) != _addresses(self.config)
-                or config.workers != self.config.workers):
-            log.warning("reload: listen addresses and worker count change on restart only")
+        restart_only = [what for what, changed in (
+            ("listen addresses", _addresses(config) != _addresses(self.config)),
+            ("worker count", config.workers != self.config.workers)) if changed]
+        if restart_only:
+            self.reload_warning = (f"{' and '.join(restart_only)} changed: they take effect "
+                                   "at the next restart")
+            log.warning("reload: %s", self.reload_warning)
         try:
             written = snapshot.write(self.run_dir, self.generation + 1)
         except OSError as exc:
@@ -751,7 +770,8 @@ class Supervisor:
             refused = self._reload()
             if refused is not None:
                 return control.Reply.failure(refused)
-            return control.Reply.success({"generation": self.generation})
+            return control.Reply.success({"generation": self.generation,
+                                          "warning": self.reload_warning})
         if command.name == "rescan":
             self._tell_workers(control.Rescan())
             return control.Reply.success({})

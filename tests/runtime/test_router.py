@@ -229,6 +229,34 @@ def test_sighup_reload_valid_and_invalid(router: Router, dcmtk: Dcmtk) -> None:
         done.stdout + done.stderr)
 
 
+def test_a_reload_says_what_it_cannot_change(router: Router, tmp_path: Path) -> None:
+    """An outside campaign: a reload took a new [spool] path without a word, and from
+    then on status, reload and queue looked there and found no router, while it ran
+    on in the old spool; a changed worker count or port reloaded as "reloaded" alone;
+    and `reload --config other.toml` checked that file, then reloaded the router's
+    own and said "reloaded"."""
+    router.wait_for("ready: 2 workers serving")
+    original = router.config.read_text()
+    moved = tmp_path / "elsewhere"
+    router.config.write_text(original.replace(f'path = "{router.spool}"', f'path = "{moved}"'))
+    router.proc.send_signal(signal.SIGHUP)
+    line = router.lines[router.wait_for("reload refused")]
+    assert f"[spool] path changed from {router.spool} to {moved}: it moves with a " \
+        "restart only" in line, line
+    router.write_config(workers=1)
+    done = router.command("reload")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "reloaded: configuration generation 2; worker count changed: they " \
+        "take effect at the next restart\n", done.stdout
+    other = tmp_path / "other.toml"
+    other.write_text(original)
+    wrong = subprocess.run([sys.executable, "-m", "router.cli", "reload", "--config",
+                            str(other)], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2, wrong
+    assert f"runs on {router.config}, not on {other}" in wrong.stderr, wrong.stderr
+    assert router.count("configuration generation 3 loaded") == 0
+
+
 def test_workers_restarted_after_the_files_were_edited_run_the_checked_configuration(
         router: Router, dcmtk: Dcmtk, tmp_path: Path) -> None:
     """Workers load what the supervisor checked (router/snapshot.py), not the files.
