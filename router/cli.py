@@ -1124,8 +1124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dicom-router {args.command}: {exc}", file=sys.stderr)
         return EXIT_NETWORK
     except (AssociationAbortedError, NetworkError, OSError) as exc:
+        # The peer, for the commands that have one (run's --host/--port are ours).
         where = f"{getattr(args, 'host', None)}:{getattr(args, 'port', None)}: " \
-            if getattr(args, "port", None) else ""
+            if getattr(args, "port", None) and args.command not in ("run", "scp") else ""
         print(f"dicom-router {args.command}: {where}{exc}", file=sys.stderr)
         return EXIT_NETWORK
     except ProtocolError as exc:

@@ -163,12 +163,19 @@ class Supervisor:
     def run(self) -> int:
         log.info("dicom-router: %s", self.config.describe())
         self._check_certificates()
-        if not self._lock_spool():
-            # Not 2: the other router may be on its way out (a restart), and a service
-            # manager should try again.
+        try:
+            if not self._lock_spool():
+                # Not 2: the other router may be on its way out (a restart), and a
+                # service manager should try again.
+                return 1
+            raise_open_files_limit()
+            report = Spool(self.config.spool, fsync=self.config.fsync).recover()
+        except OSError as exc:
+            # Not 2 either: a disk not mounted yet at boot is worth retrying; a folder
+            # it may not write is said once a restart, in this one line.
+            log.error("spool %s: cannot use it: %s (set [spool] path to a folder this "
+                      "user may write)", self.config.spool, exc.strerror or exc)
             return 1
-        raise_open_files_limit()
-        report = Spool(self.config.spool, fsync=self.config.fsync).recover()
         stale = order.sweep(self.config.spool)
         if stale:
             log.info("spool %s: %d stale order marker(s) removed (their instances had left "

@@ -857,3 +857,23 @@ def test_echo_destination_uses_its_settings_and_the_flags_given(tmp_path: Path) 
         router.wait_for("ENGINEER->ROUTER")
     finally:
         router.stop()
+
+
+def test_a_spool_folder_it_cannot_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A [spool] path under a file (or on a disk not mounted yet, or read-only) ended
+    `run` with "None:11112: [Errno 20] Not a directory: ..." and exit 3, a network
+    error's code and prefix, naming neither the spool nor the key (an outside
+    campaign)."""
+    (tmp_path / "file").write_bytes(b"")
+    config = tmp_path / "router.toml"
+    config.write_text(f'[spool]\npath = "{tmp_path / "file" / "spool"}"\n'
+                      f'[[router.listen]]\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    for more in ([], ["--port", str(free_port())]):
+        done = subprocess.run([sys.executable, "-m", "router.cli", "run", "--config",
+                               str(config), *more], capture_output=True, text=True,
+                              timeout=60)
+        said = done.stdout + done.stderr
+        assert done.returncode == 1, said
+        assert f"spool {tmp_path / 'file' / 'spool'}: cannot use it: Not a directory " \
+            "(set [spool] path to a folder this user may write)" in said, said
+        assert "None:" not in said and "Traceback" not in said, said
