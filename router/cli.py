@@ -846,7 +846,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         down: dict[str, Any] = {"running": False, "error": str(exc)}
         _count_queues(config, down)
         if args.prometheus:
-            _prometheus(args.prometheus, down)
+            try:
+                _prometheus(args.prometheus, down)
+            except UsageError as problem:  # said, but the router being down comes first
+                print(f"dicom-router status: {problem}", file=sys.stderr)
         elif args.json:
             print(json.dumps(down, indent=2))
         else:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["OneLineFormatter", "Throttle", "configure", "first_line"]
+__all__ = ["Held", "OneLineFormatter", "Throttle", "configure", "first_line"]
 
 # C0 controls but TAB, and DEL: escaped as Python writes them in a repr.
 _ESCAPES: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09} | {
@@ -45,29 +46,49 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What a :class:`Throttle` held back of one kind of line, for its summary line."""
+
+    what: str
+    lines: int  # held back, in all
+    addresses: int  # how many addresses they came from
+    more_addresses: bool  # and more than that: past the key bound, not told apart
+    top: Hashable  # the address most of them came from
+    top_lines: int
+    seconds: float  # over how long
+
+
 class Throttle:
-    """A log budget per key, for lines that strangers can cause at will.
+    """A log budget for lines that strangers can cause at will.
 
     A failed TLS handshake or a bad PROXY header is one line each; a port scan, a
     load balancer's health check aimed at the wrong port or a modality retrying in a
     loop made hundreds a second of the same line, and the one line a site looks for
-    scrolled away. Each key (what failed, and from which address) gets ``burst``
-    lines per ``period`` seconds; further ones are counted, and :meth:`due` gives the
-    counts of periods that ended, for one summary line each: nothing is hidden, it
-    is said once. At most ``keys`` keys are tracked (a scan from many addresses);
-    past that, new keys share :attr:`OTHERS`. Sans clock: the caller gives the time.
+    scrolled away. Each kind of line (``what``) gets ``burst`` lines per ``period``
+    seconds from one address (``who``), and ``kind_burst`` from all addresses
+    together (a scan comes from many; so do the addresses of one IPv6 host);
+    further ones are counted, and :meth:`due` gives, per kind, what was held back in
+    periods that ended, for one summary line: nothing is hidden, it is said once. At
+    most ``keys`` addresses are told apart; past that, new ones share
+    :attr:`OTHERS`. The budget is the process's own (each worker has one). Sans
+    clock: the caller gives the time.
     """
 
     OTHERS: Final = "other addresses"
 
-    __slots__ = ("_burst", "_due", "_keys", "_period", "_windows")
+    __slots__ = ("_burst", "_due", "_keys", "_kind_burst", "_kinds", "_period", "_windows")
 
-    def __init__(self, *, burst: int = 5, period: float = 60.0, keys: int = 1024) -> None:
+    def __init__(self, *, burst: int = 5, kind_burst: int = 20, period: float = 60.0,
+                 keys: int = 1024) -> None:
         self._burst = burst
+        self._kind_burst = kind_burst
         self._period = period
         self._keys = keys
-        # key -> [when its period started, lines let through, lines held back]
+        # (what, who) -> [when its period started, lines let through, lines held back]
         self._windows: dict[tuple[str, Hashable], list[float]] = {}
+        # what -> [when its period started, lines let through]
+        self._kinds: dict[str, list[float]] = {}
         self._due: list[tuple[str, Hashable, int, float]] = []
 
     def allow(self, what: str, who: Hashable, now: float) -> bool:
@@ -83,24 +104,43 @@ class Throttle:
                 if len(self._windows) >= self._keys:  # one OTHERS per ``what`` beyond
                     return self.allow(what, self.OTHERS, now)
             window = self._windows[key] = [now, 0, 0]
-        if window[1] < self._burst:
+        kind = self._kinds.get(what)
+        if kind is None or now - kind[0] >= self._period:
+            kind = self._kinds[what] = [now, 0]
+        if window[1] < self._burst and kind[1] < self._kind_burst:
             window[1] += 1
+            kind[1] += 1
             return True
         window[2] += 1
         return False
 
-    def due(self, now: float, *, everything: bool = False) -> list[tuple[str, Hashable, int,
-                                                                       float]]:
-        """(what, who, lines held back, over how many seconds) for each period that
-        ended by ``now`` (every period with ``everything``, as the process stops)."""
+    def due(self, now: float, *, everything: bool = False) -> list[Held]:
+        """What was held back, per kind, in the periods that ended by ``now`` (every
+        period with ``everything``, as the process stops)."""
         self._expire(now, everything=everything)
         due, self._due = self._due, []
-        return due
+        by_kind: dict[str, list[tuple[Hashable, int, float]]] = {}
+        for what, who, lines, seconds in due:
+            by_kind.setdefault(what, []).append((who, lines, seconds))
+        held = []
+        for what, entries in by_kind.items():
+            top, top_lines, _ = max(entries, key=lambda entry: entry[1])
+            others = any(who == self.OTHERS for who, _, _ in entries)
+            held.append(Held(what=what, lines=sum(lines for _, lines, _ in entries),
+                             addresses=len(entries) - others, more_addresses=others,
+                             top=top, top_lines=top_lines,
+                             seconds=max(seconds for _, _, seconds in entries)))
+        if everything:
+            self._kinds.clear()
+        return held
 
     def _expire(self, now: float, *, everything: bool = False) -> None:
         for key, window in list(self._windows.items()):
             if everything or now - window[0] >= self._period:
                 self._end(key, window, now)
+        for what, kind in list(self._kinds.items()):
+            if now - kind[0] >= self._period:
+                del self._kinds[what]
 
     def _end(self, key: tuple[str, Hashable], window: list[float], now: float) -> None:
         del self._windows[key]

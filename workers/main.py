@@ -606,10 +606,15 @@ class Worker:
 
     def _say_held(self, *, everything: bool = False) -> None:
         """One line for each address whose lines the log budget held back."""
-        for what, who, held, seconds in self.log_budget.due(time.monotonic(),
-                                                            everything=everything):
-            log.warning("worker %d: %d more %s from %s in the last %.0f s, not logged one "
-                        "by one", self.worker_id, held, what, who, seconds)
+        for held in self.log_budget.due(time.monotonic(), everything=everything):
+            if held.addresses == 1 and not held.more_addresses:
+                where = f"from {held.top}"
+            else:
+                where = (f"from {'more than ' if held.more_addresses else ''}"
+                         f"{held.addresses} addresses, most from {held.top} "
+                         f"({held.top_lines})")
+            log.warning("worker %d: %d more %s %s in the last %.0f s, not logged one by one",
+                        self.worker_id, held.lines, held.what, where, held.seconds)
 
     def _may_log(self, what: str, peer: tuple[str, int]) -> bool:
         return self.log_budget.allow(what, peer[0], time.monotonic())

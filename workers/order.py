@@ -232,11 +232,11 @@ def _move_old_buckets(top: Path) -> None:
         try:
             for marker in os.listdir(old):
                 if _split(marker) is None:
-                    continue  # not ours: left where it is, and the bucket with it
+                    continue  # not a marker: sweep_destination removes it, next
                 new = top / marker[:_BUCKET_CHARS]
                 new.mkdir(exist_ok=True)
                 os.replace(old / marker, new / marker)
-            with contextlib.suppress(OSError):  # not empty: sweep_destination's to judge
+            with contextlib.suppress(OSError):  # not empty: removed at the next start
                 old.rmdir()
         except OSError as exc:
             # Best effort, as all of this: a marker left behind is stale to

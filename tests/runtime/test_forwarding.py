@@ -1075,6 +1075,9 @@ def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
         "dicom_router_up": 0, 'dicom_router_queued_instances{destination="pacs"}': 6,
         'dicom_router_dead_letters{destination="pacs"}': 0,
         "dicom_router_unrouted_instances": 0, "dicom_router_spool_readable": 1}
+    # A file it cannot write is said, but the router being down stays the exit code.
+    unwritable = router.command("status", "--prometheus", str(tmp_path))
+    assert unwritable.returncode == 3 and "cannot write" in unwritable.stderr, unwritable
     # Stopped (or crashed): status says so, exit 3, and still what waits in the spool,
     # which is what an operator asks first then.
     down = router.command("status")
