@@ -157,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "port 11112, one worker per core) and says so in its first log line. "
                     "Flags override the file. SIGTERM drains, SIGHUP reloads the file.")
     _add_runtime_args(run)
-    run.add_argument("--host", default=None, help="address to listen on (default 0.0.0.0)")
-    run.add_argument("--port", type=int, default=None, help="TCP port (default 11112)")
+    run.add_argument("--host", default=None,
+                     help="address to listen on (default 0.0.0.0); with a file, it moves "
+                          "its one [[router.listen]] (refused when it has several)")
+    run.add_argument("--port", type=int, default=None,
+                     help="TCP port (default 11112); as --host for a file's listener")
     run.add_argument("--workers", default=None, metavar="N",
                      help="worker processes (default: one per core)")
 

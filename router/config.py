@@ -1600,6 +1600,14 @@ class _Parser:
             raise self.fail_flag("host", message)
         if port is not None and (message := _port_problem(port)) is not None:
             raise self.fail_flag("port", message)
+        if len(listen) > 1:
+            # Which of them would the flag move? It replaced them all with the first,
+            # moved: a TLS or PROXY listener beside it was gone without a word (an
+            # outside campaign).
+            raise self.fail_flag("port" if port is not None else "host",
+                                 f"the configuration has {len(listen)} listeners "
+                                 "([[router.listen]]); --host and --port apply to one: "
+                                 "change them in the file")
         first = listen[0]
         return (
             dataclasses.replace(

@@ -829,18 +829,21 @@ def test_file_given_as_relative_path_is_named_as_given(
 def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
     path.write_text(FULL)
-    config = load_config(
-        path, overrides={"port": 4242, "workers": 1, "spool": tmp_path / "elsewhere"}
-    )
-    # --port replaces the listeners with one, on the first listener's host.
-    assert config.listen == (Listen(host="0.0.0.0", port=4242),)
+    config = load_config(path, overrides={"workers": 1, "spool": tmp_path / "elsewhere"})
+    assert config.listen == load_config(path).listen
     assert config.workers == 1
     assert config.spool == tmp_path / "elsewhere"
     # [admin] socket is explicit in FULL, so it does not follow the spool.
     assert config.admin_socket == Path("/run/dicom-router/admin.sock")
 
-    config = load_config(path, overrides={"host": "127.0.0.1"})
+    # FULL has two listeners: --host or --port would not say which one they move
+    # (test_a_listen_flag_with_several_listeners_is_refused). With one, they move it.
+    one = tmp_path / "one.toml"
+    one.write_text('[[router.listen]]\nhost = "0.0.0.0"\nport = 104\n')
+    config = load_config(one, overrides={"host": "127.0.0.1"})
     assert config.listen == (Listen(host="127.0.0.1", port=104),)
+    config = load_config(one, overrides={"port": 4242})
+    assert config.listen == (Listen(host="0.0.0.0", port=4242),)
 
 
 def test_overrides_on_the_embedded_default(tmp_path: Path) -> None:
@@ -876,6 +879,28 @@ def test_bad_overrides(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(None, overrides=overrides)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("flag", [{"port": 4242}, {"host": "127.0.0.1"}])
+def test_a_listen_flag_with_several_listeners_is_refused(flag: dict[str, object]) -> None:
+    """--port replaced every listener by the first one, moved: the TLS listener beside
+    it was gone without a word (an outside campaign). Which one should it move?"""
+    text = """
+        [[router.listen]]
+        port = 11112
+        [[router.listen]]
+        port = 2762
+        tls = true
+        tls_cert = "router.pem"
+        tls_key = "router.key"
+    """
+    assert error_of(text, overrides=flag, check_files=False) == (
+        f"command line: --{next(iter(flag))}: the configuration has 2 listeners "
+        "([[router.listen]]); --host and --port apply to one: change them in the file")
+    # One listener: the flag moves it and keeps the rest of it.
+    one = parse("[[router.listen]]\nport = 2762\nproxy_protocol = true\n",
+                overrides={"port": 4242})
+    assert [(listen.port, listen.proxy_protocol) for listen in one.listen] == [(4242, True)]
 
 
 def test_file_is_checked_even_where_a_flag_wins() -> None:
