@@ -15,16 +15,16 @@ go with which changes, or that it would be rejected, dropped or unmatched.
 Query/retrieve rules are not shown: they take no part in routing instances.
 Exit 0; 1 if an instance cannot be read; 2 for bad rules.
 
-With ``--config`` the destinations rules forward to (and query or retrieve
-from) are checked against the ``[[destination]]`` names of that
-configuration file; without it they are not, and ``check`` says so.
+With ``--config`` that configuration file is checked as ``run`` checks it, and
+the destinations rules forward to (and query or retrieve from) are checked
+against its ``[[destination]]`` names; without it they are not, and ``check``
+says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import tomllib
 from pathlib import Path
 from typing import Final
 
@@ -116,23 +116,21 @@ def run_rules(args: argparse.Namespace) -> int:
 
 
 def _destinations(config: Path | None) -> frozenset[str] | None:
-    """The ``[[destination]]`` names of a configuration file, read with
-    tomllib alone (not the router's configuration loader)."""
+    """The ``[[destination]]`` names of a configuration file, which is checked as
+    ``run`` checks it: deploy/README.md has sites run ``rules check --config`` before
+    starting the router, and a file read for its destination names alone passed
+    with "[spool] fsnyc" in it, then ``run`` refused it."""
     if config is None:
         return None
+    from router.config import ConfigError, load_config  # router.config imports rules
+
     try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
+        loaded = load_config(config)
+    except ConfigError as exc:
+        raise _ConfigProblem(str(exc)) from None
     except OSError as exc:
         raise _ConfigProblem(f"{config}: cannot read it: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise _ConfigProblem(f"{config}: not valid TOML: {exc}") from None
-    tables = data.get("destination", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise _ConfigProblem(f"{config}: expected [[destination]] tables")
-    names = [t.get("name") for t in tables]
-    if not all(isinstance(n, str) for n in names):
-        raise _ConfigProblem(f"{config}: every [[destination]] needs a name (a string)")
-    return frozenset(n for n in names if isinstance(n, str))
+    return frozenset(d.name for d in loaded.destinations)
 
 
 def _check(paths: list[Path], destinations: frozenset[str] | None,
@@ -156,7 +154,7 @@ def _check(paths: list[Path], destinations: frozenset[str] | None,
     if destinations is None:
         print("destination names not checked: give --config to check them")
     else:
-        print(f"destination names checked against {config} "
+        print(f"{config}: OK; destination names checked against it "
               f"({', '.join(sorted(destinations)) or 'no destinations'})")
     return EXIT_OK
 

@@ -94,7 +94,7 @@ def test_check_ok_with_config(rules_file: Path, config_file: Path,
     assert _run("check", str(rules_file), "--config", str(config_file)) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{rules_file}: 3 rules OK",
-        f"destination names checked against {config_file} (ai, pacs)",
+        f"{config_file}: OK; destination names checked against it (ai, pacs)",
     ]
 
 
@@ -128,8 +128,20 @@ def test_check_bad_config(rules_file: Path, tmp_path: Path,
     config = tmp_path / "router.toml"
     config.write_text("[[destination]]\nhost = 'x'\n")
     assert _run("check", str(rules_file), "--config", str(config)) == 2
-    assert capsys.readouterr().out == (f"dicom-router rules: {config}: every [[destination]] "
-                                       "needs a name (a string)\n")
+    assert capsys.readouterr().out == (f"dicom-router rules: {config}:1: [[destination]] #1: "
+                                       '"name" is missing (name, host, port and ae_title '
+                                       "are required)\n")
+
+
+def test_check_checks_the_whole_config_as_run_does(
+        rules_file: Path, config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """deploy/README.md: "check both" before starting. The file was read for its
+    destination names alone: a typo in [spool] passed, and `run` then refused it
+    (an outside campaign)."""
+    config_file.write_text(config_file.read_text() + "[spool]\nfsnyc = true\n")
+    assert _run("check", str(rules_file), "--config", str(config_file)) == 2
+    said = capsys.readouterr().out
+    assert said.startswith(f"dicom-router rules: {config_file}:") and "fsnyc" in said, said
 
 
 def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
