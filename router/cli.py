@@ -808,12 +808,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     try:
         # The files are read once: what is checked here is what the workers run.
-        snapshot, config, _ = Snapshot.read(args.config, overrides=overrides)
+        snapshot, config, rules = Snapshot.read(args.config, overrides=overrides)
     except (ConfigError, RuleError) as exc:
         raise ConfigUsageError(str(exc)) from None
     logging.getLogger().setLevel(config.log_level)
     return Supervisor(config, config_path=args.config, overrides=overrides,
-                      snapshot=snapshot).run()
+                      snapshot=snapshot, rules=rules).run()
 
 
 def _admin(args: argparse.Namespace, name: str,

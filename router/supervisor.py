@@ -54,7 +54,7 @@ from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair
 from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
 from router.tls import expiry_problem
-from rules import RuleError
+from rules import RuleError, RuleSet
 from workers import order
 from workers.queue import queued_counts
 from workers.spool import Spool
@@ -122,10 +122,12 @@ class WorkerSlot:
 
 class Supervisor:
     def __init__(self, config: Config, *, config_path: Path | None,
-                 overrides: dict[str, object], snapshot: Snapshot) -> None:
+                 overrides: dict[str, object], snapshot: Snapshot,
+                 rules: RuleSet | None = None) -> None:
         self.config = config
         # What workers load (router/snapshot.py): the texts this config came from.
         self.snapshot = snapshot
+        self.rules = rules  # as loaded with it, for the start-up line (say_rules)
         self.config_path = config_path
         self.overrides = overrides
         self.generation = 1
@@ -162,6 +164,8 @@ class Supervisor:
 
     def run(self) -> int:
         log.info("dicom-router: %s", self.config.describe())
+        if self.rules is not None:
+            say_rules(self.config, self.rules)
         self._check_certificates()
         try:
             if not self._lock_spool():
@@ -685,7 +689,8 @@ class Supervisor:
         if serving:
             self.notifier.reloading()
         try:
-            snapshot, config, _ = Snapshot.read(self.config_path, overrides=self.overrides)
+            snapshot, config, ruleset = Snapshot.read(self.config_path,
+                                                      overrides=self.overrides)
         except (ConfigError, RuleError) as exc:
             return self._reload_refused(" / ".join(str(exc).splitlines()), serving)
         except Exception as exc:
@@ -723,6 +728,7 @@ class Supervisor:
         prune(self.run_dir, keep=self.generation - 1)
         self._tell_workers(control.Reload(generation=self.generation, snapshot=str(written)))
         self._check_certificates()
+        say_rules(config, ruleset)
         log.info("configuration generation %d loaded from %s", self.generation,
                  config.source)
         if serving:
@@ -800,6 +806,23 @@ class Supervisor:
         self.sockets.close()
         self.ctx.term()
         self.notifier.close()
+
+
+def say_rules(config: Config, ruleset: RuleSet) -> None:
+    """How many rules route instances, at start and reload; a warning when a rules
+    path holds none (a folder of *.tml files, an empty file): the router started and
+    every instance went to unrouted/ without a word (an outside campaign)."""
+    if config.rules is None:
+        return  # no [routing] rules: README's "every instance is kept" by design
+    store = sum(1 for rule in ruleset.rules if not rule.routes_queries)
+    if store:
+        log.info("rules: %d routing instances, %d query/retrieve, from %s", store,
+                 len(ruleset.rules) - store, config.rules)
+        return
+    fate = "is kept in <spool>/unrouted/" if config.unmatched == "keep" else \
+        "is refused (unmatched = \"reject\")"
+    log.warning("rules: %s holds no rule routing instances (a folder reads *.toml files "
+                "only): every instance %s", config.rules, fate)
 
 
 def _addresses(config: Config) -> list[tuple[str, int, bool]]:

@@ -877,3 +877,20 @@ def test_a_spool_folder_it_cannot_use_is_one_line_and_exit_1(tmp_path: Path) -> 
         assert f"spool {tmp_path / 'file' / 'spool'}: cannot use it: Not a directory " \
             "(set [spool] path to a folder this user may write)" in said, said
         assert "None:" not in said and "Traceback" not in said, said
+
+
+def test_a_rules_path_without_rules_is_said_at_start_and_reload(tmp_path: Path) -> None:
+    """A rules folder whose file was misnamed (10.tml) started a router with no rules
+    and no word of it; every instance then went to unrouted/ (an outside campaign)."""
+    folder = tmp_path / "rules.d"
+    folder.mkdir()
+    (folder / "10.tml").write_text('[[rule]]\nname = "all"\n[rule.then]\ndrop = true\n')
+    router = Router(tmp_path, extra=f'[routing]\nrules = "{folder}"\n')
+    try:
+        line = router.lines[router.wait_for("holds no rule routing instances")]
+        assert "WARNING" in line and "every instance is kept in <spool>/unrouted/" in line, line
+        (folder / "10.tml").rename(folder / "10.toml")
+        assert router.command("reload").returncode == 0
+        router.wait_for(f"rules: 1 routing instances, 0 query/retrieve, from {folder}")
+    finally:
+        router.stop()
