@@ -99,10 +99,21 @@ def _add_association_args(p: argparse.ArgumentParser, *,
     p.add_argument("--max-pdu", type=_max_pdu, metavar="BYTES",
                    help=f"largest PDU we accept, {MIN_PDU} to {MAX_PDU} (default: "
                         f"{_DEFAULTS['max_pdu']})")
-    p.add_argument("--timeout", type=float, metavar="S",
+    p.add_argument("--timeout", type=seconds, metavar="S",
                    help=f"association and DIMSE timeout in seconds (default: "
                         f"{_DEFAULTS['timeout']:g})")
     p.set_defaults(**({} if peer_optional else {**_DEFAULTS, "called_aet": default_aec}))
+
+
+def seconds(text: str) -> float:
+    """A --timeout: a positive number of seconds (0 or -1 gave a wait "within -1 s")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 def _max_pdu(text: str) -> int:
@@ -179,13 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
              "rename, for node_exporter's textfile collector (a timer every minute: "
              "deploy/systemd); with the router down, dicom_router_up 0 and the queues "
              "are still written, and the exit code is 3")
-    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+    status.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait")
 
     reload = sub.add_parser("reload", help="reload the running router's configuration file",
                             description="Same as SIGHUP: an invalid file is refused and the "
                                         "running configuration stays.")
     _add_runtime_args(reload)
-    reload.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
+    reload.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait")
 
     queue = sub.add_parser(
         "queue", help="what waits for each destination and what failed, with reasons",
@@ -208,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "prints it).")
     _add_runtime_args(retry)
     retry.add_argument("target", nargs="?", default=None, metavar="DEST|ID")
-    retry.add_argument("--timeout", type=float, default=5.0,
+    retry.add_argument("--timeout", type=seconds, default=5.0,
                        help="seconds to wait for the running router")
     retry.add_argument("--superseded", action="store_true",
                        help="also the letters a newer version of their instance "
@@ -1005,6 +1016,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
     try:
         return _queue_action(args, config, root, names, destination)
+    except BrokenPipeError:
+        raise  # the reader closed the pipe (`| head`): main ends quietly
     except OSError as exc:  # the spool itself: permissions, not a directory, ...
         print(f"dicom-router: queue {args.queue_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -1117,6 +1130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # `queue ls | head`: the reader has what it wanted. As a Unix tool does, end
+        # quietly (and keep Python's flush at exit from saying it again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except ConfigUsageError as exc:
         print(exc, file=sys.stderr)  # already one line naming the file and the key
         return EXIT_USAGE

@@ -1159,6 +1159,10 @@ class _Parser:
 
         at = _At(table=("routing",))
         rules = self.path(routing, at("rules"))
+        if rules is not None and self.check_files and not rules.exists():
+            # Said here, with the file, line and key, not later by the rules loader
+            # with the path alone.
+            raise self.fail(at("rules"), f"no such file or folder: {rules}")
         unmatched = self.string(routing, at("unmatched"), "keep")
         if unmatched not in ("keep", "reject"):
             raise self.fail(at("unmatched"), f'expected "keep" or "reject", got {_show(unmatched)}')

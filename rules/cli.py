@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 from pathlib import Path
 from typing import Final
 
@@ -79,7 +80,7 @@ def add_rules_parser(
                       help="the sending AE title (required)")
     test.add_argument("--called-ae", default="DICOM-ROUTER", metavar="AE",
                       help="the AE title it called (default: %(default)s)")
-    test.add_argument("--peer", default="127.0.0.1", metavar="IP",
+    test.add_argument("--peer", type=_ip_address, default="127.0.0.1", metavar="IP",
                       help="the sender's IP address (default: %(default)s)")
     test.add_argument("--at", type=_local_time, default=None, metavar="TIME",
                       help='local time for time windows, ISO 8601, e.g. "2026-11-25T14:00" '
@@ -113,6 +114,15 @@ def run_rules(args: argparse.Namespace) -> int:
     if args.rules_command == "check":
         return _check(args.paths, destinations, args.config)
     return _test(args, destinations)
+
+
+def _ip_address(text: str) -> str:
+    """--peer: an address, as the router sees its peers (``banana`` or 10.0.0.999
+    went through and was "not in 10.0.0.0/8")."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
 
 
 def _destinations(config: Path | None) -> frozenset[str] | None:

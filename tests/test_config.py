@@ -110,7 +110,8 @@ def test_docstring_example_parses() -> None:
     doc = config_module.__doc__ or ""
     example = doc.split("an empty file is the embedded default::\n", 1)[1]
     example = example.split("\nDecisions worth knowing", 1)[0]
-    config = parse_config(textwrap.dedent(example), "doc.toml")
+    # Its files (rules.d) are examples: the schema is checked, not their existence.
+    config = parse_config(textwrap.dedent(example), "doc.toml", check_files=False)
     assert config.ae_titles == frozenset({"DICOM-ROUTER", "ARCHIVE"})
     assert config.sop_classes == frozenset({CT, MR})
     assert config.admin_socket == Path("/run/dicom-router/admin.sock")
@@ -1160,3 +1161,14 @@ def test_a_destination_knows_its_peer_by_ae_title_or_address() -> None:
     local = Destination(name="local", host="localhost", port=104, ae_title="LOCAL")
     assert local.is_peer("X", "127.0.0.1")  # a host name, resolved
     assert not local.is_peer("X", "10.9.9.9")
+
+
+def test_a_rules_path_that_is_not_there_names_the_file_line_and_key(tmp_path: Path) -> None:
+    """It was said by the rules loader with the path alone, naming neither the
+    configuration file nor the key (an outside campaign)."""
+    config = tmp_path / "router.toml"
+    config.write_text('[routing]\nrules = "rulez.d"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert str(caught.value) == (f"{config}:2: [routing] rules: no such file or folder: "
+                                 f"{tmp_path / 'rulez.d'}")

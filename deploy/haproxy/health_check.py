@@ -41,6 +41,7 @@ from router.dicom.pdu import (
     AReleaseRQ,
     ImplementationClassUID,
     MaximumLength,
+    PDUValueError,
     PresentationContextRQ,
     UserInformation,
     encode_pdu,
@@ -172,7 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calling-ae", default=DEFAULT_CALLING_AE,
                         help="the health check's AE title (default: %(default)s)")
     args = parser.parse_args(argv)
-    print("\n".join(rules(args.called_ae, args.calling_ae)))
+    try:
+        block = rules(args.called_ae, args.calling_ae)
+    except PDUValueError as exc:  # an AE title PS3.5 does not allow: one line, exit 2
+        parser.error(str(exc))
+    print("\n".join(block))
     return 0
 
 

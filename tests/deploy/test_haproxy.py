@@ -181,6 +181,19 @@ def test_the_check_block_is_what_the_generator_prints() -> None:
         + "\n".join(expected))
 
 
+@pytest.mark.parametrize("title", ["THIS-IS-WAY-TOO-LONG-AE", "BAD\\AE"])
+def test_the_generator_refuses_a_bad_ae_title_in_one_line(
+        title: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A traceback of 15 lines before (an outside campaign): a usage error, exit 2."""
+    with pytest.raises(SystemExit) as ended:
+        generator().main(["--called-ae", title])
+    assert ended.value.code == 2
+    said = capsys.readouterr()
+    assert said.out == "" and "Traceback" not in said.err
+    assert ": error: A-ASSOCIATE-RQ." in said.err.splitlines()[-1], \
+        said.err
+
+
 def test_the_check_bytes_match_ps3_8_by_hand() -> None:
     rq, release = sent_bytes(generated_block(CFG.read_text()))
     assert rq == HAND_CHECKED_RQ

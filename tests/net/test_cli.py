@@ -259,3 +259,20 @@ def test_cli_get_names_no_file_after_a_uid_that_is_not_one(
         f"{good.SOPInstanceUID}.dcm", "unnamed-1.dcm", "unnamed-2.dcm", "unnamed-3.dcm"]
     assert [read_part10_header(out / f"unnamed-{n}.dcm").sop_instance_uid
             for n in (1, 2, 3)] == ["..", ".", "1..2"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["status", "--timeout", "0"], ["reload", "--timeout", "-1"],
+    ["echo", "127.0.0.1", "9", "--timeout", "nan"], ["queue", "retry", "--timeout", "inf"],
+    ["rules", "test", "r.toml", "x.dcm", "--calling-ae", "X", "--peer", "banana"],
+    ["rules", "test", "r.toml", "x.dcm", "--calling-ae", "X", "--peer", "10.0.0.999"],
+])
+def test_values_that_cannot_be_are_usage_errors(argv: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --timeout -1` waited "within -1 s"; `rules test --peer banana` said the
+    peer was "not in 10.0.0.0/8" (an outside campaign)."""
+    with pytest.raises(SystemExit) as ended:
+        cli.main(argv)
+    assert ended.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --" in err and "Traceback" not in err, err

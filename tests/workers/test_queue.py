@@ -224,3 +224,17 @@ def test_queue_ls_dest_lists_that_destination_only(tmp_path: Path) -> None:
     assert [d["destination"] for d in json.loads(listed.stdout)["destinations"]] == ["pacs"]
     text = _queue_cmd(config, "ls", "pacs").stdout
     assert "\npacs " in text and "\nai " not in text and "dead-ai" not in text
+
+
+def test_queue_ls_into_head_ends_quietly(tmp_path: Path) -> None:
+    """`queue ls | head` said "[Errno 32] Broken pipe" and exited 1 (an outside
+    campaign); a Unix tool whose reader has had enough ends quietly."""
+    (tmp_path / "queue" / "pacs").mkdir(parents=True)
+    reader, writer = os.pipe()
+    os.close(reader)  # as head does after its lines: here before the first one
+    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
+                             str(tmp_path)], stdout=writer, stderr=subprocess.PIPE)
+    os.close(writer)
+    assert proc.stderr is not None
+    assert proc.wait(60) == 0
+    assert proc.stderr.read() == b""
