@@ -252,6 +252,7 @@ class DestinationActor:
         # Failures for the destination's state in a row (A7xx, no answer): see _stalled.
         self._stalled_failures = 0
         self._closing = False
+        self._sending: dict[str, str] = {}  # sender label -> the file it is sending
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
         self._pairs: dict[tuple[str, str], None] = {}
@@ -351,13 +352,18 @@ class DestinationActor:
                 self._sender(0), name=f"forward-{self.name}-urgent"))
         return await future
 
-    async def stop(self) -> None:
+    async def stop(self, why: str = "the router is stopping") -> None:
         """Stop the senders; in-flight associations are aborted (their instances stay
         queued and are delivered by whoever scans next)."""
         self._closing = True
         self._wake.set()
+        for name in sorted(self._sending.values()):
+            # The destination may have it already, and gets it again when it is back
+            # (at least once): the log must say why there are two.
+            log.warning("destination %s: the send of %s was cut off (%s); it stays queued, "
+                        "and the destination may get it twice", self.name, name, why)
         for assoc in list(self._open):
-            assoc.abort("the router is stopping")
+            assoc.abort(why)
         for task in self._senders:
             task.cancel()
         for task in self._senders:
@@ -499,6 +505,7 @@ class DestinationActor:
         # pydicom's lines meanwhile (converting it, say) name what is being sent.
         who = f"destination {self.name}, {path.name}"
         serving.set(lambda: who)  # this sender task's own context: no reset needed
+        self._sending[label] = path.name  # until this ends, one way or another (stop)
         try:
             try:
                 part10 = _identity(source, path)
@@ -587,6 +594,7 @@ class DestinationActor:
             self._answered(entry, urgent, claim, path, part10, rsp, self.clock() - started)
             return assoc
         finally:
+            self._sending.pop(label, None)
             self._unclaim(path, fd)
             if urgent is not None:
                 os.close(source)

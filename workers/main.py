@@ -160,6 +160,10 @@ class Worker:
         # Lines about connections that never became associations, which anyone who
         # can connect can cause at will: a few per address a minute, then counted.
         self.log_budget = logline.Throttle()
+        # Destinations removed by a reload: their actors while they stop, and what
+        # the stopped ones delivered.
+        self.retiring: set[DestinationActor] = set()
+        self.forwarded_earlier = 0
         self.generation = 0
         self.stopping = False
         self.restocking: asyncio.Task[None] | None = None
@@ -234,7 +238,8 @@ class Worker:
                 forwarder = self.forwarders.pop(name)
                 log.warning("worker %d: destination %s removed; %d queued instance(s) stay "
                             "in its queue folder", self.worker_id, name, forwarder.depth)
-                self.loop.create_task(forwarder.stop())
+                self.retiring.add(forwarder)
+                self.loop.create_task(self._retire(forwarder))
         for name, destination in wanted.items():
             share = share_of(self.config, destination.concurrency, self.worker_id)
             if name in self.forwarders:
@@ -249,6 +254,20 @@ class Worker:
             forwarder.start()
             forwarder.scan()
         self.dispatcher = Dispatcher(InstanceRouter(self.config, self.rules), self.forwarders)
+
+    async def _retire(self, forwarder: DestinationActor) -> None:
+        """Stop a removed destination's actor; what it delivered stays counted: the
+        "fwd" total of status went back to 0 when a reload renamed a destination."""
+        try:
+            await forwarder.stop("destination removed by a reload")
+        finally:
+            self.retiring.discard(forwarder)
+            self.forwarded_earlier += forwarder.stats.delivered
+
+    def _forwarded(self) -> int:
+        """Instances this worker delivered since it started, to any destination."""
+        return self.forwarded_earlier + sum(
+            f.stats.delivered for f in (*self.forwarders.values(), *self.retiring))
 
     def _forward_event(self, kind: str, fields: dict[str, Any]) -> None:
         pass  # counted in each DestinationActor's stats; logged there
@@ -598,7 +617,7 @@ class Worker:
                 spool_bytes=self.spooled_bytes, rss=mem, cpu_percent=cpu,
                 served_total=self.served, instances_stored=self.instances_stored,
                 instances_failed=self.instances_failed,
-                instances_forwarded=sum(f.stats.delivered for f in self.forwarders.values()),
+                instances_forwarded=self._forwarded(),
                 queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid()))
             self._restock()
             self._say_held()

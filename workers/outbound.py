@@ -171,7 +171,14 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             if isinstance(exc, ssl.SSLError) and (hint := _tls_hint(exc, client_certificate)):
                 reason += f" ({hint})"
             raise OutboundError(f"cannot connect to {host}:{port}: {reason}") from exc
-        event = await protocol._next_event()
+        try:
+            event = await protocol._next_event()
+        except BaseException:
+            # Cancelled while negotiating (the destination removed by a reload, the
+            # worker draining): nobody else has this association, so nobody else
+            # would close it; a PACS that never answers kept one socket per reload.
+            protocol._close()
+            raise
         if isinstance(event, AssociationEstablished):
             return protocol
         protocol._close()

@@ -1192,3 +1192,66 @@ def test_versions_of_an_instance_received_while_the_destination_is_down_arrive_i
             server.shutdown()
     assert taken == ["v1", "v2", "v3"], router.log()
     assert not queued(router.spool, "pacs")
+
+
+def test_a_destination_removed_while_negotiating_lets_its_socket_go(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """A PACS that accepts TCP and never answers: removed by a reload while the router
+    waited for its A-ASSOCIATE-AC, the connection stayed open for good, one more per
+    reload (an outside soak campaign). And the send cut off is said in the log."""
+    import socket
+
+    hole = socket.create_server(("127.0.0.1", 0))
+    hole.settimeout(30)
+    router = _forward_all(tmp_path, "pacs", hole.getsockname()[1], "PACS", workers=1)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, "MOD1", _study(tmp_path / "s", 1, modality="CT",
+                                             description="x", seed=61))
+        conn, _ = hole.accept()  # the router's association, waiting for our answer
+        with conn:
+            router.config.write_text(router.config.read_text().replace(
+                '[routing]\nrules = "rules.toml"\n', "").split("[[destination]]")[0])
+            assert router.command("reload").returncode == 0
+            conn.settimeout(10)
+            while conn.recv(4096):  # its A-ASSOCIATE-RQ, then the end of it
+                pass
+        line = router.lines[router.wait_for("destination pacs: the send of ")]
+        assert "was cut off (destination removed by a reload); it stays queued" in line, line
+    finally:
+        hole.close()
+        router.stop()
+
+
+def test_the_delivered_count_survives_a_reload_that_renames_the_destination(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """status's fwd total, "since the router started", went back to 0 when a reload
+    removed or renamed a destination (an outside soak campaign)."""
+    sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
+    router = _forward_all(tmp_path, "pacs", sink.port, "PACS", workers=1)
+
+    def forwarded() -> int:
+        workers = router.status()["workers"]
+        assert isinstance(workers, list)
+        return sum(int(w["instances_forwarded"]) for w in workers)
+
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, "MOD1", _study(tmp_path / "s", 3, modality="CT",
+                                             description="x", seed=62))
+        router.wait_count("forward pacs:", 3)
+        deadline = time.monotonic() + 10
+        while forwarded() < 3 and time.monotonic() < deadline:  # rides in heartbeats
+            pass
+        assert forwarded() == 3
+        (tmp_path / "rules.toml").write_text(
+            '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs2"]\n')
+        router.config.write_text(router.config.read_text().replace(
+            'name = "pacs"', 'name = "pacs2"'))
+        assert router.command("reload").returncode == 0
+        router.wait_for("destination pacs removed")
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # several heartbeats (0.2 s) after it
+            assert forwarded() == 3
+    finally:
+        router.stop()
