@@ -376,9 +376,9 @@ def _check_framing(
         )
 
     def header(pos: int, limit: int, implicit: bool,
-               little: bool) -> tuple[int, bytes | None, int, int]:
+               structs: _Structs) -> tuple[int, bytes | None, int, int]:
         # -> (tag, VR or None, value length, header length)
-        tag_length, short_length, long_length = _structs(little)
+        tag_length, short_length, long_length = structs
         if limit - pos < 8:
             raise fail(f"{limit - pos} bytes left, too few for an element header", pos)
         group, element, length = tag_length.unpack_from(view, pos)
@@ -394,12 +394,12 @@ def _check_framing(
             return tag, vr, short_length.unpack_from(view, pos + 6)[0], 8
         return tag, None, length, 8  # implicit VR inside explicit VR data
 
-    def elements(pos: int, limit: int, depth: int, implicit: bool, little: bool, *,
+    def elements(pos: int, limit: int, depth: int, implicit: bool, structs: _Structs, *,
                  in_item: bool) -> int:
         # Elements from pos to limit; in an undefined-length item, up to and
         # including its item delimiter. Returns the offset after them.
         while pos < limit:
-            tag, vr, length, size = header(pos, limit, implicit, little)
+            tag, vr, length, size = header(pos, limit, implicit, structs)
             if tag == _ITEM_DELIMITER:
                 if in_item:
                     return pos + 8
@@ -410,10 +410,7 @@ def _check_framing(
                 return pos
             start = pos + size
             if length == _UNDEFINED:
-                # An undefined-length UN holds implicit VR little endian items
-                # whatever the transfer syntax (PS3.5 §6.2.2, CP-246).
-                un = vr == b"UN"
-                pos = items(start, limit, depth + 1, implicit or un, little or un,
+                pos = items(start, limit, depth + 1, *_inside_undefined(vr, implicit, structs),
                             undefined=True)
                 continue
             if length > limit - start:
@@ -423,25 +420,25 @@ def _check_framing(
                     pos,
                 )
             if vr == b"SQ":
-                items(start, start + length, depth + 1, implicit, little, undefined=False)
+                items(start, start + length, depth + 1, implicit, structs, undefined=False)
             pos = start + length
         if in_item:
             raise fail("undefined-length item without an item delimitation item", limit)
         return pos
 
-    def items(pos: int, limit: int, depth: int, implicit: bool, little: bool, *,
+    def items(pos: int, limit: int, depth: int, implicit: bool, structs: _Structs, *,
               undefined: bool) -> int:
         # Items of a sequence, or fragments of encapsulated pixel data.
         if depth > _MAX_DEPTH:
             raise fail(f"sequences nested deeper than {_MAX_DEPTH}", pos)
         while pos < limit:
-            tag, _, length, _ = header(pos, limit, True, little)
+            tag, _, length, _ = header(pos, limit, True, structs)
             if tag == _SEQUENCE_DELIMITER:
                 return pos + 8
             if tag != _ITEM:
                 raise fail(f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})", pos)
             if length == _UNDEFINED:
-                pos = elements(pos + 8, limit, depth, implicit, little, in_item=True)
+                pos = elements(pos + 8, limit, depth, implicit, structs, in_item=True)
                 continue
             if length > limit - pos - 8:
                 raise fail(f"item length {length} overruns the {limit - pos - 8} bytes left", pos)
@@ -450,7 +447,7 @@ def _check_framing(
             raise fail("undefined-length sequence without a sequence delimitation item", limit)
         return pos
 
-    return elements(0, len(view), 0, implicit, little, in_item=False)
+    return elements(0, len(view), 0, implicit, _structs(little), in_item=False)
 
 
 # --- Part 10 files ----------------------------------------------------------
@@ -1174,12 +1171,11 @@ class DataSetFraming:
             self._own_element(tag, length)
         sequence = vr == b"SQ" or (vr is None and tag in self._sequences)
         if length == _UNDEFINED:
-            # A sequence, or encapsulated pixel data (PS3.5 A.4). The inside of an
-            # undefined-length UN is a sequence's in implicit VR little endian
-            # whatever the transfer syntax (PS3.5 6.2.2, CP-246): big endian too.
+            # A sequence, or encapsulated pixel data (PS3.5 A.4); an undefined-length
+            # UN's items have their own encoding (_inside_undefined).
             fragments = _encapsulated(tag, vr)
-            self._open(_FRAGMENTS if fragments else _ITEMS, implicit or vr == b"UN",
-                       _structs(True) if vr == b"UN" else structs, limit, False)
+            self._open(_FRAGMENTS if fragments else _ITEMS,
+                       *_inside_undefined(vr, implicit, structs), limit, False)
         elif sequence and length:
             self._open(_ITEMS, implicit, structs, value_at + length, True)
         else:
@@ -1215,8 +1211,7 @@ def _skip_elements(view: memoryview, pos: int, *, implicit: bool, little: bool, 
         if length == _UNDEFINED:
             if found is not None and not _encapsulated(tag, vr):
                 raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length")
-            un = vr == b"UN"  # implicit VR little endian items (PS3.5 §6.2.2)
-            pos = _past_undefined(view, start, implicit=implicit or un, little=little or un,
+            pos = _past_undefined(view, start, vr, implicit=implicit, little=little,
                                   depth=depth)
             if found is not None:  # encapsulated pixel data: there, its fragments never read
                 found[tag] = (vr_name, b"")
@@ -1252,9 +1247,7 @@ def top_level_spans(view: memoryview, *, implicit: bool,
     while pos < len(view):
         tag, vr, start, length = _element_header(view, pos, implicit, structs)
         if length == _UNDEFINED:
-            un = vr == b"UN"  # implicit VR little endian items (PS3.5 §6.2.2)
-            end = _past_undefined(view, start, implicit=implicit or un, little=little or un,
-                                  depth=0)
+            end = _past_undefined(view, start, vr, implicit=implicit, little=little, depth=0)
         else:
             end = start + length
             if end > len(view):
@@ -1296,9 +1289,20 @@ def _element_header(view: memoryview, pos: int, implicit: bool,
     return group << 16 | element, None, pos + 8, length
 
 
-def _past_undefined(view: memoryview, start: int, *, implicit: bool, little: bool,
-                    depth: int) -> int:
-    """Past the items of an undefined-length value starting at ``start``."""
+def _inside_undefined(vr: bytes | None, implicit: bool,
+                      structs: _Structs) -> tuple[bool, _Structs]:
+    """(implicit, structs) of the items of an undefined-length value of VR ``vr``: an
+    undefined-length UN holds implicit VR little endian items whatever the transfer
+    syntax (PS3.5 §6.2.2, CP-246), big endian too; any other, as around it."""
+    return (True, _structs(True)) if vr == b"UN" else (implicit, structs)
+
+
+def _past_undefined(view: memoryview, start: int, vr: bytes | None, *, implicit: bool,
+                    little: bool, depth: int) -> int:
+    """Past the items of an undefined-length value of VR ``vr`` starting at ``start``
+    (an undefined-length UN's: implicit VR little endian, see _inside_undefined)."""
+    if vr == b"UN":
+        implicit = little = True
     if depth >= _MAX_DEPTH:
         raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
                          status=_CANNOT_UNDERSTAND)
