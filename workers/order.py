@@ -218,11 +218,12 @@ def sweep(root: Path) -> int:
     except FileNotFoundError:
         return 0
     for destination in destinations:
-        _move_old_buckets(root / ORDER_DIR / destination)
+        _move_old_buckets(root, destination)
     return sum(sweep_destination(root, destination) for destination in destinations)
 
 
-def _move_old_buckets(top: Path) -> None:
+def _move_old_buckets(root: Path, destination: str) -> None:
+    top = root / ORDER_DIR / destination
     try:
         buckets = [b for b in os.listdir(top) if len(b) == _OLD_BUCKET_CHARS]
     except OSError:
@@ -233,7 +234,7 @@ def _move_old_buckets(top: Path) -> None:
             for marker in os.listdir(old):
                 if _split(marker) is None:
                     continue  # not a marker: sweep_destination removes it, next
-                new = top / marker[:_BUCKET_CHARS]
+                new = _bucket(root, destination, marker)  # a marker starts with its hash
                 new.mkdir(exist_ok=True)
                 os.replace(old / marker, new / marker)
             with contextlib.suppress(OSError):  # not empty: removed at the next start

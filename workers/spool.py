@@ -55,7 +55,7 @@ The full layout::
     <root>/incoming/<stem>.dcm          committed with no router (library use)
     <root>/queue/<destination>/<stem>.dcm   waiting for delivery (workers/forward.py)
     <root>/dead/<destination>/<stem>.dcm    delivery gave up; <stem>.json says why
-    <root>/order/<destination>/<xx>/<hash>.<key>.<stem>.dcm
+    <root>/order/<destination>/<xxx>/<hash>.<key>.<stem>.dcm
                                         a queued file's order marker, a hard link
                                         (workers/order.py)
     <root>/unrouted/<stem>.dcm          no rule routed it ([routing] unmatched = "keep")
