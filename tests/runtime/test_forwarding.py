@@ -1000,6 +1000,20 @@ def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
     assert sorted(seen) == sorted(_uid(p) for files in studies for p in files)
 
 
+def _worker_totals(router: Router, wanted: dict[str, int],
+                   within: float = 10) -> dict[str, int]:
+    """The workers' counts ``wanted`` names, summed, from status: asked until they are
+    ``wanted`` or ``within`` seconds have passed (they ride in heartbeats, every
+    0.2 s here)."""
+    deadline = time.monotonic() + within
+    while True:
+        workers = router.status()["workers"]
+        assert isinstance(workers, list)
+        totals = {key: sum(int(w[key]) for w in workers) for key in wanted}
+        if totals == wanted or time.monotonic() >= deadline:
+            return totals
+
+
 def test_status_counts_stored_and_forwarded_instances(tmp_path: Path, procs: Procs,
                                                       dcmtk: Dcmtk) -> None:
     sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
@@ -1009,15 +1023,8 @@ def test_status_counts_stored_and_forwarded_instances(tmp_path: Path, procs: Pro
         _send(dcmtk, router, "MOD1", _study(tmp_path / "s", 5, modality="CT",
                                              description="x", seed=30))
         router.wait_count("forward pacs:", 5)
-        # The counts ride in heartbeats (every 0.2 s here): ask until they are in.
-        deadline = time.monotonic() + 10
-        while True:
-            workers = router.status()["workers"]
-            stored = sum(w["instances_stored"] for w in workers)  # type: ignore[index]
-            forwarded = sum(w["instances_forwarded"] for w in workers)  # type: ignore[index]
-            if (stored, forwarded) == (5, 5) or time.monotonic() > deadline:
-                break
-        assert (stored, forwarded) == (5, 5)
+        wanted = {"instances_stored": 5, "instances_forwarded": 5}
+        assert _worker_totals(router, wanted) == wanted
         table = router.command("status")
         assert table.returncode == 0 and "fwd" in table.stdout, table.stderr
         total = next(line for line in table.stdout.splitlines() if line.startswith(" total"))
@@ -1038,13 +1045,9 @@ def test_status_counts_the_queue_once_and_keeps_a_dead_workers_counts(
         for i in range(2):
             _send(dcmtk, router, f"MOD{i}", _study(tmp_path / f"s{i}", 3, modality="CT",
                                                     description="x", seed=50 + i))
-        deadline = time.monotonic() + 10
-        while True:  # the counts ride in heartbeats (every 0.2 s here)
-            workers = router.status()["workers"]
-            assert isinstance(workers, list)
-            if sum(w["instances_stored"] for w in workers) == 6 \
-                    or time.monotonic() > deadline:
-                break
+        _worker_totals(router, {"instances_stored": 6})
+        workers = router.status()["workers"]
+        assert isinstance(workers, list)
         busiest = max(workers, key=lambda w: w["instances_stored"])
         os.kill(busiest["pid"], signal.SIGKILL)
         router.wait_count(f"worker {busiest['worker_id']} ready", 2)
@@ -1229,21 +1232,13 @@ def test_the_delivered_count_survives_a_reload_that_renames_the_destination(
     removed or renamed a destination (an outside soak campaign)."""
     sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
     router = _forward_all(tmp_path, "pacs", sink.port, "PACS", workers=1)
-
-    def forwarded() -> int:
-        workers = router.status()["workers"]
-        assert isinstance(workers, list)
-        return sum(int(w["instances_forwarded"]) for w in workers)
-
+    forwarded = {"instances_forwarded": 3}
     try:
         router.wait_for("ready: 1 workers serving")
         _send(dcmtk, router, "MOD1", _study(tmp_path / "s", 3, modality="CT",
                                              description="x", seed=62))
         router.wait_count("forward pacs:", 3)
-        deadline = time.monotonic() + 10
-        while forwarded() < 3 and time.monotonic() < deadline:  # rides in heartbeats
-            pass
-        assert forwarded() == 3
+        assert _worker_totals(router, forwarded) == forwarded
         (tmp_path / "rules.toml").write_text(
             '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs2"]\n')
         router.config.write_text(router.config.read_text().replace(
@@ -1252,6 +1247,6 @@ def test_the_delivered_count_survives_a_reload_that_renames_the_destination(
         router.wait_for("destination pacs removed")
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:  # several heartbeats (0.2 s) after it
-            assert forwarded() == 3
+            assert _worker_totals(router, forwarded, within=0) == forwarded
     finally:
         router.stop()
