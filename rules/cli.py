@@ -31,6 +31,7 @@ from typing import Final
 
 import pydicom
 
+from router.dicom.dataset import readable_by_pydicom
 from rules.evaluate import RuleSet
 from rules.load import expand
 from rules.model import AssociationInfo, RuleError
@@ -203,7 +204,7 @@ def _test(args: argparse.Namespace, destinations: frozenset[str] | None) -> int:
         try:
             # Pixel Data there, as the router sees it (workers.routing.read_header),
             # but not read unless a rule reads its value.
-            dataset = pydicom.dcmread(path, defer_size=1024)
+            dataset = pydicom.dcmread(readable_by_pydicom(path), defer_size=1024)
         except Exception as exc:  # any file at all may be given: report it, go on
             print(f"{path}: cannot read it as DICOM: {exc}")
             code = EXIT_UNREADABLE

@@ -55,6 +55,7 @@ from router.dicom.dataset import (
     decode_dataset,
     encode_dataset,
     read_top_level,
+    readable_by_pydicom,
     top_level_spans,
     walkable_encoding,
 )
@@ -208,7 +209,8 @@ class InstanceRouter:
             header = read_header(path, writer.transfer_syntax, writer.dataset_offset,
                                  frozenset((tag,)))
             if header is None:
-                header = dcmread(path, stop_before_pixels=True, specific_tags=[tag])
+                header = dcmread(readable_by_pydicom(path), stop_before_pixels=True,
+                                 specific_tags=[tag])
             value = header[tag].value if tag in header else None
         except Exception:  # pydicom's errors are many. The rules' own read of the
             return None     # header, next, answers a broken one.
@@ -224,7 +226,8 @@ class InstanceRouter:
         if header is not None:
             return header
         with _pydicom_refusal("its header does not read"):
-            return dcmread(path, stop_before_pixels=True, specific_tags=self._tags)
+            return dcmread(readable_by_pydicom(path), stop_before_pixels=True,
+                          specific_tags=self._tags)
 
 
 def read_header(path: Path, transfer_syntax: str, offset: int,
@@ -359,7 +362,7 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
             if encoding is not None and _changed_around_bulk(  # (None when deflated)
                     path, offset, changes, transfer_syntax, encoding, out):
                 return
-            ds = dcmread(path)
+            ds = dcmread(readable_by_pydicom(path))
             changes.apply(ds)
             # The file meta (transfer syntax, Source AE Title...) is kept as received.
             dcmwrite(out, ds, enforce_file_format=True)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -73,9 +73,11 @@ __all__ = [
     "part10_meta_bytes",
     "read_part10_header",
     "read_top_level",
+    "readable_by_pydicom",
     "top_level_spans",
     "transcode",
     "walkable_encoding",
+    "with_defined_length_un",
 ]
 
 # DIMSE statuses used here (PS3.7 Annex C, PS3.4 B.2.3); kept local so this
@@ -220,7 +222,16 @@ def _swapped(
 
     Raw elements are converted first (implicit VR ones have no VR yet), and
     ambiguous VRs such as "OB or OW" resolved as pydicom does on writing.
+
+    A UN's value is implicit VR little endian whatever the transfer syntax (PS3.5
+    §6.2.2). pydicom gives a standard attribute written as UN its dictionary VR but
+    decodes the value in the data set's byte order: from big endian, Rows 512 written
+    as UN came out as 2. Such a UN is decoded as the standard says, and its value is
+    then in the target's byte order already (the swap is only ever to little endian).
     """
+    if isinstance(elem, RawDataElement) and elem.VR == "UN" and not source_little:
+        return convert_raw_data_element(
+            elem._replace(is_implicit_VR=True, is_little_endian=True), ds=parent)
     converted: DataElement | RawDataElement = parent[elem.tag]
     if " or " in (converted.VR or ""):
         converted = correct_ambiguous_vr_element(converted, parent, source_little)
@@ -293,6 +304,8 @@ def decode_dataset(
         buf = _inflate(data, max_inflated_size)
     implicit = is_implicit_vr(transfer_syntax)
     little = is_little_endian(transfer_syntax)
+    if not little:
+        buf = with_defined_length_un(buf)
     if not len(buf):
         ds = Dataset()
         ds.set_original_encoding(implicit, little, "iso8859")
@@ -314,6 +327,119 @@ def decode_dataset(
         return read_dataset(io.BytesIO(body), implicit, little, stop_when=stop_when)
     except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
         raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+
+
+_UNDEFINED_UN_BE: Final = b"UN\x00\x00\xff\xff\xff\xff"
+
+
+def with_defined_length_un(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """A big-endian data set with each undefined-length UN given a defined length, for
+    pydicom; ``data`` itself when it has none.
+
+    The items of an undefined-length UN are implicit VR little endian whatever the
+    transfer syntax (PS3.5 §6.2.2, CP-246), and pydicom reads them in the data set's
+    byte order: a big-endian one fails ("No tag to read") after the reception
+    acknowledged it. A UN of defined length is opaque to pydicom and holds the same
+    implicit VR little endian items (6.2.2 again: a reader that knows the attribute's
+    VR decodes them so), so the items are kept byte for byte, without their sequence
+    delimiter; the lengths of the defined-length sequences and items around them are
+    set again. Malformed framing is left as it is, for the reader to refuse.
+    """
+    # (A memoryview has no substring search: it is copied. Big endian is rare.)
+    haystack = data if isinstance(data, bytes | bytearray) else bytes(data)
+    if _UNDEFINED_UN_BE not in haystack:
+        return data  # the usual case: a substring search, no walk
+    view = memoryview(haystack)
+    try:
+        rewritten, _ = _defined_un_elements(view, 0, len(view), depth=0)
+    except (HeaderIncomplete, DIMSEError, struct.error):
+        return data
+    return rewritten
+
+
+def readable_by_pydicom(path: str | os.PathLike[str]) -> str | os.PathLike[str] | io.BytesIO:
+    """What to give ``pydicom.dcmread`` for the Part 10 file ``path``: the path, or,
+    for a big-endian data set with an undefined-length UN, its bytes in memory as
+    with_defined_length_un makes them readable. (Such a file is rare: big endian was
+    retired in 2004. A file that does not read is left for pydicom to refuse.)"""
+    try:
+        part10 = read_part10_header(path)
+    except (DIMSEError, OSError):
+        return path
+    if part10.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN:
+        return path
+    with open(path, "rb") as fh:
+        data = fh.read()
+    offset = part10.dataset_offset
+    rewritten = with_defined_length_un(memoryview(data)[offset:])
+    if isinstance(rewritten, memoryview):
+        return path  # nothing to rewrite
+    return io.BytesIO(data[:offset] + rewritten)
+
+
+def _defined_un_elements(view: memoryview, pos: int, limit: int, *,
+                         depth: int) -> tuple[bytearray, int]:
+    """Explicit VR big-endian elements from ``pos`` to ``limit`` (or, inside an
+    undefined-length item, to its delimiter, kept) rewritten by with_defined_length_un;
+    and where they ended."""
+    if depth >= _MAX_DEPTH:
+        raise DIMSEError(f"sequences nested deeper than {_MAX_DEPTH}",
+                         status=_CANNOT_UNDERSTAND)
+    structs = _structs(False)
+    out = bytearray()
+    while pos < limit:
+        tag, vr, start, length = _element_header(view, pos, False, structs)
+        if tag == _ITEM_DELIMITER:
+            out += view[pos:start]
+            return out, start
+        if length == _UNDEFINED and vr == b"UN":
+            end = _past_undefined(view, start, vr, implicit=False, little=False, depth=depth)
+            items = view[start : end - 8]  # without the sequence delimitation item
+            out += struct.pack(">HH2sHI", tag >> 16, tag & 0xFFFF, b"UN", 0, len(items))
+            out += items
+        elif vr == b"SQ":
+            body, end = _defined_un_items(view, start, length, depth=depth + 1)
+            out += view[pos : start - 4]
+            out += struct.pack(">I", _UNDEFINED if length == _UNDEFINED else len(body))
+            out += body
+        elif length == _UNDEFINED:  # encapsulated pixel data: fragments as they are
+            end = _past_undefined(view, start, vr, implicit=False, little=False, depth=depth)
+            out += view[pos:end]
+        else:
+            end = start + length
+            if end > limit:
+                raise HeaderIncomplete
+            out += view[pos:end]
+        pos = end
+    return out, pos
+
+
+def _defined_un_items(view: memoryview, pos: int, length: int, *,
+                      depth: int) -> tuple[bytearray, int]:
+    """A big-endian sequence's items (``length`` bytes, or up to and with its
+    delimiter when undefined), each rewritten by _defined_un_elements."""
+    structs = _structs(False)
+    limit = len(view) if length == _UNDEFINED else pos + length
+    out = bytearray()
+    while pos < limit:
+        tag, _, start, item_length = _element_header(view, pos, False, structs)
+        if tag == _SEQUENCE_DELIMITER and length == _UNDEFINED:
+            out += view[pos:start]
+            return out, start
+        if tag != _ITEM:
+            raise HeaderIncomplete  # malformed: left to the reader to refuse
+        if item_length == _UNDEFINED:
+            body, end = _defined_un_elements(view, start, limit, depth=depth)
+            out += view[pos:start]
+        else:
+            end = start + item_length
+            body, _ = _defined_un_elements(view, start, end, depth=depth)
+            out += struct.pack(">HHI", 0xFFFE, 0xE000, len(body))
+        out += body
+        pos = end
+    if length == _UNDEFINED:
+        raise HeaderIncomplete  # no sequence delimiter
+    return out, pos
 
 
 def transcode(data: bytes, source: str, target: str) -> bytes:

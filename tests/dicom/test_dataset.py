@@ -33,6 +33,8 @@ from router.dicom.dataset import (
     read_part10_header,
     read_top_level,
     top_level_spans,
+    transcode,
+    with_defined_length_un,
 )
 from router.dicom.errors import DIMSEError, LocalProtocolError
 from router.dicom.uids import (
@@ -1183,12 +1185,51 @@ def test_the_walkers_past_the_reception_read_an_undefined_length_un_as_it_does()
         (0x00080016, "UI"), (0x00080018, "UI"), (0x00090010, "LO"), (0x00091010, "UN"),
         (0x00100020, "LO")]
     assert spans[-1][3] == len(body) and spans[3][3] == spans[4][2]
-    try:
-        decode_dataset(body, EXPLICIT_VR_BIG_ENDIAN)
-    except DIMSEError as exc:
-        # pydicom reads its items big endian and fails past our check; that check
-        # itself must not be what refuses it.
-        assert "malformed dataset at offset" not in str(exc), exc
+    ds = decode_dataset(body, EXPLICIT_VR_BIG_ENDIAN)
+    assert ds.PatientID == "P1"
+
+
+def _big(tag: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    size = len(value) if length is None else length
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack(">HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, size) + value
+    return struct.pack(">HH2sH", tag >> 16, tag & 0xFFFF, vr, size) + value
+
+
+def test_big_endian_undefined_length_un_converts_with_its_items_as_they_are() -> None:
+    """pydicom read the items of a big-endian undefined-length UN big endian and failed
+    ("No tag to read"), so such an instance, acknowledged, could not be converted for a
+    destination. It is handed to pydicom as a defined-length UN whose value is the
+    same implicit VR little endian items (PS3.5 6.2.2); inside a defined-length
+    sequence item too, whose lengths are set again."""
+    un_items = _item(_implicit(0x00091011, b"ABCD"), 0xFFFFFFFF) + struct.pack(
+        "<HHI", 0xFFFE, 0xE00D, 0)
+    un = _big(0x00091010, b"UN", un_items, 0xFFFFFFFF) + _SEQUENCE_DELIMITATION
+    item = _big(0x00090010, b"LO", b"ACME") + un
+    nested = _big(0x00081140, b"SQ", struct.pack(">HHI", 0xFFFE, 0xE000, len(item)) + item)
+    body = (_big(0x00080016, b"UI", _CT) + _big(0x00080018, b"UI", b"1.2.3.4\x00")
+            + nested + _big(0x00090010, b"LO", b"ACME") + un + _big(0x00100020, b"LO", b"P1"))
+    for target in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
+        ds = decode_dataset(transcode(body, EXPLICIT_VR_BIG_ENDIAN, target), target)
+        assert ds.PatientID == "P1"
+        for parent in (ds, ds.ReferencedImageSequence[0]):
+            value = parent[0x00091010].value
+            assert value == un_items, target  # as it came, opaque
+    # With none, the data set is handed on as it is (not copied or walked).
+    plain = _big(0x00080016, b"UI", _CT) + _big(0x00100020, b"LO", b"P1")
+    assert with_defined_length_un(plain) is plain
+
+
+def test_a_standard_attribute_written_as_un_keeps_its_value_from_big_endian() -> None:
+    """A UN's value is little endian whatever the transfer syntax (PS3.5 6.2.2): DCMTK
+    reads NumberOfSlices 300 written as UN in a Big Endian data set as 300. pydicom
+    gave it its dictionary VR and decoded it big endian, so the converted instance
+    said 11265."""
+    body = (_big(0x00080016, b"UI", _CT) + _big(0x00080018, b"UI", b"1.2.3.4\x00")
+            + _big(0x00540081, b"UN", struct.pack("<H", 300)))
+    for target in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
+        ds = decode_dataset(transcode(body, EXPLICIT_VR_BIG_ENDIAN, target), target)
+        assert ds.NumberOfSlices == 300, target
 
 
 def _big_endian_with_un() -> bytes:

@@ -40,6 +40,7 @@ DCMTK_TOOLS = (
     "dcmqrscp",
     "dcmqridx",
     "dcmdump",
+    "dcmconv",
 )
 
 ORTHANC_DEBIAN_PATH = "/usr/sbin/Orthanc"
@@ -83,6 +84,7 @@ class Dcmtk:
     dcmqrscp: str
     dcmqridx: str
     dcmdump: str
+    dcmconv: str
 
     def run(
         self, tool: str, *args: str | os.PathLike[str], timeout: float = 60.0

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -20,8 +21,10 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.sequence import Sequence
+from pydicom.values import convert_SQ
 
-from router.dicom.dataset import read_part10_header
+from router.dicom.dataset import read_part10_header, top_level_spans
 from tests.helpers import (
     Dcmtk,
     Procs,
@@ -882,6 +885,89 @@ def test_a_destination_that_takes_only_implicit_vr_gets_converted_instances(
         same_content(received, source)
     [dead] = (router.spool / "dead" / "old").glob("*.dcm")
     assert _uid(dead) == _uid(jpeg) and _dataset(dead) == _dataset(jpeg)
+
+
+def test_big_endian_undefined_length_un_is_converted_and_changed_as_dcmtk_reads_it(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """PS3.5 6.2.2 (CP-246): a UN's value is implicit VR little endian whatever the
+    transfer syntax. A Big Endian instance with an undefined-length private UN and a
+    standard attribute written as UN was acknowledged, then dead-lettered where it had
+    to be converted (pydicom read the UN's items big endian: "No tag to read"), and
+    refused C000H where a rule changed it; converted without the UN, NumberOfSlices
+    300 would have become 11265. DCMTK's own conversion (dcmconv +ti) is the yardstick."""
+    old = storescp_server(tmp_path, procs, aet="OLDPACS", args=["+xi", "+B"], dcmtk=dcmtk)
+    ai = storescp_server(tmp_path / "ai", procs, aet="AI", args=["+B"], dcmtk=dcmtk)
+    source = tmp_path / "be.dcm"
+    _big_endian_ct_with_un(source)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["old", "ai"]\n'
+        '[[rule.then.change]]\ndestination = "ai"\nset = { PatientName = "ANON" }\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("old", old.port, "OLDPACS")
+                    + _destination("ai", ai.port, "AI"))
+    try:
+        router.wait_for("ready: 1 workers serving")
+        done = dcmtk.run("storescu", "-xb", "-aet", "MOD1", "-aec", "ROUTER", "127.0.0.1",
+                         str(router.port), str(source))
+        assert done.returncode == 0, done.stdout + done.stderr
+        router.wait_count("forward old:", 1)
+        router.wait_count("forward ai:", 1)
+    finally:
+        assert router.stop() == 0
+    assert not list((router.spool / "dead").rglob("*.dcm"))
+    [converted] = received_files(old.outdir)
+    assert (pydicom.dcmread(converted).file_meta.TransferSyntaxUID
+            == pydicom.uid.ImplicitVRLittleEndian)
+    [changed] = received_files(ai.outdir)
+    assert (pydicom.dcmread(changed).file_meta.TransferSyntaxUID
+            == pydicom.uid.ExplicitVRBigEndian)
+    pixels = None
+    for path in (source, converted, changed):
+        # As DCMTK reads each (converting to implicit VR little endian itself).
+        ds = _as_dcmtk_reads(dcmtk, path, tmp_path / f"dcmtk-{path.name}")
+        assert ds.NumberOfSlices == 300, path
+        value = ds[0x00091010].value
+        [item] = value if isinstance(value, Sequence) else convert_SQ(value, True, True)
+        assert item[0x00091011].value == b"ABCD", path
+        pixels = pixels or ds.PixelData  # the source's first
+        assert ds.PixelData == pixels, path
+        assert (ds.PatientName == "ANON") == (path == changed), path
+    # And rules test reads it (it said "cannot read it as DICOM").
+    done = subprocess.run([sys.executable, "-m", "router.cli", "rules", "test",
+                           str(tmp_path / "rules.toml"), "--calling-ae", "MOD1", str(source)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and 'rule "all"' in done.stdout, done.stdout + done.stderr
+
+
+def _big_endian_ct_with_un(path: Path) -> None:
+    """A Big Endian CT with a private UN of undefined length, its one item holding
+    (0009,1011) "ABCD" in implicit VR little endian (PS3.5 6.2.2), and NumberOfSlices
+    300 written as UN (little endian)."""
+    make_ct(path, size_kb=24, seed=5, transfer_syntax=pydicom.uid.ExplicitVRBigEndian)
+    data = path.read_bytes()
+    offset = read_part10_header(path).dataset_offset
+    items = (struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+             + struct.pack("<HHI", 0x0009, 0x1011, 4) + b"ABCD"
+             + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+    extra = {
+        0x00090010: struct.pack(">HH2sH", 0x0009, 0x0010, b"LO", 4) + b"ACME"
+        + struct.pack(">HH2sHI", 0x0009, 0x1010, b"UN", 0, 0xFFFFFFFF) + items
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0),
+        0x00540081: struct.pack(">HH2sHI", 0x0054, 0x0081, b"UN", 0, 2)
+        + struct.pack("<H", 300)}
+    body = bytearray()
+    for tag, _, start, end in top_level_spans(memoryview(data)[offset:], implicit=False,
+                                             little=False):
+        for at in [at for at in extra if at < tag]:
+            body += extra.pop(at)
+        body += data[offset + start:offset + end]
+    path.write_bytes(data[:offset] + bytes(body))
+
+
+def _as_dcmtk_reads(dcmtk: Dcmtk, path: Path, out: Path) -> pydicom.Dataset:
+    done = dcmtk.run("dcmconv", "+ti", str(path), str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return pydicom.dcmread(out)
 
 
 def test_native_instances_go_in_their_own_syntax_where_the_destination_takes_it(
