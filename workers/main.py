@@ -59,7 +59,7 @@ from workers.logcontext import LibraryLogFilter
 from workers.moves import Originator
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter
-from workers.spool import TMP_DIR, GroupCommitter, RingCommitter, Spool
+from workers.spool import QUEUE_DIR, TMP_DIR, GroupCommitter, RingCommitter, Spool
 
 log = logging.getLogger("workers.main")
 
@@ -590,12 +590,19 @@ class Worker:
         with contextlib.suppress(zmq.ZMQError):
             await _aio(self.sockets.control).send_multipart(message.to_wire())
 
+    def _folder_wanted(self, folder: str) -> bool:
+        """Whether the spool keeps watching ``folder``: not the queue of a destination
+        a reload removed (its instances stay there; nothing of ours goes there)."""
+        top, _, destination = folder.partition("/")
+        return top != QUEUE_DIR or any(d.name == destination
+                                       for d in self.config.destinations)
+
     async def _heartbeats(self) -> None:
         while True:
             try:
                 # A spool folder an operator removed or moved aside is made again and
                 # used from now on (see Spool.refresh), not only when a commit trips.
-                self.spool.refresh()
+                self.spool.refresh(self._folder_wanted)
             except OSError as exc:
                 log.error("worker %d: spool %s: %s", self.worker_id, self.spool.root, exc)
             # The heartbeat is what keeps this worker alive: the figures in it must

@@ -382,15 +382,30 @@ def purge_dead(root: Path, destination: str) -> int:
 
 
 def known_destinations(root: Path, configured: list[str] | None = None) -> list[str]:
-    """The configured destinations, then any other with a queue or dead letters (a
-    folder whose name no destination could have is not one: put there by hand)."""
+    """The configured destinations, then any other with instances queued or dead
+    letters (a folder whose name no destination could have is not one: put there by
+    hand). The empty folders a removed or renamed destination leaves behind are not
+    listed: status, queue ls and the Prometheus export showed them for good."""
     return list(dict.fromkeys([*(configured or []), *_destinations(root, QUEUE_DIR),
                                *_destinations(root, DEAD_DIR)]))
 
 
 def _destinations(root: Path, top: str) -> list[str]:
-    """The folders of ``top`` (queue/ or dead/) named as a destination may be."""
-    return [name for name in _folders(root, top) if destination_name_problem(name) is None]
+    """The folders of ``top`` (queue/ or dead/) named as a destination may be, with
+    files in them."""
+    return [name for name in _folders(root, top)
+            if destination_name_problem(name) is None and _holds_files(root / top / name)]
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds an instance or a dead letter (the first one found
+    answers: a queue of 200,000 is not listed for it)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)
+                       for e in entries)
+    except FileNotFoundError:
+        return False
 
 
 def summarize(root: Path, destinations: list[str] | None = None) -> list[QueueSummary]:

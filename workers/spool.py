@@ -346,7 +346,7 @@ class Spool:
                 fd = self._dir_fds[folder] = os.open(self.root / folder, _DIR_FLAGS)
             return fd
 
-    def refresh(self) -> list[str]:
+    def refresh(self, wanted: Callable[[str], bool] | None = None) -> list[str]:
         """Make again and reopen the folders removed, moved or replaced under us; returns
         their names (``tmp``, ``incoming``, ``queue/pacs``...).
 
@@ -358,11 +358,20 @@ class Spool:
         the worker calls it on every heartbeat, which bounds the time files can go to
         a moved folder. A folder is made again durably (its parent fsync'd). Raises
         ``OSError`` if it cannot be made or opened.
+
+        A folder ``wanted`` says no to (the queue of a destination a reload removed)
+        is let go instead, gone or not: an operator who deletes that empty queue
+        folder saw it made again, with this warning, at the next heartbeat. Its
+        descriptor is closed with the spool (a commit may hold its number now).
         """
         revived: list[str] = []
         with self._dir_lock:
             for folder, fd in [(TMP_DIR, self._tmp_fd), *self._dir_fds.items()]:
                 path = self.root / folder
+                if wanted is not None and folder != TMP_DIR and not wanted(folder):
+                    del self._dir_fds[folder]
+                    self._stale_fds.append(fd)
+                    continue
                 if fd < 0 or _names_fd(path, fd):
                     continue
                 _make_dirs(path, fsync=self.fsync)

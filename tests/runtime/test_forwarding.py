@@ -1315,7 +1315,8 @@ def test_a_destination_removed_while_negotiating_lets_its_socket_go(
 def test_the_delivered_count_survives_a_reload_that_renames_the_destination(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """status's fwd total, "since the router started", went back to 0 when a reload
-    removed or renamed a destination (an outside soak campaign)."""
+    removed or renamed a destination (an outside soak campaign). The old name's empty
+    queue folder, deleted, came back, and, left, was listed for good."""
     sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
     router = _forward_all(tmp_path, "pacs", sink.port, "PACS", workers=1)
     forwarded = {"instances_forwarded": 3}
@@ -1331,8 +1332,15 @@ def test_the_delivered_count_survives_a_reload_that_renames_the_destination(
             'name = "pacs"', 'name = "pacs2"'))
         assert router.command("reload").returncode == 0
         router.wait_for("destination pacs removed")
+        # Its queue folder, empty now, deleted by the operator, stays deleted: the
+        # worker made it again at its next heartbeat. Nor is it listed any more.
+        (router.spool / "queue" / "pacs").rmdir()
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:  # several heartbeats (0.2 s) after it
             assert _worker_totals(router, forwarded, within=0) == forwarded
+        assert not (router.spool / "queue" / "pacs").exists()
+        (router.spool / "queue" / "pacs").mkdir()  # or left there: not listed either
+        assert list(router.status()["queues"]) == ["pacs2"]
     finally:
         router.stop()
+    assert "made it again" not in router.log()

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from workers.queue import dead_letters, failure_record, failure_records, retry_dead
+from workers.queue import (
+    dead_letters,
+    failure_record,
+    failure_records,
+    known_destinations,
+    retry_dead,
+)
 
 
 def _spool(tmp_path: Path) -> tuple[Path, Path]:
@@ -207,6 +213,23 @@ def test_a_folder_no_destination_could_have_is_left_out(tmp_path: Path) -> None:
     assert listed.returncode == 0, listed
     assert [d["destination"] for d in json.loads(listed.stdout)["destinations"]] == [
         "pacs", "ai"]
+
+
+def test_the_empty_folders_a_removed_destination_leaves_are_not_listed(
+        tmp_path: Path) -> None:
+    """A destination removed or renamed by the configuration leaves queue/<name>/ (and
+    dead/<name>/) behind, empty; status, queue ls and the Prometheus export listed it
+    for good. Listed while it holds something, marked not configured; a configured
+    one is listed empty too."""
+    root, config = _spool(tmp_path)
+    for top in ("queue", "dead"):
+        (root / top / "gone").mkdir()
+    (root / "queue" / "waiting").mkdir()
+    (root / "queue" / "waiting" / "x.dcm").write_bytes(b"x")
+    assert known_destinations(root, ["pacs", "quiet"]) == ["pacs", "quiet", "ai", "waiting"]
+    listed = _queue_cmd(config, "ls")
+    assert "\nwaiting " in listed.stdout and "(not configured)" in listed.stdout, listed
+    assert "gone" not in listed.stdout, listed
 
 
 def test_dead_letters_of_a_name_that_is_a_path_are_refused(tmp_path: Path) -> None:

@@ -1030,6 +1030,29 @@ def test_a_folder_moved_aside_is_noticed_by_refresh(
     assert files(pacs.with_name("pacs.old")) == [first.name]
 
 
+def test_refresh_lets_go_of_a_folder_no_longer_wanted(
+        spool: Spool, committer: GroupCommitter, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload removed destination pacs; the operator deletes its empty queue folder.
+    The spool still held it open, so the next heartbeat's refresh made it again, saying
+    it "was removed or replaced while the router ran". A folder the worker no longer
+    wants is let go instead; one it wants is still made again."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    for name, uid in (("pacs", "1.2.3.4.5"), ("ai", "1.2.3.4.6")):
+        writer = begin(spool, sop_instance_uid=uid)
+        feed(writer, data)
+        placement = Placement(links=(f"queue/{name}",))
+        committer.submit(writer, lambda w, p, placement=placement: placement).result(
+            timeout=WAIT)
+        (spool.root / "queue" / name / writer.name).unlink()  # delivered
+        (spool.root / "queue" / name).rmdir()
+    caplog.set_level("WARNING", logger="workers.spool")
+    assert spool.refresh(lambda folder: folder != "queue/pacs") == ["queue/ai"]
+    assert not (spool.root / "queue" / "pacs").exists()
+    assert (spool.root / "queue" / "ai").is_dir()
+    assert spool.refresh(lambda folder: folder != "queue/pacs") == []
+    assert "queue/pacs/" not in caplog.text and "queue/ai/" in caplog.text
+
+
 def test_retire_from_a_folder_made_again(spool: Spool, committer: GroupCommitter) -> None:
     """A forwarder retires a delivered file it found by path in a folder that replaced
     the one the spool had open: the retire must reach it (else it is sent again)."""
