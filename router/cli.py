@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -33,11 +33,12 @@ from router.config import (
     MIN_PDU,
     Config,
     ConfigError,
+    ae_title_problem,
     load_config,
     max_pdu_problem,
 )
 from router.dicom import dimse, uids
-from router.dicom.dataset import encode_dataset, part10_meta_bytes, read_part10_header
+from router.dicom.dataset import Part10, encode_dataset, part10_meta_bytes, read_part10_header
 from router.dicom.errors import ProtocolError
 from router.dicom.negotiation import MAX_PRESENTATION_CONTEXTS, AcceptorPolicy
 from router.net.client import (
@@ -103,6 +104,12 @@ def _add_association_args(p: argparse.ArgumentParser, *,
                    help=f"association and DIMSE timeout in seconds (default: "
                         f"{_DEFAULTS['timeout']:g})")
     p.set_defaults(**({} if peer_optional else {**_DEFAULTS, "called_aet": default_aec}))
+
+
+def _ae_title(text: str) -> str:
+    if (problem := ae_title_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def seconds(text: str) -> float:
@@ -231,6 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(purge)
     purge.add_argument("destination", metavar="DEST")
     purge.add_argument("--dead", action="store_true", help="confirm: the dead letters")
+
+    reroute = qsub.add_parser(
+        "reroute", help="send the unrouted instances through the current rules again",
+        description="Each instance kept in unrouted/ (no rule matched it) is sent again to "
+                    "the running router, over its first listener without TLS or PROXY "
+                    "protocol, from the AE title that first sent it (its file's Source "
+                    "Application Entity Title), so that the rules as they are now decide "
+                    "where it goes. It leaves unrouted/ once the router has acknowledged "
+                    "it, which it does only when it holds it durably again: one that still "
+                    "matches no rule is back in unrouted/. Oldest first. Rules on the peer "
+                    "address see this machine, time windows see now; an old version of an "
+                    "instance sent after its correction replaces it at the destination. "
+                    "Exit 0 when every one was acknowledged, 1 when some were refused "
+                    "(they stay in unrouted/), 3 when the router is not running.")
+    _add_runtime_args(reroute)
+    reroute.add_argument("--calling-ae", metavar="AE", default=None, type=_ae_title,
+                         help="the calling AE title for instances whose file names none "
+                              "(default: the router's own AE title)")
+    reroute.add_argument("--timeout", type=seconds, default=30.0,
+                         help="seconds to wait for the router (default: %(default)s)")
 
     from rules.cli import add_rules_parser
     add_rules_parser(sub)
@@ -427,17 +454,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"skipping {path}: {exc}", file=sys.stderr)
     if not headers:
         raise UsageError("no DICOM files to send")
-    proposals: dict[str, list[str]] = {}
-    for _, h in headers:
-        ts_list = proposals.setdefault(h.sop_class_uid, [])
-        for ts in (h.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
-                   uids.IMPLICIT_VR_LITTLE_ENDIAN):
-            if ts not in ts_list and (ts == h.transfer_syntax or uids.is_uncompressed(
-                    h.transfer_syntax)):
-                ts_list.append(ts)
-    # One context per (SOP class, TS) keeps acceptors that pick one TS per
-    # context from refusing files in the other syntaxes (storescu does the same).
-    contexts = [(sop, [ts]) for sop, tss in proposals.items() for ts in tss]
+    contexts = _store_contexts(h for _, h in headers)
     if len(contexts) > 128:
         raise UsageError(f"{len(contexts)} presentation contexts needed, at most 128 fit "
                          "in one association; send fewer SOP classes at once")
@@ -474,6 +491,22 @@ def cmd_send(args: argparse.Namespace) -> int:
           f"{total_bytes / 1e6:.1f} MB in {took:.2f} s "
           f"({len(headers) / took if took else 0:.0f} instances/s)")
     return EXIT_OK if failed == 0 and skipped == 0 else EXIT_FAILED
+
+
+def _store_contexts(headers: Iterable[Part10]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts to propose for sending these files: each one's own
+    transfer syntax, and for an uncompressed one both little-endian syntaxes too."""
+    proposals: dict[str, list[str]] = {}
+    for h in headers:
+        ts_list = proposals.setdefault(h.sop_class_uid, [])
+        for ts in (h.transfer_syntax, uids.EXPLICIT_VR_LITTLE_ENDIAN,
+                   uids.IMPLICIT_VR_LITTLE_ENDIAN):
+            if ts not in ts_list and (ts == h.transfer_syntax or uids.is_uncompressed(
+                    h.transfer_syntax)):
+                ts_list.append(ts)
+    # One context per (SOP class, TS) keeps acceptors that pick one TS per
+    # context from refusing files in the other syntaxes (storescu does the same).
+    return [(sop, [ts]) for sop, tss in proposals.items() for ts in tss]
 
 
 def _progress(done: int, total: int, nbytes: int, elapsed: float) -> None:
@@ -1098,6 +1131,8 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
         except RouterNotRunning:
             print("the router is not running: they go out when it starts")
         return EXIT_OK
+    if args.queue_command == "reroute":
+        return _reroute(args, config, root)
     # purge
     if not args.dead:
         raise UsageError("purge deletes dead letters only: say --dead (queued instances "
@@ -1105,6 +1140,72 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
     purged = q.purge_dead(root, destination(args.destination))
     print(f"{purged} dead letter(s) of {args.destination} deleted")
     return EXIT_OK
+
+
+def _reroute(args: argparse.Namespace, config: Config, root: Path) -> int:
+    """``queue reroute``: see its --help."""
+    from workers.queue import unrouted_files
+
+    _admin(args, "status", config)  # RouterNotRunning (exit 3) when it is not
+    listener = next((item for item in config.listen
+                     if not item.tls and not item.proxy_protocol), None)
+    if listener is None:
+        raise UsageError("the router has no listener without TLS or PROXY protocol to "
+                         "send the unrouted instances to")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    called = config.ae_title if config.ae_titles is None or config.ae_title in \
+        config.ae_titles else sorted(config.ae_titles)[0]
+    fallback = args.calling_ae or config.ae_title
+    batches: list[tuple[str, list[tuple[Path, Part10]]]] = []
+    unreadable = 0
+    for path in unrouted_files(root):
+        try:
+            header = read_part10_header(path)
+        except (ProtocolError, OSError) as exc:
+            unreadable += 1
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+            continue
+        source = header.meta.get("SourceApplicationEntityTitle") if header.meta else None
+        calling = str(source).strip() if source else fallback
+        if ae_title_problem(calling) is not None:
+            calling = fallback  # a file the router did not write: not ours to trust
+        # One association per run of files from one sender, while the contexts fit.
+        if not batches or batches[-1][0] != calling or len(_store_contexts(
+                h for _, h in [*batches[-1][1], (path, header)])) > MAX_PRESENTATION_CONTEXTS:
+            batches.append((calling, []))
+        batches[-1][1].append((path, header))
+    acknowledged = refused = 0
+    for calling, batch in batches:
+        handled = 0
+        try:
+            with connect(host, listener.port, calling_ae=calling, called_ae=called,
+                         contexts=_store_contexts(h for _, h in batch),
+                         acse_timeout=args.timeout, dimse_timeout=args.timeout) as assoc:
+                for path, _ in batch:
+                    rsp = assoc.store(path)
+                    handled += 1
+                    category = dimse.status_category(int(rsp.status))
+                    if category in (dimse.StatusCategory.SUCCESS,
+                                    dimse.StatusCategory.WARNING):
+                        # Held durably by the router again (D4): this copy may go.
+                        path.unlink(missing_ok=True)
+                        acknowledged += 1
+                    else:
+                        refused += 1
+                        comment = getattr(rsp, "error_comment", None)
+                        print(f"{path}: refused, status 0x{int(rsp.status):04X}"
+                              + (f" ({comment})" if comment else "") + "; kept",
+                              file=sys.stderr)
+                assoc.release()
+        except (NetworkError, OSError) as exc:
+            refused += len(batch) - handled
+            print(f"{calling}->{called}@{host}:{listener.port}: {exc}; the instances not "
+                  "acknowledged stay in unrouted/", file=sys.stderr)
+    left = len(unrouted_files(root))
+    print(f"{acknowledged} instance(s) sent through the rules again, {refused} refused, "
+          f"{unreadable} unreadable; {left} in unrouted/ now (those that still match no "
+          "rule among them)")
+    return EXIT_OK if not refused and not unreadable else EXIT_FAILED
 
 
 def cmd_rules(args: argparse.Namespace) -> int:

@@ -410,8 +410,8 @@ class Destination:
             ("name", destination_name_problem(self.name)),
             ("host", _host_problem(self.host)),
             ("port", _port_problem(self.port) if self.port else None),
-            ("ae_title", _ae_title_problem(self.ae_title)),
-            ("calling_ae", _ae_title_problem(self.calling_ae)),
+            ("ae_title", ae_title_problem(self.ae_title)),
+            ("calling_ae", ae_title_problem(self.calling_ae)),
             ("tls_cert", None if (self.tls_cert is None) == (self.tls_key is None)
              else "tls_cert and tls_key go together"),
             ("tls_server_name", None if self.tls_server_name is None
@@ -649,9 +649,9 @@ class Config:
         # The parser gives the operator a precise message first; these checks
         # keep a Config built in code (tests, reload plumbing) just as sound.
         problems = [
-            ("ae_title", _ae_title_problem(self.ae_title)),
-            *(("ae_titles", _ae_title_problem(t)) for t in self.ae_titles or ()),
-            *(("calling_ae_allow", _ae_title_problem(t)) for t in self.calling_ae_allow or ()),
+            ("ae_title", ae_title_problem(self.ae_title)),
+            *(("ae_titles", ae_title_problem(t)) for t in self.ae_titles or ()),
+            *(("calling_ae_allow", ae_title_problem(t)) for t in self.calling_ae_allow or ()),
             ("workers", _workers_problem(self.workers)),
             ("max_associations", _max_associations_problem(self.max_associations)),
             ("max_pdu", max_pdu_problem(self.max_pdu)),
@@ -851,7 +851,7 @@ def _show(value: object) -> str:
     return "a date/time"  # the only TOML type left
 
 
-def _ae_title_problem(title: object) -> str | None:
+def ae_title_problem(title: object) -> str | None:
     # PS3.5 §6.2 (AE): 16 characters of the default repertoire, no backslash
     # or control characters; leading/trailing spaces are not significant.
     if not isinstance(title, str):
@@ -1356,9 +1356,9 @@ class _Parser:
 
     def ae_title(self, table: Mapping[str, object], at: _At, default: str) -> str:
         value = table.get(at.name, default)
-        if (problem := _ae_title_problem(value)) is not None:
+        if (problem := ae_title_problem(value)) is not None:
             raise self.fail(at, problem)
-        assert isinstance(value, str)  # _ae_title_problem checked it
+        assert isinstance(value, str)  # ae_title_problem checked it
         return value
 
     def workers(self, router: Mapping[str, object], at: _At) -> int:
@@ -1399,7 +1399,7 @@ class _Parser:
         if not value:
             raise self.fail(at, 'expected "any" or an array of AE titles, got an empty array')
         for title in value:
-            if (problem := _ae_title_problem(title)) is not None:
+            if (problem := ae_title_problem(title)) is not None:
                 item = title if isinstance(title, str) else None
                 raise self.fail(dataclasses.replace(at, item=item), problem)
         return frozenset(value)

@@ -66,6 +66,8 @@ __all__ = [
     "queued_counts",
     "retry_dead",
     "summarize",
+    "unrouted_count",
+    "unrouted_files",
 ]
 
 _REASON_SUFFIX: Final = ".json"
@@ -441,6 +443,11 @@ def queued_counts(root: Path) -> dict[str, int]:
 
 def unrouted_count(root: Path) -> int:
     return len(_files(root / UNROUTED_DIR))
+
+
+def unrouted_files(root: Path) -> list[Path]:
+    """The instances kept in unrouted/, oldest first (names sort by arrival)."""
+    return [Path(e.path) for e in _files(root / UNROUTED_DIR)]
 
 
 def _sync_dir(path: Path) -> None:

@@ -1344,3 +1344,44 @@ def test_the_delivered_count_survives_a_reload_that_renames_the_destination(
     finally:
         router.stop()
     assert "made it again" not in router.log()
+
+
+def test_queue_reroute_sends_the_unrouted_instances_through_the_rules_of_now(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """Instances no rule matched wait in unrouted/; after the rules are fixed there was
+    no way out but by hand. `queue reroute` sends each to the running router again
+    from the AE title that first sent it, and deletes it once acknowledged: those the
+    rules now route arrive unchanged, one that still matches nothing is kept."""
+    sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "ct"\n[rule.when]\ncalling_ae = "NOBODY"\n'
+                     '[rule.then]\nforward = ["pacs"]\n')
+    router = Router(tmp_path, workers=2, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", sink.port, "PACS"))
+    mod1 = _study(tmp_path / "a", 3, modality="CT", description="x", seed=71)
+    mod2 = _study(tmp_path / "b", 1, modality="CT", description="x", seed=72)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        _send(dcmtk, router, "MOD1", mod1)
+        _send(dcmtk, router, "MOD2", mod2)
+        assert router.status()["unrouted"] == 4
+        rules.write_text(rules.read_text().replace('"NOBODY"', '"MOD1"'))
+        assert router.command("reload").returncode == 0
+        done = router.command("queue", "reroute")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "4 instance(s) sent through the rules again, 0 refused" in done.stdout, done.stdout
+        assert "1 in unrouted/ now" in done.stdout, done.stdout
+        router.wait_count("forward pacs:", 3)
+        [left] = (router.spool / "unrouted").glob("*.dcm")
+        assert _uid(left) == _uid(mod2[0]) and _dataset(left) == _dataset(mod2[0])
+        # The router's own line names the sender the instance first came from.
+        assert any("MOD2->ROUTER" in line for line in router.lines[-20:]), router.log()
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): p for p in received_files(sink.outdir)}
+    assert sorted(got) == sorted(_uid(p) for p in mod1)
+    for path in mod1:
+        assert _dataset(got[_uid(path)]) == _dataset(path)
+    stopped = router.command("queue", "reroute")
+    assert stopped.returncode == 3 and "no router answering" in stopped.stderr, stopped
+    assert len(list((router.spool / "unrouted").glob("*.dcm"))) == 1
