@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
-from router.config import Destination
+from router.config import Config, Destination
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Role
 from router.dicom.dataset import InstanceIdentity, decode_dataset
@@ -107,6 +107,11 @@ from workers.spool import (
 )
 
 __all__ = ["ActorSettings", "AssociationActor", "AssociationStats"]
+
+# Seconds a relayed Storage Commitment N-ACTION's association stays open after the
+# answer, for a PACS that sends the result on it (PS3.4 J.3.3) as soon as it has
+# checked its storage; one that takes longer opens an association of its own.
+REPORT_LINGER: Final = 5.0
 
 log = logging.getLogger("workers.actor")
 
@@ -886,13 +891,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                     self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, why)
                     log.warning("association %s: %s refused: %s", self._who(), name, why)
                     return
-                # Find who asked for the commitment.
-                uid, requestor = requestor_of(self.spool.root, data, ts)
-                destination = (None if requestor is None
-                               else config.destination_with_ae(requestor))
+                uid, destination, why = self._requestor(config, data, ts)
                 if destination is None:
-                    why = (f"transaction {uid} unknown" if requestor is None else
-                           f"requestor {requestor} of transaction {uid} is not a destination")
                     self._refuse(ctx, msg, dimse.PROCESSING_FAILURE, why)
                     log.warning("association %s: %s refused: %s", self._who(), name, why)
                     return
@@ -917,9 +917,13 @@ class AssociationActor(asyncio.BufferedProtocol):
                         return
                     action_uid = remember_commitment(self.spool.root, data, ts,
                                                      self.stats.calling_ae)
+                # The PACS may send the result on this same association (PS3.4
+                # J.3.3): it is kept open a while after the answer to take it.
+                serve = self._serve_report if isinstance(msg, dimse.NActionRQ) else None
                 async with asyncio.timeout(self.settings.operation_timeout):
-                    rsp, rsp_data = await relay_n_request(destination, msg, data, ts,
-                                                          label=label, sop_class=sop_class)
+                    rsp, rsp_data = await relay_n_request(
+                        destination, msg, data, ts, label=label, sop_class=sop_class,
+                        serve=serve, linger=min(REPORT_LINGER, destination.timeout / 2))
         except OutboundError as exc:
             self._forget_failed_action(action_uid)
             where = f"{destination.name if destination else '?'}: {exc}"
@@ -955,6 +959,52 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.engine.send_message(ctx.context_id, dataclasses.replace(
                 rsp, message_id_being_responded_to=msg.message_id), rsp_data)
             self._after_engine()
+
+    def _requestor(self, config: Config, data: bytes | None, ts: str,
+                   ) -> tuple[str | None, Destination | None, str]:
+        """(Transaction UID, the destination of who asked for that commitment, or
+        None and why not) for a Storage Commitment result's data set."""
+        uid, requestor = requestor_of(self.spool.root, data, ts)
+        destination = None if requestor is None else config.destination_with_ae(requestor)
+        why = ("" if destination is not None else f"transaction {uid} unknown"
+               if requestor is None else
+               f"requestor {requestor} of transaction {uid} is not a destination")
+        return uid, destination, why
+
+    async def _serve_report(self, msg: Any, data: bytes | None,
+                            ts: str) -> tuple[Any, bytes | None]:
+        """A request the PACS sent on the association of a relayed Storage Commitment
+        N-ACTION: its result (PS3.4 J.3.3), relayed to whoever asked as one sent on
+        an association of the PACS's own is (_run_n); anything else is refused."""
+        name = type(msg).__name__[:-2]
+        where = f"association {self._who()}: {name} on the N-ACTION's association"
+        dispatcher = self._dispatcher()
+        if dispatcher is None or not isinstance(msg, dimse.NEventReportRQ) or \
+                msg.affected_sop_class_uid != uids.STORAGE_COMMITMENT_PUSH_MODEL:
+            log.warning("%s refused: only a Storage Commitment result is taken there",
+                        where)
+            return response_for(msg, dimse.UNRECOGNIZED_OPERATION, error_comment=(
+                "only a Storage Commitment result is taken here")), None
+        uid, destination, why = self._requestor(dispatcher.router.config, data, ts)
+        try:
+            if destination is None:
+                raise OutboundError(why, transient=False)
+            async with asyncio.timeout(self.settings.operation_timeout):
+                rsp, rsp_data = await relay_n_request(
+                    destination, msg, data, ts, label=f"{self._who()} result",
+                    sop_class=uids.STORAGE_COMMITMENT_PUSH_MODEL, as_scp=True)
+        except (OutboundError, DIMSEError, TimeoutError, OSError) as exc:
+            detail = str(exc) or f"no answer in {self.settings.operation_timeout:.0f} s"
+            status = exc.status if isinstance(exc, DIMSEError) else dimse.PROCESSING_FAILURE
+            log.warning("%s not relayed: %s", where, detail)
+            return response_for(msg, status,
+                                error_comment=dimse.error_comment(detail)), None
+        if uid is not None and dimse.status_category(rsp.status) is \
+                dimse.StatusCategory.SUCCESS:
+            forget_commitment(self.spool.root, uid)  # the report is delivered
+        log.info("%s relayed to %s: status 0x%04X", where, destination.name, rsp.status)
+        return dataclasses.replace(rsp, message_id_being_responded_to=msg.message_id), \
+            rsp_data
 
     def _forget_failed_action(self, action_uid: str | None) -> None:
         """A relayed N-ACTION failed: its requestor hears so and will ask again. Its

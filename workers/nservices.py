@@ -31,12 +31,14 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from router.config import Destination
-from router.dicom import uids
+from router.dicom import dimse, uids
 from router.dicom.dataset import decode_dataset, transcode
+from router.net.client import response_for
 from workers.outbound import (
     OutboundAssociation,
     OutboundError,
@@ -55,13 +57,23 @@ COMMITMENTS_DIR: Final = "commitments"
 _releasing: set[asyncio.Task[None]] = set()
 
 
+# serve(request, its data set, its transfer syntax) -> (response, its data set)
+Serve: TypeAlias = Callable[[Any, bytes | None, str], Awaitable[tuple[Any, bytes | None]]]
+
+
 async def relay_n_request(destination: Destination, rq: Any, dataset: bytes | None,
                           transfer_syntax: str, *, label: str, sop_class: str,
-                          as_scp: bool = False) -> tuple[Any, bytes | None]:
+                          as_scp: bool = False, serve: Serve | None = None,
+                          linger: float = 0.0) -> tuple[Any, bytes | None]:
     """Send ``rq`` (with ``dataset`` in ``transfer_syntax``) to ``destination``; the
     response (its message ID still the relayed one) and its data set, converted
     back to ``transfer_syntax``. ``as_scp`` proposes the SCP role for ``sop_class``
-    (an N-EVENT-REPORT sent by the performer). Raises :class:`OutboundError`."""
+    (an N-EVENT-REPORT sent by the performer). Raises :class:`OutboundError`.
+
+    With ``serve``, the association stays open up to ``linger`` seconds after the
+    answer, for one request the destination may send on it (a PACS's Storage
+    Commitment N-EVENT-REPORT, PS3.4 J.3.3), which ``serve`` answers; then it is
+    released, in the background either way."""
     assoc = await open_association(
         destination, [(sop_class, proposal_syntaxes(transfer_syntax))], label=label,
         roles={sop_class: (False, True)} if as_scp else None)
@@ -85,10 +97,46 @@ async def relay_n_request(destination: Destination, rq: Any, dataset: bytes | No
     # send its N-EVENT-REPORT as soon as it has answered the N-ACTION (PS3.4 J.3.3),
     # some before they answer the A-RELEASE: waiting for the release here sent the
     # modality the report of a commitment before the N-ACTION-RSP that accepted it.
-    task = asyncio.get_running_loop().create_task(_release(assoc))
+    task = asyncio.get_running_loop().create_task(_serve_then_release(assoc, serve, linger))
     _releasing.add(task)
     task.add_done_callback(_releasing.discard)
     return answer
+
+
+async def _serve_then_release(assoc: OutboundAssociation, serve: Serve | None,
+                              linger: float) -> None:
+    """Released at once, the association could not answer a report sent on it: the
+    PACS sends it after its N-ACTION-RSP, our A-RELEASE-RQ crosses it, and PS3.8
+    Table 9-10 lets the side awaiting the release response (Sta7) take P-DATA but
+    not send any. The PACS then waited for its N-EVENT-REPORT-RSP until its own
+    timeout, and the modality never heard the result."""
+    if serve is not None and linger > 0:
+        try:
+            async with asyncio.timeout(linger):
+                context_id, request, data = await assoc.next_request()
+        except TimeoutError:
+            pass  # nothing sent on it: the report comes on an association of its own
+        except OutboundError as exc:
+            log.info("%s: %s", assoc.label, exc)  # ended by the destination: fine
+        else:
+            context = assoc.engine.contexts.get(context_id)
+            if context is None:  # (the engine takes commands on accepted contexts only)
+                assoc.abort("a request on a context it does not have")
+                return
+            try:
+                rsp, rsp_data = await serve(request, data, context.transfer_syntax)
+            except BaseException:
+                assoc.abort("the request sent on it could not be answered")
+                raise
+            assoc.respond(context_id, rsp, rsp_data)
+    for context_id, request, _ in assoc.held_requests():
+        # Sent before the answer to ours, and nobody here to take it: answered.
+        log.warning("%s: %s sent on it refused: not taken on this association",
+                    assoc.label, type(request).__name__[:-2])
+        assoc.respond(context_id, response_for(
+            request, dimse.UNRECOGNIZED_OPERATION,
+            error_comment="not taken on this association"), None)
+    await _release(assoc)
 
 
 async def _release(assoc: OutboundAssociation) -> None:

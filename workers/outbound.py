@@ -87,6 +87,9 @@ MAX_CONVERTED_BYTES: Final = 256 << 20
 # keeps the upstream's from piling up here instead.
 _EVENTS_HIGH: Final = 64
 _EVENTS_LOW: Final = 16
+# Requests of the peer's held while we wait for a response (n_request): a PACS sends
+# one commitment result; past a few, a peer that floods us is ignored, as before.
+_MAX_HELD: Final = 8
 
 
 class OutboundError(Exception):
@@ -129,6 +132,9 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.link: tuple[object, ...] = ()
         self._reading_paused = False
         self._ids = itertools.cycle(range(1, 65536))
+        # Requests the peer sent while we waited for a response of ours (context ID,
+        # message, data set): for next_request, after that response.
+        self._held: deque[tuple[int, dimse.DimseMessage, bytes | None]] = deque()
         self.current_find: tuple[int, int] | None = None
         # Armed by cancel(): aborts an operation the peer has not ended in time.
         self._cancel_timer: asyncio.TimerHandle | None = None
@@ -470,17 +476,47 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         self.engine.send_message(ctx.context_id, rq, dataset)
         self._flush()
         while True:
-            msg = (await self._next_command(
-                f"while waiting for the {type(rq).__name__[:-2]} response")).message
+            command = await self._next_command(
+                f"while waiting for the {type(rq).__name__[:-2]} response")
+            msg = command.message
             data = await self._read(max_dataset) if msg.has_dataset else None
             if (isinstance(msg, dimse.DimseResponse)
                     and getattr(msg, "message_id_being_responded_to", None) == mid):
                 return msg, data
+            if not isinstance(msg, dimse.DimseResponse) and len(self._held) < _MAX_HELD:
+                # A request of the peer's, sent before its answer to ours (a PACS's
+                # commitment result, PS3.4 J.3.3): taken up after it, never dropped.
+                self._held.append((command.context_id, msg, data))
+                continue
             log.warning("%s: ignoring %s while waiting for message %d", self.label,
                         type(msg).__name__, mid)
 
     def next_message_id(self) -> int:
         return next(self._ids)
+
+    async def next_request(self, *, max_dataset: int = 16 << 20,
+                           ) -> tuple[int, dimse.DimseMessage, bytes | None]:
+        """The next request the peer sends on this association (context ID, message,
+        data set), as a PACS sends a Storage Commitment N-EVENT-REPORT on the
+        association of the N-ACTION (PS3.4 J.3.3). Raises :class:`OutboundError` when
+        the association ends or the peer sends nothing within ``timeout``."""
+        if self._held:
+            return self._held.popleft()
+        event = await self._next_command("while waiting for a request")
+        data = await self._read(max_dataset) if event.message.has_dataset else None
+        return event.context_id, event.message, data
+
+    def held_requests(self) -> list[tuple[int, dimse.DimseMessage, bytes | None]]:
+        """The requests the peer sent that no :meth:`next_request` took, taken."""
+        held = list(self._held)
+        self._held.clear()
+        return held
+
+    def respond(self, context_id: int, rsp: dimse.DimseMessage, data: bytes | None) -> None:
+        """Answer a request the peer sent (see :meth:`next_request`)."""
+        if self.engine.may_send_data:
+            self.engine.send_message(context_id, rsp, data)
+            self._flush()
 
     def reply_store(self, context_id: int, rq: dimse.CStoreRQ, status: int,
                     comment: str | None = None) -> None:

@@ -235,6 +235,73 @@ def test_storage_commitment_round_trip_with_the_report_on_a_new_association(
     assert not list((router.spool / "commitments").glob("*.json"))  # delivered: forgotten
 
 
+@pytest.mark.parametrize("when", ["with-the-answer", "after-the-answer"])
+def test_a_report_sent_on_the_n_actions_association_reaches_the_modality(
+        tmp_path: Path, when: str) -> None:
+    """PS3.4 J.3.3 lets the PACS send its result on the association of the N-ACTION.
+    The router released that association right after the N-ACTION-RSP; the report,
+    crossing the A-RELEASE-RQ, could not be answered (PS3.8 Table 9-10: no P-DATA
+    from Sta7), the PACS waited for its N-EVENT-REPORT-RSP until its own timeout and
+    the modality never heard the result (an outside interop campaign). Now the
+    association stays open a while for it: relayed, and the modality's answer is
+    the PACS's. A report sent as the PACS answers may come before its N-ACTION-RSP:
+    it was dropped ("ignoring NEventReportRQ"), now taken up after it."""
+    from pynetdicom import evt
+    from pynetdicom.dimse_messages import N_ACTION_RSP
+
+    transaction = generate_uid()
+    reported: list[Dataset] = []
+    report_seen = threading.Event()
+    modality_port, modality_server = _modality(lambda info: reported.append(info),
+                                               report_seen)
+    outcome: list[int | None] = []
+
+    def on_action(event: Any) -> tuple[int, None]:
+        info = event.action_information
+
+        def report_here() -> None:  # once the N-ACTION-RSP is out, on its association
+            report = Dataset()
+            report.TransactionUID = info.TransactionUID
+            report.ReferencedSOPSequence = info.ReferencedSOPSequence
+            status, _ = event.assoc.send_n_event_report(report, 1, COMMITMENT,
+                                                        COMMITMENT_INSTANCE)
+            outcome.append(status.Status if status else None)
+
+        if when == "with-the-answer":
+            threading.Thread(target=report_here).start()
+        else:
+            answered.append(report_here)
+        return 0x0000, None
+
+    answered: list[Callable[[], None]] = []
+
+    def on_sent(event: Any) -> None:
+        if isinstance(event.message, N_ACTION_RSP) and answered:  # it is out
+            threading.Thread(target=answered.pop()).start()
+
+    pacs_port, pacs_server = _serving("PACS", COMMITMENT, (evt.EVT_N_ACTION, on_action),
+                                      (evt.EVT_DIMSE_SENT, on_sent))
+    pacs_server.ae.dimse_timeout = 20
+    router = _commitment_router(tmp_path, pacs_port, modality_port)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _associated("MODALITY", COMMITMENT, router.port)
+        status, _ = assoc.send_n_action(_commitment_request(transaction), 1, COMMITMENT,
+                                        COMMITMENT_INSTANCE)
+        assert status.Status == 0x0000
+        assoc.release()
+        assert report_seen.wait(15), router.log()
+        router.wait_for("NEventReport on the N-ACTION's association relayed to modality: "
+                        "status 0x0000")
+    finally:
+        router.stop()
+        pacs_server.shutdown()
+        modality_server.shutdown()
+    assert outcome == [0x0000], router.log()  # the PACS got the modality's answer
+    assert [r.TransactionUID for r in reported] == [transaction]
+    assert not list((router.spool / "commitments").glob("*.json"))  # delivered: forgotten
+
+
 def test_the_modality_hears_the_n_action_response_before_the_report(
         tmp_path: Path) -> None:
     """A PACS that sends its report (on an association of its own, PS3.4 J.3.3)
