@@ -1206,6 +1206,15 @@ class DataSetFraming:
         """An element of the data set itself (not of an item): a standard one seen
         once, and Pixel Data with the length its transfer syntax calls for."""
         seen = self._seen
+        if tag >> 16 in (0x0000, 0x0002):
+            # A Data Set holds no group below 0008 (PS3.5 7.1; the note of PS3.4
+            # C.4.1.1.3): command elements belong to the command set, group 0002 to
+            # a file's meta (PS3.10 7.1). Acknowledged, the spooled file's meta
+            # reader took them for its own and the instance went out cut, or in the
+            # transfer syntax they named: refused now, the sender keeps it.
+            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is a "
+                             + ("command" if tag >> 16 == 0 else "file meta")
+                             + " element, which a data set may not hold (PS3.5 7.1)")
         if not tag & 0x10000:  # an even group: the standard's (PS3.5 7.1)
             # A repeated private element is left alone: DCMTK warns and reads on.
             if tag in seen:

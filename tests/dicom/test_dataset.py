@@ -1351,3 +1351,27 @@ def test_pixel_data_as_its_transfer_syntax_says_passes(tail: bytes,
     check = _identity(_BASE + tail, transfer_syntax, _CT.rstrip(b"\x00").decode(), "1.2.3.4",
                       1000)
     assert check.status == 0, check.reason
+
+
+@pytest.mark.parametrize("transfer_syntax", [IMPLICIT_VR_LITTLE_ENDIAN,
+                                             EXPLICIT_VR_LITTLE_ENDIAN])
+@pytest.mark.parametrize("group", [0x0000, 0x0002])
+def test_a_data_set_with_file_meta_or_command_elements_is_refused(
+        transfer_syntax: str, group: int) -> None:
+    """A Data Set holds no group below 0008 (PS3.5 7.1). A C-STORE data set that began
+    with group 0002 elements was acknowledged; the spooled file's meta reader then took
+    them for the file's own, and the instance went out 8 bytes short, or in the
+    transfer syntax they named (an outside hostile-input campaign). Refused C000H."""
+    explicit = transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN
+
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        return _explicit(tag, vr, value) if explicit else _implicit(tag, value)
+
+    body = (element(group << 16 | 0x0010, b"UI", b"1.2.840.10008.1.2\x00")
+            + element(0x00080016, b"UI", _CT) + element(0x00080018, b"UI", b"1.2.3.4\x00")
+            + element(0x00100020, b"LO", b"P1"))
+    for size in (3, 1000):
+        check = _identity(body, transfer_syntax, _CT.rstrip(b"\x00").decode(), "1.2.3.4",
+                          size)
+        assert check.status == 0xC000, check.reason
+        assert f"({group:04X},0010) is a" in (check.reason or ""), check.reason
