@@ -150,7 +150,8 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
         write_dataset(fp, to_write)
     except Exception as exc:  # pydicom's writer raises many types; all mean "cannot encode"
         raise DIMSEError(
-            f"cannot encode dataset in {transfer_syntax}: {exc}", status=_PROCESSING_FAILURE
+            f"cannot encode dataset in {transfer_syntax}: {_one_line(exc)}",
+            status=_PROCESSING_FAILURE
         ) from exc
     encoded = fp.getvalue()
     if is_deflated(transfer_syntax):
@@ -161,6 +162,15 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
             # NUL (inflate stops at the end of the stream and ignores it).
             encoded += b"\x00"
     return encoded
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, for logs and dead-letter reasons: pydicom
+    puts a whole traceback in some ("With tag (0009,1001) got exception: \nTraceback
+    ...\nMemoryError"); its first line, and the last when the first says nothing."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0] if len(lines) == 1 or not lines[0].endswith(":") \
+        else f"{lines[0]} {lines[-1].strip()}"
 
 
 def _prepared(ds: Dataset, *, implicit: bool, little: bool, encapsulated: bool) -> Dataset:
@@ -318,7 +328,8 @@ def decode_dataset(
             stop_at=_PIXEL_TAGS.__contains__ if stop_before_pixels else None,
         )
     except (struct.error, IndexError, RecursionError) as exc:
-        raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+        raise DIMSEError(f"malformed dataset: {_one_line(exc)}",
+                         status=_CANNOT_UNDERSTAND) from exc
     # Only the bytes before the pixel data are copied for pydicom when it is
     # to stop there: a header costs the same whatever the image size.
     body = bytes(memoryview(buf)[:end])
@@ -326,7 +337,8 @@ def decode_dataset(
     try:
         return read_dataset(io.BytesIO(body), implicit, little, stop_when=stop_when)
     except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
-        raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+        raise DIMSEError(f"malformed dataset: {_one_line(exc)}",
+                         status=_CANNOT_UNDERSTAND) from exc
 
 
 _UNDEFINED_UN_BE: Final = b"UN\x00\x00\xff\xff\xff\xff"
@@ -442,12 +454,22 @@ def _defined_un_items(view: memoryview, pos: int, length: int, *,
     return out, pos
 
 
+# The most a deflated data set may inflate to for transcode: as much as the largest
+# data set a destination gets converted (workers.outbound.MAX_CONVERTED_BYTES).
+MAX_TRANSCODED_INFLATED: Final = 256 << 20
+
+
 def transcode(data: bytes, source: str, target: str) -> bytes:
     """A data set received in ``source`` re-encoded in ``target`` (PS3.5 §10); the
-    bytes as they came when the two are the same (D5: nothing is decoded then)."""
+    bytes as they came when the two are the same (D5: nothing is decoded then).
+
+    A deflated one is inflated up to :data:`MAX_TRANSCODED_INFLATED` bytes, else
+    refused (DIMSEError C000H): a few hundred KB of deflated zeros, checked against
+    their size on disk, inflated to 700 MB and took a worker to 2.8 GB."""
     if source == target:
         return data
-    return encode_dataset(decode_dataset(data, source), target)
+    return encode_dataset(decode_dataset(data, source,
+                                         max_inflated_size=MAX_TRANSCODED_INFLATED), target)
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -761,7 +783,8 @@ def _dataset_sop_uids(
             raise
         except Exception as exc:  # pydicom's reader raises many types; all mean "malformed"
             if complete:
-                raise DIMSEError(f"malformed dataset: {exc}", status=_CANNOT_UNDERSTAND) from exc
+                raise DIMSEError(f"malformed dataset: {_one_line(exc)}",
+                         status=_CANNOT_UNDERSTAND) from exc
         if size >= _MAX_HEADER:
             raise DIMSEError(
                 f"no end of (0008,0018) SOP Instance UID in the first {_MAX_HEADER} bytes",

@@ -1375,3 +1375,27 @@ def test_a_data_set_with_file_meta_or_command_elements_is_refused(
                           size)
         assert check.status == 0xC000, check.reason
         assert f"({group:04X},0010) is a" in (check.reason or ""), check.reason
+
+
+def test_transcode_inflates_a_deflated_data_set_within_a_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converting a deflated instance for a destination inflated all of it: a few
+    hundred KB of deflated zeros, under the 256 MiB bound on their size on disk, grew
+    a worker to 2.8 GB (an outside hostile-input campaign). Refused past the bound,
+    with a one-line reason for the dead letter."""
+    import router.dicom.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "MAX_TRANSCODED_INFLATED", 1 << 20)
+    zeros = _explicit(0x00091001, b"OB", b"\x00" * (2 << 20))
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = (_explicit(0x00080016, b"UI", _CT) + _explicit(0x00080018, b"UI", b"1.2.3.4\x00")
+            + _explicit(0x00090010, b"LO", b"ACME") + zeros)
+    deflated = deflater.compress(body) + deflater.flush()
+    assert len(deflated) < 4096
+    with pytest.raises(DIMSEError, match="inflates to more than 1048576 bytes") as caught:
+        transcode(deflated, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN)
+    assert caught.value.status == 0xC000
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    small = deflater.compress(body[: -len(zeros)]) + deflater.flush()
+    assert transcode(small, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+                     EXPLICIT_VR_LITTLE_ENDIAN) == body[: -len(zeros)]
