@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -336,7 +337,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         while True:
             msg = (await self._next_command("while waiting for the C-STORE response")).message
             if isinstance(msg, dimse.CStoreRSP) and msg.message_id_being_responded_to == mid:
-                return msg
+                return _checked_response(msg, rq)
             log.warning("%s: ignoring %s while waiting for C-STORE-RSP %d", self.label,
                         type(msg).__name__, mid)
             if msg.has_dataset:
@@ -891,6 +892,22 @@ async def open_association(destination: Destination,
                                            client_certificate=destination.tls_cert is not None)
     assoc.link = destination.link()
     return assoc
+
+
+def _checked_response(rsp: dimse.CStoreRSP, rq: dimse.CStoreRQ) -> dimse.CStoreRSP:
+    """``rsp``, or a failure in its place when it names another instance or SOP class
+    than ``rq``: PS3.7 Table 9.3-2 has them equal to the request's where present. A
+    destination answering Success for some other instance has not said it holds ours;
+    taken as delivered, the queued copy was deleted (an outside hostile-input
+    campaign). Absent, they are allowed (U)."""
+    for field in ("affected_sop_instance_uid", "affected_sop_class_uid"):
+        named = getattr(rsp, field)
+        if named is not None and named != getattr(rq, field):
+            kind = "instance" if "instance" in field else "class"
+            comment = f"answered for another SOP {kind}: {named}"
+            return dataclasses.replace(rsp, status=dimse.PROCESSING_FAILURE,
+                                       error_comment=dimse.error_comment(comment))
+    return rsp
 
 
 def _converted(path: Path, fd: int | None, part10: Part10, transfer_syntax: str) -> bytes:

@@ -77,3 +77,31 @@ def test_tls_files_gone_are_said_once_per_line(tmp_path: Path) -> None:
     with pytest.raises(OutboundError) as raised:
         asyncio.run(open_association(destination, [(CT, [ELE])], label="pacs#1.0"))
     assert str(raised.value).startswith(f"cannot use its TLS files ({tmp_path / 'gone.pem'})")
+
+
+@pytest.mark.parametrize(("field", "value", "ok"), [
+    ("affected_sop_instance_uid", "1.2.3.4.999", False),
+    ("affected_sop_class_uid", "1.2.840.10008.5.1.4.1.1.4", False),
+    ("affected_sop_instance_uid", None, True),   # U: may be left out
+])
+def test_a_c_store_response_for_another_instance_is_no_delivery(
+        field: str, value: str | None, ok: bool) -> None:
+    """PS3.7 Table 9.3-2: the response's Affected SOP Class and Instance UIDs equal the
+    request's where present. A destination answering Success for another instance was
+    taken as having ours, and the queued copy was deleted (an outside hostile-input
+    campaign): now a processing failure (0110H), retried, naming what it said."""
+    import dataclasses
+
+    from router.dicom import dimse
+    from workers.outbound import _checked_response
+
+    rq = dimse.CStoreRQ(message_id=7, affected_sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        affected_sop_instance_uid="1.2.3.4")
+    rsp = dataclasses.replace(dimse.CStoreRSP(
+        message_id_being_responded_to=7, status=0, affected_sop_class_uid=rq.affected_sop_class_uid,
+        affected_sop_instance_uid=rq.affected_sop_instance_uid), **{field: value})
+    checked = _checked_response(rsp, rq)
+    assert (checked is rsp) == ok
+    if not ok:
+        assert checked.status == 0x0110
+        assert f"answered for another SOP {field.split('_')[2]}: {value}" == checked.error_comment
