@@ -218,7 +218,9 @@ class ReplaceOp:
 
     def apply(self, ds: Dataset) -> None:
         elem = ds.get(self.tag)
-        if elem is None or elem.VR == "SQ" or elem.VR in BINARY_VRS:
+        if elem is None or elem.VR == "SQ" or elem.VR in BINARY_VRS or elem.VM == 0:
+            # An empty attribute has no value to replace in (VM 0, PS3.5 6.4): '^(.*)$'
+            # made 'R:' of it, so an empty return key or type 2 element was filled.
             return
         items, multi = _items(elem.value)
         texts = ["" if v is None else str(v).rstrip(_STRIP) for v in items]

@@ -127,6 +127,18 @@ def test_replace_skips_missing_and_keeps_numbers_numbers() -> None:
     assert ds.SeriesNumber == 30
 
 
+def test_replace_leaves_an_empty_attribute_empty() -> None:
+    """An empty attribute has no value (VM 0, PS3.5 6.4) to replace in: '^(.*)$' made
+    'R:' of an empty StudyDescription (an outside interop campaign)."""
+    base = dataset()
+    base.StudyDescription = ""
+    base.OtherPatientIDs = ["A1", ""]
+    ds = _applied("replace = { StudyDescription = { pattern = '^(.*)$', with = 'R:\\1' }, "
+                  "OtherPatientIDs = { pattern = '^(.*)$', with = 'R:\\1' } }", base)
+    assert ds.StudyDescription == ""
+    assert list(ds.OtherPatientIDs) == ["R:A1", "R:"]  # a value that is there, empty
+
+
 def test_a_date_given_with_dashes_is_written_as_dicom_writes_it() -> None:
     ds = _applied('set = { StudyDate = "2024-01-31" }', dataset())
     assert ds.StudyDate == "20240131"
