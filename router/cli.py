@@ -1157,6 +1157,7 @@ def _reroute(args: argparse.Namespace, config: Config, root: Path) -> int:
         config.ae_titles else sorted(config.ae_titles)[0]
     fallback = args.calling_ae or config.ae_title
     batches: list[tuple[str, list[tuple[Path, Part10]]]] = []
+    proposed: set[tuple[str, str]] = set()  # (SOP class, syntax) pairs of the last batch
     unreadable = 0
     for path in unrouted_files(root):
         try:
@@ -1170,9 +1171,12 @@ def _reroute(args: argparse.Namespace, config: Config, root: Path) -> int:
         if ae_title_problem(calling) is not None:
             calling = fallback  # a file the router did not write: not ours to trust
         # One association per run of files from one sender, while the contexts fit.
-        if not batches or batches[-1][0] != calling or len(_store_contexts(
-                h for _, h in [*batches[-1][1], (path, header)])) > MAX_PRESENTATION_CONTEXTS:
+        pairs = {(sop, syntax) for sop, (syntax,) in _store_contexts([header])}
+        if not batches or batches[-1][0] != calling or \
+                len(proposed | pairs) > MAX_PRESENTATION_CONTEXTS:
             batches.append((calling, []))
+            proposed = set()
+        proposed |= pairs
         batches[-1][1].append((path, header))
     acknowledged = refused = 0
     for calling, batch in batches:

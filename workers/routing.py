@@ -209,8 +209,10 @@ class InstanceRouter:
             header = read_header(path, writer.transfer_syntax, writer.dataset_offset,
                                  frozenset((tag,)))
             if header is None:
-                header = dcmread(readable_by_pydicom(path), stop_before_pixels=True,
-                                 specific_tags=[tag])
+                header = dcmread(readable_by_pydicom(
+                    path, transfer_syntax=writer.transfer_syntax,
+                    offset=writer.dataset_offset), stop_before_pixels=True,
+                    specific_tags=[tag])
             value = header[tag].value if tag in header else None
         except Exception:  # pydicom's errors are many. The rules' own read of the
             return None     # header, next, answers a broken one.
@@ -226,8 +228,9 @@ class InstanceRouter:
         if header is not None:
             return header
         with _pydicom_refusal("its header does not read"):
-            return dcmread(readable_by_pydicom(path), stop_before_pixels=True,
-                          specific_tags=self._tags)
+            readable = readable_by_pydicom(path, transfer_syntax=transfer_syntax,
+                                           offset=offset)
+            return dcmread(readable, stop_before_pixels=True, specific_tags=self._tags)
 
 
 def read_header(path: Path, transfer_syntax: str, offset: int,
@@ -362,7 +365,8 @@ def _changed_copy(path: Path, changes: Changes, transfer_syntax: str,
             if encoding is not None and _changed_around_bulk(  # (None when deflated)
                     path, offset, changes, transfer_syntax, encoding, out):
                 return
-            ds = dcmread(readable_by_pydicom(path))
+            ds = dcmread(readable_by_pydicom(path, transfer_syntax=transfer_syntax,
+                                             offset=offset))
             changes.apply(ds)
             # The file meta (transfer syntax, Source AE Title...) is kept as received.
             dcmwrite(out, ds, enforce_file_format=True)

@@ -369,22 +369,28 @@ def with_defined_length_un(data: bytes | bytearray | memoryview) -> bytes | byte
     return rewritten
 
 
-def readable_by_pydicom(path: str | os.PathLike[str]) -> str | os.PathLike[str] | io.BytesIO:
+def readable_by_pydicom(path: str | os.PathLike[str], *, transfer_syntax: str | None = None,
+                        offset: int = 0) -> str | os.PathLike[str] | io.BytesIO:
     """What to give ``pydicom.dcmread`` for the Part 10 file ``path``: the path, or,
     for a big-endian data set with an undefined-length UN, its bytes in memory as
     with_defined_length_un makes them readable. (Such a file is rare: big endian was
-    retired in 2004. A file that does not read is left for pydicom to refuse.)"""
-    try:
-        part10 = read_part10_header(path)
-    except (DIMSEError, OSError):
-        return path
-    if part10.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN:
+    retired in 2004. A file that does not read is left for pydicom to refuse.)
+
+    A caller that knows the file's transfer syntax and where its data set starts
+    (``offset``) says so: its header is then not read again."""
+    if transfer_syntax is None:
+        try:
+            part10 = read_part10_header(path)
+        except (DIMSEError, OSError):
+            return path
+        transfer_syntax, offset = part10.transfer_syntax, part10.dataset_offset
+    if transfer_syntax != EXPLICIT_VR_BIG_ENDIAN:
         return path
     with open(path, "rb") as fh:
         data = fh.read()
-    offset = part10.dataset_offset
-    rewritten = with_defined_length_un(memoryview(data)[offset:])
-    if isinstance(rewritten, memoryview):
+    body = data[offset:]
+    rewritten = with_defined_length_un(body)
+    if rewritten is body:
         return path  # nothing to rewrite
     return io.BytesIO(data[:offset] + rewritten)
 
