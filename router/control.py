@@ -451,6 +451,11 @@ class WorkerReady(Message):
     worker_id: int
 
 
+# Seconds after a drain's grace period that the supervisor waits for a worker to
+# exit before SIGKILL: the workers finish their forwards in part of it.
+DRAIN_KILL_AFTER = 5.0
+
+
 @_message("drain")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Drain(Message):

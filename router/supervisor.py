@@ -665,7 +665,7 @@ class Supervisor:
         for slot in self.slots:
             slot.respawn_at = None
         self._tell_workers(control.Drain(grace=grace))
-        self.draining_until = time.monotonic() + grace + 5.0
+        self.draining_until = time.monotonic() + grace + control.DRAIN_KILL_AFTER
 
     def _tell_workers(self, message: control.Message) -> None:
         """Send to every live worker over its own control connection.

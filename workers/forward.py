@@ -253,6 +253,8 @@ class DestinationActor:
         self._stalled_failures = 0
         self._closing = False
         self._sending: dict[str, str] = {}  # sender label -> the file it is sending
+        # Senders opening an association: nothing of theirs is out yet (finish).
+        self._opening: dict[str, asyncio.Task[Any]] = {}
         self._overflow = False  # queued instances on disk that _known does not hold
         # (SOP class, transfer syntax) pairs sent lately, most recent last.
         self._pairs: dict[tuple[str, str], None] = {}
@@ -352,6 +354,25 @@ class DestinationActor:
                 self._sender(0), name=f"forward-{self.name}-urgent"))
         return await future
 
+    async def finish(self, timeout: float, why: str = "the router is stopping") -> None:
+        """Stop after the instances being sent: no new one is taken, each sender waits
+        for the destination's answer to the one it is sending and releases its
+        association. Cut off there, the destination could have an instance the router
+        still holds as queued, and get it again: a duplicate on every stop. What is
+        still going after ``timeout`` seconds is cut off all the same (:meth:`stop`)."""
+        self._closing = True
+        self._wake.set()
+        for label, task in list(self._opening.items()):
+            # No answer to wait for; a PACS that never answers the A-ASSOCIATE-RQ
+            # would hold the stop for the whole timeout.
+            log.info("destination %s: the send of %s is given up while connecting (%s); "
+                     "it stays queued", self.name, self._sending.get(label, "an instance"), why)
+            task.cancel()
+        running = [task for task in self._senders if not task.done()]
+        if running and timeout > 0:
+            await asyncio.wait(running, timeout=timeout)
+        await self.stop(why)
+
     async def stop(self, why: str = "the router is stopping") -> None:
         """Stop the senders; in-flight associations are aborted (their instances stay
         queued and are delivered by whoever scans next)."""
@@ -392,6 +413,10 @@ class DestinationActor:
                 except Exception:
                     self._give_back(job)
                     raise
+            if assoc is not None:  # finish(): the instance sent was answered
+                await assoc.release()
+                self._open.discard(assoc)
+                assoc = None
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -610,10 +635,14 @@ class DestinationActor:
         contexts = instance_contexts(list(self._pairs), _MAX_CONTEXTS)
         self._connecting += 1
         self._wake.set()  # an idle sender holding an association lets it go (_wait_job)
+        task = asyncio.current_task()
+        assert task is not None
+        self._opening[label] = task
         try:
             assoc = await open_association(d, contexts, label=label)
         finally:
             self._connecting -= 1
+            self._opening.pop(label, None)
         self._open.add(assoc)
         self.stats.associations += 1
         if self._down_failures:

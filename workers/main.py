@@ -64,6 +64,10 @@ from workers.spool import QUEUE_DIR, TMP_DIR, GroupCommitter, RingCommitter, Spo
 log = logging.getLogger("workers.main")
 
 BOOT_ERROR = 3
+# After the grace period, the instances being forwarded get this long for their
+# answers (workers/forward.py DestinationActor.finish): inside the supervisor's
+# wait before SIGKILL, with time left to exit.
+FINISH_SENDS = control.DRAIN_KILL_AFTER - 2.0
 # Spool files made ahead per step while idle (Worker._stock): a few ms of the loop at most.
 STOCK_STEP = 16
 # Seconds without an association before files are made ahead. Studies arrive as bursts
@@ -166,6 +170,7 @@ class Worker:
         self.forwarded_earlier = 0
         self.generation = 0
         self.stopping = False
+        self.finish_by = 0.0  # draining: when the forwards still going are cut off
         self.restocking: asyncio.Task[None] | None = None
         self.restock_timer: asyncio.TimerHandle | None = None
         self.idle_since = time.monotonic()
@@ -208,8 +213,11 @@ class Worker:
         self._say_held(everything=True)
         for task in tasks:
             task.cancel()
-        for forwarder in self.forwarders.values():
-            await forwarder.stop()
+        # The instances being forwarded get their answers, within the grace period
+        # (and a little after, before the supervisor's SIGKILL): see finish().
+        left = max(0.0, self.finish_by - time.monotonic()) if self.stopping else 0.0
+        await asyncio.gather(*(forwarder.finish(left)
+                               for forwarder in self.forwarders.values()))
         self.committer.close()
         self.sockets.close()
         self.ctx.term()
@@ -259,7 +267,8 @@ class Worker:
         """Stop a removed destination's actor; what it delivered stays counted: the
         "fwd" total of status went back to 0 when a reload renamed a destination."""
         try:
-            await forwarder.stop("destination removed by a reload")
+            await forwarder.finish(forwarder.destination.timeout,
+                                   "destination removed by a reload")
         finally:
             self.retiring.discard(forwarder)
             self.forwarded_earlier += forwarder.stats.delivered
@@ -775,6 +784,7 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
+        self.finish_by = time.monotonic() + grace + FINISH_SENDS
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.channel.fileno())
         log.info("worker %d: draining %d open associations (grace %.0f s)", self.worker_id,

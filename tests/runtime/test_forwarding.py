@@ -250,6 +250,73 @@ def test_destination_down_30_s_then_back_gets_everything(tmp_path: Path, procs: 
         (router.spool / "dead").rglob("*.dcm"))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "reload"])
+def test_stop_or_removal_waits_for_the_answer_to_the_instance_in_flight(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk, signum: int) -> None:
+    """SIGTERM (and a reload removing the destination) while a C-STORE is out: the
+    destination's answer to it is awaited, so the instance is not sent twice. They
+    used to abort the association at once: the PACS had it, the router did not
+    know, and sent it again after the restart."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    entered, answer = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def on_store(event: Any) -> int:
+        seen.append(event.request.AffectedSOPInstanceUID)
+        entered.set()
+        answer.wait(30)  # the PACS answers once the router is stopping
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    router: Router | None = None
+    try:
+        router = _forward_all(tmp_path, "pacs", port, "PACS", workers=1,
+                              more="concurrency = 1\n")
+        router.wait_for("ready: 1 workers serving")
+        files = _study(tmp_path / "s", 3, modality="CT", description="x", seed=16)
+        _send(dcmtk, router, "MOD1", files)
+        assert entered.wait(30)
+        if signum == signal.SIGTERM:
+            router.proc.send_signal(signal.SIGTERM)
+            router.wait_for("draining")
+        else:
+            router.write_config(workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                                + _destination("other", free_port(), "OTHER"))
+            (tmp_path / "rules.toml").write_text(
+                '[[rule]]\nname = "all"\n[rule.then]\nforward = ["other"]\n')
+            router.proc.send_signal(signal.SIGHUP)
+            router.wait_for("destination pacs removed")
+        answer.set()
+        router.wait_for(f"forward pacs: {seen[0]}")
+        if signum == signal.SIGTERM:
+            assert router.proc.wait(30) == 0
+        else:
+            assert router.stop() == 0
+        assert "may get it twice" not in router.log()
+        queue = router.spool / "queue" / "pacs"
+        assert len(list(queue.glob("*.dcm"))) == 2  # the two not sent yet stay queued
+        if signum == signal.SIGTERM:
+            restarted = _forward_all(tmp_path, "pacs", port, "PACS", workers=1)
+            try:
+                restarted.wait_count("forward pacs:", 2)
+            finally:
+                assert restarted.stop() == 0
+            assert sorted(seen) == sorted(_uid(p) for p in files)  # each once
+    finally:
+        answer.set()
+        if router is not None:
+            router.stop()
+        server.shutdown()
+
+
 def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     from pynetdicom import AE, evt
@@ -1287,7 +1354,7 @@ def test_a_destination_removed_while_negotiating_lets_its_socket_go(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """A PACS that accepts TCP and never answers: removed by a reload while the router
     waited for its A-ASSOCIATE-AC, the connection stayed open for good, one more per
-    reload (an outside soak campaign). And the send cut off is said in the log."""
+    reload (an outside soak campaign). And the send given up is said in the log."""
     import socket
 
     hole = socket.create_server(("127.0.0.1", 0))
@@ -1306,7 +1373,9 @@ def test_a_destination_removed_while_negotiating_lets_its_socket_go(
             while conn.recv(4096):  # its A-ASSOCIATE-RQ, then the end of it
                 pass
         line = router.lines[router.wait_for("destination pacs: the send of ")]
-        assert "was cut off (destination removed by a reload); it stays queued" in line, line
+        # Nothing was out yet: no talk of the destination getting it twice.
+        assert "is given up while connecting (destination removed by a reload); it stays " \
+            "queued" in line, line
     finally:
         hole.close()
         router.stop()
