@@ -555,7 +555,7 @@ class DestinationActor:
                              None, permanent=False)
                 return assoc
             pair = (part10.sop_class_uid, part10.transfer_syntax)
-            if assoc is None or not assoc.is_associated or pair not in assoc.proposed \
+            if assoc is None or not assoc.is_associated or pair not in assoc.offered \
                     or assoc.link != self.destination.link():
                 if assoc is not None:
                     await assoc.release()

@@ -113,10 +113,14 @@ class OutboundAssociation(asyncio.BufferedProtocol):
     def __init__(self, request: AAssociateRQ, *, timeout: float, label: str) -> None:
         self.engine = Association(Role.REQUESTOR)
         self.request = request
-        #: (abstract syntax, transfer syntax) pairs proposed: what context_for can find.
-        self.proposed = frozenset((pc.abstract_syntax, ts)
-                                  for pc in request.presentation_contexts
-                                  for ts in pc.transfer_syntaxes)
+        #: (abstract syntax, transfer syntax) pairs each proposed in a context of its
+        #: own: the peer had its say on each. A syntax among others may have lost to
+        #: the peer's preference (pynetdicom picks Implicit VR from [Explicit,
+        #: Implicit]) although the peer takes it: an instance in it is worth a new
+        #: association, not a conversion (workers/forward.py).
+        self.offered = frozenset((pc.abstract_syntax, pc.transfer_syntaxes[0])
+                                 for pc in request.presentation_contexts
+                                 if len(pc.transfer_syntaxes) == 1)
         self.timeout = timeout
         self.label = label
         self.transport: asyncio.Transport | None = None

@@ -1070,6 +1070,53 @@ def test_native_instances_go_in_their_own_syntax_where_the_destination_takes_it(
         assert _dataset(received) == _dataset(source), source.name
 
 
+def test_an_instance_goes_in_its_own_syntax_on_an_association_opened_for_another(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """A Big Endian instance, then an Explicit VR LE one of the same SOP class, to a
+    pynetdicom node (which picks Implicit VR from [Explicit, Implicit]: its own order).
+    The association opened for the first one had Explicit LE only in that fallback
+    context, accepted as Implicit VR; the second instance was sent on it, converted,
+    although the node takes Explicit LE. A syntax counts as offered on an association
+    only where it was proposed on its own."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    got: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event: Any) -> int:
+        got[event.request.AffectedSOPInstanceUID] = (str(event.context.transfer_syntax),
+                                                     event.request.DataSet.getvalue())
+        return 0x0000
+
+    ae = AE(ae_title="AINODE")
+    ae.add_supported_context(CTImageStorage)  # pynetdicom's default: Implicit VR first
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    big, explicit = tmp_path / "be.dcm", tmp_path / "le.dcm"
+    make_ct(big, size_kb=8, seed=21, transfer_syntax=pydicom.uid.ExplicitVRBigEndian)
+    make_ct(explicit, size_kb=8, seed=22)
+    ds = pydicom.dcmread(explicit)
+    ds.private_block(0x0029, "ROUTER TEST", create=True).add_new(0x01, "LO", "its VR")
+    ds.save_as(explicit, enforce_file_format=True)
+    router = _forward_all(tmp_path, "ai", port, "AINODE", workers=1, idle=30,
+                          more="concurrency = 1\n")
+    try:
+        router.wait_for("ready: 1 workers serving")
+        for path, proposal in ((big, "-xb"), (explicit, "-xe")):
+            done = dcmtk.run("storescu", proposal, "-aet", "MOD1", "-aec", "ROUTER",
+                             "127.0.0.1", str(router.port), str(path))
+            assert done.returncode == 0, done.stdout + done.stderr
+            router.wait_for(f"forward ai: {_uid(path)}")
+    finally:
+        assert router.stop() == 0
+        server.shutdown()
+    for source in (big, explicit):
+        syntax, data = got[_uid(source)]
+        assert syntax == read_part10_header(source).transfer_syntax, source.name
+        assert data == _dataset(source), source.name
+
+
 def test_a_destination_serving_one_association_at_a_time_is_not_kept_waiting(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """storescp without --fork serves one association at a time. With the default
