@@ -183,12 +183,14 @@ class AssociationActor(asyncio.BufferedProtocol):
         self.settings = settings
         # ``peer`` came from a PROXY protocol header: the socket's peer is the balancer.
         self.proxied = proxied
-        # Connected while the worker already had its share of associations open: the
-        # request is read and rejected (see _requested), never served. Asked when the
-        # connection is made, after any TLS handshake: asked at adoption, handshakes
-        # under way either filled the limit (stalled ones) or were let past it.
+        # Requested while the worker already had its share of associations open: the
+        # request is rejected (see _requested), never served. Asked when the request
+        # arrives: asked at adoption, TLS handshakes under way either filled the
+        # limit (stalled ones) or were let past it; asked at connection, silent
+        # connections filled it.
         self._over_limit = over_limit
-        self.over_limit = False
+        # Sent its A-ASSOCIATE-RQ: counted against max_associations from then on.
+        self.requested = False
         # Read at each commit: a reload swaps the worker's dispatcher, and an
         # instance is routed by the rules current when its data set completed.
         self.dispatcher = dispatcher
@@ -260,7 +262,6 @@ class AssociationActor(asyncio.BufferedProtocol):
         tls = transport.get_extra_info("ssl_object")
         if tls is not None:
             self._tls = f" over {tls.version() or 'TLS'} ({_certificate_said(tls)})"
-        self.over_limit = self._over_limit is not None and self._over_limit()
         self.engine.connection_made()
         self._after_engine()
 
@@ -462,7 +463,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         rq = event.request
         self.stats.calling_ae, self.stats.called_ae = rq.calling_ae_title, rq.called_ae_title
         answer: AAssociateAC | AAssociateRJ
-        if self.over_limit:
+        self.requested = True
+        if self._over_limit is not None and self._over_limit():
             # One line, with the association's closing one: a flood of newcomers
             # was three lines each.
             answer, why = LOCAL_LIMIT_EXCEEDED, (

@@ -520,12 +520,13 @@ class Worker:
                 self.adopting -= 1
 
     def _over_limit(self) -> bool:
-        """Whether this worker has more connections than its share of max_associations,
-        asked by each as it is made. Connections still in their TLS handshake (no
-        transport yet) do not count: stalled ones must not fill the limit for ARTIM."""
+        """Whether this worker has more associations than its share of max_associations,
+        asked by each as its A-ASSOCIATE-RQ arrives. Connections that sent none yet
+        (in their TLS handshake, or silent) do not count: as many stalled ones as the
+        limit would lock every modality out until ARTIM closed them."""
         limit = self.settings.max_associations
         return limit is not None and len(self.actors) > limit and sum(
-            actor.transport is not None for actor in self.actors) > limit
+            actor.requested for actor in self.actors) > limit
 
     def _actor_closed(self, actor: AssociationActor) -> None:
         self.actors.discard(actor)

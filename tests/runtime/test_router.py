@@ -616,6 +616,30 @@ def test_past_max_associations_newcomers_get_a_transient_rejection(
         assert router.stop() == 0
 
 
+def test_silent_connections_do_not_fill_max_associations(tmp_path: Path,
+                                                         dcmtk: Dcmtk) -> None:
+    """Connections that send no A-ASSOCIATE-RQ (a port scanner, a load balancer's
+    health check, a hung client) counted against max_associations until ARTIM closed
+    them: as many as the limit locked every modality out, "try later", for ARTIM
+    (30 s by default) and again with each new batch. The limit counts associations
+    requested now."""
+    import socket
+
+    router = Router(tmp_path, workers=1, router_extra="max_associations = 2\n")
+    silent: list[socket.socket] = []
+    try:
+        router.wait_for("ready: 1 workers serving")
+        silent = [socket.create_connection(("127.0.0.1", router.port), timeout=10)
+                  for _ in range(4)]
+        served = dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1", str(router.port))
+        assert served.returncode == 0, served.stdout + served.stderr
+        assert router.count("max_associations") == 0
+    finally:
+        for sock in silent:
+            sock.close()
+        assert router.stop() == 0
+
+
 @pytest.mark.parametrize("max_pdu", [1, 100])
 def test_a_peer_with_a_tiny_maximum_pdu_length_is_rejected_and_told_why(
         tmp_path: Path, max_pdu: int) -> None:
