@@ -208,6 +208,7 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._view = receive_buffer if receive_buffer is not None else new_receive_buffer()
         self._mailbox: deque[Event] = deque()
         self._busy = False  # a C-STORE is waiting for its commit
+        self._finish_when_done = False  # the connection ended while _busy
         # How the peer came: " over TLSv1.3 (certificate CN=...)" (its open lines say it).
         self._tls = ""
         self._paused = False  # reading paused (see _sync_reading)
@@ -742,6 +743,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                                     comment=routed.comment, routed=routed)
         self._run_mailbox()
         self._after_engine()
+        if self._finish_when_done and not self._busy:
+            self._finish()
 
     async def _transparent(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ, placed: Placed,
                            routed: Routed, size: int, writer: SpoolWriter,
@@ -761,6 +764,8 @@ class AssociationActor(asyncio.BufferedProtocol):
         self._store_respond(ctx, msg, status, None, size, comment=comment, routed=routed)
         self._run_mailbox()
         self._after_engine()
+        if self._finish_when_done and not self._busy:
+            self._finish()
 
     def _store_respond(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ, status: int,
                        placed: Placed | None, size: int, *, comment: str | None = None,
@@ -774,6 +779,10 @@ class AssociationActor(asyncio.BufferedProtocol):
             self.stats.failed += 1
         where = f" -> {placed.path.name}" if placed is not None and placed.path else ""
         why = f" [{routed.describe()}]" if routed is not None else ""
+        if not self.engine.may_send_data:
+            # Kept if it was committed, and sent on: the sender will likely send it
+            # again, and the destination get it twice.
+            why += " (not answered: the association ended first)"
         log.info("association %s C-STORE %s %s %d bytes status 0x%04X%s%s", self._who(),
                  msg.affected_sop_class_uid, msg.affected_sop_instance_uid, size, status,
                  where, why)
@@ -1304,8 +1313,8 @@ class AssociationActor(asyncio.BufferedProtocol):
 
     def abort(self, detail: str) -> None:
         """Abort from outside (drain grace over, worker stopping)."""
-        if self._closed:
-            return
+        if self._closed or self._finish_when_done:
+            return  # gone already (its commit ends it)
         self.stats.outcome = f"aborted: {detail}"
         self.engine.abort(detail)
         self._discard_store(self.stats.outcome)
@@ -1317,6 +1326,13 @@ class AssociationActor(asyncio.BufferedProtocol):
 
     def _finish(self) -> None:
         if self._closed:
+            return
+        if self._busy:
+            # A complete instance is being committed (or sent on, transparent): its
+            # outcome belongs in the closing line, and the association is not over
+            # for the worker before it ends (a drain would stop under it). The
+            # commit's end calls this again.
+            self._finish_when_done = True
             return
         self._closed = True
         self._writable.set()  # nothing waits for a requestor that is gone

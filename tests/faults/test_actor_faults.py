@@ -8,20 +8,24 @@ PDU behind a request made that request stale.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_dataset
 
 from tests.workers.test_actor import LoopServer
+from workers.spool import GroupCommitter
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -564,3 +568,56 @@ def test_a_release_in_the_middle_of_a_c_store_says_what_it_dropped(
     assert len(said) == 1 and "C-STORE 7 1.2.3.10 discarded before its data set ended: " \
         "the peer released the association" in said[0], said
     assert not any((server.spool.root / "incoming").iterdir())
+
+
+class _GatedCommitter:
+    """The spool's committer, holding each commit until ``gate`` is set: the time a
+    big instance's fsync takes, made as long as the test needs."""
+
+    def __init__(self, inner: GroupCommitter) -> None:
+        self.inner = inner
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def submit(self, writer: Any, route: Any = None) -> concurrent.futures.Future[Any]:
+        out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def commit() -> None:
+            self.entered.set()
+            self.gate.wait(10)
+            done = self.inner.submit(writer, route)
+            done.add_done_callback(lambda f: out.set_exception(exc) if (
+                exc := f.exception()) is not None else out.set_result(f.result()))
+
+        threading.Thread(target=commit, daemon=True).start()
+        return out
+
+    def close(self) -> None:
+        self.gate.set()
+        self.inner.close()
+
+
+def test_an_abort_right_behind_a_whole_data_set_closes_after_its_commit(
+        server: LoopServer, caplog: pytest.LogCaptureFixture, no_tracebacks: None) -> None:
+    """C-STORE-RQ and its whole data set, then A-ABORT while the commit runs. The
+    instance is complete and kept (and forwarded), but the association's closing line
+    came first, "0 instances", and the worker counted the association gone (a drain
+    could end with the commit under way). It closes once the commit is done, counts
+    the instance, and its line says the sender was never told."""
+    gated = _GatedCommitter(server.committer)
+    server.committer = gated  # type: ignore[assignment]
+    data = _data_set(SOPClassUID=CT, SOPInstanceUID="1.2.3.11", PatientID="WHOLE")
+    sock = associated(server.port, abstract=CT)
+    sock.sendall(p_data(store_rq(3, "1.2.3.11")) + p_data(data, is_command=False))
+    assert gated.entered.wait(10)
+    sock.sendall(ABORT)
+    assert read_pdu(sock) == (0, b"")  # the router closed the connection
+    sock.close()
+    gated.gate.set()
+    actor = server.wait_closed(1)[0]
+    assert actor.stats.instances == 1 and actor.stats.failed == 0, actor.stats
+    said = [r.getMessage() for r in caplog.records]
+    stored = next(i for i, line in enumerate(said) if "C-STORE" in line and "1.2.3.11" in line)
+    closed = next(i for i, line in enumerate(said) if " closed: " in line)
+    assert stored < closed, said
+    assert "not answered: the association ended first" in said[stored], said[stored]
+    assert "1 instances" in said[closed], said[closed]
