@@ -553,6 +553,11 @@ class AssociationActor(asyncio.BufferedProtocol):
             waiting = self._sub_operations.pop(msg.message_id_being_responded_to, None)
             if waiting is not None and not waiting.done():
                 waiting.set_result(msg)
+            else:
+                # Late (its sub-operation timed out), repeated, or never asked for.
+                log.warning("association %s: C-STORE-RSP to message %d (status 0x%04X), "
+                            "which no C-STORE of ours waits for: ignored", self._who(),
+                            msg.message_id_being_responded_to, int(msg.status))
         elif isinstance(msg, dimse.CCancelRQ):
             # PS3.7 §9.3.2.3: only a running C-FIND, C-MOVE or C-GET can be cancelled.
             running = self._find

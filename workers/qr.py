@@ -732,6 +732,9 @@ class GetProxy(_RetrieveProxy):
         if inbound is None:
             async for _ in assoc.fragments():
                 pass  # nowhere to send it: read and refuse
+            why = (f"the requestor accepted no context for {rq.affected_sop_class_uid} "
+                   f"in {transfer_syntax}")
+            self._sub_failed(rq, dimse.SOP_CLASS_NOT_SUPPORTED, why)
             assoc.reply_store(context_id, rq, dimse.SOP_CLASS_NOT_SUPPORTED,
                               "the requestor accepted no context for it")
             return dimse.SOP_CLASS_NOT_SUPPORTED
@@ -763,6 +766,8 @@ class GetProxy(_RetrieveProxy):
                 converted = await asyncio.to_thread(
                     transcode, b"".join(parts), transfer_syntax, inbound.transfer_syntax)
             except ProtocolError as exc:
+                self._sub_failed(rq, dimse.PROCESSING_FAILURE, f"cannot convert it to "
+                                 f"{inbound.transfer_syntax}: {exc}")
                 assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
                                   f"cannot convert it: {exc}")
                 return dimse.PROCESSING_FAILURE
@@ -783,6 +788,8 @@ class GetProxy(_RetrieveProxy):
             async with asyncio.timeout(self.upstream.timeout):
                 rsp = await result
         except TimeoutError:
+            self._sub_failed(rq, dimse.PROCESSING_FAILURE, f"the requestor did not answer "
+                             f"the C-STORE in {self.upstream.timeout:g} s")
             assoc.reply_store(context_id, rq, dimse.PROCESSING_FAILURE,
                               "the requestor did not answer the C-STORE")
             return dimse.PROCESSING_FAILURE
@@ -790,8 +797,19 @@ class GetProxy(_RetrieveProxy):
         # The requestor did not say it stored the instance unless its status is final.
         status, comment = dimse.final_store_status(int(rsp.status), rsp.error_comment,
                                                    "the requestor")
+        if dimse.status_category(status) is not dimse.StatusCategory.SUCCESS:
+            self._sub_failed(rq, status, "the requestor's answer" + (
+                f": {comment}" if comment else ""))
         assoc.reply_store(context_id, rq, status, comment)
         return status
+
+    def _sub_failed(self, rq: dimse.CStoreRQ, status: int, why: str) -> None:
+        """One line per sub-operation that did not succeed: the final response counts
+        them, and lists the failed UIDs (PS3.4 C.4.3.1.3.1), but not why."""
+        level = logging.INFO if dimse.status_category(status) is \
+            dimse.StatusCategory.WARNING else logging.WARNING
+        log.log(level, "%s %s sub-operation %s status 0x%04X: %s", self.kind, self.label,
+                rq.affected_sop_instance_uid, status, why)
 
     def _outcome(self) -> str:
         return f"{self.label} via {self.upstream.name}: {self.relayed} instance(s) relayed,"

@@ -846,6 +846,71 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
         same_content(got, src)
 
 
+def test_each_c_get_sub_operation_that_fails_says_why_in_the_log(tmp_path: Path) -> None:
+    """The requestor refuses one instance (A700H) and takes one with a warning
+    (B000H). The final response counts them and lists the failed UID, but the log
+    said nothing of which failed or why; and a C-STORE-RSP nobody waits for (here: one
+    the requestor sends twice) was dropped without a word."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    study = make_study(tmp_path / "study", n_series=1, n_instances=3, size_kb=8, seed=7)
+    refused, warned = _uid(study[1]), _uid(study[2])
+
+    def on_get(event: Any) -> Any:
+        yield len(study)
+        for path in study:
+            yield 0xFF00, pydicom.dcmread(path)
+
+    pacs = AE(ae_title="GETPACS")
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    pacs.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    router = _router_to(tmp_path, RETRIEVE_ALL, port, "GETPACS")
+
+    def on_store(event: Any) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        return 0xA700 if uid == refused else 0xB000 if uid == warned else 0x0000
+
+    viewer = AE(ae_title="VIEWER")
+    viewer.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    viewer.add_requested_context(CTImageStorage)
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = viewer.associate("127.0.0.1", router.port, ae_title="ROUTER",
+                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+        final = [status for status, _ in assoc.send_c_get(
+            query, StudyRootQueryRetrieveInformationModelGet)][-1]
+        assert final.Status == 0xB000 and final.NumberOfFailedSuboperations == 1, final
+        # A C-STORE-RSP to a message of ours that is over (PS3.7 9.3.1.2).
+        from pynetdicom.dimse_primitives import C_STORE
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = 4242
+        primitive.AffectedSOPClassUID = CTImageStorage
+        primitive.AffectedSOPInstanceUID = refused
+        primitive.Status = 0x0000
+        context = next(c for c in assoc.accepted_contexts
+                       if c.abstract_syntax == CTImageStorage)
+        assoc.dimse.send_msg(primitive, context.context_id)
+        router.wait_for("C-STORE-RSP to message 4242 (status 0x0000), which no C-STORE of "
+                        "ours waits for: ignored")
+        assoc.release()
+    finally:
+        router.stop()
+        server.shutdown()
+    line = router.lines[router.wait_for(f"sub-operation {refused} status 0xA700")]
+    assert "the requestor's answer" in line, line
+    router.wait_for(f"sub-operation {warned} status 0xB000")
+    assert router.count("sub-operation ") == 2, router.log()
+
+
 def test_a_release_sent_behind_a_c_get_ends_it_then_releases(tmp_path: Path) -> None:
     """A C-GET and an A-RELEASE-RQ in one write (a review of the held release): the
     requestor, in Sta7, may send no C-STORE-RSP, so holding the release while the
