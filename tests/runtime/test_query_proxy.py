@@ -61,6 +61,54 @@ def _router_to(tmp_path: Path, rules: str, port: int, aet: str, *, name: str = "
         f'ae_title = "{aet}"\n{more}'))
 
 
+def _get_scp(ae_title: str, study: list[Path], *,
+             syntaxes: list[str] | None = None) -> tuple[int, Any]:
+    """A pynetdicom Study Root C-GET SCP on a free loopback port that sends
+    ``study`` (CT, in ``syntaxes`` or pynetdicom's defaults) and stops when
+    cancelled: (port, server)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    def on_get(event: Any) -> Any:
+        yield len(study)
+        for path in study:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, pydicom.dcmread(path)
+
+    pacs = AE(ae_title=ae_title)
+    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    pacs.add_supported_context(CTImageStorage, syntaxes, scu_role=True, scp_role=True)
+    port = free_port()
+    return port, pacs.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_C_GET, on_get)])
+
+
+def _get_requestor(port: int, on_store: Callable[[Any], int], *,
+                   syntaxes: list[str] | None = None) -> Any:
+    """A pynetdicom association to the router at ``port`` from VIEWER, for Study Root
+    C-GET with CT in the SCP role (in ``syntaxes``), its C-STOREs to ``on_store``."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    viewer = AE(ae_title="VIEWER")
+    viewer.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    viewer.add_requested_context(CTImageStorage, syntaxes)
+    assoc = viewer.associate("127.0.0.1", port, ae_title="ROUTER",
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    return assoc
+
+
+def _study_query(study: list[Path]) -> pydicom.Dataset:
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    return query
+
+
 def _find_scp(ae_title: str, on_find: Callable[[Any], Any]) -> tuple[int, Any]:
     """A pynetdicom Study Root C-FIND SCP on a free loopback port answering with
     ``on_find``: (its port, its server, to shut down)."""
@@ -787,23 +835,11 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
     Each sub-operation carries the C-GET's priority, HIGH (PS3.4 C.4.3.1.2), not the
     upstream's LOW (pynetdicom's own for its sub-operations): an outside conformance
     campaign found the upstream's relayed."""
-    from pynetdicom import AE, build_role, evt
-    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
     study = make_study(tmp_path / "study", n_series=1, n_instances=3, size_kb=8, seed=5)
 
-    def on_get(event: Any) -> Any:
-        yield len(study)
-        for path in study:
-            yield 0xFF00, pydicom.dcmread(path)
-
-    pacs = AE(ae_title="EXPLPACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    pacs.add_supported_context(CTImageStorage, [pydicom.uid.ExplicitVRLittleEndian],
-                               scu_role=True, scp_role=True)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    port, server = _get_scp("EXPLPACS", study, syntaxes=[pydicom.uid.ExplicitVRLittleEndian])
     router = _router_to(tmp_path, RETRIEVE_ALL, port, "EXPLPACS")
     received: list[pydicom.Dataset] = []
     priorities: list[int] = []
@@ -815,21 +851,13 @@ def test_c_get_converts_what_the_upstream_sends_to_the_requestors_syntax(
         priorities.append(int(event.request.Priority))
         return 0x0000
 
-    viewer = AE(ae_title="VIEWER")
-    viewer.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    viewer.add_requested_context(CTImageStorage, [pydicom.uid.ImplicitVRLittleEndian])
     try:
         router.wait_for("ready: 2 workers serving")
-        assoc = viewer.associate("127.0.0.1", router.port, ae_title="ROUTER",
-                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        assert assoc.is_established
-        query = pydicom.Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+        assoc = _get_requestor(router.port, on_store,
+                               syntaxes=[pydicom.uid.ImplicitVRLittleEndian])
         statuses = [int(status.Status) for status, _ in
-                    assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet,
-                                     priority=1)]
+                    assoc.send_c_get(_study_query(study),
+                                     StudyRootQueryRetrieveInformationModelGet, priority=1)]
         assoc.release()
         assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
     finally:
@@ -851,43 +879,23 @@ def test_each_c_get_sub_operation_that_fails_says_why_in_the_log(tmp_path: Path)
     (B000H). The final response counts them and lists the failed UID, but the log
     said nothing of which failed or why; and a C-STORE-RSP nobody waits for (here: one
     the requestor sends twice) was dropped without a word."""
-    from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
     study = make_study(tmp_path / "study", n_series=1, n_instances=3, size_kb=8, seed=7)
     refused, warned = _uid(study[1]), _uid(study[2])
 
-    def on_get(event: Any) -> Any:
-        yield len(study)
-        for path in study:
-            yield 0xFF00, pydicom.dcmread(path)
-
-    pacs = AE(ae_title="GETPACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    pacs.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    port, server = _get_scp("GETPACS", study)
     router = _router_to(tmp_path, RETRIEVE_ALL, port, "GETPACS")
 
     def on_store(event: Any) -> int:
         uid = event.request.AffectedSOPInstanceUID
         return 0xA700 if uid == refused else 0xB000 if uid == warned else 0x0000
 
-    viewer = AE(ae_title="VIEWER")
-    viewer.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    viewer.add_requested_context(CTImageStorage)
     try:
         router.wait_for("ready: 2 workers serving")
-        assoc = viewer.associate("127.0.0.1", router.port, ae_title="ROUTER",
-                                 ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                                 evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        assert assoc.is_established
-        query = pydicom.Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+        assoc = _get_requestor(router.port, on_store)
         final = [status for status, _ in assoc.send_c_get(
-            query, StudyRootQueryRetrieveInformationModelGet)][-1]
+            _study_query(study), StudyRootQueryRetrieveInformationModelGet)][-1]
         assert final.Status == 0xB000 and final.NumberOfFailedSuboperations == 1, final
         # A C-STORE-RSP to a message of ours that is over (PS3.7 9.3.1.2).
         from pynetdicom.dimse_primitives import C_STORE
@@ -916,7 +924,6 @@ def test_a_release_sent_behind_a_c_get_ends_it_then_releases(tmp_path: Path) -> 
     requestor, in Sta7, may send no C-STORE-RSP, so holding the release while the
     router sent sub-operations ended in an abort or a timeout. The C-GET now stops
     its sub-operations and ends (Cancel, with its counts), then the A-RELEASE-RP."""
-    from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
     from router.dicom.negotiation import build_request
@@ -924,20 +931,7 @@ def test_a_release_sent_behind_a_c_get_ends_it_then_releases(tmp_path: Path) -> 
 
     study = make_study(tmp_path / "study", n_series=1, n_instances=20, size_kb=64, seed=6)
 
-    def on_get(event: Any) -> Any:
-        yield len(study)
-        for path in study:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, pydicom.dcmread(path)
-
-    pacs = AE(ae_title="GETPACS")
-    pacs.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    pacs.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = pacs.start_server(("127.0.0.1", port), block=False,
-                               evt_handlers=[(evt.EVT_C_GET, on_get)])
+    port, server = _get_scp("GETPACS", study)
     router = _router_to(tmp_path, RETRIEVE_ALL, port, "GETPACS")
     get = StudyRootQueryRetrieveInformationModelGet
     query = pydicom.Dataset()
