@@ -188,6 +188,15 @@ def test_private_tag_read_as_unknown_vr() -> None:
     assert matches('"(0011,1001)" = "AB\\\\CD"', ds)
 
 
+@pytest.mark.parametrize("value", ["20231301", "20230231", "00000000"])
+def test_a_date_not_in_the_calendar_is_in_no_range(value: str) -> None:
+    """PS3.5 Table 6.2-1: its digits fell between the bounds (an outside campaign)."""
+    ds = dataset(StudyDate=value)
+    assert not matches('StudyDate = { min = 2023-01-01, max = 2024-03-01 }', ds)
+    assert not matches('StudyDate = { max = 2099-12-31 }', ds)
+    assert matches(f'StudyDate = "{value}"', ds)  # its text is still its text
+
+
 def test_a_real_file() -> None:
     ds = pydicom.dcmread(CT_SMALL)
     assert matches('Modality = "CT"\nPatientName = "CompressedSamples^CT1"', ds)
@@ -400,6 +409,13 @@ def test_regexes_that_can_take_exponential_time_are_told(pattern: str, risky: bo
     (canonical_dt, "2024", "20240101000000.000000"),
     (canonical_dt, "20240115073000.1+0100", "20240115073000.100000"),
     (canonical_dt, "20240", None),
+    # PS3.5 Table 6.2-1: a DA is a valid date; digits alone are not (an outside campaign:
+    # 20231301 and 20230231 fell inside date ranges).
+    (canonical_da, "20231301", None), (canonical_da, "20230231", None),
+    (canonical_da, "20240229", "20240229"), (canonical_da, "20230229", None),
+    (canonical_da, "00000000", None), (canonical_dt, "202313", None),
+    (canonical_dt, "20230231", None), (canonical_dt, "2023010124", None),
+    (canonical_dt, "202301012360", None), (canonical_dt, "20231231235960", "20231231235960.000000"),
 ])
 def test_canonical_temporal_forms(func: object, text: str, expected: str | None) -> None:
     assert func(text) == expected  # type: ignore[operator]

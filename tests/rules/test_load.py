@@ -298,8 +298,8 @@ CASES = [
                  + "x" * 65 + '"', id="set-too-long"),
     # Past pydicom's own check (an outside campaign): each reached the destination.
     pytest.param(_change('set = { StudyDate = "20241399" }'),
-                 'rules.toml:5: rule "r": set: StudyDate (DA): not a date as YYYYMMDD, got '
-                 '"20241399"', id="set-impossible-date"),
+                 'rules.toml:5: rule "r": set: StudyDate (DA) needs a date as "20240131" or '
+                 '2024-01-31, got "20241399"', id="set-impossible-date"),
     pytest.param(_change('set = { SliceThickness = "1_000" }'),
                  'rules.toml:5: rule "r": set: SliceThickness (DS): not a decimal number as '
                  'DICOM writes one (digits, sign, point, exponent), got "1_000"',
