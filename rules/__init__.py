@@ -151,7 +151,12 @@ fails every test but ``present = false``; an empty one is present, with the
 value ``""``. A sequence (SQ) can only be tested with ``present``. Binary
 values (OB, UN, ...) are read as Latin-1 text. Private tags are matched by
 their literal tag: the element number depends on the block the Private
-Creator reserved.
+Creator reserved. An instance sent in Implicit VR carries no VRs: a private
+element pydicom's dictionary does not know is then UN, its bytes read as
+text. A private text value (LO, DS, ...) tests the same either way; a private
+binary one (US, FL, ...) matches numeric tests only where it came in Explicit
+VR (its bytes are no text): test such an element on text, or route on a
+standard attribute.
 
 Changes. ``set`` creates or replaces, with the dictionary's VR (the first
 where it allows several); a private or unknown tag takes the VR of the
@@ -160,7 +165,9 @@ element already there if the value fits, else LO, or the one given as
 (text VRs want strings, integer VRs integers in range, DA/TM/DT valid text or
 TOML dates and times; a list sets several values, ``[]`` an empty value).
 ``remove`` deletes if present. ``copy`` copies the source value, converted to
-the target's VR, and does nothing if the source is missing. ``replace``
+the target's VR (a UN source, a private element received in Implicit VR, read
+as text in the data set's character set), and does nothing if the source is
+missing. ``replace``
 applies :func:`re.sub` to each value and does nothing if the attribute is
 missing. Several operations in one change table apply in the order written.
 

@@ -9,6 +9,7 @@ target's VR): it leaves the data set as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
 import logging
 import math
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, decode_bytes, python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -195,7 +196,11 @@ class CopyOp:
         if vr is None:
             existing = ds.get(self.target)
             vr = existing.VR if existing is not None else source.VR
-        value = coerce(source.value, vr)
+        raw = source.value
+        if source.VR == "UN" and isinstance(raw, bytes | bytearray) \
+                and vr != "SQ" and vr not in BINARY_VRS:
+            raw = _un_text(bytes(raw), vr, ds)
+        value = coerce(raw, vr)
         if value is _FAIL:
             _not_made(f"copy of {self.source_label} to", self.target_label, source.value, vr)
         else:
@@ -243,6 +248,27 @@ Operation: TypeAlias = SetOp | RemoveOp | CopyOp | ReplaceOp
 def target_tag(op: Operation) -> int:
     """The attribute ``op`` writes (or removes)."""
     return op.target if isinstance(op, CopyOp) else op.tag
+
+
+#: VRs of one value, whose text may hold a backslash (PS3.5 Table 6.2-1).
+_SINGLE_VALUED: Final = frozenset({"LT", "ST", "UT", "UR"})
+
+
+def _un_text(raw: bytes, vr: str, ds: Dataset) -> str | list[str]:
+    """A UN value's bytes as the text of a ``vr`` value. A private element in an
+    instance sent in Implicit VR is UN (its VR is not in the data set): the same
+    instance in Explicit VR has it as text, and a ``copy`` from it must not
+    depend on how the modality sent it. Its bytes are the data set's own text, in
+    its Specific Character Set where ``vr`` is one that set applies to."""
+    text = raw.decode("latin-1")
+    if vr in CHARSET_VRS:
+        declared = ds.get(SPECIFIC_CHARACTER_SET)
+        encodings = convert_encodings(None if declared is None else declared.value)
+        with contextlib.suppress(Exception):  # not text in that set: as Latin-1
+            text = decode_bytes(raw, encodings, {0x5C})  # 5CH: the value delimiter
+    text = text.rstrip(_STRIP)
+    parts = [text] if vr in _SINGLE_VALUED else text.split("\\")
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _holds(ds: Dataset, tags: set[int]) -> bool:

@@ -103,6 +103,34 @@ def test_copy_text_into_number_when_it_reads_as_one() -> None:
     assert "InstanceNumber" not in ds  # "x" is not a number: nothing happens
 
 
+@pytest.mark.parametrize(("target", "raw", "charset", "expected"), [
+    ("PatientComments", b"1.5\\-2", None, "1.5\\-2"),       # LT: one value, backslash kept
+    ("OtherPatientIDs", b"AB\\CD ", None, ["AB", "CD"]),     # LO: values split
+    ("SeriesNumber", b"42", None, 42),                       # IS: the number read
+    ("PatientName", "Müller^Jo".encode(), "ISO_IR 192", "Müller^Jo"),
+    ("PatientName", "Müller^Jo".encode("latin-1"), "ISO_IR 100", "Müller^Jo"),
+])
+def test_copy_from_a_private_element_received_in_implicit_vr(
+        target: str, raw: bytes, charset: str | None, expected: object) -> None:
+    """In Implicit VR a private element's VR is not in the data set: it is UN, bytes.
+    The copy gave nothing from it ("not a LT value") where the same instance sent in
+    Explicit VR gave the text (an outside campaign)."""
+    results = []
+    for vr, value in (("UN", raw), ("LO" if target != "PatientComments" else "LT",
+                                    raw.decode("utf-8" if charset == "ISO_IR 192" else
+                                               "latin-1").rstrip(" "))):
+        ds = dataset()
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.add_new(0x00090010, "LO", "SITE")
+        ds.add_new(0x00091003, vr, value)
+        _changes(f'copy = {{ {target} = "(0009,1003)" }}').apply(ds)
+        got = ds[target].value
+        results.append(list(got) if isinstance(got, pydicom.multival.MultiValue)
+                       else str(got) if isinstance(got, pydicom.valuerep.PersonName) else got)
+    assert results == [expected, expected]  # as received in Implicit VR, and in Explicit
+
+
 def test_copy_multi_valued() -> None:
     ds = _applied('copy = { OtherPatientIDs = "ImageType" }', BASE)
     assert list(ds.OtherPatientIDs) == ["ORIGINAL", "PRIMARY"]
