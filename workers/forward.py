@@ -91,6 +91,7 @@ from workers.outbound import (
     OutboundError,
     instance_contexts,
     open_association,
+    uid_name,
 )
 from workers.queue import (
     failure_record,
@@ -571,7 +572,7 @@ class DestinationActor:
             ctx = assoc.context_to_send(*pair)
             if ctx is None:
                 reason = (f"{self.destination} accepts no presentation context for "
-                          f"{_uid_name(pair[0])} in {_uid_name(pair[1])}")
+                          f"{uid_name(pair[0])} in {uid_name(pair[1])}")
                 if not uids.is_uncompressed(pair[1]):
                     reason += " (the router does not decompress)"
                 elif pair[1] != uids.IMPLICIT_VR_LITTLE_ENDIAN:
@@ -918,11 +919,4 @@ def _identity(fd: int, path: Path) -> Part10:
     as ``fd``): from the file meta the spool wrote (a 2 KiB read), else by reading its
     data set."""
     return part10_from_meta(os.pread(fd, 2048, 0)) or read_part10_header(path)
-
-
-def _uid_name(uid: str) -> str:
-    from pydicom.uid import UID
-
-    name = UID(uid).name
-    return f"{name} ({uid})" if name != uid else uid
 

@@ -41,6 +41,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Final
 
+from pydicom.uid import UID
+
 from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.association import Association, Buffer, Role
@@ -191,6 +193,7 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             protocol._close()
             raise
         if isinstance(event, AssociationEstablished):
+            _say_unusable(event, label)
             return protocol
         protocol._close()
         if isinstance(event, AssociationRejected):
@@ -896,6 +899,30 @@ async def open_association(destination: Destination,
                                            client_certificate=destination.tls_cert is not None)
     assoc.link = destination.link()
     return assoc
+
+
+def uid_name(uid: str) -> str:
+    """A UID with its name, for the log: "CT Image Storage (1.2.840...)"."""
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def _say_unusable(event: AssociationEstablished, label: str) -> None:
+    """One line for contexts the peer accepted in a transfer syntax we did not offer
+    for them (or in none): PS3.8 §9.3.3.2 has it pick one of ours, so they are not
+    used (accepted_contexts). Without it, the instance went to dead letters as if
+    the peer had refused its SOP class."""
+    offered = {item.context_id: item for item in event.request.presentation_contexts}
+    for item in event.accept.presentation_contexts:
+        if item.result != PresentationContextResult.ACCEPTANCE or \
+                item.context_id in event.contexts or item.context_id not in offered:
+            continue
+        proposed = offered[item.context_id]
+        log.warning("%s accepted presentation context %d (%s) in %s, which was not offered "
+                    "for it (%s): not used (PS3.8 9.3.3.2)", label, item.context_id,
+                    uid_name(proposed.abstract_syntax),
+                    uid_name(item.transfer_syntax) if item.transfer_syntax else "no syntax",
+                    ", ".join(map(uid_name, proposed.transfer_syntaxes)))
 
 
 def _checked_response(rsp: dimse.CStoreRSP, rq: dimse.CStoreRQ) -> dimse.CStoreRSP:

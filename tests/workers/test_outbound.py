@@ -105,3 +105,50 @@ def test_a_c_store_response_for_another_instance_is_no_delivery(
     if not ok:
         assert checked.status == 0x0110
         assert f"answered for another SOP {field.split('_')[2]}: {value}" == checked.error_comment
+
+
+def test_a_context_accepted_in_a_syntax_not_offered_is_said_and_not_used(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer accepting our CT context in JPEG Baseline, which we never offered for it
+    (PS3.8 9.3.3.2: it picks one of ours). The context is not used, and the log said
+    nothing: the instance went to dead letters as if the peer took no CT at all."""
+    import logging
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readexactly(6)
+        rq = await reader.readexactly(struct.unpack(">I", head[2:])[0])
+        body = (struct.pack(">HH", 1, 0) + rq[4:36] + bytes(32)
+                + item(0x10, b"1.2.840.10008.3.1.1.1")
+                + item(0x21, bytes([1, 0, 0, 0]) + item(0x40, b"1.2.840.10008.1.2.4.50"))
+                + item(0x50, item(0x51, struct.pack(">I", 16384))))
+        writer.write(struct.pack(">BBI", 2, 0, len(body)) + body)
+        await writer.drain()
+        await reader.read()  # until the router closes
+        writer.close()
+        ended.set()
+
+    ended = asyncio.Event()
+
+    async def run() -> int:
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        destination = Destination(name="pacs", host="127.0.0.1", port=port, ae_title="PACS")
+        assoc = await open_association(destination, [(CT, [ELE])], label="pacs#1.0")
+        usable = len(assoc.engine.contexts)
+        assoc.abort("test over")
+        await ended.wait()
+        server.close()
+        await server.wait_closed()
+        return usable
+
+    with caplog.at_level(logging.WARNING, logger="workers.outbound"):
+        assert asyncio.run(run()) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["pacs#1.0 accepted presentation context 1 (CT Image Storage "
+                    f"({CT})) in JPEG Baseline (Process 1) (1.2.840.10008.1.2.4.50), "
+                    f"which was not offered for it (Explicit VR Little Endian ({ELE})): "
+                    "not used (PS3.8 9.3.3.2)"], said
