@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -57,6 +58,7 @@ from workers.actor import (
 from workers.forward import DestinationActor, transparent_failure_status
 from workers.logcontext import LibraryLogFilter
 from workers.moves import Originator
+from workers.nservices import sweep_commitments
 from workers.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from workers.routing import Dispatcher, InstanceRouter
 from workers.spool import QUEUE_DIR, TMP_DIR, GroupCommitter, RingCommitter, Spool
@@ -68,6 +70,8 @@ BOOT_ERROR = 3
 # answers (workers/forward.py DestinationActor.finish): inside the supervisor's
 # wait before SIGKILL, with time left to exit.
 FINISH_SENDS = control.DRAIN_KILL_AFTER - 2.0
+# Seconds between two sweeps of the spool's records (Worker._sweep).
+SWEEP_EVERY = 3600.0
 # Spool files made ahead per step while idle (Worker._stock): a few ms of the loop at most.
 STOCK_STEP = 16
 # Seconds without an association before files are made ahead. Studies arrive as bursts
@@ -171,6 +175,7 @@ class Worker:
         self.generation = 0
         self.stopping = False
         self.finish_by = 0.0  # draining: when the forwards still going are cut off
+        self.swept_at = -math.inf  # the first heartbeat sweeps
         self.restocking: asyncio.Task[None] | None = None
         self.restock_timer: asyncio.TimerHandle | None = None
         self.idle_since = time.monotonic()
@@ -638,7 +643,20 @@ class Worker:
                 queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid()))
             self._restock()
             self._say_held()
+            self._sweep()
             await asyncio.sleep(self.config.heartbeat_interval)  # a timer, not a poll
+
+    def _sweep(self) -> None:
+        """Hourly upkeep of the spool's records that have no process of their own,
+        by one worker (the first) of the spool."""
+        now = time.monotonic()
+        if self.worker_id != 1 or now < self.swept_at + SWEEP_EVERY:
+            return
+        self.swept_at = now
+        try:
+            sweep_commitments(self.spool.root, time.time())
+        except OSError as exc:
+            log.error("worker %d: spool %s: %s", self.worker_id, self.spool.root, exc)
 
     def _say_held(self, *, everything: bool = False) -> None:
         """One line for each address whose lines the log budget held back."""

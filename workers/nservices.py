@@ -21,6 +21,10 @@ affected instance and data set included.
   and answers the PACS with the requestor's status. The record is deleted once
   the report has been delivered, or when the N-ACTION itself failed (the
   requestor was told so, and will ask again: a late report of it is not relayed).
+  A record whose report never comes (a PACS that answers elsewhere, or not at
+  all) is forgotten after :data:`COMMITMENT_KEEP` (``sweep_commitments``, from
+  the first worker's heartbeat): a router up for years must not keep one file per
+  N-ACTION for good.
 """
 
 from __future__ import annotations
@@ -46,12 +50,15 @@ from workers.outbound import (
     proposal_syntaxes,
 )
 
-__all__ = ["COMMITMENTS_DIR", "forget_commitment", "relay_n_request", "remember_commitment",
-           "requestor_of"]
+__all__ = ["COMMITMENTS_DIR", "COMMITMENT_KEEP", "forget_commitment", "relay_n_request",
+           "remember_commitment", "requestor_of", "sweep_commitments"]
 
 log = logging.getLogger("workers.nservices")
 
 COMMITMENTS_DIR: Final = "commitments"
+#: Seconds a Storage Commitment request waits for its result. PS3.4 J.3.3 sets no
+#: limit; PACS answer in minutes, those that commit on archiving in hours or days.
+COMMITMENT_KEEP: Final = 30 * 86400.0
 
 # Releases under way of relays already answered (a task needs a strong reference).
 _releasing: set[asyncio.Task[None]] = set()
@@ -179,6 +186,29 @@ def requestor_of(spool: Path, dataset: bytes | None, transfer_syntax: str,
 def forget_commitment(spool: Path, uid: str) -> None:
     with contextlib.suppress(OSError):
         (spool / COMMITMENTS_DIR / f"{uid}.json").unlink()
+
+
+def sweep_commitments(spool: Path, now: float, keep: float = COMMITMENT_KEEP) -> int:
+    """Forget the records written more than ``keep`` seconds before ``now`` (wall
+    clock, as file times are), and the leftovers of a write cut short; how many
+    records went. A result arriving after that is refused as for an unknown
+    transaction, saying so."""
+    forgotten = 0
+    try:
+        entries = list(os.scandir(spool / COMMITMENTS_DIR))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with contextlib.suppress(OSError):  # gone meanwhile: answered, or another worker
+            if entry.stat(follow_symlinks=False).st_mtime > now - keep:
+                continue
+            os.unlink(entry.path)
+            forgotten += entry.name.endswith(".json") and not entry.name.startswith(".")
+    if forgotten:
+        log.warning("storage commitment: %d request(s) without a result after %.0f days "
+                    "forgotten (their requestors never heard; a later result is refused)",
+                    forgotten, keep / 86400)
+    return forgotten
 
 
 def _transaction_uid(dataset: bytes | None, transfer_syntax: str) -> str | None:

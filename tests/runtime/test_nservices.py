@@ -511,3 +511,28 @@ def test_a_commitment_result_from_anyone_but_the_pacs_is_refused(tmp_path: Path)
         server.shutdown()
     assert status.Status == 0x0110
     assert (router.spool / "commitments" / f"{action.TransactionUID}.json").exists()
+
+
+def test_a_running_router_forgets_commitments_never_answered(tmp_path: Path) -> None:
+    """The first worker sweeps the records at start (then hourly): a result that never
+    came must not keep its record for the router's whole life."""
+    import os
+    import time
+
+    from workers.nservices import COMMITMENT_KEEP, COMMITMENTS_DIR
+
+    folder = tmp_path / "spool" / COMMITMENTS_DIR
+    folder.mkdir(parents=True)
+    stale, fresh = folder / "1.2.3.7.json", folder / "1.2.3.8.json"
+    for path in (stale, fresh):
+        path.write_text('{"requestor": "MOD1"}')
+    then = time.time() - COMMITMENT_KEEP - 3600
+    os.utime(stale, (then, then))
+    router = Router(tmp_path, workers=2)
+    try:
+        router.wait_for("storage commitment: 1 request(s) without a result after 30 days "
+                        "forgotten")
+    finally:
+        assert router.stop() == 0
+    assert not stale.exists() and fresh.exists()
+    assert router.count("storage commitment:") == 1  # one worker sweeps, not each
