@@ -24,7 +24,14 @@ A C-STORE without a Move Originator Message ID (the field is optional, PS3.7 Tab
 within what the move asked for: the record keeps the move's unique key values
 (the StudyInstanceUIDs of a STUDY-level move, say). Anything else the upstream sends
 meanwhile -- an auto-routed study, a storescu borrowing its AE title -- is an
-ordinary C-STORE, routed by the rules.
+ordinary C-STORE, routed by the rules. Two running moves may both want it (two
+viewers retrieving the same study): the upstream then sends it once for each, and
+each copy goes to a move that has not had that instance yet, the oldest first.
+Which move had which instance is kept in ``<message ID>.got/``, a file per SOP
+Instance UID, created exclusively: whichever worker takes a copy, no move gets an
+instance twice while another misses it. They were routed by the rules instead, into
+``unrouted/`` by default, while the upstream was answered Success and the
+requestors were told the move had completed (an outside Q/R campaign).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from typing import Any, Final
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from router.dicom import dimse
+from router.dicom import dimse, uids
 from workers.spool import is_live
 
 __all__ = ["MOVES_DIR", "MoveScope", "Originator", "SubOperations", "end_move", "key_text",
@@ -50,6 +57,9 @@ __all__ = ["MOVES_DIR", "MoveScope", "Originator", "SubOperations", "end_move", 
            "originator_of", "register_move", "sub_operations_of"]
 
 MOVES_DIR: Final = "moves"
+# <message ID>.got/<SOP Instance UID>: the move had that instance (see the docstring).
+_GOT: Final = ".got"
+_SOP_INSTANCE_UID: Final = 0x00080018
 # <message ID>.relayed: a byte when a sub-operation is relayed, another when its
 # destination has answered, saying how.
 _RELAYED: Final = ".relayed"
@@ -134,9 +144,13 @@ def register_move(spool: Path, destination: str, upstream: str,
                 if time.time() - path.stat().st_mtime > _STALE_SECONDS:
                     path.unlink()
             continue
+        # The ID is ours: what a move of the same ID left (a killed worker's) must
+        # not count for this one.
+        _forget(folder, mid)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({
                 "destination": destination, "upstream": upstream, "pid": os.getpid(),
+                "started": time.time(),
                 "scope": None if scope is None else [scope[0], sorted(scope[1])],
                 "originator": None if originator is None else originator.to_record()}))
         return mid
@@ -160,7 +174,8 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
     from a move's upstream belongs to it only if the instance is within the move's
     scope, ``instance_value(tag)`` giving the instance's value of the scope's key
     (asked only then; None: the C-STORE belongs to no move). If two running moves
-    could claim it, nothing says which: None, and the rules route it."""
+    could claim it, it goes to the oldest that has not had that instance yet (see
+    the module docstring); to none if each has had it (None: the rules route it)."""
     if message_id is not None:
         paths = [spool / MOVES_DIR / f"{int(message_id)}.json"]
     else:
@@ -170,16 +185,45 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
             paths = []
     # (message ID: the record's file name, record)
     running = [(int(path.stem), record) for path in paths if path.stem.isdigit()
-               and (record := _live_record(path)) is not None]
+               and (record := _live_record(path)) is not None
+               and isinstance(record.get("destination"), str)]
     running = [(mid, r) for mid, r in running
                if isinstance(r.get("upstream"), str) and from_upstream(r["upstream"])]
-    if message_id is None:
-        running = [(mid, r) for mid, r in running
-                   if _in_scope(r.get("scope"), instance_value)]
-    if len(running) != 1 or not isinstance(running[0][1].get("destination"), str):
-        return None, len(running), None
-    mid, record = running[0]
-    return record["destination"], 1, mid
+    if message_id is not None or not running:
+        if len(running) != 1:
+            return None, len(running), None
+        return running[0][1]["destination"], 1, running[0][0]
+    running = [(mid, r) for mid, r in running if _in_scope(r.get("scope"), instance_value)]
+    uid = instance_value(_SOP_INSTANCE_UID) if running and instance_value else None
+    if uid is None or not uids.is_plain_uid(uid):
+        if len(running) != 1:
+            return None, len(running), None  # nothing to tell the moves' copies apart
+        return running[0][1]["destination"], 1, running[0][0]
+    running.sort(key=lambda m: (m[1].get("started", 0.0), m[0]))
+    for mid, record in running:
+        if _claim(spool, mid, uid):
+            return record["destination"], len(running), mid
+    if len(running) == 1:  # the upstream sends it again: it is this move's all the same
+        return running[0][1]["destination"], 1, running[0][0]
+    return None, len(running), None
+
+
+def _claim(spool: Path, message_id: int, uid: str) -> bool:
+    """Whether the move ``message_id`` takes instance ``uid`` now: False if it had it."""
+    folder = spool / MOVES_DIR / f"{message_id}{_GOT}"
+    for _ in range(2):
+        try:
+            os.close(os.open(folder / uid, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o644))
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir()
+        except OSError:
+            return True  # cannot say: as before, the first candidate takes it
+    return True
 
 
 def originator_of(spool: Path, message_id: int) -> Originator | None:
@@ -218,9 +262,22 @@ def _live_record(path: Path) -> dict[str, Any] | None:
 
 
 def end_move(spool: Path, message_id: int) -> None:
-    for suffix in (".json", _RELAYED):
-        with contextlib.suppress(OSError):
-            (spool / MOVES_DIR / f"{message_id}{suffix}").unlink()
+    with contextlib.suppress(OSError):
+        (spool / MOVES_DIR / f"{message_id}.json").unlink()
+    _forget(spool / MOVES_DIR, message_id)
+
+
+def _forget(folder: Path, message_id: int) -> None:
+    """Remove the tally and the instances had of move ``message_id``."""
+    with contextlib.suppress(OSError):
+        (folder / f"{message_id}{_RELAYED}").unlink()
+    got = folder / f"{message_id}{_GOT}"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(got):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        got.rmdir()
 
 
 def note_sub_operation(spool: Path, message_id: int) -> None:

@@ -153,9 +153,10 @@ class InstanceRouter:
             destination, running, move = move_of(self.config.spool, move_message_id,
                                                  from_upstream, instance_value)
             if destination is None and move_message_id is None and running > 1:
-                log.warning("C-STORE from %s names no Move Originator and is within %d "
-                            "of the moves it serves: whose it is is unknown, routed by "
-                            "the rules", association.calling_ae, running)
+                log.warning("C-STORE from %s names no Move Originator, and each of the %d "
+                            "moves it may be for has had the instance (or it has no SOP "
+                            "Instance UID): routed by the rules", association.calling_ae,
+                            running)
             if destination is not None:
                 originator = None
                 if move is not None:

@@ -122,6 +122,32 @@ def _find_scp(ae_title: str, on_find: Callable[[Any], Any]) -> tuple[int, Any]:
                                    evt_handlers=[(evt.EVT_C_FIND, on_find)])
 
 
+def _without_move_originator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom's C-STOREs (its move SCP's sub-operations) without Move Originator
+    AE Title and Message ID, as dcmjs-dimse sends them (both optional, PS3.7 Table
+    9.3-1)."""
+    from pynetdicom.association import Association
+
+    plain_store = Association.send_c_store
+
+    def store_without_originator(self: Any, dataset: Any, msg_id: int = 1,
+                                 priority: int = 2, originator_aet: Any = None,
+                                 originator_id: Any = None) -> Any:
+        return plain_store(self, dataset, msg_id, priority)
+
+    monkeypatch.setattr(Association, "send_c_store", store_without_originator)
+
+
+def _proxy_router(tmp_path: Path, port: int, pacs_port: int, more: str) -> Router:
+    """A router on ``port`` retrieving from PYPACS on ``pacs_port`` in proxy mode, and
+    the destinations in ``more``."""
+    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
+    return Router(tmp_path, port=port, extra=(
+        '[routing]\nrules = "rules.toml"\n'
+        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+        'ae_title = "PYPACS"\nmove_mode = "proxy"\n' + more))
+
+
 def _move_scp(ae_title: str, on_move: Callable[[Any], Any]) -> tuple[int, Any]:
     """A pynetdicom Study Root C-MOVE SCP on a free loopback port that sends CT in
     explicit little endian, answering with ``on_move``: (its port, its server)."""
@@ -524,9 +550,9 @@ def test_two_upstreams_one_down_is_a_failure_after_the_others_matches(
     assert "0xa700: Refused" in said and "[1 of 2 upstreams failed: down (0xA700)]" in said, said
 
 
-def _moved(port: int, study_uid: str) -> list[Any]:
-    """The responses to a Study Root C-MOVE of ``study_uid`` to VIEWER_SCP, asked of
-    the router on ``port`` with our own client."""
+def _moved(port: int, study_uid: str, destination: str = "VIEWER_SCP") -> list[Any]:
+    """The responses to a Study Root C-MOVE of ``study_uid`` to ``destination``, asked
+    of the router on ``port`` with our own client."""
     from router.net.client import connect
 
     query = pydicom.Dataset()
@@ -535,7 +561,7 @@ def _moved(port: int, study_uid: str) -> list[Any]:
     contexts = [("1.2.840.10008.5.1.4.1.2.2.2", ["1.2.840.10008.1.2.1"])]
     with connect("127.0.0.1", port, calling_ae="VIEWER", called_ae="ROUTER",
                  contexts=contexts, dimse_timeout=60) as assoc:
-        responses = list(assoc.move(query, "VIEWER_SCP"))
+        responses = list(assoc.move(query, destination))
         assoc.release()
     return responses
 
@@ -1117,18 +1143,8 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
     Whatever else the upstream's host sends meanwhile, outside the move's study, is
     routed by the rules (here: kept in unrouted/). It used to go to the move's
     destination too, past the rules."""
-    from pynetdicom.association import Association
-
-
     if originator == "none":
-        plain_store = Association.send_c_store
-
-        def store_without_originator(self: Any, dataset: Any, msg_id: int = 1,
-                                     priority: int = 2, originator_aet: Any = None,
-                                     originator_id: Any = None) -> Any:
-            return plain_store(self, dataset, msg_id, priority)
-
-        monkeypatch.setattr(Association, "send_c_store", store_without_originator)
+        _without_move_originator(monkeypatch)
     sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
     study = make_study(tmp_path / "study", n_series=1, n_instances=5, size_kb=4, seed=14)
     other = make_study(tmp_path / "other", n_series=1, n_instances=1, size_kb=4, seed=15)
@@ -1152,11 +1168,7 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
             yield 0xFF00, pydicom.dcmread(path)
 
     pacs_port, server = _move_scp("PYPACS", on_move)
-    (tmp_path / "rules.toml").write_text(RETRIEVE_ALL)
-    router = Router(tmp_path, port=router_port, extra=(
-        '[routing]\nrules = "rules.toml"\n'
-        f'[[destination]]\nname = "pacs"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
-        'ae_title = "PYPACS"\nmove_mode = "proxy"\n'
+    router = _proxy_router(tmp_path, router_port, pacs_port, (
         f'[[destination]]\nname = "viewer"\nhost = "127.0.0.1"\nport = {sink.port}\n'
         'ae_title = "VIEWER_SCP"\n'))
     try:
@@ -1171,6 +1183,63 @@ def test_proxied_move_from_an_upstream_without_a_usable_move_originator(
         sorted(_uid(p) for p in study)
     assert pushed and pushed[0].returncode == 0, pushed
     assert [_uid(p) for p in (router.spool / "unrouted").glob("*")] == [_uid(other[0])]
+
+
+def test_two_proxied_moves_of_one_study_without_move_originator_both_complete(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two viewers move the same study at once through an upstream whose
+    sub-operations name no Move Originator (pynetdicom's, patched as dcmjs-dimse
+    sends them): it sends each instance once per move, and nothing tells the copies
+    apart. They were routed by the rules, into unrouted/, while the upstream was told
+    Success and both requestors that their move had completed. Each copy now goes
+    to a move that has not had it: both storescp sinks get the whole study, once."""
+    import threading
+
+    _without_move_originator(monkeypatch)
+    aets = ("VIEWER_A", "VIEWER_B")
+    sinks = dict(zip(aets, (storescp_server(tmp_path, procs, aet=aet, args=["+B"],
+                                            dcmtk=dcmtk) for aet in aets), strict=True))
+    study = make_study(tmp_path / "study", n_series=2, n_instances=6, size_kb=4, seed=31)
+    router_port = free_port()
+    both_asked = threading.Barrier(2, timeout=30)
+
+    def on_move(event: Any) -> Any:
+        yield "127.0.0.1", router_port
+        yield len(study)
+        both_asked.wait()  # the two moves run at once, their sub-operations interleaved
+        for path in study:
+            yield 0xFF00, pydicom.dcmread(path)
+
+    pacs_port, server = _move_scp("PYPACS", on_move)
+    router = _proxy_router(tmp_path, router_port, pacs_port, "".join(
+        f'[[destination]]\nname = "{aet.lower()}"\nhost = "127.0.0.1"\n'
+        f'port = {sink.port}\nae_title = "{aet}"\nconcurrency = 1\n'  # one at a time
+        for aet, sink in sinks.items()))
+    uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+    finals: dict[str, Any] = {}
+
+    def move(destination: str) -> None:
+        finals[destination] = _moved(router.port, uid, destination)[-1]
+
+    try:
+        router.wait_for("ready: 2 workers serving")
+        movers = [threading.Thread(target=move, args=(aet,)) for aet in aets]
+        for mover in movers:
+            mover.start()
+        for mover in movers:
+            mover.join(90)
+    finally:
+        router.stop()
+        server.shutdown()
+    for aet, sink in sinks.items():
+        final = finals[aet]
+        assert final.status == 0x0000 and final.number_of_completed_sub_operations == 12, final
+        assert sorted(_uid(p) for p in received_files(sink.outdir)) == \
+            sorted(_uid(p) for p in study), aet
+        assert router.count(f"forward {aet.lower()}: ") == 12  # each once
+    assert not (router.spool / "unrouted").exists() or \
+        not list((router.spool / "unrouted").iterdir())
+    assert not list((router.spool / "moves").iterdir())  # over: nothing left behind
 
 
 def test_rules_change_the_query_and_its_results(tmp_path: Path, dcmtk: Dcmtk,

@@ -88,6 +88,49 @@ def test_without_a_message_id_only_a_running_move_whose_scope_has_it_claims_it(
     end_move(tmp_path, second)
 
 
+def test_two_moves_of_one_study_each_get_every_instance_once(tmp_path: Path) -> None:
+    """Two viewers retrieve the same study through an upstream that names no Move
+    Originator: it sends each instance once per move. Each copy goes to the oldest
+    move that has not had it; they went to the rules (unrouted/), while both
+    requestors were told the move completed (an outside Q/R campaign)."""
+    x = {STUDY: "1.2.3", 0x00080018: "1.2.3.1"}
+    y = {STUDY: "1.2.3", 0x00080018: "1.2.3.2"}
+    first = register_move(tmp_path, "viewer", "pacs", (STUDY, frozenset({"1.2.3"})))
+    assert move_destination_of(tmp_path, None, {"pacs"}, x) == "viewer"  # alone
+    second = register_move(tmp_path, "workstation", "pacs", (STUDY, frozenset({"1.2.3"})))
+    assert [move_destination_of(tmp_path, None, {"pacs"}, i) for i in (y, x, y)] == \
+        ["viewer", "workstation", "workstation"]
+    assert move_destination_of(tmp_path, None, {"pacs"}, x) is None  # a third copy
+    assert moves_from(tmp_path, {"pacs"}, x) == 2
+    end_move(tmp_path, first)
+    assert not (tmp_path / MOVES_DIR / f"{first}.got").exists()
+    # Alone again, a move takes a copy it had (the upstream sending it again).
+    assert move_destination_of(tmp_path, None, {"pacs"}, x) == "workstation"
+    end_move(tmp_path, second)
+    assert sorted(p.name for p in (tmp_path / MOVES_DIR).iterdir()) == []
+
+
+def test_a_message_id_used_again_starts_with_nothing_had(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a killed worker's move left under its message ID (its tally, the
+    instances it had) is not the next move's of that ID."""
+    import random
+
+    from workers.moves import sub_operations_of
+
+    monkeypatch.setattr(random, "randrange", lambda *_: 4242)
+    x = {STUDY: "1.2.3", 0x00080018: "1.2.3.1"}
+    assert register_move(tmp_path, "viewer", "pacs", (STUDY, frozenset({"1.2.3"}))) == 4242
+    assert move_destination_of(tmp_path, None, {"pacs"}, x) == "viewer"
+    folder = tmp_path / MOVES_DIR
+    (folder / "4242.relayed").write_bytes(b"..c")
+    (folder / "4242.json").unlink()  # its worker died (_live_record removes it)
+    assert register_move(tmp_path, "ai", "pacs", (STUDY, frozenset({"1.2.3"}))) == 4242
+    assert sub_operations_of(tmp_path, 4242).started == 0
+    assert move_destination_of(tmp_path, None, {"pacs"}, x) == "ai"
+    end_move(tmp_path, 4242)
+
+
 def test_a_move_without_a_scope_takes_only_what_carries_its_message_id(
         tmp_path: Path) -> None:
     mid = register_move(tmp_path, "viewer", "pacs")
