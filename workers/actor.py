@@ -1354,6 +1354,12 @@ class AssociationActor(asyncio.BufferedProtocol):
             # this association: stop the upstreams' work. (A C-MOVE goes on: its
             # sub-operations go elsewhere and are the point, not their report.)
             running[2].cancel()
+        for future in self._sub_operations.values():
+            # Nobody will answer them: they fail now, not at the upstream's timeout
+            # (the PACS, blocked on its C-STORE, could not act on the C-CANCEL).
+            if not future.done():
+                future.set_exception(OutboundError("the requestor's association ended"))
+        self._sub_operations.clear()
         for handle in (self._artim, self._idle):
             if handle is not None:
                 handle.cancel()

@@ -977,6 +977,53 @@ def test_a_release_sent_behind_a_c_get_ends_it_then_releases(tmp_path: Path) -> 
     assert "NumberOfCompletedSuboperations" in finals[0]
 
 
+def test_a_requestor_aborting_during_a_c_get_frees_the_upstream_at_once(
+        tmp_path: Path) -> None:
+    """The requestor aborts while a C-STORE sub-operation waits for its answer: nobody
+    can answer it now. The sub-operation waited for the upstream's timeout (60 s
+    here) before failing, while the PACS, blocked on it, could not act on the
+    C-CANCEL: one of its associations held for that long per aborting viewer (an
+    outside Q/R campaign). It fails at once, and the C-GET ends, letting the
+    upstream go."""
+    import socket
+
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    from router.dicom.negotiation import build_request
+    from router.dicom.pdu import encode_pdu
+    from tests.faults.test_actor_faults import ABORT, command, p_data, read_pdu
+
+    study = make_study(tmp_path / "study", n_series=1, n_instances=20, size_kb=16, seed=8)
+    port, server = _get_scp("GETPACS", study)
+    router = _router_to(tmp_path, RETRIEVE_ALL, port, "GETPACS", more="timeout = 60\n")
+    get = StudyRootQueryRetrieveInformationModelGet
+    rq = encode_pdu(build_request(
+        calling_ae_title="VIEWER", called_ae_title="ROUTER",
+        contexts=[(get, [pydicom.uid.ImplicitVRLittleEndian]),
+                  (CTImageStorage, [pydicom.uid.ImplicitVRLittleEndian])],
+        roles={CTImageStorage: (False, True)}))
+    try:
+        router.wait_for("ready: 2 workers serving")
+        with socket.create_connection(("127.0.0.1", router.port), timeout=30) as sock:
+            sock.sendall(rq)
+            assert read_pdu(sock)[0] == 0x02
+            sock.sendall(p_data(command(AffectedSOPClassUID=get, CommandField=0x0010,
+                                        MessageID=1, Priority=0, CommandDataSetType=0x0000))
+                         + p_data(_implicit(_study_query(study)), is_command=False))
+            while True:  # up to the first C-STORE-RQ's command, left unanswered
+                kind, body = read_pdu(sock)
+                assert kind == 0x04, kind
+                if body[5] & 1 and int(_command_of(body).CommandField) == 0x0001:
+                    break
+            sock.sendall(ABORT)
+        # Well inside the upstream's 60 s: the sub-operation failed at once.
+        line = router.lines[router.wait_for("C-GET w", timeout=20)]
+        assert "the requestor's association ended" in line, line
+    finally:
+        router.stop()
+        server.shutdown()
+
+
 def test_an_upstream_that_never_answers_is_failed_after_the_operation_timeout(
         tmp_path: Path) -> None:
     import threading
