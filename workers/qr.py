@@ -410,11 +410,20 @@ class _RetrieveProxy(_Relayed):
         if done_counts is None and not relayed:
             return (dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS, _NO_COUNTS,
                     None, why)
-        remaining, completed, failed, warning = (c or 0 for c in done_counts or _NO_COUNTS)
+        # The upstream's last pending response says how many there are in all; what
+        # is done, the router's own counts say best where it relayed them (a C-GET,
+        # a proxied C-MOVE): they include the sub-operation answered since. Counting
+        # both, the one in flight was counted twice ("8 of 301" for 300).
+        pending = [c or 0 for c in self._pending or _NO_COUNTS]
+        own = self._relayed_counts() if relayed else None
+        _, completed, failed, warning = (c or 0 for c in own or done_counts or _NO_COUNTS)
         done = max(completed + failed + warning, relayed)
-        of = f" of {done + remaining}" if remaining else ""
+        total = max(sum(pending), done) if self._pending is not None else done
+        of = f" of {total}" if total > done else ""
+        # PS3.4 C.4.2.1.4: what did not complete or warn, in flight or never started,
+        # has failed, and the four counts add up to the whole.
         counts: Counts = (_NO_COUNTS if done_counts is None
-                          else (None, completed, failed + remaining, warning))
+                          else (None, completed, total - completed - warning, warning))
         return (dimse.UNABLE_TO_PROCESS, counts, None,
                 f"{self.upstream.name} broke off after {done}{of} sub-operations: {why}")
 

@@ -144,3 +144,48 @@ def test_a_requestor_answering_pending_is_a_failure_upstream(tmp_path: Path) -> 
     upstream_saw, responses = _relayed_get([path], _Requestor(status=0xFF00))
     assert upstream_saw == [(0x0110, "the requestor answered 0xFF00, not a final status")]
     assert responses[-1][1][2] == 1, responses  # one failed
+
+
+def _broken_off(proxy: Any, pending: tuple[int, int, int, int]) -> tuple[Any, str]:
+    proxy._pending = pending
+    _, counts, _, comment = proxy._cut_short("the connection closed")
+    return counts, comment
+
+
+@pytest.mark.parametrize(("kind", "counts", "said"), [
+    # dcmqrscp killed during a move (direct): its last pending response says it all.
+    ("C-MOVE direct", (None, 7, 293, 0), "after 7 of 300 sub-operations"),
+    # Proxy mode: the 8th was relayed (in flight) when it broke off; it fails.
+    ("C-MOVE proxy", (None, 7, 293, 0), "after 8 of 300 sub-operations"),
+    # C-GET: the requestor answered the 44th Success after the upstream's last
+    # pending response (43 completed): it is completed.
+    ("C-GET", (None, 44, 256, 0), "after 44 of 300 sub-operations"),
+])
+def test_a_broken_off_retrieve_counts_each_sub_operation_once(
+        tmp_path: Path, kind: str, counts: tuple[Any, ...], said: str) -> None:
+    """The sub-operation in flight was counted in the router's own tally and in the
+    upstream's remaining: "8 of 301" and "44 of 301" for 300, and the C-GET's 44th,
+    which the requestor holds, counted failed (an outside Q/R campaign). PS3.4
+    C.4.2.1.4: completed, failed, warning and remaining add up to the whole."""
+    from workers.moves import note_sub_operation, note_sub_operation_status, register_move
+    from workers.qr import MoveProxy
+
+    request = Request(model=STUDY_GET, identifier=b"", transfer_syntax=EXPLICIT, label="t")
+    upstream = [Destination(name="qrp", host="127.0.0.1", port=104, ae_title="QR")]
+    if kind == "C-GET":
+        proxy: Any = GetProxy(request, upstreams=upstream, respond=lambda *_: None,
+                              relay=_Requestor())
+        proxy._seen, proxy._tally = 44, [44, 0, 0]
+        pending = (257, 43, 0, 0)
+    else:
+        proxy = MoveProxy(request, upstreams=upstream, respond=lambda *_: None,
+                          move_destination="VIEWER", spool=tmp_path)
+        pending = (293, 7, 0, 0)
+        if kind == "C-MOVE proxy":
+            proxy._message_id = mid = register_move(tmp_path, "viewer", "qrp")
+            for n in range(8):
+                note_sub_operation(tmp_path, mid)
+                if n < 7:
+                    note_sub_operation_status(tmp_path, mid, 0x0000)
+    got, comment = _broken_off(proxy, pending)
+    assert got == counts and said in comment, (got, comment)
