@@ -324,6 +324,12 @@ class DestinationActor:
     def update(self, destination: Destination, share: int) -> None:
         """A reload changed its settings: new associations use them, and one opened
         with other connection settings is released after its current instance."""
+        if destination.link() != self.destination.link() and self._down_until:
+            # The back-off was earned against the old address (or AE title, TLS...):
+            # the operator's fix is tried now, not after up to retry.max.
+            log.info("destination %s: its connection settings changed: trying it now",
+                     destination.name)
+            self._down_until, self._down_failures = 0.0, 0
         self.destination = destination
         self.share = max(0, share)
         self._wake.set()  # an idle sender holding an outdated association lets it go

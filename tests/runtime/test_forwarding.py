@@ -317,6 +317,31 @@ def test_stop_or_removal_waits_for_the_answer_to_the_instance_in_flight(
         server.shutdown()
 
 
+def test_a_reload_that_fixes_the_address_is_tried_at_once(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """The destination configured on a wrong port, its back-off grown to a minute: the
+    operator fixes the port and reloads. The queue waited out the back-off earned
+    against the old address (up to retry.max, 300 s by default; an outside
+    operations campaign). New connection settings are tried now."""
+    sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
+    wrong = free_port()
+    router = _forward_all(tmp_path, "pacs", wrong, "PACS", workers=1,
+                          more="retry = { initial = 60, max = 120 }\n")
+    try:
+        router.wait_for("ready: 1 workers serving")
+        files = _study(tmp_path / "s", 2, modality="CT", description="x", seed=23)
+        _send(dcmtk, router, "MOD1", files)
+        router.wait_for("next try in")
+        router.config.write_text(router.config.read_text().replace(
+            f"port = {wrong}\n", f"port = {sink.port}\n"))
+        assert router.command("reload").returncode == 0
+        router.wait_for("destination pacs: its connection settings changed: trying it now")
+        router.wait_count("forward pacs:", 2, timeout=20)  # not after the 60 s back-off
+    finally:
+        assert router.stop() == 0
+    assert sorted(map(_uid, received_files(sink.outdir))) == sorted(map(_uid, files))
+
+
 def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     from pynetdicom import AE, evt
