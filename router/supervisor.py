@@ -48,6 +48,7 @@ from typing import Any, Final
 
 import zmq
 
+import router
 from router import control
 from router.config import Config, ConfigError
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
@@ -163,6 +164,7 @@ class Supervisor:
     # ------------------------------------------------------------------ run
 
     def run(self) -> int:
+        self._install_signals()  # first: a SIGHUP or SIGTERM now waits for the loop
         log.info("dicom-router: %s", self.config.describe())
         if self.rules is not None:
             say_rules(self.config, self.rules)
@@ -204,7 +206,6 @@ class Supervisor:
                                                admin_path=self.config.admin_socket)
         prune(self.run_dir, keep=None)  # a previous run's
         self.snapshot.write(self.run_dir, self.generation)
-        self._install_signals()
         try:
             self._listen()
         except OSError as exc:
@@ -290,6 +291,10 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
+        if router.held_signals:  # arrived while starting (router/__init__.py)
+            self.signals.extend(router.held_signals)
+            router.held_signals.clear()
+            self._wake_w.send(b"\0")
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signals.append(signum)  # only enqueue; the loop handles it
