@@ -717,10 +717,12 @@ class DestinationActor:
         ok = category in (dimse.StatusCategory.SUCCESS, dimse.StatusCategory.WARNING)
         # A transparent send or a move's sub-operation goes from the file it is
         # being received into: its name (a .part or a recycled .spare) says nothing.
-        log.info("forward %s: %s %s status 0x%04X in %.0f ms%s", self.name,
-                 part10.sop_instance_uid, "as received" if urgent else path.name, status,
-                 took * 1000,
-                 f" ({rsp.error_comment})" if rsp.error_comment else "")
+        # A warning (B000H, 0107H: attributes coerced or dropped) is delivered, but
+        # not as sent: a WARNING line, where an operator looks.
+        log.log(logging.INFO if category is dimse.StatusCategory.SUCCESS else logging.WARNING,
+                "forward %s: %s %s status 0x%04X in %.0f ms%s", self.name,
+                part10.sop_instance_uid, "as received" if urgent else path.name, status,
+                took * 1000, f" ({rsp.error_comment})" if rsp.error_comment else "")
         if urgent is not None:
             if not urgent.future.done():
                 urgent.future.set_result((status, rsp.error_comment))

@@ -342,6 +342,32 @@ def test_a_reload_that_fixes_the_address_is_tried_at_once(
     assert sorted(map(_uid, received_files(sink.outdir))) == sorted(map(_uid, files))
 
 
+def test_a_warning_status_is_delivered_and_said_at_warning_level(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """0107H (attributes coerced or dropped, PS3.4 B.2.3): delivered, the queue entry
+    gone, but it was an INFO line like a success, which an operator watching
+    warnings never saw (an outside operations campaign)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0107)])
+    router = _forward_all(tmp_path, "pacs", port, "PACS", workers=1)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        files = _study(tmp_path / "s", 1, modality="CT", description="x", seed=24)
+        _send(dcmtk, router, "MOD1", files)
+        line = router.lines[router.wait_for("forward pacs:")]
+        assert " WARNING " in line and "status 0x0107" in line, line
+    finally:
+        assert router.stop() == 0
+        server.shutdown()
+    assert queued(router.spool, "pacs") == []
+
+
 def test_permanent_failure_goes_to_dead_letters_and_retry_brings_it_back(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     from pynetdicom import AE, evt
