@@ -63,7 +63,7 @@ from router.dicom.events import (
 )
 from router.dicom.fsm import State
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
-from router.dicom.pdu import AAssociateRQ, PresentationContextResult
+from router.dicom.pdu import AAssociateRQ, PresentationContextResult, reject_meaning
 from router.tls import client_context
 from workers.moves import Originator
 from workers.spool import IOV_MAX
@@ -201,7 +201,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
             permanent = int(rj.result) == 1
             raise OutboundError(
                 f"{label} rejected the association ({'permanent' if permanent else 'transient'}"
-                f", source {int(rj.source)}, reason {int(rj.reason)})", transient=not permanent)
+                f": {reject_meaning(int(rj.source), int(rj.reason))}; source {int(rj.source)}"
+                f", reason {int(rj.reason)})", transient=not permanent)
         raise OutboundError(f"{label}: association failed during negotiation: "
                             f"{protocol._why(event)}")
 

@@ -91,6 +91,7 @@ __all__ = [
     "decode_pdu",
     "encode_pdata_chunks",
     "encode_pdu",
+    "reject_meaning",
     "single_pdv_header",
 ]
 
@@ -183,6 +184,25 @@ _REJECT_REASONS: dict[int, range] = {
     RejectSource.SERVICE_PROVIDER_ACSE: range(1, 3),
     RejectSource.SERVICE_PROVIDER_PRESENTATION: range(0, 8),
 }
+
+
+# The meaning of each reason/diag value, by source (PS3.8 §9.3.4 Table 9-21).
+_REJECT_MEANINGS: Final[dict[int, dict[int, str]]] = {
+    RejectSource.SERVICE_USER: {1: "no reason given",
+                                2: "application context name not supported",
+                                3: "calling AE title not recognized",
+                                7: "called AE title not recognized"},
+    RejectSource.SERVICE_PROVIDER_ACSE: {1: "no reason given",
+                                         2: "protocol version not supported"},
+    RejectSource.SERVICE_PROVIDER_PRESENTATION: {1: "temporary congestion",
+                                                 2: "local limit exceeded"},
+}
+
+
+def reject_meaning(source: int, reason: int) -> str:
+    """What an A-ASSOCIATE-RJ's source and reason/diag say, in words (Table 9-21):
+    an operator reads "called AE title not recognized", not "source 1, reason 7"."""
+    return _REJECT_MEANINGS.get(source, {}).get(reason, "a reserved reason")
 
 
 class UserIdentityType(enum.IntEnum):

@@ -60,7 +60,7 @@ from router.dicom.events import (
     ReleaseRequested,
 )
 from router.dicom.negotiation import NegotiatedContext, build_request, context_for_instance
-from router.dicom.pdu import AAssociateRJ, UserIdentityRQ
+from router.dicom.pdu import AAssociateRJ, UserIdentityRQ, reject_meaning
 from router.net.connection import Connection, PeerTimeout
 
 __all__ = [
@@ -130,8 +130,8 @@ class NetworkError(ProtocolError):
 class AssociationRejectedError(NetworkError):
     def __init__(self, rj: AAssociateRJ) -> None:
         super().__init__(
-            f"association rejected: result {int(rj.result)}, source {int(rj.source)}, "
-            f"reason {rj.reason}"
+            f"association rejected: {reject_meaning(int(rj.source), int(rj.reason))} "
+            f"(result {int(rj.result)}, source {int(rj.source)}, reason {rj.reason})"
         )
         self.reject = rj
 

@@ -1988,3 +1988,14 @@ def test_a_context_with_a_non_uid_is_kept_as_malformed(data: bytes, problem: str
     assert isinstance(pdu, AAssociateRQ)
     ctx = pdu.presentation_contexts[0]
     assert problem in ctx.malformed and "is not a UID" in ctx.malformed
+
+
+def test_each_reject_reason_reads_in_words() -> None:
+    """PS3.8 Table 9-21: the same value means other things for each source."""
+    from router.dicom.pdu import reject_meaning
+
+    assert reject_meaning(1, 7) == "called AE title not recognized"
+    assert reject_meaning(1, 3) == "calling AE title not recognized"
+    assert reject_meaning(2, 2) == "protocol version not supported"
+    assert reject_meaning(3, 2) == "local limit exceeded"
+    assert reject_meaning(1, 5) == reject_meaning(9, 1) == "a reserved reason"

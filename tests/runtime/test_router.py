@@ -891,6 +891,9 @@ def test_echo_destination_uses_its_settings_and_the_flags_given(tmp_path: Path) 
         router.wait_for("ready: 2 workers serving")
         wrong = router.command("echo", "--destination", "self")
         assert wrong.returncode == 3 and "rejected the association" in wrong.stderr, wrong
+        # In words, not only numbers (an outside operations campaign).
+        assert "(permanent: called AE title not recognized; source 1, reason 7)" \
+            in wrong.stderr, wrong
         right = router.command("echo", "--destination", "self", "-aec", "ROUTER",
                                "-aet", "ENGINEER", "--timeout", "5", "-r", "2")
         assert right.returncode == 0, right
