@@ -39,6 +39,7 @@ import datetime
 import functools
 import itertools
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -690,7 +691,8 @@ class AssociationActor(asyncio.BufferedProtocol):
                 info.calling_ae in dispatcher.router.proxy_upstreams
             route = functools.partial(dispatcher.router.route, association=info,
                                       sub_operation=sub_operation,
-                                      move_message_id=None if mid is None else int(mid))
+                                      move_message_id=None if mid is None else int(mid),
+                                      stream=f"{os.getpid()}-{self.stats.association_id}")
             if not sub_operation and (not dispatcher.router.rules.needs_dataset
                                       or size <= LOOP_ROUTING_MAX_BYTES):
                 # Decide here, where it costs no hand-over of the GIL to the commit

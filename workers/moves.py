@@ -52,9 +52,22 @@ from pydicom.multival import MultiValue
 from router.dicom import dimse, uids
 from workers.spool import is_live
 
-__all__ = ["MOVES_DIR", "MoveScope", "Originator", "SubOperations", "end_move", "key_text",
-           "move_of", "move_scope", "note_sub_operation", "note_sub_operation_status",
-           "originator_of", "register_move", "sub_operations_of"]
+__all__ = [
+    "MOVES_DIR",
+    "MoveScope",
+    "Originator",
+    "SubOperations",
+    "end_move",
+    "key_text",
+    "move_of",
+    "move_scope",
+    "note_sub_operation",
+    "note_sub_operation_status",
+    "originator_of",
+    "register_move",
+    "sub_operations_of",
+    "sweep_ended",
+]
 
 MOVES_DIR: Final = "moves"
 # <message ID>.got/<SOP Instance UID>: the move had that instance (see the docstring).
@@ -133,6 +146,7 @@ def register_move(spool: Path, destination: str, upstream: str,
     requestor's ``originator`` and this process, whose death ends the move."""
     folder = spool / MOVES_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_ended(spool, time.time())
     start = random.randrange(1, 65536)
     for offset in range(65535):
         mid = (start + offset - 1) % 65535 + 1
@@ -147,6 +161,7 @@ def register_move(spool: Path, destination: str, upstream: str,
         # The ID is ours: what a move of the same ID left (a killed worker's) must
         # not count for this one.
         _forget(folder, mid)
+        (folder / f"{mid}{_GOT}").mkdir()
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({
                 "destination": destination, "upstream": upstream, "pid": os.getpid(),
@@ -159,7 +174,7 @@ def register_move(spool: Path, destination: str, upstream: str,
 
 def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], bool],
             instance_value: Callable[[int], str | None] | None = None,
-            ) -> tuple[str | None, int, int | None]:
+            stream: str | None = None) -> tuple[str | None, int, int | None]:
     """Whose sub-operation a C-STORE is: the destination of the router's running
     move it belongs to (or None), how many running moves could claim it, and the
     message ID of the one that does (for :func:`note_sub_operation`).
@@ -174,8 +189,9 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
     from a move's upstream belongs to it only if the instance is within the move's
     scope, ``instance_value(tag)`` giving the instance's value of the scope's key
     (asked only then; None: the C-STORE belongs to no move). If two running moves
-    could claim it, it goes to the oldest that has not had that instance yet (see
-    the module docstring); to none if each has had it (None: the rules route it)."""
+    could claim it, it goes to the move its association (``stream``) serves, else to
+    the oldest that has not had that instance yet (see the module docstring); to
+    none if each has had it (None: the rules route it)."""
     if message_id is not None:
         paths = [spool / MOVES_DIR / f"{int(message_id)}.json"]
     else:
@@ -184,22 +200,48 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
         except OSError:
             paths = []
     # (message ID: the record's file name, record)
-    running = [(int(path.stem), record) for path in paths if path.stem.isdigit()
+    records = [(int(path.stem), record) for path in paths if path.stem.isdigit()
                and (record := _live_record(path)) is not None
                and isinstance(record.get("destination"), str)]
-    running = [(mid, r) for mid, r in running
+    records = [(mid, r) for mid, r in records
                if isinstance(r.get("upstream"), str) and from_upstream(r["upstream"])]
-    if message_id is not None or not running:
+    running = [(mid, r) for mid, r in records if not r.get("ended")]
+    ended = [(mid, r) for mid, r in records if r.get("ended")]
+    if message_id is not None or not records:
         if len(running) != 1:
             return None, len(running), None
         return running[0][1]["destination"], 1, running[0][0]
     running = [(mid, r) for mid, r in running if _in_scope(r.get("scope"), instance_value)]
-    uid = instance_value(_SOP_INSTANCE_UID) if running and instance_value else None
-    if uid is None or not uids.is_plain_uid(uid):
+    ended = [(mid, r) for mid, r in ended if _in_scope(r.get("scope"), instance_value)]
+    uid = instance_value(_SOP_INSTANCE_UID) if (running or ended) and instance_value else None
+    if uid is None or not uids.is_plain_uid(uid) or (not running and stream is None):
         if len(running) != 1:
             return None, len(running), None  # nothing to tell the moves' copies apart
         return running[0][1]["destination"], 1, running[0][0]
     running.sort(key=lambda m: (m[1].get("started", 0.0), m[0]))
+    if stream is not None:
+        # An upstream sends a move's sub-operations on an association of their own
+        # (DCMTK, pynetdicom): the copies on one association are one move's. Each
+        # association is bound to one move, at its first copy, and each move to one
+        # association. Taken copy by copy instead, a move whose own association was
+        # done first ended while copies it needed were still coming on the other:
+        # they went to the other move twice, and it missed them.
+        bound = {mid: _bound(spool, mid) for mid, _ in running}
+        for mid, record in running:
+            if bound[mid] == stream:
+                _claim(spool, mid, uid)
+                return record["destination"], len(running), mid
+        # Which association the upstream uses for which move, nothing says: the
+        # bindings may be crossed, and a move then ends (its final response, after
+        # the upstream's own association for it) while copies it lacks still come on
+        # the association bound to it. They are its own all the same (end_move).
+        for mid, record in ended:
+            if _bound(spool, mid) == stream and _claim(spool, mid, uid):
+                return record["destination"], len(running), mid
+        for mid, record in running:
+            if bound[mid] is None and not _had(spool, mid, uid) and _bind(spool, mid, stream):
+                _claim(spool, mid, uid)
+                return record["destination"], len(running), mid
     for mid, record in running:
         if _claim(spool, mid, uid):
             return record["destination"], len(running), mid
@@ -208,21 +250,45 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
     return None, len(running), None
 
 
+_STREAM: Final = ".stream"  # in <message ID>.got/: the association bound to the move
+
+
+def _bound(spool: Path, message_id: int) -> str | None:
+    """The association the move ``message_id`` is bound to, if any yet."""
+    try:
+        return (spool / MOVES_DIR / f"{message_id}{_GOT}" / _STREAM).read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _bind(spool: Path, message_id: int, stream: str) -> bool:
+    """Bind the move ``message_id`` to association ``stream``, unless another took it
+    first or it has ended: whether it is bound to it now."""
+    path = spool / MOVES_DIR / f"{message_id}{_GOT}" / _STREAM
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(stream)
+    return True
+
+
+def _had(spool: Path, message_id: int, uid: str) -> bool:
+    return (spool / MOVES_DIR / f"{message_id}{_GOT}" / uid).exists()
+
+
 def _claim(spool: Path, message_id: int, uid: str) -> bool:
-    """Whether the move ``message_id`` takes instance ``uid`` now: False if it had it."""
-    folder = spool / MOVES_DIR / f"{message_id}{_GOT}"
-    for _ in range(2):
-        try:
-            os.close(os.open(folder / uid, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             0o644))
-            return True
-        except FileExistsError:
-            return False
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                folder.mkdir()
-        except OSError:
-            return True  # cannot say: as before, the first candidate takes it
+    """Whether the move ``message_id`` takes instance ``uid`` now: False if it had it,
+    or has ended since its record was read (its folder is gone with it: a copy for
+    the other move went to the ended one's destination, and the other missed it)."""
+    path = spool / MOVES_DIR / f"{message_id}{_GOT}" / uid
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+    except (FileExistsError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # cannot say: as before, the first candidate takes it
     return True
 
 
@@ -261,10 +327,41 @@ def _live_record(path: Path) -> dict[str, Any] | None:
     return record
 
 
+#: Seconds an ended move bound to an association still takes the copies it lacks
+#: from it (see move_of); then its record goes.
+ENDED_GRACE: Final = 30.0
+
+
 def end_move(spool: Path, message_id: int) -> None:
+    """The move ``message_id`` is over: its record goes, or, if an association was
+    bound to it, is marked ended for :data:`ENDED_GRACE` seconds (see move_of)."""
+    folder = spool / MOVES_DIR
+    path = folder / f"{message_id}.json"
+    record = _live_record(path) if _bound(spool, message_id) is not None else None
+    if record is not None:
+        record["ended"] = time.time()
+        tmp = folder / f".{message_id}.ending"
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            os.replace(tmp, path)
+            return
     with contextlib.suppress(OSError):
-        (spool / MOVES_DIR / f"{message_id}.json").unlink()
-    _forget(spool / MOVES_DIR, message_id)
+        path.unlink()
+    _forget(folder, message_id)
+
+
+def sweep_ended(spool: Path, now: float) -> None:
+    """Remove the records of moves ended more than :data:`ENDED_GRACE` ago."""
+    folder = spool / MOVES_DIR
+    with contextlib.suppress(OSError):
+        for path in folder.glob("*.json"):
+            record = _live_record(path)
+            ended = record.get("ended") if record is not None else None
+            if isinstance(ended, int | float) and now - ended > ENDED_GRACE \
+                    and path.stem.isdigit():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                _forget(folder, int(path.stem))
 
 
 def _forget(folder: Path, message_id: int) -> None:

@@ -126,7 +126,8 @@ class InstanceRouter:
         self._nothing = Dataset()
 
     def route(self, writer: SpoolWriter, path: Path, association: AssociationInfo,
-              sub_operation: bool = False, move_message_id: int | None = None) -> Placement:
+              sub_operation: bool = False, move_message_id: int | None = None,
+              stream: str | None = None) -> Placement:
         """The placement of the complete instance in ``path`` (on the worker's loop, or
         on the commit thread for big data sets and C-MOVE sub-operations: see the actor).
 
@@ -151,7 +152,7 @@ class InstanceRouter:
                 return self._key_value(path, writer, tag)
 
             destination, running, move = move_of(self.config.spool, move_message_id,
-                                                 from_upstream, instance_value)
+                                                 from_upstream, instance_value, stream)
             if destination is None and move_message_id is None and running > 1:
                 log.warning("C-STORE from %s names no Move Originator, and each of the %d "
                             "moves it may be for has had the instance (or it has no SOP "
