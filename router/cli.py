@@ -1113,9 +1113,19 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
                 dest = destination(target)
             except UsageError:
                 name = target  # an instance's file name
-        retried = q.retry_dead(root, dest, name, superseded=args.superseded)
+        retried = q.retry_dead(root, dest, name, superseded=args.superseded,
+                               configured=names)
         moved = retried.moved
-        if name is not None and moved == 0 and not retried.kept:
+        for gone, count in sorted(retried.unconfigured.items()):
+            # Their queue would hold them for nobody, and the dead-letter count (an
+            # alert) would drop to 0 as if they had been dealt with.
+            print(f"kept {count} dead letter(s) of {gone}: it is not configured, so "
+                  "nothing would send them; configure it again, then retry (or purge "
+                  "them)", file=sys.stderr)
+        if retried.unconfigured and moved == 0 and dest is not None:
+            return EXIT_FAILED
+        if name is not None and moved == 0 and not retried.kept \
+                and not retried.unconfigured:
             # A destination with nothing dead is not an error (a nightly `queue retry
             # pacs` must not fail); a name that matches nothing is.
             raise UsageError(f"no dead letter matches {target!r} (a destination or an "

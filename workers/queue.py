@@ -38,8 +38,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeGuard
 
@@ -333,22 +333,31 @@ class Retried:
     moved: int
     # Superseded letters left in dead/ (see DeadLetter.superseded_by).
     kept: tuple[DeadLetter, ...] = ()
+    # Letters left in dead/ because their destination is not configured, by it.
+    unconfigured: dict[str, int] = field(default_factory=dict)
 
 
 def retry_dead(root: Path, destination: str | None = None, name: str | None = None, *,
-               superseded: bool = False) -> Retried:
+               superseded: bool = False, configured: Collection[str] | None = None,
+               ) -> Retried:
     """Move dead letters back into their queue (all, one destination's, or the one
     named ``name``, with or without ``.dcm``). Superseded ones stay unless
     ``superseded``: the newer version behind each may be delivered by now, and the
-    old one sent after it would replace the correction at the destination."""
+    old one sent after it would replace the correction at the destination. So do
+    those of a destination not in ``configured`` (if given): in its queue nobody
+    would send them, and a dead letter at least says it failed."""
     moved = 0
     kept = []
+    unconfigured: dict[str, int] = {}
     wanted = None if name is None else name.removesuffix(SUFFIX) + SUFFIX
     for letter in list(dead_letters(root, destination)):
         if wanted is not None and letter.name != wanted:
             continue
         if letter.superseded_by is not None and not superseded:
             kept.append(letter)
+            continue
+        if configured is not None and letter.destination not in configured:
+            unconfigured[letter.destination] = unconfigured.get(letter.destination, 0) + 1
             continue
         queue = root / QUEUE_DIR / letter.destination
         queue.mkdir(parents=True, exist_ok=True)
@@ -367,7 +376,7 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
         with contextlib.suppress(FileNotFoundError):
             (letter.path.parent / (letter.name.removesuffix(SUFFIX) + _REASON_SUFFIX)).unlink()
         moved += 1
-    return Retried(moved, tuple(kept))
+    return Retried(moved, tuple(kept), unconfigured)
 
 
 def purge_dead(root: Path, destination: str) -> int:

@@ -90,6 +90,23 @@ def test_retry_takes_a_dead_letter_as_queue_ls_names_it(tmp_path: Path) -> None:
     assert (root / "dead" / "ai" / "dead-ai.dcm").exists()
 
 
+def test_retry_leaves_an_unconfigured_destinations_dead_letters(tmp_path: Path) -> None:
+    """`queue retry pacs` after pacs left the configuration moved its dead letters to a
+    queue nobody serves, said they would go out when the router starts, and the
+    dead-letter count (an alert) fell to 0 (an outside operations campaign)."""
+    root, config = _spool(tmp_path)
+    config.write_text(config.read_text().split('[[destination]]\nname = "ai"')[0])
+    done = _queue_cmd(config, "retry", "ai")
+    assert done.returncode == 1, done
+    assert "kept 1 dead letter(s) of ai: it is not configured" in done.stderr, done
+    assert (root / "dead" / "ai" / "dead-ai.dcm").exists()
+    done = _queue_cmd(config, "retry")  # all: the configured one's go back
+    assert done.returncode == 0 and "1 instance(s) moved back" in done.stdout, done
+    assert (root / "queue" / "pacs" / "dead-pacs.dcm").exists()
+    assert (root / "dead" / "ai" / "dead-ai.dcm").exists()
+    assert "kept 1 dead letter(s) of ai" in done.stderr, done
+
+
 def test_a_spool_that_is_not_there_is_said_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
                            str(tmp_path / "typo")], capture_output=True, text=True, timeout=60)
