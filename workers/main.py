@@ -176,6 +176,7 @@ class Worker:
         self.stopping = False
         self.finish_by = 0.0  # draining: when the forwards still going are cut off
         self.swept_at = -math.inf  # the first heartbeat sweeps
+        self.stock_failed: str | None = None  # why making spool files ahead fails
         self.restocking: asyncio.Task[None] | None = None
         self.restock_timer: asyncio.TimerHandle | None = None
         self.idle_since = time.monotonic()
@@ -566,15 +567,28 @@ class Worker:
     async def _stock(self) -> None:
         # In steps of a few ms at most, each after the loop has run what was ready: an
         # association arriving meanwhile stops it and waits for one step only.
+        made = False
         while self._idle():
             try:
-                if not self.spool.stock(STOCK_STEP):
-                    return
+                more = self.spool.stock(STOCK_STEP)
+                made = True
+                if not more:
+                    break
             except OSError as exc:
-                log.warning("worker %d: cannot make spool files ahead in %s: %s",
-                            self.worker_id, self.spool.tmp, exc)
+                # Once per episode: tried on every heartbeat, a read-only or full spool
+                # made this line every second in each worker (an outside campaign).
+                said = f"{type(exc).__name__}: {exc.errno}"
+                if said != self.stock_failed:
+                    log.warning("worker %d: cannot make spool files ahead in %s: %s "
+                                "(said once until it changes)", self.worker_id,
+                                self.spool.tmp, exc)
+                self.stock_failed = said
                 return
             await asyncio.sleep(0)
+        if made and self.stock_failed is not None:
+            log.info("worker %d: spool files are made ahead again in %s", self.worker_id,
+                     self.spool.tmp)
+            self.stock_failed = None
 
     def _actor_event(self, kind: str, fields: dict[str, Any]) -> None:
         if kind == "instance.stored":
