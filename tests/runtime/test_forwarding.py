@@ -286,7 +286,7 @@ def test_stop_or_removal_waits_for_the_answer_to_the_instance_in_flight(
         assert entered.wait(30)
         if signum == signal.SIGTERM:
             router.proc.send_signal(signal.SIGTERM)
-            router.wait_for("draining")
+            router.wait_for("worker 1: draining")  # the worker's: the supervisor's is first
         else:
             router.write_config(workers=1, extra='[routing]\nrules = "rules.toml"\n'
                                 + _destination("other", free_port(), "OTHER"))
