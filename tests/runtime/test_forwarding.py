@@ -99,10 +99,21 @@ def _uid(path: Path) -> str:
     return read_part10_header(path).sop_instance_uid
 
 
-def _send(dcmtk: Dcmtk, router: Router, calling: str, files: list[Path]) -> None:
-    done = dcmtk.run("storescu", "-aet", calling, "-aec", "ROUTER", "127.0.0.1",
-                     str(router.port), *map(str, files))
+def _send(dcmtk: Dcmtk, router: Router, calling: str, files: list[Path], *,
+          proposal: str | None = None) -> None:
+    """storescu from ``calling`` to the router; ``proposal``: its transfer syntax
+    option (``-xb`` proposes Big Endian, say)."""
+    done = dcmtk.run("storescu", *([proposal] if proposal else []), "-aet", calling,
+                     "-aec", "ROUTER", "127.0.0.1", str(router.port), *map(str, files))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _add_private_lo(path: Path, value: str) -> None:
+    """Give the instance in ``path`` a private LO element, (0029,xx01) = ``value``, in
+    its own transfer syntax: what implicit VR cannot say the VR of."""
+    ds = pydicom.dcmread(path)
+    ds.private_block(0x0029, "ROUTER TEST", create=True).add_new(0x01, "LO", value)
+    ds.save_as(path, enforce_file_format=True)
 
 
 def _study(folder: Path, count: int, *, modality: str, description: str,
@@ -987,9 +998,7 @@ def test_a_destination_that_takes_only_implicit_vr_gets_converted_instances(
         router.wait_for("ready: 2 workers serving")
         _send(dcmtk, router, "MOD1", [little])
         for path, proposal in ((big, "-xb"), (jpeg, "-xy")):
-            done = dcmtk.run("storescu", proposal, "-aet", "MOD1", "-aec", "ROUTER",
-                             "127.0.0.1", str(router.port), str(path))
-            assert done.returncode == 0, done.stdout + done.stderr
+            _send(dcmtk, router, "MOD1", [path], proposal=proposal)
         router.wait_count("forward old:", 2)
         router.wait_for("does not decompress")
     finally:
@@ -1025,9 +1034,7 @@ def test_big_endian_undefined_length_un_is_converted_and_changed_as_dcmtk_reads_
                     + _destination("ai", ai.port, "AI"))
     try:
         router.wait_for("ready: 1 workers serving")
-        done = dcmtk.run("storescu", "-xb", "-aet", "MOD1", "-aec", "ROUTER", "127.0.0.1",
-                         str(router.port), str(source))
-        assert done.returncode == 0, done.stdout + done.stderr
+        _send(dcmtk, router, "MOD1", [source], proposal="-xb")
         router.wait_count("forward old:", 1)
         router.wait_count("forward ai:", 1)
     finally:
@@ -1099,17 +1106,13 @@ def test_native_instances_go_in_their_own_syntax_where_the_destination_takes_it(
     sink = storescp_server(tmp_path, procs, aet="PACS", dcmtk=dcmtk)
     implicit = tmp_path / "implicit.dcm"
     make_ct(implicit, size_kb=24, seed=3, transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
-    ds = pydicom.dcmread(implicit)
-    ds.private_block(0x0029, "ROUTER TEST", create=True).add_new(0x01, "LO", "kept as is")
-    ds.save_as(implicit, enforce_file_format=True)
+    _add_private_lo(implicit, "kept as is")
     big = next(p for p in pydicom_test_files() if p.name == "MR_small_bigendian.dcm")
     router = _forward_all(tmp_path, "pacs", sink.port, "PACS")
     try:
         router.wait_for("ready: 2 workers serving")
         for path, proposal in ((big, "-xb"), (implicit, "-xi")):
-            done = dcmtk.run("storescu", proposal, "-aet", "MOD1", "-aec", "ROUTER",
-                             "127.0.0.1", str(router.port), str(path))
-            assert done.returncode == 0, done.stdout + done.stderr
+            _send(dcmtk, router, "MOD1", [path], proposal=proposal)
         router.wait_count("forward pacs:", 2)
     finally:
         assert router.stop() == 0
@@ -1147,17 +1150,13 @@ def test_an_instance_goes_in_its_own_syntax_on_an_association_opened_for_another
     big, explicit = tmp_path / "be.dcm", tmp_path / "le.dcm"
     make_ct(big, size_kb=8, seed=21, transfer_syntax=pydicom.uid.ExplicitVRBigEndian)
     make_ct(explicit, size_kb=8, seed=22)
-    ds = pydicom.dcmread(explicit)
-    ds.private_block(0x0029, "ROUTER TEST", create=True).add_new(0x01, "LO", "its VR")
-    ds.save_as(explicit, enforce_file_format=True)
+    _add_private_lo(explicit, "its VR")
     router = _forward_all(tmp_path, "ai", port, "AINODE", workers=1, idle=30,
                           more="concurrency = 1\n")
     try:
         router.wait_for("ready: 1 workers serving")
         for path, proposal in ((big, "-xb"), (explicit, "-xe")):
-            done = dcmtk.run("storescu", proposal, "-aet", "MOD1", "-aec", "ROUTER",
-                             "127.0.0.1", str(router.port), str(path))
-            assert done.returncode == 0, done.stdout + done.stderr
+            _send(dcmtk, router, "MOD1", [path], proposal=proposal)
             router.wait_for(f"forward ai: {_uid(path)}")
     finally:
         assert router.stop() == 0
