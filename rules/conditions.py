@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from rules.model import AssociationInfo
+from rules.tags import is_da
 
 # The regular expression parser, to see a pattern's structure (exponential_risk);
 # its module is private, hence no stubs.
@@ -129,24 +130,13 @@ class Context:
 # -------------------------------------------------------- temporal values
 
 
-def _is_date(digits: str) -> bool:
-    """Whether ``YYYYMMDD`` is a day of the calendar: PS3.5 Table 6.2-1 says a DA
-    "shall" be a valid date. 20231301 or 20230231 are no date, and must not fall
-    inside a range because their digits do."""
-    try:
-        dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
-    except ValueError:
-        return False
-    return True
-
-
 def canonical_da(text: str) -> str | None:
     """``YYYYMMDD`` (also from the ACR-NEMA ``YYYY.MM.DD``), or None (also for a
     date that is not in the calendar)."""
     s = text.strip()
     if len(s) == 10 and s[4] in ".-" and s[7] == s[4]:
         s = s[:4] + s[5:7] + s[8:]
-    return s if len(s) == 8 and s.isascii() and s.isdigit() and _is_date(s) else None
+    return s if is_da(s) else None
 
 
 _TM: Final = re.compile(r"(\d\d(?:\d\d(?:\d\d)?)?)(?:\.(\d{1,6}))?")
@@ -172,7 +162,7 @@ def canonical_dt(text: str) -> str | None:
         return None
     digits = m.group(1)
     full = f"{digits}{'00000101000000'[len(digits):]}"
-    if not _is_date(full[:8]) or int(full[8:10]) > 23 or int(full[10:12]) > 59 \
+    if not is_da(full[:8]) or int(full[8:10]) > 23 or int(full[10:12]) > 59 \
             or int(full[12:14]) > 60:  # 60: a leap second
         return None
     return f"{full}.{(m.group(2) or '').ljust(6, '0')}"

@@ -159,6 +159,19 @@ _TM: Final = re.compile(r"([01]\d|2[0-3])(?:[0-5]\d(?:(?:[0-5]\d|60)(?:\.\d{1,6}
 _CS: Final = re.compile(r"[A-Z0-9 _]*")
 
 
+def is_da(text: str) -> bool:
+    """Whether ``text`` is a DA value, ``YYYYMMDD``: eight digits naming a day of the
+    calendar (PS3.5 Table 6.2-1). 20231301 or 20230231 are none: a value a rule
+    writes, or one a date range compares (rules/conditions.py)."""
+    if not _DA.fullmatch(text):
+        return False
+    try:
+        dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return False
+    return True
+
+
 def value_problem(vr: str, text: str) -> str | None:
     """Why ``text`` cannot be one value of ``vr`` as PS3.5 Table 6.2-1 defines it
     (length, characters, form), or None. What pydicom's own check lets through: a
@@ -186,13 +199,8 @@ def value_problem(vr: str, text: str) -> str | None:
         low, high = INTEGER_RANGES["IS"]
         if not low <= int(text) <= high:
             return f"not an integer from {low} to {high}"
-    if vr == "DA":
-        try:
-            ok = bool(_DA.fullmatch(text)) and dt.datetime.strptime(text, "%Y%m%d") is not None
-        except ValueError:
-            ok = False
-        if not ok:
-            return "not a date as YYYYMMDD"
+    if vr == "DA" and not is_da(text):
+        return "not a date as YYYYMMDD"
     if vr == "TM" and text.strip() and not _TM.fullmatch(text.strip()):
         return "not a time as HHMMSS.FFFFFF"
     if vr == "CS" and not _CS.fullmatch(text):
