@@ -249,6 +249,9 @@ class AssociationActor(asyncio.BufferedProtocol):
         # a connection reset before it is served has no peer name any more.
         self.stats = AssociationStats(association_id=f"w{settings.worker_id}-a{next(_ids)}",
                                       peer=peer or ("?", 0))
+        # This association as the carrier of a move's sub-operations, unique over the
+        # workers and their restarts (workers/moves.py binds it to one move).
+        self._stream = f"{os.getpid()}-{self.stats.association_id}"
 
     # ------------------------------------------------------------- transport
 
@@ -692,7 +695,7 @@ class AssociationActor(asyncio.BufferedProtocol):
             route = functools.partial(dispatcher.router.route, association=info,
                                       sub_operation=sub_operation,
                                       move_message_id=None if mid is None else int(mid),
-                                      stream=f"{os.getpid()}-{self.stats.association_id}")
+                                      stream=self._stream if sub_operation else None)
             if not sub_operation and (not dispatcher.router.rules.needs_dataset
                                       or size <= LOOP_ROUTING_MAX_BYTES):
                 # Decide here, where it costs no hand-over of the GIL to the commit
@@ -748,10 +751,7 @@ class AssociationActor(asyncio.BufferedProtocol):
                 dispatcher.enqueued(placed)
                 self._store_respond(ctx, msg, routed.status, placed, size,
                                     comment=routed.comment, routed=routed)
-        self._run_mailbox()
-        self._after_engine()
-        if self._finish_when_done and not self._busy:
-            self._finish()
+        self._store_done()
 
     async def _transparent(self, ctx: NegotiatedContext, msg: dimse.CStoreRQ, placed: Placed,
                            routed: Routed, size: int, writer: SpoolWriter,
@@ -769,6 +769,11 @@ class AssociationActor(asyncio.BufferedProtocol):
             note_sub_operation_status(self.spool.root, routed.move, status)
         self._busy = False
         self._store_respond(ctx, msg, status, None, size, comment=comment, routed=routed)
+        self._store_done()
+
+    def _store_done(self) -> None:
+        """A commit (or transparent send) has ended: serve what waited behind it, and
+        close if the connection ended meanwhile (see _finish)."""
         self._run_mailbox()
         self._after_engine()
         if self._finish_when_done and not self._busy:
