@@ -160,8 +160,8 @@ def register_move(spool: Path, destination: str, upstream: str,
             continue
         # The ID is ours: what a move of the same ID left (a killed worker's) must
         # not count for this one.
-        _forget(folder, mid)
-        (folder / f"{mid}{_GOT}").mkdir()
+        _forget(spool, mid)
+        _got(spool, mid).mkdir()
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({
                 "destination": destination, "upstream": upstream, "pid": os.getpid(),
@@ -253,10 +253,16 @@ def move_of(spool: Path, message_id: int | None, from_upstream: Callable[[str], 
 _STREAM: Final = ".stream"  # in <message ID>.got/: the association bound to the move
 
 
+def _got(spool: Path, message_id: int) -> Path:
+    """The folder of what the move ``message_id`` had: made with the move, gone at its
+    end, so nothing is taken into an ended move (see _claim)."""
+    return spool / MOVES_DIR / f"{message_id}{_GOT}"
+
+
 def _bound(spool: Path, message_id: int) -> str | None:
     """The association the move ``message_id`` is bound to, if any yet."""
     try:
-        return (spool / MOVES_DIR / f"{message_id}{_GOT}" / _STREAM).read_text("utf-8")
+        return (_got(spool, message_id) / _STREAM).read_text("utf-8")
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -264,7 +270,7 @@ def _bound(spool: Path, message_id: int) -> str | None:
 def _bind(spool: Path, message_id: int, stream: str) -> bool:
     """Bind the move ``message_id`` to association ``stream``, unless another took it
     first or it has ended: whether it is bound to it now."""
-    path = spool / MOVES_DIR / f"{message_id}{_GOT}" / _STREAM
+    path = _got(spool, message_id) / _STREAM
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError:
@@ -275,14 +281,14 @@ def _bind(spool: Path, message_id: int, stream: str) -> bool:
 
 
 def _had(spool: Path, message_id: int, uid: str) -> bool:
-    return (spool / MOVES_DIR / f"{message_id}{_GOT}" / uid).exists()
+    return (_got(spool, message_id) / uid).exists()
 
 
 def _claim(spool: Path, message_id: int, uid: str) -> bool:
     """Whether the move ``message_id`` takes instance ``uid`` now: False if it had it,
     or has ended since its record was read (its folder is gone with it: a copy for
     the other move went to the ended one's destination, and the other missed it)."""
-    path = spool / MOVES_DIR / f"{message_id}{_GOT}" / uid
+    path = _got(spool, message_id) / uid
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
     except (FileExistsError, FileNotFoundError):
@@ -347,7 +353,7 @@ def end_move(spool: Path, message_id: int) -> None:
             return
     with contextlib.suppress(OSError):
         path.unlink()
-    _forget(folder, message_id)
+    _forget(spool, message_id)
 
 
 def sweep_ended(spool: Path, now: float) -> None:
@@ -361,14 +367,14 @@ def sweep_ended(spool: Path, now: float) -> None:
                     and path.stem.isdigit():
                 with contextlib.suppress(OSError):
                     path.unlink()
-                _forget(folder, int(path.stem))
+                _forget(spool, int(path.stem))
 
 
-def _forget(folder: Path, message_id: int) -> None:
+def _forget(spool: Path, message_id: int) -> None:
     """Remove the tally and the instances had of move ``message_id``."""
     with contextlib.suppress(OSError):
-        (folder / f"{message_id}{_RELAYED}").unlink()
-    got = folder / f"{message_id}{_GOT}"
+        (spool / MOVES_DIR / f"{message_id}{_RELAYED}").unlink()
+    got = _got(spool, message_id)
     with contextlib.suppress(OSError):
         for entry in os.scandir(got):
             with contextlib.suppress(OSError):
