@@ -6,8 +6,8 @@ Each worker runs one actor per configured destination. The actor owns an
 in-memory schedule of the instances waiting in ``queue/<destination>/`` (names
 only: the files are the truth, see ``workers/queue.py``) and up to ``share``
 sender tasks, each with at most one outbound association
-(:class:`workers.outbound.OutboundAssociation`). ``share`` is the destination's
-``concurrency`` divided among the workers, rounded up.
+(:class:`workers.outbound.OutboundAssociation`). ``share`` is this worker's part of the
+destination's ``concurrency`` (``workers.main.share_of``).
 
 - Work arrives by :meth:`DestinationActor.enqueue` (this worker's actors, right
   after the commit that made the file), by :meth:`scan` (start-up, restart of
@@ -17,6 +17,10 @@ sender tasks, each with at most one outbound association
   worker that has associations for the destination (``hand_off``), and so do
   transparent sends (``relay``, answered with that worker's result), so that
   the destination never sees more than ``concurrency`` associations.
+  A worker whose senders all have an instance waiting already passes new ones
+  to the other workers with a share, in turn with itself (``share_with``): the
+  instances of one association all arrive at one worker, and a modality's burst
+  would otherwise go out over that worker's share alone.
 - A sender takes the oldest due instance and *claims* it: it opens the queued
   file and takes an exclusive, non-blocking open-file-description lock
   (``F_OFD_SETLK``) on one byte of it far beyond its end, at an offset derived
@@ -217,6 +221,7 @@ class DestinationActor:
                  worker_id: int = 0, fsync: bool = True,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  hand_off: Callable[[str], None] | None = None,
+                 share_with: Callable[[str], bool] | None = None,
                  relay: Callable[[Path, Originator | None],
                                  Awaitable[tuple[int, str | None]]] | None = None,
                  rng: Callable[[], float] = random.random,
@@ -229,6 +234,9 @@ class DestinationActor:
         # (relay), so that the destination never sees more than its concurrency.
         self.share = max(0, share)
         self.hand_off = hand_off
+        # A backlog is spread over every worker with associations for the destination
+        # (True: another worker took the file), not only this one's share.
+        self.share_with = share_with
         self.relay = relay
         self.worker_id = worker_id
         self.fsync = fsync
@@ -286,13 +294,20 @@ class DestinationActor:
             self._senders.append(asyncio.get_running_loop().create_task(
                 self._sender(index), name=f"forward-{self.name}-{index}"))
 
-    def enqueue(self, name: str) -> None:
-        """An instance was just committed to this destination's queue."""
+    def enqueue(self, name: str, *, handed: bool = False) -> None:
+        """An instance was just committed to this destination's queue; ``handed``: by
+        another worker, which keeps it from being passed on again."""
         if self.share == 0:
             if self.hand_off is not None:
                 self.hand_off(name)
             return
         if name in self._known or self._closing:
+            return
+        if (not handed and self.share_with is not None and len(self._ready) >= self.share
+                and self.share_with(name)):
+            # Every sender here has one waiting already: one modality's burst lands on
+            # one worker, and would otherwise go out over that worker's part of the
+            # destination's concurrency alone while the other workers' stay idle.
             return
         if len(self._known) >= MAX_IN_MEMORY:
             # Memory stays bounded however long the destination is away: the rest

@@ -160,6 +160,7 @@ class Worker:
         # temporary actor id -> (that worker, the answer).
         self.sends_elsewhere: dict[str, tuple[int, asyncio.Future[tuple[int, str | None]]]] = {}
         self.hand_offs = 0
+        self.shares_out = 0  # files of a backlog passed on (_share_with), for the turn
         # Workers the supervisor said died (WorkerGone) and has not said are back
         # (WorkerReady): what is sent to them waits in ZeroMQ for their replacement.
         self.gone: set[int] = set()
@@ -263,6 +264,7 @@ class Worker:
                                          worker_id=self.worker_id, fsync=self.config.fsync,
                                          on_event=self._forward_event,
                                          hand_off=functools.partial(self._hand_off, name),
+                                         share_with=functools.partial(self._share_with, name),
                                          relay=functools.partial(self._send_elsewhere, name))
             self.forwarders[name] = forwarder
             forwarder.start()
@@ -299,6 +301,26 @@ class Worker:
             control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
             control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
             {"destination": destination, "name": name}))
+
+    def _share_with(self, destination: str, name: str) -> bool:
+        """A backlog of ``destination`` here: the workers with associations for it
+        take the new file in turn, this one included (True: another one took it).
+        Each takes the part sent to it, not the whole backlog, so they all finish
+        about together; a file sent to a worker that dies is taken up from the queue
+        folder by its replacement's scan at start."""
+        d = self.config.destination(destination)
+        senders = min(d.concurrency, self.config.workers)
+        if senders < 2:
+            return False
+        self.shares_out += 1
+        target = 1 + self.shares_out % senders
+        if target == self.worker_id or target in self.gone:
+            return False
+        self._send_actor(control.ActorMessage.between(
+            control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
+            control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
+            {"destination": destination, "name": name}))
+        return True
 
     def _senders_of(self, destination: str) -> int | None:
         """Another worker with associations for ``destination`` (it has none here):
@@ -750,7 +772,7 @@ class Worker:
             forwarder = self.forwarders.get(str(message.body.get("destination")))
             name = message.body.get("name")
             if forwarder is not None and isinstance(name, str) and forwarder.share > 0:
-                forwarder.enqueue(name)
+                forwarder.enqueue(name, handed=True)
         elif message.kind == "send":
             self.loop.create_task(self._send_for(message))
         elif message.kind == "error":

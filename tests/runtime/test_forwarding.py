@@ -1190,39 +1190,55 @@ def test_a_destination_serving_one_association_at_a_time_is_not_kept_waiting(
     assert sorted(_uid(p) for p in received_files(sink.outdir)) == sorted(map(_uid, files))
 
 
+class _CountingPacs:
+    """A pynetdicom CT storage SCP on a free port that counts its associations open
+    at once (``peak``) and keeps the SOP Instance UIDs it stored (``seen``). With
+    ``hold_until_open``, each C-STORE is answered only once that many associations
+    have been open together (or after 10 s)."""
+
+    def __init__(self, ae_title: str, hold_until_open: int = 0) -> None:
+        import threading
+
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage
+
+        self.lock = threading.Lock()
+        self.open = self.peak = 0
+        self.hold_until_open = hold_until_open
+        self.enough_open = threading.Event()
+        self.seen: list[str] = []
+        ae = AE(ae_title=ae_title)
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._opened),
+            (evt.EVT_RELEASED, self._closed), (evt.EVT_ABORTED, self._closed)])
+
+    def _opened(self, event: Any) -> None:
+        with self.lock:
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+            if self.open >= self.hold_until_open:
+                self.enough_open.set()
+
+    def _closed(self, event: Any) -> None:
+        with self.lock:
+            self.open -= 1
+
+    def _store(self, event: Any) -> int:
+        self.enough_open.wait(10)
+        with self.lock:
+            self.seen.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+
 def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """Some nodes take one association at a time: concurrency = 1 over 2 workers. The
     worker without an association of its own hands its queue files to the other
     (an actor message between workers, D2)."""
-    import threading
-
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-
-    lock = threading.Lock()
-    state = {"open": 0, "peak": 0}
-    seen: list[str] = []
-
-    def opened(event: Any) -> None:
-        with lock:
-            state["open"] += 1
-            state["peak"] = max(state["peak"], state["open"])
-
-    def closed(event: Any) -> None:
-        with lock:
-            state["open"] -= 1
-
-    def on_store(event: Any) -> int:
-        seen.append(event.request.AffectedSOPInstanceUID)
-        return 0x0000
-
-    ae = AE(ae_title="SINGLE")
-    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, opened),
-        (evt.EVT_RELEASED, closed), (evt.EVT_ABORTED, closed)])
+    pacs = _CountingPacs("SINGLE")
+    seen, port, server = pacs.seen, pacs.port, pacs.server
     (tmp_path / "rules.toml").write_text(
         '[[rule]]\nname = "all"\n[rule.then]\nforward = ["single"]\n')
     router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
@@ -1246,8 +1262,37 @@ def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
     finally:
         router.stop()
         server.shutdown()
-    assert state["peak"] == 1
+    assert pacs.peak == 1
     assert sorted(seen) == sorted(_uid(p) for files in studies for p in files)
+
+
+def test_one_modalitys_burst_goes_out_over_the_whole_concurrency(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """concurrency = 2 over 2 workers is one association per worker, and one storescu
+    association lands on one worker: its burst went out over one association while
+    the other worker's stayed idle. The backlog is now shared: the PACS holds the
+    first instance until a second association is open (or 10 s have passed)."""
+    pacs = _CountingPacs("PACS", hold_until_open=2)
+    port, server = pacs.port, pacs.server
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "all"\n[rule.then]\nforward = ["pacs"]\n')
+    router = Router(tmp_path, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", port, "PACS", idle=30) + "concurrency = 2\n")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        files = _study(tmp_path / "study", 20, modality="CT", description="x", seed=7)
+        _send(dcmtk, router, "MOD1", files)
+        router.wait_count("forward pacs:", 20)
+        # One worker received them all; both sent.
+        assert len({line.split(" worker-")[1][0] for line in router.lines
+                    if "bytes status 0x0000" in line}) == 1
+        assert {line.split(" worker-")[1][0] for line in router.lines
+                if "forward pacs:" in line} == {"1", "2"}
+    finally:
+        router.stop()
+        server.shutdown()
+    assert pacs.peak == 2
+    assert sorted(pacs.seen) == sorted(_uid(p) for p in files)
 
 
 def _worker_totals(router: Router, wanted: dict[str, int],

@@ -460,6 +460,27 @@ def test_two_workers_sharing_a_queue_deliver_each_instance_once(
     assert len(server.seen) == 40 and len(set(server.seen)) == 40
 
 
+def test_a_backlog_is_offered_to_the_other_workers_and_never_passed_on_twice(
+        tmp_path: Path) -> None:
+    """While every sender here has an instance waiting, new ones are offered to the
+    other workers (share_with); one another worker handed over stays here."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    offered: list[str] = []
+    turn = iter([True, False] * 10)
+
+    def share_with(name: str) -> bool:
+        offered.append(name)
+        return next(turn)
+
+    actor = DestinationActor(_destination(1), spool, share=2, share_with=share_with)
+    for n in range(6):  # no sender runs: all stay waiting
+        actor.enqueue(f"q{n}.dcm")
+    assert offered == ["q2.dcm", "q3.dcm", "q4.dcm", "q5.dcm"]  # 2 waiting: one each
+    assert actor.depth == 4  # q0, q1, then q3 and q5 that no other worker took
+    actor.enqueue("q6.dcm", handed=True)
+    assert len(offered) == 4 and actor.depth == 5
+
+
 def test_a_queue_larger_than_memory_is_taken_up_from_disk_in_windows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import workers.forward
