@@ -872,15 +872,90 @@ def _admin(args: argparse.Namespace, name: str,
                                               admin_path=config.admin_socket)
     ctx = zmq.Context()
     try:
-        reply = control.admin_request(ctx, endpoints.admin, control.Command(name=name),
-                                      args.timeout)
-    except control.ControlError as exc:
-        raise RouterNotRunning(f"no router answering at {config.admin_socket}: {exc}") from None
+        try:
+            reply = control.admin_request(ctx, endpoints.admin, control.Command(name=name),
+                                          args.timeout)
+        except control.ControlError as exc:
+            problem = f"no router answering at {config.admin_socket}: {exc}"
+            elsewhere = _admin_elsewhere(args.config, config.admin_socket)
+            if elsewhere is None:
+                raise RouterNotRunning(problem) from None
+            pid, admin = elsewhere
+            try:
+                reply = control.admin_request(ctx, f"ipc://{admin}",
+                                              control.Command(name=name), args.timeout)
+            except control.ControlError:
+                raise RouterNotRunning(
+                    f"{problem}; the router running on {args.config} (pid {pid}) does not "
+                    f"answer at {admin} either") from None
+            # Said once per command (reload asks twice), and by every command until
+            # the restart that moves the router to the file's paths.
+            if admin not in _SAID_ELSEWHERE:
+                _SAID_ELSEWHERE.add(admin)
+                print(f"dicom-router: the router running on {args.config} (pid {pid}) answers at "
+                      f"{admin}, not at {config.admin_socket} as the file now says: its "
+                      "[spool] path or [admin] socket changed since the router started, and "
+                      "only a restart applies that", file=sys.stderr)
     finally:
         ctx.term()
     if not reply.ok:
         raise UsageError(f"{name}: {reply.error}")
     return dict(reply.result)
+
+
+_SAID_ELSEWHERE: set[str] = set()
+
+
+def _admin_elsewhere(config_file: Path | None, expected: Path) -> tuple[int, str] | None:
+    """A ``dicom-router run`` process started on ``config_file`` whose admin socket is
+    not ``expected`` (the path the file gives now): (its pid, its admin socket).
+
+    The CLI finds a router through the file's [spool] path or [admin] socket, so an
+    edit of either made ``status`` report a running router as down (and its queues
+    empty) and ``reload`` fail, until the restart the edit needs. The process is
+    recognised by its command line; its admin socket is the one it listens on that
+    is not one of the run directory's own (router.control.Endpoints)."""
+    import psutil
+
+    if config_file is None:
+        return None
+    try:
+        wanted = config_file.resolve(strict=True)
+    except OSError:
+        return None
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            argv = proc.info["cmdline"] or []
+            given = _run_config_of(argv)
+            if given is None or (Path(proc.cwd()) / given).resolve() != wanted:
+                continue
+            for conn in proc.net_connections(kind="unix"):
+                path = conn.laddr
+                if (isinstance(path, str) and path and os.path.basename(path)
+                        not in ("ctl.sock", "bcast.sock") and Path(path) != expected):
+                    return proc.pid, path
+        except (psutil.Error, OSError):
+            continue  # gone meanwhile, or another user's
+    return None
+
+
+def _run_config_of(argv: list[str]) -> str | None:
+    """The --config of a ``dicom-router run`` (or ``python -m router.cli run``) command
+    line; None for any other."""
+    try:
+        at = next(i for i, arg in enumerate(argv)
+                  if arg == "router.cli" or os.path.basename(arg) == "dicom-router")
+    except StopIteration:
+        return None
+    rest = argv[at + 1:]
+    if "run" not in rest:
+        return None
+    for i, arg in enumerate(rest):
+        if arg == "--config" and i + 1 < len(rest):
+            return rest[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -904,6 +979,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"dicom-router status: {exc}", file=sys.stderr)
         return EXIT_NETWORK
     result["running"] = True
+    if isinstance(result.get("spool"), str):  # the running router's, which may not be
+        config = dataclasses.replace(config, spool=Path(result["spool"]))  # the file's now
     _count_queues(config, result)
     if args.prometheus:
         _prometheus(args.prometheus, result)

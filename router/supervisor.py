@@ -781,7 +781,8 @@ class Supervisor:
             return control.Reply.success({
                 "pid": os.getpid(), "uptime": round(now - self.started, 1),
                 "generation": self.generation, "config": self.config.source,
-                "draining": self.draining_until is not None, "workers": workers})
+                "spool": str(self.config.spool), "draining": self.draining_until is not None,
+                "workers": workers})
         if command.name == "reload":
             # Said to the caller too: `dicom-router reload` (systemctl reload, kubectl
             # exec) must not report success for a file the router refused.

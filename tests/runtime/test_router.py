@@ -8,6 +8,7 @@ and checks the outcome in the spool, the exit code and the log.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -272,6 +273,30 @@ def test_a_reload_says_what_it_cannot_change(router: Router, tmp_path: Path) -> 
     assert wrong.returncode == 2, wrong
     assert f"runs on {router.config}, not on {other}" in wrong.stderr, wrong.stderr
     assert router.count("configuration generation 3 loaded") == 0
+
+
+def test_the_cli_finds_the_router_after_its_spool_path_was_edited(
+        router: Router, tmp_path: Path) -> None:
+    """The CLI finds the router through the file's [spool] path; once an operator had
+    edited it, status said the running router was down (exit 3, dicom_router_up 0, its
+    queues empty) and reload "no router answering" instead of why it refuses. The
+    router started on the same file is now found by its command line."""
+    router.wait_for("ready: 2 workers serving")
+    moved = tmp_path / "elsewhere"
+    router.config.write_text(router.config.read_text().replace(
+        f'path = "{router.spool}"', f'path = "{moved}"'))
+    done = router.command("status", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["pid"] == router.proc.pid and result["spool"] == str(router.spool)
+    assert f"answers at {router.spool}/run/admin.sock, not at {moved}/run/admin.sock" \
+        in done.stderr, done.stderr
+    prometheus = router.command("status", "--prometheus", "-")
+    assert "dicom_router_up 1" in prometheus.stdout, prometheus.stdout + prometheus.stderr
+    refused = router.command("reload")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"[spool] path changed from {router.spool} to {moved}" in refused.stderr
+    assert refused.stderr.count("answers at") == 1, refused.stderr
 
 
 def test_workers_restarted_after_the_files_were_edited_run_the_checked_configuration(
