@@ -187,6 +187,11 @@ class _Entry:
     waited: float = 0.0  # the record's not_before this worker has waited for
     held: int = 0  # times it waited for an older version of its instance (workers/order.py)
     marker: Path | None = None  # its order marker, found when it was claimed
+    # Bound for dead/ (why, status, newer version) when the move there failed: only the
+    # move is tried again. Sent again, a refused instance went out every few seconds
+    # for as long as the disk stayed full.
+    verdict: tuple[str, int | None, str | None] | None = None
+    burials: int = 0  # moves to dead/ that failed
 
     @property
     def shown(self) -> str:
@@ -536,6 +541,9 @@ class DestinationActor:
                 # again shortly, since this worker will not see it end.
                 self._left(entry.name, later=True)
                 return assoc
+            if entry.verdict is not None:
+                self._bury(entry, fd, *entry.verdict)
+                return assoc
             if self._not_yet(entry):
                 self._unclaim(path, fd)
                 return assoc
@@ -832,29 +840,7 @@ class DestinationActor:
                    if entry.failures >= attempts
                    else f"{reason}; gave up: failing for {_duration(failing_for)} "
                         f"(retry.give_up_after)")
-            try:
-                move_to_dead(self.spool.root, self.name, entry.name, reason=why, status=status,
-                             attempts=entry.failures, fsync=self.fsync,
-                             sop_instance_uid=entry.uid, superseded_by=newer)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                # It stays queued and is tried again, with the back-off: forgetting it
-                # would strand it until a restart.
-                log.error("forward %s: %s: cannot move it to dead/ (%s); it stays "
-                          "queued, tried again in %.1f s: %s", self.name, entry.shown, exc,
-                          delay, why)
-                self._unclaim(self.folder / entry.name, fd)
-                self._wait(entry, delay)
-                return
-            else:
-                self.stats.dead += 1
-                log.warning("forward %s: %s moved to dead/%s: %s", self.name, entry.shown,
-                            self.name, why)
-                self._emit("instance.dead", destination=self.name, name=entry.name,
-                           reason=why)
-            self._unclaim(self.folder / entry.name, fd)
-            self._left(entry.name)
+            self._bury(entry, fd, why, status, newer)
             return
         self.stats.retried += 1
         log.warning("forward %s: %s failed (%s); %s in %.1f s", self.name, entry.shown,
@@ -863,6 +849,36 @@ class DestinationActor:
         self._unclaim(self.folder / entry.name, fd)
         self._wait(entry, delay)
         self._emit("instance.retry", destination=self.name, name=entry.name, reason=reason)
+
+    def _bury(self, entry: _Entry, fd: int, why: str, status: int | None,
+              newer: str | None) -> None:
+        """Move ``entry``, claimed as ``fd``, to dead/ for ``why``. If that fails (a
+        full or read-only disk) it stays queued with its verdict, and the move alone
+        is tried again after a back-off: forgetting it would strand it until a
+        restart, and sending it again would repeat what the destination refused."""
+        try:
+            move_to_dead(self.spool.root, self.name, entry.name, reason=why, status=status,
+                         attempts=entry.failures, fsync=self.fsync,
+                         sop_instance_uid=entry.uid, superseded_by=newer)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            entry.verdict = (why, status, newer)
+            entry.burials += 1
+            delay = self.destination.retry.delay(entry.burials, self.rng())
+            log.error("forward %s: %s: cannot move it to dead/ (%s); it stays queued, "
+                      "not sent again, and the move is tried again in %.1f s: %s", self.name,
+                      entry.shown, exc, delay, why)
+            self._unclaim(self.folder / entry.name, fd)
+            self._wait(entry, delay)
+            return
+        else:
+            self.stats.dead += 1
+            log.warning("forward %s: %s moved to dead/%s: %s", self.name, entry.shown,
+                        self.name, why)
+            self._emit("instance.dead", destination=self.name, name=entry.name, reason=why)
+        self._unclaim(self.folder / entry.name, fd)
+        self._left(entry.name)
 
     def _hold_behind(self, entry: _Entry, older: str) -> None:
         """``entry`` holds a newer version of an instance than the queued file

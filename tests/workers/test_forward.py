@@ -743,22 +743,48 @@ def test_two_workers_keep_one_back_off_and_a_retry_gives_fresh_attempts(
 def test_an_instance_that_cannot_go_to_dead_letters_stays_queued_and_is_retried(
         tmp_path: Path) -> None:
     """dead/pacs cannot be made (here: a file is in its way; in real life a full or
-    read-only disk): the instance refused A900H used to be forgotten until a restart,
-    in its queue but never tried again. Now it waits its back-off and is tried again;
-    the destination takes it the second time."""
-    answers = iter([0xA900])
+    read-only disk): an instance refused A900H used to be forgotten until a restart,
+    in its queue but never tried again. Then it was tried again, but sent again too:
+    every few seconds while the disk stayed full (438 C-STOREs in 15 s for 47
+    instances, an outside campaign). Now the verdict is kept and only the move is
+    tried again, until the way is clear."""
+    import logging
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    obstacle = spool.root / "dead" / "pacs"
+
+    class ClearTheWay(logging.Handler):
+        """Removes the obstacle when the fourth failed move (two per instance) is
+        logged."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.failed_moves = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cannot move it to dead/" in record.getMessage():
+                self.failed_moves += 1
+                if self.failed_moves == 4:
+                    obstacle.unlink()
+
     port = free_port()
-    server = _scp(port, lambda event: next(answers, 0x0000))
+    server = _scp(port, lambda event: 0xA900)
+    watch = ClearTheWay()
+    logging.getLogger("workers.forward").addHandler(watch)
     try:
-        spool = Spool(tmp_path / "spool", fsync=False)
-        _queue(spool, "pacs", tmp_path, 1)
-        (spool.root / "dead").mkdir()
-        (spool.root / "dead" / "pacs").write_text("in the way")
+        _queue(spool, "pacs", tmp_path, 2)
+        obstacle.parent.mkdir()
+        obstacle.write_text("in the way")
         actor = DestinationActor(_destination(port), spool, share=1)
-        asyncio.run(_run_until(actor, lambda: actor.stats.delivered == 1, timeout=15))
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead == 2, timeout=15))
     finally:
+        logging.getLogger("workers.forward").removeHandler(watch)
         server.shutdown()
-    assert len(server.seen) == 2 and actor.stats.dead == 0
+    assert len(server.seen) == 2 and actor.stats.delivered == 0  # each sent once
+    assert watch.failed_moves >= 4
+    letters = sorted((spool.root / "dead" / "pacs").glob("*.json"))
+    assert [json.loads(f.read_text())["status"] for f in letters] == [0xA900, 0xA900]
+    assert not list((spool.root / "queue" / "pacs").glob("*.dcm"))
 
 
 def test_failure_records_are_removed_whichever_worker_delivers(tmp_path: Path) -> None:
