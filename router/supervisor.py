@@ -23,7 +23,8 @@ sleeps and nothing polls on a clock.
   respawning would only spin).
 - Signals only enqueue (gunicorn): SIGTERM/SIGINT drain (stop accepting,
   broadcast Drain, wait for the workers up to the grace period, then SIGKILL
-  what is left, exit 0); SIGHUP reloads (a config that fails validation is
+  what is left, exit 0), and a second one while draining stops now (Stop:
+  open associations aborted, forwards cut off); SIGHUP reloads (a config that fails validation is
   refused with one log line and the running one stays); SIGCHLD reaps.
 - Admin: ``status`` answers a table of workers over the admin socket.
 """
@@ -141,6 +142,7 @@ class Supervisor:
         self.tls_ports: set[int] = set()
         self.signals: deque[int] = deque()
         self.draining_until: float | None = None
+        self.stopping_now = False  # a second SIGTERM/SIGINT came while draining
         self.exit_code = 0
         self.connection_ids = 0
         self.started = time.monotonic()
@@ -653,7 +655,10 @@ class Supervisor:
         while self.signals:
             signum = self.signals.popleft()
             if signum in (signal.SIGTERM, signal.SIGINT):
-                self._drain(self.config.drain_grace)
+                if self.draining_until is None:
+                    self._drain(self.config.drain_grace)
+                else:
+                    self._stop_now(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
                 self._reload()
             # SIGCHLD: _reap runs after every wake-up.
@@ -671,6 +676,23 @@ class Supervisor:
             slot.respawn_at = None
         self._tell_workers(control.Drain(grace=grace))
         self.draining_until = time.monotonic() + grace + control.DRAIN_KILL_AFTER
+
+    def _stop_now(self, signal_name: str) -> None:
+        """A second SIGTERM or SIGINT while draining: the operator will not wait for the
+        grace period. Workers abort their open associations and cut off their forwards
+        (nothing acknowledged is lost: it is in the spool); what still runs after
+        DRAIN_KILL_AFTER is killed. Said, where it was ignored without a word."""
+        if self.stopping_now:
+            log.warning("%s again: already stopping; workers still running are killed "
+                        "within %.0f s", signal_name, control.DRAIN_KILL_AFTER)
+            return
+        self.stopping_now = True
+        log.warning("%s while draining: stopping now: open associations are aborted "
+                    "and forwards cut off", signal_name)
+        self._tell_workers(control.Stop())
+        if self.draining_until is not None:
+            self.draining_until = min(self.draining_until,
+                                      time.monotonic() + control.DRAIN_KILL_AFTER)
 
     def _tell_workers(self, message: control.Message) -> None:
         """Send to every live worker over its own control connection.

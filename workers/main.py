@@ -175,6 +175,8 @@ class Worker:
         self.forwarded_earlier = 0
         self.generation = 0
         self.stopping = False
+        self.stopping_now = False  # a second SIGTERM/SIGINT, or a Stop while draining
+        self.stop_signals = 0
         self.finish_by = 0.0  # draining: when the forwards still going are cut off
         self.swept_at = -math.inf  # the first heartbeat sweeps
         self.stock_failed: str | None = None  # why making spool files ahead fails
@@ -205,7 +207,7 @@ class Worker:
             log.error("worker %d: spool %s: %s", self.worker_id, self.spool.root, exc)
         self._restock()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self._begin_drain, self.config.drain_grace)
+            self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
         tasks = [asyncio.create_task(self._heartbeats()),
                  asyncio.create_task(self._receive(self.sockets.broadcast, "broadcast",
                                                    self._from_supervisor)),
@@ -218,13 +220,16 @@ class Worker:
             task.add_done_callback(self._essential_ended)
         await self.done.wait()
         self._say_held(everything=True)
+        direct = tasks[2]  # the supervisor's own line: a Stop may still come (_stop_now)
         for task in tasks:
-            task.cancel()
+            if task is not direct:
+                task.cancel()
         # The instances being forwarded get their answers, within the grace period
         # (and a little after, before the supervisor's SIGKILL): see finish().
         left = max(0.0, self.finish_by - time.monotonic()) if self.stopping else 0.0
         await asyncio.gather(*(forwarder.finish(left)
                                for forwarder in self.forwarders.values()))
+        direct.cancel()
         self.committer.close()
         self.sockets.close()
         self.ctx.term()
@@ -804,10 +809,16 @@ class Worker:
         return None
 
     def _from_supervisor(self, message: control.Message) -> None:
-        if isinstance(message, control.Drain):
+        if isinstance(message, control.Stop):
+            # A drain already going: the operator asked twice (a second SIGTERM).
+            if self.stopping:
+                self._stop_now("a second SIGTERM or SIGINT to the supervisor")
+            else:
+                self._begin_drain(0.0)
+        elif self.done.is_set():
+            return  # stopping: the forwards are finishing, and a Stop alone matters
+        elif isinstance(message, control.Drain):
             self._begin_drain(message.grace)
-        elif isinstance(message, control.Stop):
-            self._begin_drain(0.0)
         elif isinstance(message, control.Reload):
             self._reload(message.generation, Path(message.snapshot))
         elif isinstance(message, control.Rescan):
@@ -835,6 +846,32 @@ class Worker:
         self.generation = generation
         log.info("worker %d: configuration generation %d loaded", self.worker_id, generation)
 
+    def _on_stop_signal(self, signum: int) -> None:
+        """SIGTERM or SIGINT to this worker (Ctrl-C reaches the whole process group):
+        the first drains, as the supervisor's Drain does; a second one means now. The
+        supervisor's Drain counts for nothing here, so a single Ctrl-C, which both it
+        and the signal bring, stays a drain."""
+        self.stop_signals += 1
+        if self.stop_signals == 1:
+            self._begin_drain(self.config.drain_grace)
+        else:
+            self._stop_now(f"{signal.Signals(signum).name} again")
+
+    def _stop_now(self, why: str) -> None:
+        """Stop without the rest of the grace period: open associations are aborted
+        (what they had acknowledged is in the spool) and the forwards going on are cut
+        off (they stay queued: the destination may get those again)."""
+        if self.stopping_now:
+            return
+        self.stopping_now = True
+        log.warning("worker %d: stopping now (%s): %d open association(s) aborted, "
+                    "forwards cut off", self.worker_id, why, len(self.actors))
+        self._begin_drain(0.0)
+        self.finish_by = time.monotonic()
+        self._abort_all("router stopping at once")
+        for forwarder in self.forwarders.values():
+            self.loop.create_task(forwarder.stop("the router is stopping at once"))
+
     def _begin_drain(self, grace: float) -> None:
         if self.stopping:
             return
@@ -849,9 +886,9 @@ class Worker:
             return
         self.loop.call_later(grace, self._abort_all)
 
-    def _abort_all(self) -> None:
+    def _abort_all(self, why: str = "router stopping: drain grace period over") -> None:
         for actor in list(self.actors):
-            actor.abort("router stopping: drain grace period over")
+            actor.abort(why)
         if not self.actors:
             self.done.set()
 

@@ -23,8 +23,9 @@ class Router:
     def __init__(self, tmp: Path, *, workers: int = 2, extra: str = "",
                  port: int | None = None, router_extra: str = "",
                  preexec_fn: Callable[[], None] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, drain_grace: float = 5) -> None:
         self.port = port or free_port()
+        self.drain_grace = drain_grace
         self.spool = tmp / "spool"
         self.config = tmp / "router.toml"
         self.router_extra = router_extra  # more keys of the [router] table
@@ -43,7 +44,8 @@ class Router:
             f'[router]\nae_title = "ROUTER"\nworkers = {workers}\n{self.router_extra}'
             f'[[router.listen]]\nhost = "127.0.0.1"\nport = {self.port}\n'
             f'[spool]\npath = "{self.spool}"\n'
-            f'[timeouts]\nartim = 2\ndrain_grace = 5\nheartbeat_interval = 0.2\n'
+            f'[timeouts]\nartim = 2\ndrain_grace = {self.drain_grace}\n'
+            f'heartbeat_interval = 0.2\n'
             f'heartbeat_timeout = 3\n{extra}')
 
     def _read(self) -> None:

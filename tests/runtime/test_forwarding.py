@@ -78,13 +78,13 @@ def _destination(name: str, port: int, aet: str, *, idle: float = 1) -> str:
 
 
 def _forward_all(tmp_path: Path, name: str, port: int, aet: str, *, workers: int = 2,
-                 idle: float = 1, more: str = "") -> Router:
+                 idle: float = 1, more: str = "", drain_grace: float = 5) -> Router:
     """A router whose one rule, "all", forwards every instance to destination ``name``
     (``more``: further keys of its table)."""
     (tmp_path / "rules.toml").write_text(
         f'[[rule]]\nname = "all"\n[rule.then]\nforward = ["{name}"]\n')
     return Router(tmp_path, workers=workers, extra='[routing]\nrules = "rules.toml"\n'
-                  + _destination(name, port, aet, idle=idle) + more)
+                  + _destination(name, port, aet, idle=idle) + more, drain_grace=drain_grace)
 
 
 def _dataset(path: Path) -> bytes:
@@ -1194,9 +1194,10 @@ class _CountingPacs:
     """A pynetdicom CT storage SCP on a free port that counts its associations open
     at once (``peak``) and keeps the SOP Instance UIDs it stored (``seen``). With
     ``hold_until_open``, each C-STORE is answered only once that many associations
-    have been open together (or after 10 s)."""
+    have been open together (or after 10 s); with ``hold``, only once ``answer`` is
+    set (or after 60 s), and ``entered`` is set when the first one arrives."""
 
-    def __init__(self, ae_title: str, hold_until_open: int = 0) -> None:
+    def __init__(self, ae_title: str, hold_until_open: int = 0, hold: bool = False) -> None:
         import threading
 
         from pynetdicom import AE, evt
@@ -1206,9 +1207,11 @@ class _CountingPacs:
         self.open = self.peak = 0
         self.hold_until_open = hold_until_open
         self.enough_open = threading.Event()
+        self.hold = hold
+        self.entered, self.answer = threading.Event(), threading.Event()
         self.seen: list[str] = []
         ae = AE(ae_title=ae_title)
-        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         self.port = free_port()
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._opened),
@@ -1229,7 +1232,14 @@ class _CountingPacs:
         self.enough_open.wait(10)
         with self.lock:
             self.seen.append(event.request.AffectedSOPInstanceUID)
+        self.entered.set()
+        if self.hold:
+            self.answer.wait(60)
         return 0x0000
+
+    def shutdown(self) -> None:
+        self.answer.set()
+        self.server.shutdown()
 
 
 def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
@@ -1264,6 +1274,46 @@ def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
         server.shutdown()
     assert pacs.peak == 1
     assert sorted(seen) == sorted(_uid(p) for files in studies for p in files)
+
+
+def test_a_second_sigterm_while_draining_stops_now(tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """An operator who sends SIGTERM again (or presses Ctrl-C twice) will not wait out
+    the grace period (60 s here): a second one was ignored without a word. Now it
+    stops at once: the association still open is aborted, the forward the PACS has not
+    answered is cut off and stays queued, and the router exits 0."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    pacs = _CountingPacs("PACS", hold=True)
+    router: Router | None = None
+    try:
+        router = _forward_all(tmp_path, "pacs", pacs.port, "PACS", workers=1,
+                              more="concurrency = 1\n", drain_grace=60)
+        router.wait_for("ready: 1 workers serving")
+        files = _study(tmp_path / "s", 2, modality="CT", description="x", seed=18)
+        _send(dcmtk, router, "MOD1", files)
+        assert pacs.entered.wait(30)
+        modality = AE(ae_title="MOD2")
+        modality.add_requested_context(Verification)
+        held = modality.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert held.is_established
+        router.proc.send_signal(signal.SIGTERM)
+        router.wait_for("worker 1: draining")
+        router.proc.send_signal(signal.SIGTERM)
+        assert router.proc.wait(30) == 0  # not the 60 s of grace
+        log = router.log()
+        assert "SIGTERM while draining: stopping now" in log
+        assert "worker 1: stopping now" in log
+        assert "router stopping at once" in log  # the open association's abort
+        assert "the send of" in log and "was cut off" in log
+        assert held.is_aborted or not held.is_established
+        queue = router.spool / "queue" / "pacs"
+        assert len(list(queue.glob("*.dcm"))) == 2  # nothing acknowledged is lost
+    finally:
+        pacs.answer.set()
+        if router is not None:
+            router.stop()
+        pacs.shutdown()
 
 
 def test_one_modalitys_burst_goes_out_over_the_whole_concurrency(
