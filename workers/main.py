@@ -231,6 +231,11 @@ class Worker:
                                for forwarder in self.forwarders.values()))
         direct.cancel()
         self.committer.close()
+        try:
+            self.spool.discard_spares()
+        except OSError as exc:
+            log.warning("worker %d: spool %s: cannot delete its spare files in tmp/: %s",
+                        self.worker_id, self.spool.root, exc)
         self.sockets.close()
         self.ctx.term()
         return self.exit_code

@@ -317,6 +317,20 @@ class Spool:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def discard_spares(self) -> int:
+        """Delete this process's spare files, at a clean stop; how many. A spare made
+        of a delivered instance still holds its bytes, patient data the router no
+        longer needs, which stayed on disk until the next start's recover() (or for
+        good, if the router never started again); the empty ones go too, so that
+        tmp/ is empty after a clean stop. No writer may be open."""
+        removed = 0
+        while self._spares or self._fresh:
+            name = self._spares.popleft()[0] if self._spares else self._fresh.popleft()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._tmp_fd)
+                removed += 1
+        return removed
+
     def close(self) -> None:
         """Release the directory descriptors; writers still open must be done first."""
         with self._dir_lock:

@@ -1343,6 +1343,8 @@ def test_one_modalitys_burst_goes_out_over_the_whole_concurrency(
         server.shutdown()
     assert pacs.peak == 2
     assert sorted(pacs.seen) == sorted(_uid(p) for p in files)
+    # A clean stop leaves no file of a delivered instance behind in tmp/ (spares).
+    assert not list((router.spool / "tmp").glob("*.spare"))
 
 
 def _worker_totals(router: Router, wanted: dict[str, int],

@@ -833,6 +833,25 @@ def test_recover_deletes_spares_and_begin_then_makes_a_new_file(
     assert again.read_bytes()[writer.dataset_offset:] == data
 
 
+def test_a_clean_stop_deletes_the_spares_with_the_bytes_of_delivered_instances(
+        spool: Spool, committer: GroupCommitter) -> None:
+    """A spare keeps the bytes of the instance delivered from it (patient data) until
+    it is written over; they stayed in tmp/ after a clean stop, until the next start
+    or for good. discard_spares (a worker stopping) deletes them, and the empty
+    files made ahead with them; other processes' files stay."""
+    _, _, data = ct_instance(ExplicitVRLittleEndian)
+    _, path = committed_to(spool, committer, data, "queue/a")
+    retire(spool, path)
+    assert spool.stock(3) == 3
+    others = Spool(spool.root)
+    assert others.stock(2) == 2
+    assert len(files(spool.tmp)) == 6
+    assert spool.discard_spares() == 4
+    assert len(files(spool.tmp)) == 2  # the other process's
+    assert not any(data[-64:] in f.read_bytes() for f in spool.tmp.iterdir())
+    others.close()
+
+
 def test_a_writer_over_a_spare_is_locked_like_a_new_one(spool: Spool,
                                                         committer: GroupCommitter) -> None:
     _, _, data = ct_instance(ExplicitVRLittleEndian)
