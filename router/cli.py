@@ -1014,7 +1014,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("served, stored/failed (instances received), fwd (delivered): since the router "
           "started; queued: a worker's share in memory, the total from the spool")
     print(_queue_line(result))
+    for line in _failing_lines(result):
+        print(line)
     return EXIT_OK
+
+
+def _running_status(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    """The running router's status, or {} if none answers within 2 s."""
+    try:
+        return _admin(argparse.Namespace(**{**vars(args), "timeout": 2.0}), "status", config)
+    except (RouterNotRunning, UsageError):
+        return {}
+
+
+def _failing_lines(result: dict[str, Any]) -> list[str]:
+    """A line per destination failing since its last delivery (the running router's
+    view): a destination that rejects every association keeps its queue, and only
+    the log said why."""
+    import datetime
+
+    now = time.time()
+    lines = []
+    failing = result.get("failing")
+    for name, state in sorted(failing.items() if isinstance(failing, dict) else ()):
+        since = float(state.get("since", now))
+        lines.append(f"destination {name}: failing since "
+                     f"{datetime.datetime.fromtimestamp(since):%Y-%m-%d %H:%M:%S} "
+                     f"(for {logline.duration(now - since)}): {state.get('error', '')}")
+    return lines
 
 
 def _prometheus(target: str, result: dict[str, Any]) -> None:
@@ -1145,6 +1172,9 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
         # DEST: that destination's line and dead letters only, in text and JSON alike.
         summaries = [s for s in q.summarize(root, names)
                      if args.destination in (None, s.destination)]
+        # Why a queue does not move, from the running router (the spool cannot say:
+        # an unreachable destination's instances count no failure).
+        failing: dict[str, Any] = _running_status(args, config).get("failing") or {}
         if args.json:
             print(json.dumps({
                 "spool": str(root),
@@ -1152,6 +1182,7 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
                 "destinations": [{
                     "destination": s.destination, "queued": s.queued,
                     "queued_bytes": s.queued_bytes, "oldest": s.oldest, "dead": s.dead,
+                    "failing": failing.get(s.destination),
                     "dead_letters": [{"name": d.name, "reason": d.reason, "status": d.status,
                                       "attempts": d.attempts, "time": d.time,
                                       "sop_instance_uid": d.sop_instance_uid,
@@ -1167,6 +1198,9 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
             configured = "" if s.destination in names else "  (not configured)"
             print(f"{s.destination:<20} {s.queued:>7} {s.queued_bytes / 1e6:>9.1f} "
                   f"{oldest:>20} {s.dead:>6}{configured}")
+        for line in _failing_lines({"failing": {name: state for name, state in failing.items()
+                                                if args.destination in (None, name)}}):
+            print(line)
         for letter in q.dead_letters(root, args.destination):
             status = "" if letter.status is None else f" status 0x{letter.status:04X}"
             uid = f" ({letter.sop_instance_uid})" if letter.sop_instance_uid else ""

@@ -357,6 +357,9 @@ class Heartbeat(Message):
     instances_failed: int = 0
     instances_forwarded: int = 0
     queued: int = 0  # instances its destination actors hold for delivery
+    # Destinations failing since their last delivery here: name -> [last error, since,
+    # last failure] (wall-clock seconds; workers/forward.py ForwardStats).
+    failing: dict[str, object] = field(default_factory=dict)
     # Whose: a heartbeat a dead worker left unread must not count for its successor.
     pid: int = 0
 

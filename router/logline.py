@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["Held", "OneLineFormatter", "Throttle", "configure", "first_line"]
+__all__ = ["Held", "OneLineFormatter", "Throttle", "configure", "duration", "first_line"]
 
 # C0 controls but TAB, and DEL: escaped as Python writes them in a repr.
 _ESCAPES: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09} | {
@@ -146,3 +146,14 @@ class Throttle:
         del self._windows[key]
         if window[2]:
             self._due.append((*key, int(window[2]), min(now - window[0], self._period)))
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a log line or a status table: "3 d 2 h", "5 h 10 min", "42 s"."""
+    whole = max(0, int(seconds))
+    days, hours, minutes = whole // 86400, whole % 86400 // 3600, whole % 3600 // 60
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {whole % 60} s" if minutes else f"{whole} s"

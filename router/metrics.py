@@ -17,6 +17,7 @@ when the router restarts, as Prometheus' ``rate()`` expects.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -85,6 +86,13 @@ def exposition(result: Mapping[str, Any]) -> str:
         family("dicom_router_dead_letters", "gauge",
                "Instances the destination will not get without `queue retry`.",
                [({"destination": d}, c["dead"]) for d, c in queues.items()])
+        failing: Mapping[str, Mapping[str, Any]] = result.get("failing") or {}
+        now = time.time()
+        family("dicom_router_destination_failing_seconds", "gauge",
+               "Seconds since the destination's first failure after its last delivery "
+               "(0: not failing); its queue keeps what it cannot deliver.",
+               [({"destination": d}, max(0.0, now - float(failing[d]["since"]))
+                 if d in failing else 0.0) for d in sorted({*queues, *failing})])
         family("dicom_router_unrouted_instances", "gauge",
                "Instances kept in <spool>/unrouted/ (no rule matched).",
                [({}, float(result.get("unrouted", 0)))])

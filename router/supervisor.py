@@ -101,6 +101,8 @@ class WorkerSlot:
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
     earlier: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTS, 0))
     queued: int = 0
+    # Destinations failing in this worker: name -> (last error, since, last failure).
+    failing: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
     def count(self, key: str) -> int:
         """``key`` of :data:`_COUNTS` since the router started."""
@@ -112,6 +114,7 @@ class WorkerSlot:
             self.earlier[key] += self.totals[key]
         self.totals = dict.fromkeys(_COUNTS, 0)
         self.queued = 0
+        self.failing = {}
 
     @property
     def load(self) -> int:
@@ -554,6 +557,11 @@ class Supervisor:
                        "failed": message.instances_failed,
                        "forwarded": message.instances_forwarded}
         slot.queued = message.queued
+        slot.failing = {
+            name: (value[0], float(value[1]), float(value[2]))
+            for name, value in message.failing.items()
+            if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+            and all(isinstance(v, int | float) for v in value[1:])}
 
     def _slot_for(self, identity: bytes) -> WorkerSlot | None:
         for slot in self.slots:
@@ -778,6 +786,18 @@ class Supervisor:
             self.notifier.ready(f"{self._status_line()}; last reload refused: {why}")
         return f"refused, the running configuration stays: {why}"
 
+    def _failing(self) -> dict[str, dict[str, object]]:
+        """Destinations failing since their last delivery, over the workers: since the
+        earliest failure, with the latest error."""
+        merged: dict[str, tuple[str, float, float]] = {}
+        for slot in self.slots:
+            for name, (error, since, at) in slot.failing.items():
+                seen = merged.get(name)
+                merged[name] = (error, since, at) if seen is None else (
+                    error if at > seen[2] else seen[0], min(since, seen[1]), max(at, seen[2]))
+        return {name: {"error": error, "since": since, "at": at}
+                for name, (error, since, at) in merged.items()}
+
     def _status_line(self) -> str:
         """What ``systemctl status`` shows (STATUS=)."""
         ready = sum(s.ready for s in self.slots)
@@ -804,7 +824,7 @@ class Supervisor:
                 "pid": os.getpid(), "uptime": round(now - self.started, 1),
                 "generation": self.generation, "config": self.config.source,
                 "spool": str(self.config.spool), "draining": self.draining_until is not None,
-                "workers": workers})
+                "workers": workers, "failing": self._failing()})
         if command.name == "reload":
             # Said to the caller too: `dicom-router reload` (systemctl reload, kubectl
             # exec) must not report success for a file the router refused.

@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from router import logline
 from router.config import Destination
 from router.dicom import dimse, uids
 from router.dicom.dataset import Part10, part10_from_meta, read_part10_header
@@ -157,17 +158,6 @@ def is_permanent_failure(status: int) -> bool:
                           dimse.INVALID_OBJECT_INSTANCE, dimse.DUPLICATE_SOP_INSTANCE))
 
 
-def _duration(seconds: float) -> str:
-    """``seconds`` for a log line: "3 d 2 h", "5 h 10 min", "42 s"."""
-    whole = int(seconds)
-    days, hours, minutes = whole // 86400, whole % 86400 // 3600, whole % 3600 // 60
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {whole % 60} s" if minutes else f"{whole} s"
-
-
 def transparent_failure_status() -> int:
     """What a transparently forwarded C-STORE is answered when the destination
     gives no status at all (unreachable, aborted): A700H, refused out of
@@ -215,8 +205,18 @@ class ForwardStats:
     retried: int = 0
     dead: int = 0
     associations: int = 0
+    # The destination's trouble since its last delivery (status, `queue ls`): the last
+    # error, when the first one since came, and when the last one did (wall clock).
+    # An unreachable destination keeps its queue (the instances count no failure), so
+    # this is where a destination that rejects every association shows, for good.
     last_error: str = ""
+    failing_since: float = 0.0
+    failed_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def failed(self, reason: str, now: float) -> None:
+        self.last_error, self.failed_at = reason, now
+        self.failing_since = self.failing_since or now
 
 
 class DestinationActor:
@@ -792,6 +792,7 @@ class DestinationActor:
 
     def _count_delivered(self, path: Path, part10: Part10, status: int) -> None:
         self.stats.delivered += 1
+        self.stats.last_error, self.stats.failing_since = "", 0.0
         self._stalled_failures = 0
         self._emit("instance.forwarded", destination=self.name,
                    sop_instance_uid=part10.sop_instance_uid, status=status)
@@ -802,7 +803,7 @@ class DestinationActor:
         """A delivery failed: ``status`` is the destination's, if it gave one;
         ``answer`` the status and comment a transparent sender gets when it did not
         (else A700H and ``reason``)."""
-        self.stats.last_error = reason
+        self.stats.failed(reason, self.wall_clock())
         if urgent is not None:
             if status is None:
                 log.warning("forward %s: %s not sent: %s", self.name, urgent.path.name, reason)
@@ -838,7 +839,7 @@ class DestinationActor:
                         f"instance, queued behind it" if newer is not None
                    else f"{reason}; gave up after {entry.failures} attempts"
                    if entry.failures >= attempts
-                   else f"{reason}; gave up: failing for {_duration(failing_for)} "
+                   else f"{reason}; gave up: failing for {logline.duration(failing_for)} "
                         f"(retry.give_up_after)")
             self._bury(entry, fd, why, status, newer)
             return
@@ -944,7 +945,7 @@ class DestinationActor:
         self._down_failures += 1
         delay = self.destination.retry.delay(self._down_failures, self.rng())
         self._down_until = self.clock() + delay
-        self.stats.last_error = str(exc)
+        self.stats.failed(str(exc), self.wall_clock())
         log.warning("destination %s: %s; %d waiting, next try in %.1f s", self.destination,
                     exc, len(self._known), delay)
 

@@ -686,7 +686,9 @@ class Worker:
                 served_total=self.served, instances_stored=self.instances_stored,
                 instances_failed=self.instances_failed,
                 instances_forwarded=self._forwarded(),
-                queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid()))
+                queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid(),
+                failing={name: [f.stats.last_error, f.stats.failing_since, f.stats.failed_at]
+                         for name, f in self.forwarders.items() if f.stats.failing_since}))
             self._restock()
             self._say_held()
             self._sweep()

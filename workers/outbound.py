@@ -180,7 +180,10 @@ class OutboundAssociation(asyncio.BufferedProtocol):
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             reason = ("timed out" + (" connecting or in the TLS handshake" if ssl_context
                                      else "")) if isinstance(exc, TimeoutError) else (
-                exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
+                # asyncio's strerror is "Connect call failed (address)": the errno's
+                # own words ("Connection refused") say what an operator needs.
+                os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+                else exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
             if isinstance(exc, ssl.SSLError) and (hint := _tls_hint(exc, client_certificate)):
                 reason += f" ({hint})"
             raise OutboundError(f"cannot connect to {host}:{port}: {reason}") from exc

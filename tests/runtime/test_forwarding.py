@@ -1316,6 +1316,45 @@ def test_a_second_sigterm_while_draining_stops_now(tmp_path: Path, dcmtk: Dcmtk)
         pacs.shutdown()
 
 
+def test_a_destination_that_rejects_every_association_shows_in_status_and_queue_ls(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """A wrong AE title: the PACS rejects every association (permanent, PS3.8 7.1.1.9),
+    and the queue keeps its instances, counting no failure, for good. Only the log
+    said why; status, `queue ls` and the Prometheus text now say it too."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    pacs = AE(ae_title="PACS")
+    pacs.require_called_aet = True
+    pacs.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = pacs.start_server(("127.0.0.1", port), block=False)
+    router = _forward_all(tmp_path, "pacs", port, "NOT-PACS", workers=1)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        files = _study(tmp_path / "s", 1, modality="CT", description="x", seed=19)
+        _send(dcmtk, router, "MOD1", files)
+        router.wait_for("rejected the association (permanent")
+        deadline = time.monotonic() + 10  # the error rides in a heartbeat (every 0.2 s):
+        while not router.status().get("failing"):  # each status call waits for an answer
+            assert time.monotonic() < deadline, "no destination failing in status"
+        status = router.command("status")
+        assert "destination pacs: failing since" in status.stdout, status.stdout
+        assert "rejected the association (permanent" in status.stdout, status.stdout
+        listed = router.command("queue", "ls")
+        assert "destination pacs: failing since" in listed.stdout, listed.stdout
+        as_json = json.loads(router.command("queue", "ls", "--json").stdout)
+        (pacs_queue,) = as_json["destinations"]
+        assert pacs_queue["queued"] == 1 and "rejected" in pacs_queue["failing"]["error"]
+        metrics = router.command("status", "--prometheus", "-").stdout
+        (line,) = [m for m in metrics.splitlines()
+                   if m.startswith('dicom_router_destination_failing_seconds{destination="pacs"}')]
+        assert float(line.split()[-1]) > 0, line
+    finally:
+        router.stop()
+        server.shutdown()
+
+
 def test_one_modalitys_burst_goes_out_over_the_whole_concurrency(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """concurrency = 2 over 2 workers is one association per worker, and one storescu

@@ -165,15 +165,18 @@ def test_destination_down_then_up_receives_everything(tmp_path: Path, procs: Pro
         actor.start()
         actor.scan()
         await asyncio.wait_for(attempts.wait(), 10)
-        # Down: nothing moved, nothing counted as a failure of the instances.
+        # Down: nothing moved, nothing counted as a failure of the instances; the
+        # destination's own trouble is kept for status and `queue ls`.
         assert len(list((spool.root / "queue" / "pacs").glob("*.dcm"))) == 4
         assert actor.stats.dead == 0
+        assert "refused" in actor.stats.last_error and actor.stats.failing_since > 0
         holder["scp"] = storescp_server(tmp_path, procs, port=port, dcmtk=dcmtk)
         await _run_until(actor, lambda: actor.stats.delivered == 4)
 
     asyncio.run(scenario())
     assert len(received_files(holder["scp"].outdir)) == 4
     assert actor.stats.dead == 0
+    assert (actor.stats.last_error, actor.stats.failing_since) == ("", 0.0)  # delivered
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
