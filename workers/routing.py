@@ -80,6 +80,8 @@ UNMATCHED_STATUS: Final = dimse.NOT_AUTHORIZED
 
 
 _SPECIFIC_CHARACTER_SET: Final = 0x00080005
+_BITS_ALLOCATED: Final = 0x00280100
+_PIXEL_REPRESENTATION: Final = 0x00280103
 _HEAD: Final = 16 * 1024  # most headers end well within this
 _MAX_HEAD: Final = 8 * 1024 * 1024
 # A deflated instance that a rule changes is decoded whole by pydicom.
@@ -118,9 +120,13 @@ class InstanceRouter:
         # Move Originator.
         self._proxies = {d.name: d for d in config.destinations if d.move_mode == "proxy"}
         self.proxy_upstreams = frozenset(d.ae_title for d in self._proxies.values())
-        self._tags = sorted(rules.needed_tags)
-        # Specific Character Set too: text values decode by it (PS3.5 §6.1.2.5).
-        self._wanted = frozenset((*rules.needed_tags, _SPECIFIC_CHARACTER_SET))
+        # Specific Character Set too: text values decode by it (PS3.5 §6.1.2.5); and
+        # Pixel Representation and Bits Allocated, which decide the VR of the "US or SS"
+        # (and "OB or OW") attributes in Implicit VR (PS3.5 Annex A.1, PS3.3
+        # C.7.6.3.1): without them pydicom takes US, and -2000 read as 63536, so
+        # routing depended on the syntax a modality chose.
+        self._tags = sorted({*rules.needed_tags, _PIXEL_REPRESENTATION, _BITS_ALLOCATED})
+        self._wanted = frozenset((*self._tags, _SPECIFIC_CHARACTER_SET))
         # For rules that read no attribute: one empty data set, not one per instance
         # (a pydicom Dataset costs ~30 us to make; evaluation only reads it).
         self._nothing = Dataset()

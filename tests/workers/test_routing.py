@@ -340,3 +340,34 @@ def test_pydicom_failing_on_the_data_set_is_c000_and_the_disk_failing_is_not() -
     with pytest.raises(OSError) as disk, _pydicom_refusal("cannot apply the changes"):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert disk.value.errno == errno.ENOSPC and not isinstance(disk.value, DIMSEError)
+
+
+def test_us_or_ss_attributes_in_implicit_vr_are_read_as_their_pixel_representation_says(
+        tmp_path: Path) -> None:
+    """Pixel Padding Value is US or SS as Pixel Representation says (PS3.3 C.7.5.1.1.2);
+    in Implicit VR nothing else does. A rule that read it alone had pydicom take US:
+    -2000 was 63536, and the instance routed otherwise than the same one sent in
+    Explicit VR, and than `rules test` said (an outside campaign)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+    from router.config import Config
+    from rules import RuleSet
+    from workers.routing import InstanceRouter
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+    ds.Modality = "CT"
+    ds.BitsAllocated, ds.PixelRepresentation = 16, 1
+    ds.add_new(0x00280120, "SS", -2000)  # Pixel Padding Value
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "signed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    rules = RuleSet.from_text(
+        '[[rule]]\nname = "padded"\n[rule.when]\nPixelPaddingValue = -2000\n'
+        '[rule.then]\nforward = ["a"]\n', source=Path("rules.toml"), destinations={"a"})
+    router = InstanceRouter(Config(spool=Path("/s"), admin_socket=Path("/s/a.sock")), rules)
+    part10 = read_part10_header(path)
+    header = router._header(path, part10.transfer_syntax, part10.dataset_offset)
+    assert header.PixelPaddingValue == -2000
