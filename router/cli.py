@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also the letters a newer version of their instance "
                             "superseded (kept otherwise: sent after it, the old version "
                             "would replace the correction at the destination)")
+    retry.add_argument("--unchanged", action="store_true",
+                       help="also the letters a rule's change could not be made to (kept "
+                            "otherwise: they are the instances as received, and would go "
+                            "out without the change, a pseudonymisation say)")
     purge = qsub.add_parser("purge", help="delete a destination's dead letters",
                             description="Delete the dead letters of DEST (--dead is required: "
                                         "queued instances are never purged by this command).")
@@ -1186,7 +1190,8 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
                     "dead_letters": [{"name": d.name, "reason": d.reason, "status": d.status,
                                       "attempts": d.attempts, "time": d.time,
                                       "sop_instance_uid": d.sop_instance_uid,
-                                      "superseded_by": d.superseded_by}
+                                      "superseded_by": d.superseded_by,
+                                      "unchanged": d.unchanged}
                                      for d in q.dead_letters(root, s.destination)],
                 } for s in summaries]}, indent=2))
             return EXIT_OK
@@ -1225,7 +1230,7 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
             except UsageError:
                 name = target  # an instance's file name
         retried = q.retry_dead(root, dest, name, superseded=args.superseded,
-                               configured=names)
+                               configured=names, unchanged=args.unchanged)
         moved = retried.moved
         for gone, count in sorted(retried.unconfigured.items()):
             # Their queue would hold them for nobody, and the dead-letter count (an
@@ -1243,6 +1248,11 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
                              "instance file name, see `queue ls`)")
         print(f"{moved} instance(s) moved back to their queue")
         for letter in retried.kept:
+            if letter.unchanged and not args.unchanged:
+                print(f"kept {letter.destination}/{letter.name}: a rule's change could not "
+                      f"be made to it ({letter.reason}); sent, it would go out as received, "
+                      "without that change (--unchanged sends it all the same)")
+                continue
             print(f"kept {letter.destination}/{letter.name}: superseded by "
                   f"{letter.superseded_by}, a newer version of the instance, which may "
                   "be delivered by now; sent again, this old version would replace it "

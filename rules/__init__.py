@@ -194,7 +194,7 @@ So a decision with a transparent forward has that one forward only, from
 one rule, unchanged.
 """
 
-from rules.changes import Changes, CopyOp, Operation, RemoveOp, ReplaceOp, SetOp
+from rules.changes import ChangeNotMade, Changes, CopyOp, Operation, RemoveOp, ReplaceOp, SetOp
 from rules.evaluate import RuleSet
 from rules.model import (
     AssociationInfo,
@@ -210,6 +210,7 @@ from rules.model import (
 
 __all__ = [
     "AssociationInfo",
+    "ChangeNotMade",
     "Changes",
     "CopyOp",
     "Decision",

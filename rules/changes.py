@@ -107,17 +107,25 @@ def _coerce_one(item: object, vr: str) -> object:
     return DSfloat(number, auto_format=True) if vr == "DS" else number
 
 
+class ChangeNotMade(ValueError):
+    """A rule's change cannot be made: the value it would write is one its VR cannot
+    hold (a prefixed accession number past SH's 16 characters, a pseudonym past LO's
+    64). The message says which and why."""
+
+
 def _not_made(what: str, label: str, value: object, vr: str) -> None:
-    """Say that an operation left ``label`` as it was: the value it would write is one
-    ``vr`` cannot hold (a prefixed accession number past SH's 16 characters, say).
-    Silent, the copy went out unchanged and nobody knew (a review)."""
+    """Raise :class:`ChangeNotMade` for an operation on ``label``. Logged and skipped,
+    the copy went out with the attribute unchanged -- a pseudonymisation that did not
+    fit sent the identifier itself (an outside campaign): a store copy is not made
+    at all (workers/routing.py)."""
     items, _ = _items(value)
     why = next((p for p in (value_problem(vr, str(i).rstrip(_STRIP)) for i in items
                             if isinstance(i, str | PersonName)) if p),
                f"not a {vr} value")
     shown = repr(value if not isinstance(value, list) else "\\".join(map(str, value)))
-    log.warning("change not made: %s %s would be %s: %s (PS3.5 Table 6.2-1)", what,
-                label, shown[:80] + ("..." if len(shown) > 80 else ""), why)
+    raise ChangeNotMade(f"{what} {label} would be "
+                        f"{shown[:80] + ('...' if len(shown) > 80 else '')}: {why} "
+                        "(PS3.5 Table 6.2-1)")
 
 
 def _show(value: SetValue) -> str:
@@ -312,8 +320,25 @@ class Changes:
 
     operations: tuple[Operation, ...] = ()
 
-    def apply(self, ds: Dataset) -> None:
-        """Apply every operation to ``ds`` (mutated in place).
+    def problem(self, ds: Dataset) -> str | None:
+        """Why these changes cannot all be made to ``ds`` (an instance, or the header
+        the rules read, which holds every attribute a copy or a replace reads), tried on
+        a copy of it; None if they can, or if only pydicom can tell (the real change
+        says it)."""
+        trial = _copy.deepcopy(ds)
+        try:
+            for op in self.operations:
+                op.apply(trial)
+        except ChangeNotMade as exc:
+            return str(exc)
+        except Exception:  # pydicom's many errors: the copy's own writing reports them
+            return None
+        return None
+
+    def apply(self, ds: Dataset, *, strict: bool = True) -> None:
+        """Apply every operation to ``ds`` (mutated in place). An operation that cannot
+        be made raises :class:`ChangeNotMade`; unless not ``strict``, where it is
+        logged and skipped (query identifiers and results).
 
         A value the data set's Specific Character Set cannot hold ("Müller" in a
         data set in the default repertoire, Cyrillic in one in ISO_IR 100) would be
@@ -324,7 +349,12 @@ class Changes:
         itself: that is the rule writer's choice.
         """
         for op in self.operations:
-            op.apply(ds)
+            try:
+                op.apply(ds)
+            except ChangeNotMade as exc:
+                if strict:
+                    raise
+                log.warning("change not made: %s", exc)
         touched = {target_tag(op) for op in self.operations}
         if SPECIFIC_CHARACTER_SET not in touched and not _holds(ds, touched):
             # The values the operations wrote are text already. decode() would first

@@ -113,7 +113,7 @@ def changed(raw: bytes, transfer_syntax: str, changes: Changes | None) -> bytes:
     if not changes:
         return raw
     ds = decode_dataset(raw, transfer_syntax)
-    changes.apply(ds)
+    changes.apply(ds, strict=False)
     return encode_dataset(ds, transfer_syntax)
 
 

@@ -90,6 +90,9 @@ class DeadLetter:
     # The newer version of the instance queued behind it when it failed: sending it
     # again after that one may leave the destination with the old version.
     superseded_by: str | None = None
+    # A rule's change could not be made: it is the instance as received, and retried
+    # it would go out without the change (retry_dead keeps it unless told).
+    unchanged: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -261,20 +264,9 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
     """Move a queued instance to the dead-letter folder with its reason (and its SOP
     Instance UID, when it was read: the file name is the router's, not the
     instance's; and the newer version queued behind it, if one was); its new path."""
-    dead = root / DEAD_DIR / destination
-    dead.mkdir(parents=True, exist_ok=True)
-    stem = name.removesuffix(SUFFIX)
-    record = {"destination": destination, "reason": reason, "status": status,
-              "attempts": attempts, "time": time.time(), "sop_instance_uid": sop_instance_uid}
-    if superseded_by is not None:
-        record["superseded_by"] = superseded_by
-    tmp = dead / f".{stem}{_REASON_SUFFIX}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(record, fh)
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, dead / f"{stem}{_REASON_SUFFIX}")
+    dead = write_dead_reason(root, destination, name, reason=reason, status=status,
+                             attempts=attempts, fsync=fsync, sop_instance_uid=sop_instance_uid,
+                             superseded_by=superseded_by)
     target = dead / name
     os.replace(root / QUEUE_DIR / destination / name, target)
     if fsync:
@@ -283,6 +275,34 @@ def move_to_dead(root: Path, destination: str, name: str, *, reason: str,
     if sop_instance_uid is not None:
         order.unmark(root, destination, name, sop_instance_uid)
     return target
+
+
+def write_dead_reason(root: Path, destination: str, name: str, *, reason: str,
+                      status: int | None, attempts: int, fsync: bool = True,
+                      sop_instance_uid: str | None = None, superseded_by: str | None = None,
+                      unchanged: bool = False) -> Path:
+    """Write why dead letter ``name`` of ``destination`` is one, before the letter
+    itself is put there (a letter is never without its reason); the folder.
+    ``unchanged``: a rule's change could not be made to it, so it is the instance as
+    received, which the rule would not have sent (see :func:`retry_dead`)."""
+    dead = root / DEAD_DIR / destination
+    dead.mkdir(parents=True, exist_ok=True)
+    stem = name.removesuffix(SUFFIX)
+    record: dict[str, object] = {
+        "destination": destination, "reason": reason, "status": status,
+        "attempts": attempts, "time": time.time(), "sop_instance_uid": sop_instance_uid}
+    if superseded_by is not None:
+        record["superseded_by"] = superseded_by
+    if unchanged:
+        record["unchanged"] = True
+    tmp = dead / f".{stem}{_REASON_SUFFIX}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(record, fh)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    os.replace(tmp, dead / f"{stem}{_REASON_SUFFIX}")
+    return dead
 
 
 def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLetter]:
@@ -309,7 +329,8 @@ def dead_letters(root: Path, destination: str | None = None) -> Iterator[DeadLet
                 attempts=attempts if _is_int(attempts, _MAX_FAILURES) else 0,
                 time=when or 0.0,
                 sop_instance_uid=uid if isinstance(uid, str) else None,
-                superseded_by=newer if isinstance(newer, str) else None)
+                superseded_by=newer if isinstance(newer, str) else None,
+                unchanged=record.get("unchanged") is True)
 
 
 def _is_int(value: object, most: int) -> TypeGuard[int]:
@@ -339,13 +360,15 @@ class Retried:
 
 def retry_dead(root: Path, destination: str | None = None, name: str | None = None, *,
                superseded: bool = False, configured: Collection[str] | None = None,
-               ) -> Retried:
+               unchanged: bool = False) -> Retried:
     """Move dead letters back into their queue (all, one destination's, or the one
     named ``name``, with or without ``.dcm``). Superseded ones stay unless
     ``superseded``: the newer version behind each may be delivered by now, and the
     old one sent after it would replace the correction at the destination. So do
     those of a destination not in ``configured`` (if given): in its queue nobody
-    would send them, and a dead letter at least says it failed."""
+    would send them, and a dead letter at least says it failed. And those a rule's
+    change could not be made to, unless ``unchanged``: sent, they would go out as
+    received, without the change (a pseudonymisation, say) the rule asks for."""
     moved = 0
     kept = []
     unconfigured: dict[str, int] = {}
@@ -353,7 +376,8 @@ def retry_dead(root: Path, destination: str | None = None, name: str | None = No
     for letter in list(dead_letters(root, destination)):
         if wanted is not None and letter.name != wanted:
             continue
-        if letter.superseded_by is not None and not superseded:
+        if (letter.superseded_by is not None and not superseded) or (
+                letter.unchanged and not unchanged):
             kept.append(letter)
             continue
         if configured is not None and letter.destination not in configured:

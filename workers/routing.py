@@ -66,8 +66,8 @@ from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
 from workers.moves import Originator, key_text, move_of, note_sub_operation, originator_of
-from workers.queue import queue_folder
-from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
+from workers.queue import queue_folder, write_dead_reason
+from workers.spool import DEAD_DIR, QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
 __all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "queue_folder",
            "read_header"]
@@ -200,12 +200,31 @@ class InstanceRouter:
         copies: list[tuple[str, Callable[[BinaryIO], None]]] = []
         for forward in decision.forwards:
             folder = queue_folder(forward.destination)
-            if forward.changes:
+            if not forward.changes:
+                links.append(folder)
+                continue
+            if header is self._nothing:  # no condition read it; the changes do
+                header = self._header(path, writer.transfer_syntax, writer.dataset_offset,
+                                      for_changes=True)
+            problem = forward.changes.problem(header)
+            if problem is None:
                 copies.append((folder, _changed_copy(path, forward.changes,
                                                      writer.transfer_syntax,
                                                      writer.dataset_offset)))
-            else:
-                links.append(folder)
+                continue
+            # Fail closed: sent without the change (a pseudonym that does not fit, say),
+            # the copy would carry what the rule takes out. The instance as received is
+            # kept as the destination's dead letter, its reason written first, and
+            # `queue retry` keeps it unless told --unchanged.
+            reason = (f"rule {_names(decision)}: change not made, so not sent: {problem}")
+            write_dead_reason(writer.spool.root, forward.destination, writer.name,
+                              reason=reason, status=None, attempts=0,
+                              fsync=writer.spool.fsync,
+                              sop_instance_uid=writer.sop_instance_uid, unchanged=True)
+            log.warning("%s from %s: kept in %s/%s, not sent to it: %s",
+                        writer.sop_instance_uid, association.calling_ae, DEAD_DIR,
+                        forward.destination, reason)
+            links.append(f"{DEAD_DIR}/{forward.destination}")
         return Placement(links=tuple(links), copies=tuple(copies),
                          note=Routed(decision=decision, status=dimse.SUCCESS))
 
@@ -228,8 +247,9 @@ class InstanceRouter:
             return None  # a key of an instance has one value
         return key_text(value) or None
 
-    def _header(self, path: Path, transfer_syntax: str, offset: int) -> Dataset:
-        if not self.rules.needs_dataset:
+    def _header(self, path: Path, transfer_syntax: str, offset: int, *,
+                for_changes: bool = False) -> Dataset:
+        if not self.rules.needs_dataset and not for_changes:
             return self._nothing
         # Only the attributes rules read; pixel data is never touched (D5).
         header = read_header(path, transfer_syntax, offset, self._wanted)

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from rules import Changes, Decision, RemoveOp, SetOp
+from rules import ChangeNotMade, Changes, Decision, RemoveOp, SetOp
 from tests.rules.support import ASSOC, CT_SMALL, NOW, TEST_FILES, dataset, ruleset
 
 
@@ -99,8 +99,10 @@ def test_copy_text_into_number_when_it_reads_as_one() -> None:
     ds = dataset(PatientID="42", PatientName="x")
     _changes('copy = { SeriesNumber = "PatientID" }').apply(ds)
     assert ds.SeriesNumber == 42
-    _changes('copy = { InstanceNumber = "PatientName" }').apply(ds)
-    assert "InstanceNumber" not in ds  # "x" is not a number: nothing happens
+    with pytest.raises(ChangeNotMade, match="copy of PatientName to InstanceNumber"):
+        _changes('copy = { InstanceNumber = "PatientName" }').apply(ds)  # "x": no number
+    _changes('copy = { InstanceNumber = "PatientName" }').apply(ds, strict=False)
+    assert "InstanceNumber" not in ds  # not strict (query identifiers): nothing happens
 
 
 @pytest.mark.parametrize(("target", "raw", "charset", "expected"), [
@@ -183,16 +185,26 @@ def test_a_date_given_with_dashes_is_written_as_dicom_writes_it() -> None:
      "change not made: replace in AccessionNumber would be 'SITEA-RIS2024000123': at "
      "most 16 characters"),
 ])
-def test_a_value_that_cannot_take_the_targets_vr_leaves_it_as_it_was(
+def test_a_value_that_cannot_take_the_targets_vr_is_a_change_not_made(
         caplog: pytest.LogCaptureFixture, change: str, source: dict[str, str],
         said: str) -> None:
     """An outside campaign: copy and replace wrote "CompressedSamples^CT1" as a date and
-    200 characters into a 64-character LO. The target is now left as it was, and a
-    line says so (a review: a site prefix that makes an accession number too long for
-    SH must not vanish without a word)."""
+    200 characters into a 64-character LO. Then the target was left as it was, with a
+    line, and the copy went out: a pseudonym too long for LO sent the identifier itself
+    (another campaign). Now the change is not made: ChangeNotMade says why (the store
+    path keeps that copy as a dead letter, workers/routing.py), and ``problem`` says it
+    before anything is changed. Not strict (query identifiers), it is logged."""
     before = dataset(**{"ContentDate": "20240101", "PatientID": "P1", **source})
+    changes = _changes(change)
+    problem = changes.problem(before)
+    assert problem is not None and problem.startswith(said.removeprefix("change not made: "))
+    trial = copy.deepcopy(before)
+    with pytest.raises(ChangeNotMade) as raised:
+        changes.apply(trial)
+    assert str(raised.value).startswith(said.removeprefix("change not made: "))
     with caplog.at_level("WARNING", logger="rules.changes"):
-        after = _applied(change, before)
+        after = copy.deepcopy(before)
+        changes.apply(after, strict=False)
     target = next(t for t in ("ContentDate", "PatientID", "AccessionNumber")
                   if f"{t} =" in change)
     assert after.get(target) == before.get(target)

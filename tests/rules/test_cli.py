@@ -190,6 +190,23 @@ def test_dry_run_forward_with_changes(rules_file: Path, config_file: Path,
     ]
 
 
+def test_dry_run_says_a_change_that_cannot_be_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A prefix that makes CT_small's accession number too long for SH: `rules test`
+    listed the change as made, while the router sent the copy unchanged (an outside
+    campaign). Now the router keeps it as a dead letter, and the dry run says so."""
+    rules = tmp_path / "prefix.toml"
+    rules.write_text('[[rule]]\nname = "prefix"\n[rule.then]\nforward = ["ris"]\n'
+                     '[[rule.then.change]]\n'
+                     'set = { AccessionNumber = "RIS2024000123" }\n'
+                     'replace = { AccessionNumber = { pattern = "^", with = "SITEA-" } }\n')
+    assert _run("test", str(rules), str(CT_SMALL), "--calling-ae", "CT1") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("         change not made: replace in AccessionNumber would be "
+            "'SITEA-RIS2024000123': at most 16 characters (PS3.5 Table 6.2-1); the instance "
+            "would be kept in dead/ris, not sent") in out, out
+
+
 def test_dry_run_reject_drop_and_unmatched(rules_file: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert _run("test", str(rules_file), str(MR_SMALL), "--calling-ae", "MR2",

@@ -1276,6 +1276,58 @@ def test_concurrency_1_means_one_association_in_all_whatever_the_workers(
     assert sorted(seen) == sorted(_uid(p) for files in studies for p in files)
 
 
+def test_a_change_that_cannot_be_made_keeps_that_copy_as_a_dead_letter(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """A site prefix that makes one study's accession number too long for SH (PS3.5
+    Table 6.2-1): the copy for that destination went out unchanged, with a warning
+    line (an outside campaign; for a pseudonym too long for LO that sends the patient
+    ID itself). Now it is kept as that destination's dead letter, saying why, which
+    `queue retry` keeps unless told --unchanged; the other destination gets its copy,
+    and the sender its Success."""
+    research = storescp_server(tmp_path, procs, aet="RESEARCH", args=["+B"], dcmtk=dcmtk)
+    pacs = storescp_server(tmp_path, procs, aet="PACS", args=["+B"], dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "prefixed"\n[rule.then]\nforward = ["research", "pacs"]\n'
+        '[[rule.then.change]]\ndestination = "research"\n'
+        'replace = { AccessionNumber = { pattern = "^", with = "SITEA-" } }\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("research", research.port, "RESEARCH")
+                    + _destination("pacs", pacs.port, "PACS"))
+    short, long = tmp_path / "short.dcm", tmp_path / "long.dcm"
+    make_ct(short, size_kb=8, seed=31)
+    make_ct(long, size_kb=8, seed=32)
+    for path, accession in ((short, "A1"), (long, "RIS2024000123")):
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = accession
+        ds.save_as(path, enforce_file_format=True)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, "MOD1", [short, long])  # both acknowledged (asserted there)
+        router.wait_count("forward pacs:", 2)
+        router.wait_count("forward research:", 1)
+        line = router.lines[router.wait_for("not sent to it")]
+        assert f"{_uid(long)} from MOD1: kept in dead/research" in line, line
+        assert "change not made, so not sent: replace in AccessionNumber would be " \
+            "'SITEA-RIS2024000123': at most 16 characters" in line, line
+        listed = router.command("queue", "ls", "research")
+        assert "change not made" in listed.stdout, listed.stdout
+        kept = router.command("queue", "retry", "research")
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert "0 instance(s) moved back" in kept.stdout, kept.stdout
+        assert "--unchanged sends it all the same" in kept.stdout, kept.stdout
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): p for p in received_files(research.outdir)}
+    assert list(got) == [_uid(short)]
+    assert pydicom.dcmread(got[_uid(short)]).AccessionNumber == "SITEA-A1"
+    assert sorted(_uid(p) for p in received_files(pacs.outdir)) == sorted(
+        [_uid(short), _uid(long)])
+    (letter,) = (router.spool / "dead" / "research").glob("*.dcm")
+    assert pydicom.dcmread(letter).AccessionNumber == "RIS2024000123"  # as received
+    record = json.loads(letter.with_suffix(".json").read_text())
+    assert record["unchanged"] is True and record["sop_instance_uid"] == _uid(long)
+
+
 def test_a_second_sigterm_while_draining_stops_now(tmp_path: Path, dcmtk: Dcmtk) -> None:
     """An operator who sends SIGTERM again (or presses Ctrl-C twice) will not wait out
     the grace period (60 s here): a second one was ignored without a word. Now it
