@@ -228,10 +228,10 @@ def _test(args: argparse.Namespace, destinations: frozenset[str] | None) -> int:
                      + ("s" if len(lines) > 1 else "")))
             for line in lines:
                 print(f"         {line}")
-            problem = forward.changes.problem(dataset) if lines else None
-            if problem is not None:
+            not_made = forward.changes.problem(dataset) if lines else None
+            if not_made is not None:
                 # What the router does with it (workers/routing.py): never sent without
                 # the change.
-                print(f"         change not made: {problem}; the instance would be kept "
+                print(f"         change not made: {not_made}; the instance would be kept "
                       f"in dead/{forward.destination}, not sent")
     return code

@@ -531,6 +531,26 @@ def test_a_data_set_in_thousands_of_tiny_fragments_is_stored(
     assert stored.read_bytes().endswith(data)
 
 
+@pytest.mark.parametrize("control", [0x01, 0x00])  # command, data set: not the last
+def test_empty_fragments_are_refused_with_an_abort(server: LoopServer, no_tracebacks: None,
+                                                   control: int) -> None:
+    """A fragment that is not a message's last carries data (PS3.8 9.3.5.1). Empty
+    command fragments were kept one object each, outside the command-set bound: a
+    peer grew a worker's memory 1.3 MB per MiB sent, without limit, and empty data
+    fragments cost 0.8 s of its loop per MiB (an outside campaign)."""
+    sock = associated(server.port, abstract=CT)
+    if control == 0x00:  # a data set needs its command first
+        sock.sendall(p_data(store_rq(1, "1.2.3.10")))
+    empty = struct.pack(">IBB", 2, 1, control)
+    sock.sendall(struct.pack(">BBI", 4, 0, len(empty) * 1000) + empty * 1000)
+    kind, body = read_pdu(sock)
+    assert kind == 0x07 and body[2:4] == b"\x02\x06", body  # A-ABORT, provider, reason 6
+    sock.close()
+    actor = server.wait_closed(1)[0]
+    assert actor.stats.instances == 0
+    assert not list((server.spool.root / "incoming").iterdir())
+
+
 def _referenced(n: int) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = CT
