@@ -86,13 +86,14 @@ def exposition(result: Mapping[str, Any]) -> str:
         family("dicom_router_dead_letters", "gauge",
                "Instances the destination will not get without `queue retry`.",
                [({"destination": d}, c["dead"]) for d, c in queues.items()])
-        failing: Mapping[str, Mapping[str, Any]] = result.get("failing") or {}
-        now = time.time()
-        family("dicom_router_destination_failing_seconds", "gauge",
-               "Seconds since the destination's first failure after its last delivery "
-               "(0: not failing); its queue keeps what it cannot deliver.",
-               [({"destination": d}, max(0.0, now - float(failing[d]["since"]))
-                 if d in failing else 0.0) for d in sorted({*queues, *failing})])
+        if running:  # only the running router knows (none: unknown, not 0)
+            failing: Mapping[str, Mapping[str, Any]] = result.get("failing") or {}
+            now = time.time()
+            family("dicom_router_destination_failing_seconds", "gauge",
+                   "Seconds since the destination's first failure after its last delivery "
+                   "(0: not failing); its queue keeps what it cannot deliver.",
+                   [({"destination": d}, max(0.0, now - float(failing[d]["since"]))
+                     if d in failing else 0.0) for d in sorted({*queues, *failing})])
         family("dicom_router_unrouted_instances", "gauge",
                "Instances kept in <spool>/unrouted/ (no rule matched).",
                [({}, float(result.get("unrouted", 0)))])

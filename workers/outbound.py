@@ -182,7 +182,9 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                                      else "")) if isinstance(exc, TimeoutError) else (
                 # asyncio's strerror is "Connect call failed (address)": the errno's
                 # own words ("Connection refused") say what an operator needs.
+                # (An SSLError is an OSError too, its errno the library's own.)
                 os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
+                and not isinstance(exc, ssl.SSLError)
                 else exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
             if isinstance(exc, ssl.SSLError) and (hint := _tls_hint(exc, client_certificate)):
                 reason += f" ({hint})"
