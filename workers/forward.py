@@ -295,9 +295,20 @@ class DestinationActor:
         return len(self._known)
 
     def start(self) -> None:
-        for index in range(len(self._senders), self.share):
-            self._senders.append(asyncio.get_running_loop().create_task(
-                self._sender(index), name=f"forward-{self.name}-{index}"))
+        """A sender for each index below ``share`` that has none running (one above it,
+        after a reload lowered the share, ends once its instance is answered)."""
+        for index in range(self.share):
+            if index < len(self._senders) and not self._senders[index].done():
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._sender(index), name=f"forward-{self.name}-{index}")
+            if index < len(self._senders):
+                self._senders[index] = task
+            else:
+                self._senders.append(task)
+
+    def _running(self) -> list[asyncio.Task[None]]:
+        return [task for task in self._senders if not task.done()]
 
     def enqueue(self, name: str, *, handed: bool = False) -> None:
         """An instance was just committed to this destination's queue; ``handed``: by
@@ -332,7 +343,7 @@ class DestinationActor:
         before = len(self._known)
         failure_records(self.spool.root, self.name)  # removes those left by the dead
         for name in queued(self.spool.root, self.name):
-            self.enqueue(name)
+            self.enqueue(name, handed=True)  # every worker with a share scans it too
             if self._overflow:
                 break
         found = len(self._known) - before
@@ -351,10 +362,16 @@ class DestinationActor:
                      destination.name)
             self._down_until, self._down_failures = 0.0, 0
         self.destination = destination
-        self.share = max(0, share)
+        had, self.share = self.share, max(0, share)
         self._wake.set()  # an idle sender holding an outdated association lets it go
-        if self._senders:
+        if self.share:
+            # From 0 too: a worker that had no part of the concurrency had no sender,
+            # and what it queued after the reload stayed queued until a restart.
             self.start()
+            if not had:
+                self.scan()
+        # A lower share: the senders above it end once their instance is answered;
+        # the last of them hands the rest on if none is left (_sender).
 
     async def send_now(self, path: Path,
                        originator: Originator | None = None) -> tuple[int, str | None]:
@@ -374,11 +391,12 @@ class DestinationActor:
             asyncio.get_running_loop().create_future()
         self._urgent.append(_Urgent(path, future, originator))
         self._wake.set()
-        if not self._senders:
+        if not self._running():
             self.start()
-        if not self._senders:  # share 0 and no relay: one sender for transparent sends
-            self._senders.append(asyncio.get_running_loop().create_task(
-                self._sender(0), name=f"forward-{self.name}-urgent"))
+        if not self._running():  # share 0 and no relay: one sender for transparent sends
+            task = asyncio.get_running_loop().create_task(
+                self._sender(0), name=f"forward-{self.name}-urgent")
+            self._senders[:1] = [task]
         return await future
 
     async def finish(self, timeout: float, why: str = "the router is stopping") -> None:
@@ -427,8 +445,8 @@ class DestinationActor:
         assoc: OutboundAssociation | None = None
         label = f"{self.name}#{self.worker_id}.{index}"
         try:
-            while not self._closing:
-                job = await self._next_job(assoc)
+            while not self._closing and not self._surplus(index):
+                job = await self._next_job(assoc, index)
                 if job is None:  # idle: let the association go
                     if assoc is not None:
                         await assoc.release()
@@ -440,10 +458,13 @@ class DestinationActor:
                 except Exception:
                     self._give_back(job)
                     raise
-            if assoc is not None:  # finish(): the instance sent was answered
+            if assoc is not None:  # finish(), or surplus: the instance sent was answered
                 await assoc.release()
                 self._open.discard(assoc)
                 assoc = None
+            if not self._closing and self.share == 0 and not [
+                    t for t in self._running() if t is not asyncio.current_task()]:
+                self._pass_on_all()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -456,19 +477,41 @@ class DestinationActor:
                 assoc.abort("sender stopped")
                 self._open.discard(assoc)
 
-    async def _next_job(self, assoc: OutboundAssociation | None) -> _Entry | _Urgent | None:
+    def _surplus(self, index: int) -> bool:
+        """A sender above the share a reload lowered (a destination's concurrency),
+        with no transparent send waiting: it ends, so that the destination sees no
+        more associations than configured."""
+        return index >= self.share and not self._urgent
+
+    def _pass_on_all(self) -> None:
+        """The share went to 0 and the last sender here ended: what this worker held
+        goes to the workers that send to the destination now (hand_off), their
+        failure records and order markers on disk going with the files."""
+        names = list(self._known)
+        self._known.clear()
+        self._ready.clear()
+        self._delayed.clear()
+        self._behind.clear()
+        if names and self.hand_off is not None:
+            log.info("destination %s: this worker has no part of its concurrency now; "
+                     "%d queued instance(s) passed on", self.name, len(names))
+            for name in names:
+                self.hand_off(name)
+
+    async def _next_job(self, assoc: OutboundAssociation | None,
+                        index: int = 0) -> _Entry | _Urgent | None:
         holding = assoc is not None and assoc.is_associated
         idle_deadline = self.clock() + self.destination.idle if holding else math.inf
         if holding:
             self._parked_open += 1
         try:
-            return await self._wait_job(assoc, holding, idle_deadline)
+            return await self._wait_job(assoc, holding, idle_deadline, index)
         finally:
             if holding:
                 self._parked_open -= 1
 
     async def _wait_job(self, assoc: OutboundAssociation | None, holding: bool,
-                        idle_deadline: float) -> _Entry | _Urgent | None:
+                        idle_deadline: float, index: int = 0) -> _Entry | _Urgent | None:
         """The next job for a sender, None to release its association (idle).
 
         Work goes first to a sender that holds an open association: a second one is
@@ -478,7 +521,7 @@ class DestinationActor:
         keep the newcomer in its backlog until our idle timer ran out."""
         while not self._closing:
             self._wake.clear()
-            if holding and self._connecting:
+            if (holding and self._connecting) or self._surplus(index):
                 return None
             if (not holding and self._parked_open and (
                     self._urgent or (self._ready and self.clock() >= self._down_until))):

@@ -326,11 +326,11 @@ class Worker:
         target = 1 + self.shares_out % senders
         if target == self.worker_id or target in self.gone:
             return False
-        self._send_actor(control.ActorMessage.between(
+        # Not taken (its queue to that worker is full): it stays here.
+        return self._send_actor(control.ActorMessage.between(
             control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
             control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
-            {"destination": destination, "name": name}))
-        return True
+            {"destination": destination, "name": name})) is None
 
     def _senders_of(self, destination: str) -> int | None:
         """Another worker with associations for ``destination`` (it has none here):
@@ -783,7 +783,10 @@ class Worker:
         elif message.kind == "enqueue":
             forwarder = self.forwarders.get(str(message.body.get("destination")))
             name = message.body.get("name")
-            if forwarder is not None and isinstance(name, str) and forwarder.share > 0:
+            if forwarder is not None and isinstance(name, str):
+                # With no part of the destination's concurrency here (a reload between
+                # the sender's decision and this), enqueue hands it to a worker that
+                # has one: dropped, it stayed queued until a restart.
                 forwarder.enqueue(name, handed=True)
         elif message.kind == "send":
             self.loop.create_task(self._send_for(message))

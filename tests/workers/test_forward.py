@@ -32,7 +32,7 @@ from tests.helpers import (
 )
 from tests.helpers.net import free_port
 from workers.forward import DestinationActor, is_permanent_failure
-from workers.queue import retry_dead
+from workers.queue import queued, retry_dead
 from workers.spool import Spool
 
 pytestmark = pytest.mark.interop
@@ -482,6 +482,56 @@ def test_a_backlog_is_offered_to_the_other_workers_and_never_passed_on_twice(
     assert actor.depth == 4  # q0, q1, then q3 and q5 that no other worker took
     actor.enqueue("q6.dcm", handed=True)
     assert len(offered) == 4 and actor.depth == 5
+
+
+def test_a_reload_that_gives_a_worker_a_share_starts_its_sender(tmp_path: Path) -> None:
+    """Concurrency 1 -> 2 over 2 workers: worker 2 had no part, so no sender, and
+    update() started senders only where some ran already: what it queued after the
+    reload stayed queued until a restart (an outside campaign)."""
+    port = free_port()
+    server = _status_scp(0x0000, port)
+    try:
+        spool = Spool(tmp_path / "spool", fsync=False)
+        _queue(spool, "pacs", tmp_path, 3, size_kb=2)
+        handed: list[str] = []
+        actor = DestinationActor(_destination(port), spool, share=0, hand_off=handed.append)
+
+        async def scenario() -> None:
+            delivered = asyncio.Event()
+            actor.on_event = lambda kind, fields: (
+                delivered.set() if actor.stats.delivered == 3 else None)
+            actor.start()
+            assert actor.scan() == 0  # no share: the others take up the queue
+            actor.update(_destination(port), 1)
+            await asyncio.wait_for(delivered.wait(), 20)
+            await actor.stop()
+
+        asyncio.run(scenario())
+    finally:
+        server.shutdown()
+    assert actor.stats.delivered == 3 and len(server.seen) == 3 and not handed
+
+
+def test_a_reload_that_takes_a_workers_share_ends_its_senders_and_passes_its_queue_on(
+        tmp_path: Path) -> None:
+    """Concurrency 2 -> 1 over 2 workers: the worker left with no part kept its sender,
+    so the destination saw two associations, and a node that takes one at a time
+    stalled. Now its sender ends, and what it held goes to the worker that sends."""
+    spool = Spool(tmp_path / "spool", fsync=False)
+    _queue(spool, "pacs", tmp_path, 3, size_kb=2)
+    handed: list[str] = []
+    down = free_port()  # nothing listens: the instances stay queued here
+    actor = DestinationActor(_destination(down), spool, share=1, hand_off=handed.append)
+
+    async def scenario() -> None:
+        actor.start()
+        assert actor.scan() == 3
+        actor.update(_destination(down), 0)
+        await asyncio.wait_for(asyncio.gather(*actor._senders), 20)
+        await actor.stop()
+
+    asyncio.run(scenario())
+    assert sorted(handed) == sorted(queued(spool.root, "pacs")) and actor.depth == 0
 
 
 def test_a_queue_larger_than_memory_is_taken_up_from_disk_in_windows(
