@@ -921,6 +921,8 @@ def _admin_elsewhere(config_file: Path | None, expected: Path) -> tuple[int, str
     is not one of the run directory's own (router.control.Endpoints)."""
     import psutil
 
+    from router import control
+
     if config_file is None:
         return None
     try:
@@ -935,8 +937,9 @@ def _admin_elsewhere(config_file: Path | None, expected: Path) -> tuple[int, str
                 continue
             for conn in proc.net_connections(kind="unix"):
                 path = conn.laddr
-                if (isinstance(path, str) and path and os.path.basename(path)
-                        not in ("ctl.sock", "bcast.sock") and Path(path) != expected):
+                if (isinstance(path, str) and path and os.path.basename(path) not in (
+                        control.CONTROL_SOCKET, control.BROADCAST_SOCKET)
+                        and Path(path) != expected):
                     return proc.pid, path
         except (psutil.Error, OSError):
             continue  # gone meanwhile, or another user's
@@ -1018,7 +1021,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("served, stored/failed (instances received), fwd (delivered): since the router "
           "started; queued: a worker's share in memory, the total from the spool")
     print(_queue_line(result))
-    for line in _failing_lines(result):
+    for line in _failing_lines(result.get("failing")):
         print(line)
     return EXIT_OK
 
@@ -1031,15 +1034,14 @@ def _running_status(args: argparse.Namespace, config: Config) -> dict[str, Any]:
         return {}
 
 
-def _failing_lines(result: dict[str, Any]) -> list[str]:
-    """A line per destination failing since its last delivery (the running router's
-    view): a destination that rejects every association keeps its queue, and only
-    the log said why."""
+def _failing_lines(failing: object) -> list[str]:
+    """A line per destination ``failing`` (status's map of those failing since their
+    last delivery): a destination that rejects every association keeps its queue,
+    and only the log said why."""
     import datetime
 
     now = time.time()
     lines = []
-    failing = result.get("failing")
     for name, state in sorted(failing.items() if isinstance(failing, dict) else ()):
         since = float(state.get("since", now))
         lines.append(f"destination {name}: failing since "
@@ -1203,8 +1205,8 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
             configured = "" if s.destination in names else "  (not configured)"
             print(f"{s.destination:<20} {s.queued:>7} {s.queued_bytes / 1e6:>9.1f} "
                   f"{oldest:>20} {s.dead:>6}{configured}")
-        for line in _failing_lines({"failing": {name: state for name, state in failing.items()
-                                                if args.destination in (None, name)}}):
+        for line in _failing_lines({name: state for name, state in failing.items()
+                                    if args.destination in (None, name)}):
             print(line)
         for letter in q.dead_letters(root, args.destination):
             status = "" if letter.status is None else f" status 0x{letter.status:04X}"

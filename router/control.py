@@ -70,6 +70,8 @@ import msgpack
 import zmq
 
 __all__ = [
+    "BROADCAST_SOCKET",
+    "CONTROL_SOCKET",
     "MAX_MESSAGE_BYTES",
     "MAX_WORKER_ID",
     "PROTOCOL_VERSION",
@@ -621,6 +623,10 @@ def route(message: ActorMessage, local_worker_id: int) -> Literal["local", "remo
 
 # ---------------------------------------------------------------- endpoints
 
+# The run directory's own sockets (Endpoints); the admin socket may be elsewhere.
+CONTROL_SOCKET: Final = "ctl.sock"
+BROADCAST_SOCKET: Final = "bcast.sock"
+
 
 def _ipc(directory: str, name: str) -> str:
     path = os.path.join(directory, name)
@@ -666,8 +672,8 @@ class Endpoints:
             admin = _ipc(os.path.dirname(full), os.path.basename(full))
         endpoints = cls(
             run_dir=directory,
-            control=_ipc(directory, "ctl.sock"),
-            broadcast=_ipc(directory, "bcast.sock"),
+            control=_ipc(directory, CONTROL_SOCKET),
+            broadcast=_ipc(directory, BROADCAST_SOCKET),
             admin=admin,
         )
         endpoints.actor(MAX_WORKER_ID)  # the longest inbox path fits, so they all do

@@ -306,11 +306,7 @@ class Worker:
         and its replacement takes it up when it scans at start."""
         # With every sender dead, the message waits for a replacement; that one
         # scans the queue at start too, so either way the file is taken up.
-        target = self._senders_of(destination) or 1
-        self._send_actor(control.ActorMessage.between(
-            control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
-            control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
-            {"destination": destination, "name": name}))
+        self._send_enqueue(self._senders_of(destination) or 1, destination, name)
 
     def _share_with(self, destination: str, name: str) -> bool:
         """A backlog of ``destination`` here: the workers with associations for it
@@ -318,8 +314,7 @@ class Worker:
         Each takes the part sent to it, not the whole backlog, so they all finish
         about together; a file sent to a worker that dies is taken up from the queue
         folder by its replacement's scan at start."""
-        d = self.config.destination(destination)
-        senders = min(d.concurrency, self.config.workers)
+        senders = self._sending_workers(destination)
         if senders < 2:
             return False
         self.shares_out += 1
@@ -327,17 +322,27 @@ class Worker:
         if target == self.worker_id or target in self.gone:
             return False
         # Not taken (its queue to that worker is full): it stays here.
+        return self._send_enqueue(target, destination, name) is None
+
+    def _send_enqueue(self, target: int, destination: str,
+                      name: str) -> control.ActorUnreachable | None:
+        """Tell worker ``target`` of queue file ``name`` of ``destination``: it takes it
+        (workers with no part of the concurrency pass it on); why not, if it cannot."""
         return self._send_actor(control.ActorMessage.between(
             control.ActorAddress(worker_id=self.worker_id, actor_id="worker"),
             control.ActorAddress(worker_id=target, actor_id="worker"), "enqueue",
-            {"destination": destination, "name": name})) is None
+            {"destination": destination, "name": name}))
+
+    def _sending_workers(self, destination: str) -> int:
+        """How many workers have associations for ``destination``: workers 1 to that
+        number (share_of)."""
+        return min(self.config.destination(destination).concurrency, self.config.workers)
 
     def _senders_of(self, destination: str) -> int | None:
         """Another worker with associations for ``destination`` (it has none here):
         workers 1 to its ``concurrency`` have them (share_of), taken in turn, those
         not known to be dead first; None if every one of them is."""
-        d = self.config.destination(destination)
-        senders = min(d.concurrency, self.config.workers)
+        senders = self._sending_workers(destination)
         for _ in range(senders):
             self.hand_offs += 1
             target = 1 + self.hand_offs % senders

@@ -177,15 +177,8 @@ class OutboundAssociation(asyncio.BufferedProtocol):
                 loop.create_connection(lambda: protocol, host, port, ssl=ssl_context,
                                        server_hostname=name),
                 timeout)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            reason = ("timed out" + (" connecting or in the TLS handshake" if ssl_context
-                                     else "")) if isinstance(exc, TimeoutError) else (
-                # asyncio's strerror is "Connect call failed (address)": the errno's
-                # own words ("Connection refused") say what an operator needs.
-                # (An SSLError is an OSError too, its errno the library's own.)
-                os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno
-                and not isinstance(exc, ssl.SSLError)
-                else exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc))
+        except OSError as exc:  # TimeoutError and ssl.SSLError among them
+            reason = _connect_failure(exc, tls=ssl_context is not None)
             if isinstance(exc, ssl.SSLError) and (hint := _tls_hint(exc, client_certificate)):
                 reason += f" ({hint})"
             raise OutboundError(f"cannot connect to {host}:{port}: {reason}") from exc
@@ -783,6 +776,18 @@ _TLS_HINTS: Final = {
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "it finds our certificate expired",
     "WRONG_VERSION_NUMBER": "is that port TLS? It did not answer as a TLS server",
 }
+
+
+def _connect_failure(exc: OSError, *, tls: bool) -> str:
+    """Why connecting failed, in an operator's words."""
+    if isinstance(exc, TimeoutError):
+        return "timed out" + (" connecting or in the TLS handshake" if tls else "")
+    if exc.errno and not isinstance(exc, ssl.SSLError):
+        # asyncio's strerror is "Connect call failed (address)": the errno's own words
+        # ("Connection refused") say what an operator needs. (An SSLError's errno is
+        # the TLS library's own.)
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
 
 
 def _tls_hint(exc: ssl.SSLError, presented: bool) -> str | None:

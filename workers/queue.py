@@ -126,6 +126,11 @@ def queue_folder(destination: str) -> str:
     return f"{QUEUE_DIR}/{destination}"
 
 
+def dead_folder(destination: str) -> str:
+    """The spool folder (relative to the root) holding ``destination``'s dead letters."""
+    return f"{DEAD_DIR}/{destination}"
+
+
 def queued(root: Path, destination: str) -> list[str]:
     """Names of the instances waiting for ``destination``, oldest first."""
     return [e.name for e in _files(root / QUEUE_DIR / destination)]

@@ -66,8 +66,8 @@ from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
 from workers.moves import Originator, key_text, move_of, note_sub_operation, originator_of
-from workers.queue import queue_folder, write_dead_reason
-from workers.spool import DEAD_DIR, QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
+from workers.queue import dead_folder, queue_folder, write_dead_reason
+from workers.spool import QUEUE_DIR, UNROUTED_DIR, Placed, Placement, SpoolWriter
 
 __all__ = ["UNMATCHED_STATUS", "Dispatcher", "InstanceRouter", "Routed", "queue_folder",
            "read_header"]
@@ -221,10 +221,10 @@ class InstanceRouter:
                               reason=reason, status=None, attempts=0,
                               fsync=writer.spool.fsync,
                               sop_instance_uid=writer.sop_instance_uid, unchanged=True)
-            log.warning("%s from %s: kept in %s/%s, not sent to it: %s",
-                        writer.sop_instance_uid, association.calling_ae, DEAD_DIR,
-                        forward.destination, reason)
-            links.append(f"{DEAD_DIR}/{forward.destination}")
+            dead = dead_folder(forward.destination)
+            log.warning("%s from %s: kept in %s, not sent to it: %s",
+                        writer.sop_instance_uid, association.calling_ae, dead, reason)
+            links.append(dead)
         return Placement(links=tuple(links), copies=tuple(copies),
                          note=Routed(decision=decision, status=dimse.SUCCESS))
 
