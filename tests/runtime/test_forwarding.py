@@ -268,25 +268,8 @@ def test_stop_or_removal_waits_for_the_answer_to_the_instance_in_flight(
     destination's answer to it is awaited, so the instance is not sent twice. They
     used to abort the association at once: the PACS had it, the router did not
     know, and sent it again after the restart."""
-    import threading
-
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-
-    entered, answer = threading.Event(), threading.Event()
-    seen: list[str] = []
-
-    def on_store(event: Any) -> int:
-        seen.append(event.request.AffectedSOPInstanceUID)
-        entered.set()
-        answer.wait(30)  # the PACS answers once the router is stopping
-        return 0x0000
-
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    pacs = _CountingPacs("PACS", hold=True)  # answers once the router is stopping
+    entered, answer, seen, port = pacs.entered, pacs.answer, pacs.seen, pacs.port
     router: Router | None = None
     try:
         router = _forward_all(tmp_path, "pacs", port, "PACS", workers=1,
@@ -325,7 +308,7 @@ def test_stop_or_removal_waits_for_the_answer_to_the_instance_in_flight(
         answer.set()
         if router is not None:
             router.stop()
-        server.shutdown()
+        pacs.shutdown()
 
 
 def test_a_reload_that_fixes_the_address_is_tried_at_once(
