@@ -10,8 +10,8 @@ per run), sent by 2 DCMTK storescu streams in parallel (each its own folder,
         association, so both streams are served at once; files written, no
         fsync: DCMTK has none);
     (b) storescu -> ``dicom-router run`` (2 workers, fsync on, one rule
-        forwarding everything to one destination with ``concurrency = 2``) ->
-        the same storescp;
+        forwarding everything to one destination with ``concurrency = 2``,
+        which ``--concurrency`` changes) -> the same storescp;
     (c) storescu -> a naive pynetdicom forwarder -> the same storescp. It is the
         forwarder a site engineer writes with pynetdicom: an AE whose C-STORE
         handler sends each instance on over an association it keeps open (one
@@ -138,7 +138,7 @@ name = "{dest}"
 host = "127.0.0.1"
 port = {sink_port}
 ae_title = "{sink_ae}"
-concurrency = 2
+concurrency = {concurrency}
 """
 
 RULES = """\
@@ -312,7 +312,7 @@ class Sink(Server):
 class Router(Server):
     """``dicom-router run``: 2 workers, fsync on, everything forwarded to the sink."""
 
-    def __init__(self, tmp: Path, sink: Sink) -> None:
+    def __init__(self, tmp: Path, sink: Sink, concurrency: int) -> None:
         super().__init__()
         self.name, self.ae = f"router, {WORKERS} workers, fsync", ROUTER_AE
         self.port = free_port()
@@ -323,7 +323,8 @@ class Router(Server):
         (home / "rules.toml").write_text(RULES.format(dest=DESTINATION))
         config.write_text(CONFIG.format(ae=ROUTER_AE, workers=WORKERS, port=self.port,
                                         spool=self.spool, dest=DESTINATION,
-                                        sink_port=sink.port, sink_ae=sink.ae))
+                                        sink_port=sink.port, sink_ae=sink.ae,
+                                        concurrency=concurrency))
         self.changed = threading.Condition()
         self.received = 0  # "C-STORE ... bytes status 0x0000" lines
         self.delivered: list[float] = []  # when each "forward sink: ... 0x0000" was read
@@ -811,7 +812,8 @@ def subset(root: Path, dirs: Sequence[Path], count: int) -> list[Path]:
     return out
 
 
-def run_scenario(scenario: Scenario, count: int, home: Path, repeat: int, cores: int) -> None:
+def run_scenario(scenario: Scenario, count: int, home: Path, repeat: int, cores: int,
+                 concurrency: int) -> None:
     """Generate the data, start the sink, measure each setup, print, clean up."""
     home.mkdir()
     try:
@@ -821,7 +823,8 @@ def run_scenario(scenario: Scenario, count: int, home: Path, repeat: int, cores:
             stack.callback(sink.stop)
             setups: list[tuple[str, Callable[[], Server], Sequence[Path]]] = [
                 ("(a) storescu -> storescp", lambda: sink, dirs),
-                ("(b) storescu -> router -> storescp", lambda: Router(home, sink), dirs)]
+                ("(b) storescu -> router -> storescp",
+                 lambda: Router(home, sink, concurrency), dirs)]
             if scenario.naive:
                 setups.append(("(c) storescu -> naive -> storescp",
                                lambda: Naive(sink, nodelay=True), dirs))
@@ -851,6 +854,10 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                         help="where the data, the spool and storescp's output go, in a "
                              "temporary folder (disk-backed: /tmp may be tmpfs)")
+    parser.add_argument("--concurrency", type=int, default=2,
+                        help="the destination's concurrency in (b) (default 2: one association "
+                             "per worker; 1 leaves one worker sending and the other handing "
+                             "its instances over)")
     parser.add_argument("--naive-forwarder", nargs=3, type=int,
                         metavar=("PORT", "SINK_PORT", "NODELAY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -858,6 +865,8 @@ def main() -> int:
         return naive_forwarder(*args.naive_forwarder)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     counts = parse_counts(args.count, args.only, parser)
     signal.signal(signal.SIGTERM, _terminate)
 
@@ -873,7 +882,7 @@ def main() -> int:
               + "; every DCMTK process with TCP_NODELAY=1")
         print("(a) storescu -> storescp --fork -od (a process per association, no fsync)")
         print(f"(b) storescu -> router ({WORKERS} workers, fsync on, 1 rule forwarding all to "
-              f"1 destination, concurrency 2) -> same storescp")
+              f"1 destination, concurrency {args.concurrency}) -> same storescp")
         print("(c) storescu -> naive pynetdicom forwarder (own process, one downstream "
               "association per inbound one, TCP_NODELAY set) -> same storescp")
         print(f"(c') the same naive forwarder with pynetdicom's default, Nagle on (at most "
@@ -882,7 +891,8 @@ def main() -> int:
               "the sink (for (b): the router logged its delivery, or later if the senders "
               "were not done yet); inst/s and MB/s are from e2e; CPU s of the best run")
         for name in [args.only] if args.only else list(SCENARIOS):
-            run_scenario(SCENARIOS[name], counts[name], tmp / name, args.repeat, cores)
+            run_scenario(SCENARIOS[name], counts[name], tmp / name, args.repeat, cores,
+                         args.concurrency)
         print(f"\ntotal {time.monotonic() - began:.0f} s")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
