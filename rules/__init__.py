@@ -149,14 +149,14 @@ attribute matches if its whole value (values joined with ``\\``) or any
 single value does; ranges look at single values only. A missing attribute
 fails every test but ``present = false``; an empty one is present, with the
 value ``""``. A sequence (SQ) can only be tested with ``present``. Binary
-values (OB, UN, ...) are read as Latin-1 text. Private tags are matched by
+values (OB, OW, ...) are read as Latin-1 text. Private tags are matched by
 their literal tag: the element number depends on the block the Private
 Creator reserved. An instance sent in Implicit VR carries no VRs: a private
 element pydicom's dictionary does not know is then UN, its bytes read as
-text. A private text value (LO, DS, ...) tests the same either way; a private
-binary one (US, FL, ...) matches numeric tests only where it came in Explicit
-VR (its bytes are no text): test such an element on text, or route on a
-standard attribute.
+text in the data set's Specific Character Set. A private text value (LO, DS,
+...) tests the same either way; a private binary one (US, FL, ...) matches
+numeric tests only where it came in Explicit VR (its bytes are no text): test
+such an element on text, or route on a standard attribute.
 
 Changes. ``set`` creates or replaces, with the dictionary's VR (the first
 where it allows several); a private or unknown tag takes the VR of the
@@ -169,7 +169,12 @@ the target's VR (a UN source, a private element received in Implicit VR, read
 as text in the data set's character set), and does nothing if the source is
 missing. ``replace``
 applies :func:`re.sub` to each value and does nothing if the attribute is
-missing. Several operations in one change table apply in the order written.
+missing (a UN one is read as text, as for ``copy``, and written as UT). Several
+operations in one change table apply in the order written. A value the data
+set's Specific Character Set cannot hold (by the DICOM set's repertoire, not
+Python's codec for it: :mod:`rules.charsets`) turns the whole data set into
+UTF-8, ISO_IR 192, unless a rule sets (0008,0005) itself; private elements of
+unknown VR keep their bytes then, and the log names them.
 
 Loading checks, each a :class:`Problem` (``file:line: rule "name": ...``):
 TOML syntax; unknown keys at every level (with a did-you-mean); missing or

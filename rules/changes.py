@@ -9,7 +9,6 @@ target's VR): it leaves the data set as it was.
 
 from __future__ import annotations
 
-import contextlib
 import copy as _copy
 import logging
 import math
@@ -18,12 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from pydicom.charset import convert_encodings, decode_bytes, python_encoding
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DSfloat, PersonName
 
+from rules.charsets import (
+    CHARSET_VRS,
+    SPECIFIC_CHARACTER_SET,
+    holds,
+    terms_of,
+    un_text,
+)
 from rules.tags import (
     BINARY_VRS,
     INTEGER_RANGES,
@@ -43,14 +48,8 @@ _FAIL: Final = object()
 _STRIP: Final = " \x00"
 #: VR for a private (or unknown) attribute set without one, when it is not there yet.
 DEFAULT_VR: Final = "LO"
-#: The VRs whose values (0008,0005) Specific Character Set applies to (PS3.5 §6.1.2.3).
-CHARSET_VRS: Final = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
-SPECIFIC_CHARACTER_SET: Final = 0x00080005
 #: PS3.3 C.12.1.1.2: ISO_IR 192 is UTF-8, which holds any value a rule can give.
 UTF8_CHARACTER_SET: Final = "ISO_IR 192"
-#: Terms meaning the default repertoire, ASCII (PS3.5 §6.1.2.2). pydicom encodes it
-#: as Latin-1, so its own encoder would accept a value the data set cannot hold.
-_DEFAULT_REPERTOIRE: Final = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 
 
 def _items(value: object) -> tuple[list[object], bool]:
@@ -207,7 +206,7 @@ class CopyOp:
         raw = source.value
         if source.VR == "UN" and isinstance(raw, bytes | bytearray) \
                 and vr != "SQ" and vr not in BINARY_VRS:
-            raw = _un_text(bytes(raw), vr, ds)
+            raw = un_text(bytes(raw), vr, ds)
         value = coerce(raw, vr)
         if value is _FAIL:
             _not_made(f"copy of {self.source_label} to", self.target_label, source.value, vr)
@@ -222,7 +221,8 @@ class CopyOp:
 class ReplaceOp:
     """``replace``: :func:`re.sub` on each value of the attribute (``with``
     may use ``\\1``, ``\\g<name>``). Nothing happens when it is missing,
-    a sequence or binary."""
+    a sequence or binary (a private element received in Implicit VR, UN, is
+    read as the text it is: :meth:`_apply_un`)."""
 
     tag: int
     label: str
@@ -231,6 +231,9 @@ class ReplaceOp:
 
     def apply(self, ds: Dataset) -> None:
         elem = ds.get(self.tag)
+        if elem is not None and elem.VR == "UN" and isinstance(elem.value, bytes | bytearray):
+            self._apply_un(ds, bytes(elem.value))
+            return
         if elem is None or elem.VR == "SQ" or elem.VR in BINARY_VRS or elem.VM == 0:
             # An empty attribute has no value to replace in (VM 0, PS3.5 6.4): '^(.*)$'
             # made 'R:' of it, so an empty return key or type 2 element was filled.
@@ -246,6 +249,21 @@ class ReplaceOp:
         else:
             elem.value = value
 
+    def _apply_un(self, ds: Dataset, raw: bytes) -> None:
+        """A private element received in Implicit VR, whose VR the data set does not
+        say: the same instance in Explicit VR has it as text (a rule that replaces in
+        it says it is text), and the change must not depend on how it was sent. Its
+        values are read in the data set's character set; the result is written as
+        UT, one text of the same values (the same bytes in Implicit VR), which the
+        character set check after the changes covers like any text."""
+        if not raw.rstrip(b" \x00"):
+            return  # empty, as above
+        texts = un_text(raw, "LO", ds)
+        items = [t.rstrip(_STRIP) for t in (texts if isinstance(texts, list) else [texts])]
+        changed = [self.pattern.sub(self.template, t) for t in items]
+        if changed != items:
+            ds.add_new(self.tag, "UT", "\\".join(changed))
+
     def describe(self) -> str:
         return f"replace in {self.label} '{self.pattern.pattern}' with '{self.template}'"
 
@@ -258,44 +276,38 @@ def target_tag(op: Operation) -> int:
     return op.target if isinstance(op, CopyOp) else op.tag
 
 
-#: VRs of one value, whose text may hold a backslash (PS3.5 Table 6.2-1).
-_SINGLE_VALUED: Final = frozenset({"LT", "ST", "UT", "UR"})
-
-
-def _un_text(raw: bytes, vr: str, ds: Dataset) -> str | list[str]:
-    """A UN value's bytes as the text of a ``vr`` value. A private element in an
-    instance sent in Implicit VR is UN (its VR is not in the data set): the same
-    instance in Explicit VR has it as text, and a ``copy`` from it must not
-    depend on how the modality sent it. Its bytes are the data set's own text, in
-    its Specific Character Set where ``vr`` is one that set applies to."""
-    text = raw.decode("latin-1")
-    if vr in CHARSET_VRS:
-        declared = ds.get(SPECIFIC_CHARACTER_SET)
-        encodings = convert_encodings(None if declared is None else declared.value)
-        with contextlib.suppress(Exception):  # not text in that set: as Latin-1
-            text = decode_bytes(raw, encodings, {0x5C})  # 5CH: the value delimiter
-    text = text.rstrip(_STRIP)
-    parts = [text] if vr in _SINGLE_VALUED else text.split("\\")
-    return parts[0] if len(parts) == 1 else parts
-
-
 def _holds(ds: Dataset, tags: set[int]) -> bool:
-    """Whether the Specific Character Set of ``ds`` can encode the text values of
-    ``tags``. A value only the combination of several code extensions could encode
-    counts as not held: converting to UTF-8 is then correct too, if not needed."""
-    declared = ds.get(SPECIFIC_CHARACTER_SET)
-    terms: list[str] = []
-    if declared is not None and declared.value:
-        terms = [str(t).strip() for t in _items(declared.value)[0] if t is not None]
-    texts: list[str] = []
+    """Whether the Specific Character Set of ``ds`` can hold the text values of
+    ``tags`` (rules/charsets.py). A Person Name's components are written one by one
+    (PS3.5 §6.1.2.5.3: each starts from the initial sets again), so are tried so."""
+    terms = terms_of(ds)
     for tag in tags:
         elem = ds.get(tag)
-        if elem is not None and elem.VR in CHARSET_VRS and elem.value is not None:
-            texts.extend(str(v) for v in _items(elem.value)[0] if v is not None)
-    if all(t.isascii() for t in texts):
-        return True  # ASCII: the G0 set of every character set DICOM defines
-    encodings = ["ascii" if t in _DEFAULT_REPERTOIRE else python_encoding.get(t) for t in terms]
-    return all(any(e is not None and _encodes(t, e) for e in encodings) for t in texts)
+        if elem is None or elem.VR not in CHARSET_VRS or elem.value is None:
+            continue
+        for value in _items(elem.value)[0]:
+            if value is None:
+                continue
+            parts = re.split(r"[=^]", str(value)) if elem.VR == "PN" else [str(value)]
+            if not all(holds(part, terms) for part in parts):
+                return False
+    return True
+
+
+def _warn_unknown_text(ds: Dataset, declared: list[str]) -> None:
+    """Say which private elements of unknown VR (UN, received in Implicit VR) keep
+    bytes that are not ASCII in a data set just turned into UTF-8. They may be text
+    in the old set, which then reads wrongly; or binary, which rewriting as text
+    would corrupt: with no VR to tell, their bytes are kept."""
+    kept = [elem.tag for elem in ds.iterall()
+            if elem.VR == "UN" and isinstance(elem.value, bytes | bytearray)
+            and not bytes(elem.value).isascii()]
+    if kept:
+        shown = ", ".join(f"({t.group:04X},{t.element:04X})" for t in kept[:5])
+        log.warning("character set changed from %s to %s for a rule's change: %d private "
+                    "element(s) of unknown VR kept as received: %s%s",
+                    "\\".join(declared) or "the default (ASCII)", UTF8_CHARACTER_SET,
+                    len(kept), shown, ", ..." if len(kept) > 5 else "")
 
 
 def _as_text(value: object) -> object:
@@ -304,14 +316,6 @@ def _as_text(value: object) -> object:
     if isinstance(value, (list, tuple, MultiValue)):
         return [_as_text(v) for v in value]
     return str(value) if isinstance(value, (str, PersonName)) else value
-
-
-def _encodes(text: str, encoding: str) -> bool:
-    try:
-        text.encode(encoding)
-    except (UnicodeError, LookupError):
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,10 +368,12 @@ class Changes:
                        if tag in ds and ds[tag].VR in CHARSET_VRS}
             for tag in written:
                 del ds[tag]
+            declared = terms_of(ds)
             ds.decode()  # every text value to str, read in the set declared until now
             ds.SpecificCharacterSet = UTF8_CHARACTER_SET
             for tag, (vr, value) in written.items():
                 ds.add_new(tag, vr, value)
+            _warn_unknown_text(ds, declared)
 
     @property
     def tags(self) -> frozenset[int]:

@@ -30,6 +30,7 @@ from typing import Any, Final
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from rules.charsets import un_text
 from rules.model import AssociationInfo
 from rules.tags import is_da
 
@@ -120,7 +121,14 @@ class Context:
         if found is _MISSING:
             try:
                 elem = self.dataset.get(tag)
-                found = None if elem is None else Values.of(elem.value, elem.VR)
+                if elem is None:
+                    found = None
+                elif elem.VR == "UN" and isinstance(elem.value, bytes | bytearray):
+                    # A private element received in Implicit VR: read as the text it
+                    # is in Explicit VR, in the data set's character set (not Latin-1).
+                    found = Values.of(un_text(bytes(elem.value), "LO", self.dataset), "LO")
+                else:
+                    found = Values.of(elem.value, elem.VR)
             except Exception:  # pydicom cannot decode the element: present, matching nothing
                 found = UNREADABLE
             self._cache[tag] = found

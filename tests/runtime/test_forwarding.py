@@ -1573,6 +1573,42 @@ def test_a_changed_value_outside_the_character_set_arrives_readable(
     assert f"[{name}]" in dcmtk.run("dcmdump", "+U8", str(got[_uid(french)])).stdout
 
 
+def test_private_text_received_in_implicit_vr_is_matched_and_changed_in_its_set(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """An instance in Implicit VR, ISO_IR 100, whose private element of a creator no
+    dictionary knows holds "Zürich OLD": for the router it is UN, bytes. The rule's
+    condition on it matched only if the text was read as Latin-1 by luck, and its
+    replace did nothing, where the same instance in Explicit VR was changed. Now the
+    condition reads it in its set, the replace makes "Zürich Москва", and the data
+    set, which Latin-1 cannot hold then, arrives in UTF-8 (storescu -> storescp)."""
+    sink = storescp_server(tmp_path, procs, aet="PACS", args=["+B"], dcmtk=dcmtk)
+    source = tmp_path / "implicit.dcm"
+    make_ct(source, size_kb=24, seed=3, transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Grün^Jörg"
+    ds.private_block(0x0029, "SITE X 1.0", create=True).add_new(0x01, "LO", "Zürich OLD")
+    ds.save_as(source, enforce_file_format=True)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "zurich"\n[rule.when]\n"(0029,1001)" = "Zürich OLD"\n'
+        '[rule.then]\nforward = ["pacs"]\n[[rule.then.change]]\n'
+        'replace = { "(0029,1001)" = { pattern = "OLD", with = "Москва" } }\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", sink.port, "PACS"))
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, "MOD1", [source], proposal="-xi")  # Implicit VR only
+        router.wait_count("forward pacs:", 1)
+    finally:
+        assert router.stop() == 0
+    [got] = received_files(sink.outdir)
+    back = pydicom.dcmread(got)
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    assert bytes(back[0x00291001].value).rstrip(b" ") == "Zürich Москва".encode()
+    dump = dcmtk.run("dcmdump", "+U8", str(got))
+    assert dump.returncode == 0 and "[Grün^Jörg]" in dump.stdout, dump.stdout + dump.stderr
+
+
 def test_versions_of_an_instance_received_while_the_destination_is_down_arrive_in_order(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """A workstation sends an instance, then corrects it twice (same SOP Instance UID),

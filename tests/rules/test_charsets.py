@@ -1,0 +1,161 @@
+"""Which values a Specific Character Set holds, and private text received in
+Implicit VR: in changes (``replace``) and in conditions.
+
+What a change writes is read back by DCMTK (``dcmconv +U8``, which converts by
+the declared set with its own tables), not only by pydicom, whose encoder is the
+one under suspicion here."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataset import Dataset
+
+from rules.charsets import holds
+from tests.helpers.dcmtk import Dcmtk
+from tests.rules.support import ASSOC, NOW, dataset, one_rule, ruleset
+from tests.rules.test_changes import _changes
+
+
+@pytest.mark.parametrize(("terms", "text", "held"), [
+    (["ISO_IR 100"], "Müller", True),
+    (["ISO_IR 100"], "Ёлкин", False),
+    (["ISO_IR 100"], "\x85", False),  # a C1 control, in no DICOM set
+    (["ISO_IR 144"], "Ёлкин", True),
+    (["ISO_IR 138"], "\u05d0", True),
+    ([], "ü", False),
+    (["ISO_IR 192"], "漢ü", True),
+    (["GBK"], "漢", True),
+    (["ISO_IR 999"], "ü", False),  # not a DICOM term: nothing known of it
+    # JIS X 0201 is Katakana only; Python's shift_jis takes Kanji too.
+    (["ISO_IR 13"], "ｱｲ", True),
+    (["ISO_IR 13"], "ｱｲ漢字", False),
+    (["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ山田", True),
+    # JIS X 0212 has "ü"; pydicom writes it as Latin-1 when value 1 is the default.
+    (["ISO 2022 IR 159"], "ü", True),
+    (["", "ISO 2022 IR 159"], "ü", False),
+    (["", "ISO 2022 IR 87"], "漢字", True),
+    (["", "ISO 2022 IR 87"], "ü", False),
+    (["", "ISO 2022 IR 149"], "한글", True),
+    # pydicom writes GB 2312 without its escape sequence, and Latin-1 for "ü".
+    (["", "ISO 2022 IR 58"], "中文", False),
+    (["", "ISO 2022 IR 58"], "ü", False),
+    (["ISO 2022 IR 100", "ISO 2022 IR 87"], "ü漢", True),
+    (["ISO_IR 100", "ISO 2022 IR 87"], "ü漢", False),  # ISO_IR: no code extensions
+])
+def test_holds(terms: list[str], text: str, held: bool) -> None:
+    assert holds(text, terms) is held
+
+
+def _written(ds: Dataset, path: Path) -> None:
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(("charset", "values", "result"), [
+    # Before: pydicom's shift_jis wrote the Kanji as "??".
+    ("ISO_IR 13", {"PatientName": "ﾔﾏﾀﾞ^ﾀﾛｳ", "StudyDescription": "ｱｲ 頭部"}, "ISO_IR 192"),
+    # Before: "ü" went out as byte FCH, in a set with no G1 declared.
+    (["", "ISO 2022 IR 159"], {"InstitutionName": "Zürich"}, "ISO_IR 192"),
+    (["", "ISO 2022 IR 87"], {"InstitutionName": "Zürich"}, "ISO_IR 192"),
+    # Before: GB 2312 bytes without their escape sequence.
+    (["", "ISO 2022 IR 58"], {"InstitutionName": "北京"}, "ISO_IR 192"),
+    # Held: the data set keeps its set, and DCMTK reads the values in it. (Debian's
+    # DCMTK converts no ISO 2022 multi-byte set: glibc's iconv has no table for it.)
+    ("ISO_IR 144", {"InstitutionName": "Москва"}, "ISO_IR 144"),
+    ("ISO_IR 13", {"InstitutionName": "ｱｲ"}, "ISO_IR 13"),
+])
+def test_what_a_change_writes_reads_back_in_dcmtk(
+        dcmtk: Dcmtk, tmp_path: Path, charset: str | list[str],
+        values: dict[str, str], result: str) -> None:
+    """A rule sets a value the declared set cannot hold: the data set becomes UTF-8
+    and every reader gets the value (an outside campaign found "?" and undeclared
+    bytes). DCMTK converts the written file to UTF-8 by the set it declares."""
+    ds = dataset(SpecificCharacterSet=charset, PatientID="123")
+    body = ", ".join(f'{k} = "{v}"' for k, v in values.items())
+    _changes(f"set = {{ {body} }}").apply(ds)
+    assert ds.SpecificCharacterSet == result
+    _written(ds, tmp_path / "changed.dcm")
+    done = dcmtk.run("dcmconv", "+U8", tmp_path / "changed.dcm", tmp_path / "utf8.dcm")
+    assert done.returncode == 0, done.stderr
+    back = pydicom.dcmread(tmp_path / "utf8.dcm")
+    assert {k: str(back[k].value) for k in values} == values
+
+
+def _private_implicit(charset: str | None, raw: bytes) -> Dataset:
+    """A data set as received in Implicit VR: its private element is UN, bytes."""
+    ds = dataset(PatientID="123")
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.add_new(0x00090010, "LO", "SITE")
+    ds.add_new(0x00091003, "UN", raw)
+    return ds
+
+
+@pytest.mark.parametrize(("charset", "raw", "expected"), [
+    (None, b"OLD-7\\OLD-8", "NEW-7\\NEW-8"),  # each value, as for an LO
+    ("ISO_IR 100", "Grüße OLD ".encode("latin-1"), "Grüße NEW"),
+    ("ISO_IR 192", "Grüße OLD ".encode(), "Grüße NEW"),
+])
+def test_replace_in_a_private_element_received_in_implicit_vr(
+        charset: str | None, raw: bytes, expected: str) -> None:
+    """The same instance sent in Explicit VR has the element as text; in Implicit VR
+    the replace did nothing, without a word (an outside campaign)."""
+    ds = _private_implicit(charset, raw)
+    _changes('replace = { "(0009,1003)" = { pattern = "OLD", with = "NEW" } }').apply(ds)
+    assert ds[0x00091003].value == expected
+    assert ds.get("SpecificCharacterSet") == charset  # the set holds it: unchanged
+
+
+def test_replace_in_a_private_element_that_needs_utf8(tmp_path: Path, dcmtk: Dcmtk) -> None:
+    ds = _private_implicit("ISO_IR 100", "Grüße OLD".encode("latin-1"))
+    _changes('replace = { "(0009,1003)" = { pattern = "OLD", with = "Москва" } }').apply(ds)
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
+    _written(ds, tmp_path / "changed.dcm")
+    done = dcmtk.run("dcmconv", "+U8", tmp_path / "changed.dcm", tmp_path / "utf8.dcm")
+    assert done.returncode == 0, done.stderr
+    assert pydicom.dcmread(tmp_path / "utf8.dcm")[0x00091003].value == "Grüße Москва"
+
+
+def test_an_empty_private_element_received_in_implicit_vr_is_not_filled() -> None:
+    ds = _private_implicit(None, b"")
+    _changes('replace = { "(0009,1003)" = { pattern = "^(.*)$", with = "R:\\\\1" } }').apply(ds)
+    assert ds[0x00091003].value == b""
+
+
+def test_private_bytes_of_unknown_vr_kept_across_the_switch_to_utf8_are_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """They may be text in the old set or binary: with no VR to tell, they are kept
+    as received, and the log says so (rewriting binary as text corrupts it)."""
+    ds = _private_implicit("ISO_IR 100", b"\x01\xfe\xff\x00")
+    before = copy.deepcopy(ds[0x00091003].value)
+    with caplog.at_level(logging.WARNING, logger="rules.changes"):
+        _changes('set = { InstitutionName = "Москва" }').apply(ds)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds[0x00091003].value == before
+    assert "ISO_IR 100 to ISO_IR 192" in caplog.text and "(0009,1003)" in caplog.text
+
+
+@pytest.mark.parametrize(("charset", "raw"), [
+    ("ISO_IR 100", "Zürich".encode("latin-1")),
+    ("ISO_IR 192", "Zürich".encode()),
+    (["", "ISO 2022 IR 87"], "東京".encode("iso2022_jp")),
+])
+def test_conditions_read_a_private_element_received_in_implicit_vr_in_its_set(
+        charset: str | list[str], raw: bytes) -> None:
+    """Conditions read UN bytes as Latin-1 whatever the set: a UTF-8 instance's
+    "Zürich" did not match, in Implicit VR only (an outside campaign)."""
+    text = decode_bytes(raw, convert_encodings(charset), set())
+    rules = ruleset(one_rule(f'"(0009,1003)" = "{text}"'))
+    implicit = _private_implicit(charset, raw)
+    explicit = _private_implicit(charset, raw)
+    explicit.add_new(0x00091003, "LO", text)  # the same instance, received in Explicit VR
+    for ds in (implicit, explicit):
+        assert [f.destination for f in rules.evaluate(ASSOC, ds, NOW).forwards] == ["pacs"]
