@@ -294,6 +294,33 @@ def _holds(ds: Dataset, tags: set[int]) -> bool:
     return True
 
 
+def _check_converted(ds: Dataset, declared: list[str], *, strict: bool) -> None:
+    """After a rule set or removed (0008,0005): every text value of ``ds`` (decoded
+    before, in the set ``declared`` then) must be one the new set holds. Not
+    ``strict`` (a query), the data set is written in UTF-8 instead, which holds all."""
+    terms = terms_of(ds)
+    if terms == declared:
+        return
+    for elem in ds.iterall():
+        if elem.VR not in CHARSET_VRS or elem.value is None:
+            continue
+        for value in _items(elem.value)[0]:
+            text = "" if value is None else str(value)
+            parts = re.split(r"[=^]", text) if elem.VR == "PN" else [text]
+            if all(holds(part, terms) for part in parts):
+                continue
+            label = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+            shown = repr(text if len(text) <= 40 else text[:37] + "...")
+            new, old = ("\\".join(t) for t in (terms, declared))
+            message = (f"SpecificCharacterSet {new or '(removed)'!r}: {label} {shown} "
+                       f"cannot be written in it (was {old or 'the default, ASCII'})")
+            if strict:
+                raise ChangeNotMade(message)
+            log.warning("change not made: %s; written in %s", message, UTF8_CHARACTER_SET)
+            ds.SpecificCharacterSet = UTF8_CHARACTER_SET
+            return
+
+
 def _warn_unknown_text(ds: Dataset, declared: list[str]) -> None:
     """Say which private elements of unknown VR (UN, received in Implicit VR) keep
     bytes that are not ASCII in a data set just turned into UTF-8. They may be text
@@ -331,8 +358,7 @@ class Changes:
         says it)."""
         trial = _copy.deepcopy(ds)
         try:
-            for op in self.operations:
-                op.apply(trial)
+            self._apply(trial, strict=True, trial=True)
         except ChangeNotMade as exc:
             return str(exc)
         except Exception:  # pydicom's many errors: the copy's own writing reports them
@@ -349,9 +375,21 @@ class Changes:
         written in another encoding than the one declared, and every reader after us
         would show other characters. The data set is then turned into UTF-8 (ISO_IR
         192) as a whole: its text decoded in the set it declares, (0008,0005)
-        replaced, and all of it written in UTF-8. Unless a rule sets (0008,0005)
-        itself: that is the rule writer's choice.
+        replaced, and all of it written in UTF-8.
+
+        A rule that sets or removes (0008,0005) itself asks for the data set in that
+        set: its text is converted to it (relabelled only, every non-ASCII value would
+        read as other characters). A value the new set cannot hold is a change not
+        made.
         """
+        self._apply(ds, strict=strict, trial=False)
+
+    def _apply(self, ds: Dataset, *, strict: bool, trial: bool) -> None:
+        touched = {target_tag(op) for op in self.operations}
+        declared = terms_of(ds)
+        converting = SPECIFIC_CHARACTER_SET in touched
+        if converting:
+            ds.decode()  # every text value to str in the set declared until now
         for op in self.operations:
             try:
                 op.apply(ds)
@@ -359,8 +397,11 @@ class Changes:
                 if strict:
                     raise
                 log.warning("change not made: %s", exc)
-        touched = {target_tag(op) for op in self.operations}
-        if SPECIFIC_CHARACTER_SET not in touched and not _holds(ds, touched):
+        if converting:
+            _check_converted(ds, declared, strict=strict)
+            if not trial:
+                _warn_unknown_text(ds, declared)
+        elif not _holds(ds, touched):
             # The values the operations wrote are text already. decode() would first
             # encode a Person Name among them in the old set ("Ёлкин" in ISO_IR 100:
             # "?????"), then decode that: they are taken out and put back as text.
@@ -368,12 +409,12 @@ class Changes:
                        if tag in ds and ds[tag].VR in CHARSET_VRS}
             for tag in written:
                 del ds[tag]
-            declared = terms_of(ds)
             ds.decode()  # every text value to str, read in the set declared until now
             ds.SpecificCharacterSet = UTF8_CHARACTER_SET
             for tag, (vr, value) in written.items():
                 ds.add_new(tag, vr, value)
-            _warn_unknown_text(ds, declared)
+            if not trial:
+                _warn_unknown_text(ds, declared)
 
     @property
     def tags(self) -> frozenset[int]:
@@ -382,6 +423,12 @@ class Changes:
         return frozenset({SPECIFIC_CHARACTER_SET,
                           *(target_tag(op) for op in self.operations),
                           *(op.source for op in self.operations if isinstance(op, CopyOp))})
+
+    @property
+    def sets_character_set(self) -> bool:
+        """Whether an operation writes (0008,0005): then every text value of the data
+        set is converted, and :meth:`problem` needs all of them to say whether it can."""
+        return any(target_tag(op) == SPECIFIC_CHARACTER_SET for op in self.operations)
 
     def describe(self) -> list[str]:
         """One human line per operation, e.g. ``set PatientName = 'ANON'``."""

@@ -206,7 +206,15 @@ class InstanceRouter:
             if header is self._nothing:  # no condition read it; the changes do
                 header = self._header(path, writer.transfer_syntax, writer.dataset_offset,
                                       for_changes=True)
-            problem = forward.changes.problem(header)
+            if forward.changes.sets_character_set:
+                # Every text value is converted: the header of them all, not the rules'.
+                with _pydicom_refusal("its header does not read"):
+                    whole = dcmread(readable_by_pydicom(
+                        path, transfer_syntax=writer.transfer_syntax,
+                        offset=writer.dataset_offset), stop_before_pixels=True)
+                problem = forward.changes.problem(whole)
+            else:
+                problem = forward.changes.problem(header)
             if problem is None:
                 copies.append((folder, _changed_copy(path, forward.changes,
                                                      writer.transfer_syntax,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import pydicom
@@ -16,10 +17,14 @@ import pytest
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 
+from router.dicom.dataset import decode_dataset, encode_dataset, read_part10_header
+from rules import ChangeNotMade
 from rules.charsets import holds
 from tests.helpers.dcmtk import Dcmtk
-from tests.rules.support import ASSOC, NOW, dataset, one_rule, ruleset
+from tests.rules.support import ASSOC, NOW, TEST_FILES, dataset, one_rule, ruleset
 from tests.rules.test_changes import _changes
+
+CHARSETS = TEST_FILES.parent / "charset_files"
 
 
 @pytest.mark.parametrize(("terms", "text", "held"), [
@@ -159,3 +164,40 @@ def test_conditions_read_a_private_element_received_in_implicit_vr_in_its_set(
     explicit.add_new(0x00091003, "LO", text)  # the same instance, received in Explicit VR
     for ds in (implicit, explicit):
         assert [f.destination for f in rules.evaluate(ASSOC, ds, NOW).forwards] == ["pacs"]
+
+
+def test_setting_the_character_set_converts_the_text_to_it(tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """A rule that sets (0008,0005) relabelled the data set: chrFren.dcm's Latin-1
+    names went out as bytes that read as other characters in UTF-8 (an outside
+    campaign). Now its text is converted; DCMTK reads the names as they were. The
+    data set is read and written as the router does (pydicom's own dcmwrite converts
+    what dcmread read, so would hide it)."""
+    source = CHARSETS / "chrFren.dcm"
+    name = str(pydicom.dcmread(source).PatientName)
+    part10 = read_part10_header(source)
+    syntax = part10.transfer_syntax
+    french = decode_dataset(source.read_bytes()[part10.dataset_offset:], syntax)
+    _changes('set = { SpecificCharacterSet = "ISO_IR 192" }').apply(french)
+    encoded = encode_dataset(french, syntax)
+    assert name.encode() in encoded and name.encode("latin-1") not in encoded
+    french.file_meta = pydicom.dcmread(source).file_meta
+    french.save_as(tmp_path / "utf8.dcm", enforce_file_format=True)
+    dump = dcmtk.run("dcmdump", "+U8", tmp_path / "utf8.dcm")
+    assert dump.returncode == 0 and f"[{name}]" in dump.stdout, dump.stdout + dump.stderr
+    ascii_only = dataset(SpecificCharacterSet="ISO_IR 100", PatientName="Doe^John")
+    _changes('set = { SpecificCharacterSet = "ISO_IR 144", '
+             'StudyDescription = "Москва" }').apply(ascii_only)
+    assert "Москва".encode("iso8859_5") in encode_dataset(ascii_only, syntax)
+
+
+@pytest.mark.parametrize(("file", "change", "why"), [
+    ("chrFren.dcm", 'remove = ["SpecificCharacterSet"]', "'(removed)': PatientName"),
+    ("chrRuss.dcm", 'set = { SpecificCharacterSet = "ISO_IR 100" }',
+     "'ISO_IR 100': PatientName"),
+])
+def test_a_character_set_that_cannot_hold_the_text_is_a_change_not_made(
+        file: str, change: str, why: str) -> None:
+    ds = pydicom.dcmread(CHARSETS / file)
+    with pytest.raises(ChangeNotMade, match=re.escape(why)):
+        _changes(change).apply(ds)
+    assert _changes(change).problem(pydicom.dcmread(CHARSETS / file)) is not None

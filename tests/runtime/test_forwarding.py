@@ -1311,6 +1311,50 @@ def test_a_change_that_cannot_be_made_keeps_that_copy_as_a_dead_letter(
     assert record["unchanged"] is True and record["sop_instance_uid"] == _uid(long)
 
 
+def test_a_character_set_a_rule_sets_converts_the_text_or_keeps_a_dead_letter(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """A rule sets (0008,0005) for one destination, which wants UTF-8, and removes it
+    for another, which takes ASCII only. It relabelled the data set: pydicom's
+    chrFren.dcm (Latin-1 names) went out as bytes that read as other characters. Now
+    its text is converted to UTF-8 (DCMTK's dcmdump reads the names); for ASCII,
+    which cannot hold them, it is that destination's dead letter, the whole data set
+    read to tell (the rules read no names), and an ASCII instance goes to both."""
+    utf8 = storescp_server(tmp_path, procs, aet="UTF8", args=["+B"], dcmtk=dcmtk)
+    ascii_only = storescp_server(tmp_path / "a", procs, aet="ASCII", args=["+B"],
+                                 dcmtk=dcmtk)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "sets"\n[rule.then]\nforward = ["utf8", "ascii"]\n'
+        '[[rule.then.change]]\ndestination = "utf8"\n'
+        'set = { SpecificCharacterSet = "ISO_IR 192" }\n'
+        '[[rule.then.change]]\ndestination = "ascii"\n'
+        'remove = ["SpecificCharacterSet"]\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("utf8", utf8.port, "UTF8")
+                    + _destination("ascii", ascii_only.port, "ASCII"))
+    french = Path(pydicom.__file__).parent / "data" / "charset_files" / "chrFren.dcm"
+    name = str(pydicom.dcmread(french).PatientName)
+    plain = tmp_path / "plain.dcm"
+    make_ct(plain, size_kb=8, seed=41)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, "MOD1", [french, plain])  # both acknowledged
+        router.wait_count("forward utf8:", 2)
+        router.wait_count("forward ascii:", 1)
+        line = router.lines[router.wait_for("not sent to it")]
+        assert f"{_uid(french)} from MOD1: kept in dead/ascii" in line, line
+        assert "SpecificCharacterSet '(removed)': PatientName" in line, line
+    finally:
+        assert router.stop() == 0
+    got = {_uid(p): p for p in received_files(utf8.outdir)}
+    assert sorted(got) == sorted([_uid(french), _uid(plain)])
+    dump = dcmtk.run("dcmdump", "+U8", str(got[_uid(french)]))
+    assert dump.returncode == 0 and f"[{name}]" in dump.stdout, dump.stdout + dump.stderr
+    assert "ISO_IR 192" in dump.stdout
+    assert [_uid(p) for p in received_files(ascii_only.outdir)] == [_uid(plain)]
+    (letter,) = (router.spool / "dead" / "ascii").glob("*.dcm")
+    assert str(pydicom.dcmread(letter).PatientName) == name  # as received
+
+
 def test_a_second_sigterm_while_draining_stops_now(tmp_path: Path, dcmtk: Dcmtk) -> None:
     """An operator who sends SIGTERM again (or presses Ctrl-C twice) will not wait out
     the grace period (60 s here): a second one was ignored without a word. Now it
