@@ -173,10 +173,12 @@ missing (a UN one is read as text, as for ``copy``, and written as UT). Several
 operations in one change table apply in the order written. A value the data
 set's Specific Character Set cannot hold (by the DICOM set's repertoire, not
 Python's codec for it: :mod:`rules.charsets`) turns the whole data set into
-UTF-8, ISO_IR 192; private elements of unknown VR keep their bytes then, and
-the log names them. A rule that sets or removes (0008,0005) itself has the text
+UTF-8, ISO_IR 192. A rule that sets or removes (0008,0005) itself has the text
 converted to that set (removed: ASCII); a value it cannot hold is a change not
-made, so that destination's copy is kept as a dead letter.
+made, so that destination's copy is kept as a dead letter. So is one whose data
+set holds private elements of unknown VR (received in Implicit VR) with bytes
+that are not ASCII: they may be text in the old set or binary, and neither
+converting nor keeping them is safe.
 
 Loading checks, each a :class:`Problem` (``file:line: rule "name": ...``):
 TOML syntax; unknown keys at every level (with a did-you-mean); missing or

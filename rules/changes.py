@@ -13,7 +13,7 @@ import copy as _copy
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -321,20 +321,24 @@ def _check_converted(ds: Dataset, declared: list[str], *, strict: bool) -> None:
             return
 
 
-def _warn_unknown_text(ds: Dataset, declared: list[str]) -> None:
-    """Say which private elements of unknown VR (UN, received in Implicit VR) keep
-    bytes that are not ASCII in a data set just turned into UTF-8. They may be text
-    in the old set, which then reads wrongly; or binary, which rewriting as text
-    would corrupt: with no VR to tell, their bytes are kept."""
+def _unknown_text(ds: Dataset, declared: list[str]) -> str | None:
+    """Why ``ds`` cannot change its character set: private elements of unknown VR
+    (UN, received in Implicit VR) whose bytes are not ASCII, in a data set that
+    declared a set. They may be text in that set, which would then read wrongly
+    (PS3.5 §6.1.2.3: every text value is in the declared set), or binary, which
+    rewriting as text would corrupt: with no VR to tell, neither is safe. None when
+    there are none (ASCII reads the same in every set DICOM has)."""
+    if not any(t not in ("", "ISO_IR 6", "ISO 2022 IR 6") for t in declared):
+        return None
     kept = [elem.tag for elem in ds.iterall()
             if elem.VR == "UN" and isinstance(elem.value, bytes | bytearray)
             and not bytes(elem.value).isascii()]
-    if kept:
-        shown = ", ".join(f"({t.group:04X},{t.element:04X})" for t in kept[:5])
-        log.warning("character set changed from %s to %s for a rule's change: %d private "
-                    "element(s) of unknown VR kept as received: %s%s",
-                    "\\".join(declared) or "the default (ASCII)", UTF8_CHARACTER_SET,
-                    len(kept), shown, ", ..." if len(kept) > 5 else "")
+    if not kept:
+        return None
+    shown = ", ".join(f"({t.group:04X},{t.element:04X})" for t in kept[:3])
+    return (f"the character set would change from {chr(92).join(declared)}, but private "
+            f"element(s) {shown}{', ...' if len(kept) > 3 else ''} of unknown VR (UN) "
+            "hold bytes that may be text in it: they could not be converted safely")
 
 
 def _as_text(value: object) -> object:
@@ -351,18 +355,21 @@ class Changes:
 
     operations: tuple[Operation, ...] = ()
 
-    def problem(self, ds: Dataset) -> str | None:
+    def problem(self, ds: Dataset, whole: Callable[[], Dataset] | None = None) -> str | None:
         """Why these changes cannot all be made to ``ds`` (an instance, or the header
         the rules read, which holds every attribute a copy or a replace reads), tried on
         a copy of it; None if they can, or if only pydicom can tell (the real change
-        says it)."""
+        says it). Where they change the character set, every text value decides:
+        then they are tried again on ``whole()``, all of the data set's header."""
         trial = _copy.deepcopy(ds)
         try:
-            self._apply(trial, strict=True, trial=True)
+            self._apply(trial, strict=True)
         except ChangeNotMade as exc:
             return str(exc)
         except Exception:  # pydicom's many errors: the copy's own writing reports them
             return None
+        if whole is not None and terms_of(trial) != terms_of(ds):
+            return self.problem(whole())
         return None
 
     def apply(self, ds: Dataset, *, strict: bool = True) -> None:
@@ -382,9 +389,9 @@ class Changes:
         read as other characters). A value the new set cannot hold is a change not
         made.
         """
-        self._apply(ds, strict=strict, trial=False)
+        self._apply(ds, strict=strict)
 
-    def _apply(self, ds: Dataset, *, strict: bool, trial: bool) -> None:
+    def _apply(self, ds: Dataset, *, strict: bool) -> None:
         touched = {target_tag(op) for op in self.operations}
         declared = terms_of(ds)
         converting = SPECIFIC_CHARACTER_SET in touched
@@ -398,23 +405,31 @@ class Changes:
                     raise
                 log.warning("change not made: %s", exc)
         if converting:
+            if terms_of(ds) != declared:
+                self._may_convert(ds, declared, strict=strict)
             _check_converted(ds, declared, strict=strict)
-            if not trial:
-                _warn_unknown_text(ds, declared)
         elif not _holds(ds, touched):
             # The values the operations wrote are text already. decode() would first
             # encode a Person Name among them in the old set ("Ёлкин" in ISO_IR 100:
             # "?????"), then decode that: they are taken out and put back as text.
             written = {tag: (ds[tag].VR, _as_text(ds[tag].value)) for tag in touched
                        if tag in ds and ds[tag].VR in CHARSET_VRS}
+            self._may_convert(ds, declared, strict=strict)
             for tag in written:
                 del ds[tag]
             ds.decode()  # every text value to str, read in the set declared until now
             ds.SpecificCharacterSet = UTF8_CHARACTER_SET
             for tag, (vr, value) in written.items():
                 ds.add_new(tag, vr, value)
-            if not trial:
-                _warn_unknown_text(ds, declared)
+
+    @staticmethod
+    def _may_convert(ds: Dataset, declared: list[str], *, strict: bool) -> None:
+        problem = _unknown_text(ds, declared)
+        if problem is None:
+            return
+        if strict:
+            raise ChangeNotMade(problem)
+        log.warning("%s; converted all the same", problem)  # a query: nothing is kept
 
     @property
     def tags(self) -> frozenset[int]:
@@ -423,12 +438,6 @@ class Changes:
         return frozenset({SPECIFIC_CHARACTER_SET,
                           *(target_tag(op) for op in self.operations),
                           *(op.source for op in self.operations if isinstance(op, CopyOp))})
-
-    @property
-    def sets_character_set(self) -> bool:
-        """Whether an operation writes (0008,0005): then every text value of the data
-        set is converted, and :meth:`problem` needs all of them to say whether it can."""
-        return any(target_tag(op) == SPECIFIC_CHARACTER_SET for op in self.operations)
 
     def describe(self) -> list[str]:
         """One human line per operation, e.g. ``set PatientName = 'ANON'``."""

@@ -62,7 +62,7 @@ from router.dicom.dataset import (
 from router.dicom.errors import DIMSEError, ProtocolError
 from router.dicom.uids import is_deflated
 from router.logline import first_line
-from rules import AssociationInfo, Changes, Decision, Forward, RuleSet
+from rules import AssociationInfo, ChangeNotMade, Changes, Decision, Forward, RuleSet
 from rules.tags import BINARY_VRS
 from workers.forward import DestinationActor
 from workers.moves import Originator, key_text, move_of, note_sub_operation, originator_of
@@ -206,15 +206,8 @@ class InstanceRouter:
             if header is self._nothing:  # no condition read it; the changes do
                 header = self._header(path, writer.transfer_syntax, writer.dataset_offset,
                                       for_changes=True)
-            if forward.changes.sets_character_set:
-                # Every text value is converted: the header of them all, not the rules'.
-                with _pydicom_refusal("its header does not read"):
-                    whole = dcmread(readable_by_pydicom(
-                        path, transfer_syntax=writer.transfer_syntax,
-                        offset=writer.dataset_offset), stop_before_pixels=True)
-                problem = forward.changes.problem(whole)
-            else:
-                problem = forward.changes.problem(header)
+            problem = forward.changes.problem(
+                header, whole=lambda: self._whole_header(path, writer))
             if problem is None:
                 copies.append((folder, _changed_copy(path, forward.changes,
                                                      writer.transfer_syntax,
@@ -235,6 +228,15 @@ class InstanceRouter:
             links.append(dead)
         return Placement(links=tuple(links), copies=tuple(copies),
                          note=Routed(decision=decision, status=dimse.SUCCESS))
+
+    @staticmethod
+    def _whole_header(path: Path, writer: SpoolWriter) -> Dataset:
+        """Every element before the pixel data: a change of the character set converts
+        each text value, and any of them may be one it cannot."""
+        with _pydicom_refusal("its header does not read"):
+            return dcmread(readable_by_pydicom(path, transfer_syntax=writer.transfer_syntax,
+                                               offset=writer.dataset_offset),
+                           stop_before_pixels=True)
 
     @staticmethod
     def _key_value(path: Path, writer: SpoolWriter, tag: int) -> str | None:
@@ -419,6 +421,8 @@ def _pydicom_refusal(what: str) -> Iterator[None]:
         yield
     except DIMSEError:
         raise
+    except ChangeNotMade as exc:  # ours, and said whole
+        raise DIMSEError(f"{what}: {exc}", status=dimse.CANNOT_UNDERSTAND) from None
     except Exception as exc:  # pydicom raises many kinds on malformed data
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the disk's trouble (a full one is A700H), not the data set's

@@ -1311,6 +1311,44 @@ def test_a_change_that_cannot_be_made_keeps_that_copy_as_a_dead_letter(
     assert record["unchanged"] is True and record["sop_instance_uid"] == _uid(long)
 
 
+def test_private_text_of_unknown_vr_keeps_a_copy_that_needs_utf8_as_a_dead_letter(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """pydicom's chrGerm.dcm (ISO_IR 100) with a private element of a creator no
+    dictionary knows, sent in Implicit VR, and a rule that gives one destination a
+    Cyrillic institution name: the data set went out declared UTF-8 with its private
+    text still Latin-1 (an outside campaign). With no VR, those bytes cannot be
+    converted safely: that copy is now a dead letter, found from the whole header
+    (the rules read no private element); the other destination gets the instance."""
+    pacs = storescp_server(tmp_path, procs, aet="PACS", args=["+B"], dcmtk=dcmtk)
+    cyrillic = storescp_server(tmp_path / "c", procs, aet="CYR", args=["+B"], dcmtk=dcmtk)
+    source = tmp_path / "german.dcm"
+    ds = pydicom.dcmread(Path(pydicom.__file__).parent / "data" / "charset_files"
+                         / "chrGerm.dcm")
+    ds.private_block(0x0011, "SITE Y 2.0", create=True).add_new(0x01, "LO", "Äneas^Rüdiger")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(source, enforce_file_format=True, implicit_vr=True, little_endian=True)
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "both"\n[rule.then]\nforward = ["pacs", "cyr"]\n'
+        '[[rule.then.change]]\ndestination = "cyr"\n'
+        'set = { InstitutionName = "Москва" }\n')
+    router = Router(tmp_path, workers=1, extra='[routing]\nrules = "rules.toml"\n'
+                    + _destination("pacs", pacs.port, "PACS")
+                    + _destination("cyr", cyrillic.port, "CYR"))
+    try:
+        router.wait_for("ready: 1 workers serving")
+        _send(dcmtk, router, "MOD1", [source], proposal="-xi")  # acknowledged
+        router.wait_count("forward pacs:", 1)
+        line = router.lines[router.wait_for("not sent to it")]
+        assert f"{_uid(source)} from MOD1: kept in dead/cyr" in line, line
+        assert "private element(s) (0011,1001) of unknown VR" in line, line
+    finally:
+        assert router.stop() == 0
+    assert not received_files(cyrillic.outdir)
+    [got] = received_files(pacs.outdir)
+    assert pydicom.dcmread(got)[0x00111001].value.rstrip(b" ") == "Äneas^Rüdiger".encode(
+        "latin-1")  # unchanged, in the set the data set still declares
+
+
 def test_a_character_set_a_rule_sets_converts_the_text_or_keeps_a_dead_letter(
         tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
     """A rule sets (0008,0005) for one destination, which wants UTF-8, and removes it

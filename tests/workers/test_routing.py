@@ -17,7 +17,7 @@ from pydicom import dcmread
 
 from router.dicom.dataset import HeaderIncomplete, read_part10_header, read_top_level
 from router.dicom.errors import DIMSEError
-from rules import Changes
+from rules import ChangeNotMade, Changes
 from rules.changes import CopyOp, RemoveOp, SetOp
 from tests.helpers import pydicom_test_files
 from workers.routing import _pydicom_refusal, read_header
@@ -210,7 +210,16 @@ def test_a_changed_copy_around_bulk_data_is_what_pydicom_makes_of_the_whole(
 
     monkeypatch.setattr(routing, "_BULK", 256)
     part10 = read_part10_header(path)
-    expected = dcmread(BytesIO(_changed_whole(path, _anonymise())))
+    try:
+        expected = dcmread(BytesIO(_changed_whole(path, _anonymise())))
+    except ChangeNotMade as exc:
+        # Private bytes of unknown VR in a set UTF-8 would replace (J2K_pixelrep_
+        # mismatch.dcm, a Hitachi file in ISO 2022 IR 13\87): not made either way.
+        assert "of unknown VR" in str(exc)
+        with pytest.raises(DIMSEError, match=r"private element\(s\) .* of unknown VR"):
+            routing._changed_copy(path, _anonymise(), part10.transfer_syntax,
+                                  part10.dataset_offset)(BytesIO())
+        return
     out = BytesIO()
     routing._changed_copy(path, _anonymise(), part10.transfer_syntax,
                           part10.dataset_offset)(out)
