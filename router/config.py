@@ -185,6 +185,7 @@ __all__ = [
     "Destination",
     "Listen",
     "RetryPolicy",
+    "as_reloaded",
     "cgroup_cpu_limit",
     "config_from_text",
     "default_spool_dir",
@@ -747,6 +748,32 @@ class Config:
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
+
+
+def as_reloaded(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """The configuration a reload runs: ``new``, but for what only a restart changes,
+    kept as in ``running``; and what those changes are ("listen addresses", "worker
+    count"), for the operator.
+
+    - The listening sockets are the supervisor's, bound at start: a listener of
+      ``running`` keeps its address and its kind (TLS, PROXY protocol) and takes
+      ``new``'s settings (certificates, ``proxy_from``) only where ``new`` has one
+      of the same address and kind. Taken from ``new`` as it was, a port moved in
+      the file left the old socket open with no listener for it: plain connections
+      were served on the PROXY port and TLS ones closed (an outside campaign).
+    - The worker processes are the ones started: each one's share of
+      ``max_associations`` and of a destination's ``concurrency`` divides by their
+      number, which a reload said waited for a restart and applied at once.
+    """
+    def kind(spec: Listen) -> tuple[str, int, bool, bool]:
+        return spec.host, spec.port, spec.tls, spec.proxy_protocol
+
+    offered = {kind(spec): spec for spec in new.listen}
+    listen = tuple(offered.get(kind(spec), spec) for spec in running.listen)
+    changed = [what for what, differs in (
+        ("listen addresses", sorted(offered) != sorted(map(kind, running.listen))),
+        ("worker count", new.workers != running.workers)) if differs]
+    return dataclasses.replace(new, listen=listen, workers=running.workers), changed
 
 
 def load_config(path: Path | None, *, overrides: Mapping[str, object] | None = None,

@@ -16,8 +16,13 @@ to reload -- parse that file and nothing else, so every worker runs exactly what
 the supervisor accepted. Command-line overrides are not in it: each process applies
 its own (the supervisor's ``--port`` etc., the workers' ``--spool``).
 
-Other files the configuration names (TLS certificates and keys) are still read
-when used, as before: replacing a certificate is meant to take effect.
+Other files the configuration names (TLS certificates and keys) are read by each
+worker when it starts and when it takes a reload: replacing a certificate takes
+effect with a reload, as the rest of the file does.
+
+A reload does not change what only a restart can (the listening sockets, the
+number of workers: :func:`~router.config.as_reloaded`): a snapshot after one keeps
+the text the router started with, and what it loads keeps those settings from it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Final
 
 import msgpack
 
-from router.config import Config, config_from_text, read_config_text
+from router.config import Config, as_reloaded, config_from_text, read_config_text
 from rules import RuleSet
 from rules.load import Problem, compile_texts, read_texts
 
@@ -52,6 +57,9 @@ class Snapshot:
     path: str | None
     text: str
     rule_texts: tuple[tuple[str, str], ...]
+    #: After a reload: the text the router started with (its listeners and worker
+    #: count stay those until a restart). None: this is that text.
+    startup: str | None = None
 
     @classmethod
     def read(cls, path: Path | None, *, overrides: Mapping[str, object] | None = None,
@@ -76,11 +84,22 @@ class Snapshot:
         config = self._config(overrides)
         return config, self._rules(config)
 
+    def reloaded(self, running: Snapshot) -> Snapshot:
+        """This snapshot as a reload of the one ``running``: it keeps the text the
+        router started with."""
+        return Snapshot(self.path, self.text, self.rule_texts,
+                        running.text if running.startup is None else running.startup)
+
     def _config(self, overrides: Mapping[str, object] | None) -> Config:
-        # The supervisor read the TLS files it names; a worker reads them when used
-        # (a key replaced on disk since must not keep a restarted worker from starting).
-        return config_from_text(self.text, None if self.path is None else Path(self.path),
-                                overrides=overrides, check_files=False)
+        # The supervisor read the TLS files it names; a worker reads them when it
+        # loads the snapshot (a key replaced on disk since must not keep a restarted
+        # worker from starting).
+        path = None if self.path is None else Path(self.path)
+        config = config_from_text(self.text, path, overrides=overrides, check_files=False)
+        if self.startup is None:
+            return config
+        started = config_from_text(self.startup, path, overrides=overrides, check_files=False)
+        return as_reloaded(config, started)[0]
 
     def _rules(self, config: Config, problems: list[Problem] | None = None) -> RuleSet:
         if config.rules is None:
@@ -99,7 +118,7 @@ class Snapshot:
         partial = target.with_name(target.name + ".part")
         partial.write_bytes(msgpack.packb({
             "version": _VERSION, "path": self.path, "text": self.text,
-            "rules": [list(pair) for pair in self.rule_texts]}))
+            "rules": [list(pair) for pair in self.rule_texts], "startup": self.startup}))
         os.replace(partial, target)
         return target
 
@@ -110,8 +129,9 @@ class Snapshot:
             if not isinstance(data, dict) or data.get("version") != _VERSION:
                 raise SnapshotError(f"{path}: not a version {_VERSION} configuration snapshot")
             rules = tuple((str(p), str(t)) for p, t in data["rules"])
-            source = data["path"]
-            return cls(None if source is None else str(source), str(data["text"]), rules)
+            source, startup = data["path"], data.get("startup")
+            return cls(None if source is None else str(source), str(data["text"]), rules,
+                       None if startup is None else str(startup))
         except OSError as exc:
             raise SnapshotError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:

@@ -51,7 +51,7 @@ import zmq
 
 import router
 from router import control
-from router.config import Config, ConfigError
+from router.config import Config, ConfigError, as_reloaded
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
 from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
@@ -744,10 +744,10 @@ class Supervisor:
                     f"{what} changed from {old} to {new}: it moves with a restart only "
                     f"(the running router's queue and control socket are in {old})",
                     serving)
-        # The sockets stay as they are; the workers take new TLS certificates, though.
-        restart_only = [what for what, changed in (
-            ("listen addresses", _addresses(config) != _addresses(self.config)),
-            ("worker count", config.workers != self.config.workers)) if changed]
+        # The sockets and the workers stay as they are; the workers take new TLS
+        # certificates and proxy_from, though (router/config.py as_reloaded).
+        config, restart_only = as_reloaded(config, self.config)
+        snapshot = snapshot.reloaded(self.snapshot)
         if restart_only:
             self.reload_warning = (f"{' and '.join(restart_only)} changed: they take effect "
                                    "at the next restart")
@@ -758,6 +758,10 @@ class Supervisor:
             return self._reload_refused(
                 f"cannot write {snapshot_path(self.run_dir, self.generation + 1)}: {exc}",
                 serving)
+        if config.log_level != self.config.log_level:
+            # At WARNING, so that the log going quiet (or loud) says why.
+            log.warning("reload: log level %s, was %s", config.log_level, self.config.log_level)
+            logging.getLogger().setLevel(config.log_level)  # workers set theirs on Reload
         self.config, self.snapshot = config, snapshot
         self.generation += 1
         prune(self.run_dir, keep=self.generation - 1)
@@ -871,10 +875,6 @@ def say_rules(config: Config, ruleset: RuleSet) -> None:
         "is refused (unmatched = \"reject\")"
     log.warning("rules: %s holds no rule routing instances (a folder reads *.toml files "
                 "only): every instance %s", config.rules, fate)
-
-
-def _addresses(config: Config) -> list[tuple[str, int, bool]]:
-    return [(spec.host, spec.port, spec.tls) for spec in config.listen]
 
 
 def _describe_exit(code: int) -> str:

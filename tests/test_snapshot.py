@@ -103,3 +103,34 @@ def test_prune_keeps_the_generations_asked_for(tmp_path: Path) -> None:
         "config-3.msgpack", "config-4.msgpack", "other"]
     prune(tmp_path, keep=None)
     assert [p.name for p in tmp_path.iterdir()] == ["other"]
+
+
+def test_a_reload_keeps_the_listeners_and_workers_the_router_started_with(
+        files: Path, tmp_path: Path) -> None:
+    """What only a restart changes stays as started, in every process that loads a
+    snapshot after a reload, a worker restarted later too: a moved port's socket kept
+    no listener (plain connections served on a PROXY port), and a new worker count
+    divided max_associations and concurrency at once (an outside campaign)."""
+    started = CONFIG.replace('[router]\nae_title = "SNAP"\n', '[router]\nae_title = "SNAP"\n'
+                             'workers = 2\n[[router.listen]]\nport = 11112\n'
+                             'proxy_protocol = true\nproxy_from = ["10.0.0.5"]\n'
+                             '[[router.listen]]\nport = 11113\n')
+    files.write_text(started)
+    running, config, _ = Snapshot.read(files, overrides={"spool": tmp_path / "s"})
+    files.write_text(started.replace("workers = 2", "workers = 1")
+                     .replace("port = 11112", "port = 11114")
+                     .replace("port = 11113", "port = 11113\n[logging]\nlevel = \"WARNING\""))
+    new, _, _ = Snapshot.read(files, overrides={"spool": tmp_path / "s"})
+    loaded, _ = Snapshot.from_file(new.reloaded(running).write(tmp_path, 2)).load(
+        overrides={"spool": tmp_path / "w"})
+    assert loaded.workers == 2 and loaded.log_level == "WARNING"  # the rest is new
+    assert [(s.port, s.proxy_protocol) for s in loaded.listen] == [(11112, True), (11113, False)]
+    assert loaded.listen == config.listen
+    # A later reload still starts from what the router started with.
+    again = new.reloaded(new.reloaded(running))
+    assert again.startup == running.text
+    # Settings of a listener whose address and kind stay apply at once.
+    files.write_text(started.replace('"10.0.0.5"', '"10.0.0.6"'))
+    moved, _, _ = Snapshot.read(files, overrides={"spool": tmp_path / "s"})
+    after, _ = moved.reloaded(running).load(overrides={"spool": tmp_path / "w"})
+    assert [str(n) for n in after.listen[0].proxy_from] == ["10.0.0.6/32"]

@@ -164,7 +164,8 @@ class Worker:
         # Workers the supervisor said died (WorkerGone) and has not said are back
         # (WorkerReady): what is sent to them waits in ZeroMQ for their replacement.
         self.gone: set[int] = set()
-        # Server TLS contexts by listener port, loaded at first use (see _server_tls).
+        # Server TLS contexts by listener port: loaded at start and at each reload
+        # (_load_tls), so a file replaced on disk takes effect with a reload only.
         self.tls_contexts: dict[int, ssl.SSLContext] = {}
         # Lines about connections that never became associations, which anyone who
         # can connect can cause at will: a few per address a minute, then counted.
@@ -198,6 +199,7 @@ class Worker:
         await self._send(control.Hello(worker_id=self.worker_id, pid=os.getpid(),
                                        generation=self.generation))
         self._start_forwarders()
+        self._load_tls()
         self.loop.add_reader(self.channel.fileno(), self._on_handoff)
         try:
             # What a worker that died left in tmp/ (partial files, its spares): after
@@ -472,8 +474,29 @@ class Worker:
         return spec if spec is not None or len(self.config.listen) > 1 \
             else self.config.listen[0]
 
+    def _load_tls(self) -> None:
+        """Load the TLS context of each TLS listener of this configuration. One whose
+        files do not load now keeps the context it had: a certificate being replaced
+        while a reload came, or a worker restarted after a bad copy, must not end
+        TLS on that port (the supervisor checked the files when it took them)."""
+        loaded: dict[int, ssl.SSLContext] = {}
+        for spec in self.config.listen:
+            if not spec.tls or spec.tls_cert is None or spec.tls_key is None:
+                continue
+            try:
+                loaded[spec.port] = server_context(spec.tls_cert, spec.tls_key, spec.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                kept = self.tls_contexts.get(spec.port)
+                log.error("worker %d: TLS files of port %d do not load (%s): %s", self.worker_id,
+                          spec.port, exc, "the previous ones stay" if kept is not None
+                          else "its connections are closed until they do")
+                if kept is not None:
+                    loaded[spec.port] = kept
+        self.tls_contexts = loaded
+
     def _server_tls(self, port: int) -> ssl.SSLContext:
-        """The TLS context of the listener on ``port``, loaded once per configuration."""
+        """The TLS context of the listener on ``port``: loaded by :meth:`_load_tls`,
+        or now if it could not be then."""
         context = self.tls_contexts.get(port)
         if context is None:
             spec = self._listener(port)
@@ -854,8 +877,12 @@ class Worker:
             return
         # Open associations keep the settings they started with; new ones get these.
         # Rules swap atomically: each commit reads the dispatcher once.
+        if config.log_level != self.config.log_level:
+            log.warning("worker %d: log level %s, was %s", self.worker_id, config.log_level,
+                        self.config.log_level)
+            logging.getLogger().setLevel(config.log_level)
         self.config, self.settings = config, settings_for(config, self.worker_id, rules)
-        self.tls_contexts.clear()  # renewed certificates take effect from here
+        self._load_tls()  # renewed certificates take effect from here
         self.rules = rules
         self._start_forwarders()
         self.generation = generation

@@ -130,3 +130,26 @@ def test_refused_connections_are_said_a_few_times_per_address_then_counted(
                         "balancer) from 127.0.0.1 in the last") == 1, router.log()
     assert router.count(f"3 more connections without a good PROXY header on port "
                         f"{proxy_port} from 127.0.0.2 in the last") == 1, router.log()
+
+
+def test_a_reload_that_moves_the_proxy_port_leaves_its_socket_a_proxy_port(
+        tmp_path: Path, dcmtk: Dcmtk) -> None:
+    """The port of a PROXY listener changed in the file and reloaded ("takes effect at
+    the next restart"): the old socket, still open, served echoscu without a header
+    from anywhere, and refused the balancer's headers (an outside campaign). It keeps
+    its settings until the restart."""
+    proxy_port = free_port()
+    router = _router(tmp_path, proxy_port, 'proxy_from = ["127.0.0.1"]\n')
+    try:
+        router.config.write_text(router.config.read_text().replace(
+            f"port = {proxy_port}", f"port = {free_port()}"))
+        done = router.command("reload")
+        assert done.returncode == 0 and "listen addresses changed" in done.stdout, done
+        router.wait_for("worker 1: configuration generation 2 loaded")
+        assert _echo(dcmtk, proxy_port).returncode != 0  # no header: still refused
+        router.wait_for("closed: no PROXY header")
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+            sock.sendall(V1 + associate_rq())
+            assert read_pdu(sock)[0] == 0x02  # the balancer's header is still taken
+    finally:
+        assert router.stop() == 0

@@ -230,6 +230,30 @@ def test_sighup_reload_valid_and_invalid(router: Router, dcmtk: Dcmtk) -> None:
         done.stdout + done.stderr)
 
 
+def test_a_reload_sets_the_log_level(router: Router, dcmtk: Dcmtk) -> None:
+    """[logging] level reloaded as "reloaded" and changed nothing, while a worker
+    restarted later took it: half the associations vanished from the log (an outside
+    campaign). Every process now takes it with the reload."""
+    router.wait_for("ready: 2 workers serving")
+    router.write_config(extra='[logging]\nlevel = "WARNING"\n')
+    assert router.command("reload").returncode == 0
+    router.wait_for("reload: log level WARNING, was INFO")
+    for w in (1, 2):
+        router.wait_for(f"worker {w}: log level WARNING, was INFO")
+    before = router.count("closed: released")
+    for _ in range(4):  # both workers
+        assert dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1",
+                         str(router.port)).returncode == 0
+    router.write_config()  # INFO again: said, and heard
+    assert router.command("reload").returncode == 0
+    for w in (1, 2):
+        router.wait_for(f"worker {w}: configuration generation 3 loaded")
+    assert router.count("closed: released") == before
+    assert dcmtk.run("echoscu", "-aec", "ROUTER", "127.0.0.1",
+                     str(router.port)).returncode == 0
+    router.wait_count("closed: released", before + 1)
+
+
 def test_a_sighup_while_starting_is_a_reload_not_the_end(tmp_path: Path,
                                                          dcmtk: Dcmtk) -> None:
     """SIGHUP before the supervisor handled signals (the first ~0.3 s) killed the

@@ -246,6 +246,45 @@ def test_a_renewed_certificate_takes_effect_on_reload(tmp_path: Path, dcmtk: Dcm
         router.stop()
 
 
+def test_tls_files_are_those_of_the_last_reload_not_of_the_disk(tmp_path: Path,
+                                                               dcmtk: Dcmtk) -> None:
+    """After a reload the workers read the TLS files at the first TLS connection:
+    a certificate copied over the configured one without a reload (or with one
+    refused for something else) ended TLS on the port, "no TLS for it:
+    KEY_VALUES_MISMATCH"; and a reload that moved the TLS port in the file left its
+    socket open with no TLS for it (an outside campaign). The workers now load the
+    files with the reload the supervisor checked, and a moved port keeps its socket's
+    settings until the restart."""
+    key, cert = _certificate(tmp_path, "router")
+    _, other = _certificate(tmp_path, "other")
+    router, port = _tls_router(tmp_path, key, cert)
+    original = cert.read_bytes()
+    try:
+        assert router.command("reload").returncode == 0  # nothing changed
+        for worker in (1, 2):
+            router.wait_for(f"worker {worker}: configuration generation 2 loaded")
+        cert.write_bytes(other.read_bytes())  # not the key's certificate; no reload
+        trusting = tmp_path / "trusted.pem"
+        trusting.write_bytes(original)
+        for _ in range(4):  # each worker, whichever gets the connection
+            done = _echo(dcmtk, port, "+tla", "+cf", trusting)
+            assert done.returncode == 0, done.stdout + done.stderr
+        cert.write_bytes(original)
+        router.config.write_text(router.config.read_text().replace(
+            f"port = {port}", f"port = {free_port()}"))
+        moved = router.command("reload")
+        assert moved.returncode == 0, moved.stderr
+        assert "listen addresses changed" in moved.stdout, moved.stdout
+        for worker in (1, 2):
+            router.wait_for(f"worker {worker}: configuration generation 3 loaded")
+        for _ in range(4):
+            done = _echo(dcmtk, port, "+tla", "+cf", trusting)
+            assert done.returncode == 0, done.stdout + done.stderr
+        assert router.count("no TLS for it") == 0
+    finally:
+        router.stop()
+
+
 def test_a_key_broken_on_disk_does_not_stop_the_router_when_a_worker_restarts(
         tmp_path: Path, dcmtk: Dcmtk) -> None:
     """A restarted worker read the TLS files again and, on a key no longer matching
