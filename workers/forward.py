@@ -688,6 +688,19 @@ class DestinationActor:
                 self._failed(entry, urgent, claim, str(exc), None, permanent=False,
                              counted=counted)
                 return None
+            except Exception as exc:
+                # Our own failure on this instance (pydicom failing where no one
+                # foresaw: a conversion once raised outside its guard). Given back, it
+                # failed again at once, for ever, each time leaving an association open
+                # until the destination refused more (an outside campaign): the
+                # association is aborted and the instance kept in dead/, saying why.
+                log.exception("destination %s: sending %s failed", self.name, path.name)
+                self._open.discard(assoc)
+                assoc.abort("internal error")
+                fd, claim = -1, fd
+                why = f"internal error: {type(exc).__name__}: {logline.first_line(exc)[:200]}"
+                self._failed(entry, urgent, claim, why, None, permanent=True)
+                return None
             fd, claim = -1, fd
             self._answered(entry, urgent, claim, path, part10, rsp, self.clock() - started)
             return assoc

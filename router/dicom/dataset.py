@@ -140,15 +140,17 @@ def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
     """
     implicit = is_implicit_vr(transfer_syntax)
     little = is_little_endian(transfer_syntax)
-    to_write = _prepared(
-        ds, implicit=implicit, little=little, encapsulated=is_encapsulated(transfer_syntax)
-    )
     fp = DicomBytesIO()
     fp.is_implicit_VR = implicit
     fp.is_little_endian = little
     try:
+        # Preparing converts raw elements too: a value pydicom cannot read (Rows
+        # three bytes long) fails there, as in write_dataset, and means the same.
+        to_write = _prepared(
+            ds, implicit=implicit, little=little, encapsulated=is_encapsulated(transfer_syntax)
+        )
         write_dataset(fp, to_write)
-    except Exception as exc:  # pydicom's writer raises many types; all mean "cannot encode"
+    except Exception as exc:  # pydicom raises many types; all mean "cannot encode"
         raise DIMSEError(
             f"cannot encode dataset in {transfer_syntax}: {_one_line(exc)}",
             status=_PROCESSING_FAILURE

@@ -1180,7 +1180,9 @@ class _CountingPacs:
     have been open together (or after 10 s); with ``hold``, only once ``answer`` is
     set (or after 60 s), and ``entered`` is set when the first one arrives."""
 
-    def __init__(self, ae_title: str, hold_until_open: int = 0, hold: bool = False) -> None:
+    def __init__(self, ae_title: str, hold_until_open: int = 0, hold: bool = False,
+                 syntaxes: tuple[str, ...] = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"),
+                 ) -> None:
         import threading
 
         from pynetdicom import AE, evt
@@ -1194,7 +1196,7 @@ class _CountingPacs:
         self.entered, self.answer = threading.Event(), threading.Event()
         self.seen: list[str] = []
         ae = AE(ae_title=ae_title)
-        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_supported_context(CTImageStorage, list(syntaxes))
         self.port = free_port()
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._opened),
@@ -1391,6 +1393,48 @@ def test_a_character_set_a_rule_sets_converts_the_text_or_keeps_a_dead_letter(
     assert [_uid(p) for p in received_files(ascii_only.outdir)] == [_uid(plain)]
     (letter,) = (router.spool / "dead" / "ascii").glob("*.dcm")
     assert str(pydicom.dcmread(letter).PatientName) == name  # as received
+
+
+def test_an_instance_pydicom_cannot_convert_is_a_dead_letter_not_a_wedged_sender(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Implicit VR, Rows three bytes long, for a PACS that takes Explicit VR only:
+    pydicom failed while the router prepared the conversion, outside its guard; the
+    sender restarted once a second for ever, leaving an association open each time
+    until the PACS refused more (an outside campaign). Now the instance is kept in
+    dead/ with the reason, and the next one is delivered."""
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import CTImageStorage
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # bytes as they are
+    pacs = _CountingPacs("PACS", syntaxes=("1.2.840.10008.1.2.1",))
+    bad, good = tmp_path / "bad.dcm", tmp_path / "good.dcm"
+    make_ct(bad, size_kb=8, seed=51, transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
+    make_ct(good, size_kb=8, seed=52, transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
+    data = bad.read_bytes()
+    rows = data.index(struct.pack("<HHI", 0x0028, 0x0010, 2))
+    bad.write_bytes(data[:rows] + struct.pack("<HHI", 0x0028, 0x0010, 3)
+                    + data[rows + 8:rows + 10] + b"\x00" + data[rows + 10:])
+    router = _forward_all(tmp_path, "pacs", pacs.port, "PACS", workers=1)
+    try:
+        router.wait_for("ready: 1 workers serving")
+        ae = AE(ae_title="MOD1")
+        ae.add_requested_context(CTImageStorage, pydicom.uid.ImplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        try:
+            for path in (bad, good):
+                assert assoc.send_c_store(path).Status == 0x0000
+        finally:
+            assoc.release()
+        router.wait_count("forward pacs:", 1)
+        line = router.lines[router.wait_for("moved to dead/pacs")]
+        assert "cannot encode dataset" in line, line
+    finally:
+        assert router.stop() == 0
+        pacs.server.shutdown()
+    assert pacs.seen == [_uid(good)] and pacs.peak == 1
+    assert "sender 0 failed" not in router.log()
+    assert [p.name for p in (router.spool / "dead" / "pacs").glob("*.dcm")]
 
 
 def test_a_second_sigterm_while_draining_stops_now(tmp_path: Path, dcmtk: Dcmtk) -> None:

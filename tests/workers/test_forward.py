@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 from router.config import Destination, RetryPolicy
@@ -424,6 +425,41 @@ def test_an_instance_too_large_to_convert_is_a_dead_letter_saying_so(
     reason = json.loads(next((spool.root / "dead" / "pacs").glob("*.json")).read_text())
     assert "MiB is too large to convert to 1.2.840.10008.1.2.1 (at most 1 MiB)" in \
         reason["reason"], reason
+
+
+def test_an_unforeseen_error_sending_an_instance_is_a_dead_letter_not_a_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own failure on one instance (pydicom raising where no guard expected it):
+    the sender gave the instance back and restarted, once a second for ever, each
+    time leaving the association it had opened (an outside campaign: the PACS then
+    refused more). Now that association is aborted and the instance kept in dead/
+    with the reason; the next instance goes."""
+    import workers.outbound
+
+    real = workers.outbound._converted
+
+    def converted(path: Path, fd: int | None, part10: Any, syntax: str) -> bytes:
+        if part10.sop_instance_uid.endswith(".1"):
+            raise RuntimeError("unforeseen")
+        return real(path, fd, part10, syntax)
+
+    monkeypatch.setattr(workers.outbound, "_converted", converted)
+    port = free_port()
+    server = _status_scp(0x0000, port)  # accepts CT in little endian only
+    try:
+        spool, actor = _big_endian_queue(tmp_path, port, [4, 4])
+        for path in sorted((spool.root / "queue" / "pacs").glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = \
+                f"1.2.3.{path.name[-5]}"
+            ds.save_as(path, enforce_file_format=True)
+        asyncio.run(_run_until(actor, lambda: actor.stats.dead + actor.stats.delivered == 2))
+    finally:
+        server.shutdown()
+    assert (actor.stats.delivered, actor.stats.dead) == (1, 1)
+    assert actor.stats.associations == 2  # one aborted with the failure, one for the next
+    reason = json.loads(next((spool.root / "dead" / "pacs").glob("*.json")).read_text())
+    assert reason["reason"] == "internal error: RuntimeError: unforeseen", reason
 
 
 def test_an_unaccepted_compressed_syntax_is_a_permanent_dead_letter(tmp_path: Path) -> None:
