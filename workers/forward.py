@@ -372,6 +372,11 @@ class DestinationActor:
                 self.scan()
         # A lower share: the senders above it end once their instance is answered;
         # the last of them hands the rest on if none is left (_sender).
+        else:
+            # This worker sends no more: what it last saw of the destination would stay
+            # in status and in dicom_router_destination_failing_seconds for ever, the
+            # destination long since delivering through the others (an outside campaign).
+            self.stats.last_error, self.stats.failing_since = "", 0.0
 
     async def send_now(self, path: Path,
                        originator: Originator | None = None) -> tuple[int, str | None]:

@@ -716,7 +716,10 @@ class Worker:
                 instances_forwarded=self._forwarded(),
                 queued=sum(f.depth for f in self.forwarders.values()), pid=os.getpid(),
                 failing={name: [f.stats.last_error, f.stats.failing_since, f.stats.failed_at]
-                         for name, f in self.forwarders.items() if f.stats.failing_since}))
+                         for name, f in self.forwarders.items()
+                         # A worker with no part of the concurrency sends nothing: what
+                         # a sender finishing after the reload saw is not news.
+                         if f.stats.failing_since and f.share}))
             self._restock()
             self._say_held()
             self._sweep()

@@ -552,7 +552,9 @@ def test_a_reload_that_takes_a_workers_share_ends_its_senders_and_passes_its_que
         tmp_path: Path) -> None:
     """Concurrency 2 -> 1 over 2 workers: the worker left with no part kept its sender,
     so the destination saw two associations, and a node that takes one at a time
-    stalled. Now its sender ends, and what it held goes to the worker that sends."""
+    stalled. Now its sender ends, and what it held goes to the worker that sends. And
+    its view of the destination goes: "failing since" stayed in status and the
+    Prometheus gauge for ever, the others delivering (an outside campaign)."""
     spool = Spool(tmp_path / "spool", fsync=False)
     _queue(spool, "pacs", tmp_path, 3, size_kb=2)
     handed: list[str] = []
@@ -562,7 +564,9 @@ def test_a_reload_that_takes_a_workers_share_ends_its_senders_and_passes_its_que
     async def scenario() -> None:
         actor.start()
         assert actor.scan() == 3
+        actor.stats.failed("Connection refused", 1000.0)
         actor.update(_destination(down), 0)
+        assert (actor.stats.failing_since, actor.stats.last_error) == (0.0, "")
         await asyncio.wait_for(asyncio.gather(*actor._senders), 20)
         await actor.stop()
 
