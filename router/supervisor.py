@@ -51,7 +51,7 @@ import zmq
 
 import router
 from router import control
-from router.config import Config, ConfigError, as_reloaded
+from router.config import Config, ConfigError, as_reloaded, default_spool_dir
 from router.fdpass import ChannelBusy, ChannelClosed, HandoffError, channel_pair, send_connection
 from router.notify import Notifier, service_manager_variables
 from router.snapshot import Snapshot, prune, snapshot_path
@@ -241,8 +241,16 @@ class Supervisor:
         systemd unit). An flock on the spool folder itself, not on a file in it that
         a clean-up could remove; released by the kernel however this process ends,
         and not inherited by the workers (close-on-exec)."""
-        self.config.spool.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.config.spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        spool = self.config.spool
+        default = spool == default_spool_dir()
+        if not default and not spool.exists() and not spool.parent.exists():
+            # A spool on a disk not mounted yet: made with its parents, it took
+            # instances onto the root file system, hidden once the disk mounted over
+            # them (an outside campaign). The router makes the spool folder only.
+            raise OSError(errno.ENOENT, f"its parent folder {spool.parent} does not exist "
+                                        "(a disk not mounted yet?)")
+        spool.mkdir(parents=default, exist_ok=True)
+        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

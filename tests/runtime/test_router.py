@@ -972,6 +972,31 @@ def test_a_spool_folder_it_cannot_use_is_one_line_and_exit_1(tmp_path: Path) -> 
         assert "None:" not in said and "Traceback" not in said, said
 
 
+def test_a_spool_whose_parent_is_missing_is_not_made(tmp_path: Path) -> None:
+    """[spool] path on a disk not mounted yet: the router made the whole path and
+    took instances onto the root file system, hidden once the disk mounted over them
+    (an outside campaign). It makes the spool folder only, and says so otherwise:
+    exit 1, which the systemd unit retries until the disk is there."""
+    spool = tmp_path / "mnt" / "disk" / "spool"
+    config = tmp_path / "router.toml"
+    config.write_text(f'[spool]\npath = "{spool}"\n'
+                      f'[[router.listen]]\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    done = subprocess.run([sys.executable, "-m", "router.cli", "run", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said
+    assert f"spool {spool}: cannot use it: its parent folder {spool.parent} does not " \
+        "exist (a disk not mounted yet?)" in said, said
+    assert not (tmp_path / "mnt").exists()
+    (tmp_path / "mnt" / "disk").mkdir(parents=True)  # mounted: the spool is made
+    router = Router(tmp_path / "mnt" / "disk", workers=1)  # its spool: <that>/spool
+    try:
+        router.wait_for("ready: 1 workers serving")
+    finally:
+        assert router.stop() == 0
+    assert spool.is_dir()
+
+
 def test_a_rules_path_without_rules_is_said_at_start_and_reload(tmp_path: Path) -> None:
     """A rules folder whose file was misnamed (10.tml) started a router with no rules
     and no word of it; every instance then went to unrouted/ (an outside campaign)."""
