@@ -197,6 +197,8 @@ __all__ = [
 ]
 
 DEFAULT_AE_TITLE: Final = "DICOM-ROUTER"
+#: Hosts that bind every address (on Linux "::" takes IPv4 too, dual-stack).
+_WILDCARDS: Final = frozenset({"0.0.0.0", "::", ""})
 DEFAULT_HOST: Final = "0.0.0.0"
 DEFAULT_PORT: Final = 11112
 MAX_WORKERS: Final = 256
@@ -1495,6 +1497,14 @@ class _Parser:
                     raise self.fail(where, f"{listen} is already listed as #{number}")
                 if earlier.port != port:
                     continue
+                wildcard = next((h for h in (earlier.host, host) if h in _WILDCARDS), None)
+                if wildcard is not None:
+                    # Bound at start, the second failed "Address already in use", exit 1
+                    # (worth a retry: the unit restarted it every 5 s for ever).
+                    raise self.fail(where("host") if "host" in entry else where,
+                                    f"{listen} and listener #{number}, {earlier}, overlap: "
+                                    f"{wildcard} is every address of this machine on port "
+                                    f"{port}; give the port to one of them")
                 # The port tells the workers which connections are TLS ones, and
                 # which start with a PROXY header.
                 for key in ("tls", "proxy_protocol", "proxy_from"):

@@ -701,6 +701,23 @@ ERRORS = [
         "router.toml:4: [[router.listen]] #2: 0.0.0.0:104 is already listed as #1",
         id="duplicate-listen",
     ),
+    # Bound at start, the second failed "Address already in use", exit 1 for ever.
+    pytest.param(
+        '[[router.listen]]\nhost = "127.0.0.1"\nport = 104\n'
+        '[[router.listen]]\nhost = "0.0.0.0"\nport = 104\n',
+        "router.toml:5: [[router.listen]] #2 host: 0.0.0.0:104 and listener #1, "
+        "127.0.0.1:104, overlap: 0.0.0.0 is every address of this machine on port 104; "
+        "give the port to one of them",
+        id="listen-overlaps-wildcard",
+    ),
+    pytest.param(
+        '[[router.listen]]\nhost = "::"\nport = 104\n'
+        '[[router.listen]]\nhost = "10.0.0.5"\nport = 104\n',
+        "router.toml:5: [[router.listen]] #2 host: 10.0.0.5:104 and listener #1, [::]:104, "
+        "overlap: :: is every address of this machine on port 104; give the port to one "
+        "of them",
+        id="listen-overlaps-ipv6-wildcard",
+    ),
     pytest.param(
         '[[router.listen]]\nhost = "127.0.0.1"\nport = 104\nproxy_protocol = true\n'
         '[[router.listen]]\nhost = "127.0.0.2"\nport = 104\n',
