@@ -1240,7 +1240,7 @@ def _queue_action(args: argparse.Namespace, config: Config, root: Path, names: l
             print(f"kept {count} dead letter(s) of {gone}: it is not configured, so "
                   "nothing would send them; configure it again, then retry (or purge "
                   "them)", file=sys.stderr)
-        if retried.unconfigured and moved == 0 and dest is not None:
+        if retried.unconfigured and moved == 0:  # all, DEST or ID alike (README)
             return EXIT_FAILED
         if name is not None and moved == 0 and not retried.kept \
                 and not retried.unconfigured:

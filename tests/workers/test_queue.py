@@ -105,6 +105,12 @@ def test_retry_leaves_an_unconfigured_destinations_dead_letters(tmp_path: Path) 
     assert (root / "queue" / "pacs" / "dead-pacs.dcm").exists()
     assert (root / "dead" / "ai" / "dead-ai.dcm").exists()
     assert "kept 1 dead letter(s) of ai" in done.stderr, done
+    # Nothing else left to send: exit 1 as the README says, for all as for DEST or ID
+    # (all and ID said 0, an outside campaign).
+    for more in ([], ["dead-ai.dcm"], ["ai/dead-ai.dcm"]):
+        done = _queue_cmd(config, "retry", *more)
+        assert done.returncode == 1, (more, done)
+        assert "0 instance(s) moved back" not in done.stdout, done
 
 
 def test_a_spool_that_is_not_there_is_said_so(tmp_path: Path) -> None:
