@@ -1068,6 +1068,10 @@ def _count_queues(config: Config, result: dict[str, Any]) -> None:
     of a shared queue, some parts twice, and their sum said 600 for 300 files."""
     from workers import queue as q
 
+    if not config.spool.is_dir():
+        # Else a mistyped spool counted empty queues: "all delivered", spool readable.
+        result["queues_error"] = f"no spool at {config.spool}"
+        return
     try:
         result["queues"] = q.counts(config.spool, [d.name for d in config.destinations])
         result["unrouted"] = q.unrouted_count(config.spool)

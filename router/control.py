@@ -60,6 +60,7 @@ import dataclasses
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -935,6 +936,21 @@ def answer_admin(sock: zmq.Socket[Any], handler: Callable[[Command], Reply]) -> 
     send_message(sock, reply, identity=identity, flags=zmq.NOBLOCK)
 
 
+def _refused(path: str) -> bool:
+    """Whether a connection to the Unix socket ``path`` is refused: nothing listens.
+    (A supervisor that listens takes the probe and sees it close at once.)"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False  # not ours to judge (EACCES...): ZeroMQ says what it finds
+    finally:
+        probe.close()
+    return False
+
+
 def admin_request(
     ctx: zmq.Context[Any], admin_endpoint: str, command: Command, timeout: float
 ) -> Reply:
@@ -952,6 +968,13 @@ def admin_request(
         raise SupervisorUnavailable(
             f"no supervisor at {admin_endpoint}: the socket does not exist "
             f"(is `dicom-router run` running?)"
+        )
+    if path is not None and _refused(path):
+        # The file a killed router left: ZeroMQ would wait out the whole timeout for
+        # a listener that is not there (status and reload took 5 s to say so).
+        raise SupervisorUnavailable(
+            f"no supervisor at {admin_endpoint}: nothing listens on the socket (left by "
+            f"a router that was killed? is `dicom-router run` running?)"
         )
     deadline = time.monotonic() + timeout
     sock = _socket(ctx, zmq.DEALER)

@@ -117,6 +117,13 @@ def test_a_spool_that_is_not_there_is_said_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
                            str(tmp_path / "typo")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no spool at" in done.stderr, done
+    # status, the router down: it counted empty queues there, and the spool readable.
+    for fmt, said in (([], f"queues: no spool at {tmp_path / 'typo'}"),
+                      (["--prometheus", "-"], "dicom_router_spool_readable 0")):
+        done = subprocess.run([sys.executable, "-m", "router.cli", "status", "--spool",
+                               str(tmp_path / "typo"), *fmt], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 3 and said in done.stdout, done
     # A folder that is there but holds no spool listed nothing, and exit 0.
     (tmp_path / "home").mkdir()
     done = subprocess.run([sys.executable, "-m", "router.cli", "queue", "ls", "--spool",
