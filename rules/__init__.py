@@ -161,7 +161,9 @@ such an element on text, or route on a standard attribute.
 Changes. ``set`` creates or replaces, with the dictionary's VR (the first
 where it allows several); a private or unknown tag takes the VR of the
 element already there if the value fits, else LO, or the one given as
-``{ vr = "..", value = .. }``. Values are checked against the VR on load
+``{ vr = "..", value = .. }``; a private element is made only where the data
+set's Private Creator reserves its block (PS3.5 7.8.1), and changed wherever it
+is already. Values are checked against the VR on load
 (text VRs want strings, integer VRs integers in range, DA/TM/DT valid text or
 TOML dates and times; a list sets several values, ``[]`` an empty value).
 ``remove`` deletes if present. ``copy`` copies the source value, converted to

@@ -35,6 +35,7 @@ from rules.tags import (
     INTEGER_VRS,
     REAL_VRS,
     TEXT_VRS,
+    private_creator,
     value_problem,
 )
 
@@ -127,6 +128,15 @@ def _not_made(what: str, label: str, value: object, vr: str) -> None:
                         "(PS3.5 Table 6.2-1)")
 
 
+def _orphan(ds: Dataset, tag: int) -> bool:
+    """Whether writing private element ``tag`` would create it in a block no Private
+    Creator of ``ds`` reserves: a data element nobody owns (PS3.5 §7.8.1), which the
+    router wrote into instances of other vendors (an outside campaign). One already
+    there is changed all the same (a pseudonymisation must reach it)."""
+    creator = private_creator(tag)
+    return creator is not None and tag not in ds and creator not in ds
+
+
 def _show(value: SetValue) -> str:
     if value is None:
         return "<empty>"
@@ -147,6 +157,8 @@ class SetOp:
     value: SetValue
 
     def apply(self, ds: Dataset) -> None:
+        if _orphan(ds, self.tag):
+            return
         vr = self.vr
         value: object = list(self.value) if isinstance(self.value, tuple) else self.value
         if vr is None:
@@ -197,7 +209,7 @@ class CopyOp:
 
     def apply(self, ds: Dataset) -> None:
         source = ds.get(self.source)
-        if source is None:
+        if source is None or _orphan(ds, self.target):
             return
         vr = self.target_vr
         if vr is None:

@@ -105,6 +105,26 @@ def test_copy_text_into_number_when_it_reads_as_one() -> None:
     assert "InstanceNumber" not in ds  # not strict (query identifiers): nothing happens
 
 
+def test_a_private_element_is_not_made_where_no_creator_reserves_its_block() -> None:
+    """A rule setting (0029,1002) wrote it into every instance, also those of other
+    vendors, with no (0029,0010) Private Creator: a data element nobody owns (PS3.5
+    7.8.1; an outside campaign, MR_small and others). Made only where the block is
+    reserved; one already there is changed all the same (a pseudonymisation)."""
+    change = _changes('set = { "(0029,1002)" = "newtext" }\n'
+                      'copy = { "(0029,1003)" = "PatientID" }')
+    bare = dataset(PatientID="123")
+    change.apply(bare)
+    assert 0x00291002 not in bare and 0x00291003 not in bare
+    reserved = dataset(PatientID="123")
+    reserved.private_block(0x0029, "SITE 1.0", create=True)
+    change.apply(reserved)
+    assert (reserved[0x00291002].value, reserved[0x00291003].value) == ("newtext", "123")
+    orphan = dataset(PatientID="123")
+    orphan.add_new(0x00291002, "LO", "Doe^John")  # malformed as received: still changed
+    change.apply(orphan)
+    assert orphan[0x00291002].value == "newtext" and 0x00291003 not in orphan
+
+
 @pytest.mark.parametrize(("target", "raw", "charset", "expected"), [
     ("PatientComments", b"1.5\\-2", None, "1.5\\-2"),       # LT: one value, backslash kept
     ("OtherPatientIDs", b"AB\\CD ", None, ["AB", "CD"]),     # LO: values split
