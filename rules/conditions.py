@@ -703,10 +703,16 @@ def parse_networks(texts: Iterable[str],
     """IP addresses or networks (CIDR) as a rule's ``peer`` or a listener's
     ``proxy_from`` gives them; ValueError says what is wrong with the first bad one,
     with the network meant when host bits are set."""
-    networks = []
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for text in texts:
         try:
-            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+            network = ipaddress.ip_network(text.strip(), strict=True)
+            mapped = getattr(network.network_address, "ipv4_mapped", None)
+            if mapped is not None and network.prefixlen >= 96:
+                # Peers are compared as IPv4 (peer_address): "::ffff:10.1.2.3" written
+                # for one never matched it (an outside campaign).
+                network = ipaddress.ip_network((mapped, network.prefixlen - 96))
+            networks.append(network)
         except ValueError as exc:
             hint = ""
             if "host bits set" in str(exc):

@@ -262,6 +262,11 @@ ASSOCIATION_CASES = [
     ('peer = ["192.168.1.7", "10.1.0.0/16"]', _assoc(), True),
     ('peer = ["192.168.1.7", "10.2.0.0/16"]', _assoc(), False),
     ('peer = "10.0.0.0/8"', _assoc(peer="::ffff:10.9.9.9"), True),  # IPv4-mapped
+    # Written IPv4-mapped in the rule: it never matched (an outside campaign).
+    ('peer = "::ffff:10.1.2.3"', _assoc(), True),
+    ('peer = "::ffff:10.1.2.3"', _assoc(peer="::ffff:10.1.2.3"), True),
+    ('peer = "::ffff:10.0.0.0/104"', _assoc(), True),
+    ('peer = "::ffff:10.0.0.0/104"', _assoc(peer="11.0.0.1"), False),
     ('peer = "fd00::/8"', _assoc(peer="fd00::17"), True),
     ('peer = "fd00::/8"', _assoc(peer="10.1.2.3"), False),
     ('peer = "::1"', _assoc(peer="::1"), True),
