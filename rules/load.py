@@ -170,7 +170,9 @@ def read_texts(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[Prob
     texts: list[tuple[Path, str]] = []
     for f in files:
         try:
-            texts.append((f, f.read_bytes().decode("utf-8")))
+            # utf-8-sig: editors on Windows write a BOM, a TOML syntax error to tomllib
+            # (the configuration file was read so; its rule files were not).
+            texts.append((f, f.read_bytes().decode("utf-8-sig")))
         except OSError as exc:
             problems.append(Problem(file=str(f), line=0,
                                     message=f"cannot read it: {exc.strerror or exc}"))

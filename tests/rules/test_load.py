@@ -557,6 +557,14 @@ def test_not_utf8(tmp_path: Path) -> None:
     assert str(caught.value) == f"{path}: not UTF-8 text (byte 20)"
 
 
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path: Path) -> None:
+    """Notepad writes one; the rule file was "not valid TOML" while the configuration
+    file beside it, read as utf-8-sig, loaded (an outside campaign)."""
+    path = tmp_path / "notepad.toml"
+    path.write_bytes(b'\xef\xbb\xbf[[rule]]\nname = "all"\n[rule.then]\ndrop = true\n')
+    assert [r.name for r in RuleSet.load([path], destinations=None).rules] == ["all"]
+
+
 def test_empty_rule_set() -> None:
     rs = RuleSet.empty()
     assert rs.rules == () and rs.sources == () and not rs.needs_dataset
