@@ -111,6 +111,11 @@ def _parse_tag(key: str, others: Iterable[str]) -> int:
         m = form.fullmatch(text)
         if m:
             return (int(m.group(1), 16) << 16) | int(m.group(2), 16)
+    hexed = re.fullmatch(r"0[xX]([0-9A-Fa-f]{8})", text)
+    if hexed:  # as C and Python write it: said to be a keyword nobody knew
+        digits = hexed.group(1).upper()
+        raise NameProblem(f"malformed tag {key!r}: no 0x in rule files; did you mean "
+                          f'"({digits[:4]},{digits[4:]})"?')
     if _LOOKS_LIKE_TAG.search(text):
         raise NameProblem(f"malformed tag {key!r}: expected (gggg,eeee), gggg,eeee or "
                           "ggggeeee in hexadecimal")

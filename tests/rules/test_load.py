@@ -70,6 +70,10 @@ CASES = [
     pytest.param(one_rule('"(0010,001)" = "x"'),
                  "rules.toml:4: rule \"r\": malformed tag '(0010,001)': expected (gggg,eeee), "
                  "gggg,eeee or ggggeeee in hexadecimal", id="malformed-tag"),
+    # Was "unknown attribute keyword '0x00100030'" (an outside campaign).
+    pytest.param(one_rule('"0x00100030" = "x"'),
+                 "rules.toml:4: rule \"r\": malformed tag '0x00100030': no 0x in rule files; "
+                 'did you mean "(0010,0030)"?', id="tag-with-0x"),
     pytest.param(one_rule('TransferSyntaxUID = "1.2"'),
                  "rules.toml:4: rule \"r\": 'TransferSyntaxUID' is in the file meta information "
                  "(group 0002), which a C-STORE data set does not carry", id="file-meta-tag"),
