@@ -184,7 +184,10 @@ converting nor keeping them is safe.
 
 Loading checks, each a :class:`Problem` (``file:line: rule "name": ...``):
 TOML syntax; unknown keys at every level (with a did-you-mean); missing or
-duplicate names; keywords and tags; operators and their values; regexes
+duplicate names; keywords and tags; operators and their values (a value the
+attribute's VR cannot have, as "ct" for Modality (CS), "2004-01-19" for a DA, a
+UID's keyword for a UI, a number against an age string (AS), matches nothing:
+refused, with the regex that matches a value sent so against the standard); regexes
 (and replacement templates; a pattern that may backtrack exponentially, such as
 a repeat, an optional part or alternatives starting alike inside a repeat, is
 refused: :func:`rules.conditions.exponential_risk`); conditions nested more

@@ -315,6 +315,50 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+#: VRs whose values have a form a rule's text can be checked against on load.
+_FORMED_VRS: Final = frozenset({"CS", "DA", "TM", "AS", "UI"})
+
+
+def _never_equal(attribute: Attribute, text: str) -> str | None:
+    """Why an equality test of ``attribute`` with ``text`` can never hold: a value its
+    VR cannot have ("ct" for Modality, "2004-01-19" for a DA), which loaded without a
+    word and never matched (an outside campaign); None if it may."""
+    vr = attribute.vr
+    if vr not in _FORMED_VRS:
+        return None
+    forms = {"AS": (r"\d{3}[DWMY]", "an age as 018Y"), "UI": (r"[0-9.]{1,64}", "digits and dots"),
+             # Its form only: a date not in the calendar ("00000000") is sent, and a
+             # rule may route it by its text.
+             "DA": (r"\d{8}", "a date as YYYYMMDD")}
+    for part in text.split("\\"):  # "ORIGINAL\\PRIMARY": the values joined
+        if vr in forms:
+            form, said = forms[vr]
+            problem = None if re.fullmatch(form, part) else f"expected {said}"
+        else:
+            problem = value_problem(vr, part)
+        if problem is None:
+            continue
+        hint = ""
+        if vr == "CS" and value_problem("CS", part.upper()) is None:
+            hint = f"; did you mean {show(text.upper())}?"
+        elif vr == "UI" and (uid := _uid_of_keyword(part)) is not None:
+            hint = f'; did you mean "{uid}" (its UID)?'
+        elif vr == "DA" and canonical_da(part.replace("-", "")) is not None:
+            hint = (f'; did you mean "{part.replace("-", "")}" (or a TOML date, '
+                    f"{part} unquoted)?")
+        # A modality that sends such a value against the standard is matched so:
+        # (a TOML literal string: a basic one would take re.escape's backslashes)
+        return (f"{attribute.label} is {vr}: {problem}{hint} (a value sent so against "
+                f"the standard is matched by {{ regex = '^{re.escape(text)}$' }})")
+    return None
+
+
+def _uid_of_keyword(word: str) -> str | None:
+    from pydicom._uid_dict import UID_dictionary
+
+    return next((uid for uid, entry in UID_dictionary.items() if entry[4] == word), None)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -665,7 +709,13 @@ class _FileCompiler:
     def simple(self, attribute: Attribute, key: str, value: object, where: Where, *,
                wildcards: bool) -> Predicate | _Bad:
         if isinstance(value, str):
-            return Wildcard(value) if wildcards and has_wildcard(value) else TextEquals(value)
+            if wildcards and has_wildcard(value):
+                return Wildcard(value)
+            never = _never_equal(attribute, value)
+            if never is not None:
+                return self.fail(where, f"{key}: {show(value)} matches no value DICOM "
+                                        f"allows: {never}")
+            return TextEquals(value)
         if _is_number(value):
             assert isinstance(value, int | float)
             return NumberEquals(float(value))
@@ -738,6 +788,11 @@ class _FileCompiler:
               where: Where) -> Predicate | _Bad:
         vr = attribute.vr
         sample = table.get("min", table.get("max"))
+        if vr == "AS" and _is_number(sample):
+            # "018Y" reads as no number: the rule loaded and never matched.
+            return self.fail(where, f"{key} is an age string as 018Y (days D, weeks W, "
+                                    'months M, years Y): compare text of one unit, as '
+                                    '{ min = "000Y", max = "018Y" }')
         if vr in NUMERIC_VRS:
             kind = "number"
         elif vr in ("DA", "TM", "DT"):

@@ -55,7 +55,7 @@ ATTRIBUTE_CASES = [
     ('PatientID = ""', False),                      # missing: not equal to anything
     # equals
     ('Modality = { equals = "CT" }', True),
-    ('Modality = { equals = "C*" }', False),        # literal: no wildcard in equals
+    ('StudyDescription = { equals = "Chest*" }', False),  # literal: no wildcard in equals
     ('SeriesNumber = { equals = 3 }', True),
     # wildcard
     ('StudyDescription = { wildcard = "Chest*" }', True),

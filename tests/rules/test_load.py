@@ -70,6 +70,28 @@ CASES = [
     pytest.param(one_rule('"(0010,001)" = "x"'),
                  "rules.toml:4: rule \"r\": malformed tag '(0010,001)': expected (gggg,eeee), "
                  "gggg,eeee or ggggeeee in hexadecimal", id="malformed-tag"),
+    # Values the attribute's VR cannot have loaded and never matched (an outside
+    # campaign); the regex the message gives matches such a value all the same.
+    pytest.param(one_rule('Modality = "ct"'),
+                 'rules.toml:4: rule "r": Modality: "ct" matches no value DICOM allows: '
+                 "Modality is CS: a code string holds upper-case letters, digits, space and "
+                 'underscore only; did you mean "CT"? (a value sent so against the standard '
+                 "is matched by { regex = '^ct$' })", id="cs-lower-case"),
+    pytest.param(one_rule('StudyDate = "2004-01-19"'),
+                 'rules.toml:4: rule "r": StudyDate: "2004-01-19" matches no value DICOM '
+                 'allows: StudyDate is DA: expected a date as YYYYMMDD; did you mean '
+                 '"20040119" (or a TOML date, 2004-01-19 unquoted)? (a value sent so against '
+                 "the standard is matched by { regex = '^2004\\-01\\-19$' })",
+                 id="da-with-dashes"),
+    pytest.param(one_rule('SOPClassUID = ["1.2.3", "CTImageStorage"]'),
+                 'rules.toml:4: rule "r": SOPClassUID: "CTImageStorage" matches no value '
+                 'DICOM allows: SOPClassUID is UI: expected digits and dots; did you mean '
+                 '"1.2.840.10008.5.1.4.1.1.2" (its UID)? (a value sent so against the '
+                 "standard is matched by { regex = '^CTImageStorage$' })", id="ui-keyword"),
+    pytest.param(one_rule("PatientAge = { max = 18 }"),
+                 'rules.toml:4: rule "r": PatientAge is an age string as 018Y (days D, weeks '
+                 'W, months M, years Y): compare text of one unit, as { min = "000Y", max = '
+                 '"018Y" }', id="as-number"),
     # Was "unknown attribute keyword '0x00100030'" (an outside campaign).
     pytest.param(one_rule('"0x00100030" = "x"'),
                  "rules.toml:4: rule \"r\": malformed tag '0x00100030': no 0x in rule files; "
