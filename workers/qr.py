@@ -43,7 +43,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -663,6 +663,15 @@ class StoreRelay(Protocol):
     def store_result(self, message_id: int) -> asyncio.Future[dimse.CStoreRSP]:
         """The requestor's C-STORE-RSP to message ``message_id``."""
 
+    def abort(self, detail: str) -> None:
+        """A-ABORT the requestor's association (a C-STORE was left half sent)."""
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Take a future's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
 
 class GetProxy(_RetrieveProxy):
     """One C-GET relayed through an upstream C-GET (D7, PS3.4 C.4.3).
@@ -786,13 +795,25 @@ class GetProxy(_RetrieveProxy):
         # whatever the upstream put on its own.
         mid = self.relay.begin_store(inbound, replace(rq, priority=self.priority))
         result = self.relay.store_result(mid)
-        if converted is not None:
-            self.relay.store_data(inbound, converted, True)
-            await self.relay.writable()
-        else:
-            async for data, last in assoc.fragments():
-                self.relay.store_data(inbound, data, last)
+        try:
+            if converted is not None:
+                self.relay.store_data(inbound, converted, True)
                 await self.relay.writable()
+            else:
+                async for data, last in assoc.fragments():
+                    self.relay.store_data(inbound, data, last)
+                    await self.relay.writable()
+        except BaseException as exc:
+            # The upstream broke off (or the C-GET stopped) in the middle of the data
+            # set: the requestor had a C-STORE-RQ and part of its data, and no other
+            # message may start on that association before its last fragment (PS3.8
+            # 9.3.5, Annex E). The C-GET-RSP that followed made the requestor decode
+            # the truncated data set as an instance (an outside campaign, Orthanc
+            # killed mid-get). Nothing can finish it: the association is aborted.
+            result.add_done_callback(_quiet)  # failed by the abort: nobody waits now
+            self.relay.abort(f"the C-STORE sub-operation could not be finished: "
+                             f"{exc or type(exc).__name__}")
+            raise
         try:
             async with asyncio.timeout(self.upstream.timeout):
                 rsp = await result

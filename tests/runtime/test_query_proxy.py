@@ -1586,3 +1586,97 @@ def _command_of(body: bytes) -> pydicom.Dataset:
     from pydicom.filereader import read_dataset
 
     return read_dataset(BytesIO(body[6:]), is_implicit_VR=True, is_little_endian=True)
+
+
+def _truncating_get_upstream() -> tuple[int, Any]:
+    """An upstream C-GET SCP, by hand, that breaks off in the middle of its first
+    C-STORE sub-operation: it accepts every context the router proposes (and the SCP
+    role), and on the C-GET-RQ sends a C-STORE-RQ and 12 bytes of its data set, not
+    the last fragment, then closes the connection. (port, thread)."""
+    import socket
+    import struct
+    import threading
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from tests.faults.test_actor_faults import command, read_pdu
+
+    def item(kind: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        with server, server.accept()[0] as conn:
+            _, rq = read_pdu(conn)
+            ac = struct.pack(">HH", 1, 0) + rq[4:68] + item(0x10, b"1.2.840.10008.3.1.1.1")
+            pos, user, ct_context = 68, b"", 0
+            while pos < len(rq):
+                kind, _, length = struct.unpack(">BBH", rq[pos:pos + 4])
+                body = rq[pos + 4:pos + 4 + length]
+                if kind == 0x20:  # a presentation context: accepted in Implicit VR
+                    size = struct.unpack(">H", body[6:8])[0]  # its abstract syntax
+                    if body[8:8 + size].rstrip(b"\x00") == b"1.2.840.10008.5.1.4.1.1.2":
+                        ct_context = ct_context or body[0]
+                    ac += item(0x21, bytes([body[0], 0, 0, 0])
+                               + item(0x40, ImplicitVRLittleEndian.encode()))
+                elif kind == 0x50:  # echo the role selections, accepted
+                    at = 0
+                    while at < len(body):
+                        sub, _, size = struct.unpack(">BBH", body[at:at + 4])
+                        if sub == 0x54:
+                            user += item(0x54, body[at + 4:at + 4 + size])
+                        at += 4 + size
+                pos += 4 + length
+            ac += item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4")
+                       + user)
+            conn.sendall(struct.pack(">BBI", 2, 0, len(ac)) + ac)
+            while read_pdu(conn)[0] == 4 and not conn.recv(0):  # the C-GET-RQ's PDVs
+                break
+            rq_cmd = command(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", CommandField=0x0001,
+                             MessageID=101, Priority=0, CommandDataSetType=0,
+                             AffectedSOPInstanceUID="1.2.3.999.5.1")
+            for ctl, payload in ((3, rq_cmd), (0, b"\x08\x00\x16\x00\x1a\x00\x00\x001.2.")):
+                pdv = struct.pack(">IBB", len(payload) + 2, ct_context, ctl) + payload
+                conn.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
+            read_pdu(conn)  # whatever comes: the router may abort; then the close
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return port, thread
+
+
+def test_a_c_get_upstream_breaking_off_mid_instance_aborts_the_requestor(
+        tmp_path: Path) -> None:
+    """The upstream broke off in the middle of a C-STORE sub-operation's data set: the
+    requestor had the C-STORE-RQ and part of the data, then the C-GET-RSP (C001H) on
+    the same association, so the message was never finished (PS3.8 9.3.5, Annex E)
+    and pynetdicom decoded the truncated data set as an instance; the log had
+    asyncio's "Future exception was never retrieved" (an outside Q/R campaign, with
+    Orthanc killed mid-get). Nothing can finish it: the requestor's association is
+    aborted, and the log says why in one line."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    port, upstream = _truncating_get_upstream()
+    router = _router_to(tmp_path, RETRIEVE_ALL, port, "HOSTILE")
+    stored: list[Any] = []
+    try:
+        router.wait_for("ready: 2 workers serving")
+        assoc = _get_requestor(router.port, lambda event: stored.append(event) or 0)
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3.999.1"
+        responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
+        # No C-GET-RSP after the half C-STORE: the association ended, aborted.
+        assert not any(status and "Status" in status for status, _ in responses), responses
+        line = router.lines[router.wait_for("closed: aborted: the C-STORE sub-operation "
+                                            "could not be finished")]
+        assert "VIEWER->ROUTER" in line and "inside a data set" in line, line
+        assoc.join(30)  # its reactor thread ends with the A-ABORT
+        assert assoc.is_aborted
+    finally:
+        router.stop()
+        upstream.join(10)
+    assert not stored
+    assert "never retrieved" not in router.log() and "Traceback" not in router.log()
