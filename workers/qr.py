@@ -544,7 +544,37 @@ class _RetrieveProxy(_Relayed):
             self._final(dimse.UNABLE_TO_PROCESS, counts, raw,
                         f"{self.upstream.name} answered Cancel to a retrieve not cancelled")
         else:
-            self._final(int(rsp.status), counts, raw, rsp.error_comment)
+            status, counts, note = self._checked(int(rsp.status), counts)
+            if note is not None:
+                log.warning("%s %s %s", self.kind, self._outcome(), note)
+            self._final(status, counts, raw, rsp.error_comment)
+
+    def _checked(self, status: int, counts: Counts) -> tuple[int, Counts, str | None]:
+        """The upstream's final status and counts, against what this router saw: where
+        it relayed every sub-operation (a C-GET, a proxy-mode C-MOVE), the completed,
+        failed and warning counts are the requestor's or destination's own answers.
+        An upstream that said Success 2/0/0 for one the requestor refused, or 0/0/0
+        after relaying a failure, was passed on as it said (an outside campaign):
+        PS3.4 C.4.2.1.6 and C.4.3.1.3 count what failed. Sub-operations the upstream
+        counts beyond those it sent failed before reaching the router; Success with a
+        failure or warning is Warning, B000H. (None: nothing to say.)"""
+        own = self._relayed_counts() if self._relayed() else None
+        if own is None:
+            return status, counts, None
+        _, completed, failed, warning = (c or 0 for c in own)
+        said = [c or 0 for c in counts[1:]]
+        failed += max(0, sum(said) - (completed + failed + warning))  # never sent here
+        fixed: Counts = (counts[0], completed, failed, warning)
+        if tuple(said) == fixed[1:]:
+            return status, counts, None
+        new = status
+        if dimse.status_category(status) is dimse.StatusCategory.SUCCESS and (failed or warning):
+            new = dimse.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
+        shown = "/".join(str(c) for c in said)
+        return new, fixed, (f"{self.upstream.name} ended with 0x{status:04X} and counts "
+                            f"{shown} (completed/failed/warning), but the router relayed "
+                            f"{completed}/{failed}/{warning}: those are answered"
+                            + (f", with 0x{new:04X}" if new != status else ""))
 
     def _final(self, status: int, counts: Counts, data: bytes | None,
                comment: str | None) -> None:
