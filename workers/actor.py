@@ -425,6 +425,12 @@ class AssociationActor(asyncio.BufferedProtocol):
             log.info("association %s: C-CANCEL of held request %d: it will not start",
                      self._who(), message_id)
             self._cancelled_held.add(message_id)
+        else:
+            # It has no response (PS3.7 9.3.2.3): an operator sees here a requestor
+            # cancelling the wrong message (or one whose final response crossed it).
+            log.info("association %s: C-CANCEL of message %d, which no running or held "
+                     "C-FIND, C-MOVE or C-GET has: nothing to cancel", self._who(),
+                     message_id)
 
     def _release_held(self) -> None:
         """The running operation ended: what was held is handled, in order."""

@@ -1570,12 +1570,16 @@ def test_a_second_query_while_one_runs_waits_its_turn(tmp_path: Path) -> None:
 def test_a_cancel_of_a_held_query_keeps_it_from_starting(tmp_path: Path) -> None:
     """The C-CANCEL names the query that waits, then the running one: the waiting one
     was not cancelled (it was not the running one) and later ran in full. Now it is
-    answered Cancel in its turn, and the upstream is never asked for it."""
-    answers, asked, _ = _pipelined_finds(tmp_path, cancel=(2, 1))
+    answered Cancel in its turn, and the upstream is never asked for it. A C-CANCEL of
+    a message that is no operation (99) has no answer, but the log says it (it said
+    nothing: an outside campaign)."""
+    answers, asked, log = _pipelined_finds(tmp_path, cancel=(2, 99, 1))
     first = _final_of(answers, 1)
     assert answers[first] == (1, 0xFE00), answers
     assert answers[first + 1:] == [(2, 0xFE00)], answers
     assert "SHORT" not in asked, asked
+    assert "C-CANCEL of message 99, which no running or held C-FIND, C-MOVE or C-GET " \
+        "has: nothing to cancel" in log, log
 
 
 def test_a_peer_flooding_requests_while_one_runs_is_aborted(tmp_path: Path) -> None:
