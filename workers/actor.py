@@ -1074,6 +1074,17 @@ class AssociationActor(asyncio.BufferedProtocol):
                      self._who(), _operation_name(msg), msg.message_id)
             self._refuse(ctx, msg, dimse.UNABLE_TO_PROCESS, "no retrieve rule matches this request")
             return
+        if isinstance(msg, dimse.CGetRQ) and not self.storage_contexts():
+            # Nothing the upstream sends could reach the requestor: Orthanc and
+            # dcmqrscp then failed each instance, and the requestor got C000H or A702H
+            # with no word of why (an outside Q/R campaign). Said here, nobody asked.
+            why = ("the requestor accepted no Storage SOP Class in the SCP role "
+                   "(SCP/SCU Role Selection, PS3.7 D.3.3.4)")
+            log.warning("association %s: C-GET %d refused: %s", self._who(),
+                        msg.message_id, why)
+            self._refuse(ctx, msg, dimse.OUT_OF_RESOURCES_UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                         "no storage context accepted in the SCP role")
+            return
         upstreams = [config.destination(name) for name in decision.upstreams]
         level = str(identifier.get("QueryRetrieveLevel", "")).strip() or "?"
         request = Request(msg.affected_sop_class_uid, raw, ctx.transfer_syntax,

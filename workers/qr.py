@@ -435,6 +435,12 @@ class _RetrieveProxy(_Relayed):
         """(None, completed, failed, warning) of those, if this router knows them."""
         return None
 
+    def _answered_counts(self) -> tuple[int, int, int, int] | None:
+        """(completed, failed, warning, in flight) of the sub-operations relayed, as
+        answered so far, if this router knows them."""
+        counts = self._relayed_counts()
+        return None if counts is None else (counts[1] or 0, counts[2] or 0, counts[3] or 0, 0)
+
     def expire(self, why: str) -> None:
         """The router-wide operation limit ran out (the actor cancelled run() and so
         aborted the upstream): the requestor's final response, as after a broken
@@ -556,14 +562,18 @@ class _RetrieveProxy(_Relayed):
         An upstream that said Success 2/0/0 for one the requestor refused, or 0/0/0
         after relaying a failure, was passed on as it said (an outside campaign):
         PS3.4 C.4.2.1.6 and C.4.3.1.3 count what failed. Sub-operations the upstream
-        counts beyond those it sent failed before reaching the router; Success with a
+        said failed or warned before reaching the router count too; Success with a
         failure or warning is Warning, B000H. (None: nothing to say.)"""
-        own = self._relayed_counts() if self._relayed() else None
+        own = self._answered_counts() if self._relayed() else None
         if own is None:
             return status, counts, None
-        _, completed, failed, warning = (c or 0 for c in own)
+        completed, failed, warning, in_flight = own
         said = [c or 0 for c in counts[1:]]
-        failed += max(0, sum(said) - (completed + failed + warning))  # never sent here
+        # What completed, failed or warned here stays so whatever the upstream says.
+        # One still in flight here (a proxied move's tally is written after its answer
+        # went upstream) may be the upstream's last completion: believed that far.
+        failed, warning = max(failed, said[1]), max(warning, said[2])
+        completed = max(completed, min(said[0], completed + in_flight))
         fixed: Counts = (counts[0], completed, failed, warning)
         if tuple(said) == fixed[1:]:
             return status, counts, None
@@ -656,6 +666,10 @@ class MoveProxy(_RetrieveProxy):
         # not hear whether it arrived, and nothing says the destination kept it.
         done = self._sub_operations()
         return None, done.completed, done.failed + done.in_flight, done.warning
+
+    def _answered_counts(self) -> tuple[int, int, int, int] | None:
+        done = self._sub_operations()
+        return done.completed, done.failed, done.warning, done.in_flight
 
     def _sub_operations(self) -> SubOperations:
         # Proxy mode only: in direct mode the upstream's responses are all there is.

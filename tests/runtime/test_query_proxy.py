@@ -1690,3 +1690,38 @@ def test_a_c_get_upstream_breaking_off_mid_instance_aborts_the_requestor(
         upstream.join(10)
     assert not stored
     assert "never retrieved" not in router.log() and "Traceback" not in router.log()
+
+
+def test_a_c_get_with_no_storage_context_in_the_scp_role_is_refused_saying_why(
+        tmp_path: Path) -> None:
+    """A requestor that proposed CT without the SCP role (no role selection): nothing
+    could reach it, yet the PACS was asked, failed each instance, and the requestor
+    got C000H or A702H with no word why (an outside Q/R campaign, Orthanc and
+    dcmqrscp). Now the router answers A702H itself, saying why, and asks nobody."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+
+    study = make_study(tmp_path / "study", n_series=1, n_instances=2, size_kb=8, seed=9)
+    port, server = _get_scp("GETPACS", study)
+    router = _router_to(tmp_path, RETRIEVE_ALL, port, "GETPACS")
+    try:
+        router.wait_for("ready: 2 workers serving")
+        viewer = AE(ae_title="VIEWER")
+        viewer.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        viewer.add_requested_context(CTImageStorage)  # no SCP role asked for
+        assoc = viewer.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        try:
+            [(final, _)] = list(assoc.send_c_get(_study_query(study),
+                                                 StudyRootQueryRetrieveInformationModelGet))
+        finally:
+            assoc.release()
+        assert final.Status == 0xA702, final
+        assert "SCP role" in final.ErrorComment, final
+        line = router.lines[router.wait_for("refused: the requestor accepted no Storage SOP "
+                                            "Class in the SCP role")]
+        assert "VIEWER->ROUTER" in line, line
+    finally:
+        router.stop()
+        server.shutdown()
+    assert "via pacs" not in router.log()  # the upstream was not asked
