@@ -550,12 +550,12 @@ class _RetrieveProxy(_Relayed):
             self._final(dimse.UNABLE_TO_PROCESS, counts, raw,
                         f"{self.upstream.name} answered Cancel to a retrieve not cancelled")
         else:
-            status, counts, note = self._checked(int(rsp.status), counts)
-            if note is not None:
-                log.warning("%s %s %s", self.kind, self._outcome(), note)
-            self._final(status, counts, raw, rsp.error_comment)
+            status, counts, comment = self._checked(int(rsp.status), counts,
+                                                    rsp.error_comment)
+            self._final(status, counts, raw, comment)
 
-    def _checked(self, status: int, counts: Counts) -> tuple[int, Counts, str | None]:
+    def _checked(self, status: int, counts: Counts,
+                 comment: str | None) -> tuple[int, Counts, str | None]:
         """The upstream's final status and counts, against what this router saw: where
         it relayed every sub-operation (a C-GET, a proxy-mode C-MOVE), the completed,
         failed and warning counts are the requestor's or destination's own answers.
@@ -563,10 +563,11 @@ class _RetrieveProxy(_Relayed):
         after relaying a failure, was passed on as it said (an outside campaign):
         PS3.4 C.4.2.1.6 and C.4.3.1.3 count what failed. Sub-operations the upstream
         said failed or warned before reaching the router count too; Success with a
-        failure or warning is Warning, B000H. (None: nothing to say.)"""
+        failure or warning is Warning, B000H; a line says so. (status, counts, Error
+        Comment) to answer."""
         own = self._answered_counts() if self._relayed() else None
         if own is None:
-            return status, counts, None
+            return status, counts, comment
         completed, failed, warning, in_flight = own
         said = [c or 0 for c in counts[1:]]
         # What completed, failed or warned here stays so whatever the upstream says.
@@ -576,15 +577,16 @@ class _RetrieveProxy(_Relayed):
         completed = max(completed, min(said[0], completed + in_flight))
         fixed: Counts = (counts[0], completed, failed, warning)
         if tuple(said) == fixed[1:]:
-            return status, counts, None
+            return status, counts, comment
         new = status
         if dimse.status_category(status) is dimse.StatusCategory.SUCCESS and (failed or warning):
             new = dimse.SUB_OPERATIONS_COMPLETE_WITH_FAILURES
         shown = "/".join(str(c) for c in said)
-        return new, fixed, (f"{self.upstream.name} ended with 0x{status:04X} and counts "
-                            f"{shown} (completed/failed/warning), but the router relayed "
-                            f"{completed}/{failed}/{warning}: those are answered"
-                            + (f", with 0x{new:04X}" if new != status else ""))
+        log.warning("%s %s %s ended with 0x%04X and counts %s (completed/failed/warning), "
+                    "but the router relayed %d/%d/%d: those are answered%s", self.kind,
+                    self._outcome(), self.upstream.name, status, shown, completed, failed,
+                    warning, f", with 0x{new:04X}" if new != status else "")
+        return new, fixed, comment
 
     def _final(self, status: int, counts: Counts, data: bytes | None,
                comment: str | None) -> None:
@@ -670,6 +672,19 @@ class MoveProxy(_RetrieveProxy):
     def _answered_counts(self) -> tuple[int, int, int, int] | None:
         done = self._sub_operations()
         return done.completed, done.failed, done.warning, done.in_flight
+
+    def _checked(self, status: int, counts: Counts,
+                 comment: str | None) -> tuple[int, Counts, str | None]:
+        if status == dimse.MOVE_DESTINATION_UNKNOWN and self._message_id is not None:
+            # Proxy mode: the destination asked upstream is this router, which checked
+            # the requestor's itself. Passed on, A801H told the requestor its own
+            # destination was unknown (an outside campaign, dcmqrscp without ROUTER in
+            # its HostTable): the upstream does not know the router.
+            why = (f"{self.upstream.name} does not know this router ({self.router_ae}) "
+                   "as a move destination: add it there as a DICOM node")
+            log.warning("%s %s %s", self.kind, self._outcome(), why)
+            return dimse.UNABLE_TO_PROCESS, counts, why
+        return super()._checked(status, counts, comment)
 
     def _sub_operations(self) -> SubOperations:
         # Proxy mode only: in direct mode the upstream's responses are all there is.

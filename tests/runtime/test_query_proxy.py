@@ -27,7 +27,7 @@ from tests.helpers import (
     start_orthanc,
     storescp_server,
 )
-from tests.helpers.dcmtk import dcmtk_env
+from tests.helpers.dcmtk import dcmqrscp_server, dcmtk_env
 from tests.helpers.net import free_port
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.router import Router
@@ -1725,3 +1725,42 @@ def test_a_c_get_with_no_storage_context_in_the_scp_role_is_refused_saying_why(
         router.stop()
         server.shutdown()
     assert "via pacs" not in router.log()  # the upstream was not asked
+
+
+def test_a_proxy_upstream_that_does_not_know_the_router_is_said_so_not_a801(
+        tmp_path: Path, procs: Procs, dcmtk: Dcmtk) -> None:
+    """move_mode = "proxy" to a dcmqrscp whose HostTable has no entry for the router: it
+    answers A801H, move destination unknown, for ROUTER. Passed on, that told the
+    requestor its own destination was unknown, which the router had checked (an
+    outside campaign). It is now C001H, the Error Comment and a log line saying what
+    to fix."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    sink = storescp_server(tmp_path, procs, aet="VIEWER_SCP", args=["+B"], dcmtk=dcmtk)
+    study = make_study(tmp_path / "study", n_series=1, n_instances=2, size_kb=8, seed=13)
+    qrscp = dcmqrscp_server(tmp_path, procs, files=study, aet="QRSCP",
+                            move_destinations={"OTHER": ("127.0.0.1", free_port())},
+                            dcmtk=dcmtk)
+    router = _router_to(tmp_path, RETRIEVE_ALL, qrscp, "QRSCP",
+                        more='move_mode = "proxy"\n[[destination]]\nname = "viewer"\n'
+                             f'host = "127.0.0.1"\nport = {sink.port}\n'
+                             'ae_title = "VIEWER_SCP"\n')
+    try:
+        router.wait_for("ready: 2 workers serving")
+        requestor = AE(ae_title="VIEWER")
+        requestor.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = requestor.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        assert assoc.is_established
+        try:
+            responses = [status for status, _ in assoc.send_c_move(
+                _study_query(study), "VIEWER_SCP", StudyRootQueryRetrieveInformationModelMove)]
+        finally:
+            assoc.release()
+        final = responses[-1]
+        assert final.Status == 0xC001, final
+        assert "does not know this router (ROUTER)" in final.ErrorComment, final
+        router.wait_for("as a move destination: add it there as a DICOM node")
+    finally:
+        router.stop()
+    assert not received_files(sink.outdir)
