@@ -1414,7 +1414,9 @@ def test_an_instance_pydicom_cannot_convert_is_a_dead_letter_not_a_wedged_sender
     rows = data.index(struct.pack("<HHI", 0x0028, 0x0010, 2))
     bad.write_bytes(data[:rows] + struct.pack("<HHI", 0x0028, 0x0010, 3)
                     + data[rows + 8:rows + 10] + b"\x00" + data[rows + 10:])
-    router = _forward_all(tmp_path, "pacs", pacs.port, "PACS", workers=1)
+    # One association at a time: each one a crashed sender left open showed as more.
+    router = _forward_all(tmp_path, "pacs", pacs.port, "PACS", workers=1,
+                          more="concurrency = 1\n")
     try:
         router.wait_for("ready: 1 workers serving")
         ae = AE(ae_title="MOD1")
