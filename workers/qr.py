@@ -432,14 +432,19 @@ class _RetrieveProxy(_Relayed):
         return 0
 
     def _relayed_counts(self) -> Counts | None:
-        """(None, completed, failed, warning) of those, if this router knows them."""
-        return None
+        """(None, completed, failed, warning) of those, if this router knows them. One
+        in flight when the upstream broke off is failed: the upstream will not hear
+        whether it arrived, and nothing says the destination kept it."""
+        answered = self._answered_counts()
+        if answered is None:
+            return None
+        completed, failed, warning, in_flight = answered
+        return None, completed, failed + in_flight, warning
 
     def _answered_counts(self) -> tuple[int, int, int, int] | None:
         """(completed, failed, warning, in flight) of the sub-operations relayed, as
         answered so far, if this router knows them."""
-        counts = self._relayed_counts()
-        return None if counts is None else (counts[1] or 0, counts[2] or 0, counts[3] or 0, 0)
+        return None
 
     def expire(self, why: str) -> None:
         """The router-wide operation limit ran out (the actor cancelled run() and so
@@ -663,12 +668,6 @@ class MoveProxy(_RetrieveProxy):
     def _relayed(self) -> int:
         return self._sub_operations().started
 
-    def _relayed_counts(self) -> Counts | None:
-        # The one in flight when the upstream broke off is failed: the upstream will
-        # not hear whether it arrived, and nothing says the destination kept it.
-        done = self._sub_operations()
-        return None, done.completed, done.failed + done.in_flight, done.warning
-
     def _answered_counts(self) -> tuple[int, int, int, int] | None:
         done = self._sub_operations()
         return done.completed, done.failed, done.warning, done.in_flight
@@ -781,9 +780,9 @@ class GetProxy(_RetrieveProxy):
     def _relayed(self) -> int:
         return self._seen
 
-    def _relayed_counts(self) -> Counts:
+    def _answered_counts(self) -> tuple[int, int, int, int]:
         completed, failed, warning = self._tally
-        return None, completed, failed, warning
+        return completed, failed, warning, 0  # each answered before the next begins
 
     async def _retrieve(self, assoc: OutboundAssociation, ctx: NegotiatedContext,
                         identifier: bytes) -> None:
