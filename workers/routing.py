@@ -198,16 +198,22 @@ class InstanceRouter:
                                                     transparent=transparent[0].destination))
         links: list[str] = []
         copies: list[tuple[str, Callable[[BinaryIO], None]]] = []
+        whole_header: Callable[[], Dataset] | None = None
         for forward in decision.forwards:
             folder = queue_folder(forward.destination)
             if not forward.changes:
                 links.append(folder)
                 continue
+            if whole_header is None:
+                # Every element before the pixel data, read once for all destinations
+                # if a change of the character set needs it: that converts each text
+                # value, and any of them may be one it cannot.
+                whole_header = functools.cache(lambda: _pydicom_header(
+                    path, writer.transfer_syntax, writer.dataset_offset))
             if header is self._nothing:  # no condition read it; the changes do
                 header = self._header(path, writer.transfer_syntax, writer.dataset_offset,
                                       for_changes=True)
-            problem = forward.changes.problem(
-                header, whole=lambda: self._whole_header(path, writer))
+            problem = forward.changes.problem(header, whole=whole_header)
             if problem is None:
                 copies.append((folder, _changed_copy(path, forward.changes,
                                                      writer.transfer_syntax,
@@ -230,15 +236,6 @@ class InstanceRouter:
                          note=Routed(decision=decision, status=dimse.SUCCESS))
 
     @staticmethod
-    def _whole_header(path: Path, writer: SpoolWriter) -> Dataset:
-        """Every element before the pixel data: a change of the character set converts
-        each text value, and any of them may be one it cannot."""
-        with _pydicom_refusal("its header does not read"):
-            return dcmread(readable_by_pydicom(path, transfer_syntax=writer.transfer_syntax,
-                                               offset=writer.dataset_offset),
-                           stop_before_pixels=True)
-
-    @staticmethod
     def _key_value(path: Path, writer: SpoolWriter, tag: int) -> str | None:
         """The instance's value of the unique key ``tag`` (workers/moves.py: is it
         within a move's scope?), None if it has none or it does not read."""
@@ -246,10 +243,8 @@ class InstanceRouter:
             header = read_header(path, writer.transfer_syntax, writer.dataset_offset,
                                  frozenset((tag,)))
             if header is None:
-                header = dcmread(readable_by_pydicom(
-                    path, transfer_syntax=writer.transfer_syntax,
-                    offset=writer.dataset_offset), stop_before_pixels=True,
-                    specific_tags=[tag])
+                header = _pydicom_header(path, writer.transfer_syntax,
+                                         writer.dataset_offset, [tag])
             value = header[tag].value if tag in header else None
         except Exception:  # pydicom's errors are many. The rules' own read of the
             return None     # header, next, answers a broken one.
@@ -265,10 +260,17 @@ class InstanceRouter:
         header = read_header(path, transfer_syntax, offset, self._wanted)
         if header is not None:
             return header
-        with _pydicom_refusal("its header does not read"):
-            readable = readable_by_pydicom(path, transfer_syntax=transfer_syntax,
-                                           offset=offset)
-            return dcmread(readable, stop_before_pixels=True, specific_tags=self._tags)
+        return _pydicom_header(path, transfer_syntax, offset, self._tags)
+
+
+def _pydicom_header(path: Path, transfer_syntax: str, offset: int,
+                    tags: list[int] | None = None) -> Dataset:
+    """The data set at ``offset`` in ``path`` up to its pixel data, read by pydicom
+    (only ``tags``, if given); C000H when it does not read."""
+    with _pydicom_refusal("its header does not read"):
+        return dcmread(readable_by_pydicom(path, transfer_syntax=transfer_syntax,
+                                           offset=offset),
+                       stop_before_pixels=True, specific_tags=tags)
 
 
 def read_header(path: Path, transfer_syntax: str, offset: int,
