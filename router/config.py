@@ -151,7 +151,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import ipaddress
 import json
 import math
@@ -978,14 +977,6 @@ def _uid_problem(uid: str) -> str | None:
     return f"{_show(uid)} is not a UID (digits and dots, at most 64 characters)"
 
 
-@functools.cache
-def _uid_keywords() -> dict[str, tuple[str, str]]:
-    """pydicom keyword -> (UID, UID type), e.g. "CTImageStorage" -> (..., "SOP Class")."""
-    from pydicom._uid_dict import UID_dictionary
-
-    return {entry[4]: (uid, entry[1]) for uid, entry in UID_dictionary.items() if entry[4]}
-
-
 def _uid_type(uid: str) -> str | None:
     from pydicom._uid_dict import UID_dictionary
 
@@ -1465,7 +1456,7 @@ class _Parser:
                 what = _KIND_NAMES.get(known_type, known_type)
                 raise self.fail(at, f"{entry} is a {what} UID, not a {kind}")
             return entry
-        keywords = _uid_keywords()
+        keywords = uids.uid_keywords()
         if entry in keywords:
             uid, uid_type = keywords[entry]
             if uid_type not in types:

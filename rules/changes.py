@@ -24,10 +24,11 @@ from pydicom.valuerep import DSfloat, PersonName
 
 from rules.charsets import (
     CHARSET_VRS,
+    DEFAULT_TERMS,
     SPECIFIC_CHARACTER_SET,
-    holds,
     terms_of,
     un_text,
+    value_held,
 )
 from rules.tags import (
     BINARY_VRS,
@@ -290,19 +291,15 @@ def target_tag(op: Operation) -> int:
 
 def _holds(ds: Dataset, tags: set[int]) -> bool:
     """Whether the Specific Character Set of ``ds`` can hold the text values of
-    ``tags`` (rules/charsets.py). A Person Name's components are written one by one
-    (PS3.5 §6.1.2.5.3: each starts from the initial sets again), so are tried so."""
+    ``tags`` (rules/charsets.py)."""
     terms = terms_of(ds)
     for tag in tags:
         elem = ds.get(tag)
         if elem is None or elem.VR not in CHARSET_VRS or elem.value is None:
             continue
-        for value in _items(elem.value)[0]:
-            if value is None:
-                continue
-            parts = re.split(r"[=^]", str(value)) if elem.VR == "PN" else [str(value)]
-            if not all(holds(part, terms) for part in parts):
-                return False
+        if not all(value_held(elem.VR, str(value), terms)
+                   for value in _items(elem.value)[0] if value is not None):
+            return False
     return True
 
 
@@ -318,8 +315,7 @@ def _check_converted(ds: Dataset, declared: list[str], *, strict: bool) -> None:
             continue
         for value in _items(elem.value)[0]:
             text = "" if value is None else str(value)
-            parts = re.split(r"[=^]", text) if elem.VR == "PN" else [text]
-            if all(holds(part, terms) for part in parts):
+            if value_held(elem.VR, text, terms):
                 continue
             label = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
             shown = repr(text if len(text) <= 40 else text[:37] + "...")
@@ -340,7 +336,7 @@ def _unknown_text(ds: Dataset, declared: list[str]) -> str | None:
     (PS3.5 §6.1.2.3: every text value is in the declared set), or binary, which
     rewriting as text would corrupt: with no VR to tell, neither is safe. None when
     there are none (ASCII reads the same in every set DICOM has)."""
-    if not any(t not in ("", "ISO_IR 6", "ISO 2022 IR 6") for t in declared):
+    if all(t in DEFAULT_TERMS for t in declared):
         return None
     kept = [elem.tag for elem in ds.iterall()
             if elem.VR == "UN" and isinstance(elem.value, bytes | bytearray)

@@ -16,6 +16,7 @@ rules of PS3.5 §6.1.2.5 and PS3.3 C.12.1.1.2, and read back as the value.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,13 +82,13 @@ _ROMAJI_ESCAPE: Final = b"\x1b(J"
 #: PS3.3 Table C.12-5: sets without code extensions whose codec is exactly the set.
 _WHOLE: Final = {"ISO_IR 192": "utf_8", "GB18030": "gb18030", "GBK": "gbk"}
 #: Terms for the default repertoire, ASCII (PS3.5 §6.1.2.2).
-_DEFAULT: Final = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
+DEFAULT_TERMS: Final = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
 
 
 def _parse(term: str) -> tuple[_Set | None, bool] | None:
     """``term``'s set (None: the default repertoire) and whether it is an ISO 2022
     term (with code extensions); None for a term DICOM does not define."""
-    if term in _DEFAULT:
+    if term in DEFAULT_TERMS:
         return None, term.startswith("ISO 2022")
     for prefix, extended in (("ISO_IR ", False), ("ISO 2022 IR ", True)):
         if term.startswith(prefix):
@@ -119,6 +120,14 @@ def holds(text: str, terms: Sequence[str]) -> bool:
         except (UnicodeError, ValueError, LookupError, UserWarning):
             return False
     return back == text and _is_text(data, parsed)  # type: ignore[arg-type]
+
+
+def value_held(vr: str, text: str, terms: Sequence[str]) -> bool:
+    """Whether ``holds`` for one value of ``vr``. A Person Name's components are
+    written one by one (PS3.5 §6.1.2.5.3: each starts from the initial sets again),
+    so are tried so."""
+    parts = re.split(r"[=^]", text) if vr == "PN" else [text]
+    return all(holds(part, terms) for part in parts)
 
 
 def _encodes(text: str, codec: str) -> bool:

@@ -30,6 +30,7 @@ from typing import Final, NamedTuple, TypeAlias
 from pydicom import config
 from pydicom.valuerep import validate_value
 
+from router.dicom.uids import uid_keywords
 from rules.changes import (
     Changes,
     CopyOp,
@@ -317,6 +318,12 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 #: VRs whose values have a form a rule's text can be checked against on load.
 _FORMED_VRS: Final = frozenset({"CS", "DA", "TM", "AS", "UI"})
+#: Of those, the ones checked by a pattern here (the others by value_problem), and
+#: what the pattern says. A DA by its form only: a date not in the calendar
+#: ("00000000") is sent, and a rule may route it by its text.
+_FORMS: Final = {"AS": (re.compile(r"\d{3}[DWMY]"), "an age as 018Y"),
+                 "UI": (re.compile(r"[0-9.]{1,64}"), "digits and dots"),
+                 "DA": (re.compile(r"\d{8}"), "a date as YYYYMMDD")}
 
 
 def _never_equal(attribute: Attribute, text: str) -> str | None:
@@ -326,14 +333,10 @@ def _never_equal(attribute: Attribute, text: str) -> str | None:
     vr = attribute.vr
     if vr not in _FORMED_VRS:
         return None
-    forms = {"AS": (r"\d{3}[DWMY]", "an age as 018Y"), "UI": (r"[0-9.]{1,64}", "digits and dots"),
-             # Its form only: a date not in the calendar ("00000000") is sent, and a
-             # rule may route it by its text.
-             "DA": (r"\d{8}", "a date as YYYYMMDD")}
     for part in text.split("\\"):  # "ORIGINAL\\PRIMARY": the values joined
-        if vr in forms:
-            form, said = forms[vr]
-            problem = None if re.fullmatch(form, part) else f"expected {said}"
+        if vr in _FORMS:
+            form, said = _FORMS[vr]
+            problem = None if form.fullmatch(part) else f"expected {said}"
         else:
             problem = value_problem(vr, part)
         if problem is None:
@@ -341,8 +344,8 @@ def _never_equal(attribute: Attribute, text: str) -> str | None:
         hint = ""
         if vr == "CS" and value_problem("CS", part.upper()) is None:
             hint = f"; did you mean {show(text.upper())}?"
-        elif vr == "UI" and (uid := _uid_of_keyword(part)) is not None:
-            hint = f'; did you mean "{uid}" (its UID)?'
+        elif vr == "UI" and part in uid_keywords():
+            hint = f'; did you mean "{uid_keywords()[part][0]}" (its UID)?'
         elif vr == "DA" and canonical_da(part.replace("-", "")) is not None:
             hint = (f'; did you mean "{part.replace("-", "")}" (or a TOML date, '
                     f"{part} unquoted)?")
@@ -351,12 +354,6 @@ def _never_equal(attribute: Attribute, text: str) -> str | None:
         return (f"{attribute.label} is {vr}: {problem}{hint} (a value sent so against "
                 f"the standard is matched by {{ regex = '^{re.escape(text)}$' }})")
     return None
-
-
-def _uid_of_keyword(word: str) -> str | None:
-    from pydicom._uid_dict import UID_dictionary
-
-    return next((uid for uid, entry in UID_dictionary.items() if entry[4] == word), None)
 
 
 def _is_number(value: object) -> bool:

@@ -56,6 +56,7 @@ __all__ = [
     "is_uncompressed",
     "is_valid_uid",
     "storage_sop_classes",
+    "uid_keywords",
 ]
 
 # --- This implementation (PS3.7 Annex D.3.3.2) ------------------------------
@@ -135,6 +136,15 @@ def _registry_transfer_syntaxes() -> frozenset[str]:
 
 # The transfer syntaxes of the standard (PS3.6 Annex A, retired ones included).
 _TRANSFER_SYNTAXES: Final = _registry_transfer_syntaxes()
+
+
+@functools.cache
+def uid_keywords() -> dict[str, tuple[str, str]]:
+    """pydicom keyword -> (UID, UID type), e.g. "CTImageStorage" -> (..., "SOP Class"):
+    for messages that say which UID a keyword written in a file meant."""
+    from pydicom._uid_dict import UID_dictionary
+
+    return {entry[4]: (uid, entry[1]) for uid, entry in UID_dictionary.items() if entry[4]}
 
 
 def is_standard_transfer_syntax(uid: str) -> bool:
